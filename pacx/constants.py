@@ -1,0 +1,11 @@
+"""Named constants shared across the package (one definition each)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Frozen teacher embedding widths (SPEC.md "Stage 2"): ECGFounder features and Labs DAE latent.
+ECG_EMBED_DIM = 1024
+LABS_EMBED_DIM = 256
+
+# Stage names recorded in checkpoints, run.json and export metadata.
+STAGE_MAE = "stage1_mae"
