@@ -1,0 +1,129 @@
+"""The LightningCLI shared by ``Stage1_MAE.py``, ``Stage2_PACX.py`` and ``Stage3_eval.py``.
+
+What it adds to Lightning's CLI, in one place:
+
+* the run directory is ``trainer.default_root_dir`` (required); each run writes there its resolved
+  ``config.yaml``, CSV logs, wandb files (offline unless ``--wandb online``; ``disabled`` turns it
+  off), ``checkpoints/last.ckpt`` + the best checkpoint on the module's ``monitor`` metric, and
+  ``run.json`` for the next stage;
+* ``--ckpt_path last`` resolves to ``<run_dir>/checkpoints/last.ckpt``; every ``--ckpt_path`` is
+  opened first with ``weights_only=True`` and must carry the same stage's stamp (a clear error
+  otherwise), and Lightning itself also loads it with ``weights_only=True``;
+* starting ``fit`` in a run directory that already has checkpoints, without ``--ckpt_path``, is an
+  error rather than a silent overwrite;
+* optimizers come from the modules (configs stay the single source of hyperparameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+
+from pacx.checkpoint import CheckpointError, safe_torch_load
+from pacx.lit.callbacks import RunRecord
+from pacx.lit.common import check_checkpoint_stage
+
+log = logging.getLogger(__name__)
+
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+class PacxCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--wandb", type=WandbMode, default="offline",
+                            help="wandb logging: offline (default), online, or disabled")
+
+    # ---- run directory, loggers, checkpoints --------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        root = self._get(self.config_init, "trainer", default={}).get("default_root_dir")
+        if not root:
+            raise ValueError("set trainer.default_root_dir: it is the run directory (checkpoints, logs, run.json)")
+        return Path(root)
+
+    def _loggers(self, run_dir: Path) -> list:
+        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        mode = self._get(self.config_init, "wandb", default="offline")
+        if mode != "disabled":
+            from pytorch_lightning.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project="pacx", name=run_dir.name, save_dir=str(run_dir),
+                                       offline=mode == "offline", group=self.model.stage))
+        return loggers
+
+    def instantiate_trainer(self, **kwargs):
+        config = dict(self._get(self.config_init, "trainer", default={}))
+        run_dir = self.run_dir
+        if config.get("logger") in (None, True):
+            config["logger"] = self._loggers(run_dir)
+        metric, mode = self.model.monitor
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        callbacks += [
+            ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch:03d}-{step}", monitor=metric,
+                            mode=mode, save_last=True, save_top_k=1, auto_insert_metric_name=False),
+            RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv),
+        ]
+        return self._instantiate_trainer({**config, **kwargs}, callbacks)
+
+    # ---- checkpoint handling before each subcommand ------------------------------------------
+
+    def _prepare_checkpoint(self, subcommand: str) -> None:
+        cfg = self.config_init[subcommand]
+        if cfg.get("weights_only") is None:
+            cfg["weights_only"] = True
+        elif cfg["weights_only"] is False:
+            log.warning("--weights_only false: the checkpoint will be unpickled with arbitrary code execution "
+                        "allowed; only do this for files you trust")
+        ckpt = cfg.get("ckpt_path")
+        ckpt_dir = self.run_dir / "checkpoints"
+        if ckpt is None:
+            if subcommand == "fit" and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+                raise FileExistsError(
+                    f"{ckpt_dir} already holds checkpoints: pass --ckpt_path last to resume, or set another "
+                    "trainer.default_root_dir"
+                )
+            return
+        if ckpt == "last":
+            path = ckpt_dir / "last.ckpt"
+            if not path.is_file():
+                raise FileNotFoundError(f"--ckpt_path last: no {path} to resume from")
+        else:
+            path = Path(ckpt)
+        if cfg["weights_only"]:
+            check_checkpoint_stage(safe_torch_load(path), self.model.stage, str(path))
+        cfg["ckpt_path"] = str(path)
+        log.info("%s from checkpoint %s", subcommand, path)
+
+    def before_fit(self) -> None:
+        self._prepare_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._prepare_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._prepare_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._prepare_checkpoint("predict")
+
+
+def cli_main(model_class, datamodule_class, args: list[str] | None = None, **kwargs) -> PacxCLI:
+    """Entry point of every Stage script."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return PacxCLI(model_class, datamodule_class, args=args, **kwargs)
+
+
+__all__ = ["CheckpointError", "PacxCLI", "cli_main"]

@@ -1,0 +1,226 @@
+"""Load any encoder pacx produces or accepts, and export encoders as safetensors.
+
+``load_encoder(path)`` recognises, by content (a registry of detectors, first match wins):
+
+============================  =====================================================================
+format                        what it is
+============================  =====================================================================
+``pacx_export``               our safetensors export (metadata ``pacx_vit_config``/``timm_kwargs``)
+``pacx_run``                  a pacx run directory (its ``run.json`` names the checkpoint)
+``pacx_checkpoint``           our Lightning checkpoint (``pacx`` block names stage + architecture)
+``authors_stage1``            the authors' Stage 1 Lightning file: MAE under ``model.``, decoder too
+``mae_release``               official MAE release ``{'model': {...}}``, with or without decoder
+``timm``                      a plain timm ViT state dict / safetensors (``head.*`` dropped)
+============================  =====================================================================
+
+Keys that are dropped (decoder, classification head) are dropped explicitly and the load is strict
+otherwise (:func:`pacx.checkpoint.load_state_checked`). Architectures of third-party files are
+inferred from tensor shapes (:func:`pacx.models.vit.config_from_state_dict`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pacx.checkpoint import CheckpointError, drop_keys, load_any, load_state_checked, strip_prefix
+from pacx.models.mae import DECODER_KEY_PREFIXES
+from pacx.models.vit import ViTConfig, ViTEncoder, config_from_state_dict
+from pacx.utils import git_sha
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = "1"
+HEAD_KEY_PREFIXES = ("head.", "fc_norm.")
+
+
+@dataclass
+class EncoderWeights:
+    """Encoder tensors in timm layout plus what is known about them."""
+
+    state: dict[str, torch.Tensor]
+    cfg: ViTConfig
+    fmt: str
+    source: str
+    stage: str = "unknown"
+    dropped: list[str] = field(default_factory=list)
+
+
+# ---- per-stage extraction from our own Lightning checkpoints ------------------------------------
+# stage -> function(lightning state_dict) -> encoder state dict in timm layout. Later stages register
+# their own entry (e.g. Stage 2 merges LoRA).
+STAGE_ENCODER_EXTRACTORS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
+
+
+def register_stage_extractor(stage: str):
+    def deco(fn):
+        STAGE_ENCODER_EXTRACTORS[stage] = fn
+        return fn
+
+    return deco
+
+
+@register_stage_extractor("stage1_mae")
+def _stage1_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return drop_keys(strip_prefix(state, "model."), DECODER_KEY_PREFIXES)[0]
+
+
+# ---- format detectors ------------------------------------------------------------------------------
+
+
+def _is_tensor_map(obj: object) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _from_pacx_checkpoint(obj: dict, source: str) -> EncoderWeights:
+    meta = obj["pacx"]
+    stage = meta.get("stage")
+    if stage not in STAGE_ENCODER_EXTRACTORS:
+        raise CheckpointError(f"{source}: pacx checkpoint of stage {stage!r} holds no encoder pacx can extract")
+    state = STAGE_ENCODER_EXTRACTORS[stage](obj["state_dict"])
+    return EncoderWeights(state, ViTConfig(**meta["vit_config"]), "pacx_checkpoint", source, stage)
+
+
+def _from_authors_stage1(obj: dict, source: str) -> EncoderWeights:
+    state, dropped = drop_keys(strip_prefix(obj["state_dict"], "model."), DECODER_KEY_PREFIXES)
+    return EncoderWeights(state, config_from_state_dict(state), "authors_stage1", source, "stage1_mae", dropped)
+
+
+def _from_mae_release(obj: dict, source: str) -> EncoderWeights:
+    state, dropped = drop_keys(obj["model"], DECODER_KEY_PREFIXES + HEAD_KEY_PREFIXES)
+    return EncoderWeights(state, config_from_state_dict(state), "mae_release", source, "mae_release", dropped)
+
+
+def _from_timm(obj: dict, source: str) -> EncoderWeights:
+    state, dropped = drop_keys(obj, HEAD_KEY_PREFIXES)
+    return EncoderWeights(state, config_from_state_dict(state), "timm", source, "timm", dropped)
+
+
+def _is_authors_stage1(obj: object) -> bool:
+    sd = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    return _is_tensor_map(sd) and "model.cls_token" in sd and "pacx" not in obj
+
+
+CHECKPOINT_FORMATS: list[tuple[str, Callable[[object], bool], Callable[[dict, str], EncoderWeights]]] = [
+    ("pacx_checkpoint", lambda o: isinstance(o, Mapping) and "pacx" in o and "state_dict" in o, _from_pacx_checkpoint),
+    ("authors_stage1", _is_authors_stage1, _from_authors_stage1),
+    ("mae_release", lambda o: isinstance(o, Mapping) and _is_tensor_map(o.get("model")), _from_mae_release),
+    ("timm", lambda o: _is_tensor_map(o) and "cls_token" in o, _from_timm),
+]
+
+
+def register_checkpoint_format(name: str, detect, extract, first: bool = True) -> None:
+    """Add a third-party format (later stages use this for their own files)."""
+    CHECKPOINT_FORMATS.insert(0 if first else len(CHECKPOINT_FORMATS), (name, detect, extract))
+
+
+def resolve_run_checkpoint(run_dir: Path, which: str = "last") -> Path:
+    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses)."""
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is a directory without run.json; pass a checkpoint or weights file")
+    info = json.loads(info_path.read_text())
+    ckpt = (info.get("checkpoints") or {}).get(which)
+    if not ckpt:
+        raise CheckpointError(f"{info_path}: names no {which!r} checkpoint (status {info.get('status')!r})")
+    path = Path(ckpt)
+    if not path.is_absolute():
+        path = run_dir / path
+    return path
+
+
+def read_encoder_weights(path: str | Path, which: str = "last") -> EncoderWeights:
+    """Detect the file's format and return its encoder tensors and architecture (no module built)."""
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_run_checkpoint(path, which)
+    obj, meta = load_any(path)
+    source = str(path)
+    if "pacx_vit_config" in meta:
+        return EncoderWeights(obj, ViTConfig(**json.loads(meta["pacx_vit_config"])), "pacx_export", source,
+                              meta.get("stage", "unknown"))
+    for name, detect, extract in CHECKPOINT_FORMATS:
+        if detect(obj):
+            weights = extract(obj, source)
+            if weights.dropped:
+                log.info("%s (%s): dropped %d non-encoder keys (%s…)", source, name, len(weights.dropped),
+                         weights.dropped[0])
+            return weights
+    top = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(f"{source}: not an encoder format pacx knows (top-level keys: {top})")
+
+
+def build_encoder(weights: EncoderWeights, cfg: ViTConfig | None = None) -> ViTEncoder:
+    """A ``ViTEncoder`` for ``cfg`` (default: the file's own) with the weights loaded strictly."""
+    encoder = ViTEncoder(cfg or weights.cfg)
+    load_state_checked(encoder, weights.state, source=f"{weights.source} ({weights.fmt})")
+    return encoder
+
+
+def load_encoder(path: str | Path, cfg: ViTConfig | None = None, which: str = "last") -> ViTEncoder:
+    """Load any supported encoder in eval mode: ``model(x [B, 3, H, W]) -> [B, D]``, ``model.embed_dim``.
+
+    ``cfg`` forces an architecture (an error lists mismatched keys if the file does not fit it).
+    """
+    encoder = build_encoder(read_encoder_weights(path, which), cfg)
+    return encoder.eval()
+
+
+def export_encoder(src: str | Path, out: str | Path, which: str = "last") -> Path:
+    """Write the encoder of ``src`` (any supported format) to safetensors with pacx + timm metadata."""
+    from safetensors.torch import save_file
+
+    weights = read_encoder_weights(src, which)
+    encoder = build_encoder(weights)  # validates the tensors against the architecture
+    cfg = weights.cfg
+    meta = {
+        "format": "pacx-encoder",
+        "format_version": EXPORT_FORMAT_VERSION,
+        "pacx_vit_config": json.dumps(cfg.to_dict()),
+        "stage": weights.stage,
+        "source": str(Path(weights.source).resolve()),
+        "source_format": weights.fmt,
+        "git_sha": git_sha(),
+        "architecture": f"ViT(embed_dim={cfg.embed_dim}, depth={cfg.depth}, heads={cfg.num_heads}, "
+        f"patch={cfg.patch_size}, img={cfg.img_size})",
+        "img_size": str(cfg.img_size),
+        "patch_size": str(cfg.patch_size),
+    }
+    try:
+        meta["timm_model"] = cfg.timm_model
+        meta["timm_kwargs"] = json.dumps(cfg.timm_kwargs())
+    except ValueError as err:
+        log.warning("%s: no timm equivalent recorded: %s", src, err)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(out)
+    log.info("exported %s encoder of %s to %s", weights.stage, weights.source, out)
+    return out
+
+
+def read_mae_state(path: str | Path, which: str = "last") -> tuple[dict[str, torch.Tensor], str]:
+    """Full MAE tensors (encoder + decoder when the file has one) for initialising a Stage 1 model.
+
+    Accepts our Stage 1 checkpoints and run directories, the authors' Stage 1 files and official MAE
+    release files; any encoder-only format yields the encoder alone. Returns (state, format name).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = resolve_run_checkpoint(path, which)
+    obj, meta = load_any(path)
+    if isinstance(obj, Mapping) and obj.get("pacx", {}).get("stage") == "stage1_mae":
+        return strip_prefix(obj["state_dict"], "model."), "pacx_checkpoint"
+    if not meta and _is_authors_stage1(obj):
+        return strip_prefix(obj["state_dict"], "model."), "authors_stage1"
+    if not meta and isinstance(obj, Mapping) and _is_tensor_map(obj.get("model")):
+        return drop_keys(obj["model"], HEAD_KEY_PREFIXES)[0], "mae_release"
+    weights = read_encoder_weights(path, which)
+    return weights.state, weights.fmt

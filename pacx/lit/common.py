@@ -1,0 +1,75 @@
+"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, global batch, schedules."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+
+from pacx.checkpoint import CheckpointError
+from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def global_batch_size(trainer: pl.Trainer) -> int:
+    """Samples per optimizer step over all devices: per-device batch × world size × accumulation."""
+    loader = trainer.train_dataloader
+    per_device = getattr(loader, "batch_size", None)
+    if per_device is None:
+        raise RuntimeError("cannot read the per-device batch size from the train dataloader")
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+class StagedModule(pl.LightningModule):
+    """Base of the stage modules: stamps checkpoints with the stage and architecture, refuses others.
+
+    Subclasses set ``stage`` and ``monitor`` (metric, mode) and implement :meth:`pacx_metadata`.
+    """
+
+    stage: str = "unknown"
+    monitor: tuple[str, str] = ("val/loss", "min")
+
+    def pacx_metadata(self) -> dict:
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pacx"] = {"stage": self.stage, "version": CHECKPOINT_FORMAT_VERSION, **self.pacx_metadata()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_stage(checkpoint, self.stage, "<checkpoint>")
+
+    def warmup_cosine_optimizer(
+        self, lr: float | None, base_lr: float | None, weight_decay: float, betas, warmup_epochs: float,
+        min_lr_ratio: float = 0.0,
+    ) -> dict:
+        """AdamW over decay / no-decay groups with a per-step warmup + cosine schedule; logs the lr."""
+        total = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        effective_lr = resolve_lr(lr, base_lr, global_batch_size(self.trainer))
+        self.effective_lr = effective_lr
+        warmup, total = schedule_lengths(total, self.trainer.max_epochs or 1, warmup_epochs)
+        optimizer = torch.optim.AdamW(
+            param_groups(self.named_parameters(), weight_decay), lr=effective_lr, betas=tuple(betas)
+        )
+        log.info("AdamW lr %.4g (global batch %d), warmup %d of %d steps, floor %.3g", effective_lr,
+                 global_batch_size(self.trainer), warmup, total, min_lr_ratio)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_checkpoint_stage(checkpoint: dict, stage: str, source: str) -> None:
+    """Raise a clear error unless ``checkpoint`` is a pacx training checkpoint of ``stage``."""
+    meta = checkpoint.get("pacx") if isinstance(checkpoint, dict) else None
+    if not meta:
+        raise CheckpointError(
+            f"{source} is not a pacx {stage} training checkpoint (no 'pacx' stage stamp); to start from its "
+            "weights use the stage's init option instead of --ckpt_path"
+        )
+    if meta.get("stage") != stage:
+        raise CheckpointError(
+            f"{source} is a {meta.get('stage')!r} checkpoint, but this run is {stage!r}: --ckpt_path resumes the "
+            "same stage only; to initialise from another stage's output use its init option"
+        )

@@ -1,0 +1,119 @@
+"""Stage 1 LightningModule: MAE pretraining (SPEC.md "Stage 1", DATASETS.md §2).
+
+Wires the plain :class:`~pacx.models.mae.MaskedAutoencoderViT` to an AdamW + per-step warmup/cosine
+schedule. Unlike the reference code, the configured ``mask_ratio`` really reaches the model (the
+reference silently trained at the forward's default 0.75; ``configs/stage1/*_ratio075.yaml``
+reproduces that). Validation masks with noise seeded by batch index so ``val/loss`` is comparable
+across epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pacx.checkpoint import load_state_checked
+from pacx.constants import STAGE_MAE
+from pacx.lit.common import StagedModule
+from pacx.models.mae import create_mae, decoder_config_dict, is_decoder_key, patchify, unpatchify
+
+log = logging.getLogger(__name__)
+
+
+class MAEModule(StagedModule):
+    """Masked autoencoder pretraining.
+
+    Args:
+        arch: named MAE variant (``pacx.models.mae.MAE_ARCHS``), e.g. ``mae_vit_base_patch16``.
+        img_size / patch_size: input resolution and patch (``None`` = the variant's patch).
+        mask_ratio: fraction of patches removed (paper 0.90).
+        norm_pix_loss: regress per-patch normalised pixels.
+        lr / base_lr: absolute lr, or base lr scaled by global batch / 256 (give exactly one).
+        weight_decay, betas: AdamW settings (no decay on biases, norms and tokens).
+        warmup_epochs: linear warmup length; cosine to 0 afterwards, stepped per optimizer step.
+        init_from: optional weights to start from (MAE release, a Stage 1 run/checkpoint, an encoder).
+    """
+
+    stage = STAGE_MAE
+    monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        arch: str = "mae_vit_base_patch16",
+        img_size: int = 224,
+        patch_size: int | None = None,
+        mask_ratio: float = 0.9,
+        norm_pix_loss: bool = False,
+        lr: float | None = 1.5e-4,
+        base_lr: float | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 10,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_mae(arch, img_size, patch_size, norm_pix_loss=norm_pix_loss, mask_ratio=mask_ratio)
+        if init_from:
+            self._init_weights(init_from)
+
+    def _init_weights(self, path: str) -> None:
+        from pacx.encoders import read_mae_state
+
+        state, fmt = read_mae_state(path)
+        missing_decoder = sorted(k for k in self.model.state_dict() if is_decoder_key(k) and k not in state)
+        load_state_checked(self.model, state, f"{path} ({fmt})", expected_missing=missing_decoder)
+        log.info("initialised MAE from %s (%s)%s", path, fmt, "; decoder random" if missing_decoder else "")
+
+    def pacx_metadata(self) -> dict:
+        return {"vit_config": self.model.cfg.to_dict(), "decoder": decoder_config_dict(self.model),
+                "mask_ratio": self.hparams.mask_ratio}
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(imgs)
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        imgs = batch[0]
+        noise = None
+        if stage != "train":  # fixed masks per batch index: a comparable val loss across epochs
+            gen = torch.Generator().manual_seed(batch_idx)
+            noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=gen).to(imgs.device)
+        loss, _, _ = self.model(imgs, mask_ratio=self.hparams.mask_ratio, noise=noise)
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=imgs.shape[0],
+                 on_step=stage == "train", on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train", batch_idx)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test", batch_idx)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs, 0.0)
+
+    def on_train_start(self) -> None:
+        for logger in self.loggers:
+            logger.log_hyperparams({"effective_lr": self.effective_lr})
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked input, reconstruction with visible patches pasted back), both [B, C, H, W]."""
+        m = self.model
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.rand(imgs.shape[0], m.cfg.num_patches, generator=gen).to(imgs.device)
+        _, pred, mask = m(imgs, mask_ratio=self.hparams.mask_ratio, noise=noise)
+        if m.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+            target = patchify(imgs, m.cfg.patch_size)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        p, c = m.cfg.patch_size, m.cfg.in_chans
+        mask_img = unpatchify(mask[..., None].expand(-1, -1, p * p * c), p, c)  # 1 = removed
+        recon = unpatchify(pred, p, c)
+        return imgs * (1 - mask_img), imgs * (1 - mask_img) + recon * mask_img

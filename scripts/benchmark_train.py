@@ -1,0 +1,210 @@
+"""MAE training throughput: pacx's ViT MAE vs Hugging Face ``ViTMAEForPreTraining``, one run.
+
+Both models are built at the same configuration (HF's config is derived from ours, see
+``pacx.benchmark.hf_vitmae_config``), hold the same weights (ours loaded into HF strictly, the fused
+qkv split in three), see the same image and masking-noise tensors and use the same AdamW settings.
+A timed step is forward + backward + ``optimizer.step()`` + ``zero_grad(set_to_none=True)``; warm-up
+steps are excluded; the two models alternate in rounds (A B, B A, ...) and steps/s is 1 / median
+step time. The analytic FLOP count behind TFLOP/s and MFU is documented in ``pacx/benchmark.py``.
+
+    python scripts/benchmark_train.py --json /tmp/bench_train.json            # ViT-B/16, CPU, fp32
+    python scripts/benchmark_train.py --device cuda --precision bf16 --batch-size 256 --compile
+    python scripts/benchmark_train.py --arch mae_vit_test --img-size 32 --steps 2 --warmup 1   # tiny
+
+Needs ``transformers`` (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import sys
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import transformers
+
+# Runnable from a plain checkout too (without `pip install -e .`): the repository root holds `pacx`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pacx.benchmark import (  # noqa: E402
+    ADAMW_KWARGS,
+    TrainRunner,
+    create_hf_twin,
+    frozen_parameter_names,
+    hf_loss,
+    make_adamw,
+    mae_forward_flops,
+    mae_train_flops,
+    mfu,
+    pacx_loss,
+    parameter_counts,
+    summarize,
+    time_interleaved,
+)
+from pacx.models.mae import MAE_ARCHS, create_mae  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="mae_vit_base_patch16", choices=sorted(MAE_ARCHS))
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--repeats", type=int, default=2, help="rounds; the model order flips every round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model before timing")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak FLOP/s for MFU, in TFLOP/s (989 = dense bf16 H100/H200)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (sdpa | eager)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results as a flat JSON object")
+    return p.parse_args(argv)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    batch = args.batch_size or (8 if device.type == "cpu" else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    ours = create_mae(args.arch, img_size=args.img_size, norm_pix_loss=False).to(device).train()
+    hf = create_hf_twin(ours, attn_implementation=args.hf_attn).train()
+    cfg, dec = ours.cfg, ours.dec
+
+    # Same configuration: equal trainable and frozen parameter counts; the strict state-dict load in
+    # create_hf_twin has already matched every tensor's name and shape one to one.
+    (train_ours, frozen_ours), (train_hf, frozen_hf) = parameter_counts(ours), parameter_counts(hf)
+    if (train_ours, frozen_ours) != (train_hf, frozen_hf):
+        raise SystemExit(f"parameter counts differ: ours {train_ours}+{frozen_ours} frozen, "
+                         f"HF {train_hf}+{frozen_hf} frozen")
+
+    # Same inputs for both: a small rotation of (image, masking-noise) batches.
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    inputs = [(torch.randn(shape, generator=gen).to(device), torch.rand(batch, cfg.num_patches, generator=gen).to(device))
+              for _ in range(2)]
+    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext)
+
+    # Same function: identical weights + noise must give the same loss (before any step is taken).
+    with torch.no_grad(), autocast():
+        loss_ours = pacx_loss(ours, *inputs[0]).float().item()
+        loss_hf = hf_loss(hf, *inputs[0]).float().item()
+
+    models = {"pacx": (ours, pacx_loss), "hf": (hf, hf_loss)}
+    runners = {
+        name: TrainRunner(torch.compile(model) if args.compile else model, loss_fn, make_adamw(model), inputs, autocast)
+        for name, (model, loss_fn) in models.items()
+    }
+    print(f"timing: {args.warmup} warm-up + {args.repeats} rounds x {args.steps} steps per model ...", flush=True)
+    times = time_interleaved(runners, args.warmup, args.steps, args.repeats, device)
+    stats = {name: summarize(t) for name, t in times.items()}
+
+    flops_step = mae_train_flops(cfg, dec, ours.mask_ratio, batch)
+    for s in stats.values():
+        s["tflops"] = flops_step / s["step_s_median"] / 1e12
+        s["mfu"] = mfu(flops_step, s["step_s_median"], args.peak_tflops)
+    ratio = stats["pacx"]["steps_per_s"] / stats["hf"]["steps_per_s"]
+
+    kept = int(cfg.num_patches * (1 - ours.mask_ratio))
+    print(f"\nMAE training step ({args.arch}: ViT {cfg.embed_dim}d x {cfg.depth} x {cfg.num_heads}h, "
+          f"MLP {int(cfg.embed_dim * cfg.mlp_ratio)}, patch {cfg.patch_size}, {cfg.img_size}px; decoder "
+          f"{dec.decoder_embed_dim}d x {dec.decoder_depth} x {dec.decoder_num_heads}h; mask {ours.mask_ratio} "
+          f"-> {kept}/{cfg.num_patches} kept)")
+    print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, {args.precision}, "
+          f"batch {batch}, compile={args.compile}, AdamW {ADAMW_KWARGS}")
+    print(f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, "
+          f"HF attn_implementation={hf.config._attn_implementation}")
+    print(f"parameters: trainable ours {train_ours:,} / HF {train_hf:,}; frozen sin-cos ours {frozen_ours:,} "
+          f"{frozen_parameter_names(ours)} / HF {frozen_hf:,} {frozen_parameter_names(hf)}")
+    print(f"same weights + noise, loss before training: ours {loss_ours:.6f}  HF {loss_hf:.6f}  "
+          f"|diff| {abs(loss_ours - loss_hf):.2e}")
+    print(f"analytic FLOPs: {mae_forward_flops(cfg, dec, ours.mask_ratio)['total'] / 1e9:.3f} GFLOP forward per "
+          f"sample, {flops_step / 1e9:.1f} GFLOP per training step (3 x forward x batch)\n")
+    header = ["model", "median s/step", "best s/step", "steps/s", "samples/s", "TFLOP/s",
+              f"MFU@{args.peak_tflops:g}TF"]
+    rows = [[label, f"{s['step_s_median']:.4f}", f"{s['step_s_best']:.4f}", f"{s['steps_per_s']:.3f}",
+             f"{s['steps_per_s'] * batch:.2f}", f"{s['tflops']:.3f}", f"{100 * s['mfu']:.2f}%"]
+            for label, s in (("pacx MAE (ours)", stats["pacx"]), ("HF ViTMAEForPreTraining", stats["hf"]))]
+    print(format_table(header, rows))
+    print(f"\nratio ours / HF (steps/s, median): {ratio:.3f}x")
+    if device.type != "cuda":
+        print(f"(MFU on {device.type} is relative to --peak-tflops {args.peak_tflops:g}, an accelerator peak: "
+              "for information only)")
+
+    result = {
+        "ours_steps_per_s": stats["pacx"]["steps_per_s"],
+        "hf_steps_per_s": stats["hf"]["steps_per_s"],
+        "ratio": ratio,
+        "ours_step_s_median": stats["pacx"]["step_s_median"],
+        "hf_step_s_median": stats["hf"]["step_s_median"],
+        "ours_step_s_best": stats["pacx"]["step_s_best"],
+        "hf_step_s_best": stats["hf"]["step_s_best"],
+        "ours_tflops": stats["pacx"]["tflops"],
+        "hf_tflops": stats["hf"]["tflops"],
+        "mfu_ours": stats["pacx"]["mfu"],
+        "mfu_hf": stats["hf"]["mfu"],
+        "peak_tflops": args.peak_tflops,
+        "train_flops_per_step": flops_step,
+        "batch_size": batch,
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "compile": args.compile,
+        "arch": args.arch,
+        "img_size": cfg.img_size,
+        "mask_ratio": ours.mask_ratio,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "params_ours": train_ours,
+        "params_hf": train_hf,
+        "frozen_params_ours": frozen_ours,
+        "frozen_params_hf": frozen_hf,
+        "loss_ours": loss_ours,
+        "loss_hf": loss_hf,
+        "hf_attn_implementation": hf.config._attn_implementation,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
