@@ -47,8 +47,8 @@ import logging
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -246,34 +246,60 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(
-    runners: dict[str, TrainRunner], warmup: int, steps: int, repeats: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds of every timed step per runner.
+@dataclass
+class StepTimes:
+    """Per-step seconds of one runner: wall clock, and CPU time of the whole process (all threads)."""
 
-    Warm-up steps (excluded) alternate between runners; then ``repeats`` rounds each time ``steps``
-    consecutive steps per runner, the runner order flipping every round (A B, B A, ...) so neither
-    model systematically runs first, warmer or cooler.
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def time_interleaved(
+    runners: dict[str, TrainRunner], warmup: int, steps: int, device: torch.device
+) -> dict[str, StepTimes]:
+    """Times of every timed step per runner, the runners interleaved step by step.
+
+    ``warmup`` untimed steps per runner first (optimizer state allocation, ``torch.compile``, the
+    allocator's caches), then ``steps`` timed steps per runner in the order A B, B A, A B, ... so
+    neither model systematically runs first, and a burst of load from elsewhere on the machine hits
+    both alike. Step ``i`` of A and step ``i`` of B are adjacent in time (see :func:`paired_ratio`).
     """
     names = list(runners)
     for _ in range(warmup):
         for name in names:
             runners[name].step()
     _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            for _ in range(steps):
-                start = time.perf_counter()
-                runners[name].step()
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-            log.debug("round %d %s: %s", r, name, times[name][-steps:])
+    times = {name: StepTimes() for name in names}
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            runners[name].step()
+            _sync(device)
+            times[name].wall.append(time.perf_counter() - wall)
+            times[name].cpu.append(time.process_time() - cpu)
+    log.debug("step times: %s", times)
     return times
 
 
-def summarize(step_times: Iterable[float]) -> dict[str, float]:
-    """Median and best step time; steps/s is taken from the median (robust to a stray slow step)."""
-    ts = list(step_times)
-    median = statistics.median(ts)
-    return {"step_s_median": median, "step_s_best": min(ts), "steps_per_s": 1.0 / median}
+def summarize(times: StepTimes, stat: str = "median") -> dict[str, float]:
+    """Median and best wall time per step, median CPU time, and steps/s from ``stat`` (median | best).
+
+    ``median`` is the default: robust to a stray slow step, and unlike ``best`` not flattered by a
+    lucky quiet moment on a machine that other processes share.
+    """
+    out = {
+        "step_s_median": statistics.median(times.wall),
+        "step_s_best": min(times.wall),
+        "cpu_s_median": statistics.median(times.cpu),
+    }
+    out["steps_per_s"] = 1.0 / out[f"step_s_{stat}"]
+    return out
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median over adjacent step pairs of ``theirs[i] / ours[i]`` (> 1: ours is faster).
+
+    Load from other processes that lasts longer than a step pair slows both members alike and cancels
+    in the ratio, which makes this the steadiest speed ratio on a busy machine.
+    """
+    return statistics.median(t / o for o, t in zip(ours, theirs, strict=True))

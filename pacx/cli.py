@@ -8,7 +8,7 @@ What it adds to Lightning's CLI, in one place:
   ``run.json`` for the next stage;
 * ``--ckpt_path last`` resolves to ``<run_dir>/checkpoints/last.ckpt``; every ``--ckpt_path`` is
   opened first with ``weights_only=True`` and must carry the same stage's stamp (a clear error
-  otherwise), and Lightning itself also loads it with ``weights_only=True``;
+  otherwise); Lightning itself also loads it with ``weights_only=True``, always;
 * starting ``fit`` in a run directory that already has checkpoints, without ``--ckpt_path``, is an
   error rather than a silent overwrite;
 * optimizers come from the modules (configs stay the single source of hyperparameters).
@@ -16,6 +16,7 @@ What it adds to Lightning's CLI, in one place:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -77,46 +78,61 @@ class PacxCLI(LightningCLI):
         ]
         return self._instantiate_trainer({**config, **kwargs}, callbacks)
 
-    # ---- checkpoint handling before each subcommand ------------------------------------------
+    # ---- checkpoint handling --------------------------------------------------------------------
 
-    def _prepare_checkpoint(self, subcommand: str) -> None:
-        cfg = self.config_init[subcommand]
-        if cfg.get("weights_only") is None:
-            cfg["weights_only"] = True
-        elif cfg["weights_only"] is False:
-            log.warning("--weights_only false: the checkpoint will be unpickled with arbitrary code execution "
-                        "allowed; only do this for files you trust")
-        ckpt = cfg.get("ckpt_path")
-        ckpt_dir = self.run_dir / "checkpoints"
-        if ckpt is None:
-            if subcommand == "fit" and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
-                raise FileExistsError(
-                    f"{ckpt_dir} already holds checkpoints: pass --ckpt_path last to resume, or set another "
-                    "trainer.default_root_dir"
-                )
+    def _expected_stage(self, sub: str) -> str:
+        model_cfg = self.config[sub].get("model")
+        class_path = model_cfg.get("class_path") if hasattr(model_cfg, "get") else None
+        if class_path:
+            module, _, name = class_path.rpartition(".")
+            return getattr(importlib.import_module(module), name).stage
+        return self._model_class.stage
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path`` (``last`` = this run's last.ckpt), open it safely and check its stage
+        before Lightning reads its hyperparameters (also with ``weights_only=True``)."""
+        sub = self.config.get("subcommand")
+        if not sub:
             return
-        if ckpt == "last":
-            path = ckpt_dir / "last.ckpt"
-            if not path.is_file():
-                raise FileNotFoundError(f"--ckpt_path last: no {path} to resume from")
-        else:
-            path = Path(ckpt)
-        if cfg["weights_only"]:
-            check_checkpoint_stage(safe_torch_load(path), self.model.stage, str(path))
-        cfg["ckpt_path"] = str(path)
-        log.info("%s from checkpoint %s", subcommand, path)
+        ckpt = self.config[sub].get("ckpt_path")
+        if ckpt:
+            root = self.config[sub].get("trainer", {}).get("default_root_dir")
+            if ckpt == "last":
+                if not root:
+                    raise ValueError("--ckpt_path last needs trainer.default_root_dir (the run to resume)")
+                path = Path(root) / "checkpoints" / "last.ckpt"
+                if not path.is_file():
+                    raise FileNotFoundError(f"--ckpt_path last: no {path} to resume from")
+            else:
+                path = Path(ckpt)
+            check_checkpoint_stage(safe_torch_load(path), self._expected_stage(sub), str(path))
+            self.config[sub]["ckpt_path"] = str(path)
+            log.info("%s from checkpoint %s", sub, path)
+        super()._parse_ckpt_path()
+
+    def _prepare_subcommand(self, subcommand: str) -> None:
+        cfg = self.config_init[subcommand]
+        if cfg.get("weights_only") is False:
+            raise ValueError("pacx checkpoints never need weights_only=False; it stays True")
+        cfg["weights_only"] = True
+        ckpt_dir = self.run_dir / "checkpoints"
+        if subcommand == "fit" and cfg.get("ckpt_path") is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+            raise FileExistsError(
+                f"{ckpt_dir} already holds checkpoints: pass --ckpt_path last to resume, or set another "
+                "trainer.default_root_dir"
+            )
 
     def before_fit(self) -> None:
-        self._prepare_checkpoint("fit")
+        self._prepare_subcommand("fit")
 
     def before_validate(self) -> None:
-        self._prepare_checkpoint("validate")
+        self._prepare_subcommand("validate")
 
     def before_test(self) -> None:
-        self._prepare_checkpoint("test")
+        self._prepare_subcommand("test")
 
     def before_predict(self) -> None:
-        self._prepare_checkpoint("predict")
+        self._prepare_subcommand("predict")
 
 
 def cli_main(model_class, datamodule_class, args: list[str] | None = None, **kwargs) -> PacxCLI:

@@ -44,7 +44,7 @@ class EncoderWeights:
     """Encoder tensors in timm layout plus what is known about them."""
 
     state: dict[str, torch.Tensor]
-    cfg: ViTConfig
+    cfg: ViTConfig | None  # None: infer from the tensor shapes when needed
     fmt: str
     source: str
     stage: str = "unknown"
@@ -88,17 +88,17 @@ def _from_pacx_checkpoint(obj: dict, source: str) -> EncoderWeights:
 
 def _from_authors_stage1(obj: dict, source: str) -> EncoderWeights:
     state, dropped = drop_keys(strip_prefix(obj["state_dict"], "model."), DECODER_KEY_PREFIXES)
-    return EncoderWeights(state, config_from_state_dict(state), "authors_stage1", source, "stage1_mae", dropped)
+    return EncoderWeights(state, None, "authors_stage1", source, "stage1_mae", dropped)
 
 
 def _from_mae_release(obj: dict, source: str) -> EncoderWeights:
     state, dropped = drop_keys(obj["model"], DECODER_KEY_PREFIXES + HEAD_KEY_PREFIXES)
-    return EncoderWeights(state, config_from_state_dict(state), "mae_release", source, "mae_release", dropped)
+    return EncoderWeights(state, None, "mae_release", source, "mae_release", dropped)
 
 
 def _from_timm(obj: dict, source: str) -> EncoderWeights:
     state, dropped = drop_keys(obj, HEAD_KEY_PREFIXES)
-    return EncoderWeights(state, config_from_state_dict(state), "timm", source, "timm", dropped)
+    return EncoderWeights(state, None, "timm", source, "timm", dropped)
 
 
 def _is_authors_stage1(obj: object) -> bool:
@@ -156,8 +156,9 @@ def read_encoder_weights(path: str | Path, which: str = "last") -> EncoderWeight
 
 
 def build_encoder(weights: EncoderWeights, cfg: ViTConfig | None = None) -> ViTEncoder:
-    """A ``ViTEncoder`` for ``cfg`` (default: the file's own) with the weights loaded strictly."""
-    encoder = ViTEncoder(cfg or weights.cfg)
+    """A ``ViTEncoder`` for ``cfg`` (default: the file's own, else inferred from shapes), loaded strictly."""
+    cfg = cfg or weights.cfg or config_from_state_dict(weights.state)
+    encoder = ViTEncoder(cfg)
     load_state_checked(encoder, weights.state, source=f"{weights.source} ({weights.fmt})")
     return encoder
 
@@ -177,7 +178,7 @@ def export_encoder(src: str | Path, out: str | Path, which: str = "last") -> Pat
 
     weights = read_encoder_weights(src, which)
     encoder = build_encoder(weights)  # validates the tensors against the architecture
-    cfg = weights.cfg
+    cfg = encoder.cfg
     meta = {
         "format": "pacx-encoder",
         "format_version": EXPORT_FORMAT_VERSION,

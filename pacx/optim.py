@@ -67,7 +67,6 @@ def warmup_cosine_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def schedule_lengths(estimated_steps: int, max_epochs: int, warmup_epochs: float) -> tuple[int, int]:
-    """(warmup steps, total steps) from the trainer's step estimate and epoch-based settings."""
-    steps_per_epoch = estimated_steps / max(1, max_epochs)
-    return int(round(warmup_epochs * steps_per_epoch)), int(estimated_steps)
+def schedule_lengths(total_steps: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[int, int]:
+    """(warmup steps, total steps): warmup given in epochs, total = the trainer's optimizer-step budget."""
+    return min(int(round(warmup_epochs * steps_per_epoch)), int(total_steps)), int(total_steps)

@@ -6,8 +6,15 @@ then times two DataLoaders that yield the same batches, float32 [B, 3, img, img]
   pil    ImageManifestDataset + mae_train(img) per sample + default collate
   cache  CachedImageDataset (uint8 rows) + BatchedCropFlip(img) collate (one grid_sample per batch)
 
-Both use the same workers, batch size and shuffling. One warm-up pass per path (it also starts the
-persistent workers) is not timed; the timed passes alternate between paths and the median is reported.
+Both use the same workers, batch size and shuffling; ``ratio`` is cache / pil. Two reference rows:
+
+  cache_uint8  the same collate with ``normalize=False``: uint8 [B, 1, img, img] batches, to be normalised
+               on the accelerator (``normalize_batch``); not the same output, so not in ``ratio``
+  handoff      a collate that only fills a float32 [B, 3, img, img] batch in shared memory: the ceiling
+               of any DataLoader that yields that batch on this machine
+
+One warm-up pass per path (it also starts the persistent workers) is not timed; the timed passes
+alternate between paths and the median is reported.
 Usage: ``python scripts/benchmark_data.py [--num-images 512] [--json out.json]``.
 """
 
@@ -29,7 +36,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pacx.data.cache import BatchedCropFlip, CachedImageDataset, ImageCache, build_image_cache  # noqa: E402
+from pacx.data.cache import (  # noqa: E402
+    BatchedCropFlip,
+    CachedImageDataset,
+    ImageCache,
+    _batch_buffer,
+    build_image_cache,
+)
 from pacx.data.manifest import ImageManifestDataset  # noqa: E402
 from pacx.data.synthetic.chexpert import RELEASE_LABELS, write_chexpert_release  # noqa: E402
 from pacx.data.transforms import mae_train  # noqa: E402
@@ -54,6 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _loader(dataset, args, collate_fn=None) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
                       persistent_workers=args.num_workers > 0, collate_fn=collate_fn)
+
+
+class _HandoffOnly:
+    """Collate that only fills the float output batch: what every path pays to hand a batch over."""
+
+    def __init__(self, img_size: int) -> None:
+        self.img_size = img_size
+
+    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        out = _batch_buffer((len(samples), 3, self.img_size, self.img_size)).fill_(0.5)
+        return out, torch.stack([s[2] for s in samples])
 
 
 def _timed_pass(loader: DataLoader) -> float:
@@ -84,6 +108,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     loaders = {
         "pil": _loader(pil_ds, args),
         "cache": _loader(cache_ds, args, BatchedCropFlip(args.img_size)),
+        "cache_uint8": _loader(cache_ds, args, BatchedCropFlip(args.img_size, normalize=False)),
+        "handoff": _loader(cache_ds, args, _HandoffOnly(args.img_size)),
     }
     shapes = {}
     for name, loader in loaders.items():  # warm-up: starts workers, fills the page cache
@@ -91,16 +117,20 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         shapes[name] = (tuple(images.shape), images.dtype, tuple(labels.shape), labels.dtype)
         _timed_pass(loader)
     if shapes["pil"] != shapes["cache"]:
-        raise RuntimeError(f"paths yield different batches: {shapes}")
+        raise RuntimeError(f"pil and cache paths yield different batches: {shapes}")
     rates = {name: [] for name in loaders}
     for _ in range(args.repeats):
         for name, loader in loaders.items():
             rates[name].append(_timed_pass(loader))
-    pil, cache = statistics.median(rates["pil"]), statistics.median(rates["cache"])
+    med = {name: statistics.median(r) for name, r in rates.items()}
     return {
-        "pil_images_per_s": pil,
-        "cache_images_per_s": cache,
-        "ratio": cache / pil,
+        "pil_images_per_s": med["pil"],
+        "cache_images_per_s": med["cache"],
+        "ratio": med["cache"] / med["pil"],
+        "cache_uint8_images_per_s": med["cache_uint8"],
+        "ratio_uint8": med["cache_uint8"] / med["pil"],
+        "handoff_images_per_s": med["handoff"],
+        "ratio_ceiling": med["handoff"] / med["pil"],
         "num_workers": args.num_workers,
         "batch_size": args.batch_size,
         "num_images": args.num_images,
@@ -123,9 +153,16 @@ def main(argv: list[str] | None = None) -> dict:
             result = run(args, Path(tmp))
     print(f"{args.num_images} images, batch {args.batch_size}, {args.num_workers} workers, "
           f"{args.img_size} px out, cache {args.cache_size} px (built in {result['cache_build_s']:.1f} s)")
-    print(f"{'path':<40} {'images/s':>10}")
-    print(f"{'pil (ImageManifestDataset + mae_train)':<40} {result['pil_images_per_s']:>10.0f}")
-    print(f"{'cache (CachedImageDataset + batched)':<40} {result['cache_images_per_s']:>10.0f}")
+    rows = [
+        ("pil: ImageManifestDataset + mae_train", "pil_images_per_s", "float32 [B,3,H,W]"),
+        ("cache: CachedImageDataset + BatchedCropFlip", "cache_images_per_s", "float32 [B,3,H,W]"),
+        ("cache_uint8: normalize=False (reference)", "cache_uint8_images_per_s", "uint8 [B,1,H,W]"),
+        ("handoff: fill output only (ceiling)", "handoff_images_per_s", "float32 [B,3,H,W]"),
+    ]
+    print(f"{'path':<46} {'images/s':>9} {'x pil':>6}  batch")
+    for label, key, out in rows:
+        rate = result[key]
+        print(f"{label:<46} {rate:>9.0f} {rate / result['pil_images_per_s']:>6.1f}  {out}")
     print(f"ratio cache / pil: {result['ratio']:.1f}x")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))

@@ -4,8 +4,9 @@ Both models are built at the same configuration (HF's config is derived from our
 ``pacx.benchmark.hf_vitmae_config``), hold the same weights (ours loaded into HF strictly, the fused
 qkv split in three), see the same image and masking-noise tensors and use the same AdamW settings.
 A timed step is forward + backward + ``optimizer.step()`` + ``zero_grad(set_to_none=True)``; warm-up
-steps are excluded; the two models alternate in rounds (A B, B A, ...) and steps/s is 1 / median
-step time. The analytic FLOP count behind TFLOP/s and MFU is documented in ``pacx/benchmark.py``.
+steps are excluded; the two models alternate step by step (A B, B A, ...); steps/s is 1 / median
+(default) or 1 / best step time, and the median ratio over adjacent step pairs is printed too (the
+steadiest figure when other processes load the machine). The analytic FLOP count behind TFLOP/s and MFU is documented in ``pacx/benchmark.py``.
 
     python scripts/benchmark_train.py --json /tmp/bench_train.json            # ViT-B/16, CPU, fp32
     python scripts/benchmark_train.py --device cuda --precision bf16 --batch-size 256 --compile
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import platform
 import sys
 from functools import partial
@@ -38,11 +40,12 @@ from pacx.benchmark import (  # noqa: E402
     create_hf_twin,
     frozen_parameter_names,
     hf_loss,
-    make_adamw,
     mae_forward_flops,
     mae_train_flops,
+    make_adamw,
     mfu,
     pacx_loss,
+    paired_ratio,
     parameter_counts,
     summarize,
     time_interleaved,
@@ -55,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="mae_vit_base_patch16", choices=sorted(MAE_ARCHS))
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
-    p.add_argument("--repeats", type=int, default=2, help="rounds; the model order flips every round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model before timing")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model (interleaved A B, B A, ...)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (use >= 3 with --compile)")
+    p.add_argument("--stat", choices=("median", "best"), default="median",
+                   help="step time behind steps/s and the ratio")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -126,15 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
         name: TrainRunner(torch.compile(model) if args.compile else model, loss_fn, make_adamw(model), inputs, autocast)
         for name, (model, loss_fn) in models.items()
     }
-    print(f"timing: {args.warmup} warm-up + {args.repeats} rounds x {args.steps} steps per model ...", flush=True)
-    times = time_interleaved(runners, args.warmup, args.steps, args.repeats, device)
-    stats = {name: summarize(t) for name, t in times.items()}
+    print(f"timing: {args.warmup} warm-up + {args.steps} timed steps per model, interleaved ...", flush=True)
+    load_before = os.getloadavg()[0]
+    times = time_interleaved(runners, args.warmup, args.steps, device)
+    load_after = os.getloadavg()[0]
+    stats = {name: summarize(t, args.stat) for name, t in times.items()}
 
     flops_step = mae_train_flops(cfg, dec, ours.mask_ratio, batch)
     for s in stats.values():
-        s["tflops"] = flops_step / s["step_s_median"] / 1e12
-        s["mfu"] = mfu(flops_step, s["step_s_median"], args.peak_tflops)
+        s["tflops"] = flops_step * s["steps_per_s"] / 1e12
+        s["mfu"] = mfu(flops_step, 1.0 / s["steps_per_s"], args.peak_tflops)
     ratio = stats["pacx"]["steps_per_s"] / stats["hf"]["steps_per_s"]
+    ratio_median = stats["hf"]["step_s_median"] / stats["pacx"]["step_s_median"]
+    ratio_best = stats["hf"]["step_s_best"] / stats["pacx"]["step_s_best"]
+    ratio_paired = paired_ratio(times["pacx"].wall, times["hf"].wall)
+    ratio_cpu = stats["hf"]["cpu_s_median"] / stats["pacx"]["cpu_s_median"]
 
     kept = int(cfg.num_patches * (1 - ours.mask_ratio))
     print(f"\nMAE training step ({args.arch}: ViT {cfg.embed_dim}d x {cfg.depth} x {cfg.num_heads}h, "
@@ -143,21 +153,27 @@ def main(argv: list[str] | None = None) -> dict:
           f"-> {kept}/{cfg.num_patches} kept)")
     print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, {args.precision}, "
           f"batch {batch}, compile={args.compile}, AdamW {ADAMW_KWARGS}")
+    print(f"{args.warmup} warm-up + {args.steps} timed steps per model; load average (1 min) "
+          f"{load_before:.2f} before, {load_after:.2f} after timing, on {os.cpu_count()} CPUs")
     print(f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, "
           f"HF attn_implementation={hf.config._attn_implementation}")
     print(f"parameters: trainable ours {train_ours:,} / HF {train_hf:,}; frozen sin-cos ours {frozen_ours:,} "
           f"{frozen_parameter_names(ours)} / HF {frozen_hf:,} {frozen_parameter_names(hf)}")
     print(f"same weights + noise, loss before training: ours {loss_ours:.6f}  HF {loss_hf:.6f}  "
           f"|diff| {abs(loss_ours - loss_hf):.2e}")
-    print(f"analytic FLOPs: {mae_forward_flops(cfg, dec, ours.mask_ratio)['total'] / 1e9:.3f} GFLOP forward per "
-          f"sample, {flops_step / 1e9:.1f} GFLOP per training step (3 x forward x batch)\n")
-    header = ["model", "median s/step", "best s/step", "steps/s", "samples/s", "TFLOP/s",
-              f"MFU@{args.peak_tflops:g}TF"]
-    rows = [[label, f"{s['step_s_median']:.4f}", f"{s['step_s_best']:.4f}", f"{s['steps_per_s']:.3f}",
-             f"{s['steps_per_s'] * batch:.2f}", f"{s['tflops']:.3f}", f"{100 * s['mfu']:.2f}%"]
+    print(f"analytic FLOPs: {mae_forward_flops(cfg, dec, ours.mask_ratio)['total'] / 1e9:.4g} GFLOP forward per "
+          f"sample, {flops_step / 1e9:.4g} GFLOP per training step (3 x forward x batch)\n")
+    header = ["model", "median s/step", "best s/step", "CPU s/step", f"steps/s ({args.stat})", "samples/s",
+              "TFLOP/s", f"MFU@{args.peak_tflops:g}TF"]
+    rows = [[label, f"{s['step_s_median']:.4f}", f"{s['step_s_best']:.4f}", f"{s['cpu_s_median']:.3f}",
+             f"{s['steps_per_s']:.4f}",
+             f"{s['steps_per_s'] * batch:.3f}", f"{s['tflops']:.4f}", f"{100 * s['mfu']:.4f}%"]
             for label, s in (("pacx MAE (ours)", stats["pacx"]), ("HF ViTMAEForPreTraining", stats["hf"]))]
     print(format_table(header, rows))
-    print(f"\nratio ours / HF (steps/s, median): {ratio:.3f}x")
+    print(f"\nratio ours / HF (steps/s, {args.stat}): {ratio:.3f}x   [median {ratio_median:.3f}x, best "
+          f"{ratio_best:.3f}x, median of adjacent-pair ratios {ratio_paired:.3f}x, CPU time {ratio_cpu:.3f}x]")
+    print("per-step wall s, ours: " + " ".join(f"{t:.3f}" for t in times["pacx"].wall))
+    print("per-step wall s, HF:   " + " ".join(f"{t:.3f}" for t in times["hf"].wall))
     if device.type != "cuda":
         print(f"(MFU on {device.type} is relative to --peak-tflops {args.peak_tflops:g}, an accelerator peak: "
               "for information only)")
@@ -166,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_steps_per_s": stats["pacx"]["steps_per_s"],
         "hf_steps_per_s": stats["hf"]["steps_per_s"],
         "ratio": ratio,
+        "ratio_stat": args.stat,
+        "ratio_best": ratio_best,
+        "ratio_median": ratio_median,
+        "ratio_paired_median": ratio_paired,
+        "ratio_cpu_time": ratio_cpu,
         "ours_step_s_median": stats["pacx"]["step_s_median"],
         "hf_step_s_median": stats["hf"]["step_s_median"],
         "ours_step_s_best": stats["pacx"]["step_s_best"],
@@ -186,7 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
         "img_size": cfg.img_size,
         "mask_ratio": ours.mask_ratio,
         "steps": args.steps,
-        "repeats": args.repeats,
+        "ours_cpu_s_median": stats["pacx"]["cpu_s_median"],
+        "hf_cpu_s_median": stats["hf"]["cpu_s_median"],
+        "ours_step_times_s": " ".join(f"{t:.4f}" for t in times["pacx"].wall),
+        "hf_step_times_s": " ".join(f"{t:.4f}" for t in times["hf"].wall),
+        "load_avg_1min_before": load_before,
+        "load_avg_1min_after": load_after,
         "warmup": args.warmup,
         "params_ours": train_ours,
         "params_hf": train_hf,

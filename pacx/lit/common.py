@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -47,10 +48,12 @@ class StagedModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
     ) -> dict:
         """AdamW over decay / no-decay groups with a per-step warmup + cosine schedule; logs the lr."""
-        total = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
-        effective_lr = resolve_lr(lr, base_lr, global_batch_size(self.trainer))
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        effective_lr = resolve_lr(lr, base_lr, global_batch_size(trainer))
         self.effective_lr = effective_lr
-        warmup, total = schedule_lengths(total, self.trainer.max_epochs or 1, warmup_epochs)
+        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        warmup, total = schedule_lengths(total, steps_per_epoch, warmup_epochs)
         optimizer = torch.optim.AdamW(
             param_groups(self.named_parameters(), weight_decay), lr=effective_lr, betas=tuple(betas)
         )

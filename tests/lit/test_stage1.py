@@ -1,0 +1,143 @@
+"""Stage 1 end to end through the CLI: fit, resume, run records, guards, schedule, DDP."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pacx.checkpoint import CheckpointError
+from pacx.models.mae import create_mae
+from pacx.optim import param_groups, resolve_lr, warmup_cosine
+from Stage1_MAE import main
+from tests.conftest import stage1_args
+
+
+def _ckpt(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_two_step_fit_writes_run_and_resume_continues(tmp_path, chexpert_release):
+    run = tmp_path / "run"
+    main(stage1_args(run, chexpert_release, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"))
+    first = _ckpt(run)
+    assert first["global_step"] == 2 and first["pacx"]["stage"] == "stage1_mae"
+    assert first["pacx"]["vit_config"]["embed_dim"] == 32
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["stage"] == "stage1_mae" and info["global_step"] == 2
+    assert info["checkpoints"]["last"].endswith("last.ckpt") and info["git_sha"]
+    assert (run / "config.yaml").is_file() and "mae_vit_test" in (run / "config.yaml").read_text()
+    assert (run / "metrics.csv").is_file()
+
+    main(stage1_args(run, chexpert_release, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1",
+                     "--ckpt_path", "last"))
+    second = _ckpt(run)
+    assert second["global_step"] == 4
+    assert second["lr_schedulers"][0]["last_epoch"] == 4  # the schedule continued, not restarted
+    assert json.loads((run / "run.json").read_text())["global_step"] == 4
+
+
+def test_reconstruction_grid_png(stage1_run):
+    pngs = sorted((stage1_run / "reconstructions").glob("epoch*.png"))
+    assert pngs
+    w, h = Image.open(pngs[0]).size
+    assert w == 3 * 32 + 4 * 2  # original | masked | reconstruction, 2 px padding
+    assert h == 8 * 32 + 9 * 2  # 8 validation images (one per row)
+
+
+def test_fit_refuses_to_overwrite_a_run(stage1_run, chexpert_release):
+    with pytest.raises(FileExistsError, match="--ckpt_path last"):
+        main(stage1_args(stage1_run, chexpert_release, "--trainer.max_steps", "1"))
+
+
+def test_ckpt_path_last_without_checkpoint(tmp_path, chexpert_release):
+    with pytest.raises(FileNotFoundError, match="no .*last.ckpt to resume from"):
+        main(stage1_args(tmp_path / "fresh", chexpert_release, "--ckpt_path", "last"))
+
+
+def test_ckpt_path_of_another_stage_is_a_clear_error(tmp_path, stage1_run, chexpert_release):
+    other = _ckpt(stage1_run)
+    other["pacx"]["stage"] = "stage2_pacx"
+    torch.save(other, tmp_path / "stage2.ckpt")
+    with pytest.raises(CheckpointError, match="is a 'stage2_pacx' checkpoint, but this run is 'stage1_mae'"):
+        main(stage1_args(tmp_path / "r1", chexpert_release, "--ckpt_path", str(tmp_path / "stage2.ckpt")))
+    foreign = {"state_dict": {"model.cls_token": torch.zeros(1, 1, 32)}, "epoch": 1}
+    torch.save(foreign, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not a pacx stage1_mae training checkpoint"):
+        main(stage1_args(tmp_path / "r2", chexpert_release, "--ckpt_path", str(tmp_path / "foreign.ckpt")))
+
+
+def test_print_config_shows_the_resolved_config(repo, chexpert_release, tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(repo / "Stage1_MAE.py"), "fit", "--config", str(repo / "configs/stage1/mae_vitb_chexpert.yaml"),
+         "--data.root", str(chexpert_release), "--print_config"], capture_output=True, text=True, check=True)
+    assert "mask_ratio: 0.9" in res.stdout and "arch: mae_vit_base_patch16" in res.stdout
+    assert "default_root_dir: runs/stage1/mae_vitb_chexpert" in res.stdout and "batch_size: 512" in res.stdout
+    res075 = subprocess.run(
+        [sys.executable, str(repo / "Stage1_MAE.py"), "fit", "--config", str(repo / "configs/stage1/mae_vitb_chexpert.yaml"),
+         "--config", str(repo / "configs/stage1/mae_vitb_chexpert_ratio075.yaml"), "--data.root", str(chexpert_release),
+         "--print_config"], capture_output=True, text=True, check=True)
+    assert "mask_ratio: 0.75" in res075.stdout
+
+
+def test_base_lr_is_scaled_by_global_batch_and_logged(tmp_path, chexpert_release):
+    run = tmp_path / "run"
+    main(stage1_args(run, chexpert_release, "--trainer.max_steps", "5", "--trainer.limit_val_batches", "1",
+                     "--model.lr", "null", "--model.base_lr", "0.001", "--model.warmup_epochs", "0.5",
+                     "--trainer.log_every_n_steps", "1"))
+    effective = 0.001 * 8 / 256
+    assert f"effective_lr: {effective}" in (run / "hparams.yaml").read_text()
+    lrs = pd.read_csv(run / "metrics.csv")["train/lr"].dropna().tolist()
+    # 6 optimizer steps per epoch: warmup 0.5 epoch = 3 steps, then cosine over the remaining 2 of 5 steps
+    expected = [effective * f for f in (1 / 3, 2 / 3, 1.0, 1.0, 0.5)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_resolve_lr_rule():
+    assert resolve_lr(1.5e-4, None, 512) == 1.5e-4
+    assert resolve_lr(None, 1.5e-4, 512) == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_lr(1e-3, 1e-3, 256)
+
+
+def test_warmup_cosine_closed_form():
+    warm, total = 10, 110
+    assert warmup_cosine(0, warm, total) == pytest.approx(0.1)
+    assert warmup_cosine(9, warm, total) == pytest.approx(1.0)
+    assert warmup_cosine(10, warm, total) == pytest.approx(1.0)
+    assert warmup_cosine(60, warm, total) == pytest.approx(0.5)
+    assert warmup_cosine(110, warm, total) == pytest.approx(0.0)
+    assert warmup_cosine(35, warm, total, 0.01) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = create_mae("mae_vit_test", img_size=32)
+    groups = param_groups(model.named_parameters(), 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias"} <= no_decay
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decay
+    assert all(model.get_parameter(n).ndim >= 2 for n in decay)
+    assert "pos_embed" not in decay | no_decay and "decoder_pos_embed" not in decay | no_decay  # fixed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decay | no_decay == trainable and not decay & no_decay
+
+
+def test_ddp_two_processes_keep_the_global_batch(tmp_path, chexpert_release, repo):
+    """Real 2-process DDP (gloo, CPU): per-device batch 4 of global 8, same optimizer steps as 1 device."""
+    run = tmp_path / "ddp"
+    args = stage1_args(run, chexpert_release, "--trainer.max_epochs", "1", "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", "--trainer.limit_val_batches", "1")
+    subprocess.run([sys.executable, str(repo / "Stage1_MAE.py"), *args], check=True, capture_output=True, timeout=600,
+                   cwd=tmp_path)
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "completed"
+    assert info["global_step"] == 48 // 8  # 24 samples per rank / per-device batch 4
+    ckpt = _ckpt(run)
+    assert ckpt["global_step"] == 6

@@ -1,0 +1,149 @@
+"""pacx.load_encoder / export: every accepted format, strictness, unsafe pickles, mismatched shapes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import pacx
+from pacx.checkpoint import CheckpointError
+from pacx.encoders import export_encoder, read_encoder_weights
+from pacx.lit.mae import MAEModule
+from pacx.models.mae import create_mae
+from pacx.models.vit import create_vit, vit_config
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class Payload:
+    """Unpickling this would run code: it creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture()
+def mae():
+    torch.manual_seed(0)
+    return create_mae("mae_vit_test", img_size=32).eval()
+
+
+def _features(model):
+    with torch.no_grad():
+        return model(X)
+
+
+def test_mae_release_with_decoder_loads_strictly(tmp_path, mae):
+    torch.save({"model": mae.state_dict()}, tmp_path / "mae_visualize.pth")
+    enc = pacx.load_encoder(tmp_path / "mae_visualize.pth", cfg=mae.cfg)
+    torch.testing.assert_close(_features(enc), mae.encode(X))
+    # the whole MAE (decoder too) initialises a Stage 1 module strictly
+    module = MAEModule(arch="mae_vit_test", img_size=32, init_from=str(tmp_path / "mae_visualize.pth"))
+    for k, v in mae.state_dict().items():
+        torch.testing.assert_close(module.model.state_dict()[k], v)
+
+
+def test_authors_stage1_lightning_file(tmp_path, mae):
+    ckpt = {"epoch": 399, "global_step": 10, "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
+            "hyper_parameters": {"mask_ratio": 0.9}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    weights = read_encoder_weights(tmp_path / "last.ckpt")
+    assert weights.fmt == "authors_stage1" and any(k.startswith("decoder_") for k in weights.dropped)
+    enc = pacx.load_encoder(tmp_path / "last.ckpt", cfg=mae.cfg)
+    torch.testing.assert_close(_features(enc), mae.encode(X))
+
+
+def test_timm_weight_file_with_head(tmp_path):
+    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32).eval()  # 1000-class head
+    torch.save(theirs.state_dict(), tmp_path / "vit_small.pth")
+    enc = pacx.load_encoder(tmp_path / "vit_small.pth")
+    assert enc.cfg.embed_dim == 384 and enc.cfg.img_size == 32 and enc.embed_dim == 384
+    with torch.no_grad():
+        torch.testing.assert_close(enc(X), theirs.forward_head(theirs.forward_features(X), pre_logits=True))
+
+
+def test_export_loads_into_timm_strictly_with_same_features(tmp_path, stage1_run):
+    out = export_encoder(stage1_run, tmp_path / "enc.safetensors")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["stage"] == "stage1_mae" and meta["git_sha"] and Path(meta["source"]).name == "last.ckpt"
+    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(tensors, strict=True)
+    ours = pacx.load_encoder(stage1_run)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(X), ours(X))
+        torch.testing.assert_close(pacx.load_encoder(out)(X), ours(X))
+    assert not any(k.startswith(("decoder", "mask_token")) for k in tensors)
+
+
+def test_export_script(tmp_path, stage1_run, repo):
+    out = tmp_path / "e.safetensors"
+    subprocess.run([sys.executable, str(repo / "scripts/export_encoder.py"), str(stage1_run), str(out)], check=True,
+                   capture_output=True)
+    assert out.is_file()
+
+
+def test_shape_mismatch_lists_keys(tmp_path, mae):
+    export_src = tmp_path / "m.pth"
+    torch.save({"model": mae.state_dict()}, export_src)
+    other = vit_config("vit_test", img_size=32, embed_dim=48, num_heads=2)
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*cls_token: file \(1, 1, 32\) vs model \(1, 1, 48\)"):
+        pacx.load_encoder(export_src, cfg=other)
+    with pytest.raises(CheckpointError, match="pos_embed"):
+        pacx.load_encoder(export_src, cfg=vit_config("vit_test", img_size=64))
+
+
+def test_missing_and_unknown_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        pacx.load_encoder(tmp_path / "nope.pth")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="not an encoder format"):
+        pacx.load_encoder(tmp_path / "odd.pth")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.ckpt"):
+        pacx.load_encoder(tmp_path / "junk.ckpt")
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        pacx.load_encoder(tmp_path)
+
+
+def test_code_carrying_pickles_are_refused_everywhere(tmp_path, mae, repo, chexpert_release):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"model": mae.state_dict(), "extra": Payload(marker),
+                "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
+                "pacx": {"stage": "stage1_mae"}}, evil)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        pacx.load_encoder(evil)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        export_encoder(evil, tmp_path / "x.safetensors")
+    res = subprocess.run([sys.executable, str(repo / "scripts/export_encoder.py"), str(evil), str(tmp_path / "y")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "refused to unpickle" in res.stderr
+    from Stage1_MAE import main
+    from tests.conftest import stage1_args
+
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        main(stage1_args(tmp_path / "run", chexpert_release, "--ckpt_path", str(evil), "--trainer.max_steps", "1"))
+    assert not marker.exists()
+
+
+def test_encoder_is_eval_mode_with_embed_dim(stage1_run):
+    enc = pacx.load_encoder(stage1_run)
+    assert not enc.training and enc.embed_dim == 32
+    assert enc(X).shape == (2, 32)
+
+
+def test_vit_encoder_round_trip_via_plain_state_dict(tmp_path):
+    enc = create_vit("vit_test", img_size=32).eval()
+    torch.save(enc.state_dict(), tmp_path / "plain.pth")
+    loaded = pacx.load_encoder(tmp_path / "plain.pth", cfg=enc.cfg)
+    torch.testing.assert_close(_features(loaded), _features(enc))
