@@ -19,7 +19,14 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pacx.models.vit import ViTConfig, ViTEncoder, _init_linear_and_norm, _layer_norm, sincos_pos_embed_2d, vit_config
+from pacx.models.vit import (
+    ViTConfig,
+    ViTEncoder,
+    init_linear_and_norm,
+    layer_norm,
+    sincos_pos_embed_2d,
+    vit_config,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Patch <-> pixel layout
@@ -92,7 +99,7 @@ class MaskedAutoencoderViT(ViTEncoder):
         self.dec = dec
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
-        norm_layer = _layer_norm(cfg.norm_eps)
+        norm_layer = layer_norm(cfg.norm_eps)
         self.decoder_embed = nn.Linear(cfg.embed_dim, dec.decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(
@@ -112,7 +119,7 @@ class MaskedAutoencoderViT(ViTEncoder):
         )
         nn.init.normal_(self.mask_token, std=0.02)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            module.apply(_init_linear_and_norm)
+            module.apply(init_linear_and_norm)
 
     # ---- encoder / decoder / loss -------------------------------------------------------------
 

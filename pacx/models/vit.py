@@ -150,7 +150,7 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         # Fixed: a non-trainable parameter so that it sits in the state dict under timm's key.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.embed_dim), requires_grad=False)
-        norm_layer = _layer_norm(cfg.norm_eps)
+        norm_layer = layer_norm(cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=norm_layer)
             for _ in range(cfg.depth)
@@ -164,7 +164,7 @@ class ViTEncoder(nn.Module):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> patch tokens with positions added, [B, L, D] (no CLS yet)."""
@@ -187,11 +187,11 @@ class ViTEncoder(nn.Module):
         return self.forward_features(x)[:, 0]  # [B, D]
 
 
-def _layer_norm(eps: float):
+def layer_norm(eps: float):
     return partial(nn.LayerNorm, eps=eps)
 
 
-def _init_linear_and_norm(m: nn.Module) -> None:
+def init_linear_and_norm(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:

@@ -7,7 +7,14 @@ import pytest
 import timm
 import torch
 
-from pacx.models.vit import VIT_ARCHS, ViTConfig, ViTEncoder, config_from_state_dict, create_vit, sincos_pos_embed_2d
+from pacx.models.vit import (
+    VIT_ARCHS,
+    ViTConfig,
+    ViTEncoder,
+    config_from_state_dict,
+    create_vit,
+    sincos_pos_embed_2d,
+)
 
 
 def _timm_twin(enc: ViTEncoder):
