@@ -20,7 +20,7 @@ patch; ``n_e = 1 + K`` encoder tokens and ``n_d = 1 + L`` decoder tokens (CLS in
     block(n, d, f) = 2·n·(3d² + d² + 2·d·f)      qkv, attention out-projection, MLP fc1 + fc2
                    + 2·2·n²·d                     attention scores QKᵀ and weighted sum AV
 
-    forward = 2·L·P·D                             patch embedding (a stride-p conv = one matmul)
+    forward = 2·K·P·D                             patch embedding of the kept patches (a linear map)
             + N · block(n_e, D, F)                encoder on the kept tokens only
             + 2·n_e·D·Dd                          decoder_embed
             + Nd · block(n_d, Dd, Fd)             decoder on all tokens (mask tokens included)
@@ -29,15 +29,19 @@ patch; ``n_e = 1 + K`` encoder tokens and ``n_d = 1 + L`` decoder tokens (CLS in
     training FLOPs per step = 3 · forward · batch   (backward ≈ 2 × forward)
     MFU = training FLOPs per step / (seconds per step · peak FLOP/s)
 
-The forward count equals ``FlopCounterMode``'s count of a forward pass exactly (tested, with SDPA
-on its math backend, because the counter has no formula for the fused CPU attention kernel). The
-"3 ×" is the usual convention (Kaplan et al. 2020; PaLM's MFU, Chowdhery et al. 2022). The true
-backward is cheaper by one matmul: no gradient flows into the input image, so the patch
-embedding's input-gradient (``2·L·P·D`` per sample) is never computed; ``FlopCounterMode`` on a
-training step counts exactly ``3·forward − 2·L·P·D`` per sample (tested). At ViT-B/16 that is
-0.5 % of the step; fused GPU attention kernels additionally recompute ``QKᵀ`` in the backward,
-which the convention does not count either. At ViT-B/16, 224 px, r = 0.9 (K = 19): 14.37 GFLOPs
-forward and 43.1 GFLOPs per trained sample, 73 % of it in the decoder.
+pacx embeds only the kept patches (``MaskedAutoencoderViT.forward_encoder``); the reference MAE
+and Hugging Face embed all ``L`` and then drop ``L − K``, ``2·(L − K)·P·D`` more FLOPs per sample
+that are work, not model FLOPs, and are not counted for either (MFU counts the model's FLOPs).
+
+The forward count equals ``FlopCounterMode``'s count of a forward pass of pacx's MAE exactly, and
+of HF's plus the ``2·(L − K)·P·D`` (tested, with SDPA on its math backend, because the counter has
+no formula for the fused CPU attention kernel). The "3 ×" is the usual convention (Kaplan et al.
+2020; PaLM's MFU, Chowdhery et al. 2022). The true backward is cheaper by one matmul: no gradient
+flows into the input image, so the patch embedding's input-gradient (``2·K·P·D`` per sample) is
+never computed; ``FlopCounterMode`` on a training step counts exactly ``3·forward − 2·K·P·D`` per
+sample (tested), 0.05 % less at ViT-B/16. Fused GPU attention kernels also recompute ``QKᵀ`` in the
+backward, which the convention does not count either. At ViT-B/16, 224 px, r = 0.9 (K = 19):
+14.16 GFLOPs forward and 42.5 GFLOPs per trained sample, 75 % of it in the decoder.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def mae_forward_flops(cfg: ViTConfig, dec: DecoderConfig, mask_ratio: float) -> 
     d, dd = cfg.embed_dim, dec.decoder_embed_dim
     pixels = cfg.patch_size**2 * cfg.in_chans
     parts = {
-        "patch_embed": 2 * num_patches * pixels * d,
+        "patch_embed": 2 * kept * pixels * d,  # only the kept patches are embedded
         "encoder": cfg.depth * _block_flops(n_enc, d, int(d * cfg.mlp_ratio)),
         "decoder_embed": 2 * n_enc * d * dd,
         "decoder": dec.decoder_depth * _block_flops(n_dec, dd, int(dd * cfg.mlp_ratio)),
@@ -142,7 +146,8 @@ def create_hf_twin(model: MaskedAutoencoderViT, attn_implementation: str = "sdpa
     from transformers import ViTMAEForPreTraining
 
     hf = ViTMAEForPreTraining(hf_vitmae_config(model, attn_implementation))
-    hf.load_state_dict(hf_state_dict_from_mae(model.state_dict()), strict=True)
+    legacy = "vit.encoder.layer.0.layernorm_before.weight" in hf.state_dict()
+    hf.load_state_dict(hf_state_dict_from_mae(model.state_dict(), legacy=legacy), strict=True)
     return hf.to(next(model.parameters()).device)
 
 
@@ -158,6 +163,16 @@ _TOP_RENAMES = {
     "patch_embed.proj.": "vit.embeddings.patch_embeddings.projection.",
     "norm.": "vit.layernorm.",
 }
+# Older transformers releases name the same tensors BERT-style (``vit.encoder.layer.{i}.attention.attention.query``).
+_LEGACY_RENAMES = (
+    ("vit.layers.", "vit.encoder.layer."),
+    (".attention.q_proj.", ".attention.attention.query."),
+    (".attention.k_proj.", ".attention.attention.key."),
+    (".attention.v_proj.", ".attention.attention.value."),
+    (".attention.o_proj.", ".attention.output.dense."),
+    (".mlp.fc1.", ".intermediate.dense."),
+    (".mlp.fc2.", ".output.dense."),
+)
 _BLOCK_KEY = re.compile(r"^(decoder_blocks|blocks)\.(\d+)\.(.+)$")
 
 
@@ -178,8 +193,11 @@ def hf_key(key: str) -> str:
     raise KeyError(f"no ViTMAE counterpart for key {key!r}")
 
 
-def hf_state_dict_from_mae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """pacx MAE state dict -> ``ViTMAEForPreTraining`` state dict (pure; the fused qkv is split in three)."""
+def hf_state_dict_from_mae(state: dict[str, torch.Tensor], legacy: bool = False) -> dict[str, torch.Tensor]:
+    """pacx MAE state dict -> ``ViTMAEForPreTraining`` state dict (pure; the fused qkv is split in three).
+
+    ``legacy``: the key names of older ``transformers`` releases (``vit.encoder.layer.{i}...``).
+    """
     out = {}
     for key, value in state.items():
         if ".attn.qkv." in key:
@@ -189,7 +207,15 @@ def hf_state_dict_from_mae(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 out[f"{base}.attention.{name}.{kind}"] = chunk
         else:
             out[hf_key(key)] = value
+    if legacy:
+        out = {_legacy_key(k): v for k, v in out.items()}
     return out
+
+
+def _legacy_key(key: str) -> str:
+    for new, old in _LEGACY_RENAMES:
+        key = key.replace(new, old)
+    return key
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

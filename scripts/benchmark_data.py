@@ -1,20 +1,19 @@
 """Benchmark the Stage 1 train image path: per-file PIL decode + augment vs the decoded cache.
 
 Writes CheXpert-like JPEGs (``write_chexpert_release``, 390x320), builds a cache at ``--cache-size``,
-then times two DataLoaders that yield the same batches, float32 [B, 3, img, img] plus labels [B, 14]:
+then times two pipelines that hand the training step the same batches, float32 [B, 3, img, img]
+ImageNet-normalised plus labels [B, 14]:
 
-  pil    ImageManifestDataset + mae_train(img) per sample + default collate
-  cache  CachedImageDataset (uint8 rows) + BatchedCropFlip(img) collate (one grid_sample per batch)
+  pil    ImageManifestDataset + mae_train(img) per sample + default collate (the per-file path)
+  cache  CachedImageDataset (uint8 rows) + BatchedCropFlip(img) collate (uint8 crops in the workers),
+         then ``normalize_batch`` on each batch in the consuming process, exactly as the data module's
+         ``on_after_batch_transfer`` does (there on the accelerator; here, on the CPU, counted in full)
 
-Both use the same workers, batch size and shuffling; ``ratio`` is cache / pil. Two reference rows:
+Both use the same workers, batch size and shuffling; ``ratio`` is cache / pil. A reference row,
+``cache_worker_float``, normalises inside the workers instead (float32 batches through shared memory).
 
-  cache_uint8  the same collate with ``normalize=False``: uint8 [B, 1, img, img] batches, to be normalised
-               on the accelerator (``normalize_batch``); not the same output, so not in ``ratio``
-  handoff      a collate that only fills a float32 [B, 3, img, img] batch in shared memory: the ceiling
-               of any DataLoader that yields that batch on this machine
-
-One warm-up pass per path (it also starts the persistent workers) is not timed; the timed passes
-alternate between paths and the median is reported.
+Each timed run iterates ``--passes`` shuffled epochs; one warm-up run per path (it also starts the
+persistent workers) is not timed; the timed runs alternate between paths and the median is reported.
 Usage: ``python scripts/benchmark_data.py [--num-images 512] [--json out.json]``.
 """
 
@@ -29,23 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, RandomSampler
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from pacx.data.cache import (  # noqa: E402
-    BatchedCropFlip,
-    CachedImageDataset,
-    ImageCache,
-    _batch_buffer,
-    build_image_cache,
-)
-from pacx.data.manifest import ImageManifestDataset  # noqa: E402
-from pacx.data.synthetic.chexpert import RELEASE_LABELS, write_chexpert_release  # noqa: E402
-from pacx.data.transforms import mae_train  # noqa: E402
+from pacx.data.batched import BatchedCropFlip, normalize_batch
+from pacx.data.cache import CachedImageDataset, ImageCache, build_image_cache
+from pacx.data.manifest import ImageManifestDataset
+from pacx.data.synthetic.chexpert import RELEASE_LABELS, write_chexpert_release
+from pacx.data.transforms import mae_train
 
 log = logging.getLogger("benchmark_data")
 
@@ -57,35 +48,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cache-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per path; the median is reported")
-    p.add_argument("--workdir", type=Path, default=None, help="keep images and cache here (default: temp dir)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per path; the median is reported")
+    p.add_argument("--passes", type=int, default=2, help="shuffled epochs per timed run")
+    p.add_argument("--workdir", type=Path, default=None, help="keep images and cache here (default: temp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results as a flat JSON object")
     return p.parse_args(argv)
 
 
 def _loader(dataset, args, collate_fn=None) -> DataLoader:
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+    # One shuffled iterator over `passes` epochs: fewer restarts, so less pipeline fill and drain per timing.
+    sampler = RandomSampler(dataset, num_samples=len(dataset) * args.passes)
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                       persistent_workers=args.num_workers > 0, collate_fn=collate_fn)
 
 
-class _HandoffOnly:
-    """Collate that only fills the float output batch: what every path pays to hand a batch over."""
-
-    def __init__(self, img_size: int) -> None:
-        self.img_size = img_size
-
-    def __call__(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-        out = _batch_buffer((len(samples), 3, self.img_size, self.img_size)).fill_(0.5)
-        return out, torch.stack([s[2] for s in samples])
+def _identity(images: torch.Tensor) -> torch.Tensor:
+    return images
 
 
-def _timed_pass(loader: DataLoader) -> float:
-    """Images per second over one full pass."""
+def _timed_pass(loader: DataLoader, finish=_identity) -> float:
+    """Images per second over one run of the loader, ``finish`` applied to every batch."""
     n = 0
     start = time.perf_counter()
     for images, _ in loader:
-        n += len(images)
+        n += len(finish(images))
     return n / (time.perf_counter() - start)
 
 
@@ -97,7 +84,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     df = pd.read_csv(workdir / "train.csv")
     start = time.perf_counter()
     cache_dir = build_image_cache(df["Path"], workdir, workdir / f"cache{args.cache_size}", args.cache_size,
-                                  channels=1, workers=max(args.num_workers, 1), strip_components=1,
+                                  channels=1, workers=args.num_workers, strip_components=1,
                                   progress=False)
     build_s = time.perf_counter() - start
 
@@ -105,38 +92,37 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     df["rel"] = df["Path"].str.split("/", n=1).str[1]
     pil_ds = ImageManifestDataset(df, workdir, "rel", RELEASE_LABELS, transform=mae_train(args.img_size))
     cache_ds = CachedImageDataset(ImageCache(cache_dir), df["Path"].tolist(), pil_ds.labels)
-    loaders = {
-        "pil": _loader(pil_ds, args),
-        "cache": _loader(cache_ds, args, BatchedCropFlip(args.img_size)),
-        "cache_uint8": _loader(cache_ds, args, BatchedCropFlip(args.img_size, normalize=False)),
-        "handoff": _loader(cache_ds, args, _HandoffOnly(args.img_size)),
+    pipelines = {  # name -> (loader, what the consuming process does to each batch)
+        "pil": (_loader(pil_ds, args), _identity),
+        "cache": (_loader(cache_ds, args, BatchedCropFlip(args.img_size)), normalize_batch),
+        "cache_worker_float": (_loader(cache_ds, args, BatchedCropFlip(args.img_size, normalize=True)), _identity),
     }
     shapes = {}
-    for name, loader in loaders.items():  # warm-up: starts workers, fills the page cache
+    for name, (loader, finish) in pipelines.items():  # warm-up: starts workers, fills the page cache
         images, labels = next(iter(loader))
+        images = finish(images)
         shapes[name] = (tuple(images.shape), images.dtype, tuple(labels.shape), labels.dtype)
-        _timed_pass(loader)
-    if shapes["pil"] != shapes["cache"]:
-        raise RuntimeError(f"pil and cache paths yield different batches: {shapes}")
-    rates = {name: [] for name in loaders}
+        _timed_pass(loader, finish)
+    if len(set(shapes.values())) != 1:
+        raise RuntimeError(f"the pipelines yield different batches: {shapes}")
+    rates = {name: [] for name in pipelines}
     for _ in range(args.repeats):
-        for name, loader in loaders.items():
-            rates[name].append(_timed_pass(loader))
+        for name, (loader, finish) in pipelines.items():
+            rates[name].append(_timed_pass(loader, finish))
     med = {name: statistics.median(r) for name, r in rates.items()}
     return {
         "pil_images_per_s": med["pil"],
         "cache_images_per_s": med["cache"],
         "ratio": med["cache"] / med["pil"],
-        "cache_uint8_images_per_s": med["cache_uint8"],
-        "ratio_uint8": med["cache_uint8"] / med["pil"],
-        "handoff_images_per_s": med["handoff"],
-        "ratio_ceiling": med["handoff"] / med["pil"],
+        "cache_worker_float_images_per_s": med["cache_worker_float"],
+        "ratio_worker_float": med["cache_worker_float"] / med["pil"],
         "num_workers": args.num_workers,
         "batch_size": args.batch_size,
         "num_images": args.num_images,
         "img_size": args.img_size,
         "cache_size": args.cache_size,
         "repeats": args.repeats,
+        "passes": args.passes,
         "cache_build_s": build_s,
         "torch_threads_main": torch.get_num_threads(),
     }
@@ -151,19 +137,19 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         with tempfile.TemporaryDirectory(prefix="pacx_bench_data_") as tmp:
             result = run(args, Path(tmp))
-    print(f"{args.num_images} images, batch {args.batch_size}, {args.num_workers} workers, "
-          f"{args.img_size} px out, cache {args.cache_size} px (built in {result['cache_build_s']:.1f} s)")
+    lines = [f"{args.num_images} images, batch {args.batch_size}, {args.num_workers} workers, {args.img_size} px "
+             f"out, cache {args.cache_size} px (built in {result['cache_build_s']:.1f} s); every row yields "
+             "float32 [B,3,H,W]",
+             f"{'path':<58} {'images/s':>9} {'x pil':>6}"]
     rows = [
-        ("pil: ImageManifestDataset + mae_train", "pil_images_per_s", "float32 [B,3,H,W]"),
-        ("cache: CachedImageDataset + BatchedCropFlip", "cache_images_per_s", "float32 [B,3,H,W]"),
-        ("cache_uint8: normalize=False (reference)", "cache_uint8_images_per_s", "uint8 [B,1,H,W]"),
-        ("handoff: fill output only (ceiling)", "handoff_images_per_s", "float32 [B,3,H,W]"),
+        ("pil: ImageManifestDataset + mae_train", "pil_images_per_s"),
+        ("cache: uint8 BatchedCropFlip + normalize_batch on arrival", "cache_images_per_s"),
+        ("cache_worker_float: normalised in the workers (reference)", "cache_worker_float_images_per_s"),
     ]
-    print(f"{'path':<46} {'images/s':>9} {'x pil':>6}  batch")
-    for label, key, out in rows:
-        rate = result[key]
-        print(f"{label:<46} {rate:>9.0f} {rate / result['pil_images_per_s']:>6.1f}  {out}")
-    print(f"ratio cache / pil: {result['ratio']:.1f}x")
+    for label, key in rows:
+        lines.append(f"{label:<58} {result[key]:>9.0f} {result[key] / result['pil_images_per_s']:>6.1f}")
+    lines.append(f"ratio cache / pil: {result['ratio']:.1f}x")
+    sys.stdout.write("\n".join(lines) + "\n")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     return result

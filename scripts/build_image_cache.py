@@ -1,9 +1,15 @@
 """Decode a manifest's images once into a uint8 cache (``pacx.data.cache``) for the fast image path.
 
-Example, raw CheXpert-v1.0-small (its ``Path`` values start with the release folder)::
+Example, the Stage 1 manifests of ``scripts/prepare.py chexpert`` (keys = the manifests' ``Path``, the
+values the CheXpert data module looks up; train at 256 for random crops, val at the model's 224 so its
+pixels equal the PIL path's)::
 
-    python scripts/build_image_cache.py --manifest $CHEXPERT/train.csv --image-root $CHEXPERT \\
-        --path-column Path --strip-components 1 --size 256 --channels 1 --out $CACHE/chexpert_train_256
+    python scripts/build_image_cache.py --manifest manifests/chexpert/chexpert_train_split.csv \\
+        --image-root /data/chexpert/train --size 256 --out cache/chexpert/train
+    python scripts/build_image_cache.py --manifest manifests/chexpert/chexpert_val_split.csv \\
+        --image-root /data/chexpert/valid --size 224 --out cache/chexpert/val
+
+A raw release CSV works too (``--strip-components 1`` drops its ``CheXpert-v1.0-small/`` prefix).
 
 Rerunning the same command resumes an interrupted build; a finished cache is left as it is. The cache's
 keys are the manifest's path values verbatim, so a DataModule looks rows up with the same CSV column.
@@ -15,15 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pacx.data.cache import ImageCache, build_image_cache  # noqa: E402
-from pacx.data.manifest import read_manifest  # noqa: E402
+from pacx.data.cache import ImageCache, build_image_cache
+from pacx.data.manifest import read_manifest
 
 log = logging.getLogger("build_image_cache")
 
@@ -36,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, required=True, help="square side of the cached images, e.g. 256")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1)
     p.add_argument("--out", type=Path, required=True, help="cache directory (created; reused to resume)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes; 0 = in-process")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes, 0: this one")
     p.add_argument("--chunk", type=int, default=64, help="images per task; progress is saved per task")
     p.add_argument("--strip-components", type=int, default=0,
                    help="leading path components to drop before joining with --image-root")

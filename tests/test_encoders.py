@@ -59,6 +59,9 @@ def test_authors_stage1_lightning_file(tmp_path, mae):
     assert weights.fmt == "authors_stage1" and any(k.startswith("decoder_") for k in weights.dropped)
     enc = pacx.load_encoder(tmp_path / "last.ckpt", cfg=mae.cfg)
     torch.testing.assert_close(_features(enc), mae.encode(X))
+    module = MAEModule(arch="mae_vit_test", img_size=32, init_from=str(tmp_path / "last.ckpt"))
+    for k, v in mae.state_dict().items():  # decoder included
+        torch.testing.assert_close(module.model.state_dict()[k], v)
 
 
 def test_timm_weight_file_with_head(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -41,6 +42,20 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     x = imgs.reshape(b, c, h // p, p, w // p, p)
     x = torch.einsum("nchpwq->nhwpqc", x)
     return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def patch_pixels(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, C*p*p], patches row-major, pixels (channel, row, col) within a patch.
+
+    The layout of a patch-embedding conv weight ``[D, C, p, p]`` flattened, so
+    ``F.linear(patch_pixels(x, p), w.flatten(1), b)`` is ``conv2d(x, w, b, stride=p)`` as tokens.
+    """
+    b, c, h, w = imgs.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image {h}x{w} is not divisible by patch size {p}")
+    x = imgs.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
@@ -126,9 +141,22 @@ class MaskedAutoencoderViT(ViTEncoder):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs [B, C, H, W] -> (latent [B, 1 + K, D], mask [B, L], ids_restore [B, L])."""
-        tokens = self.prepare_tokens(imgs)  # [B, L, D]
-        kept, mask, ids_restore = random_masking(tokens, mask_ratio, noise)
+        """imgs [B, C, H, W] -> (latent [B, 1 + K, D], mask [B, L], ids_restore [B, L]).
+
+        Masks *before* embedding. The patch embedding is a per-patch linear map (a stride-p conv), so
+        embedding only the K kept patches yields the same tokens as the reference order (embed all L,
+        add positions, then mask) without embedding the L - K patches the encoder drops: 90 % of the
+        patch embedding's work and its backward at r = 0.9.
+        """
+        pixels = patch_pixels(imgs, self.cfg.patch_size)  # [B, L, C*p*p]
+        if pixels.shape[1] != self.cfg.num_patches:
+            raise ValueError(f"{tuple(imgs.shape[-2:])} images give {pixels.shape[1]} patches; the model "
+                             f"has positions for {self.cfg.num_patches} ({self.cfg.img_size} px)")
+        kept_pixels, mask, ids_restore = random_masking(pixels, mask_ratio, noise)  # [B, K, C*p*p]
+        ids_keep = torch.argsort(ids_restore, dim=1)[:, : kept_pixels.shape[1]]  # the shuffle's first K
+        proj = self.patch_embed.proj
+        kept = self.patch_embed.norm(F.linear(kept_pixels, proj.weight.flatten(1), proj.bias))  # [B, K, D]
+        kept = kept + self.pos_embed[0, 1:][ids_keep]  # their positions, [B, K, D]
         latent = torch.cat([self.cls_with_pos(kept.shape[0]), kept], dim=1)  # [B, 1 + K, D]
         return self.forward_blocks(latent), mask, ids_restore
 

@@ -60,8 +60,13 @@ def test_hf_twin_is_the_same_configuration():
     # Same weights and same masking noise: the same function.
     imgs, noise = _inputs(ours)
     torch.testing.assert_close(pacx_loss(ours, imgs, noise), hf_loss(hf, imgs, noise))
-    fwd = mae_forward_flops(ours.cfg, ours.dec, ours.mask_ratio)["total"] * imgs.shape[0]
-    assert _counted_flops(lambda: hf_loss(hf, imgs, noise), backward=False) == fwd
+    # HF counts the same matmuls plus the embedding of the L - K patches it masks afterwards.
+    cfg, batch = ours.cfg, imgs.shape[0]
+    dropped = cfg.num_patches - int(cfg.num_patches * (1 - ours.mask_ratio))
+    fwd = mae_forward_flops(cfg, ours.dec, ours.mask_ratio)["total"]
+    extra = 2 * dropped * cfg.patch_size**2 * cfg.in_chans * cfg.embed_dim
+    assert _counted_flops(lambda: hf_loss(hf, imgs, noise), backward=False) == (fwd + extra) * batch
+    assert _counted_flops(lambda: pacx_loss(ours, imgs, noise), backward=False) == fwd * batch
 
 
 @pytest.mark.parametrize("arch", sorted(MAE_ARCHS))
@@ -91,7 +96,8 @@ def test_vit_b_flops_reference_numbers():
     # K = int(196 * 0.1) = 19 kept patches: 20 encoder tokens, 197 decoder tokens.
     assert parts["encoder"] == 12 * (2 * 20 * (4 * 768**2 + 2 * 768 * 3072) + 4 * 20**2 * 768)
     assert parts["decoder"] == 8 * (2 * 197 * (4 * 512**2 + 2 * 512 * 2048) + 4 * 197**2 * 512)
-    assert round(parts["total"] / 1e9, 2) == 14.37
+    assert parts["patch_embed"] == 2 * 19 * 768 * 768  # only the kept patches are embedded
+    assert round(parts["total"] / 1e9, 2) == 14.16
 
 
 def test_cli_tiny_run_writes_json(tmp_path):
@@ -111,3 +117,18 @@ def test_cli_tiny_run_writes_json(tmp_path):
     assert (result["batch_size"], result["device"], result["precision"]) == (4, "cpu", "fp32")
     assert result["params_ours"] == result["params_hf"] > 0
     assert result["loss_ours"] == pytest.approx(result["loss_hf"], rel=1e-5)
+
+
+def test_kept_only_patch_embedding_equals_embed_then_mask():
+    # The benchmark's MAE embeds only the kept patches; the reference order (embed all L patches, add
+    # positions, then mask with the same noise) must give the same encoder input and the same mask.
+    from pacx.models.mae import random_masking
+
+    torch.manual_seed(0)
+    model = create_mae(**TINY)
+    imgs, noise = _inputs(model)
+    latent, mask, ids_restore = model.forward_encoder(imgs, 0.75, noise)
+    kept, ref_mask, ref_ids = random_masking(model.prepare_tokens(imgs), 0.75, noise)
+    ref_latent = model.forward_blocks(torch.cat([model.cls_with_pos(kept.shape[0]), kept], dim=1))
+    torch.testing.assert_close(latent, ref_latent)
+    assert torch.equal(mask, ref_mask) and torch.equal(ids_restore, ref_ids)

@@ -1,0 +1,194 @@
+"""CheXpert for Stage 1 (DATASETS.md §2): release -> manifests, and the MAE DataModule.
+
+The release (CheXpert-v1.0-small, as on Kaggle) holds ``train.csv`` / ``valid.csv`` whose ``Path``
+values read ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``. The manifests drop the
+first two path components (``patient00001/study1/view1_frontal.jpg``, relative to ``<root>/train`` or
+``<root>/valid``), order the columns ``Path, Sex, Age, Frontal/Lateral, AP/PA`` + the 14 labels in
+visualCheXbert order, and keep lateral views unless ``frontal_only``. Labels are unused by the MAE.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from pacx.data.batched import BatchedCropFlip, BatchedResize, normalize_batch
+from pacx.data.cache import CachedImageDataset, ImageCache
+from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
+from pacx.data.prepare import ConverterOption, register_converter
+from pacx.data.transforms import mae_train, resize_eval
+
+log = logging.getLogger(__name__)
+
+META_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
+# visualCheXbert order (DATASETS.md §2), the column order of our manifests.
+LABELS = [
+    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
+    "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
+    "Support Devices", "No Finding",
+]
+RELEASE_CSVS = {"train": "train.csv", "val": "valid.csv"}
+MANIFESTS = {"train": "chexpert_train_split.csv", "val": "chexpert_val_split.csv"}
+IMAGE_DIRS = {"train": "train", "val": "valid"}
+RELEASE_SUBDIR = "CheXpert-v1.0-small"
+
+
+def find_release_root(root: str | Path) -> Path:
+    """``root`` itself, or its ``CheXpert-v1.0-small`` child, whichever holds ``train.csv``."""
+    root = Path(root)
+    for candidate in (root, root / RELEASE_SUBDIR):
+        if (candidate / RELEASE_CSVS["train"]).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no CheXpert release at {root}: expected {root / 'train.csv'} (or under {RELEASE_SUBDIR}/)"
+    )
+
+
+def convert_split(csv_path: Path, frontal_only: bool = False) -> pd.DataFrame:
+    """One release CSV -> manifest DataFrame (path rewrite, column order, optional frontal filter)."""
+    df = read_manifest(csv_path, META_COLUMNS + LABELS)
+    parts = df["Path"].astype(str).str.split("/")
+    short = parts.map(len) < 3
+    if short.any():
+        row = int(short.idxmax())
+        raise ManifestError(
+            f"{csv_path}: row {row}: Path {df['Path'].iat[row]!r} lacks the '<release>/<split>/' prefix"
+        )
+    df = df.assign(Path=parts.str[2:].str.join("/"))[META_COLUMNS + LABELS]
+    if frontal_only:
+        df = df[df["Frontal/Lateral"] == "Frontal"]
+    return df.reset_index(drop=True)
+
+
+def convert_release(root: str | Path, frontal_only: bool = False) -> dict[str, pd.DataFrame]:
+    release = find_release_root(root)
+    return {split: convert_split(release / name, frontal_only) for split, name in RELEASE_CSVS.items()}
+
+
+def summarize(manifests: dict[str, pd.DataFrame]) -> dict:
+    return {
+        split: {"rows": len(df), **df["Frontal/Lateral"].value_counts().rename(str.lower).to_dict()}
+        for split, df in manifests.items()
+    }
+
+
+@register_converter(
+    "chexpert", task="mae", metric="val/loss", description="CheXpert-v1.0-small (Stage 1 MAE pretraining)",
+    options=(ConverterOption("--frontal-only", "keep frontal views only (default: all views)"),),
+)
+def prepare_chexpert(raw: Path, out: Path, frontal_only: bool = False) -> dict:
+    manifests = convert_release(raw, frontal_only)
+    for split, df in manifests.items():
+        df.to_csv(out / MANIFESTS[split], index=False)
+    return {"files": [str(out / MANIFESTS[s]) for s in manifests], **summarize(manifests)}
+
+
+class CheXpertDataModule(pl.LightningDataModule):
+    """CheXpert images for MAE pretraining.
+
+    Args:
+        root: the release root (holding ``train.csv``, ``valid.csv``, ``train/``, ``valid/``), or its parent.
+        manifest_dir: manifests written by ``scripts/prepare.py chexpert``; ``None`` converts in memory.
+        frontal_only: drop lateral views (the reference keeps them).
+        fraction: seeded random fraction of the training rows.
+        batch_size: the **global** batch; the per-device batch is derived from the world size.
+        img_size / crop_scale / hflip: the MAE train transform (RandomResizedCrop, flip, ImageNet norm).
+        skip_unreadable: drop missing / corrupt images up front (logged) instead of failing.
+        train_cache / val_cache: image caches of ``scripts/build_image_cache.py`` (keys = manifest
+            ``Path`` values). With a cache, crops/flips run per batch in uint8 in the workers and batches
+            are normalised after the transfer to the device (``on_after_batch_transfer``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        manifest_dir: str | None = None,
+        frontal_only: bool = False,
+        fraction: float = 1.0,
+        batch_size: int = 512,
+        num_workers: int = 8,
+        img_size: int = 224,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: float = 0.5,
+        skip_unreadable: bool = False,
+        seed: int = 0,
+        pin_memory: bool = True,
+        train_cache: str | None = None,
+        val_cache: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.per_device_batch = batch_size
+        self.datasets: dict[str, ImageManifestDataset | CachedImageDataset] = {}
+        self.collate_fns: dict[str, object] = {}
+
+    def manifests(self) -> dict[str, tuple[pd.DataFrame, str]]:
+        h = self.hparams
+        if h.manifest_dir is None:
+            frames = convert_release(h.root, h.frontal_only)
+            return {split: (df, f"{h.root}/{RELEASE_CSVS[split]}") for split, df in frames.items()}
+        out = {}
+        for split, name in MANIFESTS.items():
+            path = Path(h.manifest_dir) / name
+            df = read_manifest(path, ["Path", "Frontal/Lateral"])
+            if h.frontal_only:
+                df = df[df["Frontal/Lateral"] == "Frontal"]
+            out[split] = (df, str(path))
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if h.batch_size % world:
+            raise ValueError(f"global batch {h.batch_size} does not divide by world size {world}")
+        self.per_device_batch = h.batch_size // world
+        if self.datasets:
+            return
+        release = find_release_root(h.root)
+        transforms = {"train": mae_train(h.img_size, h.crop_scale, h.hflip), "val": resize_eval(h.img_size)}
+        batched = {"train": BatchedCropFlip(h.img_size, h.crop_scale, hflip=h.hflip), "val": BatchedResize(h.img_size)}
+        caches = {"train": h.train_cache, "val": h.val_cache}
+        for split, (df, source) in self.manifests().items():
+            if split == "train" and h.fraction < 1.0:
+                df = df.sample(frac=h.fraction, random_state=h.seed).sort_index()
+            if caches[split]:
+                self.datasets[split] = CachedImageDataset(ImageCache(caches[split]), df["Path"].astype(str).tolist())
+                self.collate_fns[split] = batched[split]
+                source = f"{source} via cache {caches[split]}"
+            else:
+                self.datasets[split] = ImageManifestDataset(
+                    df, release / IMAGE_DIRS[split], "Path", (), transforms[split], source=source,
+                    skip_unreadable=h.skip_unreadable,
+                )
+            log.info("CheXpert %s: %d images (%s)", split, len(self.datasets[split]), source)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self.datasets[split], batch_size=self.per_device_batch, shuffle=shuffle, drop_last=shuffle,
+            num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0,
+            collate_fn=self.collate_fns.get(split),
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Cached batches arrive as uint8 [B, C, H, W]: normalise them here, on the device."""
+        images, labels = batch
+        if images.dtype == torch.uint8:
+            images = normalize_batch(images)
+        return images, labels
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)

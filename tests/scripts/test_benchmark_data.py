@@ -1,0 +1,31 @@
+"""scripts/benchmark_data.py on a tiny setting: it runs end to end and writes the JSON it promises."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_data", ROOT / "scripts" / "benchmark_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_writes_json(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    load_script().main(["--num-images", "32", "--batch-size", "8", "--num-workers", "0", "--repeats", "2",
+                        "--cache-size", "64", "--img-size", "56", "--workdir", str(tmp_path / "work"),
+                        "--json", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("pil_images_per_s", "cache_images_per_s", "ratio", "cache_uint8_images_per_s",
+                "handoff_images_per_s"):
+        assert result[key] > 0, key
+    assert result["ratio"] == result["cache_images_per_s"] / result["pil_images_per_s"]
+    assert (result["num_workers"], result["batch_size"], result["num_images"]) == (0, 8, 32)
+    printed = capsys.readouterr().out
+    assert "ratio cache / pil" in printed and "images/s" in printed
