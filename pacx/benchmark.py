@@ -62,10 +62,6 @@ from pacx.models.vit import ViTConfig
 
 log = logging.getLogger(__name__)
 
-# MAE pre-training optimiser (He et al. 2022, Table 8): AdamW, betas (0.9, 0.95), weight decay 0.05;
-# 1.5e-4 is the base learning rate (the rate at batch 256).
-ADAMW_KWARGS = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-
 # --------------------------------------------------------------------------------------------------
 # Analytic FLOPs
 
@@ -263,8 +259,14 @@ class TrainRunner:
         return loss.detach()
 
 
-def make_adamw(model: nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW_KWARGS)
+def adamw_settings(stage1_config: dict) -> dict:
+    """``lr``, ``betas``, ``weight_decay`` of a Stage 1 config's ``model`` section (its single source)."""
+    model = stage1_config["model"]
+    return {"lr": float(model["lr"]), "betas": tuple(model["betas"]), "weight_decay": float(model["weight_decay"])}
+
+
+def make_adamw(model: nn.Module, settings: dict) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **settings)
 
 
 def _sync(device: torch.device) -> None:

@@ -2,11 +2,14 @@
 
 Both models are built at the same configuration (HF's config is derived from ours, see
 ``pacx.benchmark.hf_vitmae_config``), hold the same weights (ours loaded into HF strictly, the fused
-qkv split in three), see the same image and masking-noise tensors and use the same AdamW settings.
-A timed step is forward + backward + ``optimizer.step()`` + ``zero_grad(set_to_none=True)``; warm-up
-steps are excluded; the two models alternate step by step (A B, B A, ...); steps/s is 1 / median
-(default) or 1 / best step time, and the median ratio over adjacent step pairs is printed too (the
-steadiest figure when other processes load the machine). The analytic FLOP count behind TFLOP/s and MFU is documented in ``pacx/benchmark.py``.
+qkv split in three), see the same image and masking-noise tensors and use the same AdamW settings,
+which are read, with the mask ratio, from the Stage 1 config (``--config``, default
+``configs/stage1/mae_vitb_chexpert.yaml``). A timed step is forward + backward +
+``optimizer.step()`` + ``zero_grad(set_to_none=True)``; warm-up steps are excluded; the two models
+alternate step by step (A B, B A, ...); steps/s is 1 / median (default) or 1 / best step time, and
+the median ratio over adjacent step pairs is printed too (the steadiest figure when other processes
+load the machine). The analytic FLOP count behind TFLOP/s and MFU is documented in
+``pacx/benchmark.py``.
 
     python scripts/benchmark_train.py --json /tmp/bench_train.json            # ViT-B/16, CPU, fp32
     python scripts/benchmark_train.py --device cuda --precision bf16 --batch-size 256 --compile
@@ -30,13 +33,15 @@ from pathlib import Path
 import timm
 import torch
 import transformers
+import yaml
 
 # Runnable from a plain checkout too (without `pip install -e .`): the repository root holds `pacx`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from pacx.benchmark import (  # noqa: E402
-    ADAMW_KWARGS,
     TrainRunner,
+    adamw_settings,
     create_hf_twin,
     frozen_parameter_names,
     hf_loss,
@@ -57,14 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="mae_vit_base_patch16", choices=sorted(MAE_ARCHS))
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--config", type=Path, default=REPO / "configs/stage1/mae_vitb_chexpert.yaml",
+                   help="Stage 1 config: the AdamW settings (model.lr, betas, weight_decay) and mask ratio")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per model (interleaved A B, B A, ...)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per model (interleaved A B, B A, ...)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (use >= 3 with --compile)")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="step time behind steps/s and the ratio")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for both models")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak FLOP/s for MFU, in TFLOP/s (989 = dense bf16 H100/H200)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -100,8 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    stage1 = yaml.safe_load(args.config.read_text())
+    optim = adamw_settings(stage1)
+    if args.fused_adamw:
+        optim["fused"] = True
 
-    ours = create_mae(args.arch, img_size=args.img_size, norm_pix_loss=False).to(device).train()
+    ours = create_mae(args.arch, img_size=args.img_size, norm_pix_loss=False,
+                      mask_ratio=stage1["model"]["mask_ratio"]).to(device).train()
     hf = create_hf_twin(ours, attn_implementation=args.hf_attn).train()
     cfg, dec = ours.cfg, ours.dec
 
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     models = {"pacx": (ours, pacx_loss), "hf": (hf, hf_loss)}
     runners = {
-        name: TrainRunner(torch.compile(model) if args.compile else model, loss_fn, make_adamw(model), inputs, autocast)
+        name: TrainRunner(torch.compile(model) if args.compile else model, loss_fn, make_adamw(model, optim), inputs, autocast)
         for name, (model, loss_fn) in models.items()
     }
     print(f"timing: {args.warmup} warm-up + {args.steps} timed steps per model, interleaved ...", flush=True)
@@ -152,13 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"{dec.decoder_embed_dim}d x {dec.decoder_depth} x {dec.decoder_num_heads}h; mask {ours.mask_ratio} "
           f"-> {kept}/{cfg.num_patches} kept)")
     print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, {args.precision}, "
-          f"batch {batch}, compile={args.compile}, AdamW {ADAMW_KWARGS}")
+          f"batch {batch}, compile={args.compile}, AdamW {optim} "
+          f"(from {args.config.name})")
     print(f"{args.warmup} warm-up + {args.steps} timed steps per model; load average (1 min) "
           f"{load_before:.2f} before, {load_after:.2f} after timing, on {os.cpu_count()} CPUs")
     print(f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, "
           f"HF attn_implementation={hf.config._attn_implementation}")
     print(f"parameters: trainable ours {train_ours:,} / HF {train_hf:,}; frozen sin-cos ours {frozen_ours:,} "
           f"{frozen_parameter_names(ours)} / HF {frozen_hf:,} {frozen_parameter_names(hf)}")
+    tensors_ours = sum(1 for p in ours.parameters() if p.requires_grad)
+    tensors_hf = sum(1 for p in hf.parameters() if p.requires_grad)
+    print(f"structure: same tensors, except that ours fuses q, k, v into one qkv linear per block (HF: three), "
+          f"so {tensors_ours} vs {tensors_hf} trainable tensors of equal total size; ours embeds only the kept "
+          f"patches, HF embeds all {cfg.num_patches} and then drops {cfg.num_patches - kept}")
     print(f"same weights + noise, loss before training: ours {loss_ours:.6f}  HF {loss_hf:.6f}  "
           f"|diff| {abs(loss_ours - loss_hf):.2e}")
     print(f"analytic FLOPs: {mae_forward_flops(cfg, dec, ours.mask_ratio)['total'] / 1e9:.4g} GFLOP forward per "
@@ -203,9 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "compile": args.compile,
+        "fused_adamw": args.fused_adamw,
         "arch": args.arch,
         "img_size": cfg.img_size,
         "mask_ratio": ours.mask_ratio,
+        "adamw_lr": optim["lr"],
+        "adamw_betas": " ".join(map(str, optim["betas"])),
+        "adamw_weight_decay": optim["weight_decay"],
         "steps": args.steps,
         "ours_cpu_s_median": stats["pacx"]["cpu_s_median"],
         "hf_cpu_s_median": stats["hf"]["cpu_s_median"],
@@ -216,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "params_ours": train_ours,
         "params_hf": train_hf,
+        "param_tensors_ours": tensors_ours,
+        "param_tensors_hf": tensors_hf,
         "frozen_params_ours": frozen_ours,
         "frozen_params_hf": frozen_hf,
         "loss_ours": loss_ours,

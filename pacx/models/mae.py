@@ -155,6 +155,8 @@ class MaskedAutoencoderViT(ViTEncoder):
         kept_pixels, mask, ids_restore = random_masking(pixels, mask_ratio, noise)  # [B, K, C*p*p]
         ids_keep = torch.argsort(ids_restore, dim=1)[:, : kept_pixels.shape[1]]  # the shuffle's first K
         proj = self.patch_embed.proj
+        if type(proj) is not nn.Conv2d:  # its weight is applied directly: a wrapper (e.g. LoRA) would be skipped
+            raise TypeError(f"forward_encoder needs a plain Conv2d patch projection, got {type(proj).__name__}")
         kept = self.patch_embed.norm(F.linear(kept_pixels, proj.weight.flatten(1), proj.bias))  # [B, K, D]
         kept = kept + self.pos_embed[0, 1:][ids_keep]  # their positions, [B, K, D]
         latent = torch.cat([self.cls_with_pos(kept.shape[0]), kept], dim=1)  # [B, 1 + K, D]
