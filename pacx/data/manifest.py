@@ -51,7 +51,7 @@ def clean_labels(df: pd.DataFrame, label_columns: Sequence[str], source: str) ->
     n_nan = int(values.isna().sum().sum())
     if n_nan:
         log.warning("%s: %d empty or non-numeric label cells filled with 0", source, n_nan)
-    return values.fillna(0).to_numpy(dtype=np.int64)
+    return np.array(values.fillna(0), dtype=np.int64)  # a writable copy (pandas may hand out read-only views)
 
 
 def open_rgb(path: Path) -> Image.Image:

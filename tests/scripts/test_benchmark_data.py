@@ -22,8 +22,8 @@ def test_benchmark_writes_json(tmp_path, capsys):
                         "--cache-size", "64", "--img-size", "56", "--workdir", str(tmp_path / "work"),
                         "--json", str(out)])
     result = json.loads(out.read_text())
-    for key in ("pil_images_per_s", "cache_images_per_s", "ratio", "cache_uint8_images_per_s",
-                "handoff_images_per_s"):
+    for key in ("pil_images_per_s", "cache_images_per_s", "ratio", "cache_worker_float_images_per_s",
+                "cache_uint8_to_device_images_per_s"):
         assert result[key] > 0, key
     assert result["ratio"] == result["cache_images_per_s"] / result["pil_images_per_s"]
     assert (result["num_workers"], result["batch_size"], result["num_images"]) == (0, 8, 32)
