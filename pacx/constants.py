@@ -7,5 +7,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ECG_EMBED_DIM = 1024
 LABS_EMBED_DIM = 256
 
+# ECG lead orders. MIMIC-IV-ECG (and so Symile-MIMIC) stores aVF before aVL; ECGFounder expects the
+# standard order (ECGFOUNDER.md §6).
+STANDARD_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+MIMIC_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
+
 # Stage names recorded in checkpoints, run.json and export metadata.
 STAGE_MAE = "stage1_mae"
