@@ -69,4 +69,4 @@ def warmup_cosine_scheduler(
 
 def schedule_lengths(total_steps: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[int, int]:
     """(warmup steps, total steps): warmup given in epochs, total = the trainer's optimizer-step budget."""
-    return min(int(round(warmup_epochs * steps_per_epoch)), int(total_steps)), int(total_steps)
+    return int(round(warmup_epochs * steps_per_epoch)), int(total_steps)

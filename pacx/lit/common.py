@@ -44,16 +44,21 @@ class StagedModule(pl.LightningModule):
         check_checkpoint_stage(checkpoint, self.stage, "<checkpoint>")
 
     def warmup_cosine_optimizer(
-        self, lr: float | None, base_lr: float | None, weight_decay: float, betas, warmup_epochs: float,
-        min_lr_ratio: float = 0.0,
+        self, lr: float | None, base_lr: float | None, weight_decay: float, betas, warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0, warmup_steps: int | None = None,
     ) -> dict:
-        """AdamW over decay / no-decay groups with a per-step warmup + cosine schedule; logs the lr."""
+        """AdamW over decay / no-decay groups with a per-step warmup + cosine schedule; logs the lr.
+
+        Warmup is ``warmup_epochs`` epochs, or exactly ``warmup_steps`` optimizer steps when given.
+        """
         trainer = self.trainer
         total = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
         effective_lr = resolve_lr(lr, base_lr, global_batch_size(trainer))
         self.effective_lr = effective_lr
         steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         warmup, total = schedule_lengths(total, steps_per_epoch, warmup_epochs)
+        if warmup_steps is not None:
+            warmup = warmup_steps
         optimizer = torch.optim.AdamW(
             param_groups(self.named_parameters(), weight_decay), lr=effective_lr, betas=tuple(betas)
         )

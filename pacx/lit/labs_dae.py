@@ -1,0 +1,85 @@
+"""Labs DAE LightningModule (SPEC.md "Teachers"; DATASETS.md §3.3), run by ``Stage2_PACX.py``.
+
+Trains :class:`~pacx.models.labs_dae.LabsDAE` with masked corruption and the MSE over observed entries.
+Logged per split (``train/``, ``val/``):
+
+* ``loss`` / ``denoise_mse`` — MSE over the originally observed entries given the corrupted input;
+* ``clean_mse`` — MSE over observed entries given the uncorrupted input (reconstruction);
+* ``impute_mse`` — MSE on the entries the corruption hid (imputation);
+* ``latent_std`` — mean over latent dimensions of the batch std of z (a collapse alarm).
+
+Validation corrupts with noise seeded by batch index, so ``val/loss`` is comparable across epochs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pacx.lit.common import StagedModule
+from pacx.models.labs_dae import LabsDAE, LabsDAEConfig, corrupt, labs_dae_config_dict, masked_mse
+
+STAGE_LABS_DAE = "labs_dae"
+
+
+class LabsDAEModule(StagedModule):
+    """Args: widths of the DAE; ``drop_prob`` of the corruption; AdamW ``lr``, ``weight_decay``, ``betas``;
+    ``warmup_steps`` of linear warmup, then cosine to 0 per optimizer step."""
+
+    stage = STAGE_LABS_DAE
+    monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        n_labs: int = 50,
+        hidden_dim: int = 512,
+        latent_dim: int = 256,
+        drop_prob: float = 0.15,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 200,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = LabsDAE(LabsDAEConfig(n_labs, hidden_dim, latent_dim))
+
+    def pacx_metadata(self) -> dict:
+        return {"labs_dae_config": labs_dae_config_dict(self.model)}
+
+    def forward(self, percentiles: torch.Tensor, missingness: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(percentiles, missingness)
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        values, observed = batch[0].float(), batch[1].float()
+        gen = None if stage == "train" else torch.Generator().manual_seed(batch_idx)
+        x, m, hidden = corrupt(values, observed, self.hparams.drop_prob, gen)
+        recon, z = self.model(x, m)
+        loss = masked_mse(recon, values, observed > 0.5)
+        with torch.no_grad():
+            clean, _ = self.model(values * observed, observed)
+            terms = {
+                "loss": loss,
+                "denoise_mse": loss.detach(),
+                "clean_mse": masked_mse(clean, values, observed > 0.5),
+                "impute_mse": masked_mse(recon, values, hidden),
+                "latent_std": z.float().std(dim=0).mean(),
+            }
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=stage == "train", on_epoch=True,
+                     sync_dist=stage != "train", batch_size=values.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train", batch_idx)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test", batch_idx)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return self.warmup_cosine_optimizer(h.lr, None, h.weight_decay, h.betas, warmup_steps=h.warmup_steps)
