@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Write the Stage 2 teacher features (ecg_features.npy, labs_features.npy) into a Symile-MIMIC tree.
+
+    python scripts/extract_teacher_features.py --data-root /data/symile/data_npy \\
+        --ecgfounder /weights/12_lead_ECGFounder.pth --labs-dae runs/labs_dae/<run>/checkpoints/last.ckpt
+
+For each split (default: train, val, test, and test_uni when that folder exists) it writes
+``<root>/<split>/ecg_features.npy`` float32 [N, 1024] and ``labs_features.npy`` float32 [N, 256]
+(DATASETS.md §3.3). Either teacher may be omitted. Outputs that already exist with the right shape are
+skipped unless ``--overwrite``; an interrupted run never leaves a partial file at the final name.
+``test_uni`` features are the first rows of test's (its positives). All the work is in ``pacx.teachers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS
+from pacx.teachers import DEFAULT_BATCH_SIZE, FEATURE_SPLITS, extract_teacher_features, load_teachers
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="the data_npy directory (holding train/, val/, test/)")
+    p.add_argument("--ecgfounder", help="ECGFounder weights (.pth with 'state_dict', or .safetensors)")
+    p.add_argument("--labs-dae", help="labs DAE: pacx run dir, Lightning checkpoint or safetensors export")
+    p.add_argument("--splits", nargs="+", choices=FEATURE_SPLITS, default=None,
+                   help="splits to process (default: train val test, plus test_uni if it exists)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    p.add_argument("--ecgfounder-config", default="12_lead", choices=sorted(ECGFOUNDER_CONFIGS))
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a full unpickle of the ECGFounder file if weights_only=True refuses it")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.ecgfounder is None and args.labs_dae is None:
+        p.error("give --ecgfounder, --labs-dae, or both")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    teachers = load_teachers(args.ecgfounder, args.labs_dae, args.ecgfounder_config, args.trust_pickle,
+                             args.device)
+    results = extract_teacher_features(args.data_root, teachers, args.splits, args.batch_size, args.overwrite,
+                                       progress=not args.no_progress)
+    lines = [f"{'split':<10} {'file':<18} {'shape':<14} {'status':<8} {'seconds':>8}"]
+    for r in results:
+        lines.append(f"{r.split:<10} {r.path.name:<18} {str(list(r.shape)):<14} {r.status:<8} {r.seconds:>8.1f}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
