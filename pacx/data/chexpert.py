@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from pacx.data.batched import BatchedCropFlip, BatchedResize, normalize_batch
 from pacx.data.cache import CachedImageDataset, ImageCache
+from pacx.data.common import per_device_batch_size
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
 from pacx.data.prepare import ConverterOption, register_converter
 from pacx.data.transforms import mae_train, resize_eval
@@ -145,10 +146,7 @@ class CheXpertDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if h.batch_size % world:
-            raise ValueError(f"global batch {h.batch_size} does not divide by world size {world}")
-        self.per_device_batch = h.batch_size // world
+        self.per_device_batch = per_device_batch_size(h.batch_size, self.trainer)
         if self.datasets:
             return
         release = find_release_root(h.root)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from pacx.data.common import per_device_batch_size
 from pacx.data.symile_files import FILES, ValidationCache, validate_split
 
 log = logging.getLogger(__name__)
@@ -242,10 +243,7 @@ class SymileMIMICDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if h.batch_size % world:
-            raise ValueError(f"global batch {h.batch_size} does not divide by world size {world}")
-        self.per_device_batch = h.batch_size // world
+        self.per_device_batch = per_device_batch_size(h.batch_size, self.trainer)
         if not Path(h.root).is_dir():
             raise FileNotFoundError(f"Symile-MIMIC root is not a directory: {h.root}")
         cache = ValidationCache(h.validation_cache)

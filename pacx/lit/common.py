@@ -28,7 +28,8 @@ def global_batch_size(trainer: pl.Trainer) -> int:
 class StagedModule(pl.LightningModule):
     """Base of the stage modules: stamps checkpoints with the stage and architecture, refuses others.
 
-    Subclasses set ``stage`` and ``monitor`` (metric, mode) and implement :meth:`pacx_metadata`.
+    Subclasses set ``stage`` and ``monitor`` (metric, mode) and implement :meth:`_shared_step` (train,
+    validation and test all go through it) and :meth:`pacx_metadata`.
     """
 
     stage: str = "unknown"
@@ -36,6 +37,21 @@ class StagedModule(pl.LightningModule):
 
     def pacx_metadata(self) -> dict:
         return {}
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        """The loss of one batch, with its named terms logged under ``{stage}/``."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train", batch_idx)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test", batch_idx)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["pacx"] = {"stage": self.stage, "version": CHECKPOINT_FORMAT_VERSION, **self.pacx_metadata()}

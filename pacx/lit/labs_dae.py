@@ -69,17 +69,6 @@ class LabsDAEModule(StagedModule):
                      sync_dist=stage != "train", batch_size=values.shape[0])
         return loss
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train", batch_idx)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val", batch_idx)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test", batch_idx)
-
     def configure_optimizers(self):
         h = self.hparams
         return self.warmup_cosine_optimizer(h.lr, None, h.weight_decay, h.betas, warmup_steps=h.warmup_steps)

@@ -84,17 +84,6 @@ class MAEModule(StagedModule):
                  on_step=stage == "train", on_epoch=True)
         return loss
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train", batch_idx)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val", batch_idx)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test", batch_idx)
-
     def configure_optimizers(self):
         h = self.hparams
         return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs, 0.0)
