@@ -9,6 +9,8 @@ format                        what it is
 ``pacx_run``                  a pacx run directory (its ``run.json`` names the checkpoint)
 ``pacx_checkpoint``           our Lightning checkpoint (``pacx`` block names stage + architecture)
 ``authors_stage1``            the authors' Stage 1 Lightning file: MAE under ``model.``, decoder too
+``authors_stage2``            the authors' Stage 2 Lightning file: peft-LoRA encoder under
+                              ``cxr_encoder.base_model.model.`` (r 8, alpha 16; merged; eps 1e-5)
 ``mae_release``               official MAE release ``{'model': {...}}``, with or without decoder
 ``timm``                      a plain timm ViT state dict / safetensors (``head.*`` dropped)
 ============================  =====================================================================
@@ -30,6 +32,7 @@ import torch
 
 from pacx.checkpoint import CheckpointError, drop_keys, load_any, load_state_checked, strip_prefix
 from pacx.models.mae import DECODER_KEY_PREFIXES
+from pacx.models.tuning import merge_lora_state
 from pacx.models.vit import ViTConfig, ViTEncoder, config_from_state_dict
 from pacx.utils import git_sha
 
@@ -52,9 +55,9 @@ class EncoderWeights:
 
 
 # ---- per-stage extraction from our own Lightning checkpoints ------------------------------------
-# stage -> function(lightning state_dict) -> encoder state dict in timm layout. Later stages register
-# their own entry (e.g. Stage 2 merges LoRA).
-STAGE_ENCODER_EXTRACTORS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
+# stage -> function(lightning state_dict, the checkpoint's "pacx" block) -> encoder state dict in timm
+# layout.
+STAGE_ENCODER_EXTRACTORS: dict[str, Callable[[Mapping[str, torch.Tensor], dict], dict[str, torch.Tensor]]] = {}
 
 
 def register_stage_extractor(stage: str):
@@ -66,8 +69,16 @@ def register_stage_extractor(stage: str):
 
 
 @register_stage_extractor("stage1_mae")
-def _stage1_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _stage1_encoder(state: Mapping[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     return drop_keys(strip_prefix(state, "model."), DECODER_KEY_PREFIXES)[0]
+
+
+@register_stage_extractor("stage2_pacx")
+def _stage2_encoder(state: Mapping[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    encoder = strip_prefix(state, "cxr_encoder.")
+    if meta.get("tuning") == "lora":
+        return merge_lora_state(encoder, meta["lora_alpha"] / meta["lora_r"])
+    return encoder
 
 
 # ---- format detectors ------------------------------------------------------------------------------
@@ -82,7 +93,7 @@ def _from_pacx_checkpoint(obj: dict, source: str) -> EncoderWeights:
     stage = meta.get("stage")
     if stage not in STAGE_ENCODER_EXTRACTORS:
         raise CheckpointError(f"{source}: pacx checkpoint of stage {stage!r} holds no encoder pacx can extract")
-    state = STAGE_ENCODER_EXTRACTORS[stage](obj["state_dict"])
+    state = STAGE_ENCODER_EXTRACTORS[stage](obj["state_dict"], meta)
     return EncoderWeights(state, ViTConfig(**meta["vit_config"]), "pacx_checkpoint", source, stage)
 
 
@@ -101,6 +112,24 @@ def _from_timm(obj: dict, source: str) -> EncoderWeights:
     return EncoderWeights(state, None, "timm", source, "timm", dropped)
 
 
+AUTHORS_STAGE2_PREFIX = "cxr_encoder.base_model.model."
+AUTHORS_LORA_SCALING = 16 / 8  # their LoRA: r 8, alpha 16
+AUTHORS_STAGE2_NORM_EPS = 1e-5  # their Stage 2/3 encoder class used PyTorch's default LayerNorm eps
+
+
+def _from_authors_stage2(obj: dict, source: str) -> EncoderWeights:
+    peft_state = strip_prefix(obj["state_dict"], "cxr_encoder.")
+    state = merge_lora_state(peft_state, AUTHORS_LORA_SCALING)
+    cfg = config_from_state_dict(state, norm_eps=AUTHORS_STAGE2_NORM_EPS)
+    dropped = sorted(k for k in obj["state_dict"] if not k.startswith("cxr_encoder."))
+    return EncoderWeights(state, cfg, "authors_stage2", source, "stage2_pacx", dropped)
+
+
+def _is_authors_stage2(obj: object) -> bool:
+    sd = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    return _is_tensor_map(sd) and f"{AUTHORS_STAGE2_PREFIX}cls_token" in sd and "pacx" not in obj
+
+
 def _is_authors_stage1(obj: object) -> bool:
     sd = obj.get("state_dict") if isinstance(obj, Mapping) else None
     return _is_tensor_map(sd) and "model.cls_token" in sd and "pacx" not in obj
@@ -109,6 +138,7 @@ def _is_authors_stage1(obj: object) -> bool:
 CHECKPOINT_FORMATS: list[tuple[str, Callable[[object], bool], Callable[[dict, str], EncoderWeights]]] = [
     ("pacx_checkpoint", lambda o: isinstance(o, Mapping) and "pacx" in o and "state_dict" in o, _from_pacx_checkpoint),
     ("authors_stage1", _is_authors_stage1, _from_authors_stage1),
+    ("authors_stage2", _is_authors_stage2, _from_authors_stage2),
     ("mae_release", lambda o: isinstance(o, Mapping) and _is_tensor_map(o.get("model")), _from_mae_release),
     ("timm", lambda o: _is_tensor_map(o) and "cls_token" in o, _from_timm),
 ]
@@ -192,11 +222,12 @@ def export_encoder(src: str | Path, out: str | Path, which: str = "last") -> Pat
         "img_size": str(cfg.img_size),
         "patch_size": str(cfg.patch_size),
     }
-    try:
-        meta["timm_model"] = cfg.timm_model
-        meta["timm_kwargs"] = json.dumps(cfg.timm_kwargs())
-    except ValueError as err:
-        log.warning("%s: no timm equivalent recorded: %s", src, err)
+    meta["timm_model"] = cfg.timm_model
+    meta["timm_kwargs"] = json.dumps(cfg.timm_kwargs())
+    meta["norm_eps"] = repr(cfg.norm_eps)
+    if cfg.norm_eps != 1e-6:
+        log.warning("%s: LayerNorm eps %g; timm builds its ViT with 1e-6, so timm's features will differ "
+                    "slightly from pacx.load_encoder's", src, cfg.norm_eps)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}

@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (sdpa | eager)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage2", action="store_true",
+                   help="instead: the Stage 2 distillation step, LoRA vs full fine-tuning at the same batch")
+    p.add_argument("--stage2-arch", default="vit_base_patch16", help="encoder for --stage2")
     p.add_argument("--json", type=Path, default=None, help="write the results as a flat JSON object")
     return p.parse_args(argv)
 
@@ -98,6 +101,59 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
+def stage2_loss(module, imgs: torch.Tensor, teachers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One Stage 2 step's loss: encoder + heads + DistillationLoss, as PaCXModule's training step."""
+    e = module.embed((imgs, *teachers))
+    return module.loss_fn(e["cxr_shared"], e.get("ecg_shared"), e.get("labs_shared"), e.get("cxr_to_ecg"),
+                          e.get("cxr_to_labs"), e["ecg_target"], e["labs_target"])["loss"]
+
+
+def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> dict:
+    """Stage 2 images/s with LoRA vs full fine-tuning of the same encoder, interleaved, same inputs."""
+    from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM
+    from pacx.lit.pacx import PaCXModule
+
+    stage2 = yaml.safe_load((REPO / "configs/stage2/pacx_vitb_symile.yaml").read_text())["model"]["init_args"]
+    optim = {"lr": float(stage2["lr"]), "betas": tuple(stage2["betas"]), "weight_decay": float(stage2["weight_decay"])}
+    if args.fused_adamw:
+        optim["fused"] = True
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = [(torch.randn(batch, 3, args.img_size, args.img_size, generator=gen).to(device),
+               (torch.randn(batch, ECG_EMBED_DIM, generator=gen).to(device),
+                torch.randn(batch, LABS_EMBED_DIM, generator=gen).to(device))) for _ in range(2)]
+    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext)
+    runners, trainable = {}, {}
+    for tuning in ("lora", "full"):
+        torch.manual_seed(args.seed)
+        module = PaCXModule(encoder_arch=args.stage2_arch, img_size=args.img_size, tuning=tuning).to(device).train()
+        params = [p for p in module.parameters() if p.requires_grad]
+        trainable[tuning] = sum(p.numel() for p in params)
+        runners[tuning] = TrainRunner(torch.compile(module) if args.compile else module, stage2_loss,
+                                      torch.optim.AdamW(params, **optim), inputs, autocast)
+    print(f"timing Stage 2: {args.warmup} warm-up + {args.steps} timed steps per strategy, interleaved ...",
+          flush=True)
+    times = time_interleaved(runners, args.warmup, args.steps, device)
+    stats = {name: summarize(t, args.stat) for name, t in times.items()}
+    print(f"\nStage 2 distillation step ({args.stage2_arch}, {args.img_size}px, batch {batch}, {device.type} "
+          f"({device_name(device)}), {torch.get_num_threads()} threads, {args.precision})")
+    rows = [[name, f"{trainable[name]:,}", f"{s['step_s_median']:.4f}", f"{s['steps_per_s'] * batch:.2f}"]
+            for name, s in stats.items()]
+    print(format_table(["tuning", "trainable params", "median s/step", "images/s"], rows))
+    ratio = stats["lora"]["steps_per_s"] / stats["full"]["steps_per_s"]
+    print(f"\nratio LoRA / full (images/s, {args.stat}): {ratio:.3f}x")
+    result = {"lora_images_per_s": stats["lora"]["steps_per_s"] * batch,
+              "full_images_per_s": stats["full"]["steps_per_s"] * batch, "ratio": ratio,
+              "lora_trainable_params": trainable["lora"], "full_trainable_params": trainable["full"],
+              "batch_size": batch, "device": device.type, "precision": args.precision,
+              "arch": args.stage2_arch, "img_size": args.img_size, "steps": args.steps}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -105,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     batch = args.batch_size or (8 if device.type == "cpu" else 64)
+    if args.stage2:
+        return run_stage2(args, device, batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -7,13 +7,17 @@ served as one of the item kinds of ``ITEMS``, chosen by the ``item`` config argu
 - ``labs_raw``: the same plus the row index, for feature extraction in file order;
 - ``ecg``: (raw ecg float32 [1, 5000, 12] as stored, index), for ECGFounder feature extraction;
 - ``cxr``: (cxr float32 [3, H, W] after the transform, index);
-- ``cxr_teachers``: (cxr [3, H, W], ecg_features [1024], labs_features [256]) for Stage 2 (§3.4).
+- ``cxr_teachers``: (cxr [3, H, W], ecg_features [1024], labs_features [256]) for Stage 2 (§3.4);
+- ``cxr_raw_teachers`` (``pacx.data.teacher_features``): (cxr, raw ecg, percentiles, missingness); with
+  ``ecgfounder`` / ``labs_dae`` weights the data module encodes them on the device with the frozen
+  teachers (``on_after_batch_transfer``), so Stage 2 receives the ``cxr_teachers`` layout without
+  precomputed feature files.
 
 CXR arrays are already ImageNet-normalised, so CXR transforms take and return normalised tensors.
 ``CXR_TRANSFORMS`` holds them by name; ``train_transform`` / ``eval_transform`` name one. Registered
-here: ``resize`` (§3.4 val/test: square resize with antialias, nothing else). The Stage 2 train
-augmentation of §3.4 (the reference's ``RobustTrainTransforms``) is not implemented yet: its module
-will add it with ``register_cxr_transform``. Unknown names are an error, never a silent fallback.
+here: ``resize`` (§3.4 val/test: square resize with antialias, nothing else); ``pacx.data.augment``
+registers ``robust_train`` (the §3.4 Stage 2 train augmentation, settings via ``train_transform_args``).
+Unknown names are an error, never a silent fallback.
 Every split a stage uses is validated on setup (``pacx.data.symile_files.validate_split``).
 """
 
@@ -60,10 +64,10 @@ def resize_normalized(img_size: int = 224) -> Callable[[torch.Tensor], torch.Ten
     return functools.partial(TF.resize, size=[img_size, img_size], antialias=True)  # picklable for workers
 
 
-def build_cxr_transform(name: str, img_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_cxr_transform(name: str, img_size: int, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in CXR_TRANSFORMS:
         raise KeyError(f"unknown CXR transform {name!r}; registered: {sorted(CXR_TRANSFORMS)}")
-    return CXR_TRANSFORMS[name](img_size)
+    return CXR_TRANSFORMS[name](img_size, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ item kinds
@@ -222,12 +226,20 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         check_values: bool = True,
         validation_cache: str | None = None,
+        train_transform_args: dict | None = None,
+        ecgfounder: str | None = None,
+        labs_dae: str | None = None,
+        ecgfounder_config: str = "12_lead",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         item_kind(item)  # fail at construction on a typo
+        if bool(ecgfounder) != bool(labs_dae) or (ecgfounder and item != "cxr_raw_teachers"):
+            raise ValueError("on-the-fly teachers need both ecgfounder and labs_dae, with item "
+                             f"'cxr_raw_teachers' (got item {item!r}, ecgfounder={ecgfounder}, labs_dae={labs_dae})")
         self.per_device_batch = batch_size
         self.datasets: dict[str, SymileDataset] = {}
+        self.teachers = None
 
     def _transform(self, role: str) -> Callable | None:
         h = self.hparams
@@ -239,7 +251,8 @@ class SymileMIMICDataModule(pl.LightningDataModule):
                 f"item {h.item!r} serves CXR images on the train split but train_transform is not set; "
                 f"registered: {sorted(CXR_TRANSFORMS)}"
             )
-        return build_cxr_transform(name, h.img_size)
+        kwargs = (h.train_transform_args or {}) if role == "train" else {}
+        return build_cxr_transform(name, h.img_size, **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -247,6 +260,10 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         if not Path(h.root).is_dir():
             raise FileNotFoundError(f"Symile-MIMIC root is not a directory: {h.root}")
         cache = ValidationCache(h.validation_cache)
+        if h.ecgfounder and self.teachers is None:
+            from pacx.data.teacher_features import OnTheFlyTeachers
+
+            self.teachers = OnTheFlyTeachers(h.ecgfounder, h.labs_dae, h.ecgfounder_config)
         for role in STAGE_ROLES[stage]:
             split = h[f"{role}_split"]
             if split is None or role in self.datasets:
@@ -269,6 +286,10 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0,
         )
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Raw ECG/labs batches become teacher features here, on the device, with the frozen teachers."""
+        return self.teachers.encode_batch(batch) if self.teachers is not None else batch
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
@@ -280,3 +301,5 @@ class SymileMIMICDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self._loader("predict")
+
+from pacx.data import augment, teacher_features  # noqa: E402, F401  (they register "robust_train", "cxr_raw_teachers")

@@ -160,6 +160,8 @@ ITEM_SHAPES = {
     "ecg": [((1, 5000, 12), torch.float32), ((), torch.int64)],
     "cxr": [((3, 224, 224), torch.float32), ((), torch.int64)],
     "cxr_teachers": [((3, 224, 224), torch.float32), ((1024,), torch.float32), ((256,), torch.float32)],
+    "cxr_raw_teachers": [((3, 224, 224), torch.float32), ((1, 5000, 12), torch.float32), ((50,), torch.float32),
+                         ((50,), torch.float32)],
 }
 
 

@@ -132,3 +132,15 @@ def test_kept_only_patch_embedding_equals_embed_then_mask():
     ref_latent = model.forward_blocks(torch.cat([model.cls_with_pos(kept.shape[0]), kept], dim=1))
     torch.testing.assert_close(latent, ref_latent)
     assert torch.equal(mask, ref_mask) and torch.equal(ids_restore, ref_ids)
+
+
+def test_stage2_lora_vs_full_writes_json(tmp_path):
+    """--stage2: LoRA trains fewer parameters than full fine-tuning; both speeds are reported."""
+    from scripts.benchmark_train import main
+
+    result = main(["--stage2", "--stage2-arch", "vit_test", "--img-size", "32", "--batch-size", "4", "--steps", "2",
+                   "--json", str(tmp_path / "s2.json")])
+    saved = json.loads((tmp_path / "s2.json").read_text())
+    assert saved["lora_images_per_s"] > 0 and saved["full_images_per_s"] > 0
+    assert saved["ratio"] == pytest.approx(saved["lora_images_per_s"] / saved["full_images_per_s"])
+    assert result["lora_trainable_params"] < result["full_trainable_params"]

@@ -1,0 +1,199 @@
+"""Stage 2 LightningModule: PaCX cross-modal distillation (SPEC.md "Stage 2"; DATASETS.md §3.4–3.5).
+
+The CXR encoder (initialised from Stage 1, tuned by :func:`pacx.models.tuning.apply_tuning`) is aligned
+with frozen teacher embeddings (ECGFounder 1024-d, Labs DAE 256-d) by
+:class:`pacx.losses.DistillationLoss`: InfoNCE in a shared 256-d space plus cosine regression onto
+the teachers' own spaces. At inference only the encoder remains (exports merge LoRA).
+
+Validation adds retrieval top-1/top-5 CXR→ECG and CXR→labs within each batch and over the whole split,
+positive vs negative cosine, regression cosine, and the norm and per-dimension std of the embeddings
+(a collapse alarm). Model selection on ``val/loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pacx.checkpoint import CheckpointError
+from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM
+from pacx.lit.common import StagedModule
+from pacx.losses import DistillationLoss
+from pacx.models.heads import ProjectionHead
+from pacx.models.tuning import apply_tuning
+from pacx.models.vit import ViTEncoder, vit_config
+
+log = logging.getLogger(__name__)
+
+STAGE_PACX = "stage2_pacx"
+MODALITIES = ("ecg", "labs")
+
+
+def retrieval_topk(query: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+    """Fraction of queries whose own key (same row) ranks within the top k by cosine similarity."""
+    sim = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # [N, N]
+    rank = (sim > sim.diagonal()[:, None]).sum(dim=1)  # keys scoring strictly higher than the positive
+    return {k: (rank < k).float().mean() for k in ks}
+
+
+def pair_cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cosine of matching rows, mean cosine of non-matching rows)."""
+    sim = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+    n = sim.shape[0]
+    off = (sim.sum() - sim.diagonal().sum()) / max(1, n * n - n)
+    return sim.diagonal().mean(), off
+
+
+class PaCXModule(StagedModule):
+    """Cross-modal distillation.
+
+    Args:
+        init_encoder: Stage 1 run directory, checkpoint or exported encoder (``None``: random init).
+        encoder_arch / img_size / norm_eps: the encoder (``norm_eps`` 1e-6 as timm/MAE; the authors'
+            Stage 2 encoder used 1e-5).
+        tuning: ``lora`` | ``last_n_blocks`` | ``full``; LoRA rank/alpha/dropout/targets; blocks for
+            ``last_n_blocks``.
+        shared_dim / ecg_dim / labs_dim / head_dropout: heads (teacher widths must match the features).
+        clip_weight / regression_weight / temperature / label_smoothing / ablate: the loss.
+        lr / base_lr / weight_decay / betas / warmup_epochs / min_lr_ratio: AdamW and the per-step
+            warmup + cosine schedule with a floor.
+    """
+
+    stage = STAGE_PACX
+    monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        init_encoder: str | None = None,
+        encoder_arch: str = "vit_base_patch16",
+        img_size: int = 224,
+        norm_eps: float = 1e-6,
+        tuning: Literal["lora", "last_n_blocks", "full"] = "lora",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        lora_targets: tuple[str, ...] = ("qkv", "fc1", "fc2"),
+        last_n_blocks: int = 4,
+        shared_dim: int = 256,
+        ecg_dim: int = ECG_EMBED_DIM,
+        labs_dim: int = LABS_EMBED_DIM,
+        head_dropout: float = 0.2,
+        clip_weight: float = 0.5,
+        regression_weight: float = 1.0,
+        temperature: float = 0.07,
+        label_smoothing: float = 0.02,
+        ablate: Literal["ecg", "labs"] | None = None,
+        lr: float | None = 1e-4,
+        base_lr: float | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5,
+        min_lr_ratio: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vit_cfg = vit_config(encoder_arch, img_size, norm_eps=norm_eps)
+        encoder = self._initial_encoder(init_encoder)
+        self.cxr_encoder = apply_tuning(encoder, tuning, lora_r, lora_alpha, lora_dropout, lora_targets,
+                                        last_n_blocks)
+        d = self.vit_cfg.embed_dim
+        teacher_dims = {"ecg": ecg_dim, "labs": labs_dim}
+        self.proj_cxr = ProjectionHead(d, shared_dim, head_dropout)
+        self.proj_ecg = ProjectionHead(ecg_dim, shared_dim, head_dropout)
+        self.proj_labs = ProjectionHead(labs_dim, shared_dim, head_dropout)
+        self.reg_ecg = ProjectionHead(d, teacher_dims["ecg"], head_dropout)
+        self.reg_labs = ProjectionHead(d, teacher_dims["labs"], head_dropout)
+        if ablate is not None:  # the ablated modality's heads stay in the checkpoint but never train
+            for head in (getattr(self, f"proj_{ablate}"), getattr(self, f"reg_{ablate}")):
+                head.requires_grad_(False)
+        self.loss_fn = DistillationLoss(clip_weight, regression_weight, temperature, label_smoothing, ablate)
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    def _initial_encoder(self, path: str | None) -> ViTEncoder:
+        if path is None:
+            log.warning("init_encoder is not set: the CXR encoder starts from random weights")
+            return ViTEncoder(self.vit_cfg)
+        from pacx.encoders import build_encoder, read_encoder_weights
+
+        try:
+            weights = read_encoder_weights(path)
+            return build_encoder(weights, self.vit_cfg)
+        except (CheckpointError, KeyError, ValueError) as err:
+            raise CheckpointError(f"init_encoder {path}: does not fit the configured encoder "
+                                  f"{self.hparams.encoder_arch} at {self.hparams.img_size} px: {err}") from err
+
+    def pacx_metadata(self) -> dict:
+        h = self.hparams
+        return {"vit_config": self.vit_cfg.to_dict(), "tuning": h.tuning, "lora_r": h.lora_r,
+                "lora_alpha": h.lora_alpha}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m != self.hparams.ablate)
+
+    def forward(self, cxr: torch.Tensor) -> torch.Tensor:
+        """The CXR feature [B, D]: the only thing that survives Stage 2."""
+        return self.cxr_encoder(cxr)
+
+    def embed(self, batch) -> dict[str, torch.Tensor]:
+        cxr, ecg, labs = batch[0], batch[1].float(), batch[2].float()
+        for name, x, dim in (("ECG", ecg, self.hparams.ecg_dim), ("labs", labs, self.hparams.labs_dim)):
+            if x.shape[-1] != dim:
+                raise ValueError(f"{name} teacher features are {x.shape[-1]}-wide but the config expects {dim}")
+        feat = self(cxr)
+        out = {"cxr_feat": feat, "cxr_shared": self.proj_cxr(feat), "ecg_target": ecg, "labs_target": labs}
+        for m in self.modalities:
+            out[f"{m}_shared"] = getattr(self, f"proj_{m}")(out[f"{m}_target"])
+            out[f"cxr_to_{m}"] = getattr(self, f"reg_{m}")(feat)
+        return out
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        e = self.embed(batch)
+        terms = self.loss_fn(e["cxr_shared"], e.get("ecg_shared"), e.get("labs_shared"), e.get("cxr_to_ecg"),
+                             e.get("cxr_to_labs"), e["ecg_target"], e["labs_target"])
+        bs = e["cxr_feat"].shape[0]
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=stage == "train", on_epoch=True,
+                     sync_dist=stage != "train", batch_size=bs)
+        if stage != "train":
+            self._log_diagnostics(e, stage, bs)
+            self._val_outputs.append({k: v.detach() for k, v in e.items() if k != "cxr_feat"})
+        return terms["loss"]
+
+    def _log_diagnostics(self, e: dict[str, torch.Tensor], stage: str, bs: int) -> None:
+        stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean(), "cxr_std": e["cxr_shared"].float().std(0).mean()}
+        for m in self.modalities:
+            for k, v in retrieval_topk(e["cxr_shared"], e[f"{m}_shared"]).items():
+                stats[f"batch_top{k}_cxr_{m}"] = v
+            stats[f"pos_cos_{m}"], stats[f"neg_cos_{m}"] = pair_cosines(e["cxr_shared"], e[f"{m}_shared"])
+            stats[f"reg_cos_{m}"] = F.cosine_similarity(e[f"cxr_to_{m}"].float(), e[f"{m}_target"].float()).mean()
+            stats[f"{m}_norm"] = e[f"{m}_shared"].norm(dim=-1).mean()
+            stats[f"{m}_std"] = e[f"{m}_shared"].float().std(0).mean()
+        for name, value in stats.items():
+            self.log(f"{stage}/{name}", value, on_epoch=True, sync_dist=True, batch_size=bs)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        """Whole-split retrieval over every validation embedding (gathered across ranks)."""
+        if not self._val_outputs or self.trainer.sanity_checking:
+            self._val_outputs.clear()
+            return
+        cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        self._val_outputs.clear()
+        cat = {k: self.all_gather(v).flatten(0, 1) if self.trainer.world_size > 1 else v for k, v in cat.items()}
+        for m in self.modalities:
+            for k, v in retrieval_topk(cat["cxr_shared"], cat[f"{m}_shared"]).items():
+                self.log(f"val/split_top{k}_cxr_{m}", v, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        log.info("Stage 2 trains %s parameters (%d tensors)", f"{sum(p.numel() for _, p in trainable):,}",
+                 len(trainable))
+        return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs,
+                                            h.min_lr_ratio)

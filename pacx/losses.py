@@ -1,0 +1,157 @@
+"""Stage 2 distillation loss (SPEC.md "Stage 2"; DATASETS.md §3.5): symmetric InfoNCE + cosine regression.
+
+``loss = clip_weight · mean(CLIP terms) + regression_weight · mean(regression terms)`` over the modality
+pairs CXR–ECG and CXR–labs (one pair when a modality is ablated).
+
+* CLIP term: symmetric InfoNCE (mean of CXR→other and other→CXR cross-entropies) on L2-normalised
+  embeddings; local queries against keys gathered from all ranks with gradients
+  (:func:`pacx.dist.gather_with_grad`), targets offset by rank; one learnable logit scale shared by both
+  pairs, initialised to ``log(1/temperature)``; label smoothing via ``F.cross_entropy``.
+* Regression term: ``1 − cos(prediction, teacher)`` averaged over the batch; the teacher is detached.
+
+The logit-scale clamp is applied to ``exp(logit_scale)`` in ``forward`` (``[1, 100]``), not to the parameter
+data after optimizer steps: the loss stays pure (no hook into the training loop), and the scale that is
+used is within bounds whatever the parameter holds. While the scale sits on a bound its gradient is 0, so
+the parameter does not drift far beyond it (only weight decay, if applied to it, moves it).
+
+The loss is computed in at least float32 with autocast off: at scale 100, bf16 logits would carry errors
+of ~0.4. Half-precision inputs are upcast; float64 inputs stay float64.
+
+Under DDP with equal local batches, the mean over ranks of ``loss`` equals the full-batch loss and DDP's
+averaged gradients equal the full-batch gradients (see :mod:`pacx.dist`). Each rank's returned terms are
+its local values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pacx.dist import gather_with_grad, rank_offset_targets
+
+LOGIT_SCALE_MIN = 1.0
+LOGIT_SCALE_MAX = 100.0
+MODALITIES = ("ecg", "labs")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half precision -> float32; float32/float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def info_nce(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    label_smoothing: float = 0.0,
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``logit_scale · query @ keys.T`` against ``targets`` (default: the diagonal).
+
+    query: [n, D], keys: [M, D] (expected L2-normalised; this function does not normalise);
+    targets: [n] column of each query's positive (default ``arange(n)``). Returns the mean over queries.
+    """
+    logits = logit_scale * query @ keys.t()  # [n, M]
+    if targets is None:
+        targets = torch.arange(query.shape[0], device=query.device)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def symmetric_clip_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean of ``a→b`` and ``b→a`` InfoNCE; a, b: [n, D] local, row ``i`` of ``a`` pairs with row ``i`` of ``b``.
+
+    Normalises both, gathers keys from all ranks (identity when not distributed) and offsets targets by
+    rank, so local row ``i`` matches gathered column ``rank·n + i``.
+    """
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)  # [W·n, D]
+    targets = rank_offset_targets(a.shape[0], a.device)
+    return 0.5 * (
+        info_nce(a, all_b, logit_scale, label_smoothing, targets)
+        + info_nce(b, all_a, logit_scale, label_smoothing, targets)
+    )
+
+
+def cosine_regression(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean(1 − cos(pred, target))`` over the batch; pred, target: [n, D]. No gradient into ``target``."""
+    return (1.0 - F.cosine_similarity(pred, target.detach(), dim=-1)).mean()
+
+
+class DistillationLoss(nn.Module):
+    """The Stage 2 objective. Holds the one learnable ``logit_scale`` (a 0-dim parameter, log space).
+
+    Args:
+        clip_weight: weight of the mean CLIP term.
+        regression_weight: weight of the mean regression term.
+        temperature: initial temperature; the parameter starts at ``log(1/temperature)``.
+        label_smoothing: of the InfoNCE cross-entropies.
+        ablate: ``"ecg"`` or ``"labs"`` drops that modality from both terms (its inputs may be ``None``
+            and its keys are absent from the output); ``None`` keeps both.
+    """
+
+    def __init__(
+        self,
+        clip_weight: float = 0.5,
+        regression_weight: float = 1.0,
+        temperature: float = 0.07,
+        label_smoothing: float = 0.02,
+        ablate: str | None = None,
+    ) -> None:
+        super().__init__()
+        if ablate is not None and ablate not in MODALITIES:
+            raise ValueError(f"ablate must be one of {MODALITIES} or None, got {ablate!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.clip_weight = clip_weight
+        self.regression_weight = regression_weight
+        self.label_smoothing = label_smoothing
+        self.ablate = ablate
+        self.modalities = tuple(m for m in MODALITIES if m != ablate)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+
+    def scale(self) -> torch.Tensor:
+        """The scale used in the logits: ``exp(logit_scale)`` clamped to [1, 100] (differentiable inside)."""
+        return _upcast(self.logit_scale).exp().clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)
+
+    def forward(
+        self,
+        cxr_shared: torch.Tensor,
+        ecg_shared: torch.Tensor | None,
+        labs_shared: torch.Tensor | None,
+        cxr_to_ecg: torch.Tensor | None,
+        cxr_to_labs: torch.Tensor | None,
+        ecg_target: torch.Tensor | None,
+        labs_target: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """cxr/ecg/labs_shared: [n, 256] projections; cxr_to_ecg: [n, 1024], cxr_to_labs: [n, 256]
+        regression predictions; ecg_target / labs_target: [n, 1024] / [n, 256] teacher embeddings."""
+        inputs = {
+            "ecg": (ecg_shared, cxr_to_ecg, ecg_target),
+            "labs": (labs_shared, cxr_to_labs, labs_target),
+        }
+        names = {"ecg": ("ecg_shared", "cxr_to_ecg", "ecg_target"),
+                 "labs": ("labs_shared", "cxr_to_labs", "labs_target")}
+        for m in self.modalities:
+            missing = [n for n, t in zip(names[m], inputs[m]) if t is None]
+            if missing:
+                raise ValueError(f"DistillationLoss(ablate={self.ablate!r}) needs {missing}")
+
+        with torch.autocast(device_type=cxr_shared.device.type, enabled=False):
+            scale = self.scale()
+            out: dict[str, torch.Tensor] = {}
+            for m in self.modalities:
+                shared, pred, target = (_upcast(t) for t in inputs[m])
+                out[f"clip_{m}"] = symmetric_clip_loss(_upcast(cxr_shared), shared, scale, self.label_smoothing)
+                out[f"reg_{m}"] = cosine_regression(pred, target)
+            clip = torch.stack([out[f"clip_{m}"] for m in self.modalities]).mean()
+            reg = torch.stack([out[f"reg_{m}"] for m in self.modalities]).mean()
+            out["loss"] = self.clip_weight * clip + self.regression_weight * reg
+        out["logit_scale"] = scale.detach()
+        return out

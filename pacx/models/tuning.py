@@ -1,0 +1,107 @@
+"""Which encoder parameters train in Stage 2, and LoRA merging (SPEC.md "Stage 2"; STYLE.md rule 12).
+
+``apply_tuning(encoder, strategy, ...)`` is the one place that decides trainability:
+
+* ``lora`` (default): peft LoRA (r 8, alpha 16, dropout 0.1) on ``qkv``, ``fc1``, ``fc2``; every
+  LayerNorm of the encoder trainable; everything else frozen. The wrapped encoder is a peft
+  ``PeftModel``, so its state-dict keys (``base_model.model.…qkv.base_layer.weight``,
+  ``…lora_A.default.weight``, ``…lora_B.default.weight``) are those of the authors' Stage 2 files.
+* ``last_n_blocks``: the last ``n`` transformer blocks and the final norm train.
+* ``full``: everything trains (the fixed position embedding stays fixed).
+
+It logs trainable vs total parameters. :func:`merge_lora_state` folds LoRA into plain weights as a
+pure function on a state dict, ``W + (alpha / r) · B · A``, which is how exports and the authors'
+checkpoints become plain encoders.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def _lora(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(encoder, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                               target_modules=list(targets), bias="none"))
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def _last_n_blocks(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str],
+                   n_blocks: int) -> nn.Module:
+    depth = len(encoder.blocks)
+    if not 0 < n_blocks <= depth:
+        raise ValueError(f"last_n_blocks needs 0 < n <= {depth}, got {n_blocks}")
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    for module in [*encoder.blocks[depth - n_blocks:], encoder.norm]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return encoder
+
+
+def _full(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int) -> nn.Module:
+    for name, p in encoder.named_parameters():
+        p.requires_grad_(name != "pos_embed")
+    return encoder
+
+
+TUNING_STRATEGIES: dict[str, Callable[..., nn.Module]] = {
+    "lora": _lora,
+    "last_n_blocks": _last_n_blocks,
+    "full": _full,
+}
+
+
+def apply_tuning(
+    encoder: nn.Module, strategy: str = "lora", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
+    lora_targets: Sequence[str] = ("qkv", "fc1", "fc2"), last_n_blocks: int = 4,
+) -> nn.Module:
+    """Set trainability by ``strategy``; returns the (possibly peft-wrapped) encoder and logs the counts."""
+    if strategy not in TUNING_STRATEGIES:
+        raise KeyError(f"unknown tuning strategy {strategy!r}; known: {sorted(TUNING_STRATEGIES)}")
+    model = TUNING_STRATEGIES[strategy](encoder, lora_r, lora_alpha, lora_dropout, lora_targets, last_n_blocks)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("tuning %s: %s of %s encoder parameters trainable (%.2f %%)", strategy, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def merge_lora_state(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A peft-LoRA state dict (``base_model.model.`` prefix) -> plain weights, W + scaling · B · A.
+
+    ``scaling`` is alpha / r. Keys of non-LoRA modules lose the peft prefix; ``base_layer`` disappears.
+    """
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            lora.setdefault(match["module"], {})[match["which"]] = value
+        else:
+            out[key.replace(".base_layer.", ".")] = value
+    for module, ab in lora.items():
+        if set(ab) != {"A", "B"}:
+            raise KeyError(f"LoRA module {module} lacks lora_{'B' if 'A' in ab else 'A'}")
+        weight = f"{module}.weight"
+        if weight not in out:
+            raise KeyError(f"LoRA module {module} has no base_layer weight")
+        delta = (ab["B"].double() @ ab["A"].double()) * scaling
+        out[weight] = (out[weight].double() + delta).to(out[weight].dtype)
+    return out

@@ -1,0 +1,157 @@
+"""Stage 2 distillation through Stage2_PACX.py: fit from Stage 1, resume, LoRA trainability, export
+merge, ablation, the authors' checkpoints and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pacx
+from pacx.checkpoint import CheckpointError
+from pacx.encoders import export_encoder, read_encoder_weights
+from pacx.lit.pacx import PaCXModule, retrieval_topk
+from pacx.models.tuning import apply_tuning, merge_lora_state
+from pacx.models.vit import create_vit
+from Stage2_PACX import main
+
+X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def symile_root(tmp_path_factory):
+    from pacx.data.synthetic.symile import write_symile_release
+
+    return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=32, n_val=16,
+                                n_test_queries=10, cxr_size=40, write_teacher_features=True)
+
+
+def _args(repo, run, root, init, *extra):
+    return ["fit", "--config", str(repo / "configs/demo/stage2_pacx.yaml"), "--data.root", str(root),
+            "--trainer.default_root_dir", str(run), "--model.init_args.init_encoder", str(init),
+            "--model.init_args.encoder_arch", "vit_test", "--model.init_args.img_size", "32",
+            "--model.init_args.shared_dim", "16", "--data.img_size", "32", "--data.batch_size", "8",
+            "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--wandb", "disabled",
+            "--trainer.log_every_n_steps", "1", *extra]
+
+
+def _module(**kw):
+    return PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, **kw)
+
+
+def test_fit_from_stage1_then_resume_and_export(tmp_path, repo, symile_root, stage1_run):
+    run = tmp_path / "pacx"
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+               "--trainer.limit_val_batches", "2"))
+    info = json.loads((run / "run.json").read_text())
+    assert info["stage"] == "stage2_pacx" and info["global_step"] == 2
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1",
+               "--ckpt_path", "last"))
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["pacx"]["tuning"] == "lora"
+    assert any("lora_A.default" in k for k in ckpt["state_dict"])
+    # the exported (merged) encoder gives the adapted model's features
+    module = _module(init_encoder=None).eval()
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    out = export_encoder(run, tmp_path / "pacx.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(pacx.load_encoder(out)(X), module(X), atol=1e-5, rtol=0)
+    # same key layout as a Stage 1 export
+    stage1_keys = set(read_encoder_weights(stage1_run).state)
+    assert set(read_encoder_weights(out).state) == stage1_keys
+    metrics = open(run / "metrics.csv").readline()
+    for name in ("val/loss", "val/clip_ecg", "val/reg_labs", "val/batch_top1_cxr_ecg", "val/split_top5_cxr_labs",
+                 "val/pos_cos_ecg", "val/neg_cos_labs", "val/reg_cos_ecg", "val/cxr_std", "train/logit_scale"):
+        assert name in metrics, name
+
+
+def test_encoder_starts_from_stage1_weights(stage1_run):
+    module = _module(init_encoder=str(stage1_run), lora_dropout=0.0).eval()
+    with torch.no_grad():  # LoRA B starts at zero: the wrapped encoder equals the Stage 1 encoder
+        torch.testing.assert_close(module(X), pacx.load_encoder(stage1_run)(X), atol=1e-6, rtol=0)
+
+
+def test_lora_trains_exactly_lora_matrices_and_layernorms():
+    module = _module()
+    trainable = {n for n, p in module.cxr_encoder.named_parameters() if p.requires_grad}
+    norms = {f"{n}.{w}" for n, m in module.cxr_encoder.named_modules() if isinstance(m, torch.nn.LayerNorm)
+             for w in ("weight", "bias")}
+    lora = {n for n, _ in module.cxr_encoder.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert lora and norms and trainable == lora | norms
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"qkv", "fc1", "fc2"}
+
+
+@pytest.mark.parametrize("strategy,expect", [("last_n_blocks", {"blocks.1", "norm."}), ("full", None)])
+def test_other_tuning_strategies(strategy, expect):
+    enc = apply_tuning(create_vit("vit_test", img_size=32), strategy, last_n_blocks=1)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    if expect is None:
+        assert trainable == {n for n, _ in enc.named_parameters()} - {"pos_embed"}
+    else:
+        assert trainable and all(n.startswith(tuple(expect)) for n in trainable)
+        assert any(n.startswith("blocks.1") for n in trainable) and "norm.weight" in trainable
+
+
+def test_ablate_ecg_gives_ecg_heads_no_gradient():
+    module = _module(ablate="ecg")
+    e = module.embed((X, torch.randn(3, 1024), torch.randn(3, 256)))
+    assert "ecg_shared" not in e and "cxr_to_ecg" not in e
+    terms = module.loss_fn(e["cxr_shared"], None, e["labs_shared"], None, e["cxr_to_labs"], e["ecg_target"],
+                           e["labs_target"])
+    assert "clip_ecg" not in terms and "reg_ecg" not in terms and "clip_labs" in terms
+    terms["loss"].backward()
+    assert all(p.grad is None for p in [*module.proj_ecg.parameters(), *module.reg_ecg.parameters()])
+    assert all(p.grad is not None for p in module.proj_labs.parameters())
+
+
+def test_authors_stage2_checkpoint_loads_merged(tmp_path):
+    base = create_vit("vit_small_patch16", img_size=32, norm_eps=1e-5)
+    peft_model = apply_tuning(base, "lora")
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    peft_model.eval()
+    state = {f"cxr_encoder.{k}": v for k, v in peft_model.state_dict().items()}
+    state["proj_cxr.1.weight"] = torch.zeros(256, 384)
+    torch.save({"state_dict": state, "epoch": 49}, tmp_path / "authors_stage2.ckpt")
+    enc = pacx.load_encoder(tmp_path / "authors_stage2.ckpt")
+    assert enc.cfg.norm_eps == 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(enc(X), peft_model(X), atol=1e-5, rtol=0)
+    out = export_encoder(tmp_path / "authors_stage2.ckpt", tmp_path / "a.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(pacx.load_encoder(out)(X), enc(X), atol=0, rtol=0)
+    merged = merge_lora_state(peft_model.state_dict(), 2.0)
+    assert "blocks.0.attn.qkv.weight" in merged and not any("lora" in k or "base_layer" in k for k in merged)
+
+
+def test_init_encoder_of_another_size_names_the_path(tmp_path):
+    torch.save(create_vit("vit_small_patch16", img_size=32).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(CheckpointError, match=r"init_encoder .*small\.pth.*shape mismatch"):
+        _module(init_encoder=str(tmp_path / "small.pth"))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        _module(init_encoder=str(tmp_path / "nope.pth"))
+
+
+def test_teacher_feature_width_mismatch_names_the_file(tmp_path, repo, symile_root, stage1_run):
+    import shutil
+
+    root = tmp_path / "data_npy"
+    shutil.copytree(symile_root, root)
+    n = len(np.load(root / "train" / "ecg_features.npy", mmap_mode="r"))
+    np.save(root / "train" / "ecg_features.npy", np.zeros((n, 768), np.float32))
+    with pytest.raises(Exception, match=r"ecg_features\.npy.*768"):
+        main(_args(repo, tmp_path / "run", root, stage1_run, "--trainer.max_steps", "1"))
+
+
+def test_retrieval_topk_against_explicit_ranking():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    k[:5] = q[:5] * 3  # the first five queries find their own key first
+    top = retrieval_topk(q, k, (1, 5))
+    sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).T
+    order = sims.argsort(dim=1, descending=True)
+    expected1 = np.mean([int(order[i, 0] == i) for i in range(20)])
+    expected5 = np.mean([int(i in order[i, :5].tolist()) for i in range(20)])
+    assert top[1].item() == pytest.approx(expected1) and top[5].item() == pytest.approx(expected5)
+    assert top[1] >= 0.25
