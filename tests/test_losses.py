@@ -227,18 +227,39 @@ class _TinyPacx(nn.Module):
                               self.reg_ecg(h), self.reg_labs(h), ecg, labs)
 
 
-def _tiny_model() -> _TinyPacx:
+class _VitPacx(nn.Module):
+    """The real Stage 2 model: PaCXModule's LoRA-wrapped ViT encoder and heads, with its loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pacx.lit.pacx import PaCXModule
+
+        self.module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=8, ecg_dim=10, labs_dim=6,
+                                 lora_dropout=0.0, head_dropout=0.0)
+        for n, p in self.module.named_parameters():  # LoRA B starts at 0: give the adapters a real gradient path
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.05)
+
+    def forward(self, cxr: torch.Tensor, ecg: torch.Tensor, labs: torch.Tensor) -> dict[str, torch.Tensor]:
+        e = self.module.embed((cxr, ecg, labs))
+        return self.module.loss_fn(e["cxr_shared"], e["ecg_shared"], e["labs_shared"], e["cxr_to_ecg"],
+                                   e["cxr_to_labs"], ecg, labs)
+
+
+def _tiny_model() -> nn.Module:
     torch.manual_seed(0)
-    return _TinyPacx().double()
+    return (_VitPacx() if os.environ.get("PACX_TEST_MODEL") == "vit" else _TinyPacx()).double()
 
 
 def _tiny_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return tuple(torch.randn(BATCH, d, generator=g, dtype=torch.float64) for d in (12, 10, 6))
+    cxr_shape = (3, 32, 32) if os.environ.get("PACX_TEST_MODEL") == "vit" else (12,)
+    return tuple(torch.randn(BATCH, *shape, generator=g, dtype=torch.float64)
+                 for shape in (cxr_shape, (10,), (6,)))
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def _torch_nn_gather(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +295,7 @@ def _ddp_worker() -> None:
         result["ddp"] = _grads(model)
 
         # other gathers, parameter gradients averaged by hand exactly as DDP does
-        for name, gather in (("torch_nn", _torch_nn_gather), ("local_slice", _local_slice_gather)):
+        for name, gather in () if os.environ.get("PACX_TEST_MODEL") == "vit" else (("torch_nn", _torch_nn_gather), ("local_slice", _local_slice_gather)):
             model = _tiny_model()
             with mock.patch("pacx.losses.gather_with_grad", gather):
                 model(cxr, ecg, labs)["loss"].backward()
@@ -300,9 +321,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(out_dir: Path, timeout: float = 120.0) -> list[dict]:
+def _run_ranks(out_dir: Path, timeout: float = 120.0, model: str = "tiny") -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-           "PACX_TEST_OUT": str(out_dir), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+           "PACX_TEST_OUT": str(out_dir), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PACX_TEST_MODEL": model}
     if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-c", "from tests.test_losses import _ddp_worker; _ddp_worker()"]
@@ -345,3 +366,24 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
     # the shortcut that keeps only the local slice's own gradient misses the cross-rank terms
     worst = max((ranks[0]["local_slice"][n] - g).abs().max().item() for n, g in ref_grads.items())
     assert worst > 1e-3
+
+
+def test_ddp_real_stage2_model_matches_one_process(tmp_path, monkeypatch):
+    """The same with PaCXModule's LoRA ViT encoder and heads: equal loss and encoder gradients (1e-5)."""
+    ranks = _run_ranks(tmp_path, model="vit")
+    monkeypatch.setenv("PACX_TEST_MODEL", "vit")
+    model = _tiny_model()
+    ref = model(*_tiny_batch())
+    ref["loss"].backward()
+    ref_grads = {n: g for n, g in _grads_or_none(model).items() if g is not None}
+    encoder = [n for n in ref_grads if ".cxr_encoder." in f".{n}" and "lora_" in n]
+    assert encoder and any(ref_grads[n].abs().max() > 0 for n in encoder)
+    mean = torch.stack([r["terms"]["loss"] for r in ranks]).mean()
+    torch.testing.assert_close(mean, ref["loss"].detach(), atol=1e-5, rtol=0)
+    for r in ranks:
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(r["ddp"][name], g, atol=1e-5, rtol=0, msg=name)
+
+
+def _grads_or_none(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    return {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()}

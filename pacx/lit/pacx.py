@@ -139,7 +139,8 @@ class PaCXModule(StagedModule):
         return self.cxr_encoder(cxr)
 
     def embed(self, batch) -> dict[str, torch.Tensor]:
-        cxr, ecg, labs = batch[0], batch[1].float(), batch[2].float()
+        cxr = batch[0]
+        ecg, labs = batch[1].to(cxr.dtype), batch[2].to(cxr.dtype)  # teacher features as the model's inputs
         for name, x, dim in (("ECG", ecg, self.hparams.ecg_dim), ("labs", labs, self.hparams.labs_dim)):
             if x.shape[-1] != dim:
                 raise ValueError(f"{name} teacher features are {x.shape[-1]}-wide but the config expects {dim}")
