@@ -46,6 +46,7 @@ def register_converter(name: str, task: str, metric: str, description: str,
 
 def load_builtin_converters() -> dict[str, Converter]:
     """Import the modules that register converters (kept out of import time of this module)."""
+    import pacx.data.benchmarks.classification  # noqa: F401
     import pacx.data.benchmarks.segmentation  # noqa: F401
     import pacx.data.chexpert  # noqa: F401
 
