@@ -135,11 +135,24 @@ class PacxCLI(LightningCLI):
         self._prepare_subcommand("predict")
 
 
-def cli_main(model_class, datamodule_class, args: list[str] | None = None, **kwargs) -> PacxCLI:
+class EvalCLI(PacxCLI):
+    """Stage 3: the benchmark is named once (``data.benchmark``, linked to ``model.benchmark``), and ``fit``
+    ends by testing its best checkpoint, so one command trains and evaluates."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.benchmark", "model.benchmark")
+
+    def after_fit(self) -> None:
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True)
+
+
+def cli_main(model_class, datamodule_class, args: list[str] | None = None, cli_class: type[PacxCLI] = PacxCLI,
+             **kwargs) -> PacxCLI:
     """Entry point of every Stage script."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return PacxCLI(model_class, datamodule_class, args=args, **kwargs)
+    return cli_class(model_class, datamodule_class, args=args, **kwargs)
 
 
-__all__ = ["CheckpointError", "PacxCLI", "cli_main"]
+__all__ = ["CheckpointError", "EvalCLI", "PacxCLI", "cli_main"]

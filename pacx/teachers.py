@@ -110,11 +110,12 @@ class Teacher:
         start = time.perf_counter()
         with torch.inference_mode():
             tensors = [torch.from_numpy(x).to(self.device) for x in inputs]
-            out = self._forward(*tensors).float().cpu().numpy()  # the copy to CPU syncs the device
+            out = self.encode(*tensors).float().cpu().numpy()  # the copy to CPU syncs the device
         self.timings["network_s"] += time.perf_counter() - start
         return out
 
-    def _forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def encode(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Input tensors on the teacher's device -> features [B, D] (the frozen network alone)."""
         raise NotImplementedError
 
     def features(self, paths: dict[str, Path], start: int, stop: int) -> np.ndarray:
@@ -132,7 +133,7 @@ class ECGTeacher(Teacher):
     def __init__(self, model: ECGFounder, device: str | torch.device = "cpu") -> None:
         super().__init__(model, device)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # [B, 12, T] -> [B, D]
 
     def features(self, paths: dict[str, Path], start: int, stop: int) -> np.ndarray:
@@ -157,7 +158,7 @@ class LabsTeacher(Teacher):
     def __init__(self, model: LabsDAE, device: str | torch.device = "cpu") -> None:
         super().__init__(model, device)
 
-    def _forward(self, percentiles: torch.Tensor, missingness: torch.Tensor) -> torch.Tensor:
+    def encode(self, percentiles: torch.Tensor, missingness: torch.Tensor) -> torch.Tensor:
         return self.model.encode(percentiles, missingness, zero_missing=False)  # [B, 256]
 
     def features(self, paths: dict[str, Path], start: int, stop: int) -> np.ndarray:

@@ -145,7 +145,7 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(root, weight
     stale = final.with_name(f".{final.name}.tmp999999999")  # left by a killed run (no such process)
     stale.write_bytes(b"partial")
     calls = {"n": 0}
-    forward = ECGTeacher._forward
+    forward = ECGTeacher.encode
 
     def failing(self, x):
         calls["n"] += 1
@@ -153,19 +153,19 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(root, weight
             raise KeyboardInterrupt  # mid-split: one batch of train is already in the temporary file
         return forward(self, x)
 
-    monkeypatch.setattr(ECGTeacher, "_forward", failing)
+    monkeypatch.setattr(ECGTeacher, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, progress=False)
     assert not final.exists()
     assert not list((root / "train").glob(".*.tmp*"))  # ours removed on failure, the stale one on start
 
     # An interrupted --overwrite keeps the previous complete file untouched.
-    monkeypatch.setattr(ECGTeacher, "_forward", forward)
+    monkeypatch.setattr(ECGTeacher, "encode", forward)
     extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, progress=False)
     complete = np.load(final)
     assert complete.shape == (12, ECG_DIM)
     calls["n"] = 0
-    monkeypatch.setattr(ECGTeacher, "_forward", failing)
+    monkeypatch.setattr(ECGTeacher, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, overwrite=True, progress=False)
     np.testing.assert_array_equal(np.load(final), complete)

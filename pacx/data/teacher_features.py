@@ -124,8 +124,8 @@ class OnTheFlyTeachers(nn.Module):
         self._move_to(device)
         x = self.preprocess(ecg_raw).to(device)  # [B, 12, 5000]
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            ecg = self._ecg_teacher._forward(x).float()  # [B, ecg_dim]
-            labs = self._labs_teacher._forward(percentiles.to(device, torch.float32),
+            ecg = self._ecg_teacher.encode(x).float()  # [B, ecg_dim]
+            labs = self._labs_teacher.encode(percentiles.to(device, torch.float32),
                                                missingness.to(device, torch.float32)).float()  # [B, labs_dim]
         return ecg, labs
 

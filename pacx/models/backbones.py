@@ -1,0 +1,78 @@
+"""Stage 3 backbones by kind (SPEC.md "Stage 3"; DATASETS.md §1.3): a registry, no if/elif on kinds.
+
+Every kind yields a :class:`~pacx.models.vit.ViTEncoder` whose ``forward(x [B, 3, H, W]) -> [B, D]`` is the
+CLS token after the final LayerNorm:
+
+* ``random``: a freshly initialised encoder of the named ``arch``;
+* ``weights`` / ``mae`` / ``pacx`` / ``imagenet``: weights from a file or run directory, read by
+  :func:`pacx.encoders.read_encoder_weights` (any format ``pacx.load_encoder`` accepts: Stage 1/2 runs,
+  checkpoints, exports, MAE releases, timm weight files) and loaded strictly by
+  :func:`pacx.encoders.build_encoder`. The kinds differ only in name, which is recorded with results.
+  ``arch`` (optional) forces the architecture; otherwise the file's own is used.
+
+A missing path or an architecture / image-size mismatch is an error naming the path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacx.checkpoint import CheckpointError
+from pacx.models.vit import ViTEncoder, vit_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    kind: str = "mae"
+    weights: str | None = None  # file or run directory (every kind but ``random``)
+    arch: str | None = None  # named ViT (``pacx.models.vit.VIT_ARCHS``); required for ``random``
+    img_size: int = 224
+
+
+def _random(cfg: BackboneConfig) -> ViTEncoder:
+    if cfg.arch is None:
+        raise ValueError("backbone kind 'random' needs an arch (e.g. vit_base_patch16)")
+    if cfg.weights:
+        raise ValueError(f"backbone kind 'random' takes no weights, got {cfg.weights}")
+    return ViTEncoder(vit_config(cfg.arch, cfg.img_size))
+
+
+def _from_weights(cfg: BackboneConfig) -> ViTEncoder:
+    from pacx.encoders import build_encoder, read_encoder_weights
+
+    if not cfg.weights:
+        raise ValueError(f"backbone kind {cfg.kind!r} needs weights (a file or run directory)")
+    path = Path(cfg.weights)
+    if not path.exists():
+        raise FileNotFoundError(f"backbone {cfg.kind!r}: weights not found: {path}")
+    weights = read_encoder_weights(path)
+    arch_cfg = vit_config(cfg.arch, cfg.img_size) if cfg.arch else None
+    try:
+        encoder = build_encoder(weights, arch_cfg)
+    except (CheckpointError, KeyError, ValueError) as err:
+        raise CheckpointError(f"backbone {cfg.kind!r}: {path} does not fit the requested encoder: {err}") from err
+    if encoder.cfg.img_size != cfg.img_size:
+        raise ValueError(f"backbone {cfg.kind!r}: {path} is an encoder for {encoder.cfg.img_size} px images, "
+                         f"but img_size is {cfg.img_size}")
+    log.info("backbone %s from %s (%s, stage %s)", cfg.kind, weights.source, weights.fmt, weights.stage)
+    return encoder
+
+
+BACKBONES: dict[str, Callable[[BackboneConfig], ViTEncoder]] = {
+    "random": _random,
+    "weights": _from_weights,
+    "mae": _from_weights,
+    "pacx": _from_weights,
+    "imagenet": _from_weights,
+}
+
+
+def build_backbone(cfg: BackboneConfig) -> ViTEncoder:
+    if cfg.kind not in BACKBONES:
+        raise KeyError(f"unknown backbone kind {cfg.kind!r}; known: {sorted(BACKBONES)}")
+    return BACKBONES[cfg.kind](cfg)

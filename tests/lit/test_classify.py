@@ -1,0 +1,184 @@
+"""Stage 3 classification: synthetic release -> converter -> manifests -> fit + test, and the module's rules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from pacx.checkpoint import CheckpointError
+from pacx.data.benchmark_dm import BenchmarkDataModule
+from pacx.data.manifest import ManifestError
+from pacx.data.prepare import run_converter
+from pacx.data.registry import BENCHMARKS, INDEX_COLUMN
+from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+from pacx.lit.classify import ClassificationModule, metric_key
+from pacx.models.backbones import BackboneConfig, build_backbone
+
+CLASSIFICATION = sorted(n for n, s in BENCHMARKS.items() if s.task != "segmentation" and n in RELEASE_WRITERS)
+MULTICLASS = sorted(n for n in CLASSIFICATION if BENCHMARKS[n].task == "multiclass")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """name -> (image root, manifest dir), converted once per benchmark on demand."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in cache:
+            base = tmp_path_factory.mktemp(name)
+            raw = RELEASE_WRITERS[name](base / "raw", 0)
+            run_converter(name, raw, base / "manifests")
+            cache[name] = (raw, base / "manifests")
+        return cache[name]
+
+    return get
+
+
+def stage3_args(name: str, raw: Path, manifests: Path, run_dir: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(Path(__file__).resolve().parents[2] / "configs/stage3" / f"{name}.yaml"),
+        "--data.benchmark", name,
+        "--model.backbone_kind", "weights", "--model.backbone_weights", str(weights),
+        "--model.backbone_arch", "vit_test", "--model.img_size", "32", "--data.img_size", "32",
+        "--data.root", str(raw), "--data.manifest_dir", str(manifests), "--data.batch_size", "8",
+        "--data.num_workers", "0", "--data.pin_memory", "false", "--trainer.max_epochs", "1",
+        "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir), "--wandb", "disabled",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION)
+def test_fit_then_test_appends_results(name, prepared, stage1_run, tmp_path, repo):
+    from Stage3_eval import main
+
+    raw, manifests = prepared(name)
+    spec = BENCHMARKS[name]
+    run_dir = tmp_path / "run"
+    config = repo / "configs/stage3" / f"{name}.yaml"
+    args = stage3_args(name, raw, manifests, run_dir, stage1_run)
+    if not config.is_file():  # benchmarks without a paper config use a paper one with the benchmark overridden
+        args[2] = str(repo / "configs/stage3/tb.yaml")
+    cli = main(args)
+    assert cli.model.monitor == (metric_key(spec, "val", "auroc"), "max")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    key = metric_key(spec, "test")
+    assert key in metrics.columns and metrics[key].notna().any()
+    assert metric_key(spec, "val", "auroc") in metrics.columns
+    results = pd.read_csv(run_dir / "results.csv")
+    assert len(results) == 1
+    row = results.iloc[0]
+    assert row["benchmark"] == name and row["backbone_kind"] == "weights" and row["mode"] == "linear_probe"
+    assert row["metric_value"] == pytest.approx(row[key])
+    assert row["train_fraction"] == 1.0 and str(row["backbone_weights"]) == str(stage1_run)
+
+
+def test_paper_configs_use_the_spec_lp_settings(repo):
+    import yaml
+
+    for path in sorted((repo / "configs/stage3").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        spec = BENCHMARKS[cfg["data"]["benchmark"]]
+        assert cfg["data"]["batch_size"] == spec.lp_batch_size, path
+        assert cfg["model"]["lr"] == pytest.approx(spec.lp_lr), path
+        assert cfg["trainer"]["max_epochs"] == 40 and cfg["seed_everything"] == 42
+        assert cfg["model"]["mode"] == "linear_probe" and cfg["model"]["weight_decay"] == 0.01
+
+
+def _datamodule(name, prepared, **kwargs) -> BenchmarkDataModule:
+    raw, manifests = prepared(name)
+    return BenchmarkDataModule(name, str(raw), str(manifests), batch_size=4, num_workers=0, img_size=32,
+                               pin_memory=False, **kwargs)
+
+
+def _fit(module: ClassificationModule, dm: BenchmarkDataModule) -> None:
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(module, datamodule=dm)
+
+
+def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run):
+    module = ClassificationModule("tb", "mae", str(stage1_run), "vit_test", 32, mode="linear_probe")
+    before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    head_before = module.head.weight.detach().clone()
+    modes: list[bool] = []  # backbone.training at every forward, training batches included
+    module.backbone.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    _fit(module, _datamodule("tb", prepared))
+    assert len(modes) > 2 and not any(modes)
+    assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
+    assert not torch.equal(head_before, module.head.weight)
+    assert {g["name"] for g in module.optimizer_groups()} == {"head_decay", "head_no_decay"}
+
+
+def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run):
+    module = ClassificationModule("tb", "mae", str(stage1_run), "vit_test", 32, mode="finetune", lr=1e-2)
+    groups = {g["name"]: g for g in module.optimizer_groups()}
+    assert set(groups) == {"head_decay", "head_no_decay", "backbone_decay", "backbone_no_decay"}
+    assert groups["head_decay"]["lr"] == pytest.approx(1e-2)
+    assert groups["backbone_decay"]["lr"] == pytest.approx(1e-3)
+    assert groups["backbone_no_decay"]["lr"] == pytest.approx(1e-3) and groups["backbone_no_decay"]["weight_decay"] == 0
+    assert groups["head_decay"]["weight_decay"] == 0.01
+    before = module.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    _fit(module, _datamodule("tb", prepared))
+    assert not torch.equal(before, module.backbone.blocks[0].attn.qkv.weight)
+    optimizer = module.trainer.optimizers[0]
+    initial = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert initial["backbone_decay"] == pytest.approx(0.1 * initial["head_decay"])
+
+
+@pytest.mark.parametrize("name", MULTICLASS)
+def test_multiclass_targets_are_class_indices(name, prepared):
+    dm = _datamodule(name, prepared)
+    dm.setup("fit")
+    n_classes = len(BENCHMARKS[name].labels)
+    for ds in dm.datasets.values():
+        assert ds.labels.dtype == torch.long and ds.labels.ndim == 1
+        assert int(ds.labels.min()) >= 0 and int(ds.labels.max()) < n_classes
+    _, target = next(iter(dm.train_dataloader()))
+    assert target.dtype == torch.long and target.ndim == 1
+
+
+def test_label_outside_the_classes_names_the_row(prepared, tmp_path):
+    raw, manifests = prepared("covidqu")
+    spec = BENCHMARKS["covidqu"]
+    bad = tmp_path / "manifests"
+    bad.mkdir()
+    for split, file in spec.manifest_files.items():
+        df = pd.read_csv(manifests / file)
+        if split == "val":
+            df.loc[1, INDEX_COLUMN] = 7
+        df.to_csv(bad / file, index=False)
+    dm = BenchmarkDataModule("covidqu", str(raw), str(bad), batch_size=4, num_workers=0, img_size=32)
+    with pytest.raises(ManifestError, match=r"row 1: Label=7"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION)
+def test_low_data_subset_keeps_a_positive_per_label(name, prepared):
+    spec = BENCHMARKS[name]
+    full, _ = _datamodule(name, prepared).manifest("train")
+    small, _ = _datamodule(name, prepared, train_fraction=0.01, subset_seed=3).manifest("train")
+    assert len(small) < len(full) and list(small.columns) == list(full.columns)
+    if spec.label_source == "index":
+        assert set(small[INDEX_COLUMN]) == set(full[INDEX_COLUMN])
+    else:
+        for label in spec.label_columns:
+            if (full[label] == 1).any():
+                assert (small[label] == 1).sum() >= 1, label
+
+
+def test_backbone_errors_name_the_path(stage1_run, tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        build_backbone(BackboneConfig("pacx", str(missing), None, 32))
+    with pytest.raises(CheckpointError, match=re.escape(str(stage1_run))):
+        build_backbone(BackboneConfig("mae", str(stage1_run), "vit_demo", 32))
+    with pytest.raises(ValueError, match="needs an arch"):
+        build_backbone(BackboneConfig("random", None, None, 32))
+    encoder = build_backbone(BackboneConfig("random", None, "vit_test", 32))
+    assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, encoder.embed_dim)
