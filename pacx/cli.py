@@ -1,4 +1,4 @@
-"""The LightningCLI shared by ``Stage1_MAE.py``, ``Stage2_PACX.py`` and ``Stage3_eval.py``.
+"""The LightningCLI shared by ``Stage1_MAE.py``, ``Stage2_PACX.py``, ``Stage3_eval.py`` and ``Stage3_segment.py``.
 
 What it adds to Lightning's CLI, in one place:
 

@@ -1,0 +1,138 @@
+"""Paired image + mask dataset and DataModule for the segmentation benchmarks (DATASETS.md §7 "Loading and
+preprocessing"; §8(a), §12 use the same).
+
+Each manifest row names ``img_path`` and ``mask_path`` relative to the image root. The image opens as PIL
+RGB, the mask as PIL "L"; both resize to ``img_size`` (bilinear, the mask too). Train: the same horizontal
+flip (p = 0.5) and then always the same rotation by an angle uniform in [−10°, 10°] (nearest, fill 0) for
+image and mask. Then ``ToTensor``; the mask is binarised by > 0.5 and the image gets ImageNet norm.
+Output: image ``[3, S, S]`` float, mask ``[1, S, S]`` float in {0, 1}.
+
+A missing or unreadable image or mask, or a mask whose size differs from its image's, is an error that
+names the CSV, the row and the path. ``batch_size`` is the global batch; each device loads its share.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+
+from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
+from pacx.data.common import per_device_batch_size
+from pacx.data.manifest import ManifestError, read_manifest
+from pacx.data.registry import SPLITS, get_benchmark
+
+log = logging.getLogger(__name__)
+
+MAX_ROTATION_DEG = 10.0
+FLIP_P = 0.5
+
+
+def paired_train_augment(image: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """The same random horizontal flip (p 0.5) then rotation in [−10°, 10°] (nearest, fill 0) on both."""
+    if random.random() < FLIP_P:
+        image, mask = TF.hflip(image), TF.hflip(mask)
+    angle = random.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
+    return TF.rotate(image, angle, fill=0), TF.rotate(mask, angle, fill=0)
+
+
+class SegmentationDataset(Dataset):
+    """Rows of a segmentation manifest -> (image ``[3, S, S]``, mask ``[1, S, S]`` in {0, 1})."""
+
+    def __init__(self, df: pd.DataFrame, root: str | Path, path_column: str, mask_column: str, img_size: int,
+                 train: bool, source: str = "<manifest>") -> None:
+        self.df = df.reset_index(drop=True)
+        self.root = Path(root)
+        self.path_column, self.mask_column = path_column, mask_column
+        self.img_size, self.train, self.source = img_size, train, source
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def _open(self, idx: int, column: str, mode: str) -> Image.Image:
+        path = self.root / str(self.df.at[idx, column])
+        if not path.is_file():
+            raise ManifestError(f"{self.source}: row {idx}: {column} file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                return img.convert(mode)
+        except OSError as err:
+            raise ManifestError(f"{self.source}: row {idx}: cannot read {column} {path}: {err}") from err
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self._open(idx, self.path_column, "RGB")
+        mask = self._open(idx, self.mask_column, "L")
+        if mask.size != image.size:
+            raise ManifestError(
+                f"{self.source}: row {idx}: mask {self.root / str(self.df.at[idx, self.mask_column])} is "
+                f"{mask.size[0]}x{mask.size[1]} but its image is {image.size[0]}x{image.size[1]}"
+            )
+        size = [self.img_size, self.img_size]
+        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR)
+        mask = TF.resize(mask, size, interpolation=TF.InterpolationMode.BILINEAR)
+        if self.train:
+            image, mask = paired_train_augment(image, mask)
+        x = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)  # [3, S, S]
+        y = (TF.to_tensor(mask) > 0.5).float()  # [1, S, S]
+        return x, y
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Images + binary masks of one segmentation benchmark (DATASETS.md §7).
+
+    Args:
+        benchmark: registry name of a ``segmentation`` entry.
+        root: the image root the manifest paths are relative to.
+        manifest_dir: where the converter wrote ``{train,val,test}.csv``.
+        batch_size: the **global** batch (256 in §15).
+        num_workers, pin_memory: DataLoader settings.
+        img_size: square resize size of image and mask.
+    """
+
+    def __init__(self, benchmark: str, root: str, manifest_dir: str, batch_size: int, num_workers: int = 16,
+                 img_size: int = 224, pin_memory: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = get_benchmark(benchmark)
+        if self.spec.task != "segmentation":
+            raise ValueError(f"{benchmark} is a {self.spec.task} benchmark, not segmentation")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"segmentation image root not found: {root}")
+        self.per_device_batch = batch_size
+        self.datasets: dict[str, SegmentationDataset] = {}
+
+    def build_dataset(self, split: str) -> SegmentationDataset:
+        h, spec = self.hparams, self.spec
+        path = Path(h.manifest_dir) / spec.manifest_files[split]
+        df = read_manifest(path, [spec.path_column, spec.mask_column])
+        ds = SegmentationDataset(df, Path(h.root) / spec.image_dirs[split], spec.path_column, spec.mask_column,
+                                 h.img_size, train=split == "train", source=str(path))
+        log.info("%s %s: %d image/mask pairs (%s)", spec.name, split, len(ds), path)
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        self.per_device_batch = per_device_batch_size(self.hparams.batch_size, self.trainer)
+        for split in SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=shuffle, drop_last=False,
+                          num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

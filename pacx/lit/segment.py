@@ -1,0 +1,191 @@
+"""Stage 3 LightningModule: frozen-backbone segmentation (DATASETS.md §7 "Task and metric", §15 "Segmentation").
+
+Backbone (:mod:`pacx.models.backbones`, always frozen and kept in eval mode) → patch tokens after the final
+norm, CLS dropped, reshaped to ``[B, D, g, g]`` → :class:`pacx.models.seg_decoder.SegDecoder` → one logit
+channel at the input resolution.
+
+Loss: 1.0 × BCEWithLogits + 1.0 × soft Dice, soft Dice = 1 − mean over channels of
+(2·Σ p·y + 1e-6) / (Σ p + Σ y + 1e-6), sums over batch and pixels, p = sigmoid(logits).
+
+Metrics per batch (§7): preds = sigmoid > 0.5; I, |P|, |G| summed over the whole batch and all pixels;
+Dice = (2I + 1e-6) / (|P| + |G| + 1e-6), IoU = (I + 1e-6) / (|P| + |G| − I + 1e-6). They are logged as
+``{split}/dice``, ``{split}/iou`` with the batch size, so the epoch value is Lightning's batch-size-weighted
+mean of the batch scores (not per-image, not pooled). Selection on ``val/dice`` (max).
+
+Optimizer: AdamW (lr 1e-4, wd 1e-4, betas (0.9, 0.999)) over the decoder. Schedule difference from the
+reference (per-epoch LambdaLR, 5 warmup epochs then cosine): the same shape evaluated per optimizer step
+(:func:`pacx.optim.warmup_cosine_scheduler`). ``test`` appends a results row like the classification module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
+
+from pacx.data.registry import get_benchmark
+from pacx.lit.common import StagedModule
+from pacx.models.seg_decoder import SegDecoder, tokens_to_map
+from pacx.optim import schedule_lengths, warmup_cosine_scheduler
+from pacx.utils import git_sha
+
+log = logging.getLogger(__name__)
+
+STAGE_SEGMENT = "stage3_segment"
+EPS = 1e-6
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − mean over channels of (2Σp·y + ε) / (Σp + Σy + ε), sums over batch and pixels; [B, C, H, W]."""
+    probs = torch.sigmoid(logits)
+    dims = (0, 2, 3)
+    inter = (probs * target).sum(dims)  # [C]
+    dice = (2 * inter + EPS) / (probs.sum(dims) + target.sum(dims) + EPS)
+    return 1 - dice.mean()
+
+
+def dice_iou(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard Dice and IoU of one batch (§7): sigmoid > 0.5, counts over the whole batch and all pixels."""
+    preds = (torch.sigmoid(logits) > 0.5).float()
+    target = (target > 0.5).float()
+    inter = (preds * target).sum()
+    p, g = preds.sum(), target.sum()
+    return (2 * inter + EPS) / (p + g + EPS), (inter + EPS) / (p + g - inter + EPS)
+
+
+class SegmentationLoss(nn.Module):
+    """``bce_weight`` × BCEWithLogits + ``dice_weight`` × soft Dice; returns the named terms and ``loss``."""
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+        super().__init__()
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        dice = soft_dice_loss(logits, target)
+        return {"bce": bce, "soft_dice": dice, "loss": self.bce_weight * bce + self.dice_weight * dice}
+
+
+class SegmentationModule(StagedModule):
+    """Frozen ViT backbone + convolutional decoder on one segmentation benchmark.
+
+    Args:
+        benchmark: registry name of a segmentation entry; linked from ``data.benchmark``.
+        backbone_kind, backbone_weights, backbone_arch, img_size: as :class:`pacx.lit.classify.ClassificationModule`.
+        decoder_width: channels after the decoder's 3×3 conv (256 in §15).
+        bce_weight, dice_weight: loss weights (1.0 and 1.0 in §15).
+        lr, weight_decay, betas: AdamW over the decoder (§15: 1e-4, 1e-4, (0.9, 0.999)).
+        warmup_epochs: linear warmup length (5 in §15); cosine to 0 afterwards, stepped per optimizer step.
+        results_csv: CSV that ``test`` appends a row to (default ``<default_root_dir>/results.csv``).
+    """
+
+    stage = STAGE_SEGMENT
+
+    def __init__(
+        self,
+        benchmark: str,
+        backbone_kind: str = "mae",
+        backbone_weights: str | None = None,
+        backbone_arch: str | None = None,
+        img_size: int = 224,
+        decoder_width: int = 256,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        results_csv: str | None = None,
+    ) -> None:
+        from pacx.models.backbones import BackboneConfig, build_backbone
+
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = get_benchmark(benchmark)
+        if self.spec.task != "segmentation":
+            raise ValueError(f"{benchmark}: task {self.spec.task!r} is not segmentation")
+        self.monitor = ("val/dice", "max")  # per instance: the CLI's checkpoint callback reads it (§7)
+        self.backbone = build_backbone(BackboneConfig(backbone_kind, backbone_weights, backbone_arch, img_size))
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.decoder = SegDecoder(self.backbone.embed_dim, self.backbone.cfg.patch_size, decoder_width)
+        self.loss_fn = SegmentationLoss(bce_weight, dice_weight)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        log.info("segmentation (frozen backbone): %s of %s parameters trainable", f"{trainable:,}", f"{total:,}")
+
+    def pacx_metadata(self) -> dict:
+        h = self.hparams
+        return {"vit_config": self.backbone.cfg.to_dict(), "benchmark": h.benchmark, "mode": "frozen",
+                "backbone_kind": h.backbone_kind, "backbone_weights": h.backbone_weights}
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """The frozen backbone stays in eval mode; Lightning toggles train/eval around validation."""
+        self.backbone.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = self.backbone.forward_features(x)[:, 1:]  # [B, L, D], CLS dropped
+        feature_map = tokens_to_map(tokens, self.backbone.cfg.grid_size)  # [B, D, g, g]
+        return self.decoder(feature_map)  # [B, 1, H, W]
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        images, masks = batch  # [B, 3, H, W], [B, 1, H, W]
+        logits = self(images).float()
+        terms = self.loss_fn(logits, masks)
+        bs = images.shape[0]
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", sync_dist=stage != "train", batch_size=bs,
+                     on_step=stage == "train", on_epoch=True)
+        dice, iou = dice_iou(logits.detach(), masks)
+        self.log(f"{stage}/dice", dice, on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=bs,
+                 prog_bar=True)
+        self.log(f"{stage}/iou", iou, on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=bs)
+        return terms["loss"]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        warmup, total = schedule_lengths(total, steps_per_epoch, h.warmup_epochs)
+        params = [p for p in self.parameters() if p.requires_grad]  # the decoder only
+        optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        log.info("AdamW decoder lr %.4g wd %.3g, warmup %d of %d steps", h.lr, h.weight_decay, warmup, total)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- results row -----------------------------------------------------------------------------
+
+    def results_path(self) -> Path:
+        if self.hparams.results_csv:
+            return Path(self.hparams.results_csv)
+        return Path(self.trainer.default_root_dir) / "results.csv"
+
+    def results_row(self) -> dict:
+        h = self.hparams
+        row = {"benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
+               "backbone_kind": h.backbone_kind, "mode": "frozen", "seed": os.environ.get("PL_GLOBAL_SEED")}
+        for key, value in sorted(self.trainer.callback_metrics.items()):
+            if key.startswith("test/"):
+                row[key] = float(value)
+        row["metric_value"] = row.get(f"test/{self.spec.metric}")
+        row.update({"backbone_weights": h.backbone_weights, "git_sha": git_sha(),
+                    "run_dir": str(self.trainer.default_root_dir)})
+        return row
+
+    @rank_zero_only
+    def on_test_end(self) -> None:
+        path = self.results_path()
+        row = pd.DataFrame([self.results_row()])
+        if path.is_file():
+            row = pd.concat([pd.read_csv(path), row], ignore_index=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        row.to_csv(path, index=False)
+        log.info("appended a results row to %s", path)

@@ -1,0 +1,180 @@
+"""Stage 3 segmentation: decoder shapes, loss/metric formulas, paired augmentation, and synthetic release ->
+converter -> manifests -> fit + test for every segmentation registry entry."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pacx.data.manifest import ManifestError
+from pacx.data.prepare import run_converter
+from pacx.data.registry import BENCHMARKS
+from pacx.data.seg_dataset import SegmentationDataset, paired_train_augment
+from pacx.data.synthetic.seg_benchmarks import SEG_RELEASE_WRITERS
+from pacx.lit.segment import dice_iou, soft_dice_loss
+from pacx.models.seg_decoder import SegDecoder, tokens_to_map
+
+SEGMENTATION = sorted(n for n, s in BENCHMARKS.items() if s.task == "segmentation")
+# CXL-Seg rows come from the split file, not a folder listing: drop rows whose files are missing
+CONVERTER_OPTIONS = {"cxlseg": {"check_files": True}}
+
+
+def test_every_segmentation_entry_has_a_writer_and_config(repo):
+    for name in SEGMENTATION:
+        assert name in SEG_RELEASE_WRITERS
+        assert (repo / "configs/stage3/seg" / f"{name}.yaml").is_file()
+
+
+@pytest.mark.parametrize(("patch", "grid", "dim"), [(8, 4, 32), (16, 14, 64), (16, 2, 768)])
+def test_decoder_returns_logits_at_input_resolution(patch, grid, dim):
+    tokens = torch.randn(2, grid * grid, dim)
+    out = SegDecoder(dim, patch)(tokens_to_map(tokens, grid))
+    assert out.shape == (2, 1, grid * patch, grid * patch)
+
+
+def test_decoder_widths_for_patch16_follow_the_paper():
+    convs = [m for m in SegDecoder(768, 16).modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(768, 256), (256, 128), (128, 64), (64, 32), (32, 1)]
+    with pytest.raises(ValueError, match="power of two"):
+        SegDecoder(768, 12)
+
+
+def test_soft_dice_and_hard_dice_iou_match_independent_computations():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 8, 8, generator=g)
+    target = (torch.rand(3, 1, 8, 8, generator=g) > 0.5).float()
+    p = 1 / (1 + np.exp(-logits.numpy().astype(np.float64)))
+    y = target.numpy().astype(np.float64)
+    expected_soft = 1 - (2 * (p * y).sum() + 1e-6) / (p.sum() + y.sum() + 1e-6)
+    assert soft_dice_loss(logits, target).item() == pytest.approx(expected_soft, rel=1e-5)
+    hard = (p > 0.5).astype(np.float64)
+    inter = (hard * y).sum()
+    dice, iou = dice_iou(logits, target)
+    assert dice.item() == pytest.approx((2 * inter + 1e-6) / (hard.sum() + y.sum() + 1e-6), rel=1e-6)
+    assert iou.item() == pytest.approx((inter + 1e-6) / (hard.sum() + y.sum() - inter + 1e-6), rel=1e-6)
+    perfect = torch.where(target > 0, 10.0, -10.0)
+    assert dice_iou(perfect, target)[0].item() == pytest.approx(1.0)
+
+
+def _asymmetric_pair(size: int = 32) -> tuple[Image.Image, Image.Image]:
+    """An image whose red channel equals the mask: a block in the upper-left quadrant."""
+    arr = np.zeros((size, size), dtype=np.uint8)
+    arr[4:14, 3:12] = 255
+    rgb = np.stack([arr, np.zeros_like(arr), np.zeros_like(arr)], axis=-1)
+    return Image.fromarray(rgb, "RGB"), Image.fromarray(arr, "L")
+
+
+def test_paired_augmentation_moves_image_and_mask_together():
+    flipped = 0
+    for seed in range(12):
+        random.seed(seed)
+        image, mask = paired_train_augment(*_asymmetric_pair())
+        red, m = np.asarray(image)[..., 0].astype(int), np.asarray(mask).astype(int)
+        assert np.array_equal(red, m)
+        flipped += int(m[:, 16:].sum() > m[:, :16].sum())
+    assert 0 < flipped < 12  # flips happen sometimes, not always
+
+
+def _write_pair(root: Path, name: str, size=(16, 16), mask_size=None) -> None:
+    Image.fromarray(np.full((*size, 3), 128, np.uint8)).save(root / f"{name}.png")
+    mask = np.zeros(mask_size or size, np.uint8)
+    mask[2:8, 2:6] = 200
+    Image.fromarray(mask, "L").save(root / f"{name}_mask.png")
+
+
+def test_dataset_outputs_binary_masks_and_names_bad_rows(tmp_path):
+    _write_pair(tmp_path, "a")
+    _write_pair(tmp_path, "b", mask_size=(12, 16))
+    df = pd.DataFrame({"img_path": ["a.png", "a.png", "b.png"], "mask_path": ["a_mask.png", "gone.png", "b_mask.png"]})
+    ds = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 32, train=True, source="train.csv")
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y.shape == (1, 32, 32)
+    assert set(y.unique().tolist()) <= {0.0, 1.0} and y.sum() > 0
+    with pytest.raises(ManifestError, match=r"train\.csv: row 1: .*gone\.png"):
+        ds[1]
+    with pytest.raises(ManifestError, match=r"train\.csv: row 2: mask .*b_mask\.png is 16x12"):
+        ds[2]
+
+
+def test_a_listed_mask_missing_from_the_release_names_its_row(tmp_path):
+    from pacx.data.seg_dataset import SegmentationDataModule
+
+    raw = SEG_RELEASE_WRITERS["cxlseg"](tmp_path / "raw", 0)
+    run_converter("cxlseg", raw, tmp_path / "manifests")  # without check_files the unpaired row stays
+    dm = SegmentationDataModule("cxlseg", str(_image_root(raw, tmp_path / "manifests")), str(tmp_path / "manifests"),
+                                batch_size=4, num_workers=0, img_size=32, pin_memory=False)
+    errors = []
+    for split in ("train", "val", "test"):
+        ds = dm.build_dataset(split)
+        for i in range(len(ds)):
+            try:
+                ds[i]
+            except ManifestError as err:
+                errors.append(str(err))
+    assert len(errors) == 1 and "row " in errors[0] and "-mask.jpg" in errors[0]
+
+
+def _image_root(raw: Path, manifests: Path) -> Path:
+    """The folder under ``raw`` that the manifest's paths are relative to."""
+    first = pd.read_csv(manifests / "train.csv")["img_path"].iloc[0]
+    for d in [raw, *sorted(p for p in raw.rglob("*") if p.is_dir())]:
+        if (d / first).is_file():
+            return d
+    raise AssertionError(f"no image root for {first} under {raw}")
+
+
+@pytest.mark.parametrize("name", SEGMENTATION)
+def test_fit_then_test_appends_results(name, stage1_run, tmp_path, repo):
+    from Stage3_segment import main
+
+    raw = SEG_RELEASE_WRITERS[name](tmp_path / "raw", 0)
+    run_converter(name, raw, tmp_path / "manifests", **CONVERTER_OPTIONS.get(name, {}))
+    root = _image_root(raw, tmp_path / "manifests")
+    run_dir = tmp_path / "run"
+    cli = main([
+        "fit", "--config", str(repo / "configs/stage3/seg" / f"{name}.yaml"),
+        "--model.backbone_kind", "weights", "--model.backbone_weights", str(stage1_run),
+        "--model.backbone_arch", "vit_test", "--model.img_size", "32", "--data.img_size", "32",
+        "--data.root", str(root), "--data.manifest_dir", str(tmp_path / "manifests"), "--data.batch_size", "8",
+        "--data.num_workers", "0", "--data.pin_memory", "false", "--trainer.max_epochs", "1",
+        "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir), "--wandb", "disabled",
+    ])
+    assert cli.model.monitor == ("val/dice", "max") and cli.model.hparams.benchmark == name
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    for key in ("test/dice", "test/iou", "val/dice"):
+        assert key in metrics.columns and metrics[key].notna().any(), key
+    row = pd.read_csv(run_dir / "results.csv").iloc[0]
+    assert row["benchmark"] == name and row["metric_value"] == pytest.approx(row["test/iou"])
+    assert 0.0 <= row["test/dice"] <= 1.0
+
+
+def test_backbone_stays_unchanged_and_in_eval_mode(stage1_run, tmp_path):
+    import pytorch_lightning as pl
+
+    from pacx.data.seg_dataset import SegmentationDataModule
+    from pacx.lit.segment import SegmentationModule
+
+    raw = SEG_RELEASE_WRITERS["qata"](tmp_path / "raw", 0)
+    run_converter("qata", raw, tmp_path / "manifests")
+    dm = SegmentationDataModule("qata", str(_image_root(raw, tmp_path / "manifests")), str(tmp_path / "manifests"),
+                                batch_size=4, num_workers=0, img_size=32, pin_memory=False)
+    module = SegmentationModule("qata", "mae", str(stage1_run), "vit_test", 32, warmup_epochs=0)
+    before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    decoder_before = [p.detach().clone() for p in module.decoder.parameters()]
+    modes: list[bool] = []
+    backbone = module.backbone  # forward_features, not __call__: hook the patch embedding, read every mode
+    backbone.patch_embed.register_forward_pre_hook(
+        lambda m, args: modes.append(any(sub.training for sub in backbone.modules())))
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=1).fit(module, datamodule=dm)
+    assert len(modes) > 2 and not any(modes)
+    assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, module.decoder.parameters(), strict=True))
+    assert all(not p.requires_grad for p in module.backbone.parameters())
