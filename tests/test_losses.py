@@ -311,6 +311,7 @@ def _ddp_worker() -> None:
         except ValueError as err:
             result["unequal_error"] = str(err)
         torch.save(result, Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks are done with gloo before either tears it down (avoids a teardown abort)
     finally:
         dist.destroy_process_group()
 
