@@ -62,7 +62,35 @@ def subset_columns(df: pd.DataFrame, spec: BenchmarkSpec) -> tuple[pd.DataFrame,
     return df, list(spec.label_columns)
 
 
-class BenchmarkDataModule(pl.LightningDataModule):
+class SplitsDataModule(pl.LightningDataModule):
+    """Base of the Stage 3 data modules: one dataset per split of the benchmark (:meth:`build_dataset`),
+    the global batch split across devices, train shuffled, nothing dropped (DATASETS.md §1.2)."""
+
+    def build_dataset(self, split: str):
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        self.per_device_batch = per_device_batch_size(self.hparams.batch_size, self.trainer)
+        for split in SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        h = self.hparams
+        return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=shuffle, drop_last=False,
+                          num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class BenchmarkDataModule(SplitsDataModule):
     """Images + targets of one classification benchmark (DATASETS.md §1).
 
     Args:
@@ -116,22 +144,3 @@ class BenchmarkDataModule(pl.LightningDataModule):
         log.info("%s %s: %d images (%s)", spec.name, split, len(ds), source)
         return ds
 
-    def setup(self, stage: str | None = None) -> None:
-        self.per_device_batch = per_device_batch_size(self.hparams.batch_size, self.trainer)
-        for split in SPLITS:
-            if split not in self.datasets:
-                self.datasets[split] = self.build_dataset(split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        h = self.hparams
-        return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=shuffle, drop_last=False,
-                          num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

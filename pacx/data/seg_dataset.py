@@ -18,16 +18,15 @@ import random
 from pathlib import Path
 
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
-from pacx.data.common import per_device_batch_size
+from pacx.data.benchmark_dm import SplitsDataModule
 from pacx.data.manifest import ManifestError, read_manifest
-from pacx.data.registry import SPLITS, get_benchmark
+from pacx.data.registry import get_benchmark
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class SegmentationDataset(Dataset):
         return x, y
 
 
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(SplitsDataModule):
     """Images + binary masks of one segmentation benchmark (DATASETS.md §7).
 
     Args:
@@ -117,22 +116,3 @@ class SegmentationDataModule(pl.LightningDataModule):
         log.info("%s %s: %d image/mask pairs (%s)", spec.name, split, len(ds), path)
         return ds
 
-    def setup(self, stage: str | None = None) -> None:
-        self.per_device_batch = per_device_batch_size(self.hparams.batch_size, self.trainer)
-        for split in SPLITS:
-            if split not in self.datasets:
-                self.datasets[split] = self.build_dataset(split)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        h = self.hparams
-        return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=shuffle, drop_last=False,
-                          num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

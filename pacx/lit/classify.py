@@ -28,22 +28,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
-import pandas as pd
 import torch
-from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics import classification as tmc
 
 from pacx.data.registry import get_benchmark
-from pacx.lit.common import StagedModule
+from pacx.lit.common import BenchmarkEvalModule
 from pacx.optim import param_groups, schedule_lengths, warmup_cosine_scheduler
-from pacx.utils import git_sha
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +103,7 @@ def metric_key(spec, split: str, metric: str | None = None) -> str:
 BACKBONE_TRAINS: dict[str, bool] = {"linear_probe": False, "finetune": True}
 
 
-class ClassificationModule(StagedModule):
+class ClassificationModule(BenchmarkEvalModule):
     """Linear probe or fine-tune of a ViT backbone on one classification benchmark.
 
     Args:
@@ -222,37 +217,12 @@ class ClassificationModule(StagedModule):
         scheduler = warmup_cosine_scheduler(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- results row -----------------------------------------------------------------------------
+    # ---- results row (BenchmarkEvalModule) ------------------------------------------------------
 
-    def results_path(self) -> Path:
-        if self.hparams.results_csv:
-            return Path(self.hparams.results_csv)
-        return Path(self.trainer.default_root_dir) / "results.csv"
+    def row_fields(self) -> dict:
+        dm_h = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
+        return {"mode": self.hparams.mode, "train_fraction": dm_h.get("train_fraction"),
+                "subset_seed": dm_h.get("subset_seed")}
 
-    def results_row(self) -> dict:
-        h = self.hparams
-        dm = getattr(self.trainer, "datamodule", None)
-        dm_h = getattr(dm, "hparams", {})
-        row = {
-            "benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
-            "backbone_kind": h.backbone_kind, "mode": h.mode,
-            "train_fraction": dm_h.get("train_fraction"), "subset_seed": dm_h.get("subset_seed"),
-            "seed": os.environ.get("PL_GLOBAL_SEED"),
-        }
-        for key, value in sorted(self.trainer.callback_metrics.items()):
-            if key.startswith("test/"):
-                row[key] = float(value)
-        row["metric_value"] = row.get(metric_key(self.spec, "test"))
-        row.update({"backbone_weights": h.backbone_weights, "git_sha": git_sha(),
-                    "run_dir": str(self.trainer.default_root_dir)})
-        return row
-
-    @rank_zero_only
-    def on_test_end(self) -> None:
-        path = self.results_path()
-        row = pd.DataFrame([self.results_row()])
-        if path.is_file():
-            row = pd.concat([pd.read_csv(path), row], ignore_index=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        row.to_csv(path, index=False)
-        log.info("appended a results row to %s", path)
+    def paper_metric_key(self) -> str:
+        return metric_key(self.spec, "test")

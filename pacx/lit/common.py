@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 
+import pandas as pd
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 
 from pacx.checkpoint import CheckpointError
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
+from pacx.utils import git_sha
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,49 @@ class StagedModule(pl.LightningModule):
                  global_batch_size(self.trainer), warmup, total, min_lr_ratio)
         scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class BenchmarkEvalModule(StagedModule):
+    """Base of the Stage 3 modules: at the end of ``test`` one row is appended to a results CSV
+    (``hparams.results_csv``, default ``<trainer.default_root_dir>/results.csv``) with the benchmark,
+    the backbone, :meth:`row_fields`, every ``test/*`` metric, the paper metric's value, weights and git sha.
+
+    Subclasses set ``self.spec`` (the registry entry) and implement :meth:`row_fields` and
+    :meth:`paper_metric_key`.
+    """
+
+    def row_fields(self) -> dict:
+        return {}
+
+    def paper_metric_key(self) -> str:
+        return f"test/{self.spec.metric}"
+
+    def results_path(self) -> Path:
+        if self.hparams.results_csv:
+            return Path(self.hparams.results_csv)
+        return Path(self.trainer.default_root_dir) / "results.csv"
+
+    def results_row(self) -> dict:
+        h = self.hparams
+        row = {"benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
+               "backbone_kind": h.backbone_kind, **self.row_fields(), "seed": os.environ.get("PL_GLOBAL_SEED")}
+        for key, value in sorted(self.trainer.callback_metrics.items()):
+            if key.startswith("test/"):
+                row[key] = float(value)
+        row["metric_value"] = row.get(self.paper_metric_key())
+        row.update({"backbone_weights": h.backbone_weights, "git_sha": git_sha(),
+                    "run_dir": str(self.trainer.default_root_dir)})
+        return row
+
+    @rank_zero_only
+    def on_test_end(self) -> None:
+        path = self.results_path()
+        row = pd.DataFrame([self.results_row()])
+        if path.is_file():
+            row = pd.concat([pd.read_csv(path), row], ignore_index=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        row.to_csv(path, index=False)
+        log.info("appended a results row to %s", path)
 
 
 def check_checkpoint_stage(checkpoint: dict, stage: str, source: str) -> None:

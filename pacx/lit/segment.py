@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 
-import pandas as pd
 import torch
-from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from pacx.data.registry import get_benchmark
-from pacx.lit.common import StagedModule
+from pacx.lit.common import BenchmarkEvalModule
 from pacx.models.seg_decoder import SegDecoder, tokens_to_map
 from pacx.optim import schedule_lengths, warmup_cosine_scheduler
-from pacx.utils import git_sha
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +67,7 @@ class SegmentationLoss(nn.Module):
         return {"bce": bce, "soft_dice": dice, "loss": self.bce_weight * bce + self.dice_weight * dice}
 
 
-class SegmentationModule(StagedModule):
+class SegmentationModule(BenchmarkEvalModule):
     """Frozen ViT backbone + convolutional decoder on one segmentation benchmark.
 
     Args:
@@ -161,31 +156,7 @@ class SegmentationModule(StagedModule):
         scheduler = warmup_cosine_scheduler(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- results row -----------------------------------------------------------------------------
+    # ---- results row (BenchmarkEvalModule) ------------------------------------------------------
 
-    def results_path(self) -> Path:
-        if self.hparams.results_csv:
-            return Path(self.hparams.results_csv)
-        return Path(self.trainer.default_root_dir) / "results.csv"
-
-    def results_row(self) -> dict:
-        h = self.hparams
-        row = {"benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
-               "backbone_kind": h.backbone_kind, "mode": "frozen", "seed": os.environ.get("PL_GLOBAL_SEED")}
-        for key, value in sorted(self.trainer.callback_metrics.items()):
-            if key.startswith("test/"):
-                row[key] = float(value)
-        row["metric_value"] = row.get(f"test/{self.spec.metric}")
-        row.update({"backbone_weights": h.backbone_weights, "git_sha": git_sha(),
-                    "run_dir": str(self.trainer.default_root_dir)})
-        return row
-
-    @rank_zero_only
-    def on_test_end(self) -> None:
-        path = self.results_path()
-        row = pd.DataFrame([self.results_row()])
-        if path.is_file():
-            row = pd.concat([pd.read_csv(path), row], ignore_index=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        row.to_csv(path, index=False)
-        log.info("appended a results row to %s", path)
+    def row_fields(self) -> dict:
+        return {"mode": "frozen"}
