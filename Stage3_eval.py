@@ -1,18 +1,22 @@
-"""Stage 3: linear probe / fine-tune on a classification benchmark; ``fit`` trains, then tests the best checkpoint.
+"""Stage 3: classification (linear probe / fine-tune) or segmentation on one benchmark.
 
-    python Stage3_eval.py fit --config configs/stage3/tb.yaml --model.backbone_kind pacx \
-        --model.backbone_weights runs/stage2/<run> --data.root /data/tb --data.manifest_dir /data/manifests/tb
+    python Stage3_eval.py fit --config configs/stage3/tb.yaml --model.backbone.kind pacx \
+        --model.backbone.weights runs/stage2/<run> --data.root /data/tb --data.manifest_dir /data/manifests/tb
+    python Stage3_eval.py fit --config configs/stage3/seg/cxlseg.yaml --model.backbone.weights …
+    python Stage3_eval.py predict --config configs/stage3/tb.yaml --model.backbone.weights … \
+        --data.manifest my_images.csv --embeddings_out emb.npy
 
-``model.benchmark`` is linked from ``data.benchmark`` (set once, in the config).
+``fit`` trains, then tests the best checkpoint. The config's ``class_path`` entries pick the module pair
+(classification or segmentation); ``data.benchmark`` and ``data.img_size`` are linked to the model.
 """
 
 from pacx.cli import EvalCLI, cli_main
-from pacx.data.benchmark_dm import BenchmarkDataModule
-from pacx.lit.classify import ClassificationModule
+from pacx.data.benchmark_dm import SplitsDataModule
+from pacx.lit.common import BenchmarkEvalModule
 
 
 def main(args: list[str] | None = None):
-    return cli_main(ClassificationModule, BenchmarkDataModule, args=args, cli_class=EvalCLI)
+    return cli_main(BenchmarkEvalModule, SplitsDataModule, args=args, cli_class=EvalCLI)
 
 
 if __name__ == "__main__":

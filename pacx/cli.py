@@ -1,4 +1,4 @@
-"""The LightningCLI shared by ``Stage1_MAE.py``, ``Stage2_PACX.py``, ``Stage3_eval.py`` and ``Stage3_segment.py``.
+"""The LightningCLI shared by ``Stage1_MAE.py``, ``Stage2_PACX.py`` and ``Stage3_eval.py``.
 
 What it adds to Lightning's CLI, in one place:
 
@@ -75,8 +75,13 @@ class PacxCLI(LightningCLI):
             ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch:03d}-{step}", monitor=metric,
                             mode=mode, save_last=True, save_top_k=1, auto_insert_metric_name=False),
             RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv),
+            *self.extra_callbacks(),
         ]
         return self._instantiate_trainer({**config, **kwargs}, callbacks)
+
+    def extra_callbacks(self) -> list:
+        """Callbacks a subclass adds for its subcommands."""
+        return []
 
     # ---- checkpoint handling --------------------------------------------------------------------
 
@@ -136,12 +141,33 @@ class PacxCLI(LightningCLI):
 
 
 class EvalCLI(PacxCLI):
-    """Stage 3: the benchmark is named once (``data.benchmark``, linked to ``model.benchmark``), and ``fit``
-    ends by testing its best checkpoint, so one command trains and evaluates."""
+    """Stage 3: model and data are any :class:`~pacx.lit.common.BenchmarkEvalModule` /
+    :class:`~pacx.data.benchmark_dm.SplitsDataModule` pair named by ``class_path`` in the config
+    (classification or segmentation). The benchmark and the image size are set once on the data side
+    (``data.benchmark`` → ``model.benchmark``, ``data.img_size`` → ``model.backbone.img_size``). ``fit``
+    ends by testing its best checkpoint, so one command trains and evaluates. ``predict`` writes the
+    backbone's CLS embeddings of ``data.manifest`` to ``--embeddings_out`` (default
+    ``<default_root_dir>/embeddings.npy``), in manifest row order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.link_arguments("data.benchmark", "model.benchmark")
+        parser.add_argument("--embeddings_out", type=str | None, default=None,
+                            help="predict: output .npy (default <trainer.default_root_dir>/embeddings.npy)")
+        parser.link_arguments("data.init_args.benchmark", "model.init_args.benchmark")
+        parser.link_arguments("data.init_args.img_size", "model.init_args.backbone.img_size")
+
+    def extra_callbacks(self) -> list:
+        if self.subcommand != "predict":
+            return []
+        from pacx.lit.callbacks import EmbeddingWriter
+
+        out = self._get(self.config_init, "embeddings_out") or str(self.run_dir / "embeddings.npy")
+        return [EmbeddingWriter(out)]
 
     def after_fit(self) -> None:
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True)

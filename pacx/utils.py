@@ -34,3 +34,16 @@ def write_json_atomic(path: str | Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def save_npy_atomic(path: str | Path, array) -> Path:
+    """``np.save`` via a temporary file and a rename (no pickles), so readers never see a partial array."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+    return path

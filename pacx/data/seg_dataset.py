@@ -2,7 +2,8 @@
 preprocessing"; §8(a), §12 use the same).
 
 Each manifest row names ``img_path`` and ``mask_path`` relative to the image root. The image opens as PIL
-RGB, the mask as PIL "L"; both resize to ``img_size`` (bilinear, the mask too). Train: the same horizontal
+RGB, the mask as PIL "L"; both resize to ``img_size``: the image bilinear, the mask nearest-neighbour by
+default (``mask_interpolation: bilinear`` reproduces the reference, which resized masks bilinearly). Train: the same horizontal
 flip (p = 0.5) and then always the same rotation by an angle uniform in [−10°, 10°] (nearest, fill 0) for
 image and mask. Then ``ToTensor``; the mask is binarised by > 0.5 and the image gets ImageNet norm.
 Output: image ``[3, S, S]`` float, mask ``[1, S, S]`` float in {0, 1}.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MAX_ROTATION_DEG = 10.0
 FLIP_P = 0.5
+# mask_interpolation name -> torchvision mode
+MASK_INTERPOLATIONS = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR}
 
 
 def paired_train_augment(image: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -46,7 +50,10 @@ class SegmentationDataset(Dataset):
     """Rows of a segmentation manifest -> (image ``[3, S, S]``, mask ``[1, S, S]`` in {0, 1})."""
 
     def __init__(self, df: pd.DataFrame, root: str | Path, path_column: str, mask_column: str, img_size: int,
-                 train: bool, source: str = "<manifest>") -> None:
+                 train: bool, source: str = "<manifest>", mask_interpolation: str = "nearest") -> None:
+        if mask_interpolation not in MASK_INTERPOLATIONS:
+            raise ValueError(f"mask_interpolation {mask_interpolation!r} not in {sorted(MASK_INTERPOLATIONS)}")
+        self.mask_mode = MASK_INTERPOLATIONS[mask_interpolation]
         self.df = df.reset_index(drop=True)
         self.root = Path(root)
         self.path_column, self.mask_column = path_column, mask_column
@@ -75,7 +82,7 @@ class SegmentationDataset(Dataset):
             )
         size = [self.img_size, self.img_size]
         image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR)
-        mask = TF.resize(mask, size, interpolation=TF.InterpolationMode.BILINEAR)
+        mask = TF.resize(mask, size, interpolation=self.mask_mode)
         if self.train:
             image, mask = paired_train_augment(image, mask)
         x = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)  # [3, S, S]
@@ -93,10 +100,12 @@ class SegmentationDataModule(SplitsDataModule):
         batch_size: the **global** batch (256 in §15).
         num_workers, pin_memory: DataLoader settings.
         img_size: square resize size of image and mask.
+        mask_interpolation: ``nearest`` (default) or ``bilinear`` (the reference) for resizing masks.
     """
 
     def __init__(self, benchmark: str, root: str, manifest_dir: str, batch_size: int, num_workers: int = 16,
-                 img_size: int = 224, pin_memory: bool = True) -> None:
+                 img_size: int = 224, pin_memory: bool = True,
+                 mask_interpolation: Literal["nearest", "bilinear"] = "nearest") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.spec = get_benchmark(benchmark)
@@ -109,10 +118,11 @@ class SegmentationDataModule(SplitsDataModule):
 
     def build_dataset(self, split: str) -> SegmentationDataset:
         h, spec = self.hparams, self.spec
-        path = Path(h.manifest_dir) / spec.manifest_files[split]
+        path = Path(self.required("manifest_dir")) / spec.manifest_files[split]
         df = read_manifest(path, [spec.path_column, spec.mask_column])
-        ds = SegmentationDataset(df, Path(h.root) / spec.image_dirs[split], spec.path_column, spec.mask_column,
-                                 h.img_size, train=split == "train", source=str(path))
+        root = Path(self.required("root")) / spec.image_dirs[split]
+        ds = SegmentationDataset(df, root, spec.path_column, spec.mask_column, h.img_size, train=split == "train", source=str(path),
+                                 mask_interpolation=h.mask_interpolation)
         log.info("%s %s: %d image/mask pairs (%s)", spec.name, split, len(ds), path)
         return ds
 

@@ -1,4 +1,4 @@
-"""Callbacks shared by the stages: the run record (``run.json``) and MAE reconstruction grids."""
+"""Callbacks shared by the stages: the run record (``run.json``), MAE reconstruction grids, embedding export."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
-from pacx.utils import git_sha, write_json_atomic
+from pacx.utils import git_sha, save_npy_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,58 @@ class ReconstructionGrid(Callback):
             if hasattr(logger, "log_image"):
                 logger.log_image(key="val/reconstructions", images=[str(path)], step=trainer.global_step)
         return path
+
+
+class EmbeddingWriter(BasePredictionWriter):
+    """Writes ``predict`` outputs (one ``[B, D]`` tensor per batch) as one float32 ``.npy`` ``[N, D]`` in
+    dataset (manifest row) order, plus ``<stem>.csv`` (row, image path) and ``<stem>.json`` (source,
+    backbone, shape). Under DDP each rank writes a part with its dataset indices and rank 0 assembles them.
+    """
+
+    def __init__(self, out: str | Path) -> None:
+        super().__init__(write_interval="epoch")
+        self.out = Path(out)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        import numpy as np
+
+        preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        emb = torch.cat(preds).numpy() if preds else np.zeros((0, pl_module.backbone.embed_dim), np.float32)
+        idx = np.concatenate([np.asarray(i, dtype=np.int64) for i in indices]) if indices else np.zeros(0, np.int64)
+        if len(idx) != len(emb):
+            raise RuntimeError(f"predict: {len(emb)} embeddings but {len(idx)} dataset indices")
+        if trainer.world_size > 1:
+            part = self.out.with_name(f"{self.out.stem}.part{trainer.global_rank}.npz")
+            np.savez(part, index=idx, embedding=emb)
+            trainer.strategy.barrier()
+            if trainer.global_rank == 0:
+                parts = [self.out.with_name(f"{self.out.stem}.part{r}.npz") for r in range(trainer.world_size)]
+                loaded = [np.load(p, allow_pickle=False) for p in parts]
+                idx = np.concatenate([p["index"] for p in loaded])
+                emb = np.concatenate([p["embedding"] for p in loaded])
+                for p in parts:
+                    p.unlink()
+            trainer.strategy.barrier()
+        if trainer.global_rank == 0:
+            self._save(trainer, pl_module, idx, emb)
+
+    def _save(self, trainer, pl_module, idx, emb) -> None:
+        import numpy as np
+
+        table = getattr(trainer.datamodule, "predict_table", None)
+        n = len(table) if table is not None else int(idx.max()) + 1 if len(idx) else 0
+        out = np.zeros((n, emb.shape[1]), dtype=np.float32)
+        out[idx] = emb  # DistributedSampler pads with repeats: the same row gets the same value
+        if len(np.unique(idx)) != n:
+            raise RuntimeError(f"predict: embeddings cover {len(np.unique(idx))} of {n} manifest rows")
+        save_npy_atomic(self.out, out)
+        if table is not None:
+            table.reset_index(drop=True).rename_axis("row").to_csv(self.out.with_suffix(".csv"))
+        cfg = pl_module.backbone_cfg
+        write_json_atomic(self.out.with_suffix(".json"), {
+            "rows": n, "dim": int(out.shape[1]), "source": str(getattr(trainer.datamodule.hparams, "manifest", "")),
+            "backbone_kind": cfg.kind, "backbone_weights": cfg.weights, "img_size": cfg.img_size,
+            "git_sha": git_sha(),
+        })
+        log.info("wrote %d × %d embeddings to %s", n, out.shape[1], self.out)

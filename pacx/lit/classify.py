@@ -11,7 +11,11 @@ losses and metrics are small registries keyed by task (no branching on benchmark
   metrics are logged as ``{split}/auroc_macro`` … ; selection on ``val/auroc_macro`` (max).
 
 Modes: ``linear_probe`` freezes the backbone and keeps it in eval mode while training; ``finetune`` trains
-it at ``backbone_lr_scale`` (0.1) × lr. AdamW over four groups (head decay / head no-decay / backbone
+it at ``backbone_lr_scale`` (0.1) × lr. A linear probe by default trains on cached features
+(:mod:`pacx.data.feature_cache`): each split's CLS features are computed once, with the deterministic
+evaluation transform (so, unlike the reference, no train-time flip), and the head trains on them; same
+head, loss, metrics and results row. ``feature_cache: false`` runs the backbone every epoch, as the
+reference does. ``predict`` returns the CLS feature of each image (embeddings for ``Stage3_eval.py predict``). AdamW over four groups (head decay / head no-decay / backbone
 decay / backbone no-decay; no decay on biases, norms and tokens).
 
 Schedule difference from the reference: it steps a LambdaLR once per epoch (warmup (e+1)/warmup, then a
@@ -20,7 +24,7 @@ shape is evaluated per optimizer step (:func:`pacx.optim.warmup_cosine`), so the
 epochs and reaches ~0 on the final step.
 
 At the end of ``test`` one row is appended to a results CSV (``results_csv``, default
-``<trainer.default_root_dir>/results.csv``): benchmark, backbone kind, mode, train fraction, seeds, every
+``<trainer.default_root_dir>/results.csv``): benchmark, backbone kind, mode, train fraction, seeds, whether features were cached, every
 ``test/*`` metric, the paper metric's value (``metric_value``), weights path, git sha.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -36,8 +41,17 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics import classification as tmc
 
+from pacx.data.feature_cache import (
+    FeatureCache,
+    backbone_fingerprint,
+    cached_features,
+    extract_features,
+    feature_key,
+    images_fingerprint,
+)
 from pacx.data.registry import get_benchmark
 from pacx.lit.common import BenchmarkEvalModule
+from pacx.models.backbones import BackboneConfig
 from pacx.optim import param_groups, schedule_lengths, warmup_cosine_scheduler
 
 log = logging.getLogger(__name__)
@@ -108,14 +122,20 @@ class ClassificationModule(BenchmarkEvalModule):
 
     Args:
         benchmark: registry name; linked from ``data.benchmark`` by ``Stage3_eval.py``.
-        backbone_kind: ``random | weights | mae | pacx | imagenet`` (:data:`pacx.models.backbones.BACKBONES`).
-        backbone_weights: file or run directory for every kind but ``random``.
-        backbone_arch: named ViT; required for ``random``, otherwise forces the file's architecture.
-        img_size: input size the backbone is built for.
+        backbone: :class:`~pacx.models.backbones.BackboneConfig`: ``kind`` (``random | weights | mae | pacx |
+            imagenet``), ``weights`` (file or run directory, every kind but ``random``), ``arch`` (required
+            for ``random``, otherwise forces the file's architecture), ``img_size`` (linked from
+            ``data.img_size``). On the command line: ``--model.backbone.kind pacx --model.backbone.weights …``.
         mode: ``linear_probe`` (frozen backbone, kept in eval mode) or ``finetune``.
         lr: head lr (DATASETS.md §15, per benchmark in the configs); backbone at ``backbone_lr_scale`` × lr.
         weight_decay, betas: AdamW (no decay on biases, norms, tokens).
         warmup_epochs: linear warmup length; cosine to 0 afterwards, stepped per optimizer step.
+        feature_cache: in ``linear_probe`` mode, compute each split's frozen features once (deterministic
+            evaluation transform, so no train flip) and train the head on them (:mod:`pacx.data.feature_cache`);
+            ``false`` runs the backbone on every batch of every epoch, as the reference does.
+        feature_cache_dir: where the features are kept (default ``<default_root_dir>/feature_cache``); the
+            key covers weights, images, transform and precision, so runs may share one directory.
+        feature_batch_size: per-device batch of the one-off feature extraction.
         results_csv: CSV that ``test`` appends a row to (default ``<default_root_dir>/results.csv``).
     """
 
@@ -124,22 +144,20 @@ class ClassificationModule(BenchmarkEvalModule):
     def __init__(
         self,
         benchmark: str,
-        backbone_kind: str = "mae",
-        backbone_weights: str | None = None,
-        backbone_arch: str | None = None,
-        img_size: int = 224,
+        backbone: BackboneConfig,
         mode: Literal["linear_probe", "finetune"] = "linear_probe",
         lr: float = 3e-3,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 0.0,
         backbone_lr_scale: float = 0.1,
+        feature_cache: bool = True,
+        feature_cache_dir: str | None = None,
+        feature_batch_size: int = 256,
         results_csv: str | None = None,
     ) -> None:
-        from pacx.models.backbones import BackboneConfig, build_backbone
-
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["backbone"])
         if mode not in BACKBONE_TRAINS:
             raise ValueError(f"mode {mode!r} not in {sorted(BACKBONE_TRAINS)}")
         self.spec = get_benchmark(benchmark)
@@ -150,9 +168,11 @@ class ClassificationModule(BenchmarkEvalModule):
         self.monitor = (metric_key(self.spec, "val", "auroc"), "max")
         self.loss_fn = LOSSES[task]
         self.predict_fn = PREDICTIONS[task]
-        self.backbone = build_backbone(BackboneConfig(backbone_kind, backbone_weights, backbone_arch, img_size))
+        self.init_backbone(backbone)
         self.head = nn.Linear(self.backbone.embed_dim, self.spec.num_outputs)
         self.backbone_trains = BACKBONE_TRAINS[mode]
+        self.uses_feature_cache = feature_cache and not self.backbone_trains
+        self.features_served = False  # set once the data module yields cached features
         self.backbone.requires_grad_(False)
         if self.backbone_trains:
             for name, p in self.backbone.named_parameters():
@@ -164,10 +184,41 @@ class ClassificationModule(BenchmarkEvalModule):
         for split in ("train", "val", "test"):  # one clone per split, e.g. self.val_metrics
             setattr(self, f"{split}_metrics", metrics.clone(prefix=f"{split}/"))
 
-    def pacx_metadata(self) -> dict:
-        h = self.hparams
-        return {"vit_config": self.backbone.cfg.to_dict(), "benchmark": h.benchmark, "mode": h.mode,
-                "backbone_kind": h.backbone_kind, "backbone_weights": h.backbone_weights}
+    @property
+    def eval_mode(self) -> str:
+        return self.hparams.mode
+
+    # ---- cached features (linear probe) ---------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Linear probing with the cache: have the data module serve features instead of images."""
+        if not self.uses_feature_cache or self.features_served or stage == "predict":
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "serve_features"):
+            raise TypeError(f"feature_cache needs a data module with serve_features(), got {type(datamodule).__name__}; "
+                            "set model.feature_cache false")
+        datamodule.serve_features(self.split_features)
+        self.features_served = True
+
+    def split_features(self, split: str, dataset) -> torch.Tensor:
+        """Frozen CLS features ``[N, D]`` of one split's images, from the cache or computed once."""
+        trainer = self.trainer
+        precision = str(trainer.precision)
+        key = feature_key(backbone_fingerprint(self.backbone),
+                          images_fingerprint(dataset.image_root, dataset.paths, dataset.transform), precision)
+        root = self.hparams.feature_cache_dir or str(Path(trainer.default_root_dir) / "feature_cache")
+        record = {"split": split, "benchmark": self.hparams.benchmark, "source": dataset.source,
+                  "backbone_kind": self.backbone_cfg.kind, "backbone_weights": self.backbone_cfg.weights,
+                  "precision": precision}
+        num_workers = getattr(trainer.datamodule, "hparams", {}).get("num_workers", 0)
+
+        def compute(indices):
+            return extract_features(self.backbone, dataset, self.hparams.feature_batch_size, self.device,
+                                    num_workers, trainer.precision_plugin.forward_context, indices)
+
+        return cached_features(FeatureCache(root), key, len(dataset), self.backbone.embed_dim, compute, record,
+                               trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Linear probing keeps the frozen backbone in eval mode. Lightning sets and restores train/eval
@@ -184,16 +235,20 @@ class ClassificationModule(BenchmarkEvalModule):
         return self.head(features)  # [B, C]
 
     def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
-        images, target = batch
-        logits = self(images)
+        inputs, target = batch  # images [B, 3, H, W], or cached features [B, D]
+        logits = self.head(inputs) if self.features_served else self(inputs)
         loss = self.loss_fn(logits, target)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=images.shape[0],
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=inputs.shape[0],
                  on_step=stage == "train", on_epoch=True)
         probs, labels = self.predict_fn(logits.detach().float(), target)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(probs, labels)
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=inputs.shape[0])
         return loss
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """The backbone's CLS feature ``[B, D]`` (float32) of each image: embeddings for ``predict``."""
+        return self.backbone(batch[0]).float()
 
     def optimizer_groups(self) -> list[dict]:
         """Four AdamW groups (DATASETS.md §15); empty groups (the backbone's in LP) are left out."""
@@ -220,9 +275,10 @@ class ClassificationModule(BenchmarkEvalModule):
     # ---- results row (BenchmarkEvalModule) ------------------------------------------------------
 
     def row_fields(self) -> dict:
-        dm_h = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
-        return {"mode": self.hparams.mode, "train_fraction": dm_h.get("train_fraction"),
-                "subset_seed": dm_h.get("subset_seed")}
+        dm = getattr(self.trainer, "datamodule", None)
+        fraction = getattr(dm, "hparams", {}).get("train_fraction", 1.0)
+        return {"train_fraction": fraction, "subset_seed": dm.subset_seed if fraction < 1.0 else None,
+                "feature_cache": self.features_served}
 
     def paper_metric_key(self) -> str:
         return metric_key(self.spec, "test")

@@ -90,13 +90,34 @@ class StagedModule(pl.LightningModule):
 
 
 class BenchmarkEvalModule(StagedModule):
-    """Base of the Stage 3 modules: at the end of ``test`` one row is appended to a results CSV
-    (``hparams.results_csv``, default ``<trainer.default_root_dir>/results.csv``) with the benchmark,
-    the backbone, :meth:`row_fields`, every ``test/*`` metric, the paper metric's value, weights and git sha.
+    """Base of the Stage 3 modules (``Stage3_eval.py`` takes any subclass as ``model.class_path``).
 
-    Subclasses set ``self.spec`` (the registry entry) and implement :meth:`row_fields` and
-    :meth:`paper_metric_key`.
+    It builds the backbone from its :class:`~pacx.models.backbones.BackboneConfig` (:meth:`init_backbone`,
+    kept in the hyperparameters as a plain dict so checkpoints open with ``weights_only=True``), and at
+    the end of ``test`` appends one row to a results CSV (``hparams.results_csv``, default
+    ``<trainer.default_root_dir>/results.csv``) with the benchmark, the backbone, :meth:`row_fields`,
+    every ``test/*`` metric, the paper metric's value, weights and git sha.
+
+    Subclasses call ``save_hyperparameters(ignore=["backbone"])`` and :meth:`init_backbone`, set
+    ``self.spec`` (the registry entry) and implement :meth:`row_fields` and :meth:`paper_metric_key`.
     """
+
+    def init_backbone(self, backbone) -> None:
+        from pacx.models.backbones import as_backbone_config, build_backbone
+
+        self.backbone_cfg = as_backbone_config(backbone)
+        self.hparams["backbone"] = self.backbone_cfg.to_dict()
+        self.backbone = build_backbone(self.backbone_cfg)
+
+    @property
+    def eval_mode(self) -> str:
+        """How the backbone is used (``linear_probe``, ``finetune``, ``frozen``); recorded with results."""
+        raise NotImplementedError
+
+    def pacx_metadata(self) -> dict:
+        return {"vit_config": self.backbone.cfg.to_dict(), "benchmark": self.hparams.benchmark,
+                "mode": self.eval_mode, "backbone_kind": self.backbone_cfg.kind,
+                "backbone_weights": self.backbone_cfg.weights}
 
     def row_fields(self) -> dict:
         return {}
@@ -112,12 +133,13 @@ class BenchmarkEvalModule(StagedModule):
     def results_row(self) -> dict:
         h = self.hparams
         row = {"benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
-               "backbone_kind": h.backbone_kind, **self.row_fields(), "seed": os.environ.get("PL_GLOBAL_SEED")}
+               "backbone_kind": self.backbone_cfg.kind,
+               "mode": self.eval_mode, **self.row_fields(), "seed": os.environ.get("PL_GLOBAL_SEED")}
         for key, value in sorted(self.trainer.callback_metrics.items()):
             if key.startswith("test/"):
                 row[key] = float(value)
         row["metric_value"] = row.get(self.paper_metric_key())
-        row.update({"backbone_weights": h.backbone_weights, "git_sha": git_sha(),
+        row.update({"backbone_weights": self.backbone_cfg.weights, "git_sha": git_sha(),
                     "run_dir": str(self.trainer.default_root_dir)})
         return row
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from pacx.data.registry import get_benchmark
 from pacx.lit.common import BenchmarkEvalModule
+from pacx.models.backbones import BackboneConfig
 from pacx.models.seg_decoder import SegDecoder, tokens_to_map
 from pacx.optim import schedule_lengths, warmup_cosine_scheduler
 
@@ -72,7 +73,7 @@ class SegmentationModule(BenchmarkEvalModule):
 
     Args:
         benchmark: registry name of a segmentation entry; linked from ``data.benchmark``.
-        backbone_kind, backbone_weights, backbone_arch, img_size: as :class:`pacx.lit.classify.ClassificationModule`.
+        backbone: :class:`~pacx.models.backbones.BackboneConfig`, as for :class:`pacx.lit.classify.ClassificationModule`.
         decoder_width: channels after the decoder's 3×3 conv (256 in §15).
         bce_weight, dice_weight: loss weights (1.0 and 1.0 in §15).
         lr, weight_decay, betas: AdamW over the decoder (§15: 1e-4, 1e-4, (0.9, 0.999)).
@@ -85,10 +86,7 @@ class SegmentationModule(BenchmarkEvalModule):
     def __init__(
         self,
         benchmark: str,
-        backbone_kind: str = "mae",
-        backbone_weights: str | None = None,
-        backbone_arch: str | None = None,
-        img_size: int = 224,
+        backbone: BackboneConfig,
         decoder_width: int = 256,
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
@@ -98,15 +96,13 @@ class SegmentationModule(BenchmarkEvalModule):
         warmup_epochs: float = 5.0,
         results_csv: str | None = None,
     ) -> None:
-        from pacx.models.backbones import BackboneConfig, build_backbone
-
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["backbone"])
         self.spec = get_benchmark(benchmark)
         if self.spec.task != "segmentation":
             raise ValueError(f"{benchmark}: task {self.spec.task!r} is not segmentation")
         self.monitor = ("val/dice", "max")  # per instance: the CLI's checkpoint callback reads it (§7)
-        self.backbone = build_backbone(BackboneConfig(backbone_kind, backbone_weights, backbone_arch, img_size))
+        self.init_backbone(backbone)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.decoder = SegDecoder(self.backbone.embed_dim, self.backbone.cfg.patch_size, decoder_width)
@@ -115,10 +111,9 @@ class SegmentationModule(BenchmarkEvalModule):
         total = sum(p.numel() for p in self.parameters())
         log.info("segmentation (frozen backbone): %s of %s parameters trainable", f"{trainable:,}", f"{total:,}")
 
-    def pacx_metadata(self) -> dict:
-        h = self.hparams
-        return {"vit_config": self.backbone.cfg.to_dict(), "benchmark": h.benchmark, "mode": "frozen",
-                "backbone_kind": h.backbone_kind, "backbone_weights": h.backbone_weights}
+    @property
+    def eval_mode(self) -> str:
+        return "frozen"
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """The frozen backbone stays in eval mode; Lightning toggles train/eval around validation."""
@@ -155,8 +150,3 @@ class SegmentationModule(BenchmarkEvalModule):
         log.info("AdamW decoder lr %.4g wd %.3g, warmup %d of %d steps", h.lr, h.weight_decay, warmup, total)
         scheduler = warmup_cosine_scheduler(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ---- results row (BenchmarkEvalModule) ------------------------------------------------------
-
-    def row_fields(self) -> dict:
-        return {"mode": "frozen"}

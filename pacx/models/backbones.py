@@ -16,8 +16,8 @@ A missing path or an architecture / image-size mismatch is an error naming the p
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pacx.checkpoint import CheckpointError
@@ -32,6 +32,27 @@ class BackboneConfig:
     weights: str | None = None  # file or run directory (every kind but ``random``)
     arch: str | None = None  # named ViT (``pacx.models.vit.VIT_ARCHS``); required for ``random``
     img_size: int = 224
+
+    def __post_init__(self) -> None:
+        # ``--model.backbone.weights null`` reaches a dataclass nested in a subclass-mode model as the
+        # string "None" (jsonargparse); both spellings mean "unset".
+        for name in ("weights", "arch"):
+            if getattr(self, name) in ("None", "null", ""):
+                object.__setattr__(self, name, None)
+
+    def to_dict(self) -> dict:
+        """Plain types only, so checkpoints that record it still open with ``weights_only=True``."""
+        return asdict(self)
+
+
+def as_backbone_config(value: BackboneConfig | Mapping) -> BackboneConfig:
+    """A :class:`BackboneConfig` from itself or from its dict (as stored in a checkpoint's hyperparameters)."""
+    if isinstance(value, BackboneConfig):
+        return value
+    unknown = set(value) - set(BackboneConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"backbone: unknown keys {sorted(unknown)}; expected {sorted(BackboneConfig.__dataclass_fields__)}")
+    return BackboneConfig(**value)
 
 
 def _random(cfg: BackboneConfig) -> ViTEncoder:

@@ -43,8 +43,8 @@ def stage3_args(name: str, raw: Path, manifests: Path, run_dir: Path, weights: P
     return [
         "fit", "--config", str(Path(__file__).resolve().parents[2] / "configs/stage3" / f"{name}.yaml"),
         "--data.benchmark", name,
-        "--model.backbone_kind", "weights", "--model.backbone_weights", str(weights),
-        "--model.backbone_arch", "vit_test", "--model.img_size", "32", "--data.img_size", "32",
+        "--model.backbone.kind", "weights", "--model.backbone.weights", str(weights),
+        "--model.backbone.arch", "vit_test", "--data.img_size", "32",
         "--data.root", str(raw), "--data.manifest_dir", str(manifests), "--data.batch_size", "8",
         "--data.num_workers", "0", "--data.pin_memory", "false", "--trainer.max_epochs", "1",
         "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
@@ -83,11 +83,13 @@ def test_paper_configs_use_the_spec_lp_settings(repo):
 
     for path in sorted((repo / "configs/stage3").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
-        spec = BENCHMARKS[cfg["data"]["benchmark"]]
-        assert cfg["data"]["batch_size"] == spec.lp_batch_size, path
-        assert cfg["model"]["lr"] == pytest.approx(spec.lp_lr), path
+        model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+        assert cfg["model"]["class_path"] == "pacx.lit.classify.ClassificationModule", path
+        spec = BENCHMARKS[data["benchmark"]]
+        assert data["batch_size"] == spec.lp_batch_size, path
+        assert model["lr"] == pytest.approx(spec.lp_lr), path
         assert cfg["trainer"]["max_epochs"] == 40 and cfg["seed_everything"] == 42
-        assert cfg["model"]["mode"] == "linear_probe" and cfg["model"]["weight_decay"] == 0.01
+        assert model["mode"] == "linear_probe" and model["weight_decay"] == 0.01
 
 
 def _datamodule(name, prepared, **kwargs) -> BenchmarkDataModule:
@@ -103,7 +105,7 @@ def _fit(module: ClassificationModule, dm: BenchmarkDataModule) -> None:
 
 
 def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run):
-    module = ClassificationModule("tb", "mae", str(stage1_run), "vit_test", 32, mode="linear_probe")
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="linear_probe")
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     head_before = module.head.weight.detach().clone()
     modes: list[bool] = []  # backbone.training at every forward, training batches included
@@ -116,7 +118,7 @@ def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run
 
 
 def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run):
-    module = ClassificationModule("tb", "mae", str(stage1_run), "vit_test", 32, mode="finetune", lr=1e-2)
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="finetune", lr=1e-2)
     groups = {g["name"]: g for g in module.optimizer_groups()}
     assert set(groups) == {"head_decay", "head_no_decay", "backbone_decay", "backbone_no_decay"}
     assert groups["head_decay"]["lr"] == pytest.approx(1e-2)
@@ -161,8 +163,8 @@ def test_label_outside_the_classes_names_the_row(prepared, tmp_path):
 @pytest.mark.parametrize("name", CLASSIFICATION)
 def test_low_data_subset_keeps_a_positive_per_label(name, prepared):
     spec = BENCHMARKS[name]
-    full, _ = _datamodule(name, prepared).manifest("train")
-    small, _ = _datamodule(name, prepared, train_fraction=0.01, subset_seed=3).manifest("train")
+    full, _ = _datamodule(name, prepared).manifest_table("train")
+    small, _ = _datamodule(name, prepared, train_fraction=0.01, subset_seed=3).manifest_table("train")
     assert len(small) < len(full) and list(small.columns) == list(full.columns)
     if spec.label_source == "index":
         assert set(small[INDEX_COLUMN]) == set(full[INDEX_COLUMN])

@@ -18,6 +18,7 @@ from pacx.data.registry import BENCHMARKS
 from pacx.data.seg_dataset import SegmentationDataset, paired_train_augment
 from pacx.data.synthetic.seg_benchmarks import SEG_RELEASE_WRITERS
 from pacx.lit.segment import dice_iou, soft_dice_loss
+from pacx.models.backbones import BackboneConfig
 from pacx.models.seg_decoder import SegDecoder, tokens_to_map
 
 SEGMENTATION = sorted(n for n, s in BENCHMARKS.items() if s.task == "segmentation")
@@ -131,7 +132,7 @@ def _image_root(raw: Path, manifests: Path) -> Path:
 
 @pytest.mark.parametrize("name", SEGMENTATION)
 def test_fit_then_test_appends_results(name, stage1_run, tmp_path, repo):
-    from Stage3_segment import main
+    from Stage3_eval import main
 
     raw = SEG_RELEASE_WRITERS[name](tmp_path / "raw", 0)
     run_converter(name, raw, tmp_path / "manifests", **CONVERTER_OPTIONS.get(name, {}))
@@ -139,8 +140,8 @@ def test_fit_then_test_appends_results(name, stage1_run, tmp_path, repo):
     run_dir = tmp_path / "run"
     cli = main([
         "fit", "--config", str(repo / "configs/stage3/seg" / f"{name}.yaml"),
-        "--model.backbone_kind", "weights", "--model.backbone_weights", str(stage1_run),
-        "--model.backbone_arch", "vit_test", "--model.img_size", "32", "--data.img_size", "32",
+        "--model.backbone.kind", "weights", "--model.backbone.weights", str(stage1_run),
+        "--model.backbone.arch", "vit_test", "--data.img_size", "32",
         "--data.root", str(root), "--data.manifest_dir", str(tmp_path / "manifests"), "--data.batch_size", "8",
         "--data.num_workers", "0", "--data.pin_memory", "false", "--trainer.max_epochs", "1",
         "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
@@ -165,7 +166,7 @@ def test_backbone_stays_unchanged_and_in_eval_mode(stage1_run, tmp_path):
     run_converter("qata", raw, tmp_path / "manifests")
     dm = SegmentationDataModule("qata", str(_image_root(raw, tmp_path / "manifests")), str(tmp_path / "manifests"),
                                 batch_size=4, num_workers=0, img_size=32, pin_memory=False)
-    module = SegmentationModule("qata", "mae", str(stage1_run), "vit_test", 32, warmup_epochs=0)
+    module = SegmentationModule("qata", BackboneConfig("mae", str(stage1_run), "vit_test", 32), warmup_epochs=0)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     decoder_before = [p.detach().clone() for p in module.decoder.parameters()]
     modes: list[bool] = []

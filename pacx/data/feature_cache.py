@@ -1,0 +1,191 @@
+"""Frozen-backbone features computed once and kept on disk, for fast linear probing (SPEC.md "Stage 3").
+
+A linear probe trains only a ``Linear(D → C)`` head, yet the reference runs the ViT over every image in
+every one of its 40 epochs. Here each split's CLS features are computed once with the deterministic
+evaluation transform and stored as ``<cache_dir>/<key>.npy`` (float32 ``[N, D]``) with a ``<key>.json``
+record beside it. The key is a hash of everything the features depend on:
+
+* the backbone: every tensor of its state dict (names, dtypes, shapes, bytes);
+* the images: resolved image root, each path with its file size and modification time, the transform;
+* the numerics: the trainer precision (``bf16-mixed`` features differ from ``32`` ones).
+
+Labels are not part of the key (the features do not depend on them). A changed image, weight or setting
+gives a new key; nothing is reused stale. Files are written atomically; a cache file that cannot be
+read, or whose shape does not fit, is recomputed with a warning naming it.
+
+Under DDP each rank computes a strided share (``rank::world_size``) into a part file, rank 0 merges the
+parts in row order, and every rank loads the merged file (the cache directory must be on a filesystem
+all ranks share, as the run directory is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pacx.utils import save_npy_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def backbone_fingerprint(module: nn.Module) -> str:
+    """Hash of every tensor in ``module.state_dict()`` (name, dtype, shape and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def images_fingerprint(image_root: str | Path, paths: list[str], transform: object) -> str:
+    """Hash of the resolved image root, each image path with its size and mtime, and the transform."""
+    root = Path(image_root).resolve()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{root}|{transform!r}|{len(paths)}|".encode())
+    for rel in paths:
+        st = (root / rel).stat()
+        h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def feature_key(*parts: str) -> str:
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+
+class FeatureDataset(Dataset):
+    """``(features[i] [D], target[i])`` pairs: the cached stand-in for an image dataset."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(features) != len(targets):
+            raise ValueError(f"{len(features)} feature rows but {len(targets)} targets")
+        self.features, self.targets = features, targets
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.targets[index]
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    indices: list[int] | None = None,
+) -> torch.Tensor:
+    """``backbone(x)`` for every item ``(x, …)`` of ``dataset`` (or of ``indices``), in order; float32 ``[N, D]``.
+
+    The backbone runs in eval mode under ``forward_context`` (e.g. the trainer's autocast). The global
+    RNG state is left as it was, so a training run that extracts features first shuffles its batches
+    exactly as one that does not.
+    """
+    data = Subset(dataset, indices) if indices is not None else dataset
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            x = batch[0].to(device, non_blocking=True)
+            with forward_context():
+                out.append(backbone(x).float().cpu())  # [b, D]
+    backbone.train(was_training)
+    if not out:
+        return torch.zeros(0, getattr(backbone, "embed_dim", 0))
+    return torch.cat(out)
+
+
+class FeatureCache:
+    """``<root>/<key>.npy`` feature files with a ``<key>.json`` record each."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npy"
+
+    def load(self, key: str, rows: int, dim: int) -> torch.Tensor | None:
+        """The cached ``[rows, dim]`` features, or None when absent or unusable (with a warning)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+            return None
+        if arr.shape != (rows, dim) or arr.dtype != np.float32:
+            log.warning("feature cache %s holds %s %s, expected float32 %s; recomputing", path, arr.dtype,
+                        arr.shape, (rows, dim))
+            return None
+        return torch.from_numpy(arr)
+
+    def save(self, key: str, features: torch.Tensor, record: dict) -> Path:
+        path = save_npy_atomic(self.path(key), features.numpy().astype(np.float32, copy=False))
+        write_json_atomic(path.with_suffix(".json"), {
+            "format": CACHE_FORMAT, "rows": int(features.shape[0]), "dim": int(features.shape[1]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **record,
+        })
+        return path
+
+    def part_path(self, key: str, rank: int) -> Path:
+        return self.root / f"{key}.part{rank}.npy"
+
+
+def cached_features(
+    cache: FeatureCache,
+    key: str,
+    rows: int,
+    dim: int,
+    compute: Callable[[list[int] | None], torch.Tensor],
+    record: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> torch.Tensor:
+    """Load ``key`` from ``cache`` or compute it (``compute(indices)`` → ``[len(indices), dim]``), sharded
+    over ``world_size`` ranks when distributed; every rank returns the full ``[rows, dim]`` tensor."""
+    found = cache.load(key, rows, dim)
+    if found is not None:
+        log.info("features %s: %d × %d from cache %s", record.get("split", ""), rows, dim, cache.path(key))
+        return found
+    barrier()  # every rank has looked before rank 0 may write
+    start = time.perf_counter()
+    if world_size == 1:
+        features = compute(None)
+        cache.save(key, features, record)
+    else:
+        share = list(range(rank, rows, world_size))
+        save_npy_atomic(cache.part_path(key, rank), compute(share).numpy())
+        barrier()
+        if rank == 0:
+            merged = torch.zeros(rows, dim)
+            for r in range(world_size):
+                merged[r::world_size] = torch.from_numpy(np.load(cache.part_path(key, r), allow_pickle=False))
+            cache.save(key, merged, record)
+            for r in range(world_size):
+                cache.part_path(key, r).unlink()
+        barrier()
+        features = cache.load(key, rows, dim)
+        if features is None:
+            raise RuntimeError(f"rank {rank}: merged feature file {cache.path(key)} is missing or malformed")
+    log.info("features %s: %d × %d computed in %.1f s → %s", record.get("split", ""), rows, dim,
+             time.perf_counter() - start, cache.path(key))
+    return features

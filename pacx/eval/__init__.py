@@ -1,0 +1,1 @@
+"""Stage 3 evaluation utilities that work on encoders directly (no Lightning)."""

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Alignment evaluation (DATASETS.md §16): ridge probes from CXR features to the ECG and labs teacher
+embeddings, and with ``--zero-shot`` 1-of-10 retrieval through a Stage 2 run's projection heads.
+
+    python scripts/eval_alignment.py --data-root /data/symile/data_npy \\
+        --backbone mae=runs/stage1/mae_vitb_chexpert --backbone pacx=runs/stage2/pacx_vitb_symile \\
+        --backbone random=random:vit_base_patch16 --json alignment.json
+
+``--backbone`` is repeatable: ``name=path`` or a plain path (named by its stem), where the path is
+anything ``pacx.load_encoder`` accepts; ``random:<arch>`` is a freshly initialised encoder (seeded by
+``--seed``). Probes fit on ``train`` (the rows a shuffled drop-last loader of ``--drop-last-batch``
+would yield) and score on ``test_uni``; zero-shot retrieval uses ``test``. A Markdown table goes to
+stdout; ``--json`` writes ``{backbone: {"ecg": {...}, "labs": {...}, "zero_shot": {...}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pacx.eval.alignment import (
+    FIT_BATCH,
+    RECALL_KS,
+    TARGETS,
+    load_split,
+    load_stage2_heads,
+    probe_encoder,
+    zero_shot_retrieval,
+)
+from pacx.models.backbones import BackboneConfig, build_backbone
+from pacx.utils import write_json_atomic
+
+log = logging.getLogger("eval_alignment")
+
+RANDOM_PREFIX = "random:"
+TARGET_TITLES = {"ecg": "ECG", "labs": "labs"}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One ``--backbone``: a result name and its source (a path, or ``random:<arch>``)."""
+
+    name: str
+    source: str
+
+    @property
+    def random_arch(self) -> str | None:
+        return self.source[len(RANDOM_PREFIX):] if self.source.startswith(RANDOM_PREFIX) else None
+
+    def config(self, img_size: int) -> BackboneConfig:
+        """The ``pacx.models.backbones`` kind for this source: ``random`` or ``weights``."""
+        if self.random_arch is not None:
+            return BackboneConfig(kind="random", arch=self.random_arch, img_size=img_size)
+        return BackboneConfig(kind="weights", weights=self.source, img_size=img_size)
+
+
+def parse_backbone(text: str) -> BackboneSpec:
+    """``name=source`` or a bare source; a bare path is named by its stem, ``random:<arch>`` by itself."""
+    name, sep, source = text.partition("=")
+    if not sep or not name or "/" in name:
+        name, source = (text if text.startswith(RANDOM_PREFIX) else Path(text).stem), text
+    if not source or source == RANDOM_PREFIX:
+        raise argparse.ArgumentTypeError(f"--backbone {text!r}: expected name=path, a path or random:<arch>")
+    return BackboneSpec(name, source)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict[str, dict], n_test: int) -> str:
+    """Rows backbone × target, then one permutation-baseline row per target (its R@k = chance, 100·k/N)."""
+    cols = ["backbone", "target", "R²", "cos", "cos (centred)", *(f"R@{k}" for k in RECALL_KS)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, res in results.items():
+        for target, title in TARGET_TITLES.items():
+            m = res[target]
+            cells = [name, title, _fmt(m["r2"], 4), _fmt(m["cos"], 4), _fmt(m["cos_centred"], 4),
+                     *(_fmt(m[f"recall@{k}"], 2) for k in RECALL_KS)]
+            lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(results.values()))
+    for target, title in TARGET_TITLES.items():
+        m = first[target]
+        cells = ["baseline (permutation / chance)", title, "–", _fmt(m["baseline_cos"], 4),
+                 _fmt(m["baseline_cos_centred"], 4), *(_fmt(100.0 * min(k, n_test) / n_test, 2) for k in RECALL_KS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    dups = ", ".join(f"{TARGET_TITLES[t]} {first[t]['duplicate_rows']}" for t in TARGETS)
+    lines.append(f"\nfit rows: {first['ecg']['n_fit']}; test rows: {n_test}; duplicate target rows in test: {dups}")
+    return "\n".join(lines) + "\n"
+
+
+def zero_shot_table(results: dict[str, dict]) -> str:
+    lines = ["| backbone | CXR→ECG | CXR→labs | chance | queries |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        z = res["zero_shot"]
+        lines.append(f"| {name} | {z['cxr_ecg_acc']:.4f} | {z['cxr_labs_acc']:.4f} | {z['chance']:.4f} | "
+                     f"{z['n_queries']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _finite(results: dict) -> bool:
+    return all(_finite(v) if isinstance(v, dict) else math.isfinite(v) for v in results.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", action="append", type=parse_backbone, required=True,
+                        help="name=path, a path, or name=random:<arch>; repeatable")
+    parser.add_argument("--data-root", required=True, help="the Symile-MIMIC data_npy directory")
+    parser.add_argument("--img-size", type=int, default=224, help="CXR side after the resize (default 224)")
+    parser.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--alpha", type=float, default=10.0, help="ridge penalty (§16: 10)")
+    parser.add_argument("--drop-last-batch", type=int, default=FIT_BATCH,
+                        help="fit on (N // B) * B random train rows as the reference's drop-last loader "
+                        "(default 256: 9,984 of 10,000); 0 = all rows")
+    parser.add_argument("--seed", type=int, default=0, help="fit-row draw and random-init seed")
+    parser.add_argument("--fit-split", default="train")
+    parser.add_argument("--eval-split", default="test_uni")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="also 1-of-G retrieval on the test split with each backbone's Stage 2 heads "
+                        "(every backbone must be a Stage 2 run directory or checkpoint)")
+    parser.add_argument("--check-values", action="store_true", help="scan arrays for NaN/inf (slow on CXRs)")
+    parser.add_argument("--json", type=Path, help="write all numbers to this JSON file")
+    args = parser.parse_args(argv)
+
+    names = [b.name for b in args.backbone]
+    if len(set(names)) != len(names):
+        parser.error(f"backbone names must be unique, got {names}")
+    heads = {}
+    if args.zero_shot:  # fail before any feature extraction
+        for spec in args.backbone:
+            if spec.random_arch is not None:
+                parser.error(f"--zero-shot needs Stage 2 runs or checkpoints; backbone {spec.name!r} is {spec.source}")
+            heads[spec.name] = load_stage2_heads(spec.source)
+    fit = load_split(args.data_root, args.fit_split, args.check_values)
+    test = load_split(args.data_root, args.eval_split, args.check_values)
+    retrieval = load_split(args.data_root, "test", args.check_values) if args.zero_shot else None
+
+    results: dict[str, dict] = {}
+    for spec in args.backbone:
+        log.info("backbone %s (%s) on %s", spec.name, spec.source, args.device)
+        torch.manual_seed(args.seed)
+        encoder = build_backbone(spec.config(args.img_size)).eval()
+        results[spec.name] = probe_encoder(encoder, fit, test, args.img_size, args.batch_size, args.device,
+                                           args.alpha, args.drop_last_batch or None, args.seed)
+        if args.zero_shot:
+            results[spec.name]["zero_shot"] = zero_shot_retrieval(encoder, heads[spec.name], retrieval,
+                                                                  args.img_size, args.batch_size, args.device)
+        del encoder
+    if not _finite(results):
+        log.warning("some alignment numbers are not finite: check the features")
+
+    sys.stdout.write(markdown_table(results, len(test)))
+    if args.zero_shot:
+        sys.stdout.write("\n" + zero_shot_table(results))
+    if args.json is not None:
+        write_json_atomic(args.json, results)
+        log.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

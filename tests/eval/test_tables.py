@@ -1,0 +1,222 @@
+"""pacx/eval/tables.py and scripts/make_tables.py on a hand-made results CSV (expected numbers by hand)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pacx.eval.tables import (
+    aggregate,
+    load_results,
+    low_data_figure,
+    low_data_table,
+    main_table,
+    to_json,
+    to_latex,
+    to_markdown,
+)
+
+# (benchmark, task, metric column, backbone, mode, train fraction) -> metric per seed 0..4 (fewer = fewer seeds).
+# Segmentation rows have mode "frozen" and no train fraction, as pacx/lit/segment.py writes them.
+RUNS: dict[tuple[str, str, str, str, str, float | None], list[float]] = {
+    ("chexchonet", "binary", "test/f1", "imagenet", "linear_probe", 1.0): [0.70, 0.72, 0.74, 0.76, 0.78],
+    ("chexchonet", "binary", "test/f1", "mae", "linear_probe", 1.0): [0.75, 0.75, 0.76, 0.77, 0.77],
+    ("chexchonet", "binary", "test/f1", "pacx", "linear_probe", 1.0): [0.80, 0.81, 0.82, 0.83, 0.84],
+    ("chexchonet", "binary", "test/f1", "imagenet", "linear_probe", 0.1): [0.60] * 5,
+    ("chexchonet", "binary", "test/f1", "mae", "linear_probe", 0.1): [0.63, 0.65, 0.64, 0.64, 0.64],
+    ("chexchonet", "binary", "test/f1", "pacx", "linear_probe", 0.1): [0.70] * 5,
+    ("chexchonet", "binary", "test/f1", "mae", "linear_probe", 0.01): [0.55] * 5,
+    ("chexchonet", "binary", "test/f1", "pacx", "linear_probe", 0.01): [0.58, 0.60, 0.62, 0.59, 0.61],
+    ("cxlseg", "segmentation", "test/iou", "imagenet", "frozen", None): [0.85, 0.86, 0.87, 0.88, 0.89],
+    ("cxlseg", "segmentation", "test/iou", "mae", "frozen", None): [0.88] * 5,
+    ("cxlseg", "segmentation", "test/iou", "pacx", "frozen", None): [0.90] * 5,
+    ("tb", "binary", "test/auroc", "imagenet", "linear_probe", 1.0): [0.90],
+    ("tb", "binary", "test/auroc", "pacx", "linear_probe", 1.0): [0.92] * 5,
+    ("nih", "multilabel", "test/auroc_macro", "imagenet", "linear_probe", 1.0): [0.80] * 5,
+    ("nih", "multilabel", "test/auroc_macro", "mae", "linear_probe", 1.0): [0.80] * 5,
+    ("nih", "multilabel", "test/auroc_macro", "pacx", "linear_probe", 1.0): [0.79] * 5,
+    ("nih", "multilabel", "test/auroc_macro", "pacx", "finetune", 1.0): [0.85] * 5,
+}
+METRIC = {"chexchonet": "f1", "cxlseg": "iou", "tb": "auroc", "nih": "auroc"}
+
+MAIN_MARKDOWN = """\
+| Benchmark | Metric | ImageNet | MAE | PaCX-MAE |
+| :--- | :--- | :---: | :---: | :---: |
+| chexchonet | F1 | 0.740 ± 0.032 | 0.760 ± 0.010 | **0.820 ± 0.016** |
+| cxlseg | IoU | 0.870 ± 0.016 | 0.880 ± 0.000 | **0.900 ± 0.000** |
+| tb | AUROC | 0.900 ± 0.000 (n=1) | – | **0.920 ± 0.000** |
+| nih | AUROC | **0.800 ± 0.000** | **0.800 ± 0.000** | 0.790 ± 0.000 |
+"""
+
+MAIN_LATEX = r"""\begin{tabular}{llccc}
+\toprule
+Benchmark & Metric & ImageNet & MAE & PaCX-MAE \\
+\midrule
+chexchonet & F1 & 0.740 $\pm$ 0.032 & 0.760 $\pm$ 0.010 & \textbf{0.820 $\pm$ 0.016} \\
+cxlseg & IoU & 0.870 $\pm$ 0.016 & 0.880 $\pm$ 0.000 & \textbf{0.900 $\pm$ 0.000} \\
+tb & AUROC & 0.900 $\pm$ 0.000 (n=1) & -- & \textbf{0.920 $\pm$ 0.000} \\
+nih & AUROC & \textbf{0.800 $\pm$ 0.000} & \textbf{0.800 $\pm$ 0.000} & 0.790 $\pm$ 0.000 \\
+\bottomrule
+\end{tabular}
+"""
+
+
+def _row(bench, task, column, kind, mode, fraction, seed, value, run_dir=None) -> dict:
+    run_dir = run_dir or f"runs/{bench}/{kind}/{mode}/f{fraction}/s{seed}"
+    row = {"benchmark": bench, "task": task, "metric": METRIC[bench], "backbone_kind": kind, "mode": mode}
+    if fraction is not None:  # segmentation rows have no train fraction / subset seed
+        row.update(train_fraction=fraction, subset_seed=seed)
+    row.update({"seed": seed, column: value, "metric_value": value, "backbone_weights": f"weights/{kind}",
+                "git_sha": "abc123", "run_dir": run_dir})
+    return row
+
+
+@pytest.fixture
+def results_csv(tmp_path: Path) -> Path:
+    """Results rows as Stage 3 appends them, plus a re-run of pacx seed 0 on chexchonet that supersedes a
+    first, bad row (0.50 -> 0.80)."""
+    rows = []
+    for (bench, task, column, kind, mode, fraction), values in RUNS.items():
+        for seed, value in enumerate(values):
+            first = 0.50 if (bench, kind, fraction, seed) == ("chexchonet", "pacx", 1.0, 0) else value
+            rows.append(_row(bench, task, column, kind, mode, fraction, seed, first))
+    rows.append(_row("chexchonet", "binary", "test/f1", "pacx", "linear_probe", 1.0, 0, 0.80))
+    path = tmp_path / "runs" / "results.csv"
+    path.parent.mkdir()
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def results(results_csv: Path) -> pd.DataFrame:
+    return load_results(results_csv)
+
+
+def _stat(agg: pd.DataFrame, bench: str, kind: str, fraction: float = 1.0, mode: str = "linear_probe"):
+    row = agg[(agg.benchmark == bench) & (agg.backbone_kind == kind) & (agg.train_fraction == fraction)
+              & (agg["mode"] == mode)]
+    assert len(row) == 1
+    return row.iloc[0]
+
+
+def test_load_results_supersedes_rerun_and_fills_defaults(results_csv, caplog):
+    with caplog.at_level(logging.WARNING, logger="pacx.eval.tables"):
+        df = load_results([results_csv])
+    assert "1 results row(s) superseded" in caplog.text
+    assert len(df) == sum(len(v) for v in RUNS.values())
+    rerun = df[(df.benchmark == "chexchonet") & (df.backbone_kind == "pacx") & (df.train_fraction == 1.0)
+               & (df.seed == 0)]
+    assert rerun["metric_value"].tolist() == [0.80]
+    seg = df[df.benchmark == "cxlseg"]
+    assert set(seg["train_fraction"]) == {1.0} and set(seg["mode"]) == {"frozen"}
+    assert str(df["seed"].dtype) == "Int64" and df["metric_value"].dtype == float
+
+
+def test_load_results_concatenates_files_later_file_wins(results_csv, tmp_path):
+    rerun = pd.DataFrame([_row("tb", "binary", "test/auroc", "imagenet", "linear_probe", 1.0, 0, 0.70)])
+    later = tmp_path / "later.csv"
+    rerun.to_csv(later, index=False)
+    df = load_results([results_csv, later])
+    tb = df[(df.benchmark == "tb") & (df.backbone_kind == "imagenet")]
+    assert tb["metric_value"].tolist() == [0.70] and tb["source_csv"].tolist() == [str(later)]
+
+
+def test_missing_column_error_names_file_and_column(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame([_row("tb", "binary", "test/auroc", "pacx", "linear_probe", 1.0, 0, 0.9)]).drop(
+        columns="metric_value").to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=r"bad\.csv.*'metric_value'"):
+        load_results(bad)
+
+
+def test_aggregate_means_and_sample_stds(results):
+    agg = aggregate(results)
+    expected = {  # (bench, kind, fraction): (mean, sample std, n), by hand
+        ("chexchonet", "imagenet", 1.0): (0.74, math.sqrt(0.001), 5),  # SS 0.004 / 4
+        ("chexchonet", "mae", 1.0): (0.76, 0.01, 5),  # SS 0.0004 / 4
+        ("chexchonet", "pacx", 1.0): (0.82, math.sqrt(0.00025), 5),  # re-run row counted once
+        ("chexchonet", "mae", 0.1): (0.64, math.sqrt(0.00005), 5),
+        ("chexchonet", "pacx", 0.01): (0.60, math.sqrt(0.00025), 5),
+        ("tb", "imagenet", 1.0): (0.90, 0.0, 1),  # one seed: std 0
+        ("nih", "pacx", 1.0): (0.79, 0.0, 5),
+    }
+    for (bench, kind, fraction), (mean, std, n) in expected.items():
+        s = _stat(agg, bench, kind, fraction)
+        assert (s["mean"], s["std"], s["n"]) == (pytest.approx(mean), pytest.approx(std, abs=1e-12), n)
+    seg = _stat(agg, "cxlseg", "imagenet", mode="frozen")
+    assert (seg["mean"], seg["std"]) == (pytest.approx(0.87), pytest.approx(math.sqrt(0.00025)))
+    assert _stat(agg, "nih", "pacx", mode="finetune")["mean"] == pytest.approx(0.85)
+    pct = _stat(aggregate(results, percent=True), "chexchonet", "imagenet")
+    assert (pct["mean"], pct["std"]) == (pytest.approx(74.0), pytest.approx(100 * math.sqrt(0.001)))
+
+
+def test_main_table_markdown_and_latex_exact(results):
+    table = main_table(results)
+    assert to_markdown(table) == MAIN_MARKDOWN
+    assert to_latex(table) == MAIN_LATEX
+
+
+def test_main_table_percent_mode_and_other_backbones(results):
+    md = to_markdown(main_table(results, percent=True))
+    assert "| chexchonet | F1 | 74.0 ± 3.2 | 76.0 ± 1.0 | **82.0 ± 1.6** |" in md
+    finetune = to_markdown(main_table(results, mode="finetune", backbones=("pacx", "random")))
+    assert finetune.splitlines()[0] == "| Benchmark | Metric | PaCX-MAE | Random init |"
+    # segmentation (single-mode) rows appear in every mode; a lone cell is not bold
+    assert finetune.splitlines()[2:] == ["| cxlseg | IoU | 0.900 ± 0.000 | – |", "| nih | AUROC | 0.850 ± 0.000 | – |"]
+
+
+def test_to_json_structure_and_values(results):
+    data = to_json(main_table(results))
+    assert list(data) == ["chexchonet", "cxlseg", "tb", "nih"]
+    assert set(data["tb"]) == {"imagenet", "pacx"}  # the missing MAE cell is absent
+    assert data["tb"]["imagenet"] == {"metric": "auroc", "mean": pytest.approx(0.90), "std": 0.0, "n": 1}
+    pacx = data["chexchonet"]["pacx"]
+    assert pacx == {"metric": "f1", "mean": pytest.approx(0.82), "std": pytest.approx(math.sqrt(0.00025)), "n": 5}
+    json.dumps(data)  # plain Python types
+
+
+def test_low_data_table(results):
+    table = low_data_table(results)
+    md = to_markdown(table).splitlines()
+    assert md[0] == ("| Benchmark | Metric | ImageNet 1 % | ImageNet 10 % | ImageNet 100 % | MAE 1 % | MAE 10 % "
+                     "| MAE 100 % | PaCX-MAE 1 % | PaCX-MAE 10 % | PaCX-MAE 100 % |")
+    assert md[2:] == ["| chexchonet | F1 | – | 0.600 ± 0.000 | 0.740 ± 0.032 | 0.550 ± 0.000 | 0.640 ± 0.007 "
+                      "| 0.760 ± 0.010 | **0.600 ± 0.016** | **0.700 ± 0.000** | **0.820 ± 0.016** |"]
+    latex = to_latex(table)
+    assert r"ImageNet 1 \% & ImageNet 10 \%" in latex and r"\begin{tabular}{ll" + "c" * 9 + "}" in latex
+    assert to_json(table)["chexchonet"]["pacx@0.01"]["mean"] == pytest.approx(0.60)
+
+
+def test_latex_escapes_specials(results):
+    renamed = results.assign(benchmark=results["benchmark"].replace({"tb": "t&b_50%"}))
+    latex = to_latex(main_table(renamed))
+    assert r"t\&b\_50\% & AUROC" in latex
+
+
+def test_low_data_figure_written_atomically(results, tmp_path):
+    out = low_data_figure(results, tmp_path / "fig" / "low_data.png")
+    assert out == tmp_path / "fig" / "low_data.png" and out.stat().st_size > 0
+    with Image.open(out) as img:
+        img.verify()
+        assert img.format == "PNG"
+    assert [p.name for p in out.parent.iterdir()] == ["low_data.png"]  # no temporary file left
+    full_only = results[results.train_fraction == 1.0]
+    assert low_data_figure(full_only, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_script_prints_tables_and_writes_figure(results_csv, tmp_path, capsys):
+    from scripts.make_tables import main
+
+    assert main([str(results_csv), "--json", str(tmp_path / "table.json")]) == 0
+    out = capsys.readouterr().out
+    assert MAIN_MARKDOWN in out and MAIN_LATEX in out
+    assert "| PaCX-MAE 1 % |" in out and r"PaCX-MAE 1 \%" in out  # the low-data table, both formats
+    figure = results_csv.parent / "low_data.png"
+    assert f"{figure}\n" in out and figure.stat().st_size > 0
+    assert json.loads((tmp_path / "table.json").read_text())["nih"]["pacx"]["mean"] == pytest.approx(0.79)

@@ -1,0 +1,227 @@
+"""Cached-feature linear probing, embedding export (``predict``) and the low-data seed, through Stage3_eval.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pacx
+from pacx.checkpoint import safe_torch_load
+from pacx.data.feature_cache import FeatureCache, cached_features, images_fingerprint
+from pacx.data.prepare import run_converter
+from pacx.data.registry import BENCHMARKS
+from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+from pacx.data.transforms import resize_eval
+from tests.lit.test_classify import stage3_args
+
+
+@pytest.fixture(scope="module")
+def tb(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("tb")
+    raw = RELEASE_WRITERS["tb"](base / "raw", 0)
+    run_converter("tb", raw, base / "manifests")
+    return raw, base / "manifests"
+
+
+def _test_images(tb) -> tuple[Path, list[str]]:
+    """The image root and relative paths of the tb test split."""
+    raw, manifests = tb
+    spec = BENCHMARKS["tb"]
+    df = pd.read_csv(manifests / spec.manifest_files["test"])
+    return raw / spec.image_dirs["test"], df[spec.path_column].astype(str).tolist()
+
+
+def _fit(tb, run_dir: Path, weights: Path, *extra: str):
+    from Stage3_eval import main
+
+    raw, manifests = tb
+    return main(stage3_args("tb", raw, manifests, run_dir, weights, "--seed_everything", "7", *extra))
+
+
+def _head(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("head.")}
+
+
+def test_cached_and_per_epoch_probes_give_the_same_head(tb, stage1_run, tmp_path):
+    """One epoch, same seed, no augmentation: the head trained on cached features equals the head trained
+    with a backbone forward per batch (to 1e-5), and so do the test metrics."""
+    cache_dir = tmp_path / "cache"
+    per_epoch = _fit(tb, tmp_path / "per_epoch", stage1_run, "--data.train_augment", "false",
+                     "--model.feature_cache", "false")
+    cached = _fit(tb, tmp_path / "cached", stage1_run, "--data.train_augment", "false",
+                  "--model.feature_cache_dir", str(cache_dir))
+    assert not per_epoch.model.features_served and cached.model.features_served
+    a, b = _head(tmp_path / "per_epoch"), _head(tmp_path / "cached")
+    assert set(a) == {"head.weight", "head.bias"}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    ra = pd.read_csv(tmp_path / "per_epoch" / "results.csv").iloc[0]
+    rb = pd.read_csv(tmp_path / "cached" / "results.csv").iloc[0]
+    assert not ra["feature_cache"] and rb["feature_cache"]
+    assert rb["metric_value"] == pytest.approx(ra["metric_value"], abs=1e-5)
+    assert len(list(cache_dir.glob("*.npy"))) == 3 and len(list(cache_dir.glob("*.json"))) == 3  # one per split
+
+
+def test_feature_cache_is_reused_and_keyed_by_weights_and_images(tb, stage1_run, tmp_path, monkeypatch):
+    raw, manifests = tb
+    cache_dir = tmp_path / "cache"
+    _fit(tb, tmp_path / "first", stage1_run, "--model.feature_cache_dir", str(cache_dir))
+    files = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")}
+    record = json.loads(next(cache_dir.glob("*.json")).read_text())
+    assert record["backbone_weights"] == str(stage1_run) and record["precision"] == "32-true"
+
+    from pacx.lit import classify
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were recomputed although cached")
+
+    monkeypatch.setattr(classify, "extract_features", no_extraction)
+    _fit(tb, tmp_path / "second", stage1_run, "--model.feature_cache_dir", str(cache_dir))
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")} == files
+    monkeypatch.undo()
+
+    # another backbone (random init) gives new keys for every split
+    _fit(tb, tmp_path / "random", stage1_run, "--model.feature_cache_dir", str(cache_dir),
+         "--model.backbone.kind", "random", "--model.backbone.weights", "null")
+    assert len(list(cache_dir.glob("*.npy"))) == 6
+
+    # a touched image changes its split's key
+    root, ds_paths = _test_images(tb)
+    before = images_fingerprint(root, ds_paths, resize_eval(32))
+    img = root / ds_paths[0]
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    assert images_fingerprint(root, ds_paths, resize_eval(32)) != before
+    assert images_fingerprint(root, ds_paths, resize_eval(48)) != images_fingerprint(root, ds_paths, resize_eval(32))
+
+
+def test_unusable_cache_file_is_recomputed_with_a_warning(tmp_path, caplog):
+    cache = FeatureCache(tmp_path)
+    cache.save("k", torch.ones(4, 3), {"split": "val"})
+    cache.path("k").write_bytes(b"not an npy file")
+    calls = []
+
+    def compute(indices):
+        calls.append(indices)
+        return torch.full((4, 3), 2.0)
+
+    out = cached_features(cache, "k", 4, 3, compute, {"split": "val"})
+    assert calls == [None] and torch.equal(out, torch.full((4, 3), 2.0))
+    assert "unreadable" in caplog.text and str(cache.path("k")) in caplog.text
+    assert torch.equal(cache.load("k", 4, 3), out)
+    assert cache.load("k", 5, 3) is None and "expected float32 (5, 3)" in caplog.text
+
+
+def _worker_cached_features() -> None:
+    """One rank of the 2-process gloo test below (started as a subprocess)."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    seen = []
+
+    def compute(indices):
+        seen.extend(indices)
+        return torch.tensor([[float(i), float(i) ** 2] for i in indices])
+
+    out = cached_features(FeatureCache(os.environ["CACHE_DIR"]), "k", 7, 2, compute, {"split": "train"},
+                          rank, world, dist.barrier)
+    np.save(Path(os.environ["CACHE_DIR"]) / f"out{rank}.npy", out.numpy())
+    np.save(Path(os.environ["CACHE_DIR"]) / f"seen{rank}.npy", np.array(seen))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_cached_features_shard_over_two_real_processes(tmp_path, repo):
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 500),
+           "CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-c", "from tests.lit.test_stage3_features import _worker_cached_features as w; w()"]
+    procs = [subprocess.Popen(cmd, cwd=repo, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    expected = np.array([[i, i**2] for i in range(7)], dtype=np.float32)
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"out{rank}.npy"), expected)
+        assert list(np.load(tmp_path / f"seen{rank}.npy")) == list(range(rank, 7, 2))  # each rank its share
+    np.testing.assert_array_equal(np.load(tmp_path / "k.npy"), expected)
+    assert not list(tmp_path.glob("k.part*"))  # parts merged and removed
+
+
+def _predict_args(tb, run_dir: Path, weights: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
+    raw, manifests = tb
+    args = stage3_args("tb", raw, manifests, run_dir, weights, "--data.manifest", str(manifest),
+                       "--embeddings_out", str(out), *extra)
+    args[0] = "predict"
+    return args
+
+
+def _reference_embeddings(weights: Path, image_paths: list[Path]) -> np.ndarray:
+    from PIL import Image
+
+    encoder = pacx.load_encoder(weights)
+    x = torch.stack([resize_eval(32)(Image.open(p).convert("RGB")) for p in image_paths])
+    with torch.no_grad():
+        return encoder(x).numpy()
+
+
+def test_predict_writes_embeddings_in_manifest_order(tb, stage1_run, tmp_path):
+    from Stage3_eval import main
+
+    root, rel = _test_images(tb)
+    # a user manifest: absolute paths, shuffled order, another column name
+    paths = [root / rel[i] for i in np.random.default_rng(3).permutation(len(rel))]
+    manifest = tmp_path / "mine.csv"
+    pd.DataFrame({"image": [str(p) for p in paths], "note": range(len(paths))}).to_csv(manifest, index=False)
+    out = tmp_path / "emb.npy"
+    main(_predict_args(tb, tmp_path / "run", stage1_run, manifest, out, "--data.predict_path_column", "image",
+                       "--data.batch_size", "4"))
+    emb = np.load(out)
+    assert emb.shape == (len(paths), 32) and emb.dtype == np.float32
+    np.testing.assert_allclose(emb, _reference_embeddings(stage1_run, paths), atol=1e-5)
+    listing = pd.read_csv(out.with_suffix(".csv"))
+    assert listing["image"].tolist() == [str(p) for p in paths] and listing["row"].tolist() == list(range(len(paths)))
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["rows"] == len(paths) and meta["dim"] == 32 and meta["backbone_weights"] == str(stage1_run)
+
+
+def test_predict_on_a_folder_sorts_images_and_matches_under_two_process_ddp(tb, stage1_run, tmp_path, repo):
+    """A folder of images, predicted by 2 real gloo processes: same embeddings, in sorted path order."""
+    raw, _ = tb
+    folder = tmp_path / "images"
+    sources = sorted(raw.rglob("*.png"))[:7]
+    assert len(sources) == 7
+    for i, src in enumerate(sources):
+        (folder / f"g{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"g{i % 2}" / f"img{i}.png").write_bytes(src.read_bytes())
+    out = tmp_path / "emb.npy"
+    args = _predict_args(tb, tmp_path / "run", stage1_run, folder, out, "--data.batch_size", "2",
+                         "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    res = subprocess.run([sys.executable, str(repo / "Stage3_eval.py"), *args], cwd=repo, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ordered = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    listing = pd.read_csv(out.with_suffix(".csv"))
+    assert listing.iloc[:, 1].tolist() == ordered
+    np.testing.assert_allclose(np.load(out), _reference_embeddings(stage1_run, [folder / p for p in ordered]),
+                               atol=1e-5)
+    assert not list(tmp_path.glob("emb.part*"))
+
+
+def test_low_data_subset_follows_seed_everything(tb, stage1_run, tmp_path):
+    runs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        cli = _fit(tb, tmp_path / name, stage1_run, "--data.train_fraction", "0.2", "--seed_everything", seed,
+                   "--model.feature_cache", "false")
+        runs[name] = cli.datamodule.datasets["train"].paths
+        row = pd.read_csv(tmp_path / name / "results.csv").iloc[0]
+        assert row["subset_seed"] == int(seed) and row["seed"] == int(seed) and row["train_fraction"] == 0.2
+    assert runs["a"] == runs["b"] != runs["c"]
