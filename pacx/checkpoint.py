@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from collections.abc import Iterable, Mapping
@@ -64,6 +65,16 @@ def load_any(path: str | Path) -> tuple[object, dict[str, str]]:
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     return safe_torch_load(path), {}
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """Hash of every tensor in ``module.state_dict()`` (name, dtype, shape and bytes): equal iff the weights are."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

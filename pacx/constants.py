@@ -14,3 +14,4 @@ MIMIC_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1"
 
 # Stage names recorded in checkpoints, run.json and export metadata.
 STAGE_MAE = "stage1_mae"
+STAGE_PACX = "stage2_pacx"

@@ -7,7 +7,6 @@ on the whole array at once, with the encoder layers called directly.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,17 +21,11 @@ from pacx.data.synthetic.symile import write_symile_release
 from pacx.models.ecgfounder import create_ecgfounder, load_ecgfounder, preprocess_ecg
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig, load_labs_dae
 from pacx.teachers import ECGTeacher, extract_teacher_features, load_teachers
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test", "test_uni")
 ECG_DIM, LABS_DIM = 128, 16  # demo_small's last width; the small DAE's latent
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

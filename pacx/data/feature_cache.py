@@ -5,7 +5,7 @@ every one of its 40 epochs. Here each split's CLS features are computed once wit
 evaluation transform and stored as ``<cache_dir>/<key>.npy`` (float32 ``[N, D]``) with a ``<key>.json``
 record beside it. The key is a hash of everything the features depend on:
 
-* the backbone: every tensor of its state dict (names, dtypes, shapes, bytes);
+* the backbone: every tensor of its state dict (:func:`pacx.checkpoint.state_fingerprint`);
 * the images: resolved image root, each path with its file size and modification time, the transform;
 * the numerics: the trainer precision (``bf16-mixed`` features differ from ``32`` ones).
 
@@ -37,16 +37,6 @@ from pacx.utils import save_npy_atomic, write_json_atomic
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-
-
-def backbone_fingerprint(module: nn.Module) -> str:
-    """Hash of every tensor in ``module.state_dict()`` (name, dtype, shape and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def images_fingerprint(image_root: str | Path, paths: list[str], transform: object) -> str:

@@ -35,10 +35,10 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from pacx.checkpoint import CheckpointError, load_state_checked, safe_torch_load, strip_prefix
+from pacx.constants import STAGE_PACX
 from pacx.data.symile import resize_normalized
 from pacx.data.symile_files import SymileFileError, open_npy, validate_split
 from pacx.encoders import resolve_run_checkpoint
-from pacx.lit.pacx import STAGE_PACX
 from pacx.models.heads import ProjectionHead
 
 log = logging.getLogger(__name__)

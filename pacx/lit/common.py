@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from pacx.checkpoint import CheckpointError
+from pacx.checkpoint import CheckpointError, state_fingerprint
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
 from pacx.utils import git_sha
 
@@ -113,6 +113,41 @@ class BenchmarkEvalModule(StagedModule):
     def eval_mode(self) -> str:
         """How the backbone is used (``linear_probe``, ``finetune``, ``frozen``); recorded with results."""
         raise NotImplementedError
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    @property
+    def backbone_fingerprint(self) -> str:
+        """Hash of the backbone weights; computed once while the backbone is frozen (it cannot change)."""
+        if not self.backbone_frozen:
+            return state_fingerprint(self.backbone)
+        if getattr(self, "_backbone_fingerprint", None) is None:
+            self._backbone_fingerprint = state_fingerprint(self.backbone)
+        return self._backbone_fingerprint
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A frozen backbone is left out of the checkpoint (it is the input weights, unchanged; a ViT-B would
+        add 344 MB to every save); its fingerprint is kept so loading can check and restore it."""
+        super().on_save_checkpoint(checkpoint)
+        if self.backbone_frozen:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("backbone.")]:
+                del state[key]
+            checkpoint["pacx"]["frozen_backbone_fingerprint"] = self.backbone_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        expected = checkpoint["pacx"].get("frozen_backbone_fingerprint")
+        if expected is None:
+            return
+        if expected != self.backbone_fingerprint:
+            raise CheckpointError(
+                f"this checkpoint was trained on a frozen backbone with other weights than {self.backbone_cfg.kind} "
+                f"{self.backbone_cfg.weights}: build the module with the backbone it was trained on"
+            )
+        checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
 
     def pacx_metadata(self) -> dict:
         return {"vit_config": self.backbone.cfg.to_dict(), "benchmark": self.hparams.benchmark,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pacx.checkpoint import CheckpointError
-from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM
+from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM, STAGE_PACX
 from pacx.lit.common import StagedModule
 from pacx.losses import DistillationLoss
 from pacx.models.heads import ProjectionHead
@@ -28,7 +28,6 @@ from pacx.models.vit import ViTEncoder, vit_config
 
 log = logging.getLogger(__name__)
 
-STAGE_PACX = "stage2_pacx"
 MODALITIES = ("ecg", "labs")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from pacx.data.cache import CachedImageDataset, CacheError, ImageCache, build_im
 from pacx.data.manifest import ImageManifestDataset
 from pacx.data.synthetic.chexpert import write_chexpert_release
 from pacx.data.transforms import TRANSFORMS, build_transform, resize_eval
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64  # cache side used throughout: small keeps the tests fast
@@ -307,9 +307,7 @@ def test_collate_in_worker_processes(cache_dir, release):
 
 def test_build_script_resumes(release, tmp_path):
     root, df = release
-    spec = importlib.util.spec_from_file_location("build_image_cache", ROOT / "scripts/build_image_cache.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("build_image_cache")
     argv = ["--manifest", str(root / "train.csv"), "--image-root", str(root), "--strip-components", "1",
             "--size", "32", "--out", str(tmp_path / "c"), "--workers", "0", "--no-progress"]
     out = script.main(argv)

@@ -4,10 +4,8 @@ and the script end to end on a synthetic release with random, Stage 1 and Stage 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +33,10 @@ from pacx.eval.alignment import (
 )
 from pacx.models.heads import ProjectionHead
 from pacx.models.vit import create_vit
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(0)
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("eval_alignment", REPO / "scripts" / "eval_alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +228,7 @@ def test_split_layout_errors_name_the_files(tmp_path):
 
 
 def test_backbone_specs():
-    parse = _script().parse_backbone
+    parse = load_script("eval_alignment").parse_backbone
     assert (parse("mae=runs/s1/run").name, parse("mae=runs/s1/run").source) == ("mae", "runs/s1/run")
     assert (parse("runs/s1/last.ckpt").name, parse("runs/s1/last.ckpt").source) == ("last", "runs/s1/last.ckpt")
     assert parse("random=random:vit_test").random_arch == "vit_test" and parse("random:vit_test").name == "random:vit_test"
@@ -250,7 +241,7 @@ def _finite(tree) -> bool:
 
 def test_script_random_and_stage1_backbones(tmp_path, release, stage1_run, capsys):
     out = tmp_path / "alignment.json"
-    assert _script().main(["--data-root", str(release), "--backbone", "random=random:vit_test",
+    assert load_script("eval_alignment").main(["--data-root", str(release), "--backbone", "random=random:vit_test",
                            "--backbone", str(stage1_run), "--img-size", "32", "--batch-size", "7",
                            "--drop-last-batch", "8", "--device", "cpu", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -270,7 +261,7 @@ def test_script_zero_shot_matches_the_stage2_module(tmp_path, release, stage2_ru
     from pacx.lit.pacx import PaCXModule
 
     out = tmp_path / "zs.json"
-    _script().main(["--data-root", str(release), "--backbone", f"pacx={stage2_run}", "--img-size", "32",
+    load_script("eval_alignment").main(["--data-root", str(release), "--backbone", f"pacx={stage2_run}", "--img-size", "32",
                     "--drop-last-batch", "0", "--device", "cpu", "--zero-shot", "--json", str(out)])
     zs = json.loads(out.read_text())["pacx"]["zero_shot"]
     assert zs["chance"] == pytest.approx(0.1) and zs["n_queries"] == 10 and zs["group_size"] == 10
@@ -299,7 +290,7 @@ def test_script_zero_shot_matches_the_stage2_module(tmp_path, release, stage2_ru
 
 
 def test_zero_shot_refuses_backbones_without_stage2_heads(release, stage1_run):
-    script = _script()
+    script = load_script("eval_alignment")
     with pytest.raises(CheckpointError, match=r"last\.ckpt.*stage2_pacx.*'stage1_mae'"):
         script.main(["--data-root", str(release), "--backbone", str(stage1_run), "--zero-shot"])
     with pytest.raises(SystemExit):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,9 @@ from pacx.eval.rollout import (
     render_grid,
 )
 from pacx.models.vit import create_vit
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("attention_rollout", ROOT / "scripts" / "attention_rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +213,7 @@ def write_images(folder: Path, n: int = 3) -> list[Path]:
 def test_script_end_to_end(stage1_run, tmp_path, capsys):
     write_images(tmp_path / "imgs")
     out = tmp_path / "out" / "roll.png"
-    rc = load_script().main(["--backbones", f"mae={stage1_run}", "rnd=random:vit_test",
+    rc = load_script("attention_rollout").main(["--backbones", f"mae={stage1_run}", "rnd=random:vit_test",
                              "--images", str(tmp_path / "imgs"), "--out", str(out), "--discard-ratio", "0.2"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(out)
@@ -241,7 +234,7 @@ def test_script_csv_manifest_and_errors(stage1_run, tmp_path, capsys):
     paths = write_images(tmp_path / "data" / "imgs", n=2)
     csv = tmp_path / "data" / "manifest.csv"
     csv.write_text("Path,label\n" + "".join(f"imgs/{p.name},0\n" for p in paths))
-    script = load_script()
+    script = load_script("attention_rollout")
     out = tmp_path / "m.png"
     script.main(["--backbones", "rnd=random:vit_test", "--img-size", "32", "--images", str(csv), "--out", str(out)])
     assert np.load(out.with_suffix(".npz"))["rnd"].shape == (2, 4, 4)

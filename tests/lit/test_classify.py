@@ -98,26 +98,29 @@ def _datamodule(name, prepared, **kwargs) -> BenchmarkDataModule:
                                pin_memory=False, **kwargs)
 
 
-def _fit(module: ClassificationModule, dm: BenchmarkDataModule) -> None:
+def _fit(module: ClassificationModule, dm: BenchmarkDataModule, root: Path) -> None:
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+                         default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=1)
     trainer.fit(module, datamodule=dm)
 
 
-def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run):
-    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="linear_probe")
+def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run, tmp_path):
+    # the per-epoch path: the backbone runs inside every training step and must stay in eval mode there
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="linear_probe",
+                                  feature_cache=False)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     head_before = module.head.weight.detach().clone()
     modes: list[bool] = []  # backbone.training at every forward, training batches included
     module.backbone.register_forward_pre_hook(lambda m, args: modes.append(m.training))
-    _fit(module, _datamodule("tb", prepared))
+    _fit(module, _datamodule("tb", prepared), tmp_path)
     assert len(modes) > 2 and not any(modes)
     assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
     assert not torch.equal(head_before, module.head.weight)
     assert {g["name"] for g in module.optimizer_groups()} == {"head_decay", "head_no_decay"}
 
 
-def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run):
+def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run, tmp_path):
     module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="finetune", lr=1e-2)
     groups = {g["name"]: g for g in module.optimizer_groups()}
     assert set(groups) == {"head_decay", "head_no_decay", "backbone_decay", "backbone_no_decay"}
@@ -126,7 +129,7 @@ def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run):
     assert groups["backbone_no_decay"]["lr"] == pytest.approx(1e-3) and groups["backbone_no_decay"]["weight_decay"] == 0
     assert groups["head_decay"]["weight_decay"] == 0.01
     before = module.backbone.blocks[0].attn.qkv.weight.detach().clone()
-    _fit(module, _datamodule("tb", prepared))
+    _fit(module, _datamodule("tb", prepared), tmp_path)
     assert not torch.equal(before, module.backbone.blocks[0].attn.qkv.weight)
     optimizer = module.trainer.optimizers[0]
     initial = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}

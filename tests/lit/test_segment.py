@@ -174,7 +174,7 @@ def test_backbone_stays_unchanged_and_in_eval_mode(stage1_run, tmp_path):
     backbone.patch_embed.register_forward_pre_hook(
         lambda m, args: modes.append(any(sub.training for sub in backbone.modules())))
     pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, limit_val_batches=1).fit(module, datamodule=dm)
+               enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path).fit(module, datamodule=dm)
     assert len(modes) > 2 and not any(modes)
     assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
     assert any(not torch.equal(a, b) for a, b in zip(decoder_before, module.decoder.parameters(), strict=True))

@@ -225,3 +225,23 @@ def test_low_data_subset_follows_seed_everything(tb, stage1_run, tmp_path):
         row = pd.read_csv(tmp_path / name / "results.csv").iloc[0]
         assert row["subset_seed"] == int(seed) and row["seed"] == int(seed) and row["train_fraction"] == 0.2
     assert runs["a"] == runs["b"] != runs["c"]
+
+
+def test_frozen_backbone_is_left_out_of_checkpoints_and_checked_on_load(tb, stage1_run, tmp_path):
+    from pacx.checkpoint import CheckpointError
+    from pacx.lit.classify import ClassificationModule
+    from pacx.models.backbones import BackboneConfig
+
+    _fit(tb, tmp_path / "run", stage1_run)
+    ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert set(ckpt["state_dict"]) == {"head.weight", "head.bias"}
+    other = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32))
+    with pytest.raises(CheckpointError, match="frozen backbone with other weights"):
+        other.on_load_checkpoint(ckpt)
+    same = ClassificationModule("tb", BackboneConfig("weights", str(stage1_run), "vit_test", 32))
+    same.on_load_checkpoint(ckpt)
+    same.load_state_dict(ckpt["state_dict"])  # strict: the backbone keys were restored
+    torch.testing.assert_close(same.head.weight, ckpt["state_dict"]["head.weight"])
+    finetune = _fit(tb, tmp_path / "ft", stage1_run, "--model.mode", "finetune")
+    state = safe_torch_load(tmp_path / "ft" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert set(finetune.model.state_dict()) == set(state)  # a trained backbone stays in

@@ -7,7 +7,6 @@ The reference key list is written here from ECGFOUNDER.md §4, independently of 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from pacx.models.ecgfounder import (
     same_padding,
     strip_dataparallel_prefix,
 )
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 FS = 500.0
@@ -84,13 +84,6 @@ def fake_release_state(arch: str, seed: int = 0, head: bool = True) -> dict[str,
         else:
             state[key] = torch.randn(shape, generator=g) * 0.05
     return state
-
-
-def load_convert_script():
-    spec = importlib.util.spec_from_file_location("convert_ecgfounder", ROOT / "scripts" / "convert_ecgfounder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +319,7 @@ def test_convert_script_writes_safetensors_that_load_identically(tmp_path):
     src, out = tmp_path / "release.pth", tmp_path / "ecgfounder.safetensors"
     optimizer = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}
     torch.save({"state_dict": fake_release_state("demo_small"), "optimizer": optimizer, "epoch": 3}, src)
-    assert load_convert_script().main([str(src), str(out), "--config", "demo_small"]) == 0
+    assert load_script("convert_ecgfounder").main([str(src), str(out), "--config", "demo_small"]) == 0
     tensors, meta = load_safetensors(out)
     assert meta["config"] == "demo_small" and "dense.weight" in tensors and len(tensors) == len(
         reference_shapes(**REFERENCE_ARCHS["demo_small"]))
@@ -335,7 +328,7 @@ def test_convert_script_writes_safetensors_that_load_identically(tmp_path):
         ref = load_ecgfounder(src, config="demo_small")(x)
         assert torch.equal(load_ecgfounder(out, config="demo_small")(x), ref)
     with pytest.raises(CheckpointError):  # the wrong architecture is caught before writing
-        load_convert_script().main([str(src), str(tmp_path / "wrong.safetensors"), "--config", "1_lead"])
+        load_script("convert_ecgfounder").main([str(src), str(tmp_path / "wrong.safetensors"), "--config", "1_lead"])
     assert not (tmp_path / "wrong.safetensors").exists()
 
 

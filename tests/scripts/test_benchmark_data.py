@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_data", ROOT / "scripts" / "benchmark_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_writes_json(tmp_path, capsys):
     out = tmp_path / "out.json"
-    load_script().main(["--num-images", "32", "--batch-size", "8", "--num-workers", "0", "--repeats", "2",
+    load_script("benchmark_data").main(["--num-images", "32", "--batch-size", "8", "--num-workers", "0", "--repeats", "2",
                         "--cache-size", "64", "--img-size", "56", "--workdir", str(tmp_path / "work"),
                         "--json", str(out)])
     result = json.loads(out.read_text())
