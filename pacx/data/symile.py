@@ -273,6 +273,22 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             )
             log.info("Symile-MIMIC %s loader: split %s, %d items of kind %r, per-device batch %d",
                      role, split, len(self.datasets[role]), h.item, self.per_device_batch)
+        self.feature_widths()  # the loaders agree on the teacher feature widths
+
+    def feature_widths(self) -> dict[str, tuple[int, Path]]:
+        """``{file key: (width, path)}`` of the teacher feature files the set-up loaders read
+        (``ecg_features`` / ``labs_features``); loaders that disagree are an error naming both files."""
+        widths: dict[str, tuple[int, Path]] = {}
+        for ds in self.datasets.values():
+            for key in ("ecg_features", "labs_features"):
+                if key not in ds.paths:
+                    continue
+                width = int(ds.arrays[key].shape[1])
+                if key in widths and widths[key][0] != width:
+                    raise ValueError(f"{ds.paths[key]} holds {width}-wide features but {widths[key][1]} holds "
+                                     f"{widths[key][0]}-wide ones: all splits need the same teacher")
+                widths.setdefault(key, (width, ds.paths[key]))
+        return widths
 
     def _loader(self, role: str) -> DataLoader | list:
         h = self.hparams

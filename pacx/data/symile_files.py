@@ -18,6 +18,7 @@ Layout of the release as read here (``<root>`` is the ``data_npy`` directory)::
     <root>/<split>/hadm_id_<split>.npy         int [N]
     <root>/{val_retrieval,test}/label_<split>.npy, label_hadm_id_<split>.npy   int [N]
     <root>/{train,val,test,test_uni}/ecg_features.npy, labs_features.npy    float32 [N, 1024] / [N, 256]
+                                               (release teachers; other widths for other teachers)
 
 ``test_uni`` holds only ``cxr_test_uni.npy``, the two feature files and ``hadm_id_test.npy`` (sic).
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM, MIMIC_LEAD_ORDER
+from pacx.constants import MIMIC_LEAD_ORDER
 from pacx.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,11 @@ FILES: tuple[FileSpec, ...] = (
              _INTS + ("uint8", "bool") + _FLOATS, _ROWS, frozenset({"labs", "labs_raw", "cxr_raw_teachers"}), ("binary",)),
     FileSpec("label", "label_{split}.npy", (), _INTS, _RETRIEVAL, _ALL, ("binary",)),
     FileSpec("label_hadm_id", "label_hadm_id_{split}.npy", (), _INTS, _RETRIEVAL, _ALL, ()),
-    FileSpec("ecg_features", "ecg_features.npy", (ECG_EMBED_DIM,), ("float32",), _FEATURES,
+    # teacher feature widths: 1024 / 256 for the release teachers (ECGFounder, Labs DAE), any width for
+    # others (the demo's small teachers); Stage 2 checks them against its heads (PaCXModule.setup)
+    FileSpec("ecg_features", "ecg_features.npy", ("ecg_dim",), ("float32",), _FEATURES,
              frozenset({"cxr_teachers"})),
-    FileSpec("labs_features", "labs_features.npy", (LABS_EMBED_DIM,), ("float32",), _FEATURES,
+    FileSpec("labs_features", "labs_features.npy", ("labs_dim",), ("float32",), _FEATURES,
              frozenset({"cxr_teachers"})),
 )
 

@@ -69,8 +69,8 @@ class SymileSplit:
 def load_split(root: str | Path, split: str, check_values: bool = False) -> SymileSplit:
     """Validate and memory-map ``<root>/<split>/`` for the evaluation.
 
-    Layout is always checked (each file present, one N across files, feature widths 1024 / 256);
-    ``check_values`` also scans for NaN/inf and non-binary labels (slow on the multi-GB CXR arrays).
+    Layout is always checked (each file present, one N across files; teacher features of any width, 1024 /
+    256 for the release teachers); ``check_values`` also scans for NaN/inf and non-binary labels (slow on the multi-GB CXR arrays).
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"Symile-MIMIC root is not a directory: {root}")

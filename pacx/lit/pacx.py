@@ -137,6 +137,16 @@ class PaCXModule(StagedModule):
         """The CXR feature [B, D]: the only thing that survives Stage 2."""
         return self.cxr_encoder(cxr)
 
+    def setup(self, stage: str) -> None:
+        """The heads must fit the teacher features on disk: an error naming the file otherwise."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        widths = datamodule.feature_widths() if hasattr(datamodule, "feature_widths") else {}
+        for key, hparam in (("ecg_features", "ecg_dim"), ("labs_features", "labs_dim")):
+            if key in widths and widths[key][0] != self.hparams[hparam]:
+                width, path = widths[key]
+                raise ValueError(f"{path} holds {width}-wide teacher features but model.{hparam} is "
+                                 f"{self.hparams[hparam]}: set model.init_args.{hparam} {width}")
+
     def embed(self, batch) -> dict[str, torch.Tensor]:
         cxr = batch[0]
         ecg, labs = batch[1].to(cxr.dtype), batch[2].to(cxr.dtype)  # teacher features as the model's inputs

@@ -217,8 +217,8 @@ def test_split_layout_errors_name_the_files(tmp_path):
     assert len(load_split(_mini_test_uni(tmp_path / "ok"), "test_uni")) == 4
     with pytest.raises(SymileFileError, match=r"ecg_features\.npy has N=3 but .*hadm_id_test\.npy has N=4"):
         load_split(_mini_test_uni(tmp_path / "n", n_ecg=3), "test_uni")
-    with pytest.raises(SymileFileError, match=r"ecg_features\.npy: expected shape \[N, 1024\], got \[4, 768\]"):
-        load_split(_mini_test_uni(tmp_path / "w", ecg_width=768), "test_uni")
+    # any teacher width loads (the demo's small teachers); probing checks train against test widths
+    assert load_split(_mini_test_uni(tmp_path / "w", ecg_width=768), "test_uni").arrays["ecg_features"].shape == (4, 768)
     (tmp_path / "ok" / "test_uni" / "labs_features.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"test_uni/labs_features\.npy"):
         load_split(tmp_path / "ok", "test_uni")

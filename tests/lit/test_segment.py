@@ -103,6 +103,22 @@ def test_dataset_outputs_binary_masks_and_names_bad_rows(tmp_path):
         ds[2]
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_masks_resize_with_the_configured_interpolation_then_binarise(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (10, 10), dtype=np.uint8), mode="L").save(tmp_path / "i.png")
+    mask = (rng.random((10, 10)) > 0.5).astype(np.uint8) * 255
+    Image.fromarray(mask, mode="L").save(tmp_path / "m.png")
+    df = pd.DataFrame({"img_path": ["i.png"], "mask_path": ["m.png"]})
+    _, y = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 16, train=False, mask_interpolation=mode)[0]
+    resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR}[mode]
+    expected = np.asarray(Image.fromarray(mask, mode="L").resize((16, 16), resample), dtype=np.float32) / 255 > 0.5
+    np.testing.assert_array_equal(y[0].numpy(), expected.astype(np.float32))
+    if mode == "nearest":  # nearest-neighbour: every output pixel is one source pixel
+        src = ((np.arange(16) + 0.5) * 10 / 16).astype(int)  # pixel centres
+        np.testing.assert_array_equal(y[0].numpy(), mask[src][:, src] / 255)
+
+
 def test_a_listed_mask_missing_from_the_release_names_its_row(tmp_path):
     from pacx.data.seg_dataset import SegmentationDataModule
 
