@@ -344,3 +344,25 @@ def test_validation_cache_skips_rescans_until_file_changes(train_copy, monkeypat
     np.save(path, pct)
     with pytest.raises(SymileFileError, match="row 2 has NaN"):
         validate_split(train_copy, "train", "labs", cache=ValidationCache(cache_file))
+
+
+def test_teacher_widths_follow_the_files_and_must_agree_across_splits(symile_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data_npy"
+    shutil.copytree(symile_root, root)
+    for split in ("train", "val"):
+        n = len(np.load(root / split / "ecg_features.npy", mmap_mode="r"))
+        np.save(root / split / "ecg_features.npy", np.zeros((n, 128), np.float32))
+    dm = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0, train_transform="resize",
+                               img_size=32, pin_memory=False)
+    dm.setup("fit")
+    widths = dm.feature_widths()
+    assert widths["ecg_features"][0] == 128 and widths["labs_features"][0] == 256
+    assert next(iter(dm.train_dataloader()))[1].shape == (4, 128)
+    n = len(np.load(root / "val" / "ecg_features.npy", mmap_mode="r"))
+    np.save(root / "val" / "ecg_features.npy", np.zeros((n, 64), np.float32))
+    other = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0, train_transform="resize",
+                                  img_size=32, pin_memory=False)
+    with pytest.raises(ValueError, match=r"val/ecg_features\.npy holds 64-wide .*/train/ecg_features\.npy holds 128"):
+        other.setup("fit")
