@@ -8,12 +8,16 @@ the reference's documented rename/flatten steps (for example NIH's flat ``images
 their official class folders, which the converter lists, and the flat ``images/`` copy. Output is
 deterministic for a seed, with enough positives per label for every stratified split.
 
+``write_chexchonet`` and ``write_tb`` also take ``content`` from a caller (the physiology phantom,
+``pacx.data.phantom``): per image a dict of release columns plus ``image`` (uint8 [H, W]), written
+through the same layout in place of the random rows and ``simple_cxr`` pixels.
+
 ``RELEASE_WRITERS`` maps benchmark names to writers; segmentation writers register elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +52,14 @@ MEDMOD_META = ["subject_id", "hadm_id", "stay_id", "intime", "outtime", "admitti
                "anchor_age", "dod"]
 
 
-def save_image(path: Path, rng: np.random.Generator, *copies: Path) -> None:
-    """A 32x32 grayscale image at ``path`` (format from the suffix), and byte copies at ``copies``."""
+def save_image(path: Path, rng: np.random.Generator, *copies: Path, image: np.ndarray | None = None) -> None:
+    """A grayscale image at ``path`` (format from the suffix), and byte copies at ``copies``.
+
+    The pixels are ``image`` (uint8 [H, W]) when given, else a 32x32 ``simple_cxr`` drawn from ``rng``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(simple_cxr(rng, SIZE, SIZE), mode="L").save(path)
+    pixels = simple_cxr(rng, SIZE, SIZE) if image is None else image
+    Image.fromarray(pixels, mode="L").save(path)
     for copy in copies:
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes(path.read_bytes())
@@ -64,10 +72,22 @@ def _balanced(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
     return rng.permutation(y)
 
 
-def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30) -> Path:
-    """``metadata.csv`` (all release columns) and ``images/<cxr_filename>`` (the renamed ``cxrs/``)."""
+def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30, content: Iterable[dict] | None = None) -> Path:
+    """``metadata.csv`` (all release columns) and ``images/<cxr_filename>`` (the renamed ``cxrs/``).
+
+    ``content``: per CXR a dict of release columns and ``image``; ``cxr_filename`` / ``cxr_path`` are set here.
+    """
     rng = np.random.default_rng(seed)
     out = Path(out)
+    if content is not None:
+        rows = []
+        for item in content:
+            name = f"{len(rows) + 1:06d}.jpg"
+            rows.append({**{k: v for k, v in item.items() if k != "image"}, "cxr_filename": name,
+                         "cxr_path": f"./cxrs/{name}"})
+            save_image(out / "images" / name, rng, image=item["image"])
+        pd.DataFrame(rows, columns=CHEXCHONET_COLUMNS).to_csv(out / "metadata.csv", index=False)
+        return out
     patient_y = _balanced(rng, n_patients, 0.4)
     rows = []
     for p in range(n_patients):
@@ -209,11 +229,21 @@ def write_covidqu(out: Path, seed: int = 0, per_folder: tuple[int, int, int] = (
     return out
 
 
-def write_tb(out: Path, seed: int = 0, n: int = 40) -> Path:
-    """``shenzhen_metadata.csv`` and ``images/images/CHNCXR_####_{0|1}.png`` (the Kaggle layout)."""
+def write_tb(out: Path, seed: int = 0, n: int = 40, content: Iterable[dict] | None = None) -> Path:
+    """``shenzhen_metadata.csv`` and ``images/images/CHNCXR_####_{0|1}.png`` (the Kaggle layout).
+
+    ``content``: per image ``sex``, ``age``, ``findings`` ("normal" = negative) and ``image``.
+    """
     rng = np.random.default_rng(seed)
     out = Path(out)
     rows = []
+    if content is not None:
+        for i, item in enumerate(content, start=1):
+            name = f"CHNCXR_{i:04d}_{int(item['findings'] != 'normal')}.png"
+            rows.append({"study_id": name, **{k: item[k] for k in ("sex", "age", "findings")}})
+            save_image(out / "images" / "images" / name, rng, image=item["image"])
+        pd.DataFrame(rows, columns=["study_id", "sex", "age", "findings"]).to_csv(out / "shenzhen_metadata.csv", index=False)
+        return out
     for i, tb in enumerate(_balanced(rng, n, 0.5), start=1):
         name = f"CHNCXR_{i:04d}_{tb}.png"
         rows.append({"study_id": name, "sex": rng.choice(["male", "female"]), "age": f"{int(rng.integers(10, 80))}yrs",

@@ -9,11 +9,15 @@ the folder to pass as ``raw`` to the converter of the same name.
 - ``covidqu_seg``: ``<out>/Lung Segmentation Data/Lung Segmentation Data/{Train,Val,Test}/
   {COVID-19,Non-COVID,Normal}/{images,lung masks}/<name>.png``
 - ``qata``: ``<out>/QaTa-COV19-v2/{Train Set,Test Set}/{Images/<f>.png, Ground-truths/mask_<f>.png}``
+
+``write_covidqu_seg_release`` also takes ``content`` from a caller (the physiology phantom,
+``pacx.data.phantom``): images and masks per official split and category, written through the same
+layout in place of the random pairs (and then with every image paired).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ SIZE = 32
 CXLSEG_SPLIT_SIZES = {"train": 16, "validate": 10, "test": 10}
 COVIDQU_PER_CATEGORY = {"Train": 5, "Val": 4, "Test": 4}
 COVIDQU_CATEGORIES = ("COVID-19", "Non-COVID", "Normal")
+COVIDQU_PREFIXES = {"COVID-19": "covid", "Non-COVID": "non_COVID", "Normal": "Normal"}  # "<prefix> (<k>).png"
 QATA_SIZES = {"Train Set": 20, "Test Set": 10}
 
 
@@ -60,14 +65,32 @@ def write_cxlseg_release(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def write_covidqu_seg_release(out: Path, seed: int = 0) -> Path:
-    """The lung-segmentation part of COVID-QU-Ex; ``Train/Normal`` has one image without a mask."""
+def write_covidqu_seg_release(out: Path, seed: int = 0,
+                              content: Mapping[str, Sequence[dict]] | None = None) -> Path:
+    """The lung-segmentation part of COVID-QU-Ex; ``Train/Normal`` has one image without a mask.
+
+    ``content``: per release split (``Train``, ``Val``, ``Test``) dicts of ``category`` (one of
+    ``COVIDQU_CATEGORIES``), ``image`` (uint8 [H, W]) and ``mask`` (uint8 [H, W], nonzero = lung), written
+    as ``<category prefix> (<k>).png`` numbered per folder; every category folder is created.
+    """
     out = Path(out)
     rng = np.random.default_rng(seed)
     root = out / "Lung Segmentation Data" / "Lung Segmentation Data"
+    if content is not None:
+        for split, items in content.items():
+            for category in COVIDQU_CATEGORIES:
+                for folder in ("images", "lung masks"):
+                    (root / split / category / folder).mkdir(parents=True, exist_ok=True)
+                mine = [item for item in items if item["category"] == category]
+                for k, item in enumerate(mine, start=1):
+                    name = f"{COVIDQU_PREFIXES[category]} ({k}).png"
+                    Image.fromarray(item["image"], mode="L").save(root / split / category / "images" / name)
+                    mask = np.where(item["mask"] > 0, 255, 0).astype(np.uint8)
+                    Image.fromarray(mask, mode="L").save(root / split / category / "lung masks" / name)
+        return out
     for split, n in COVIDQU_PER_CATEGORY.items():
         for category in COVIDQU_CATEGORIES:
-            prefix = {"COVID-19": "covid", "Non-COVID": "non_COVID", "Normal": "Normal"}[category]
+            prefix = COVIDQU_PREFIXES[category]
             numbers = sorted(rng.choice(np.arange(1, 500), size=n, replace=False).tolist())
             for k, number in enumerate(numbers):
                 name = f"{prefix} ({number}).png"

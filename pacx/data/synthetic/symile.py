@@ -130,7 +130,12 @@ def ecg_beat_model(
     for name, wave in BEAT_WAVES.items():
         offset = wave.offset * (qt_scale if name == "T" else 1.0)
         centres = r_times + offset  # [B]
-        pulse = np.exp(-0.5 * ((t[None, :] - centres[:, None]) / wave.sigma) ** 2).sum(axis=0)  # [T]
+        # Each Gaussian is evaluated within 6 sigma of its centre only (beyond, < 2e-8 of its peak).
+        half = int(np.ceil(6 * wave.sigma * fs))
+        idx = np.round(centres * fs).astype(int)[:, None] + np.arange(-half, half + 1)  # [B, W]
+        inside = (idx >= 0) & (idx < n_samples)
+        values = np.exp(-0.5 * ((idx / fs - centres[:, None]) / wave.sigma) ** 2)  # [B, W]
+        pulse = np.bincount(idx[inside], values[inside], minlength=n_samples)  # [T]
         direction = np.asarray(wave.direction) / np.linalg.norm(wave.direction)
         heart += amps[name] * pulse[:, None] * direction[None, :]
     freqs = rng.uniform(0.1, 0.4, size=3)
@@ -156,7 +161,7 @@ class SymileRecord:
 
     cxr: np.ndarray  # uint8 [S, S] grayscale
     ecg: np.ndarray  # float [5000, 12] millivolts, Symile lead order
-    labs: np.ndarray  # float [50] percentiles in [0, 1], NaN = not measured
+    labs: np.ndarray  # float [50] percentiles in [0, 1] (raw values with fit_lab_percentiles), NaN = not measured
 
 
 # record_fn(rng, latent [LATENT_DIM], cxr_size) -> SymileRecord
@@ -188,6 +193,17 @@ def synthetic_record(rng: np.random.Generator, latent: np.ndarray, cxr_size: int
     observed[rng.integers(N_LABS)] = True  # Symile keeps admissions with at least one lab
     labs[~observed] = np.nan
     return SymileRecord(simple_cxr(rng, cxr_size, cxr_size, frontal=True), ecg, labs)
+
+
+def train_percentiles(train: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Percentiles of ``values`` [N, L] under each lab's NaN-aware empirical CDF fitted on ``train`` [M, L]
+    (the share of observed train values <= x, as Symile); NaN stays NaN; a lab never observed in train -> 0.5."""
+    out = np.full(values.shape, np.nan)
+    for j in range(values.shape[1]):
+        ref = np.sort(train[:, j][~np.isnan(train[:, j])])
+        seen = ~np.isnan(values[:, j])
+        out[seen, j] = np.searchsorted(ref, values[seen, j], side="right") / len(ref) if len(ref) else 0.5
+    return out
 
 
 def normalized_cxr(gray: np.ndarray) -> np.ndarray:
@@ -228,11 +244,21 @@ def write_symile_release(
     seed: int = 0,
     record_fn: RecordFn = synthetic_record,
     write_teacher_features: bool = False,
+    latents: np.ndarray | None = None,
+    fit_lab_percentiles: bool = False,
+    write_test_uni: bool | None = None,
 ) -> Path:
     """Write a ``data_npy`` tree at ``out`` (returned): train, val, val_retrieval, test (+ test_uni).
 
     ``val_retrieval`` has ``n_val`` queries (the val rows) and ``test`` ``n_test_queries``, each with
     ``n_candidates - 1`` negatives. Big arrays are filled in place through ``open_memmap``.
+
+    A caller may pass each admission's ``latents`` [n_train + n_val + n_test_queries, D] (rows in the order
+    train, val, test; default standard normal [.., LATENT_DIM]); ``record_fn`` receives its row. With
+    ``fit_lab_percentiles`` the records hold raw lab values, turned into percentiles of the train rows'
+    empirical CDF (``train_percentiles``) as Symile does. ``write_test_uni`` (default: with the teacher
+    features) writes ``test_uni``'s CXR and ``hadm_id_test.npy``, from which ``pacx.teachers`` derives its
+    features.
     """
     out = Path(out)
     counts = {"train": n_train, "val": n_val, "test": n_test_queries}
@@ -240,7 +266,10 @@ def write_symile_release(
     root_seq, *record_seqs = np.random.SeedSequence(seed).spawn(1 + n_total)
     rng = np.random.default_rng(root_seq)
     hadm_all = 20_000_000 + rng.choice(10_000_000, size=n_total, replace=False).astype(np.int64)
-    latents = rng.standard_normal((n_total, LATENT_DIM))
+    drawn = rng.standard_normal((n_total, LATENT_DIM))  # drawn either way: the same rows follow for a seed
+    latents = drawn if latents is None else np.asarray(latents, float)
+    if len(latents) != n_total:
+        raise ValueError(f"latents: expected {n_total} rows (train + val + test queries), got {len(latents)}")
     first = {"train": 0, "val": n_train, "test": n_train + n_val}
 
     # Row plans: source record (within the split's admissions) and query of every output row.
@@ -280,6 +309,8 @@ def write_symile_release(
             arr.flush()
     maps.clear()
 
+    if fit_lab_percentiles:
+        raw_labs = train_percentiles(raw_labs[:n_train], raw_labs)
     train_labs = raw_labs[:n_train]
     observed_any = ~np.isnan(train_labs).all(axis=0)
     if not observed_any.all():
@@ -292,8 +323,9 @@ def write_symile_release(
     percentiles = np.where(missing, means[None, :], raw_labs).astype(np.float32)
 
     if write_teacher_features:
-        w_ecg = rng.standard_normal((LATENT_DIM, ECG_EMBED_DIM)) / np.sqrt(LATENT_DIM)
-        w_labs = rng.standard_normal((LATENT_DIM, LABS_EMBED_DIM)) / np.sqrt(LATENT_DIM)
+        dim = latents.shape[1]
+        w_ecg = rng.standard_normal((dim, ECG_EMBED_DIM)) / np.sqrt(dim)
+        w_labs = rng.standard_normal((dim, LABS_EMBED_DIM)) / np.sqrt(dim)
         ecg_feat = latents @ w_ecg + 0.1 * rng.standard_normal((n_total, ECG_EMBED_DIM))  # [n_total, 1024]
         labs_feat = latents @ w_labs + 0.1 * rng.standard_normal((n_total, LABS_EMBED_DIM))  # [n_total, 256]
         ecg_feat, labs_feat = ecg_feat.astype(np.float32), labs_feat.astype(np.float32)
@@ -310,9 +342,9 @@ def write_symile_release(
             np.save(_path(out, split, "ecg_features"), ecg_feat[idx])
             np.save(_path(out, split, "labs_features"), labs_feat[idx])
 
-    if write_teacher_features:  # test_uni (§3.3): the test queries only
-        n = n_test_queries
-        for key in ("cxr", "ecg_features", "labs_features"):
+    if write_teacher_features if write_test_uni is None else write_test_uni:
+        n = n_test_queries  # test_uni (§3.3): the test queries only
+        for key in ("cxr", "ecg_features", "labs_features") if write_teacher_features else ("cxr",):
             np.save(_path(out, "test_uni", key), np.load(_path(out, "test", key), mmap_mode="r")[:n])
         # As the reference: hadm_id_test.npy there holds the queries' label_hadm_id.
         np.save(_path(out, "test_uni", "hadm_id"), np.load(_path(out, "test", "label_hadm_id"))[:n])
