@@ -24,6 +24,7 @@ from pacx.eval.tables import (
     to_json,
     to_latex,
     to_markdown,
+    use_metric,
 )
 from pacx.utils import write_json_atomic
 
@@ -38,9 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None, help="figure folder (default: the first CSV's)")
     parser.add_argument("--percent", action="store_true", help="show metrics × 100 with 1 decimal")
     parser.add_argument("--json", type=Path, default=None, help="also write the main table as JSON here")
+    parser.add_argument("--metric", action="append", default=[], metavar="BENCHMARK=COLUMN",
+                        help="tabulate a benchmark by another test metric, e.g. chexchonet=test/auroc")
     args = parser.parse_args(argv)
 
     df = load_results(args.results)
+    for override in args.metric:
+        benchmark, sep, column = override.partition("=")
+        if not sep:
+            parser.error(f"--metric takes BENCHMARK=COLUMN, got {override!r}")
+        df = use_metric(df, benchmark, column)
     logging.getLogger(__name__).info("%d results rows from %d file(s)", len(df), len(args.results))
     table = main_table(df, mode=args.mode, backbones=args.backbones, percent=args.percent)
     sys.stdout.write(to_markdown(table) + "\n" + to_latex(table))

@@ -1,21 +1,53 @@
-"""The demo pipeline (--quick): every step runs, outputs are usable, and a re-run skips finished steps."""
+"""The demo pipeline (--quick) end to end: every step runs, the table and figures exist with finite metrics,
+the encoders load, and a re-run skips finished work. It checks the pipeline, not the paper's claim."""
 
 import json
+import math
 
+import pandas as pd
 import torch
+from PIL import Image
 
 import pacx
 from pacx.demo import STEPS, run_demo
+from pacx.demo.steps import BACKBONES, TASKS
 
 
 def test_quick_demo_end_to_end(tmp_path):
     summary = run_demo(tmp_path, quick=True, wandb="disabled")
     assert list(summary) == [s.name for s in STEPS]
-    info = json.loads((tmp_path / "stage1_mae" / "run.json").read_text())
-    assert info["status"] == "completed" and info["global_step"] == 2 * (256 // 128)
+    for name in ("stage1_mae", "labs_dae", "ecg_teacher", "stage2_pacx"):
+        assert json.loads((tmp_path / name / "run.json").read_text())["status"] == "completed", name
+
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert set(table) == {t.benchmark for t in TASKS}
+    for task, row in table.items():
+        assert set(row) == set(BACKBONES), task
+        for cell in row.values():
+            assert math.isfinite(cell["mean"]) and math.isfinite(cell["std"]) and cell["n"] == 2, (task, cell)
+    assert table["chexchonet"]["pacx"]["metric"] == "auroc"
+    results = pd.read_csv(tmp_path / "stage3" / "results.csv")
+    assert set(results["train_fraction"]) == {1.0, 0.1} and results["metric_value"].notna().all()
+    text = (tmp_path / "table.md").read_text()
+    assert "PaCX-MAE" in text and "claim [chexchonet, physiology]" in text
+
+    for key in ("rollout", "low_data"):
+        path = summary["figures" if key == "rollout" else "table"][key]
+        with Image.open(path) as img:
+            assert img.width > 100 and img.height > 100, key
     assert summary["stage1"]["reconstructions"].endswith(".png")
-    enc = pacx.load_encoder(summary["export"]["mae_encoder"])
-    assert enc(torch.zeros(1, 3, 64, 64)).shape == (1, 128)
+    alignment = json.loads((tmp_path / "alignment.json").read_text())
+    assert set(alignment) == set(BACKBONES) and math.isfinite(alignment["pacx"]["ecg"]["r2"])
+    zero_shot = json.loads((tmp_path / "zero_shot.json").read_text())["pacx"]["zero_shot"]
+    assert 0.0 <= zero_shot["cxr_ecg_acc"] <= 1.0 and zero_shot["chance"] == 0.1
+
+    mae = pacx.load_encoder(summary["export"]["mae_encoder"])
+    distilled = pacx.load_encoder(summary["stage2"]["pacx_encoder"])
+    x = torch.zeros(1, 3, 64, 64)
+    assert mae(x).shape == distilled(x).shape == (1, 128) and not torch.equal(mae(x), distilled(x))
+
     mtime = (tmp_path / "stage1_mae" / "checkpoints" / "last.ckpt").stat().st_mtime
-    run_demo(tmp_path, quick=True, wandb="disabled", only=["stage1"])  # finished: skipped, not retrained
+    rows = len(results)
+    again = run_demo(tmp_path, quick=True, wandb="disabled", only=["stage1", "stage3"])  # finished: skipped
     assert (tmp_path / "stage1_mae" / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
+    assert again["stage3"]["runs"] == 0 and len(pd.read_csv(tmp_path / "stage3" / "results.csv")) == rows

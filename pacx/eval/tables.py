@@ -128,6 +128,20 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def use_metric(df: pd.DataFrame, benchmark: str, column: str) -> pd.DataFrame:
+    """Tabulate ``benchmark`` by another logged test metric: ``column`` (e.g. ``test/auroc``) replaces its
+    ``metric_value`` and names its ``metric`` (``auroc``). Error naming the column when no row has it."""
+    rows = df["benchmark"] == benchmark
+    if column not in df.columns or df.loc[rows, column].isna().all():
+        raise ValueError(f"no {benchmark} row has a value in column {column!r}")
+    df = df.copy()
+    df.loc[rows, "metric_value"] = df.loc[rows, column].astype(float)
+    df["metric"] = df["metric"].astype(object)
+    df.loc[rows, "metric"] = column.split("/", 1)[-1]
+    df["metric"] = df["metric"].astype("string")
+    return df
+
+
 def benchmark_order(names: Iterable[str]) -> list[str]:
     """``names`` in registry order; names the registry lacks follow, sorted."""
     rank = {name: i for i, name in enumerate(BENCHMARKS)}

@@ -220,3 +220,18 @@ def test_script_prints_tables_and_writes_figure(results_csv, tmp_path, capsys):
     figure = results_csv.parent / "low_data.png"
     assert f"{figure}\n" in out and figure.stat().st_size > 0
     assert json.loads((tmp_path / "table.json").read_text())["nih"]["pacx"]["mean"] == pytest.approx(0.79)
+
+
+def test_use_metric_tabulates_a_benchmark_by_another_logged_metric(results):
+    from pacx.eval.tables import use_metric
+
+    df = results.copy()
+    df["test/auroc"] = float("nan")
+    rows = df["benchmark"] == "chexchonet"
+    df.loc[rows, "test/auroc"] = df.loc[rows, "metric_value"] / 2  # a distinct, known value per row
+    out = use_metric(df, "chexchonet", "test/auroc")
+    assert (out.loc[rows, "metric"] == "auroc").all() and (out.loc[~rows, "metric"] == df.loc[~rows, "metric"]).all()
+    assert out.loc[rows, "metric_value"].tolist() == (df.loc[rows, "metric_value"] / 2).tolist()
+    assert out.loc[~rows, "metric_value"].tolist() == df.loc[~rows, "metric_value"].tolist()
+    with pytest.raises(ValueError, match="no tb row has a value in column 'test/auroc'"):
+        use_metric(df, "tb", "test/auroc")

@@ -35,6 +35,10 @@ PRESETS: dict[str, PhantomSizes] = {
     "full": PhantomSizes(img_size=64, chexpert_train=4000, chexpert_valid=200, symile_train=2000, symile_val=200,
                          symile_test_queries=100, symile_candidates=10, chexchonet_patients=1500,
                          covidqu_seg=(600, 100, 200), tb_images=1000),
+    # `python -m pacx.demo --quick`: every stage has a few batches per epoch.
+    "demo_quick": PhantomSizes(img_size=64, chexpert_train=512, chexpert_valid=64, symile_train=384, symile_val=64,
+                               symile_test_queries=24, symile_candidates=10, chexchonet_patients=300,
+                               covidqu_seg=(96, 24, 48), tb_images=200),
     # Tests and smoke runs: seconds.
     "quick": PhantomSizes(img_size=64, chexpert_train=48, chexpert_valid=16, symile_train=160, symile_val=16,
                           symile_test_queries=12, symile_candidates=10, chexchonet_patients=100,

@@ -1,0 +1,91 @@
+"""ECG SSL LightningModule: the demo's ECG teacher, trained by ``Stage2_PACX.py`` (SPEC.md "Teachers").
+
+    python Stage2_PACX.py fit --config configs/demo/ecg_teacher.yaml --data.root <data_npy>
+    python scripts/export_ecg_teacher.py <run_dir> ecg_teacher.safetensors
+
+Trains :class:`~pacx.models.ecg_ssl.ECGContrastive` (an ECGFounder network by config name, view-contrastive
+objective; see that module for why) on Symile-MIMIC items of kind ``ecg`` (the raw stored rows
+``[B, 1, 5000, 12]``, Symile lead order, and the row index). Each batch is turned into the teacher's
+input with the very function feature extraction uses (:func:`~pacx.models.ecgfounder.preprocess_ecg`,
+as ``pacx.teachers.ECGTeacher``), then moved to the module's device, so training and extraction see
+the same input distribution. (That function is scipy on CPU; the augmentations run on the device.)
+
+Logged per split (``train/``, ``val/``):
+
+* ``loss`` — symmetric InfoNCE between the two views;
+* ``pos_cos`` / ``neg_cos`` — mean cosine of matching / non-matching projected views;
+* ``view_top1`` — share of records whose nearest other view in the batch is their own (retrieval);
+* ``feature_std`` — mean over dimensions of the batch std of the backbone features (a collapse alarm).
+
+Validation draws its views from a generator seeded by the batch index, so ``val/*`` are comparable
+across epochs. ``scripts/export_ecg_teacher.py`` (:func:`~pacx.models.ecg_ssl.export_ecg_teacher`) writes
+the backbone as an ECGFounder safetensors file for ``pacx.teachers``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pacx.lit.common import StagedModule
+from pacx.models.ecg_ssl import STAGE_ECG_SSL, ECGAugmentConfig, ECGContrastive
+from pacx.models.ecgfounder import preprocess_ecg
+
+_AUG = ECGAugmentConfig()  # the demo augmentation values, the defaults of the args below
+
+
+class ECGSSLModule(StagedModule):
+    """Args: ``arch``, an ECGFounder config name; the view augmentation (:class:`ECGAugmentConfig`:
+    ``crop_samples``, ``scale_range``, ``noise_std``, ``wander_amp``, ``wander_hz``, ``lead_mask_prob``);
+    the projection head widths and the InfoNCE ``temperature``; AdamW ``lr``, ``weight_decay``, ``betas``;
+    ``warmup_steps`` of linear warmup, then cosine to 0 per optimizer step. Defaults are the demo values."""
+
+    stage = STAGE_ECG_SSL
+    monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        arch: str = "demo_small",
+        crop_samples: int = _AUG.crop_samples,
+        scale_range: tuple[float, float] = _AUG.scale_range,
+        noise_std: float = _AUG.noise_std,
+        wander_amp: float = _AUG.wander_amp,
+        wander_hz: tuple[float, float] = _AUG.wander_hz,
+        lead_mask_prob: float = _AUG.lead_mask_prob,
+        proj_hidden_dim: int = 256,
+        proj_dim: int = 128,
+        temperature: float = 0.1,
+        lr: float = 4e-3,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        augment = ECGAugmentConfig(crop_samples=crop_samples, scale_range=tuple(scale_range), noise_std=noise_std,
+                                   wander_amp=wander_amp, wander_hz=tuple(wander_hz), lead_mask_prob=lead_mask_prob)
+        self.model = ECGContrastive(arch, augment, proj_hidden_dim, proj_dim, temperature)
+
+    def pacx_metadata(self) -> dict:
+        return self.model.config_dict()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed ECGs [B, 12, T] -> teacher features [B, D]."""
+        return self.model(x)
+
+    def preprocess(self, raw: torch.Tensor) -> torch.Tensor:
+        """Stored rows [B, 1, 5000, 12] -> the teacher's input [B, 12, 5000] float32 on the module's device."""
+        x = preprocess_ecg(raw.detach().float().cpu().numpy())  # the extraction's preprocessing, exactly
+        return torch.from_numpy(x).to(self.device)
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        x = self.preprocess(batch[0])  # batch: (raw ecg [B, 1, 5000, 12], row index [B])
+        gen = None if stage == "train" else torch.Generator().manual_seed(batch_idx)
+        terms = self.model.forward_loss(x, gen)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "view_top1"), on_step=stage == "train",
+                     on_epoch=True, sync_dist=stage != "train", batch_size=x.shape[0])
+        return terms["loss"]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return self.warmup_cosine_optimizer(h.lr, None, h.weight_decay, h.betas, warmup_steps=h.warmup_steps)
