@@ -135,6 +135,8 @@ class ClassificationModule(BenchmarkEvalModule):
         feature_cache_dir: where the features are kept (default ``<default_root_dir>/feature_cache``); the
             key covers weights, images, transform and precision, so runs may share one directory.
         feature_batch_size: per-device batch of the one-off feature extraction.
+        head_norm: put a non-affine ``BatchNorm1d`` before the linear head, as MAE's linear-probe protocol
+            does (He et al. 2022); the reference's head (default) is the bare ``Linear``.
         results_csv: CSV that ``test`` appends a row to (default ``<default_root_dir>/results.csv``).
     """
 
@@ -153,6 +155,7 @@ class ClassificationModule(BenchmarkEvalModule):
         feature_cache: bool = True,
         feature_cache_dir: str | None = None,
         feature_batch_size: int = 256,
+        head_norm: bool = False,
         results_csv: str | None = None,
     ) -> None:
         super().__init__()
@@ -168,7 +171,10 @@ class ClassificationModule(BenchmarkEvalModule):
         self.loss_fn = LOSSES[task]
         self.predict_fn = PREDICTIONS[task]
         self.init_backbone(backbone)
-        self.head = nn.Linear(self.backbone.embed_dim, self.spec.num_outputs)
+        linear = nn.Linear(self.backbone.embed_dim, self.spec.num_outputs)
+        # MAE's linear-probe protocol standardises the frozen features with a non-affine BatchNorm
+        self.head = nn.Sequential(nn.BatchNorm1d(self.backbone.embed_dim, affine=False, eps=1e-6), linear) \
+            if head_norm else linear
         self.backbone_trains = BACKBONE_TRAINS[mode]
         self.uses_feature_cache = feature_cache and not self.backbone_trains
         self.features_served = False  # set once the data module yields cached features

@@ -187,3 +187,18 @@ def test_backbone_errors_name_the_path(stage1_run, tmp_path):
         build_backbone(BackboneConfig("random", None, None, 32))
     encoder = build_backbone(BackboneConfig("random", None, "vit_test", 32))
     assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, encoder.embed_dim)
+
+
+def test_head_norm_standardises_features_before_the_linear_head(stage1_run):
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), head_norm=True)
+    norm, linear = module.head
+    assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and not list(norm.parameters())
+    assert {g["name"] for g in module.optimizer_groups()} == {"head_decay", "head_no_decay"}
+    norm.running_mean.copy_(torch.arange(32.0))
+    norm.running_var.copy_(torch.full((32,), 4.0))
+    module.eval()
+    x = torch.randn(5, 32)
+    expected = linear((x - torch.arange(32.0)) / torch.sqrt(torch.tensor(4.0 + 1e-6)))
+    torch.testing.assert_close(module.head(x), expected)
+    plain = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32))
+    assert isinstance(plain.head, torch.nn.Linear)  # the reference's bare head by default
