@@ -51,6 +51,7 @@ from pacx.data.feature_cache import (
 from pacx.data.registry import get_benchmark
 from pacx.lit.common import BenchmarkEvalModule
 from pacx.models.backbones import BackboneConfig
+from pacx.models.heads import FeatureNorm
 from pacx.optim import param_groups, schedule_lengths, warmup_cosine_scheduler
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,7 @@ class ClassificationModule(BenchmarkEvalModule):
         self.init_backbone(backbone)
         linear = nn.Linear(self.backbone.embed_dim, self.spec.num_outputs)
         # MAE's linear-probe protocol standardises the frozen features with a non-affine BatchNorm
-        self.head = nn.Sequential(nn.BatchNorm1d(self.backbone.embed_dim, affine=False, eps=1e-6), linear) \
-            if head_norm else linear
+        self.head = nn.Sequential(FeatureNorm(self.backbone.embed_dim), linear) if head_norm else linear
         self.backbone_trains = BACKBONE_TRAINS[mode]
         self.uses_feature_cache = feature_cache and not self.backbone_trains
         self.features_served = False  # set once the data module yields cached features

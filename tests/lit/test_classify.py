@@ -200,5 +200,7 @@ def test_head_norm_standardises_features_before_the_linear_head(stage1_run):
     x = torch.randn(5, 32)
     expected = linear((x - torch.arange(32.0)) / torch.sqrt(torch.tensor(4.0 + 1e-6)))
     torch.testing.assert_close(module.head(x), expected)
+    module.train()  # a one-sample training batch (an epoch's last) falls back to the running statistics
+    torch.testing.assert_close(module.head(x[:1]), expected[:1])
     plain = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32))
     assert isinstance(plain.head, torch.nn.Linear)  # the reference's bare head by default
