@@ -33,7 +33,7 @@ from pacx.eval.alignment import (
 )
 from pacx.models.heads import ProjectionHead
 from pacx.models.vit import create_vit
-from tests.helpers import load_script
+from tests.helpers import load_script, stage2_args
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(0)
@@ -53,12 +53,8 @@ def stage2_run(tmp_path_factory, release, stage1_run) -> Path:
     from Stage2_PACX import main
 
     run = tmp_path_factory.mktemp("runs") / "stage2"
-    main(["fit", "--config", str(REPO / "configs/demo/stage2_pacx.yaml"), "--data.root", str(release),
-          "--trainer.default_root_dir", str(run), "--model.init_args.init_encoder", str(stage1_run),
-          "--model.init_args.encoder_arch", "vit_test", "--model.init_args.img_size", "32",
-          "--model.init_args.shared_dim", "16", "--data.img_size", "32", "--data.batch_size", "8",
-          "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--wandb", "disabled",
-          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"])
+    main(stage2_args(run, release, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                     "--trainer.limit_val_batches", "1"))
     return run
 
 

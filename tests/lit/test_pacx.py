@@ -14,6 +14,7 @@ from pacx.lit.pacx import PaCXModule, retrieval_topk
 from pacx.models.tuning import apply_tuning, merge_lora_state
 from pacx.models.vit import create_vit
 from Stage2_PACX import main
+from tests.helpers import stage2_args
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -27,12 +28,7 @@ def symile_root(tmp_path_factory):
 
 
 def _args(repo, run, root, init, *extra):
-    return ["fit", "--config", str(repo / "configs/demo/stage2_pacx.yaml"), "--data.root", str(root),
-            "--trainer.default_root_dir", str(run), "--model.init_args.init_encoder", str(init),
-            "--model.init_args.encoder_arch", "vit_test", "--model.init_args.img_size", "32",
-            "--model.init_args.shared_dim", "16", "--data.img_size", "32", "--data.batch_size", "8",
-            "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--wandb", "disabled",
-            "--trainer.log_every_n_steps", "1", *extra]
+    return stage2_args(run, root, init, *extra)
 
 
 def _module(**kw):
