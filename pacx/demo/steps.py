@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,6 @@ def run_script(ctx: DemoContext, name: str, argv: list[str]) -> int:
     path = ctx.configs.resolve().parent / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"pacx_demo_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    import sys
-
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module.main(argv)
