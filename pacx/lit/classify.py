@@ -136,8 +136,9 @@ class ClassificationModule(BenchmarkEvalModule):
         feature_cache_dir: where the features are kept (default ``<default_root_dir>/feature_cache``); the
             key covers weights, images, transform and precision, so runs may share one directory.
         feature_batch_size: per-device batch of the one-off feature extraction.
-        head_norm: put a non-affine ``BatchNorm1d`` before the linear head, as MAE's linear-probe protocol
-            does (He et al. 2022); the reference's head (default) is the bare ``Linear``.
+        head_norm: put a non-affine BatchNorm (:class:`~pacx.models.heads.FeatureNorm`) before the linear
+            head, as MAE's linear-probe protocol does (He et al. 2022); the reference's head (default) is
+            the bare ``Linear``.
         results_csv: CSV that ``test`` appends a row to (default ``<default_root_dir>/results.csv``).
     """
 
