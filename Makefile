@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test demo demo-quick lint clean
+.PHONY: venv test test-slurm slurm-deps demo demo-quick lint clean
 
 venv: $(STAMP)
 
@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --timeout 900 tests
+# The suite on 2 workers, then the Slurm tests on their own (they start one local cluster that runs 2-task jobs).
+test: $(STAMP) slurm-deps
+	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --timeout 900 -m "not slurm" tests
+	WANDB_MODE=disabled $(BIN)/python -m pytest --timeout 900 -m slurm tests/slurm
+
+test-slurm: $(STAMP) slurm-deps
+	WANDB_MODE=disabled $(BIN)/python -m pytest --timeout 900 -m slurm tests/slurm
+
+# Debian's slurm-wlm + munge for tests/slurm (apt, as root; skipped with a message otherwise).
+slurm-deps:
+	@bash scripts/slurm/install_test_cluster.sh
 
 demo: $(STAMP)
 	$(BIN)/python -m pacx.demo --out demo_runs

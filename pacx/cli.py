@@ -10,7 +10,13 @@ What it adds to Lightning's CLI, in one place:
   opened first with ``weights_only=True`` and must carry the same stage's stamp (a clear error
   otherwise); Lightning itself also loads it with ``weights_only=True``, always;
 * starting ``fit`` in a run directory that already has checkpoints, without ``--ckpt_path``, is an
-  error rather than a silent overwrite;
+  error rather than a silent overwrite, except in a requeued SLURM job (``SLURM_RESTART_COUNT > 0``),
+  which resumes from ``last.ckpt`` by itself;
+* ``--checkpoint_every_n_steps N`` also saves ``last.ckpt`` every N steps; every save is atomic, and a
+  resumed run takes exactly the steps of an uninterrupted one (:mod:`pacx.lit.resilience`,
+  :mod:`pacx.data.resumable`);
+* under srun (SLURM), ``trainer.num_nodes`` / ``trainer.devices`` follow the allocation and SIGUSR1
+  checkpoints + requeues the job (:class:`~pacx.lit.resilience.SlurmRequeue`);
 * optimizers come from the modules (configs stay the single source of hyperparameters).
 """
 
@@ -22,13 +28,23 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import CheckpointIO
 
 from pacx.checkpoint import CheckpointError, safe_torch_load
 from pacx.lit.callbacks import RunRecord
 from pacx.lit.common import check_checkpoint_stage
+from pacx.lit.resilience import (
+    AtomicCheckpointIO,
+    SlurmRequeue,
+    StepSeeds,
+    slurm_allocation,
+    slurm_managed,
+    slurm_restart_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +60,9 @@ class PacxCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--wandb", type=WandbMode, default="offline",
                             help="wandb logging: offline (default), online, or disabled")
+        parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
+                            help="also save checkpoints/last.ckpt every N optimizer steps (a hard kill then loses "
+                                 "at most N steps); default: at validation / epoch ends only")
 
     # ---- run directory, loggers, checkpoints --------------------------------------------------
 
@@ -67,17 +86,41 @@ class PacxCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = dict(self._get(self.config_init, "trainer", default={}))
         run_dir = self.run_dir
+        ckpt_dir = run_dir / "checkpoints"
         if config.get("logger") in (None, True):
             config["logger"] = self._loggers(run_dir)
         metric, mode = self.model.monitor
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks += [
-            ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch:03d}-{step}", monitor=metric,
-                            mode=mode, save_last=True, save_top_k=1, auto_insert_metric_name=False),
-            RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv),
+            ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-{epoch:03d}-{step}", monitor=metric,
+                            mode=mode, save_last=True, save_top_k=1, auto_insert_metric_name=False,
+                            enable_version_counter=False),
+            RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv,
+                      final_status=self.fit_status),
+            StepSeeds(),
             *self.extra_callbacks(),
         ]
+        every = self._get(self.config_init, "checkpoint_every_n_steps")
+        if every:
+            callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                                             every_n_train_steps=every, enable_version_counter=False))
+        plugins = list(config.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        if slurm_managed():
+            nodes, tasks = slurm_allocation()
+            if (config.get("num_nodes"), config.get("devices")) != (nodes, tasks):
+                log.info("SLURM allocation: trainer.num_nodes=%d, trainer.devices=%d (config: %s, %s)", nodes, tasks,
+                         config.get("num_nodes"), config.get("devices"))
+            config["num_nodes"], config["devices"] = nodes, tasks
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+            if self.subcommand == "fit":
+                callbacks.append(SlurmRequeue(ckpt_dir / "last.ckpt"))
+        config["plugins"] = plugins
         return self._instantiate_trainer({**config, **kwargs}, callbacks)
+
+    #: run.json status when ``fit`` ends (Stage 3 writes "completed" only after its test).
+    fit_status = "completed"
 
     def extra_callbacks(self) -> list:
         """Callbacks a subclass adds for its subcommands."""
@@ -100,8 +143,12 @@ class PacxCLI(LightningCLI):
         if not sub:
             return
         ckpt = self.config[sub].get("ckpt_path")
+        root = self.config[sub].get("trainer", {}).get("default_root_dir")
+        if ckpt is None and sub == "fit" and root and slurm_restart_count() > 0 \
+                and (Path(root) / "checkpoints" / "last.ckpt").is_file():
+            log.info("requeued SLURM job (restart %d): resuming from last.ckpt", slurm_restart_count())
+            ckpt = "last"
         if ckpt:
-            root = self.config[sub].get("trainer", {}).get("default_root_dir")
             if ckpt == "last":
                 if not root:
                     raise ValueError("--ckpt_path last needs trainer.default_root_dir (the run to resume)")
@@ -169,8 +216,13 @@ class EvalCLI(PacxCLI):
         out = self._get(self.config_init, "embeddings_out") or str(self.run_dir / "embeddings.npy")
         return [EmbeddingWriter(out)]
 
+    fit_status = "trained"
+
     def after_fit(self) -> None:
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True)
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RunRecord):
+                cb.write(self.trainer, "completed")
 
 
 def cli_main(model_class, datamodule_class, args: list[str] | None = None, cli_class: type[PacxCLI] = PacxCLI,

@@ -35,6 +35,7 @@ from pacx.data.feature_cache import FeatureDataset
 from pacx.data.lowdata import indicator_columns, low_data_subset
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
+from pacx.data.resumable import train_loader
 from pacx.data.transforms import resize_eval, resize_flip_train
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ class SplitsDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         h = self.hparams
-        return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=shuffle, drop_last=False,
-                          num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
+        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
+        if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable); keeps the tail
+            return train_loader(dataset, self.per_device_batch, self.trainer, drop_last=False, **kwargs)
+        return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=False, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["train"], shuffle=True)

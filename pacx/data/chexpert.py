@@ -22,6 +22,7 @@ from pacx.data.cache import CachedImageDataset, ImageCache
 from pacx.data.common import per_device_batch_size
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
 from pacx.data.prepare import ConverterOption, register_converter
+from pacx.data.resumable import train_loader
 from pacx.data.transforms import mae_train, resize_eval
 
 log = logging.getLogger(__name__)
@@ -169,11 +170,11 @@ class CheXpertDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         h = self.hparams
-        return DataLoader(
-            self.datasets[split], batch_size=self.per_device_batch, shuffle=shuffle, drop_last=shuffle,
-            num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0,
-            collate_fn=self.collate_fns.get(split),
-        )
+        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0,
+                      collate_fn=self.collate_fns.get(split))
+        if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable)
+            return train_loader(self.datasets[split], self.per_device_batch, self.trainer, **kwargs)
+        return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=False, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Cached batches arrive as uint8 [B, C, H, W]: normalise them here, on the device."""

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from pacx.data.common import per_device_batch_size
+from pacx.data.resumable import train_loader
 from pacx.data.symile_files import FILES, ValidationCache, validate_split
 
 log = logging.getLogger(__name__)
@@ -296,11 +297,10 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             return []  # Lightning runs no loop for an empty loader list
         if role not in self.datasets:
             raise RuntimeError(f"no {role} loader: {role}_split is not set or setup() has not run for it")
-        train = role == "train"
-        return DataLoader(
-            self.datasets[role], batch_size=self.per_device_batch, shuffle=train, drop_last=train,
-            num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0,
-        )
+        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
+        if role == "train":  # exactly resumable order (pacx.data.resumable)
+            return train_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
+        return DataLoader(self.datasets[role], batch_size=self.per_device_batch, shuffle=False, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Raw ECG/labs batches become teacher features here, on the device, with the frozen teachers."""

@@ -20,12 +20,16 @@ log = logging.getLogger(__name__)
 class RunRecord(Callback):
     """Keeps ``<run_dir>/run.json`` current: stage, status, checkpoints, git sha, config, step.
 
+    Status: ``running``, then ``final_status`` when fit ends (``completed``; Stage 3 writes ``trained`` and
+    ``completed`` after its test), ``requeued`` (SLURM), ``interrupted`` or ``failed: <exception>``.
+
     The next stage (and ``pacx.load_encoder``) reads it to find this run's checkpoints.
     """
 
     def __init__(self, run_dir: str | Path, stage: str, config_path: str | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, final_status: str = "completed") -> None:
         self.run_dir = Path(run_dir)
+        self.final_status = final_status
         self.stage = stage
         self.config_path = config_path
         self.command = command
@@ -72,10 +76,13 @@ class RunRecord(Callback):
         self.write(trainer, "running")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.write(trainer, "interrupted" if trainer.interrupted else "completed")
+        self.write(trainer, "interrupted" if trainer.interrupted else self.final_status)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.write(trainer, f"failed: {exception.__class__.__name__}")
+        from pacx.lit.resilience import RunRequeued
+
+        self.write(trainer, "requeued" if isinstance(exception, RunRequeued)
+                   else f"failed: {exception.__class__.__name__}")
 
 
 class ReconstructionGrid(Callback):

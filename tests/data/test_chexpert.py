@@ -111,10 +111,12 @@ def test_datamodule_manifests_equal_in_memory_conversion(tmp_path, chexpert_rele
 
 def test_fraction_and_per_device_batch(chexpert_release):
     dm = CheXpertDataModule(str(chexpert_release), num_workers=0, img_size=32, fraction=0.25, batch_size=8)
-    dm.trainer = SimpleNamespace(world_size=2)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 12 and dm.per_device_batch == 4
-    assert dm.train_dataloader().batch_size == 4 and dm.train_dataloader().drop_last
+    loader = dm.train_dataloader()
+    assert loader.batch_size == 4 and loader.drop_last
+    assert len(loader.sampler) == 6 and len(loader) == 1  # this rank's half, one full per-device batch
     odd = CheXpertDataModule(str(chexpert_release), num_workers=0, batch_size=10)
     odd.trainer = SimpleNamespace(world_size=4)
     with pytest.raises(ValueError, match="global batch 10 does not divide by world size 4"):

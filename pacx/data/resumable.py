@@ -1,0 +1,130 @@
+"""Training data that resumes exactly: the same batches, augmentations and random masks after a restart.
+
+A run stopped mid-epoch (SLURM requeue, ``kill -9``, preemption) and resumed from its checkpoint must take
+the same optimizer steps as an uninterrupted run. Lightning restores the model, optimizer, scheduler and
+loop counters; this module makes the data side a pure function of ``(seed, epoch, position)``:
+
+* :class:`ResumableSampler` shuffles per epoch from ``seed + epoch`` (a ``DistributedSampler``, so under
+  DDP each rank takes its strided share and Lightning keeps it instead of injecting its own), skips the
+  batches the restored epoch already consumed, and pairs every index with a per-sample seed.
+* :class:`SeededDataset` seeds torch / numpy / ``random`` from that per-sample seed before the wrapped
+  dataset's ``__getitem__``: a sample's augmentation depends on ``(seed, epoch, index)`` only, not on the
+  worker, the rank or the position (so it is also the same whatever the number of GPUs).
+* :func:`seed_step` reseeds the main process before every training batch (random masks, dropout, noise)
+  from ``(seed, epoch, batch, rank)``; :class:`pacx.lit.callbacks.StepSeeds` calls it.
+
+:func:`train_loader` builds the whole thing for a data module's ``train_dataloader``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from non-negative integers (numpy's SeedSequence: nearby inputs, unrelated seeds)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), numpy's legacy global RNG and ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+    random.seed(seed)
+
+
+def run_seed(default: int = 0) -> int:
+    """The run's seed: ``seed_everything`` exports it as ``PL_GLOBAL_SEED``."""
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value not in (None, "") else default
+
+
+def seed_step(seed: int, epoch: int, batch_idx: int, rank: int) -> None:
+    seed_all(derive_seed(seed, 1, epoch, batch_idx, rank))
+
+
+class SeededDataset(Dataset):
+    """Takes ``(index, sample_seed)`` keys from :class:`ResumableSampler`; seeds, then reads ``dataset[index]``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        seed_all(seed)
+        return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """Per-epoch shuffle from ``seed + epoch``, this rank's share, minus the batches the epoch already consumed.
+
+    Yields ``(index, sample_seed)``. ``__len__`` stays the full share, so the loader reports the epoch's
+    full batch count while a resumed epoch yields only the batches it has left (Lightning counts the
+    consumed ones from the checkpoint).
+
+    Args:
+        dataset: the (unwrapped) dataset; only its length is used.
+        num_replicas / rank: the world size and this process's global rank.
+        shuffle / seed / drop_last: as ``DistributedSampler`` (``drop_last`` here = drop the tail that does
+            not divide by the world size; the loader's own ``drop_last`` drops an incomplete batch).
+        batch_size: this rank's batch.
+        consumed: called when an epoch's iteration starts; returns how many batches of this epoch were
+            already trained on (0 for a fresh epoch, the checkpoint's count for a resumed one).
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, batch_size: int = 1, consumed: Callable[[], int] | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.batch_size, self.consumed = batch_size, consumed
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        done = self.consumed() if self.consumed is not None else 0
+        if done:
+            log.info("resuming epoch %d after %d batches (%d of this rank's %d samples)", self.epoch, done,
+                     done * self.batch_size, len(indices))
+        return iter([(i, derive_seed(self.seed, 0, self.epoch, i)) for i in indices[done * self.batch_size:]])
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` whose iterator starts at the first ``next()``, not at ``iter()``.
+
+    Lightning creates the train iterator before it restores the checkpoint's loop counters (and before it
+    sets the sampler's epoch); starting workers then would fix the order of the resumed epoch too early.
+    Deferring the start lets :class:`ResumableSampler` see the restored epoch and position.
+    """
+
+    def __iter__(self):
+        yield from super().__iter__()
+
+
+def consumed_batches(trainer) -> int:
+    """Batches of the current epoch already trained on: 0 at an epoch's start, the restored count when a run
+    resumes mid-epoch from a checkpoint (Lightning's progress tracking, restored before the first batch)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool = True, drop_last: bool = True,
+                 seed: int | None = None, **loader_kwargs) -> DataLoader:
+    """A training loader that resumes exactly (see the module docstring); ``batch_size`` per device."""
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    fit_loop = getattr(trainer, "fit_loop", None)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=run_seed() if seed is None else seed,
+                               batch_size=batch_size,
+                               consumed=(lambda: consumed_batches(trainer)) if fit_loop is not None else None)
+    return ResumableLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                           **loader_kwargs)
