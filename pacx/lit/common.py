@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
@@ -181,12 +182,25 @@ class BenchmarkEvalModule(StagedModule):
     @rank_zero_only
     def on_test_end(self) -> None:
         path = self.results_path()
-        row = pd.DataFrame([self.results_row()])
-        if path.is_file():
-            row = pd.concat([pd.read_csv(path), row], ignore_index=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        row.to_csv(path, index=False)
+        append_results_row(path, self.results_row())
         log.info("appended a results row to %s", path)
+
+
+def append_results_row(path: str | Path, row: dict) -> None:
+    """Append ``row`` to the CSV at ``path`` (columns: the union, in first-seen order). Safe with concurrent
+    writers (the tasks of a Slurm job array share one results CSV): an exclusive ``fcntl`` lock on
+    ``<path>.lock`` serialises the read-concat-write, and the write goes through a temporary file and a
+    rename, so readers never see a partial CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = pd.DataFrame([row])
+        if path.is_file():
+            table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
 
 
 def check_checkpoint_stage(checkpoint: dict, stage: str, source: str) -> None:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.signal import find_peaks
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 from torchvision.transforms.v2 import functional as TF
 
+from pacx.data.resumable import ResumableSampler
 from pacx.data.symile import CXR_TRANSFORMS, ITEMS, SymileDataset, SymileMIMICDataModule
 from pacx.data.symile_files import (
     ECG_SAMPLING_HZ,
@@ -175,7 +176,7 @@ def test_datamodule_serves_item_kind(symile_root, item):
                                pin_memory=False)
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert isinstance(train.sampler, ResumableSampler) and train.sampler.shuffle and train.drop_last
     assert isinstance(val.sampler, SequentialSampler) and not val.drop_last
     assert len(dm.datasets["train"]) == N_TRAIN and len(dm.datasets["val"]) == N_VAL
     batch = next(iter(val))
@@ -208,9 +209,10 @@ def test_test_uni_and_predict_loaders(symile_root):
 
 def test_per_device_batch_and_divisibility(symile_root):
     dm = SymileMIMICDataModule(str(symile_root), "labs", batch_size=8, num_workers=0, pin_memory=False)
-    dm.trainer = SimpleNamespace(world_size=2)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0)
     dm.setup("fit")
     assert dm.per_device_batch == 4 and dm.train_dataloader().batch_size == 4
+    assert dm.train_dataloader().sampler.num_replicas == 2
     odd = SymileMIMICDataModule(str(symile_root), "labs", batch_size=10, num_workers=0)
     odd.trainer = SimpleNamespace(world_size=4)
     with pytest.raises(ValueError, match="global batch 10 does not divide by world size 4"):

@@ -1,0 +1,207 @@
+"""Running a plan's graph: submitted to Slurm (default) or sequentially on this machine (``--local``).
+
+Both drivers walk the nodes in topological order and skip every point whose ``<run_dir>/run.json`` says
+``completed``; a node with nothing left is skipped. They write each node's spec to
+``<out>/.plan/nodes/<node>.json`` and run its points through the same executor
+(``python -m pacx.reproduce exec``, :mod:`pacx.reproduce.execute`).
+
+* **slurm**: one ``sbatch --parsable`` per node with unfinished points, through
+  ``scripts/slurm/node.sbatch``; a grid node is one job array over its unfinished indices (ranges such
+  as ``0-149``; ``%max_parallel`` when set). ``--dependency=afterok:<ids>`` names the jobs of the node's
+  unfinished parents (with ``--kill-on-invalid-dep=yes``, so a failed parent cancels its dependents
+  instead of leaving them pending forever). Resources come from the plan. Job ids are kept in
+  ``<out>/.plan/jobs.json``: on a re-run, a node whose earlier job is still queued or running is not
+  submitted again (its dependents wait on that job).
+* **local**: every unfinished point as a subprocess, one after another. A failed point fails its node;
+  the node's dependents are skipped, independent nodes still run; the exit code is 1.
+* ``dry_run``: print what would be done (a bash script of ``sbatch`` lines with ``$node`` placeholders
+  for the job ids, or the ``exec`` command lines), running and writing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from pacx.reproduce.execute import COMPLETED, run_status, write_specs
+from pacx.reproduce.plan import REPO, Node, Plan
+from pacx.utils import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SBATCH_TEMPLATE = REPO / "scripts" / "slurm" / "node.sbatch"
+ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+
+
+def pending(node: Node) -> list[int]:
+    """Indices of the node's points whose run.json does not say completed."""
+    return [p.index for p in node.points if run_status(p.run_dir) != COMPLETED]
+
+
+def array_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"`` (Slurm's ``--array`` syntax)."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)
+
+
+def exec_command(plan: Plan, node: Node, index: int | None) -> list[str]:
+    cmd = [plan.python, "-m", "pacx.reproduce", "exec", str(plan.spec_path(node.name))]
+    return cmd + (["--index", str(index)] if node.is_grid else [])
+
+
+@dataclass
+class Outcome:
+    """What a driver did with one node (the ``--json`` summary)."""
+
+    kind: str
+    points: int
+    pending: list[int]
+    status: str  # done | submitted | queued | would submit | completed | failed | blocked | would run
+    job_id: str | None = None
+    failed: list[int] = field(default_factory=list)
+
+
+def _unfinished(plan: Plan, outcomes: dict[str, Outcome], lines: list[str]):
+    """``(node, pending indices, outcome)`` of each node with points left, in plan order; a finished node
+    gets a ``done`` outcome and a comment line instead."""
+    for node in plan.nodes.values():
+        todo = pending(node)
+        outcome = outcomes[node.name] = Outcome(node.kind, len(node.points), todo, "done")
+        if not todo:
+            lines.append(f"# {node.name}: all {len(node.points)} point(s) completed, skipped")
+            continue
+        yield node, todo, outcome
+
+
+# ---- Slurm ----------------------------------------------------------------------------------------
+
+
+def sbatch_command(plan: Plan, node: Node, indices: list[int], dependencies: list[str]) -> list[str]:
+    r = node.resources
+    cmd = ["sbatch", "--parsable", f"--job-name={plan.name}-{node.name}", f"--nodes={r.nodes}",
+           f"--ntasks-per-node={r.tasks_per_node}", f"--cpus-per-task={r.cpus_per_task}", f"--time={r.time}"]
+    if r.gpus_per_node:
+        cmd.append(f"--gpus-per-node={r.gpus_per_node}")
+    if r.mem:
+        cmd.append(f"--mem={r.mem}")
+    if node.is_grid:
+        limit = f"%{node.max_parallel}" if node.max_parallel else ""
+        cmd += [f"--array={array_ranges(indices)}{limit}", f"--output={plan.logs}/%x-%A_%a.out"]
+    else:
+        cmd.append(f"--output={plan.logs}/%x-%j.out")
+    if dependencies:
+        cmd += ["--dependency=afterok:" + ":".join(dependencies), "--kill-on-invalid-dep=yes"]
+    return [*cmd, *plan.sbatch_args, *node.sbatch_args, str(SBATCH_TEMPLATE), str(plan.spec_path(node.name))]
+
+
+def _job_active(job_id: str, env: Mapping[str, str]) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True)
+    return out.returncode == 0 and bool(set(out.stdout.split()) & ACTIVE_STATES)
+
+
+def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Outcome]:
+    env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
+    jobs_file = plan.state_dir / "jobs.json"
+    jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
+    ids: dict[str, str] = {}
+    outcomes: dict[str, Outcome] = {}
+    lines = [f"# plan {plan.name} ({plan.path}) -> {plan.out}", f"mkdir -p {shlex.quote(str(plan.logs))}"]
+    if not dry_run:
+        if shutil.which("sbatch", path=env.get("PATH")) is None:
+            raise RuntimeError("sbatch not found on PATH: run this on a Slurm login node, or use --local")
+        plan.logs.mkdir(parents=True, exist_ok=True)
+        write_specs(plan)
+    for node, todo, outcome in _unfinished(plan, outcomes, lines):
+        earlier = jobs.get(node.name, {}).get("job_id")
+        if not dry_run and earlier and _job_active(earlier, env):
+            ids[node.name] = outcome.job_id = earlier
+            outcome.status = "queued"
+            log.info("%s: job %s from an earlier submission is still queued or running", node.name, earlier)
+            continue
+        deps = [f"${p}" if dry_run else ids[p] for p in node.after if p in ids]
+        cmd = sbatch_command(plan, node, todo, deps)
+        if dry_run:
+            lines.append(f"{node.name}=$({' '.join(a if a.startswith('--dependency=') else shlex.quote(a) for a in cmd)})")
+            ids[node.name] = f"${node.name}"
+            outcome.status = "would submit"
+            continue
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            submitted = {n: o.job_id for n, o in outcomes.items() if o.status == "submitted"}
+            raise RuntimeError(f"sbatch of node {node.name!r} failed (exit {done.returncode}): {done.stderr.strip()}; "
+                               f"already submitted: {submitted or 'nothing'}")
+        ids[node.name] = outcome.job_id = done.stdout.strip().split(";")[0]
+        outcome.status = "submitted"
+        jobs[node.name] = {"job_id": outcome.job_id, "indices": todo, "command": cmd,
+                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json_atomic(jobs_file, jobs)
+        log.info("%s: submitted job %s (%d point(s)%s)", node.name, outcome.job_id, len(todo),
+                 f", after {':'.join(deps)}" if deps else "")
+    if dry_run:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return outcomes
+
+
+# ---- local ----------------------------------------------------------------------------------------
+
+
+def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Outcome]:
+    env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
+    outcomes: dict[str, Outcome] = {}
+    lines = [f"# plan {plan.name} ({plan.path}) -> {plan.out}, run locally in this order"]
+    if not dry_run:
+        write_specs(plan)
+    for node, todo, outcome in _unfinished(plan, outcomes, lines):
+        blocked = [p for p in node.after if outcomes[p].status in ("failed", "blocked")]
+        if blocked:
+            outcome.status = "blocked"
+            log.error("%s: not run, its parent(s) %s did not complete", node.name, ", ".join(blocked))
+            continue
+        for index in todo:
+            point = node.points[index]
+            cmd = exec_command(plan, node, index)
+            if dry_run:
+                lines += [f"# {node.name}{f' [{point.name}]' if point.name else ''}: "
+                          f"{node.target or 'python'} {shlex.join(point.argv)}", shlex.join(cmd)]
+                continue
+            log.info("%s%s: running", node.name, f" [{point.name}]" if point.name else "")
+            if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0 or run_status(point.run_dir) != COMPLETED:
+                outcome.failed.append(index)
+                log.error("%s%s failed", node.name, f" [{point.name}]" if point.name else "")
+        outcome.status = "would run" if dry_run else "failed" if outcome.failed else "completed"
+    if dry_run:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return outcomes
+
+
+#: mode -> driver
+DRIVERS: dict[str, Callable[..., dict[str, Outcome]]] = {"slurm": run_slurm, "local": run_local}
+
+
+def summary(plan: Plan, mode: str, dry_run: bool, outcomes: dict[str, Outcome]) -> dict:
+    nodes = {name: vars(o) for name, o in outcomes.items()}
+    return {"plan": str(plan.path), "name": plan.name, "mode": mode, "dry_run": dry_run, "out": str(plan.out),
+            "nodes": nodes, "job_ids": [o.job_id for o in outcomes.values() if o.status == "submitted"]}
+
+
+def format_table(outcomes: dict[str, Outcome]) -> str:
+    width = max(len(n) for n in outcomes)
+    lines = [f"{'node':<{width}}  {'kind':<6} {'points':>6} {'pending':>7}  {'status':<12} job"]
+    for name, o in outcomes.items():
+        lines.append(f"{name:<{width}}  {o.kind:<6} {o.points:>6} {len(o.pending):>7}  {o.status:<12} {o.job_id or ''}")
+    return "\n".join(lines)

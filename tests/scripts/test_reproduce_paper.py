@@ -1,0 +1,462 @@
+"""scripts/reproduce_paper.py and pacx.reproduce without Slurm: plan validation, the paper plan's dry run
+(every node, its dependencies, the Stage 3 grid's size), --local runs of script plans (order, run.json,
+skipping finished work, failures stopping dependents), the Slurm driver against stand-in sbatch/squeue
+commands, and the results CSV under concurrent writers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pacx.lit.common import append_results_row
+from pacx.reproduce import main
+from pacx.reproduce.drivers import array_ranges
+from pacx.reproduce.execute import execute, stage_argv, write_specs
+from pacx.reproduce.plan import PlanError, load_plan
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER = REPO / "plans" / "paper.yaml"
+DEMO = REPO / "plans" / "demo.yaml"
+
+# The paper's Stage 3 grid, from SPEC.md / DATASETS.md rather than from the plan: the nine benchmarks, the
+# low-data tasks of §14 among them (COVIDx is a §14 task but not one of the nine), backbones, seeds 0-4.
+BENCHMARKS = {"chexchonet", "vindr", "medmod_phys", "cxlseg", "covidqu_seg", "tb", "chestx6", "nih", "qata"}
+LOW_DATA = {"chexchonet", "nih", "vindr", "chestx6", "medmod_phys"}
+SEGMENTATION = {"cxlseg", "covidqu_seg", "qata"}
+BACKBONES = {"imagenet", "mae", "pacx"}
+SEEDS = {0, 1, 2, 3, 4}
+
+
+def write_plan(tmp_path: Path, body: str, name: str = "plan.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+BAD_PLANS = {
+    "unknown top-level key": ("nodes: [{name: a, script: [-c, pass]}]\ncolour: red\n", "unknown key(s) colour"),
+    "unknown node key": ("nodes: [{name: a, script: [-c, pass], colour: red}]\n", "nodes[0]: unknown key(s) colour"),
+    "unknown after": ("nodes: [{name: a, script: [-c, pass], after: [b]}]\n", "node 'a': `after` names unknown node(s) b"),
+    "cycle": ("nodes:\n  - {name: a, script: [-c, pass], after: [c]}\n  - {name: b, script: [-c, pass], after: [a]}\n"
+              "  - {name: c, script: [-c, pass], after: [b]}\n", "dependency cycle a -> b -> c -> a"),
+    "self dependency": ("nodes: [{name: a, script: [-c, pass], after: [a]}]\n", "node 'a': a node cannot run after"),
+    "missing config": ("nodes: [{name: s1, stage: Stage1_MAE.py, config: configs/stage1/nope.yaml}]\n",
+                       "node 's1': config file not found"),
+    "missing stage script": ("nodes: [{name: s1, stage: Stage9.py, config: configs/demo/stage1_mae.yaml}]\n",
+                             "node 's1': stage script not found"),
+    "stage without config": ("nodes: [{name: s1, stage: Stage1_MAE.py}]\n", "node 's1': a stage node needs config"),
+    "stage and script": ("nodes: [{name: a, stage: Stage1_MAE.py, script: [-c, pass]}]\n",
+                         "node 'a': give exactly one of stage, script"),
+    "unknown field": ("nodes: [{name: a, script: [-c, pass, '{nope}']}]\n", "node 'a': unknown field {nope}"),
+    "duplicate names": ("nodes: [{name: a, script: [-c, pass]}, {name: a, script: [-c, pass]}]\n",
+                        "two nodes are named 'a'"),
+    "bad resources": ("nodes: [{name: a, script: [-c, pass], resources: {gpus: 2}}]\n",
+                      "node 'a' resources: unknown key(s) gpus"),
+    "shared run dir": ("nodes: [{name: a, script: [-c, pass], grid: {n: [1, 2]}, run_dir: '{out}/x'}]\n",
+                       "share the run directory"),
+    "axis shadows a var": ("vars: {n: 1}\nnodes: [{name: a, script: [-c, pass], grid: {n: [1, 2]}}]\n",
+                           "grid axis 'n' must be an identifier that is not a var"),
+    "bad axis value": ("nodes: [{name: a, script: [-c, pass], grid: {n: [a/b]}}]\n", "value 'a/b' may hold only"),
+    "missing trainer fragment": ("trainer: configs/trainer/nope.yaml\n"
+                                 "nodes: [{name: s1, stage: Stage1_MAE.py, config: configs/demo/stage1_mae.yaml}]\n",
+                                 "node 's1': trainer fragment not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_invalid_plans_raise_naming_file_and_node(tmp_path, case):
+    body, message = BAD_PLANS[case]
+    path = write_plan(tmp_path, "out: " + str(tmp_path / "out") + "\n" + body, f"bad_{case.replace(' ', '_')}.yaml")
+    with pytest.raises(PlanError) as err:
+        load_plan(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_main_reports_plan_errors_with_exit_code_2(tmp_path, caplog):
+    path = write_plan(tmp_path, "nodes: [{name: a, script: [-c, pass], after: [zz]}]\n")
+    assert main([str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown node(s) zz" in caplog.text
+
+
+def test_vars_resolve_in_order_and_set_overrides(tmp_path):
+    path = write_plan(tmp_path, """\
+        vars: {root: /data/x, sub: "{root}/images", where: "{out}/w"}
+        nodes: [{name: a, script: [-c, pass, "{sub}", "{where}", "{{literal}}", "{'k': 1}"]}]
+    """)
+    plan = load_plan(path, out=tmp_path / "o", overrides={"root": "/elsewhere"})
+    argv = plan.nodes["a"].points[0].argv
+    assert argv == ("-c", "pass", "/elsewhere/images", f"{tmp_path / 'o'}/w", "{literal}", "{'k': 1}")
+    with pytest.raises(PlanError, match="--set names unknown var"):
+        load_plan(path, out=tmp_path / "o", overrides={"rot": "/x"})
+
+
+# ---- the paper plan ---------------------------------------------------------------------------------
+
+# The paper's graph, written out here (not read from the plan): node -> the nodes it waits for.
+PAPER_EDGES = {
+    "manifests": set(), "stage1": set(), "export_mae": {"stage1"}, "labs_dae": set(), "features": {"labs_dae"},
+    "stage2": {"export_mae", "features"}, "export_pacx": {"stage2"},
+    "stage3_lowdata": {"manifests", "export_mae", "export_pacx"},
+    "stage3_lp": {"manifests", "export_mae", "export_pacx"},
+    "stage3_seg": {"manifests", "export_mae", "export_pacx"},
+    "alignment": {"export_mae", "export_pacx", "features"},
+    "tables": {"stage3_lowdata", "stage3_lp", "stage3_seg"},
+}
+
+
+def parse_dry_run(text: str) -> dict[str, list[str]]:
+    """``node=$(sbatch ...)`` lines -> {node: sbatch argv}."""
+    jobs = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"(\w+)=\$\((sbatch .*)\)", line)
+        if m:
+            jobs[m.group(1)] = shlex.split(m.group(2))
+    return jobs
+
+
+def option(argv: list[str], name: str) -> str | None:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")), None)
+
+
+def array_size(spec: str) -> int:
+    return sum(int(b) - int(a) + 1 if "-" in part else 1
+               for part in spec.split("%")[0].split(",") for a, _, b in [part.partition("-")])
+
+
+def test_paper_dry_run_lists_every_node_with_dependencies_and_array_sizes(tmp_path, capsys):
+    out = tmp_path / "paper_runs"
+    assert main([str(PAPER), "--dry-run", "--out", str(out)]) == 0
+    jobs = parse_dry_run(capsys.readouterr().out)
+    assert set(jobs) == set(PAPER_EDGES)
+    for node, argv in jobs.items():
+        dep = option(argv, "--dependency")
+        deps = set(re.findall(r"\$(\w+)", dep)) if dep else set()
+        assert dep is None or dep.startswith("afterok:"), node
+        assert deps == PAPER_EDGES[node], node
+        assert argv[-2] == str(REPO / "scripts/slurm/node.sbatch")
+        assert argv[-1] == str(out / ".plan/nodes" / f"{node}.json")
+        assert option(argv, "--job-name") == f"paper-{node}"
+    assert not out.exists()  # a dry run writes nothing
+
+    expected_points = sum((2 if b in LOW_DATA else 1) * len(BACKBONES) * len(SEEDS) for b in BENCHMARKS)
+    assert expected_points == 210
+    arrays = {n: array_size(option(a, "--array")) for n, a in jobs.items() if n.startswith("stage3")}
+    assert sum(arrays.values()) == expected_points
+    assert arrays == {"stage3_lowdata": 5 * 3 * 2 * 5, "stage3_lp": 1 * 3 * 1 * 5, "stage3_seg": 3 * 3 * 5}
+    assert option(jobs["manifests"], "--array") == "0-8"  # one converter run per benchmark
+    assert int(option(jobs["stage1"], "--nodes")) > 1 and option(jobs["stage1"], "--gpus-per-node")
+
+
+def test_paper_grid_covers_benchmarks_backbones_fractions_seeds(tmp_path):
+    plan = load_plan(PAPER, out=tmp_path / "out")
+    seen = set()
+    for node in plan.nodes.values():
+        if node.target != "Stage3_eval":
+            continue
+        for point in node.points:
+            argv = list(point.argv)
+            bench, kind = point.values["benchmark"], point.values["backbone"]
+            fraction = float(argv[argv.index("--data.train_fraction") + 1]) if "--data.train_fraction" in argv else 1.0
+            seed = int(argv[argv.index("--seed_everything") + 1])
+            assert seed == int(point.values["seed"])
+            assert argv[argv.index("--model.backbone.kind") + 1] == kind
+            config = Path(argv[argv.index("--config") + 1])
+            assert config == REPO / "configs/stage3" / ("seg" if bench in SEGMENTATION else "") / f"{bench}.yaml"
+            assert argv[argv.index("--trainer.default_root_dir") + 1] == point.run_dir
+            seen.add((bench, kind, fraction, seed))
+    expected = {(b, k, f, s) for b in BENCHMARKS for k in BACKBONES for s in SEEDS
+                for f in ((1.0, 0.01) if b in LOW_DATA else (1.0,))}
+    assert seen == expected
+
+
+def test_demo_plan_stage_argv_layout(tmp_path):
+    plan = load_plan(DEMO, out=tmp_path / "demo")
+    stage1 = plan.nodes["stage1"].points[0]
+    assert stage1.argv[:9] == ("fit", "--config", str(REPO / "configs/demo/stage1_mae.yaml"),
+                               "--trainer", str(REPO / "configs/trainer/cpu.yaml"),
+                               "--trainer.default_root_dir", str(tmp_path / "demo/runs/stage1"), "--seed_everything", "0")
+    assert plan.nodes["stage2"].resources.tasks_per_node == 2
+    stage3 = plan.nodes["stage3"]
+    assert len(stage3.points) == 1 * 3 * 2 and stage3.axes == ("task", "backbone", "seed")
+    point = stage3.points[-1]
+    assert point.name == "task=chexchonet_backbone=pacx_seed=1"
+    assert point.run_dir == str(tmp_path / "demo/runs/stage3/task=chexchonet_backbone=pacx_seed=1")
+    assert point.argv[-4:] == ("--model.backbone.kind", "pacx", "--model.backbone.weights",
+                               str(tmp_path / "demo/exports/pacx_encoder.safetensors"))
+    assert list(plan.nodes).index("stage2") > list(plan.nodes).index("features")
+
+
+def test_stage_argv_resumes_from_last_ckpt_except_on_requeue(tmp_path, monkeypatch):
+    point = {"argv": ["fit", "--config", "c.yaml"], "run_dir": str(tmp_path / "run")}
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert stage_argv(point) == ["fit", "--config", "c.yaml"]
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    (tmp_path / "run/checkpoints/last.ckpt").write_bytes(b"")
+    assert stage_argv(point) == ["fit", "--config", "c.yaml", "--ckpt_path", "last"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert stage_argv(point)[-2:] == ["--ckpt_path", "last"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued: the Stage CLI resumes by itself
+    assert stage_argv(point) == ["fit", "--config", "c.yaml"]
+
+
+FAKE_STAGE = """
+import json, pathlib
+def main(argv):
+    run_dir = pathlib.Path(argv[argv.index("--trainer.default_root_dir") + 1])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "argv.json").write_text(json.dumps(argv))
+    (run_dir / "run.json").write_text(json.dumps({"status": argv[argv.index("--status") + 1]}))
+"""
+
+
+@pytest.mark.parametrize("status, code", [("completed", 0), ("interrupted", 1)])
+def test_exec_calls_the_stage_main_in_process_and_checks_run_json(tmp_path, monkeypatch, status, code):
+    (tmp_path / "FakeStage.py").write_text(FAKE_STAGE)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delitem(sys.modules, "FakeStage", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # exec puts the spec's repo on it
+    run_dir = tmp_path / "runs" / "s"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")  # an earlier, interrupted try
+    argv = ["fit", "--trainer.default_root_dir", str(run_dir), "--status", status]
+    spec = {"node": "s", "kind": "stage", "stage": "FakeStage", "repo": str(tmp_path), "python": sys.executable,
+            "points": [{"index": 0, "name": "", "run_dir": str(run_dir), "argv": argv, "stdout": None, "values": {}}]}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    assert execute(tmp_path / "s.json") == code
+    assert json.loads((run_dir / "argv.json").read_text()) == [*argv, "--ckpt_path", "last"]
+    with pytest.raises(SystemExit, match="out of range"):
+        execute(tmp_path / "s.json", index=1)
+
+
+def test_array_ranges():
+    assert array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_ranges([3]) == "3" and array_ranges(list(range(150))) == "0-149"
+
+
+# ---- --local ----------------------------------------------------------------------------------------
+
+# Each node appends "<node> <point>" to order.txt; the grid appends its mapping-axis argument too.
+LOG = "import sys; open(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + chr(10))"
+LOCAL_PLAN = f"""\
+name: tiny
+python: {sys.executable}
+nodes:
+  - {{name: a, script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+  - {{name: b, after: [a], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+  - {{name: c, after: [a], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+  - name: g
+    after: [c]
+    script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}", "{{point}}"]
+    grid:
+      n: [1, 2]
+      w: {{x: [--flag, x], y: [--flag, y]}}
+  - {{name: d, after: [b, g], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"], stdout: "{{out}}/d.txt"}}
+"""
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def test_local_runs_in_topological_order_and_skips_finished(tmp_path):
+    out = tmp_path / "out"
+    plan_path = write_plan(tmp_path, LOCAL_PLAN)
+    assert main([str(plan_path), "--local", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    lines = read_lines(out / "order.txt")
+    grid = [f"g n={n}_w={w} --flag {w}" for n, w in itertools.product("12", "xy")]
+    assert lines == ["a", "b", "c", *grid, "d"]  # plan order among ready nodes, grid in product order
+    plan = load_plan(plan_path, out=out)
+    for node in plan.nodes.values():
+        for point in node.points:
+            record = json.loads((Path(point.run_dir) / "run.json").read_text())
+            assert record["status"] == "completed" and record["returncode"] == 0, point.run_dir
+    assert (out / "runs/g/n=2_w=y/run.json").is_file()
+    assert (out / "d.txt").read_text() == ""  # d's stdout went to the file (it printed nothing)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert {n: s["status"] for n, s in summary["nodes"].items()} == dict.fromkeys("abcgd", "completed")
+    assert json.loads((out / ".plan/nodes/g.json").read_text())["points"][3]["name"] == "n=2_w=y"
+
+    assert main([str(plan_path), "--local", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    assert read_lines(out / "order.txt") == lines  # nothing ran again
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert {n: s["status"] for n, s in summary["nodes"].items()} == dict.fromkeys("abcgd", "done")
+
+    (out / "runs/g/n=1_w=y/run.json").unlink()  # one grid point unfinished: only it (and nothing else) runs
+    assert main([str(plan_path), "--local", "--out", str(out)]) == 0
+    assert read_lines(out / "order.txt") == [*lines, "g n=1_w=y --flag y"]
+
+
+def test_local_failure_stops_dependents_only(tmp_path):
+    out = tmp_path / "out"
+    plan_path = write_plan(tmp_path, f"""\
+        python: {sys.executable}
+        nodes:
+          - {{name: bad, script: [-c, "raise SystemExit(3)"]}}
+          - {{name: child, after: [bad], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+          - {{name: grandchild, after: [child], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+          - {{name: other, script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"], stdout: "{{out}}/other.txt"}}
+          - {{name: failing_out, script: [-c, "print('partial'); raise SystemExit(1)"], stdout: "{{out}}/f.txt"}}
+    """)
+    assert main([str(plan_path), "--local", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 1
+    assert read_lines(out / "order.txt") == ["other"]
+    assert json.loads((out / "runs/bad/run.json").read_text())["status"] == "failed: exit code 3"
+    assert not (out / "runs/child/run.json").exists() and not (out / "runs/grandchild").exists()
+    assert not (out / "f.txt").exists()  # a failed script's stdout file is not left behind
+    nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
+    assert {n: s["status"] for n, s in nodes.items()} == {
+        "bad": "failed", "child": "blocked", "grandchild": "blocked", "other": "completed", "failing_out": "failed"}
+
+
+def test_script_node_records_sigterm_and_ignores_usr1(tmp_path):
+    out = tmp_path / "out"
+    code = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(60)"
+    plan = load_plan(write_plan(tmp_path, f"""\
+        python: {sys.executable}
+        nodes: [{{name: slow, script: [-c, "{code}", "{{out}}/up"]}}]
+    """), out=out)
+    write_specs(plan)
+    proc = subprocess.Popen([sys.executable, "-m", "pacx.reproduce", "exec", str(plan.spec_path("slow"))], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not (out / "up").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert json.loads((out / "runs/slow/run.json").read_text())["status"] == "running"
+    os.kill(proc.pid, signal.SIGUSR1)  # the Stage CLIs' requeue warning: a script keeps running
+    time.sleep(1.0)
+    assert proc.poll() is None
+    os.kill(proc.pid, signal.SIGTERM)  # the time limit: the script is stopped and the failure recorded
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert json.loads((out / "runs/slow/run.json").read_text())["status"] == "failed: killed by SIGTERM"
+
+
+def test_local_dry_run_prints_exec_lines_only(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([str(write_plan(tmp_path, LOCAL_PLAN)), "--local", "--dry-run", "--out", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 1 + 1 + 1 + 4 + 1
+    assert lines[3].endswith(f"{out}/.plan/nodes/g.json --index 0") and "-m pacx.reproduce exec" in lines[3]
+    assert not out.exists()
+
+
+# ---- the Slurm driver against stand-in sbatch / squeue ------------------------------------------------
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+for spec in "$@"; do :; done
+if [[ -n "${FAKE_FAIL:-}" && "$spec" == */"$FAKE_FAIL".json ]]; then echo "sbatch: error: Invalid account" >&2; exit 1; fi
+n=$(( $(cat "$FAKE_DIR/n" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE_DIR/n"
+printf '%s\\n' "$n $*" >> "$FAKE_DIR/calls"; echo "$n;cluster"
+"""
+FAKE_SQUEUE = """#!/usr/bin/env bash
+grep -qx -- "$3" "$FAKE_DIR/active" 2>/dev/null && echo RUNNING; exit 0
+"""
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def calls(fake: Path) -> dict[str, list[str]]:
+    """{node: sbatch argv} of the stand-in's calls, with the job id it returned first."""
+    out = {}
+    for line in read_lines(fake / "calls"):
+        job, *argv = shlex.split(line)
+        out[Path(argv[-1]).stem] = [job, *argv]
+    return out
+
+
+def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm):
+    out = tmp_path / "out"
+    plan_path = write_plan(tmp_path, LOCAL_PLAN.replace("name: tiny", "name: tiny\nslurm: {sbatch_args: [--partition=p]}"))
+    plan = load_plan(plan_path, out=out)
+    finished = [plan.nodes["a"].points[0], plan.nodes["g"].points[0], plan.nodes["g"].points[2]]
+    for point in finished:  # a and two grid points completed earlier
+        (Path(point.run_dir)).mkdir(parents=True)
+        (Path(point.run_dir) / "run.json").write_text('{"status": "completed"}')
+    assert main([str(plan_path), "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    sub = calls(fake_slurm)
+    assert list(sub) == ["b", "c", "g", "d"]  # a is finished
+    ids = {n: argv[0] for n, argv in sub.items()}
+    assert option(sub["b"], "--dependency") is None and option(sub["c"], "--dependency") is None
+    assert option(sub["g"], "--dependency") == f"afterok:{ids['c']}"
+    assert option(sub["d"], "--dependency") == f"afterok:{ids['b']}:{ids['g']}"
+    assert option(sub["g"], "--array") == "1,3"  # the unfinished points only
+    assert option(sub["g"], "--output") == f"{out}/logs/%x-%A_%a.out" and (out / "logs").is_dir()
+    assert option(sub["d"], "--output") == f"{out}/logs/%x-%j.out"
+    assert "--partition=p" in sub["d"] and "--parsable" in sub["d"] and "--kill-on-invalid-dep=yes" in sub["d"]
+    assert option(sub["b"], "--ntasks-per-node") == "1" and option(sub["b"], "--gpus-per-node") is None
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["job_ids"] == [ids[n] for n in "bcgd"]
+    assert json.loads((out / ".plan/jobs.json").read_text())["g"]["indices"] == [1, 3]
+    spec = json.loads((out / ".plan/nodes/g.json").read_text())
+    assert spec["kind"] == "script" and len(spec["points"]) == 4 and spec["python"] == sys.executable
+
+    # Re-run while g's job is still running and c has completed: g is not submitted again, d waits on it.
+    (fake_slurm / "active").write_text(ids["g"] + "\n")
+    point = plan.nodes["c"].points[0]
+    Path(point.run_dir).mkdir(parents=True)
+    (Path(point.run_dir) / "run.json").write_text('{"status": "completed"}')
+    (fake_slurm / "calls").unlink()
+    assert main([str(plan_path), "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    again = calls(fake_slurm)
+    assert list(again) == ["b", "d"]
+    assert option(again["d"], "--dependency") == f"afterok:{again['b'][0]}:{ids['g']}"
+    nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
+    assert nodes["g"]["status"] == "queued" and nodes["g"]["job_id"] == ids["g"] and nodes["c"]["status"] == "done"
+
+
+def test_slurm_driver_reports_a_refused_submission(tmp_path, fake_slurm, monkeypatch, caplog):
+    monkeypatch.setenv("FAKE_FAIL", "g")
+    out = tmp_path / "out"
+    assert main([str(write_plan(tmp_path, LOCAL_PLAN)), "--out", str(out)]) == 1
+    ids = {n: argv[0] for n, argv in calls(fake_slurm).items()}
+    assert list(ids) == ["a", "b", "c"]  # submitted before g was refused; d never
+    assert "sbatch of node 'g' failed (exit 1): sbatch: error: Invalid account" in caplog.text
+    assert str(ids) in caplog.text  # the message names what is already queued
+    assert {n: j["job_id"] for n, j in json.loads((out / ".plan/jobs.json").read_text()).items()} == ids
+
+
+# ---- the shared results CSV ---------------------------------------------------------------------------
+
+
+def _append_rows(path: str, worker: int, n: int) -> None:
+    for i in range(n):
+        append_results_row(path, {"worker": worker, "i": i, "metric_value": worker + i / 100})
+
+
+def test_results_csv_appends_are_safe_with_concurrent_writers(tmp_path):
+    path = tmp_path / "stage3" / "results.csv"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_append_rows, args=(str(path), w, 25)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0, 0, 0, 0]
+    table = pd.read_csv(path)
+    assert len(table) == 100 and len(table.drop_duplicates(["worker", "i"])) == 100
+    assert sorted(table.groupby("worker")["i"].max()) == [24] * 4
+    append_results_row(path, {"worker": 9, "i": 0, "extra": "x"})  # a new column joins the union
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["worker", "i", "metric_value", "extra"] and table["extra"].notna().sum() == 1
