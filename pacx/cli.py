@@ -39,6 +39,7 @@ from pacx.lit.callbacks import RunRecord
 from pacx.lit.common import check_checkpoint_stage
 from pacx.lit.resilience import (
     AtomicCheckpointIO,
+    RunRequeued,
     SlurmRequeue,
     StepSeeds,
     slurm_allocation,
@@ -230,7 +231,11 @@ def cli_main(model_class, datamodule_class, args: list[str] | None = None, cli_c
     """Entry point of every Stage script."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return cli_class(model_class, datamodule_class, args=args, **kwargs)
+    try:
+        return cli_class(model_class, datamodule_class, args=args, **kwargs)
+    except RunRequeued as stop:  # checkpoint saved and job requeued: a clean exit, not a crash
+        log.info("%s; the requeued job resumes from last.ckpt", stop)
+        raise SystemExit(0) from None
 
 
 __all__ = ["CheckpointError", "EvalCLI", "PacxCLI", "cli_main"]

@@ -127,6 +127,9 @@ class SlurmRequeue(Callback):
         log.warning("signal %d: saving %s at global step %d, then requeueing job %s", self.signum, self.ckpt_path,
                     trainer.global_step, job)
         trainer.save_checkpoint(str(self.ckpt_path), weights_only=False)  # every rank: a collective save
+        # the requeue makes Slurm SIGTERM the job: the checkpoint is safe, so let the ranks finish exiting
+        # instead of running Lightning's SIGTERM handler (a collective inside a signal handler)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if trainer.is_global_zero:
             result = subprocess.run([*self.requeue_command, job], capture_output=True, text=True)
             if result.returncode != 0:
