@@ -46,6 +46,40 @@ def test_decoder_widths_for_patch16_follow_the_paper():
         SegDecoder(768, 12)
 
 
+def test_token_map_keeps_the_image_layout():
+    """Patch tokens reshaped by tokens_to_map sit where their patch is: the patch embedding's conv output."""
+    from pacx.models.vit import ViTEncoder, vit_config
+
+    torch.manual_seed(0)
+    encoder = ViTEncoder(vit_config("vit_test", 32)).eval()  # patch 8: a 4x4 grid
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens_to_map(encoder.patch_embed(x), 4), encoder.patch_embed.proj(x))
+
+
+def test_decoder_reads_the_normed_patch_tokens_without_cls():
+    """The decoder's input is the final-norm output of the 16 patch tokens (CLS dropped), in grid layout."""
+    from pacx.lit.segment import SegmentationModule
+
+    torch.manual_seed(0)
+    module = SegmentationModule("covidqu_seg", BackboneConfig("random", None, "vit_test", 32), decoder_width=8).eval()
+    seen = []
+    module.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = module(x)
+        enc = module.backbone
+        tokens = torch.cat([enc.cls_with_pos(2), enc.prepare_tokens(x)], dim=1)  # [2, 17, D]
+        for blk in enc.blocks:
+            tokens = blk(tokens)
+        expected = enc.norm(tokens)[:, 1:]  # [2, 16, D]
+    assert logits.shape == (2, 1, 32, 32)
+    feature_map = seen[0]  # [2, D, 4, 4]
+    for r in range(4):
+        for c in range(4):
+            torch.testing.assert_close(feature_map[:, :, r, c], expected[:, 4 * r + c])
+
+
 def test_soft_dice_and_hard_dice_iou_match_independent_computations():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 1, 8, 8, generator=g)
