@@ -101,7 +101,8 @@ class SplitsDataModule(pl.LightningDataModule):
         h = self.hparams
         kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
         if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable); keeps the tail
-            return train_loader(dataset, self.per_device_batch, self.trainer, drop_last=False, **kwargs)
+            return train_loader(dataset, self.per_device_batch, self.trainer, drop_last=False,
+                                augmented=not isinstance(dataset, FeatureDataset), **kwargs)
         return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=False, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

@@ -7,7 +7,7 @@ loop counters; this module makes the data side a pure function of ``(seed, epoch
 * :class:`ResumableSampler` shuffles per epoch from ``seed + epoch`` (a ``DistributedSampler``, so under
   DDP each rank takes its strided share and Lightning keeps it instead of injecting its own), skips the
   batches the restored epoch already consumed, and pairs every index with a per-sample seed.
-* :class:`SeededDataset` seeds torch / numpy / ``random`` from that per-sample seed before the wrapped
+* :class:`SeededDataset` seeds torch's CPU generator and numpy from that per-sample seed before the wrapped
   dataset's ``__getitem__``: a sample's augmentation depends on ``(seed, epoch, index)`` only, not on the
   worker, the rank or the position (so it is also the same whatever the number of GPUs).
 * :func:`seed_step` reseeds the main process before every training batch (random masks, dropout, noise)
@@ -30,16 +30,37 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 log = logging.getLogger(__name__)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from non-negative integers (numpy's SeedSequence: nearby inputs, unrelated seeds)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+    """A 63-bit seed mixed from non-negative integers by chained SplitMix64 (nearby inputs, unrelated seeds;
+    about 1 µs, it runs once per training sample)."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ _splitmix64(int(p) & _MASK64))
+    return h >> 1
 
 
 def seed_all(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy's legacy global RNG and ``random``."""
+    """Seed torch (CPU and every CUDA device), numpy's legacy global RNG and ``random`` (about 150 µs: per step)."""
     torch.manual_seed(seed)
     np.random.seed(seed % (1 << 32))
     random.seed(seed)
+
+
+def seed_sample(seed: int) -> None:
+    """Seed what a data transform draws from, cheaply (about 7 µs: per sample): torch's CPU generator and
+    numpy's legacy global RNG."""
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
 
 
 def run_seed(default: int = 0) -> int:
@@ -63,14 +84,14 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        seed_all(seed)
+        seed_sample(seed)
         return self.dataset[index]
 
 
 class ResumableSampler(DistributedSampler):
     """Per-epoch shuffle from ``seed + epoch``, this rank's share, minus the batches the epoch already consumed.
 
-    Yields ``(index, sample_seed)``. ``__len__`` stays the full share, so the loader reports the epoch's
+    Yields ``(index, sample_seed)`` (plain indices with ``seed_samples = False``). ``__len__`` stays the full share, so the loader reports the epoch's
     full batch count while a resumed epoch yields only the batches it has left (Lightning counts the
     consumed ones from the checkpoint).
 
@@ -89,6 +110,7 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.batch_size, self.consumed = batch_size, consumed
+        self.seed_samples = True  # yield (index, sample seed) pairs for SeededDataset; False: plain indices
 
     def __iter__(self):
         indices = list(super().__iter__())
@@ -96,7 +118,10 @@ class ResumableSampler(DistributedSampler):
         if done:
             log.info("resuming epoch %d after %d batches (%d of this rank's %d samples)", self.epoch, done,
                      done * self.batch_size, len(indices))
-        return iter([(i, derive_seed(self.seed, 0, self.epoch, i)) for i in indices[done * self.batch_size:]])
+        indices = indices[done * self.batch_size:]
+        if not self.seed_samples:
+            return iter(indices)
+        return iter([(i, derive_seed(self.seed, 0, self.epoch, i)) for i in indices])
 
 
 class ResumableLoader(DataLoader):
@@ -118,13 +143,15 @@ def consumed_batches(trainer) -> int:
 
 
 def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool = True, drop_last: bool = True,
-                 seed: int | None = None, **loader_kwargs) -> DataLoader:
-    """A training loader that resumes exactly (see the module docstring); ``batch_size`` per device."""
+                 seed: int | None = None, augmented: bool = True, **loader_kwargs) -> DataLoader:
+    """A training loader that resumes exactly (see the module docstring); ``batch_size`` per device.
+    ``augmented=False`` (a dataset that draws nothing, e.g. cached features) skips the per-sample seeding."""
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
     fit_loop = getattr(trainer, "fit_loop", None)
     sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=run_seed() if seed is None else seed,
                                batch_size=batch_size,
                                consumed=(lambda: consumed_batches(trainer)) if fit_loop is not None else None)
-    return ResumableLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                           **loader_kwargs)
+    sampler.seed_samples = augmented
+    return ResumableLoader(SeededDataset(dataset) if augmented else dataset, batch_size=batch_size, sampler=sampler,
+                           drop_last=drop_last, **loader_kwargs)

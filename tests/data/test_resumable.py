@@ -78,3 +78,10 @@ def test_loader_iterator_starts_lazily():
     next(it)
     assert calls == [1]
     assert isinstance(loader.sampler, ResumableSampler) and len(loader) == 4
+
+
+def test_unaugmented_loader_serves_plain_indices():
+    loader = train_loader(Noisy(), 5, None, augmented=False, drop_last=False)
+    assert not isinstance(loader.dataset, SeededDataset) and not loader.sampler.seed_samples
+    first = next(iter(loader))
+    assert first[0].shape == (5,) and sorted(i for i, _ in ResumableSampler(Noisy(), seed=0)) == list(range(20))
