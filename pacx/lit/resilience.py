@@ -126,7 +126,7 @@ class SlurmRequeue(Callback):
         job = slurm_job_id()
         log.warning("signal %d: saving %s at global step %d, then requeueing job %s", self.signum, self.ckpt_path,
                     trainer.global_step, job)
-        trainer.save_checkpoint(str(self.ckpt_path), weights_only=False)  # every rank: a collective save
+        trainer.save_checkpoint(str(self.ckpt_path), weights_only=False)  # a full training checkpoint; all ranks
         # the requeue makes Slurm SIGTERM the job: the checkpoint is safe, so let the ranks finish exiting
         # instead of running Lightning's SIGTERM handler (a collective inside a signal handler)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -159,16 +159,12 @@ class LocalSlurm:
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
     def wait(self, job_id: str, timeout: float, poll: float = 1.0) -> dict[str, str]:
-        """Wait until the job reaches a final state; returns its last ``scontrol show job`` record."""
-        deadline = time.monotonic() + timeout
-        info = {}
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if info.get("JobState") in FINAL_STATES:
-                return info
-            time.sleep(poll)
-        self.run(["scancel", job_id], check=False)
-        raise TimeoutError(f"job {job_id} not finished after {timeout} s: {info}")
+        """Wait until the job reaches a final state (cancelled on timeout); returns its last record."""
+        try:
+            return self.wait_state(job_id, FINAL_STATES, timeout, poll)
+        except TimeoutError:
+            self.run(["scancel", job_id], check=False)
+            raise
 
     def release_requeued(self, job_id: str, timeout: float = 60.0) -> dict[str, str]:
         """Slurm holds a requeued batch job back for 120 s (``Reason=BeginTime``) before it is eligible again;
@@ -178,6 +174,7 @@ class LocalSlurm:
         return info
 
     def wait_state(self, job_id: str, states: set[str], timeout: float, poll: float = 0.5) -> dict[str, str]:
+        """Poll ``scontrol show job`` until the job's state is one of ``states``; returns that record."""
         deadline = time.monotonic() + timeout
         info = {}
         while time.monotonic() < deadline:
