@@ -91,9 +91,9 @@ class SeededDataset(Dataset):
 class ResumableSampler(DistributedSampler):
     """Per-epoch shuffle from ``seed + epoch``, this rank's share, minus the batches the epoch already consumed.
 
-    Yields ``(index, sample_seed)`` (plain indices with ``seed_samples = False``). ``__len__`` stays the full share, so the loader reports the epoch's
-    full batch count while a resumed epoch yields only the batches it has left (Lightning counts the
-    consumed ones from the checkpoint).
+    Yields ``(index, sample_seed)`` (plain indices with ``seed_samples=False``). ``__len__`` stays the full
+    share, so the loader reports the epoch's full batch count while a resumed epoch yields only the batches
+    it has left (Lightning counts the consumed ones from the checkpoint).
 
     Args:
         dataset: the (unwrapped) dataset; only its length is used.
@@ -101,16 +101,17 @@ class ResumableSampler(DistributedSampler):
         shuffle / seed / drop_last: as ``DistributedSampler`` (``drop_last`` here = drop the tail that does
             not divide by the world size; the loader's own ``drop_last`` drops an incomplete batch).
         batch_size: this rank's batch.
+        seed_samples: yield ``(index, sample seed)`` pairs for :class:`SeededDataset`; False: plain indices.
         consumed: called when an epoch's iteration starts; returns how many batches of this epoch were
             already trained on (0 for a fresh epoch, the checkpoint's count for a resumed one).
     """
 
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, batch_size: int = 1, consumed: Callable[[], int] | None = None) -> None:
+                 drop_last: bool = False, batch_size: int = 1, seed_samples: bool = True,
+                 consumed: Callable[[], int] | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.batch_size, self.consumed = batch_size, consumed
-        self.seed_samples = True  # yield (index, sample seed) pairs for SeededDataset; False: plain indices
+        self.batch_size, self.seed_samples, self.consumed = batch_size, seed_samples, consumed
 
     def __iter__(self):
         indices = list(super().__iter__())
@@ -150,8 +151,7 @@ def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool 
     rank = trainer.global_rank if trainer is not None else 0
     fit_loop = getattr(trainer, "fit_loop", None)
     sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=run_seed() if seed is None else seed,
-                               batch_size=batch_size,
+                               batch_size=batch_size, seed_samples=augmented,
                                consumed=(lambda: consumed_batches(trainer)) if fit_loop is not None else None)
-    sampler.seed_samples = augmented
     return ResumableLoader(SeededDataset(dataset) if augmented else dataset, batch_size=batch_size, sampler=sampler,
                            drop_last=drop_last, **loader_kwargs)

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelChe
 from pytorch_lightning.utilities import rank_zero_only
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
+from pacx.lit.resilience import RunRequeued
 from pacx.utils import git_sha, save_npy_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,6 @@ class RunRecord(Callback):
         self.write(trainer, "interrupted" if trainer.interrupted else self.final_status)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from pacx.lit.resilience import RunRequeued
-
         self.write(trainer, "requeued" if isinstance(exception, RunRequeued)
                    else f"failed: {exception.__class__.__name__}")
 
