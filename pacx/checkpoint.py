@@ -1,4 +1,4 @@
-"""Safe, loud checkpoint loading (STYLE.md rule 11; SPEC.md "Project conventions").
+"""Safe, loud checkpoint loading (docs/method.md#conventions).
 
 * Every pickle goes through :func:`safe_torch_load` with ``weights_only=True``: a file carrying a
   pickled object that would run code is refused with :class:`CheckpointError`, and the payload never

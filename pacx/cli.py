@@ -6,6 +6,13 @@ What it adds to Lightning's CLI, in one place:
   ``config.yaml``, CSV logs, wandb files (offline unless ``--wandb online``; ``disabled`` turns it
   off), ``checkpoints/last.ckpt`` + the best checkpoint on the module's ``monitor`` metric, and
   ``run.json`` for the next stage;
+* history is kept: ``metrics.csv`` is appended to by every ``fit`` attempt (resume, requeue), each row
+  tagged with the ``attempt`` that ``run.json`` records; ``validate`` / ``test`` / ``predict`` into a run
+  directory write ``<run_dir>/<subcommand>/{metrics.csv,hparams.yaml,config.yaml}`` and leave the
+  training logs and ``run.json`` alone (:mod:`pacx.lit.history`);
+* Lightning's debug flags (``fast_dev_run``, ``overfit_batches``, ``limit_*_batches``) work in every stage
+  and mark the run as a debug run (``run.json`` ``debug``, checkpoints, results rows; :mod:`pacx.debug`).
+  Weights from a debug run are refused as ``init_encoder`` / backbone unless ``--allow_debug true``;
 * ``--ckpt_path last`` resolves to ``<run_dir>/checkpoints/last.ckpt``; every ``--ckpt_path`` is
   opened first with ``weights_only=True`` and must carry the same stage's stamp (a clear error
   otherwise); Lightning itself also loads it with ``weights_only=True``, always;
@@ -31,12 +38,13 @@ from typing import Literal
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 
 from pacx.checkpoint import CheckpointError, safe_torch_load
+from pacx.debug import FROM_DEBUG_RUN, allow_debug_runs
 from pacx.lit.callbacks import RunRecord
 from pacx.lit.common import check_checkpoint_stage
+from pacx.lit.history import HistoryCSVLogger, log_location, next_attempt
 from pacx.lit.resilience import (
     AtomicCheckpointIO,
     RunRequeued,
@@ -64,6 +72,31 @@ class PacxCLI(LightningCLI):
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
                             help="also save checkpoints/last.ckpt every N optimizer steps (a hard kill then loses "
                                  "at most N steps); default: at validation / epoch ends only")
+        parser.add_argument("--allow_debug", type=bool, default=False,
+                            help="accept weights of a debug run (fast_dev_run / overfit_batches / limit_*) as "
+                                 "init_encoder or backbone; this run is then marked as a debug run too")
+
+    # ---- debug runs -------------------------------------------------------------------------------
+
+    def _allow_debug(self) -> bool:
+        return bool(self._get(self.config, "allow_debug", default=False))
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a debug input let through by ``--allow_debug`` marks the module, and a
+        refused one is raised as itself (jsonargparse would bury it in a "does not validate" error)."""
+        with allow_debug_runs(self._allow_debug()) as seen:
+            try:
+                super().instantiate_classes()
+            except Exception as err:
+                if seen.refused:
+                    raise seen.refused[-1] from err
+                raise
+        if seen.let_through and hasattr(self.model, "inherited_debug_flags"):
+            self.model.inherited_debug_flags = {FROM_DEBUG_RUN: 1}
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with allow_debug_runs(self._allow_debug()):
+            super()._run_subcommand(subcommand)
 
     # ---- run directory, loggers, checkpoints --------------------------------------------------
 
@@ -74,8 +107,8 @@ class PacxCLI(LightningCLI):
             raise ValueError("set trainer.default_root_dir: it is the run directory (checkpoints, logs, run.json)")
         return Path(root)
 
-    def _loggers(self, run_dir: Path) -> list:
-        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    def _loggers(self, run_dir: Path, attempt: int) -> list:
+        loggers = [HistoryCSVLogger(run_dir, version=log_location(self.subcommand), attempt=attempt)]
         mode = self._get(self.config_init, "wandb", default="offline")
         if mode != "disabled":
             from pytorch_lightning.loggers import WandbLogger
@@ -88,8 +121,9 @@ class PacxCLI(LightningCLI):
         config = dict(self._get(self.config_init, "trainer", default={}))
         run_dir = self.run_dir
         ckpt_dir = run_dir / "checkpoints"
+        attempt = next_attempt(run_dir) if self.subcommand == "fit" else 1
         if config.get("logger") in (None, True):
-            config["logger"] = self._loggers(run_dir)
+            config["logger"] = self._loggers(run_dir, attempt)
         metric, mode = self.model.monitor
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks += [
@@ -97,7 +131,7 @@ class PacxCLI(LightningCLI):
                             mode=mode, save_last=True, save_top_k=1, auto_insert_metric_name=False,
                             enable_version_counter=False),
             RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv,
-                      final_status=self.fit_status),
+                      final_status=self.fit_status, attempt=attempt, subcommand=self.subcommand),
             StepSeeds(),
             *self.extra_callbacks(),
         ]
@@ -192,10 +226,13 @@ class EvalCLI(PacxCLI):
     """Stage 3: model and data are any :class:`~pacx.lit.common.BenchmarkEvalModule` /
     :class:`~pacx.data.benchmark_dm.SplitsDataModule` pair named by ``class_path`` in the config
     (classification or segmentation). The benchmark and the image size are set once on the data side
-    (``data.benchmark`` → ``model.benchmark``, ``data.img_size`` → ``model.backbone.img_size``). ``fit``
+    (``data.benchmark`` → ``model.benchmark``, ``data.img_size`` → ``model.backbone.img_size``). Before ``fit``
+    and ``test`` the test split is checked against the backbone's Stage 2 admissions (an error on shared
+    training admissions unless ``--allow_overlap true``; :mod:`pacx.data.leakage`). ``fit``
     ends by testing its best checkpoint, so one command trains and evaluates. ``predict`` writes the
     backbone's CLS embeddings of ``data.manifest`` to ``--embeddings_out`` (default
-    ``<default_root_dir>/embeddings.npy``), in manifest row order."""
+    ``<default_root_dir>/embeddings.npy``), in manifest row order. Under ``fast_dev_run`` (which saves no
+    checkpoint) the test after ``fit`` runs on the weights in memory; the results row is marked debug."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -206,6 +243,9 @@ class EvalCLI(PacxCLI):
         super().add_arguments_to_parser(parser)
         parser.add_argument("--embeddings_out", type=str | None, default=None,
                             help="predict: output .npy (default <trainer.default_root_dir>/embeddings.npy)")
+        parser.add_argument("--allow_overlap", type=bool, default=False,
+                            help="evaluate even when the test split shares admissions with the backbone's Stage 2 "
+                                 "training admissions (warned about and recorded in the results row)")
         parser.link_arguments("data.init_args.benchmark", "model.init_args.benchmark")
         parser.link_arguments("data.init_args.img_size", "model.init_args.backbone.img_size")
 
@@ -219,8 +259,27 @@ class EvalCLI(PacxCLI):
 
     fit_status = "trained"
 
+    def _prepare_subcommand(self, subcommand: str) -> None:
+        super()._prepare_subcommand(subcommand)
+        if subcommand in ("fit", "test"):
+            self._check_overlap()
+
+    def _check_overlap(self) -> None:
+        """Refuse a backbone whose Stage 2 admissions overlap the test split (:mod:`pacx.data.leakage`); the
+        outcome goes into the results row."""
+        from pacx.data.leakage import check_stage3_overlap
+
+        manifest_dir = getattr(self.datamodule, "hparams", {}).get("manifest_dir")
+        spec, backbone = getattr(self.datamodule, "spec", None), getattr(self.model, "backbone_cfg", None)
+        if not (manifest_dir and spec and backbone):
+            return
+        allow = bool(self._get(self.config, "allow_overlap", default=False))
+        self.model.leakage_fields = check_stage3_overlap(
+            backbone.kind, backbone.weights, Path(manifest_dir) / spec.manifest_files["test"], allow)
+
     def after_fit(self) -> None:
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best", weights_only=True)
+        ckpt = None if self.trainer.fast_dev_run else "best"  # fast_dev_run writes no checkpoint to test
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunRecord):
                 cb.write(self.trainer, "completed")

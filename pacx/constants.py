@@ -3,12 +3,12 @@
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Frozen teacher embedding widths (SPEC.md "Stage 2"): ECGFounder features and Labs DAE latent.
+# Frozen teacher embedding widths (docs/method.md#stage-2): ECGFounder features and Labs DAE latent.
 ECG_EMBED_DIM = 1024
 LABS_EMBED_DIM = 256
 
 # ECG lead orders. MIMIC-IV-ECG (and so Symile-MIMIC) stores aVF before aVL; ECGFounder expects the
-# standard order (ECGFOUNDER.md §6).
+# standard order (docs/ecgfounder.md#preprocessing).
 STANDARD_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 MIMIC_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
 

@@ -1,6 +1,6 @@
-"""Cross-device helpers for the contrastive loss (SPEC.md "Stage 2": negatives gathered across devices).
+"""Cross-device helpers for the contrastive loss (docs/method.md#stage-2: negatives gathered across devices).
 
-Owns the one gather that the losses use (STYLE.md rule 9) and the rank-offset targets that go with it.
+Owns the one gather that the losses use and the rank-offset targets that go with it.
 Every helper is safe when ``torch.distributed`` is unavailable or not initialised: world size 1, rank 0,
 and the gather is the identity.
 

@@ -18,6 +18,16 @@ format                        what it is
 Keys that are dropped (decoder, classification head) are dropped explicitly and the load is strict
 otherwise (:func:`pacx.checkpoint.load_state_checked`). Architectures of third-party files are
 inferred from tensor shapes (:func:`pacx.models.vit.config_from_state_dict`).
+
+A debug run (``fast_dev_run``, ``overfit_batches``, ``limit_*``; :mod:`pacx.debug`) is refused, whether
+named by its run directory (``run.json``), a checkpoint (``pacx.debug``) or an export (metadata
+``debug``), unless ``allow_debug=True`` or the caller runs inside :func:`pacx.debug.allow_debug_runs`.
+
+Exports name their source without absolute paths: ``source`` is the checkpoint's path inside its run
+directory (e.g. ``checkpoints/last.ckpt``) or its file name, with ``source_sha256`` (the file's SHA-256)
+and ``source_run`` (the run directory's name, when there is one). The export of a Stage 2 run also copies
+the run's ``stage2_admissions.npz`` beside it as ``<stem>.stage2_admissions.npz`` and names it, with its
+hash, in the metadata (``stage2_admissions``, ``stage2_admissions_sha256``; :mod:`pacx.data.leakage`).
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ from pathlib import Path
 import torch
 
 from pacx.checkpoint import CheckpointError, drop_keys, load_any, load_state_checked, strip_prefix
+from pacx.debug import check_not_debug
 from pacx.models.mae import DECODER_KEY_PREFIXES
 from pacx.models.tuning import merge_lora_state
 from pacx.models.vit import ViTConfig, ViTEncoder, config_from_state_dict
-from pacx.utils import git_sha
+from pacx.run_record import RUN_JSON, read_run_record
+from pacx.utils import git_sha, portable_source
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,7 @@ class EncoderWeights:
     source: str
     stage: str = "unknown"
     dropped: list[str] = field(default_factory=list)
+    debug: dict = field(default_factory=dict)  # debug flags of the run that made it (pacx.debug)
 
 
 # ---- per-stage extraction from our own Lightning checkpoints ------------------------------------
@@ -94,7 +107,8 @@ def _from_pacx_checkpoint(obj: dict, source: str) -> EncoderWeights:
     if stage not in STAGE_ENCODER_EXTRACTORS:
         raise CheckpointError(f"{source}: pacx checkpoint of stage {stage!r} holds no encoder pacx can extract")
     state = STAGE_ENCODER_EXTRACTORS[stage](obj["state_dict"], meta)
-    return EncoderWeights(state, ViTConfig(**meta["vit_config"]), "pacx_checkpoint", source, stage)
+    return EncoderWeights(state, ViTConfig(**meta["vit_config"]), "pacx_checkpoint", source, stage,
+                          debug=dict(meta.get("debug") or {}))
 
 
 def _from_authors_stage1(obj: dict, source: str) -> EncoderWeights:
@@ -149,12 +163,15 @@ def register_checkpoint_format(name: str, detect, extract, first: bool = True) -
     CHECKPOINT_FORMATS.insert(0 if first else len(CHECKPOINT_FORMATS), (name, detect, extract))
 
 
-def resolve_run_checkpoint(run_dir: Path, which: str = "last") -> Path:
-    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses)."""
-    info_path = run_dir / "run.json"
+def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool | None = None) -> Path:
+    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses); a debug
+    run is refused unless allowed (:func:`pacx.debug.check_not_debug`)."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / RUN_JSON
     if not info_path.is_file():
         raise FileNotFoundError(f"{run_dir} is a directory without run.json; pass a checkpoint or weights file")
-    info = json.loads(info_path.read_text())
+    info = read_run_record(run_dir)
+    check_not_debug(info.get("debug"), f"run directory {run_dir}", allow_debug)
     ckpt = (info.get("checkpoints") or {}).get(which)
     if not ckpt:
         raise CheckpointError(f"{info_path}: names no {which!r} checkpoint (status {info.get('status')!r})")
@@ -164,19 +181,24 @@ def resolve_run_checkpoint(run_dir: Path, which: str = "last") -> Path:
     return path
 
 
-def read_encoder_weights(path: str | Path, which: str = "last") -> EncoderWeights:
-    """Detect the file's format and return its encoder tensors and architecture (no module built)."""
+def read_encoder_weights(path: str | Path, which: str = "last", allow_debug: bool | None = None) -> EncoderWeights:
+    """Detect the file's format and return its encoder tensors and architecture (no module built).
+
+    Weights from a debug run are refused unless ``allow_debug`` (or :func:`pacx.debug.allow_debug_runs`)."""
     path = Path(path)
     if path.is_dir():
-        path = resolve_run_checkpoint(path, which)
+        path = resolve_run_checkpoint(path, which, allow_debug)
     obj, meta = load_any(path)
     source = str(path)
     if "pacx_vit_config" in meta:
-        return EncoderWeights(obj, ViTConfig(**json.loads(meta["pacx_vit_config"])), "pacx_export", source,
-                              meta.get("stage", "unknown"))
+        weights = EncoderWeights(obj, ViTConfig(**json.loads(meta["pacx_vit_config"])), "pacx_export", source,
+                                 meta.get("stage", "unknown"), debug=json.loads(meta.get("debug") or "{}"))
+        check_not_debug(weights.debug, f"encoder export {path}", allow_debug)
+        return weights
     for name, detect, extract in CHECKPOINT_FORMATS:
         if detect(obj):
             weights = extract(obj, source)
+            check_not_debug(weights.debug, f"checkpoint {path}", allow_debug)
             if weights.dropped:
                 log.info("%s (%s): dropped %d non-encoder keys (%s…)", source, name, len(weights.dropped),
                          weights.dropped[0])
@@ -193,20 +215,23 @@ def build_encoder(weights: EncoderWeights, cfg: ViTConfig | None = None) -> ViTE
     return encoder
 
 
-def load_encoder(path: str | Path, cfg: ViTConfig | None = None, which: str = "last") -> ViTEncoder:
+def load_encoder(path: str | Path, cfg: ViTConfig | None = None, which: str = "last",
+                 allow_debug: bool | None = None) -> ViTEncoder:
     """Load any supported encoder in eval mode: ``model(x [B, 3, H, W]) -> [B, D]``, ``model.embed_dim``.
 
-    ``cfg`` forces an architecture (an error lists mismatched keys if the file does not fit it).
+    ``cfg`` forces an architecture (an error lists mismatched keys if the file does not fit it);
+    ``allow_debug`` lets the weights of a debug run through.
     """
-    encoder = build_encoder(read_encoder_weights(path, which), cfg)
+    encoder = build_encoder(read_encoder_weights(path, which, allow_debug), cfg)
     return encoder.eval()
 
 
-def export_encoder(src: str | Path, out: str | Path, which: str = "last") -> Path:
-    """Write the encoder of ``src`` (any supported format) to safetensors with pacx + timm metadata."""
+def export_encoder(src: str | Path, out: str | Path, which: str = "last", allow_debug: bool | None = None) -> Path:
+    """Write the encoder of ``src`` (any supported format) to safetensors with pacx + timm metadata. The
+    metadata holds no absolute path (see the module docstring); a debug run's export carries ``debug``."""
     from safetensors.torch import save_file
 
-    weights = read_encoder_weights(src, which)
+    weights = read_encoder_weights(src, which, allow_debug)
     encoder = build_encoder(weights)  # validates the tensors against the architecture
     cfg = encoder.cfg
     meta = {
@@ -214,7 +239,7 @@ def export_encoder(src: str | Path, out: str | Path, which: str = "last") -> Pat
         "format_version": EXPORT_FORMAT_VERSION,
         "pacx_vit_config": json.dumps(cfg.to_dict()),
         "stage": weights.stage,
-        "source": str(Path(weights.source).resolve()),
+        **portable_source(weights.source),
         "source_format": weights.fmt,
         "git_sha": git_sha(),
         "architecture": f"ViT(embed_dim={cfg.embed_dim}, depth={cfg.depth}, heads={cfg.num_heads}, "
@@ -225,11 +250,16 @@ def export_encoder(src: str | Path, out: str | Path, which: str = "last") -> Pat
     meta["timm_model"] = cfg.timm_model
     meta["timm_kwargs"] = json.dumps(cfg.timm_kwargs())
     meta["norm_eps"] = repr(cfg.norm_eps)
+    if weights.debug:
+        meta["debug"] = json.dumps(weights.debug, sort_keys=True)
     if cfg.norm_eps != 1e-6:
         log.warning("%s: LayerNorm eps %g; timm builds its ViT with 1e-6, so timm's features will differ "
                     "slightly from pacx.load_encoder's", src, cfg.norm_eps)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from pacx.data.leakage import export_admissions
+
+    meta.update(export_admissions(src, out))  # a Stage 2 run's admissions travel beside the export
     tensors = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -249,6 +279,7 @@ def read_mae_state(path: str | Path, which: str = "last") -> tuple[dict[str, tor
         path = resolve_run_checkpoint(path, which)
     obj, meta = load_any(path)
     if isinstance(obj, Mapping) and obj.get("pacx", {}).get("stage") == "stage1_mae":
+        check_not_debug(obj["pacx"].get("debug"), f"checkpoint {path}")
         return strip_prefix(obj["state_dict"], "model."), "pacx_checkpoint"
     if not meta and _is_authors_stage1(obj):
         return strip_prefix(obj["state_dict"], "model."), "authors_stage1"

@@ -1,4 +1,4 @@
-"""Stage 2 distillation loss (SPEC.md "Stage 2"; DATASETS.md §3.5): symmetric InfoNCE + cosine regression.
+"""Stage 2 distillation loss (docs/method.md#stage-2; docs/datasets.md#stage-2-training): symmetric InfoNCE + cosine regression.
 
 ``loss = clip_weight · mean(CLIP terms) + regression_weight · mean(regression terms)`` over the modality
 pairs CXR–ECG and CXR–labs (one pair when a modality is ablated).

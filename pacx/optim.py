@@ -1,6 +1,6 @@
 """Optimizer groups, the LR/batch scaling rule and the per-step warmup + cosine schedule.
 
-One place for each rule so every stage uses the same code (STYLE.md rule 4):
+One place for each rule so every stage uses the same code:
 
 * :func:`param_groups` — weight decay on ≥ 2-D weights only; biases, norms and tokens get none.
 * :func:`resolve_lr` — an absolute ``lr`` or ``base_lr × global_batch / 256`` (the MAE rule).

@@ -1,7 +1,7 @@
 """Teacher feature extraction for Stage 2: ``ecg_features.npy`` and ``labs_features.npy`` per split.
 
-Runs the frozen teachers (SPEC.md "Teachers") over a Symile-MIMIC ``data_npy`` tree and writes, next
-to each split's release files, the arrays Stage 2 distils from (DATASETS.md §3.3):
+Runs the frozen teachers (docs/method.md#teachers) over a Symile-MIMIC ``data_npy`` tree and writes, next
+to each split's release files, the arrays Stage 2 distils from (docs/datasets.md#teacher-features):
 
 - ``<root>/<split>/ecg_features.npy`` float32 [N, 1024]: ECGFounder on :func:`preprocess_ecg` of each
   stored record, the time-averaged last stage;
@@ -10,7 +10,7 @@ to each split's release files, the arrays Stage 2 distils from (DATASETS.md §3.
   missingness flags, as the reference does.
 
 As the reference: eval mode, no gradients (``torch.inference_mode``), batch 64, rows in file order.
-Features are made for train, val and test only (not val_retrieval). ``test_uni`` (§3.3) is derived,
+Features are made for train, val and test only (not val_retrieval). ``test_uni`` (docs/datasets.md#teacher-features) is derived,
 not recomputed: its rows are the first ``n`` test rows, which must be exactly the test positives
 (``label == 1``) with ``label_hadm_id`` equal to ``test_uni``'s ``hadm_id_test.npy``; this is checked.
 
@@ -47,7 +47,7 @@ from pacx.models.labs_dae import LabsDAE, load_labs_dae
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 64  # DATASETS.md §3.3: batch 64, no shuffling
+DEFAULT_BATCH_SIZE = 64  # docs/datasets.md#teacher-features: batch 64, no shuffling
 DERIVED_SPLIT, DERIVED_FROM = "test_uni", "test"  # test_uni = the leading (positive) rows of test
 FEATURE_KEYS = ("ecg_features", "labs_features")
 _SPECS = {spec.key: spec for spec in FILES}
@@ -320,7 +320,7 @@ def extract_split(
     """
     if split == DERIVED_SPLIT or split not in FEATURE_SPLITS:
         raise ValueError(f"teacher features are computed for {[s for s in FEATURE_SPLITS if s != DERIVED_SPLIT]} "
-                         f"(and derived for {DERIVED_SPLIT}), not {split!r} (DATASETS.md §3.3)")
+                         f"(and derived for {DERIVED_SPLIT}), not {split!r} (docs/datasets.md#teacher-features)")
     results = []
     for teacher in teachers:
         paths = validate_split(root, split, teacher.item, check_values=teacher.check_values, cache=cache)
@@ -433,7 +433,7 @@ def extract_teacher_features(
     unknown = [s for s in splits if s not in FEATURE_SPLITS]
     if unknown:
         raise ValueError(f"no teacher features for split(s) {unknown}; they exist for {list(FEATURE_SPLITS)} "
-                         "(DATASETS.md §3.3: none for val_retrieval)")
+                         "(docs/datasets.md#teacher-features: none for val_retrieval)")
     missing = [s for s in splits if not (root / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"split folder(s) {[str(root / s) for s in missing]} do not exist")

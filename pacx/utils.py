@@ -1,8 +1,9 @@
-"""Small helpers without a better home: git revision, atomic JSON writes."""
+"""Small helpers without a better home: git revision, atomic writes, portable source references."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -36,6 +37,16 @@ def write_json_atomic(path: str | Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text via a temporary file and a rename (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def save_npy_atomic(path: str | Path, array) -> Path:
     """``np.save`` via a temporary file and a rename (no pickles), so readers never see a partial array."""
     import numpy as np
@@ -47,3 +58,25 @@ def save_npy_atomic(path: str | Path, array) -> Path:
         np.save(f, np.asarray(array), allow_pickle=False)
     os.replace(tmp, path)
     return path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def portable_source(path: str | Path) -> dict[str, str]:
+    """How an exported file names the file it was made from, without any absolute path (nothing of the
+    exporting machine leaks): ``source`` is the path inside its run directory (the nearest parent with a
+    ``run.json``, e.g. ``checkpoints/last.ckpt``) or else the file name; ``source_run`` is that run
+    directory's name; ``source_sha256`` identifies the file's content."""
+    path = Path(path).resolve()
+    out = {"source": path.name, "source_sha256": file_sha256(path)}
+    for parent in path.parents:
+        if (parent / "run.json").is_file():
+            out.update(source=path.relative_to(parent).as_posix(), source_run=parent.name)
+            break
+    return out

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Attention rollout heatmaps of several encoders side by side (SPEC.md "Stage 3").
+"""Attention rollout heatmaps of several encoders side by side (docs/method.md#stage-3).
 
     python scripts/attention_rollout.py --backbones mae=runs/stage1/mae pacx=encoder_pacx.safetensors \\
         --images data/chexpert/valid.csv --image-root data --out rollout.png

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Alignment evaluation (DATASETS.md §16): ridge probes from CXR features to the ECG and labs teacher
+"""Alignment evaluation (docs/datasets.md#alignment): ridge probes from CXR features to the ECG and labs teacher
 embeddings, and with ``--zero-shot`` 1-of-10 retrieval through a Stage 2 run's projection heads.
 
     python scripts/eval_alignment.py --data-root /data/symile/data_npy \\
@@ -31,9 +31,11 @@ from pacx.eval.alignment import (
     load_split,
     load_stage2_heads,
     probe_encoder,
+    stage2_pool,
     zero_shot_retrieval,
 )
 from pacx.models.backbones import BackboneConfig, build_backbone
+from pacx.models.vit import POOLS
 from pacx.utils import write_json_atomic
 
 log = logging.getLogger("eval_alignment")
@@ -53,11 +55,11 @@ class BackboneSpec:
     def random_arch(self) -> str | None:
         return self.source[len(RANDOM_PREFIX):] if self.source.startswith(RANDOM_PREFIX) else None
 
-    def config(self, img_size: int) -> BackboneConfig:
+    def config(self, img_size: int, pool: str = "cls") -> BackboneConfig:
         """The ``pacx.models.backbones`` kind for this source: ``random`` or ``weights``."""
         if self.random_arch is not None:
-            return BackboneConfig(kind="random", arch=self.random_arch, img_size=img_size)
-        return BackboneConfig(kind="weights", weights=self.source, img_size=img_size)
+            return BackboneConfig(kind="random", arch=self.random_arch, img_size=img_size, pool=pool)
+        return BackboneConfig(kind="weights", weights=self.source, img_size=img_size, pool=pool)
 
 
 def parse_backbone(text: str) -> BackboneSpec:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=224, help="CXR side after the resize (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--alpha", type=float, default=10.0, help="ridge penalty (§16: 10)")
+    parser.add_argument("--alpha", type=float, default=10.0, help="ridge penalty (docs/datasets.md#alignment: 10)")
     parser.add_argument("--drop-last-batch", type=int, default=FIT_BATCH,
                         help="fit on (N // B) * B random train rows as the reference's drop-last loader "
                         "(default 256: 9,984 of 10,000); 0 = all rows")
@@ -128,18 +130,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="also 1-of-G retrieval on the test split with each backbone's Stage 2 heads "
                         "(every backbone must be a Stage 2 run directory or checkpoint)")
     parser.add_argument("--check-values", action="store_true", help="scan arrays for NaN/inf (slow on CXRs)")
+    parser.add_argument("--pool", default="cls", choices=sorted(POOLS),
+                        help="the CXR feature: CLS token or mean patch token (with --zero-shot: each Stage 2 run's own)")
     parser.add_argument("--json", type=Path, help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
 
     names = [b.name for b in args.backbone]
     if len(set(names)) != len(names):
         parser.error(f"backbone names must be unique, got {names}")
-    heads = {}
+    heads, pools = {}, {b.name: args.pool for b in args.backbone}
     if args.zero_shot:  # fail before any feature extraction
         for spec in args.backbone:
             if spec.random_arch is not None:
                 parser.error(f"--zero-shot needs Stage 2 runs or checkpoints; backbone {spec.name!r} is {spec.source}")
             heads[spec.name] = load_stage2_heads(spec.source)
+            pools[spec.name] = stage2_pool(spec.source)  # the feature the run's heads were trained on
     fit = load_split(args.data_root, args.fit_split, args.check_values)
     test = load_split(args.data_root, args.eval_split, args.check_values)
     retrieval = load_split(args.data_root, "test", args.check_values) if args.zero_shot else None
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.backbone:
         log.info("backbone %s (%s) on %s", spec.name, spec.source, args.device)
         torch.manual_seed(args.seed)
-        encoder = build_backbone(spec.config(args.img_size)).eval()
+        encoder = build_backbone(spec.config(args.img_size, pools[spec.name])).eval()
         results[spec.name] = probe_encoder(encoder, fit, test, args.img_size, args.batch_size, args.device,
                                            args.alpha, args.drop_last_batch or None, args.seed)
         if args.zero_shot:

@@ -6,7 +6,7 @@
 
 For each split (default: train, val, test, and test_uni when that folder exists) it writes
 ``<root>/<split>/ecg_features.npy`` float32 [N, 1024] and ``labs_features.npy`` float32 [N, 256]
-(DATASETS.md §3.3). Either teacher may be omitted. Outputs that already exist with the right shape are
+(docs/datasets.md#teacher-features). Either teacher may be omitted. Outputs that already exist with the right shape are
 skipped unless ``--overwrite``; an interrupted run never leaves a partial file at the final name.
 ``test_uni`` features are the first rows of test's (its positives). All the work is in ``pacx.teachers``.
 """

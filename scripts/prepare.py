@@ -1,8 +1,17 @@
 #!/usr/bin/env python
-"""Turn an official dataset release into pacx manifests (never opens images).
+"""Turn an official dataset release into pacx manifests (never opens images), and check them for overlap with
+Stage 2's Symile-MIMIC data.
 
     python scripts/prepare.py --list
     python scripts/prepare.py chexpert --raw /data/CheXpert-v1.0-small --out manifests/chexpert [--frontal-only]
+    python scripts/prepare.py medmod_phys --raw /data/MedMod --out manifests/medmod_phys \
+        --exclude-hadm /data/symile-mimic/data_npy/train/hadm_id_train.npy
+    python scripts/prepare.py check-overlap --symile /data/symile-mimic --manifests manifests [--json overlap.json]
+
+``check-overlap`` prints, per converted benchmark with MIMIC ids (MedMod; any manifest with ``subject_id`` /
+``hadm_id`` columns or MIMIC-CXR-JPG paths), how many test rows share an admission or a patient with
+Symile's train and val splits (patients need the release's ``train.csv`` / ``val.csv`` beside ``data_npy``).
+It exits with 1 when a test row shares an admission with Symile's train split (docs/datasets.md#leakage).
 """
 
 from __future__ import annotations
@@ -12,15 +21,43 @@ import json
 import logging
 import sys
 
+from pacx.data.benchmarks.medmod import OverlapPolicyError
+from pacx.data.leakage import LeakageError
 from pacx.data.prepare import load_builtin_converters, run_converter
 
 log = logging.getLogger("prepare")
+CHECK_OVERLAP = "check-overlap"
+COUNTS = ("admissions_train", "admissions_val", "patients_train", "patients_val")
+
+
+def check_overlap(symile: str, manifests: str, json_out: str | None) -> int:
+    """Print the overlap report; 1 when any test row is a Symile training admission."""
+    from pacx.data.leakage import overlap_report
+    from pacx.utils import write_json_atomic
+
+    report = overlap_report(symile, manifests)
+    sys.stdout.write(f"{'benchmark':<16} {'test rows':>9}  " + "  ".join(f"{c:>16}" for c in COUNTS) + "\n")
+    for entry in report:
+        cells = ["n/a" if entry.get(c) is None else str(entry[c]) for c in COUNTS] if entry["ids"] else \
+            ["no MIMIC ids"] + [""] * (len(COUNTS) - 1)
+        sys.stdout.write(f"{entry['benchmark']:<16} {entry['rows']:>9}  " + "  ".join(f"{c:>16}" for c in cells) + "\n")
+    if json_out:
+        write_json_atomic(json_out, report)
+    leaked = [e["benchmark"] for e in report if e.get("admissions_train")]
+    if leaked:
+        log.error("test rows share admissions with Symile's training split in: %s (rebuild them with --exclude-hadm)",
+                  ", ".join(leaked))
+    return 1 if leaked else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="list the datasets with task type and metric")
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET")
+    check = sub.add_parser(CHECK_OVERLAP, help="count test rows sharing admissions / patients with Symile-MIMIC")
+    check.add_argument("--symile", required=True, help="the Symile-MIMIC release folder, or its data_npy/")
+    check.add_argument("--manifests", required=True, help="folder holding one converted benchmark per subfolder")
+    check.add_argument("--json", default=None, help="also write the report here")
     for conv in load_builtin_converters().values():
         p = sub.add_parser(conv.name, help=conv.description)
         p.add_argument("--raw", required=True, help="the release as downloaded")
@@ -46,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.dataset:
         parser.error("name a dataset (or --list)")
+    if args.dataset == CHECK_OVERLAP:
+        return check_overlap(args.symile, args.manifests, args.json)
     options = {k: v for k, v in vars(args).items() if k not in {"list", "dataset", "raw", "out"}}
-    summary = run_converter(args.dataset, args.raw, args.out, **options)
+    try:
+        summary = run_converter(args.dataset, args.raw, args.out, **options)
+    except (OverlapPolicyError, LeakageError) as err:
+        log.error("%s", err)
+        return 2
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -55,3 +55,15 @@ class StepProgress(Callback):
                                        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}))
             os.replace(tmp, self.path)
         time.sleep(self.sleep)
+
+
+class SignalAtStep(Callback):
+    """Send ``signum`` (default ``SIGTERM``) to this process once ``global_step`` reaches ``step``: a catchable
+    kill, which Lightning turns into an exception at the next step boundary."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum = step, int(signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -43,10 +43,9 @@ def stage1_args(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def stage1_run(tmp_path_factory, chexpert_release) -> Path:
-    """A finished 2-step Stage 1 run directory."""
+    """A finished 2-step Stage 1 run directory (no debug flags: later stages accept it as their input)."""
     from Stage1_MAE import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "stage1"
-    main(stage1_args(run_dir, chexpert_release, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                     "--trainer.limit_val_batches", "1"))
+    main(stage1_args(run_dir, chexpert_release, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"))
     return run_dir

@@ -88,7 +88,7 @@ def test_writes_features_equal_to_a_whole_array_computation(root, weights):
 
             pct = torch.from_numpy(np.load(root / split / f"labs_percentiles_{split}.npy")).float()
             obs = torch.from_numpy(np.load(root / split / f"labs_missingness_{split}.npy")).float()
-            raw = dae.encoder(torch.cat([pct, obs], dim=1)).numpy()  # placeholders kept (DATASETS.md §3.3)
+            raw = dae.encoder(torch.cat([pct, obs], dim=1)).numpy()  # placeholders kept (docs/datasets.md#teacher-features)
             zeroed = dae.encoder(torch.cat([pct * obs, obs], dim=1)).numpy()
         assert (obs == 0).any() and (pct[obs == 0] > 0).any()  # there are placeholders to zero
         np.testing.assert_allclose(labs, raw, rtol=1e-5, atol=1e-6)

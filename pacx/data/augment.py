@@ -1,4 +1,4 @@
-"""Stage 2 CXR train augmentation (DATASETS.md §3.4): the reference's ``RobustTrainTransforms``.
+"""Stage 2 CXR train augmentation (docs/datasets.md#stage-2-data): the reference's ``RobustTrainTransforms``.
 
 Symile-MIMIC CXRs are stored already ImageNet-normalised ([3, 320, 320] float32), so the augmentation
 takes and returns a normalised tensor. In the reference's order:
@@ -53,7 +53,7 @@ class Denormalize(nn.Module):
 
 @register_cxr_transform("robust_train")
 class RobustTrainTransforms(nn.Module):
-    """§3.4 train augmentation on a normalised float32 CXR [3, H, W] -> normalised [3, img_size, img_size].
+    """docs/datasets.md#stage-2-data train augmentation on a normalised float32 CXR [3, H, W] -> normalised [3, img_size, img_size].
 
     The steps are attributes (``denormalize``, ``crop``, ``affine``, ``jitter``, ``blur``, ``normalize``,
     ``erase``; the three optional ones are ``v2.RandomApply`` with their probability) run in that order.

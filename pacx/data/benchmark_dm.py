@@ -1,19 +1,22 @@
 """Stage 3 classification DataModule over any classification entry of the benchmark registry.
 
 Reads the converter's manifests (``scripts/prepare.py <benchmark>``) from ``manifest_dir``, opens images
-under ``<root>/<spec.image_dirs[split]>/<spec.path_column>`` (DATASETS.md §1.1) and applies §1.2
-transforms: train = square resize + horizontal flip, val/test = square resize, ImageNet norm.
+under ``<root>/<spec.image_dirs[split]>/<spec.path_column>`` (docs/datasets.md#manifests) and applies the
+docs/datasets.md#transforms transforms: train = square resize + horizontal flip, val/test = square resize, ImageNet norm.
 
 Targets: binary / multilabel give float vectors ``[K]`` (the spec's label columns); multiclass gives a long
 class index (``index``: the ``Label`` column, checked to lie in ``0..C-1``; ``onehot``: the argmax of
-the one-hot columns, each row checked to hold exactly one 1). A bad row is an error naming the CSV and row.
+the one-hot columns, each row checked to hold exactly one 1). A bad row is an error naming the CSV and row;
+a blank label is an error naming the rows unless the spec declares a fill policy (``label_fill``); a split
+without rows is an error naming its CSV.
 
 ``train_fraction < 1`` subsamples the train manifest only with :func:`pacx.data.lowdata.low_data_subset`
 (at least one positive per label; for an ``index`` task one row per class, via indicator columns).
 ``batch_size`` is the global batch; each device loads ``batch_size / world_size``.
 
 A cached-feature linear probe calls :meth:`BenchmarkDataModule.serve_features` (see
-:mod:`pacx.data.feature_cache`): every split then yields ``(feature, target)`` instead of images.
+:mod:`pacx.data.feature_cache`): every split then yields ``(feature, target)`` instead of images; with the
+flip-aware cache the train split yields, per sample and epoch, the features of the image or of its flip.
 ``predict`` embeds the images of ``manifest`` (a CSV or a folder), in row order.
 """
 
@@ -31,12 +34,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pacx.data.common import per_device_batch_size
-from pacx.data.feature_cache import FeatureDataset
+from pacx.data.feature_cache import FeatureDataset, FlipFeatureDataset
 from pacx.data.lowdata import indicator_columns, low_data_subset
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
 from pacx.data.resumable import train_loader
-from pacx.data.transforms import resize_eval, resize_flip_train
+from pacx.data.transforms import CLASSIFY_HFLIP, resize_eval, resize_flip_train
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def subset_columns(df: pd.DataFrame, spec: BenchmarkSpec) -> tuple[pd.DataFrame,
 
 class SplitsDataModule(pl.LightningDataModule):
     """Base of the Stage 3 data modules: one dataset per split of the benchmark (:meth:`build_dataset`),
-    the global batch split across devices, train shuffled, nothing dropped (DATASETS.md §1.2).
+    the global batch split across devices, train shuffled, nothing dropped (docs/datasets.md#transforms).
 
     ``Stage3_eval.py`` takes any subclass (``data.class_path``); the model reads ``spec`` from it.
     """
@@ -102,7 +105,7 @@ class SplitsDataModule(pl.LightningDataModule):
         kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
         if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable); keeps the tail
             return train_loader(dataset, self.per_device_batch, self.trainer, drop_last=False,
-                                augmented=not isinstance(dataset, FeatureDataset), **kwargs)
+                                augmented=getattr(dataset, "augmented", True), **kwargs)
         return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=False, drop_last=False, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
@@ -132,18 +135,20 @@ def images_table(source: Path, path_column: str, root: str | None = None) -> tup
 
 
 class BenchmarkDataModule(SplitsDataModule):
-    """Images + targets of one classification benchmark (DATASETS.md §1).
+    """Images + targets of one classification benchmark (docs/datasets.md#classification).
 
     Args:
         benchmark: registry name (``pacx.data.registry.BENCHMARKS``).
         root: the image root (the release folder the converter read); needed by fit / validate / test.
         manifest_dir: where the converter wrote the split CSVs; needed by fit / validate / test.
-        batch_size: the **global** batch (default: the spec's ``lp_batch_size``, DATASETS.md §15).
+        batch_size: the **global** batch (default: the spec's ``lp_batch_size``, docs/datasets.md#stage-3-settings).
         num_workers, pin_memory: DataLoader settings.
         img_size: square resize size.
-        train_augment: the §1.2 horizontal flip on train images. A cached-feature linear probe always uses
-            the deterministic evaluation transform for every split (its features are computed once).
-        train_fraction / subset_seed: low-data subset of the train split (DATASETS.md §14); the subset seed
+        train_augment: the horizontal flip of docs/datasets.md#transforms on train images. A cached-feature linear
+            probe computes every split's features once under the evaluation transform; with the flip-aware cache
+            (``model.feature_cache: flip``, the default) and ``train_augment`` the train split also stores each
+            image's flipped features and draws the flip per sample per epoch, as the image path does.
+        train_fraction / subset_seed: low-data subset of the train split (docs/datasets.md#low-data); the subset seed
             defaults to the run's ``seed_everything`` value, as in the reference (one seed drives both).
         manifest: ``predict`` only: a CSV of images (paths relative to ``root`` if set, else to the CSV's
             folder) or a folder of images (sorted by path) to embed, in row order.
@@ -202,18 +207,24 @@ class BenchmarkDataModule(SplitsDataModule):
         augment = (split == "train" and h.train_augment) if augment is None else augment
         transform = resize_flip_train(h.img_size) if augment else resize_eval(h.img_size)
         ds = ImageManifestDataset(df, Path(self.required("root")) / spec.image_dirs[split], spec.path_column,
-                                  spec.label_columns, transform, source=source)
+                                  spec.label_columns, transform, source=source, label_fill=spec.label_fill)
         if spec.label_source in MULTICLASS_TARGETS:
             ds.labels = MULTICLASS_TARGETS[spec.label_source](ds.df, spec, source)  # long [N]
         log.info("%s %s: %d images (%s)", spec.name, split, len(ds), source)
         return ds
 
-    def serve_features(self, features: Callable[[str, ImageManifestDataset], torch.Tensor]) -> None:
-        """From now on every split yields ``(feature [D], target)``: ``features(split, dataset)`` gets each
-        split's images under the deterministic evaluation transform and returns ``[N, D]``."""
+    def serve_features(self, features: Callable[[str, ImageManifestDataset, bool], torch.Tensor],
+                       flip: bool = False) -> None:
+        """From now on every split yields ``(feature [D], target)``: ``features(split, dataset, with_flip)`` gets
+        each split's images under the deterministic evaluation transform and returns ``[N, D]``, or ``[N, 2D]``
+        (image | flipped image) when ``with_flip``, which is asked for the train split when ``flip`` and
+        ``train_augment`` are set; that split then draws the flip per sample and epoch (``FlipFeatureDataset``)."""
         for split in SPLITS:
             ds = self.build_dataset(split, augment=False)
-            self.datasets[split] = FeatureDataset(features(split, ds), ds.labels)
+            if split == "train" and flip and self.hparams.train_augment:
+                self.datasets[split] = FlipFeatureDataset(features(split, ds, True), ds.labels, CLASSIFY_HFLIP)
+            else:
+                self.datasets[split] = FeatureDataset(features(split, ds, False), ds.labels)
 
     def predict_dataloader(self) -> DataLoader:
         """Images of ``manifest`` (CSV or folder) in row order under the evaluation transform."""

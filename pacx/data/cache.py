@@ -1,7 +1,7 @@
 """Decoded-image cache and batched augmentation: the fast image path for CheXpert-scale pretraining.
 
 Per-file decoding plus per-image augmentation costs ~3 ms of CPU per sample, which starves a GPU
-(DATASETS.md §2: 223k images, 400 epochs). Here every image is decoded once into a uint8 memory map at a
+(docs/datasets.md#chexpert: 223k images, 400 epochs). Here every image is decoded once into a uint8 memory map at a
 fixed square size, and augmentation runs per batch in the collate function (``pacx.data.batched``).
 
 Cache layout (``out_dir``)::
@@ -15,7 +15,9 @@ Pixels: images are resized with torchvision's ``resize(pil, [S, S], antialias=Tr
 ``pacx.data.transforms.resize_eval``, so the eval collate at the cache size gives the PIL path's pixels.
 Train crops follow ``RandomResizedCrop``'s law in original-image coordinates and are resampled from the
 cache (``pacx.data.batched``): equal in distribution to the PIL path, not bit-identical. ``channels=1`` stores PIL "L"
-(identical to the RGB path for grayscale sources; luma for colour ones, which want ``channels=3``).
+(identical to the RGB path for grayscale sources; luma for colour ones, which want ``channels=3``). Files
+decode through :func:`pacx.data.images.open_image`, the decoder of every other loader (16-bit sources
+included); ``meta.json`` records its version, and a cache built by another decoder must be rebuilt.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from pacx.data.images import DECODER_VERSION, ImageDecodeError, open_image
+
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: bit-depth-aware decoding (pacx.data.images); version 1 caches hold white 16-bit images
 _PIL_MODES = {1: "L", 3: "RGB"}
 
 
@@ -104,11 +107,10 @@ def _build_chunk(items: list[tuple[int, str]]) -> tuple[list[int], list[tuple[in
     for row, rel in items:
         path = _WORKER["root"] / _strip(rel, _WORKER["strip"])
         try:
-            with Image.open(path) as img:
-                sizes.append(img.size)
-                img = img.convert(_WORKER["mode"])
+            img = open_image(path, _WORKER["mode"])
+            sizes.append(img.size)
             arr = np.asarray(TF.resize(img, [size, size], antialias=True))
-        except (OSError, ValueError) as err:
+        except (OSError, ImageDecodeError) as err:
             raise CacheError(f"row {row}: cannot read image {path}: {err}") from err
         images[row] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         rows.append(row)
@@ -137,7 +139,7 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
         raise CacheError(f"{len(dup)} duplicated path(s) (first: {dup[:5]}); a cache row needs a unique key")
     n = len(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    want = {"version": CACHE_VERSION, "size": size, "channels": channels, "count": n}
+    want = {"version": CACHE_VERSION, "decoder": DECODER_VERSION, "size": size, "channels": channels, "count": n}
     if (out_dir / "meta.json").is_file():  # resume
         meta = _read_meta(out_dir)
         old_paths = pd.read_csv(out_dir / "index.csv", keep_default_na=False, dtype={"path": str})["path"]
@@ -207,9 +209,10 @@ class ImageCache:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         meta = _read_meta(self.directory)
-        if meta.get("version") != CACHE_VERSION:
-            raise CacheError(f"{self.directory}: cache version {meta.get('version')}, "
-                             f"expected {CACHE_VERSION}; rebuild it")
+        if meta.get("version") != CACHE_VERSION or meta.get("decoder") != DECODER_VERSION:
+            raise CacheError(f"{self.directory}: cache version {meta.get('version')} / decoder {meta.get('decoder')}, "
+                             f"expected {CACHE_VERSION} / {DECODER_VERSION} (bit-depth-aware decoding); rebuild it "
+                             "with scripts/build_image_cache.py")
         if not meta.get("complete"):
             raise CacheError(f"{self.directory}: cache is incomplete (interrupted build?); rerun "
                              "scripts/build_image_cache.py with the same arguments to finish it")

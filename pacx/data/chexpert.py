@@ -1,10 +1,12 @@
-"""CheXpert for Stage 1 (DATASETS.md §2): release -> manifests, and the MAE DataModule.
+"""CheXpert for Stage 1 (docs/datasets.md#chexpert): release -> manifests, and the MAE DataModule.
 
 The release (CheXpert-v1.0-small, as on Kaggle) holds ``train.csv`` / ``valid.csv`` whose ``Path``
 values read ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``. The manifests drop the
 first two path components (``patient00001/study1/view1_frontal.jpg``, relative to ``<root>/train`` or
 ``<root>/valid``), order the columns ``Path, Sex, Age, Frontal/Lateral, AP/PA`` + the 14 labels in
 visualCheXbert order, and keep lateral views unless ``frontal_only``. Labels are unused by the MAE.
+Rows keep their index in the release CSV, so errors name the row and line of the file they came from; a
+split without rows is an error naming its CSV.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 from pacx.data.batched import BatchedCropFlip, BatchedResize, normalize_batch
 from pacx.data.cache import CachedImageDataset, ImageCache
 from pacx.data.common import per_device_batch_size
-from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
+from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest, require_rows, row_ref
 from pacx.data.prepare import ConverterOption, register_converter
 from pacx.data.resumable import train_loader
 from pacx.data.transforms import mae_train, resize_eval
@@ -28,7 +30,7 @@ from pacx.data.transforms import mae_train, resize_eval
 log = logging.getLogger(__name__)
 
 META_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
-# visualCheXbert order (DATASETS.md §2), the column order of our manifests.
+# visualCheXbert order (docs/datasets.md#chexpert), the column order of our manifests.
 LABELS = [
     "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
     "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
@@ -59,12 +61,12 @@ def convert_split(csv_path: Path, frontal_only: bool = False) -> pd.DataFrame:
     if short.any():
         row = int(short.idxmax())
         raise ManifestError(
-            f"{csv_path}: row {row}: Path {df['Path'].iat[row]!r} lacks the '<release>/<split>/' prefix"
+            f"{csv_path}: {row_ref(row)}: Path {df['Path'].at[row]!r} lacks the '<release>/<split>/' prefix"
         )
     df = df.assign(Path=parts.str[2:].str.join("/"))[META_COLUMNS + LABELS]
     if frontal_only:
         df = df[df["Frontal/Lateral"] == "Frontal"]
-    return df.reset_index(drop=True)
+    return df  # the index stays the release CSV's row (error messages name it)
 
 
 def convert_release(root: str | Path, frontal_only: bool = False) -> dict[str, pd.DataFrame]:
@@ -134,8 +136,9 @@ class CheXpertDataModule(pl.LightningDataModule):
     def manifests(self) -> dict[str, tuple[pd.DataFrame, str]]:
         h = self.hparams
         if h.manifest_dir is None:
-            frames = convert_release(h.root, h.frontal_only)
-            return {split: (df, f"{h.root}/{RELEASE_CSVS[split]}") for split, df in frames.items()}
+            release = find_release_root(h.root)  # the CSVs' real folder (``CheXpert-v1.0-small/`` included)
+            frames = convert_release(release, h.frontal_only)
+            return {split: (df, str(release / RELEASE_CSVS[split])) for split, df in frames.items()}
         out = {}
         for split, name in MANIFESTS.items():
             path = Path(h.manifest_dir) / name
@@ -157,6 +160,7 @@ class CheXpertDataModule(pl.LightningDataModule):
         for split, (df, source) in self.manifests().items():
             if split == "train" and h.fraction < 1.0:
                 df = df.sample(frac=h.fraction, random_state=h.seed).sort_index()
+            require_rows(len(df), source if split != "train" or h.fraction == 1.0 else f"{source} (fraction {h.fraction})")
             if caches[split]:
                 self.datasets[split] = CachedImageDataset(ImageCache(caches[split]), df["Path"].astype(str).tolist())
                 self.collate_fns[split] = batched[split]

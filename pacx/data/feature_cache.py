@@ -1,13 +1,24 @@
-"""Frozen-backbone features computed once and kept on disk, for fast linear probing (SPEC.md "Stage 3").
+"""Frozen-backbone features computed once and kept on disk, for fast linear probing (docs/method.md#stage-3).
 
 A linear probe trains only a ``Linear(D → C)`` head, yet the reference runs the ViT over every image in
 every one of its 40 epochs. Here each split's CLS features are computed once with the deterministic
 evaluation transform and stored as ``<cache_dir>/<key>.npy`` (float32 ``[N, D]``) with a ``<key>.json``
-record beside it. The key is a hash of everything the features depend on:
+record beside it.
+
+The reference's probe flips each training image with p = 0.5, drawn anew every epoch. The flip-aware cache
+keeps that augmentation at cached speed: the train split is stored as ``[N, 2D]``, the features of each image
+and of its horizontal flip side by side (:func:`extract_features` with ``with_flip``: one decode, one extra
+backbone pass, train only), and :class:`FlipFeatureDataset` picks one of the two per sample and epoch with the
+draw the image path makes (the sample's seeded ``torch.rand(1) < p``, :mod:`pacx.data.resumable`), so a
+cached run and a per-epoch run see the same flips. Flipping the normalised tensor equals flipping the resized
+image before normalisation (both are the same permutation of pixels). The key is a hash of everything the
+features depend on:
 
 * the backbone: every tensor of its state dict (:func:`pacx.checkpoint.state_fingerprint`);
-* the images: resolved image root, each path with its file size and modification time, the transform;
-* the numerics: the trainer precision (``bf16-mixed`` features differ from ``32`` ones).
+* the images: resolved image root, each path with its file size and modification time, the transform and
+  the image decoder's version (:data:`pacx.data.images.DECODER_VERSION`);
+* the numerics: the trainer precision (``bf16-mixed`` features differ from ``32`` ones);
+* the layout: plain ``[N, D]`` or the flip pair ``[N, 2D]`` (:data:`FLIP_PAIR`).
 
 Labels are not part of the key (the features do not depend on them). A changed image, weight or setting
 gives a new key; nothing is reused stale. Files are written atomically; a cache file that cannot be
@@ -32,18 +43,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pacx.data.images import DECODER_VERSION
 from pacx.utils import save_npy_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+FLIP_PAIR = "hflip-pair"  # key part of a [N, 2D] (image | flipped image) entry
 
 
 def images_fingerprint(image_root: str | Path, paths: list[str], transform: object) -> str:
-    """Hash of the resolved image root, each image path with its size and mtime, and the transform."""
+    """Hash of the resolved image root, each image path with its size and mtime, the transform and the decoder."""
     root = Path(image_root).resolve()
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{root}|{transform!r}|{len(paths)}|".encode())
+    h.update(f"{root}|{transform!r}|decoder {DECODER_VERSION}|{len(paths)}|".encode())
     for rel in paths:
         st = (root / rel).stat()
         h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -57,6 +70,8 @@ def feature_key(*parts: str) -> str:
 class FeatureDataset(Dataset):
     """``(features[i] [D], target[i])`` pairs: the cached stand-in for an image dataset."""
 
+    augmented = False  # draws nothing: its loader skips the per-sample seeding
+
     def __init__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         if len(features) != len(targets):
             raise ValueError(f"{len(features)} feature rows but {len(targets)} targets")
@@ -69,6 +84,33 @@ class FeatureDataset(Dataset):
         return self.features[index], self.targets[index]
 
 
+class FlipFeatureDataset(Dataset):
+    """``(features of image i or of its flip [D], target[i])``: the flip-aware train split.
+
+    ``pairs`` is ``[N, 2D]`` (image | horizontally flipped image). Each item draws ``torch.rand(1) < p`` from
+    torch's generator, which :class:`pacx.data.resumable.SeededDataset` seeds per sample and epoch exactly as
+    it does for the image path, where ``RandomHorizontalFlip`` makes that same draw.
+    """
+
+    augmented = True  # draws one number per item: its loader seeds every sample
+
+    def __init__(self, pairs: torch.Tensor, targets: torch.Tensor, p: float) -> None:
+        if pairs.ndim != 2 or pairs.shape[1] % 2:
+            raise ValueError(f"flip pairs must be [N, 2D], got {list(pairs.shape)}")
+        if len(pairs) != len(targets):
+            raise ValueError(f"{len(pairs)} feature rows but {len(targets)} targets")
+        self.dim = pairs.shape[1] // 2
+        self.pairs, self.targets, self.p = pairs, targets, p
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = bool(torch.rand(1) < self.p)  # the draw RandomHorizontalFlip(p) makes on the image path
+        start = self.dim if flip else 0
+        return self.pairs[index, start:start + self.dim], self.targets[index]
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
@@ -78,8 +120,10 @@ def extract_features(
     num_workers: int = 0,
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
     indices: list[int] | None = None,
+    with_flip: bool = False,
 ) -> torch.Tensor:
-    """``backbone(x)`` for every item ``(x, …)`` of ``dataset`` (or of ``indices``), in order; float32 ``[N, D]``.
+    """``backbone(x)`` for every item ``(x, …)`` of ``dataset`` (or of ``indices``), in order; float32 ``[N, D]``,
+    or ``[N, 2D]`` (``backbone(x) | backbone(x flipped left-right)``) ``with_flip``.
 
     The backbone runs in eval mode under ``forward_context`` (e.g. the trainer's autocast). The global
     RNG state is left as it was, so a training run that extracts features first shuffles its batches
@@ -95,10 +139,13 @@ def extract_features(
         for batch in loader:
             x = batch[0].to(device, non_blocking=True)
             with forward_context():
-                out.append(backbone(x).float().cpu())  # [b, D]
+                feats = backbone(x).float()  # [b, D]
+                if with_flip:
+                    feats = torch.cat([feats, backbone(x.flip(-1)).float()], dim=1)  # [b, 2D]
+                out.append(feats.cpu())
     backbone.train(was_training)
     if not out:
-        return torch.zeros(0, getattr(backbone, "embed_dim", 0))
+        return torch.zeros(0, getattr(backbone, "embed_dim", 0) * (2 if with_flip else 1))
     return torch.cat(out)
 
 

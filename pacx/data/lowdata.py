@@ -1,4 +1,4 @@
-"""Low-data training subsets (DATASETS.md §14, the reference's ``LowDataCXRDataModule`` subsampler).
+"""Low-data training subsets (docs/datasets.md#low-data, the reference's ``LowDataCXRDataModule`` subsampler).
 
 Not sklearn stratification: the subset holds at least one positive per label where the label has one.
 The algorithm, step by step as in the reference:
@@ -16,7 +16,7 @@ The algorithm, step by step as in the reference:
 Deliberate difference: the reference seeds the *global* ``random`` / ``np.random`` state. Here the
 generators are local (``random.Random(seed)``, ``np.random.RandomState(seed)``, the legacy NumPy
 generator that ``np.random.seed`` drives), so calling this leaves the global RNG state untouched.
-DATASETS.md does not pin down which generator draws which step; the split above (Python for the
+The protocol (docs/datasets.md#low-data) does not pin down which generator draws which step; the split above (Python for the
 per-label picks, NumPy for the fill) is our reading of "seed Python random and NumPy".
 
 Multiclass tasks with a single integer ``Label`` column: pass ``indicator_columns(df, "Label", K)`` to get

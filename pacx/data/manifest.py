@@ -1,9 +1,14 @@
-"""Generic CSV-manifest image dataset (DATASETS.md §1.1), reused by every stage.
+"""Generic CSV-manifest image dataset (docs/datasets.md#manifests), reused by every stage.
 
 A manifest is a CSV with a path column (relative to an image root) and optional label columns. Images
-open with PIL and become 3-channel RGB whatever their mode. Bad input fails loudly: a missing column
-names the CSV and the column; a missing or unreadable image names the CSV row and the path. With
+decode through :func:`pacx.data.images.open_image` (any bit depth) into 3-channel RGB. Bad input fails
+loudly: a missing column names the CSV and the column; a manifest without rows names the CSV; a missing or
+unreadable image names the CSV, the row and its line in the file, and the path. With
 ``skip_unreadable=True`` such rows are dropped up front instead, and their count and paths are logged.
+
+Labels: each label column is coerced to numbers. A blank, NaN or non-numeric cell is an error naming the
+CSV, the first rows and the count, unless the caller passes a documented fill policy (``label_fill``,
+from the benchmark spec), in which case the cells are filled and their count is logged.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from pacx.data.images import ImageDecodeError, open_image
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +50,40 @@ def read_manifest(csv_path: str | Path, required_columns: Sequence[str] = ()) ->
     return df
 
 
-def clean_labels(df: pd.DataFrame, label_columns: Sequence[str], source: str) -> np.ndarray:
-    """Label columns -> [N, K] int64: numeric coercion, NaN logged and filled with 0 (DATASETS.md §1.1)."""
+def row_ref(row: int) -> str:
+    """A manifest row for error messages: the 0-based data row and its line in the CSV (header = line 1)."""
+    return f"row {row} (line {int(row) + 2})"
+
+
+def require_rows(n: int, source: str, what: str = "rows") -> None:
+    """An empty split is an error naming its file, never a run over nothing."""
+    if n == 0:
+        raise ManifestError(f"{source}: no {what}; an empty split cannot be trained or evaluated on")
+
+
+def clean_labels(df: pd.DataFrame, label_columns: Sequence[str], source: str,
+                 label_fill: int | None = None) -> np.ndarray:
+    """Label columns -> [N, K] int64 by numeric coercion (docs/datasets.md#labels).
+
+    A blank, NaN or non-numeric cell is a :class:`ManifestError` naming the first 5 rows and the count,
+    unless ``label_fill`` is set (a benchmark's documented fill policy): then the cells get that value and
+    their count is logged."""
     if not label_columns:
         return np.zeros((len(df), 0), dtype=np.int64)
     values = df[list(label_columns)].apply(pd.to_numeric, errors="coerce")
-    n_nan = int(values.isna().sum().sum())
+    blank = values.isna()
+    n_nan = int(blank.to_numpy().sum())
+    if n_nan and label_fill is None:
+        rows = blank.any(axis=1)
+        first = "; ".join(
+            f"{row_ref(r)}: {[c for c in label_columns if blank.at[r, c]]}" for r in rows[rows].index[:5])
+        raise ManifestError(f"{source}: {n_nan} blank or non-numeric label cell(s) in {int(rows.sum())} row(s) "
+                            f"(first: {first}); fix the manifest (this benchmark declares no fill policy)")
     if n_nan:
-        log.warning("%s: %d empty or non-numeric label cells filled with 0", source, n_nan)
-    return np.array(values.fillna(0), dtype=np.int64)  # a writable copy (pandas may hand out read-only views)
-
-
-def open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+        log.warning("%s: %d blank or non-numeric label cells filled with %d (the benchmark's fill policy)",
+                    source, n_nan, label_fill)
+        values = values.fillna(label_fill)
+    return np.array(values, dtype=np.int64)  # a writable copy (pandas may hand out read-only views)
 
 
 class ImageManifestDataset(Dataset):
@@ -76,6 +103,7 @@ class ImageManifestDataset(Dataset):
         source: str = "<manifest>",
         skip_unreadable: bool = False,
         check_files: bool = True,
+        label_fill: int | None = None,
     ) -> None:
         missing = [c for c in (path_column, *label_columns) if c not in df.columns]
         if missing:
@@ -87,22 +115,25 @@ class ImageManifestDataset(Dataset):
         self.path_column = path_column
         self.label_columns = list(label_columns)
         self.transform = transform
+        require_rows(len(df), source)
         df = df.reset_index(drop=False).rename(columns={"index": "_row"})
         if skip_unreadable:
             df = self._drop_unreadable(df)
+            require_rows(len(df), source, "readable images (skip_unreadable dropped every row)")
         elif check_files:
             self._check_exist(df)
         self.df = df.reset_index(drop=True)
         self.rows = self.df["_row"].to_numpy()
         self.paths = self.df[path_column].astype(str).tolist()
-        self.labels = torch.from_numpy(clean_labels(self.df, self.label_columns, source)).float()
+        labels = clean_labels(self.df.set_index("_row"), self.label_columns, source, label_fill)
+        self.labels = torch.from_numpy(labels).float()
 
     def _check_exist(self, df: pd.DataFrame) -> None:
         paths = df[self.path_column].astype(str)
         exists = np.fromiter((self.image_root.joinpath(p).is_file() for p in paths), bool, len(paths))
         if not exists.all():
             bad = np.flatnonzero(~exists)
-            first = ", ".join(f"row {df['_row'].iat[i]}: {self.image_root / paths.iat[i]}" for i in bad[:5])
+            first = ", ".join(f"{row_ref(df['_row'].iat[i])}: {self.image_root / paths.iat[i]}" for i in bad[:5])
             raise ManifestError(
                 f"{self.source}: {len(bad)} image(s) not found under {self.image_root} (first: {first}); "
                 "fix the manifest or image root, or set skip_unreadable to drop them"
@@ -114,11 +145,10 @@ class ImageManifestDataset(Dataset):
         for i, rel in enumerate(df[self.path_column].astype(str)):
             path = self.image_root / rel
             try:
-                with Image.open(path) as img:
-                    img.load()
+                open_image(path)
                 keep.append(i)
             except (OSError, ValueError) as err:
-                dropped.append(f"row {df['_row'].iat[i]}: {path} ({err.__class__.__name__})")
+                dropped.append(f"{row_ref(df['_row'].iat[i])}: {path} ({err.__class__.__name__})")
         if dropped:
             log.warning(
                 "%s: skip_unreadable dropped %d of %d rows: %s",
@@ -132,9 +162,9 @@ class ImageManifestDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         path = self.image_root / self.paths[index]
         try:
-            return open_rgb(path)
-        except (OSError, ValueError) as err:
-            raise ManifestError(f"{self.source}: row {self.rows[index]}: cannot read image {path}: {err}") from err
+            return open_image(path, "RGB")
+        except (OSError, ImageDecodeError) as err:
+            raise ManifestError(f"{self.source}: {row_ref(self.rows[index])}: cannot read image {path}: {err}") from err
 
     def __getitem__(self, index: int):
         img = self.load_image(index)

@@ -1,8 +1,9 @@
 """Converter registry behind ``scripts/prepare.py``: official release -> pacx manifests.
 
-One entry per dataset (STYLE.md rule 6). A converter reads the release's own metadata files (it never
-opens images), writes split CSVs into ``out`` and returns a summary of what it wrote. Each entry
-declares its extra command-line options, so the CLI needs no per-dataset branches.
+One entry per dataset. A converter reads the release's own metadata files (it never
+opens images), writes split CSVs into ``out`` and returns a summary of what it wrote, which
+:func:`run_converter` keeps in ``<out>/prepare.json``. Each entry declares its extra command-line options,
+so the CLI needs no per-dataset branches.
 """
 
 from __future__ import annotations
@@ -47,16 +48,27 @@ def register_converter(name: str, task: str, metric: str, description: str,
 def load_builtin_converters() -> dict[str, Converter]:
     """Import the modules that register converters (kept out of import time of this module)."""
     import pacx.data.benchmarks.classification  # noqa: F401
+    import pacx.data.benchmarks.medmod  # noqa: F401
     import pacx.data.benchmarks.segmentation  # noqa: F401
     import pacx.data.chexpert  # noqa: F401
 
     return CONVERTERS
 
 
+SIDECAR = "prepare.json"
+
+
 def run_converter(name: str, raw: str | Path, out: str | Path, **options) -> dict:
+    """Run one converter and keep what it did beside the manifests: ``<out>/prepare.json`` (dataset, release
+    folder, options, the returned summary, git revision)."""
+    from pacx.utils import git_sha, write_json_atomic
+
     converters = load_builtin_converters()
     if name not in converters:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(converters)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return converters[name].fn(Path(raw), out, **options)
+    summary = converters[name].fn(Path(raw), out, **options)
+    write_json_atomic(out / SIDECAR, {"dataset": name, "raw": str(raw), "options": options, "summary": summary,
+                                      "git_sha": git_sha()})
+    return summary

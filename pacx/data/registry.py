@@ -1,8 +1,10 @@
-"""Benchmark registry: one frozen spec per downstream benchmark (STYLE.md rule 6).
+"""Benchmark registry: one frozen spec per downstream benchmark.
 
 Datasets, heads, losses, metrics and the converters in ``pacx/data/benchmarks/`` read these specs, so a
 new benchmark is one entry here (plus its converter and a YAML) and nothing branches on a task name.
-Every value comes from DATASETS.md (§0 table, §4-§13 manifests, §15 per-task linear-probe settings).
+Every value comes from the dataset protocols in ``docs/datasets.md`` (one section per benchmark, anchored
+by its registry name, e.g. ``docs/datasets.md#vindr``; the per-task linear-probe settings in
+``docs/datasets.md#stage-3-settings``).
 
 Image paths are ``<image root>/<image_dirs[split]>/<path_column value>``. The image root is the folder
 holding the release as the reference arranged it (after its documented renames/flattening, see the
@@ -22,6 +24,8 @@ TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 LABEL_SOURCES = ("columns", "index", "onehot", "mask")
 INDEX_COLUMN = "Label"
 SPLITS = ("train", "val", "test")
+# task -> suffix of its logged metric names (binary ``val/auroc``; multi-output ``val/auroc_macro``)
+METRIC_SUFFIX: dict[str, str] = {"binary": "", "multilabel": "_macro", "multiclass": "_macro", "segmentation": ""}
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,18 @@ class BenchmarkSpec:
     mask_column: str | None  # segmentation only
     image_dirs: Mapping[str, str]  # split -> subfolder under the image root ("" for none)
     manifest_files: Mapping[str, str]  # split -> CSV file name written by the converter
-    metric: str  # the paper-table metric key
+    metric: str  # the paper metric of the full-data table (docs/datasets.md#benchmarks)
     lp_batch_size: int
     lp_lr: float
     label_source: str
     description: str
     in_paper: bool  # one of the nine paper benchmarks
+    # Documented fill policy for blank / NaN label cells (docs/datasets.md#labels): None (every benchmark
+    # here) makes such a cell an error naming its rows; a value fills them with it and logs the count.
+    label_fill: int | None = None
+    # The metric of the low-data table and figure: the paper reports its 1 % results in AUROC for every
+    # classification benchmark (docs/datasets.md#low-data).
+    low_data_metric: str = "auroc"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -62,6 +72,10 @@ class BenchmarkSpec:
     def num_outputs(self) -> int:
         return 1 if self.task in ("binary", "segmentation") else len(self.labels)
 
+    def metric_column(self, metric: str | None = None, split: str = "test") -> str:
+        """The logged column of ``metric`` (default: :attr:`metric`) on ``split``, e.g. ``test/f1_macro``."""
+        return f"{split}/{metric or self.metric}{METRIC_SUFFIX[self.task]}"
+
     @property
     def label_columns(self) -> tuple[str, ...]:
         """The manifest columns holding the targets (none for segmentation)."""
@@ -80,7 +94,7 @@ def _files(pattern: str) -> dict[str, str]:
     return {s: pattern.format(split=s) for s in SPLITS}
 
 
-# §15: default LP batch 512 / lr 3e-3; CHESTX6, COVIDQU, VINDR 256 / 2e-3; PNE 128 / 1e-3; TB 32 / 1e-3;
+# docs/datasets.md#stage-3-settings: default LP batch 512 / lr 3e-3; CHESTX6, COVIDQU, VINDR 256 / 2e-3; PNE 128 / 1e-3; TB 32 / 1e-3;
 # segmentation (decoder only) 256 / 1e-4.
 _LP_DEFAULT = {"lp_batch_size": 512, "lp_lr": 3e-3}
 _LP_256 = {"lp_batch_size": 256, "lp_lr": 2e-3}
@@ -118,7 +132,7 @@ def _seg(name: str, label: str, description: str) -> BenchmarkSpec:
     return BenchmarkSpec(
         name=name, task="segmentation", labels=(label,), path_column="img_path", mask_column="mask_path",
         image_dirs=_same(""), manifest_files=_files("{split}.csv"), metric="iou", label_source="mask",
-        description=description, in_paper=True, **_LP_SEG,
+        description=description, in_paper=True, low_data_metric="iou", **_LP_SEG,
     )
 
 
@@ -127,14 +141,14 @@ _SPECS = (
         name="chexchonet", task="binary", labels=("composite_slvh_dlv",), path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("chexchonet_{split}.csv"),
         metric="f1", label_source="columns", in_paper=True, **_LP_DEFAULT,
-        description="CheXchoNet composite SLVH/DLV, image-level stratified 80/20 then 90/10 (§4 A)",
+        description="CheXchoNet composite SLVH/DLV, image-level stratified 80/20 then 90/10 (docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
         # Deviation: the reference moves images into train/ val/ test/; we leave them in the flat folder.
         name="chexchonet_echo", task="multilabel", labels=ECHO_LABELS, path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("{split}/{split}.csv"),
         metric="auroc", label_source="columns", in_paper=False, **_LP_DEFAULT,
-        description="CheXchoNet 5 echo labels, patient-level stratified 80/10/10 (§4 B)",
+        description="CheXchoNet 5 echo labels, patient-level stratified 80/10/10 (docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
         name="vindr", task="multilabel", labels=VINDR_LABELS, path_column="image_id", mask_column=None,
@@ -142,60 +156,60 @@ _SPECS = (
         manifest_files={"train": "vindr_train_split.csv", "val": "vindr_val_split.csv",
                         "test": "vindr_test_split.csv"},
         metric="f1", label_source="columns", in_paper=True, **_LP_256,
-        description="VinDr-CXR 19 labels (majority vote), official test, random 90/10 train/val (§5)",
+        description="VinDr-CXR 19 labels (majority vote), official test, random 90/10 train/val (docs/datasets.md#vindr)",
     ),
     BenchmarkSpec(
         # Deviation: cxr_path stays the MIMIC-CXR-JPG relative path (no moving into train/ val/ test/).
         name="medmod_phys", task="multilabel", labels=MEDMOD_PHENOTYPES, path_column="cxr_path",
         mask_column=None, image_dirs=_same(""), manifest_files=_files("{split}/{split}.csv"),
         metric="auroc", label_source="columns", in_paper=True, **_LP_DEFAULT,
-        description="MedMod 25 phenotypes, stay-level stratified 70/10/20 (§6)",
+        description="MedMod 25 phenotypes, stay-level stratified 70/10/20 (docs/datasets.md#medmod)",
     ),
     BenchmarkSpec(
         name="medmod_mort", task="multilabel", labels=MEDMOD_MORTALITY, path_column="cxr_path",
         mask_column=None, image_dirs=_same(""), manifest_files=_files("{split}/{split}.csv"),
         metric="auroc", label_source="columns", in_paper=False, **_LP_DEFAULT,
-        description="MedMod mortality (3 labels), same splits as medmod_phys (§6)",
+        description="MedMod mortality (3 labels), same splits as medmod_phys (docs/datasets.md#medmod)",
     ),
-    _seg("cxlseg", "lung", "CXL-Seg MIMIC-CXR lung masks, official split column (§7)"),
-    _seg("covidqu_seg", "lung", "COVID-QU-Ex lung masks, official Train/Val/Test (§8a)"),
+    _seg("cxlseg", "lung", "CXL-Seg MIMIC-CXR lung masks, official split column (docs/datasets.md#cxlseg)"),
+    _seg("covidqu_seg", "lung", "COVID-QU-Ex lung masks, official Train/Val/Test (docs/datasets.md#covidqu)"),
     BenchmarkSpec(
         name="covidqu", task="multiclass", labels=("Normal", "COVID-19", "Non-COVID"), path_column="Path",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("covidqu_{split}_split.csv"),
         metric="auroc", label_source="index", in_paper=False, **_LP_256,
-        description="COVID-QU-Ex 3-class, official Train/Val/Test (§8b)",
+        description="COVID-QU-Ex 3-class, official Train/Val/Test (docs/datasets.md#covidqu)",
     ),
     BenchmarkSpec(
         # Image root = the Kaggle download (the reference's root was its images/ child).
         name="tb", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images/images"), manifest_files=_files("tb_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=True, lp_batch_size=32, lp_lr=1e-3,
-        description="Shenzhen TB, stratified 80/20 then 85/15 (§9)",
+        description="Shenzhen TB, stratified 80/20 then 85/15 (docs/datasets.md#tb)",
     ),
     BenchmarkSpec(
         name="chestx6", task="multiclass", labels=CHESTX6_CLASSES, path_column="Path", mask_column=None,
         image_dirs=_same(""), manifest_files=_files("chestx6_{split}_split.csv"),
         metric="auroc", label_source="onehot", in_paper=True, **_LP_256,
-        description="Chest X-Ray 6 classes, official train/val/test (§10)",
+        description="Chest X-Ray 6 classes, official train/val/test (docs/datasets.md#chestx6)",
     ),
     BenchmarkSpec(
         name="nih", task="multilabel", labels=NIH_LABELS, path_column="Image Index", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("nih_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=True, **_LP_DEFAULT,
-        description="NIH ChestX-ray14, official test list, random 85/15 train/val (§11)",
+        description="NIH ChestX-ray14, official test list, random 85/15 train/val (docs/datasets.md#nih)",
     ),
-    _seg("qata", "infection", "QaTa-COV19 v2 infection masks, official test, random 90/10 train/val (§12)"),
+    _seg("qata", "infection", "QaTa-COV19 v2 infection masks, official test, random 90/10 train/val (docs/datasets.md#qata)"),
     BenchmarkSpec(
         name="covidx", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("covid_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=False, **_LP_DEFAULT,
-        description="COVIDx CXR-2 (v9), pooled and re-split stratified 80/20 then 90/10 (§13)",
+        description="COVIDx CXR-2 (v9), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
     ),
     BenchmarkSpec(
         name="pneumonia", task="binary", labels=("Pneumonia",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("pneumonia_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=False, lp_batch_size=128, lp_lr=1e-3,
-        description="Pediatric pneumonia (Kermany), pooled and re-split stratified 80/20 then 90/10 (§13)",
+        description="Pediatric pneumonia (Kermany), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
     ),
 )
 

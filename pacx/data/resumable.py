@@ -13,7 +13,11 @@ loop counters; this module makes the data side a pure function of ``(seed, epoch
 * :func:`seed_step` reseeds the main process before every training batch (random masks, dropout, noise)
   from ``(seed, epoch, batch, rank)``; :class:`pacx.lit.callbacks.StepSeeds` calls it.
 
-:func:`train_loader` builds the whole thing for a data module's ``train_dataloader``.
+:func:`train_loader` builds the whole thing for a data module's ``train_dataloader``. Lightning's debug
+flags work with it: ``overfit_batches`` swaps in a sequential sampler of plain indices, which
+:class:`SeededDataset` seeds from ``(seed, index)``; ``limit_train_batches`` / ``fast_dev_run`` only stop
+the epoch early. :class:`ResumableLoader` tells Lightning it resumes (its position lives in the loop's
+progress counters), so no "dataloader is not resumable" warning is raised on a mid-epoch resume.
 """
 
 from __future__ import annotations
@@ -74,16 +78,23 @@ def seed_step(seed: int, epoch: int, batch_idx: int, rank: int) -> None:
 
 
 class SeededDataset(Dataset):
-    """Takes ``(index, sample_seed)`` keys from :class:`ResumableSampler`; seeds, then reads ``dataset[index]``."""
+    """Takes ``(index, sample_seed)`` keys from :class:`ResumableSampler`; seeds, then reads ``dataset[index]``.
 
-    def __init__(self, dataset: Dataset) -> None:
+    A plain integer key (the sequential sampler Lightning installs for ``overfit_batches``) is seeded from
+    ``(seed, index)``, so an overfit run still augments each of its fixed samples reproducibly."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
         self.dataset = dataset
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
+        if isinstance(key, tuple):
+            index, seed = key
+        else:
+            index, seed = int(key), derive_seed(self.seed, 2, int(key))
         seed_sample(seed)
         return self.dataset[index]
 
@@ -136,6 +147,15 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         yield from super().__iter__()
 
+    # Lightning's resumability protocol. The position is not loader state: the sampler derives it from the
+    # fit loop's progress counters, which the checkpoint restores. Declaring it silences Lightning's
+    # "dataloader is not resumable" warning, which is wrong for this loader.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
 
 def consumed_batches(trainer) -> int:
     """Batches of the current epoch already trained on: 0 at an epoch's start, the restored count when a run
@@ -150,8 +170,9 @@ def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool 
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
     fit_loop = getattr(trainer, "fit_loop", None)
-    sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=run_seed() if seed is None else seed,
+    seed = run_seed() if seed is None else seed
+    sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed,
                                batch_size=batch_size, seed_samples=augmented,
                                consumed=(lambda: consumed_batches(trainer)) if fit_loop is not None else None)
-    return ResumableLoader(SeededDataset(dataset) if augmented else dataset, batch_size=batch_size, sampler=sampler,
-                           drop_last=drop_last, **loader_kwargs)
+    return ResumableLoader(SeededDataset(dataset, seed) if augmented else dataset, batch_size=batch_size,
+                           sampler=sampler, drop_last=drop_last, **loader_kwargs)

@@ -1,15 +1,14 @@
-"""Paired image + mask dataset and DataModule for the segmentation benchmarks (DATASETS.md §7 "Loading and
-preprocessing"; §8(a), §12 use the same).
+"""Paired image + mask dataset and DataModule for the segmentation benchmarks (docs/datasets.md#segmentation).
 
-Each manifest row names ``img_path`` and ``mask_path`` relative to the image root. The image opens as PIL
-RGB, the mask as PIL "L"; both resize to ``img_size``: the image bilinear, the mask nearest-neighbour by
+Each manifest row names ``img_path`` and ``mask_path`` relative to the image root. Both decode through
+:func:`pacx.data.images.open_image` (any bit depth), the image as RGB, the mask as "L"; both resize to ``img_size``: the image bilinear, the mask nearest-neighbour by
 default (``mask_interpolation: bilinear`` reproduces the reference, which resized masks bilinearly). Train: the same horizontal
 flip (p = 0.5) and then always the same rotation by an angle uniform in [−10°, 10°] (nearest, fill 0) for
 image and mask. Then ``ToTensor``; the mask is binarised by > 0.5 and the image gets ImageNet norm.
 Output: image ``[3, S, S]`` float, mask ``[1, S, S]`` float in {0, 1}.
 
-A missing or unreadable image or mask, or a mask whose size differs from its image's, is an error that
-names the CSV, the row and the path. ``batch_size`` is the global batch; each device loads its share.
+A manifest without rows, a missing or unreadable image or mask, or a mask whose size differs from its
+image's, is an error that names the CSV (and the row, its line and the path). ``batch_size`` is the global batch; each device loads its share.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from torchvision.transforms import functional as TF
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
 from pacx.data.benchmark_dm import SplitsDataModule
-from pacx.data.manifest import ManifestError, read_manifest
+from pacx.data.images import ImageDecodeError, open_image
+from pacx.data.manifest import ManifestError, read_manifest, require_rows, row_ref
 from pacx.data.registry import get_benchmark
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class SegmentationDataset(Dataset):
         if mask_interpolation not in MASK_INTERPOLATIONS:
             raise ValueError(f"mask_interpolation {mask_interpolation!r} not in {sorted(MASK_INTERPOLATIONS)}")
         self.mask_mode = MASK_INTERPOLATIONS[mask_interpolation]
+        require_rows(len(df), source, "image/mask pairs")
+        self.rows = df.index.to_numpy()  # the manifest's own rows, for error messages
         self.df = df.reset_index(drop=True)
         self.root = Path(root)
         self.path_column, self.mask_column = path_column, mask_column
@@ -65,19 +67,18 @@ class SegmentationDataset(Dataset):
     def _open(self, idx: int, column: str, mode: str) -> Image.Image:
         path = self.root / str(self.df.at[idx, column])
         if not path.is_file():
-            raise ManifestError(f"{self.source}: row {idx}: {column} file not found: {path}")
+            raise ManifestError(f"{self.source}: {row_ref(self.rows[idx])}: {column} file not found: {path}")
         try:
-            with Image.open(path) as img:
-                return img.convert(mode)
-        except OSError as err:
-            raise ManifestError(f"{self.source}: row {idx}: cannot read {column} {path}: {err}") from err
+            return open_image(path, mode)
+        except (OSError, ImageDecodeError) as err:
+            raise ManifestError(f"{self.source}: {row_ref(self.rows[idx])}: cannot read {column} {path}: {err}") from err
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self._open(idx, self.path_column, "RGB")
         mask = self._open(idx, self.mask_column, "L")
         if mask.size != image.size:
             raise ManifestError(
-                f"{self.source}: row {idx}: mask {self.root / str(self.df.at[idx, self.mask_column])} is "
+                f"{self.source}: {row_ref(self.rows[idx])}: mask {self.root / str(self.df.at[idx, self.mask_column])} is "
                 f"{mask.size[0]}x{mask.size[1]} but its image is {image.size[0]}x{image.size[1]}"
             )
         size = [self.img_size, self.img_size]
@@ -91,13 +92,13 @@ class SegmentationDataset(Dataset):
 
 
 class SegmentationDataModule(SplitsDataModule):
-    """Images + binary masks of one segmentation benchmark (DATASETS.md §7).
+    """Images + binary masks of one segmentation benchmark (docs/datasets.md#segmentation).
 
     Args:
         benchmark: registry name of a ``segmentation`` entry.
         root: the image root the manifest paths are relative to.
         manifest_dir: where the converter wrote ``{train,val,test}.csv``.
-        batch_size: the **global** batch (256 in §15).
+        batch_size: the **global** batch (256 in docs/datasets.md#stage-3-settings).
         num_workers, pin_memory: DataLoader settings.
         img_size: square resize size of image and mask.
         mask_interpolation: ``nearest`` (default) or ``bilinear`` (the reference) for resizing masks.

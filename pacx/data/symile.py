@@ -1,4 +1,4 @@
-"""Symile-MIMIC data for the teachers and Stage 2 (DATASETS.md §3): memory-mapped splits as named item kinds.
+"""Symile-MIMIC data for the teachers and Stage 2 (docs/datasets.md#symile): memory-mapped splits as named item kinds.
 
 The release files (``pacx.data.symile_files.FILES``) are opened with ``np.load(mmap_mode="r")`` and
 served as one of the item kinds of ``ITEMS``, chosen by the ``item`` config argument:
@@ -7,7 +7,7 @@ served as one of the item kinds of ``ITEMS``, chosen by the ``item`` config argu
 - ``labs_raw``: the same plus the row index, for feature extraction in file order;
 - ``ecg``: (raw ecg float32 [1, 5000, 12] as stored, index), for ECGFounder feature extraction;
 - ``cxr``: (cxr float32 [3, H, W] after the transform, index);
-- ``cxr_teachers``: (cxr [3, H, W], ecg_features [1024], labs_features [256]) for Stage 2 (§3.4);
+- ``cxr_teachers``: (cxr [3, H, W], ecg_features [1024], labs_features [256]) for Stage 2 (docs/datasets.md#stage-2-data);
 - ``cxr_raw_teachers`` (``pacx.data.teacher_features``): (cxr, raw ecg, percentiles, missingness); with
   ``ecgfounder`` / ``labs_dae`` weights the data module encodes them on the device with the frozen
   teachers (``on_after_batch_transfer``), so Stage 2 receives the ``cxr_teachers`` layout without
@@ -15,8 +15,8 @@ served as one of the item kinds of ``ITEMS``, chosen by the ``item`` config argu
 
 CXR arrays are already ImageNet-normalised, so CXR transforms take and return normalised tensors.
 ``CXR_TRANSFORMS`` holds them by name; ``train_transform`` / ``eval_transform`` name one. Registered
-here: ``resize`` (§3.4 val/test: square resize with antialias, nothing else); ``pacx.data.augment``
-registers ``robust_train`` (the §3.4 Stage 2 train augmentation, settings via ``train_transform_args``).
+here: ``resize`` (docs/datasets.md#stage-2-data val/test: square resize with antialias, nothing else); ``pacx.data.augment``
+registers ``robust_train`` (the docs/datasets.md#stage-2-data Stage 2 train augmentation, settings via ``train_transform_args``).
 Unknown names are an error, never a silent fallback.
 Every split a stage uses is validated on setup (``pacx.data.symile_files.validate_split``).
 """
@@ -61,7 +61,7 @@ def register_cxr_transform(name: str):
 
 @register_cxr_transform("resize")
 def resize_normalized(img_size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
-    """§3.4 val/test: ``Resize((img_size, img_size), antialias=True)`` on the normalised tensor, no more."""
+    """docs/datasets.md#stage-2-data val/test: ``Resize((img_size, img_size), antialias=True)`` on the normalised tensor, no more."""
     return functools.partial(TF.resize, size=[img_size, img_size], antialias=True)  # picklable for workers
 
 
@@ -195,7 +195,7 @@ STAGE_ROLES: dict[str | None, tuple[str, ...]] = {
 
 
 class SymileMIMICDataModule(pl.LightningDataModule):
-    """Symile-MIMIC splits for the Labs DAE, teacher-feature extraction and Stage 2 (DATASETS.md §3.4).
+    """Symile-MIMIC splits for the Labs DAE, teacher-feature extraction and Stage 2 (docs/datasets.md#stage-2-data).
 
     Args:
         root: the ``data_npy`` directory (holding ``train/``, ``val/``, ...).
@@ -206,7 +206,7 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         img_size: CXR side after the transform.
         train_transform: CXR transform name (``CXR_TRANSFORMS``) for the train loader; required when
             ``item`` reads CXRs and a train split is used.
-        eval_transform: CXR transform name for the other loaders (§3.4: ``resize``).
+        eval_transform: CXR transform name for the other loaders (docs/datasets.md#stage-2-data: ``resize``).
         check_values: scan values (NaN/inf, 0/1 flags, [0, 1] percentiles) on setup, not only layout.
         validation_cache: JSON file remembering passed scans across runs (per file size + mtime).
     """
@@ -290,6 +290,21 @@ class SymileMIMICDataModule(pl.LightningDataModule):
                                      f"{widths[key][0]}-wide ones: all splits need the same teacher")
                 widths.setdefault(key, (width, ds.paths[key]))
         return widths
+
+    def teacher_features(self, role: str = "train") -> dict[str, np.ndarray]:
+        """``{teacher: features [N, D]}`` (float64, read whole) of one set-up loader's teacher feature files,
+        for Stage 2's ``teacher_norm``; an error when that split has none (on-the-fly teachers)."""
+        ds = self.datasets.get(role)
+        if ds is None:
+            raise RuntimeError(f"teacher_features needs the {role} split (setup() first)")
+        out = {}
+        for teacher in ("ecg", "labs"):
+            key = f"{teacher}_features"
+            if key not in ds.paths:
+                raise ValueError(f"{self.hparams.root}/{ds.split}: no {key}.npy; teacher_norm needs precomputed "
+                                 "teacher features (item cxr_teachers); with on-the-fly teachers use teacher_norm: raw")
+            out[teacher] = np.asarray(ds.arrays[key], dtype=np.float64)
+        return out
 
     def _loader(self, role: str) -> DataLoader | list:
         h = self.hparams

@@ -1,4 +1,4 @@
-"""Symile-MIMIC ``data_npy/`` files (DATASETS.md §3.2–3.3): the file table, lab/lead constants, validation.
+"""Symile-MIMIC ``data_npy/`` files (docs/datasets.md#symile-files, docs/datasets.md#teacher-features): the file table, lab/lead constants, validation.
 
 Every file the loaders read is one row of ``FILES``: its name pattern, trailing shape, allowed dtypes,
 the splits that hold it, the item kinds (``pacx.data.symile.ITEMS``) that need it, and the value checks
@@ -39,7 +39,7 @@ from pacx.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# The 50 labs in array order: ascending item id, the sorted order of labs_means.json (DATASETS.md §3.2).
+# The 50 labs in array order: ascending item id, the sorted order of labs_means.json (docs/datasets.md#symile-files).
 SYMILE_LABS: tuple[tuple[int, str], ...] = (
     (50802, "Base Excess"), (50804, "Calculated Total CO2"), (50813, "Lactate"), (50818, "pCO2"),
     (50820, "pH"), (50821, "pO2"), (50861, "Alanine Aminotransferase (ALT)"), (50862, "Albumin"),
@@ -268,7 +268,7 @@ def validate_split(
     """Check the files ``item`` reads in ``<root>/<split>/``; returns ``{file key: path}``.
 
     Raises ``FileNotFoundError`` for a missing file and ``SymileFileError`` for a wrong shape, dtype,
-    row count or value, each naming the file (and for counts both files, for values the first bad row).
+    row count or value, or a split without rows, each naming the file (and for counts both files, for values the first bad row).
     """
     split_dir = Path(root) / split
     cache = cache if cache is not None else ValidationCache()
@@ -289,6 +289,8 @@ def validate_split(
             cache.record(path, spec.checks)
         paths[spec.key] = path
         del arr
+    if ref is not None and ref[1] == 0:
+        raise SymileFileError(f"{ref[0]}: no rows (N=0); an empty split cannot be trained or evaluated on")
     log.info("Symile-MIMIC %s: %d rows, files %s verified for item %r", split, ref[1] if ref else 0,
              sorted(p.name for p in paths.values()), item)
     return paths

@@ -1,4 +1,4 @@
-"""Teacher features on the fly for Stage 2 (SPEC.md "Stage 2"): raw ECG/labs in, frozen-teacher embeddings out.
+"""Teacher features on the fly for Stage 2 (docs/method.md#stage-2): raw ECG/labs in, frozen-teacher embeddings out.
 
 Stage 2 normally reads precomputed ``ecg_features.npy`` / ``labs_features.npy`` (item kind
 ``cxr_teachers``; ``pacx.teachers.extract_teacher_features`` writes them). Instead, a config can name

@@ -1,4 +1,4 @@
-"""Image transforms named in configs (DATASETS.md §1.2, §2): one builder per name, no if/elif chains."""
+"""Image transforms named in configs (docs/datasets.md#transforms, docs/datasets.md#chexpert): one builder per name, no if/elif chains."""
 
 from __future__ import annotations
 
@@ -31,8 +31,12 @@ def resize_eval(img_size: int = 224) -> Callable:
     return v2.Compose([v2.Resize((img_size, img_size), antialias=True), *_to_normalized_tensor()])
 
 
-def resize_flip_train(img_size: int = 224, hflip: float = 0.5) -> Callable:
-    """Stage 3 classification train (DATASETS.md §1.2): square resize, flip, ImageNet norm."""
+CLASSIFY_HFLIP = 0.5  # the Stage 3 classification train flip (docs/datasets.md#transforms), also drawn by
+# the flip-aware feature cache (pacx.data.feature_cache.FlipFeatureDataset)
+
+
+def resize_flip_train(img_size: int = 224, hflip: float = CLASSIFY_HFLIP) -> Callable:
+    """Stage 3 classification train (docs/datasets.md#transforms): square resize, flip, ImageNet norm."""
     return v2.Compose(
         [v2.Resize((img_size, img_size), antialias=True), v2.RandomHorizontalFlip(hflip), *_to_normalized_tensor()]
     )

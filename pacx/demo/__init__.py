@@ -34,7 +34,9 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 @dataclass(frozen=True)
 class DemoScale:
-    """What ``--quick`` shrinks: phantom preset, epochs per stage (None = the config's), Stage 3 seeds."""
+    """What ``--quick`` shrinks: phantom preset, epochs per stage (None = the config's), Stage 2 (upstream)
+    seeds, Stage 3 (probe) seeds for random init and MAE (``seeds``) and for each PaCX-MAE encoder
+    (``upstream_probe_seeds``). Stage 1 and the teachers are shared by every Stage 2 seed."""
 
     phantom: str
     stage1_epochs: int | None
@@ -45,11 +47,13 @@ class DemoScale:
     seg_epochs: int | None
     seeds: tuple[int, ...]
     fractions: tuple[float, ...]
+    stage2_seeds: tuple[int, ...]
+    upstream_probe_seeds: tuple[int, ...]
 
 
 SCALES: dict[bool, DemoScale] = {
-    False: DemoScale("full", None, None, None, None, None, None, (0, 1, 2), (1.0, 0.01)),
-    True: DemoScale("demo_quick", 2, 5, 1, 2, 5, 2, (0, 1), (1.0, 0.1)),
+    False: DemoScale("full", None, None, None, None, None, None, (0, 1), (1.0, 0.01), (0, 1, 2), (0,)),
+    True: DemoScale("demo_quick", 2, 5, 1, 2, 5, 2, (0, 1), (1.0, 0.1), (0, 1), (0,)),
 }
 
 

@@ -20,6 +20,8 @@ from pacx.demo import DemoContext, run_completed, run_stage, stage_args, step
 log = logging.getLogger("pacx.demo")
 
 DEMO_ARCH = "vit_demo"  # the architecture of the demo's random-init baseline (the Stage 1 encoder's)
+DEMO_IMG_SIZE = 64
+PHYSIOLOGY_LABEL = "composite_slvh_dlv"  # the phantom CheXchoNet label (cardiac size / LV hypertrophy)
 ECG_CONFIG = "demo_small"  # the demo ECG teacher's named ECGFounder config
 
 
@@ -82,6 +84,7 @@ def stage1(ctx: DemoContext) -> dict:
     if not run_completed(run_dir):
         root = ctx.data / "chexpert" / "CheXpert-v1.0-small"
         run_stage("Stage1_MAE", stage_args(ctx, "stage1_mae.yaml", run_dir, "--data.root", str(root),
+                                           *online_probe_args(ctx, 4),
                                            epochs=ctx.scale.stage1_epochs))
     info = json.loads((run_dir / "run.json").read_text())
     recon = sorted((run_dir / "reconstructions").glob("*.png"))
@@ -133,31 +136,62 @@ def features(ctx: DemoContext) -> dict:
     return {"data_root": str(ctx.symile)}
 
 
-@step("stage2", "Stage 2: PaCX distillation (LoRA) of the Stage 1 encoder")
+def stage2_run(ctx: DemoContext, seed: int) -> Path:
+    return ctx.out / f"stage2_pacx_s{seed}"
+
+
+def pacx_export(ctx: DemoContext, seed: int) -> Path:
+    return ctx.exports / f"pacx_encoder_s{seed}.safetensors"
+
+
+def online_probe_args(ctx: DemoContext, every_n_epochs: int) -> list[str]:
+    """The online linear probe (:class:`pacx.lit.health.OnlineLinearProbe`) on the phantom's physiology label:
+    1,000 CheXchoNet-layout train images (Stage 3's train split; its test split stays unseen), the same for
+    Stage 1 and Stage 2 so their numbers compare."""
+    data = {"class_path": "pacx.data.probe.ManifestProbeData", "init_args": {
+        "manifest": str(ctx.out / "manifests" / "chexchonet" / "chexchonet_train.csv"),
+        "image_root": str(ctx.data / "chexchonet" / "images"), "label": PHYSIOLOGY_LABEL,
+        "path_column": "cxr_filename", "img_size": DEMO_IMG_SIZE, "max_samples": 1000, "seed": 0}}
+    return ["--trainer.callbacks+=pacx.lit.health.OnlineLinearProbe",
+            "--trainer.callbacks.every_n_epochs", str(every_n_epochs), "--trainer.callbacks.data", json.dumps(data)]
+
+
+@step("stage2", "Stage 2: PaCX distillation of the Stage 1 encoder, one run per upstream seed")
 def stage2(ctx: DemoContext) -> dict:
     from pacx.encoders import export_encoder
 
-    run_dir = ctx.out / "stage2_pacx"
-    if not run_completed(run_dir):
-        run_stage("Stage2_PACX", stage_args(
-            ctx, "stage2_pacx.yaml", run_dir, "--data.root", str(ctx.symile),
-            "--model.init_args.init_encoder", str(ctx.exports / "mae_encoder.safetensors"),
-            epochs=ctx.scale.stage2_epochs))
-    out = ctx.exports / "pacx_encoder.safetensors"
-    if not out.is_file():
-        export_encoder(run_dir, out)
-    info = json.loads((run_dir / "run.json").read_text())
-    return {"run_dir": str(run_dir), "pacx_encoder": str(out), "val_loss": info["checkpoints"].get("best_score")}
+    out = {}
+    for seed in ctx.scale.stage2_seeds:
+        run_dir = stage2_run(ctx, seed)
+        if not run_completed(run_dir):
+            ctx_seed = DemoContext(ctx.out, ctx.configs, ctx.quick, seed, ctx.wandb)
+            run_stage("Stage2_PACX", stage_args(
+                ctx_seed, "stage2_pacx.yaml", run_dir, "--data.root", str(ctx.symile),
+                "--model.init_args.init_encoder", str(ctx.exports / "mae_encoder.safetensors"),
+                *online_probe_args(ctx, 5), epochs=ctx.scale.stage2_epochs))
+        if not pacx_export(ctx, seed).is_file():
+            export_encoder(run_dir, pacx_export(ctx, seed))
+        info = json.loads((run_dir / "run.json").read_text())
+        out[f"s{seed}"] = {"run_dir": str(run_dir), "pacx_encoder": str(pacx_export(ctx, seed)),
+                           "val_loss": info["checkpoints"].get("best_score")}
+    return out
 
 
 # ---- Stage 3 ---------------------------------------------------------------------------------------
 
 
-def backbone_args(ctx: DemoContext, kind: str) -> list[str]:
-    weights = {"mae": ctx.exports / "mae_encoder.safetensors", "pacx": ctx.exports / "pacx_encoder.safetensors"}
-    if kind == "random":
-        return ["--model.backbone.kind", "random", "--model.backbone.arch", DEMO_ARCH]
-    return ["--model.backbone.kind", kind, "--model.backbone.weights", str(weights[kind])]
+def backbone_runs(ctx: DemoContext) -> list[tuple[str, list[str], tuple[int, ...]]]:
+    """``(run-name prefix, CLI args, probe seeds)`` of every Stage 3 backbone: random init and the Stage 1 MAE
+    (``scale.seeds``), and one PaCX-MAE per Stage 2 seed (``pacx_u<seed>``, ``scale.upstream_probe_seeds``;
+    the table pools them as ``pacx``)."""
+    scale = ctx.scale
+    runs = [("random", ["--model.backbone.kind", "random", "--model.backbone.arch", DEMO_ARCH], scale.seeds),
+            ("mae", ["--model.backbone.kind", "mae", "--model.backbone.weights",
+                     str(ctx.exports / "mae_encoder.safetensors")], scale.seeds)]
+    for seed in scale.stage2_seeds:
+        runs.append((f"pacx_u{seed}", ["--model.backbone.kind", "pacx", "--model.backbone.weights",
+                                       str(pacx_export(ctx, seed))], scale.upstream_probe_seeds))
+    return runs
 
 
 def results_csv(ctx: DemoContext) -> Path:
@@ -176,9 +210,9 @@ def stage3(ctx: DemoContext) -> dict:
         epochs = scale.probe_epochs if task.kind != "structure" else scale.seg_epochs
         fractions = scale.fractions if task.fractions else (1.0,)
         for fraction in fractions:
-            for kind in BACKBONES:
-                for seed in scale.seeds:
-                    run_dir = ctx.out / "stage3" / task.benchmark / f"{kind}_f{fraction:g}_s{seed}"
+            for name, args, seeds in backbone_runs(ctx):
+                for seed in seeds:
+                    run_dir = ctx.out / "stage3" / task.benchmark / f"{name}_f{fraction:g}_s{seed}"
                     if str(run_dir) in done:
                         continue
                     extra = ["--data.train_fraction", str(fraction)] if task.fractions else []
@@ -186,7 +220,7 @@ def stage3(ctx: DemoContext) -> dict:
                         extra += ["--model.feature_cache_dir", str(ctx.out / "stage3" / "feature_cache")]
                     ctx_seed = DemoContext(ctx.out, ctx.configs, ctx.quick, seed, ctx.wandb)
                     run_stage("Stage3_eval", stage_args(
-                        ctx_seed, task.config, run_dir, *backbone_args(ctx, kind),
+                        ctx_seed, task.config, run_dir, *args,
                         "--data.root", str(ctx.data / task.benchmark / task.image_root),
                         "--data.manifest_dir", str(ctx.out / "manifests" / task.benchmark),
                         "--model.results_csv", str(results_csv(ctx)), *extra, epochs=epochs))
@@ -198,15 +232,19 @@ def stage3(ctx: DemoContext) -> dict:
 def alignment(ctx: DemoContext) -> dict:
     out = ctx.out / "alignment.json"
     zero_shot = ctx.out / "zero_shot.json"
-    common = ["--data-root", str(ctx.symile), "--img-size", "64", "--device", "cpu", "--drop-last-batch", "0"]
+    common = ["--data-root", str(ctx.symile), "--img-size", str(DEMO_IMG_SIZE), "--device", "cpu",
+              "--drop-last-batch", "0"]
+    pacx_runs = [(f"pacx_u{seed}", seed) for seed in ctx.scale.stage2_seeds]
     if not out.is_file():
         run_script(ctx, "eval_alignment", [
             *common, "--backbone", f"random=random:{DEMO_ARCH}",
             "--backbone", f"mae={ctx.exports / 'mae_encoder.safetensors'}",
-            "--backbone", f"pacx={ctx.exports / 'pacx_encoder.safetensors'}", "--json", str(out)])
+            *[a for name, seed in pacx_runs for a in ("--backbone", f"{name}={pacx_export(ctx, seed)}")],
+            "--json", str(out)])
     if not zero_shot.is_file():
-        run_script(ctx, "eval_alignment", [*common, "--backbone", f"pacx={ctx.out / 'stage2_pacx'}", "--zero-shot",
-                                           "--json", str(zero_shot)])
+        run_script(ctx, "eval_alignment", [
+            *common, *[a for name, seed in pacx_runs for a in ("--backbone", f"{name}={stage2_run(ctx, seed)}")],
+            "--zero-shot", "--json", str(zero_shot)])
     return {"alignment": str(out), "zero_shot": str(zero_shot)}
 
 
@@ -220,18 +258,30 @@ def figures(ctx: DemoContext) -> dict:
     if not out.is_file():
         run_script(ctx, "attention_rollout", [
             "--backbones", f"mae={ctx.exports / 'mae_encoder.safetensors'}",
-            f"pacx={ctx.exports / 'pacx_encoder.safetensors'}", "--images", str(manifest),
+            f"pacx={pacx_export(ctx, ctx.scale.stage2_seeds[0])}", "--images", str(manifest),
             "--path-column", spec.path_column, "--image-root", str(ctx.data / "chexchonet" / spec.image_dirs["test"]),
             "--max-images", "6", "--out", str(out)])
     return {"rollout": str(out)}
 
 
-@step("table", "the paper-style table (mean ± std over seeds), table.json and the low-data figure")
+@step("ceiling", "the raw-pixel ceiling of the physiology task (logistic regression on the pixels)")
+def ceiling(ctx: DemoContext) -> dict:
+    out = ctx.out / "ceiling.json"
+    if not out.is_file():
+        run_script(ctx, "pixel_ceiling", [
+            "--benchmark", "chexchonet", "--root", str(ctx.data / "chexchonet"),
+            "--manifest-dir", str(ctx.out / "manifests" / "chexchonet"), "--img-size", str(DEMO_IMG_SIZE),
+            "--json", str(out)])
+    return {"ceiling": str(out), "auroc": round(json.loads(out.read_text())["auroc"], 4)}
+
+
+@step("table", "the paper-style table (mean ± std over upstream × probe seeds), table.json, the claim, the story")
 def table(ctx: DemoContext) -> dict:
     import contextlib
     import io
 
     from pacx.demo.claim import claim_lines
+    from pacx.demo.story import alignment_lines, ceiling_line, health_lines
 
     buffer = io.StringIO()
     argv = [str(results_csv(ctx)), "--backbones", *BACKBONES, "--out-dir", str(ctx.out / "figures"),
@@ -242,8 +292,15 @@ def table(ctx: DemoContext) -> dict:
     with contextlib.redirect_stdout(buffer):
         run_script(ctx, "make_tables", argv)
     markdown = buffer.getvalue().split("\\begin{tabular}")[0].strip()
-    claim = claim_lines(json.loads((ctx.out / "table.json").read_text()), TASKS)
-    text = markdown + "\n\n" + "\n".join(claim)
+    results = pd.read_csv(results_csv(ctx))
+    story = claim_lines(json.loads((ctx.out / "table.json").read_text()), TASKS, results)
+    story += alignment_lines(json.loads((ctx.out / "alignment.json").read_text()),
+                             json.loads((ctx.out / "zero_shot.json").read_text()))
+    story += health_lines(ctx.out / "stage1_mae", [stage2_run(ctx, s) for s in ctx.scale.stage2_seeds])
+    story += ceiling_line(ctx.out / "ceiling.json")
+    text = (f"Stage 1 is shared; PaCX-MAE rows pool {len(ctx.scale.stage2_seeds)} Stage 2 seeds × "
+            f"{len(ctx.scale.upstream_probe_seeds)} probe seed(s), random init and MAE {len(ctx.scale.seeds)} probe "
+            "seeds.\n\n" + markdown + "\n\n" + "\n".join(story))
     (ctx.out / "table.md").write_text(text + "\n")
     low_data = ctx.out / "figures" / "low_data.png"
     return {"table_json": str(ctx.out / "table.json"), "low_data": str(low_data) if low_data.is_file() else None,

@@ -1,4 +1,4 @@
-"""Alignment evaluation (DATASETS.md §16; SPEC.md "Stage 3"): how much ECG / labs information a CXR
+"""Alignment evaluation (docs/datasets.md#alignment; docs/method.md#stage-3): how much ECG / labs information a CXR
 encoder carries, measured by ridge probes onto the frozen teacher embeddings, and zero-shot 1-of-10
 retrieval through a Stage 2 run's own projection heads.
 
@@ -10,7 +10,7 @@ Plain functions on arrays and encoders (no LightningModule), in pipeline order:
 - :func:`ridge_probe`: ``StandardScaler`` on X (fitted on the fit rows) → ``Ridge(alpha=10, solver="svd")``,
   multi-output, Y not standardised; fitted on the rows :func:`fit_indices` keeps.
 - :func:`alignment_metrics`: R², raw and centred cosine, permutation baselines, R@1/5/10, duplicate rows.
-- :func:`load_stage2_heads`, :func:`retrieval_groups`, :func:`zero_shot_accuracy`,
+- :func:`load_stage2_heads`, :func:`stage2_pool`, :func:`retrieval_groups`, :func:`zero_shot_accuracy`,
   :func:`zero_shot_retrieval`: CXR→ECG and CXR→labs retrieval among each query's candidates on ``test``.
 
 Fit set: the reference fits on what a ``shuffle=True, drop_last=True`` loader with batch 256 yields,
@@ -39,7 +39,7 @@ from pacx.constants import STAGE_PACX
 from pacx.data.symile import resize_normalized
 from pacx.data.symile_files import SymileFileError, open_npy, validate_split
 from pacx.encoders import resolve_run_checkpoint
-from pacx.models.heads import ProjectionHead
+from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def extract_cxr_features(
 ) -> np.ndarray:
     """CLS features, float32 [N, D], of ImageNet-normalised CXRs ``cxr`` [N, 3, H, W] (e.g. a memmap).
 
-    §16: each image is only resized to ``img_size`` with antialias (``resize_normalized``), with no
+    docs/datasets.md#alignment: each image is only resized to ``img_size`` with antialias (``resize_normalized``), with no
     augmentation and no renormalisation; the encoder runs in eval mode without gradients. ``rows``
     selects rows (in the given order) instead of all of them; if the encoder returns tokens
     [B, T, D], the CLS token (index 0) is taken. ``source`` names the array in errors.
@@ -230,7 +230,7 @@ def duplicate_rows(y: np.ndarray) -> int:
 
 
 def alignment_metrics(pred: np.ndarray, y: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """All §16 numbers for predictions ``pred`` of targets ``y`` [N, T]; R@k in percent."""
+    """All docs/datasets.md#alignment numbers for predictions ``pred`` of targets ``y`` [N, T]; R@k in percent."""
     metrics = {
         "r2": float(r2_score(y, pred, multioutput="uniform_average")),
         "cos": float(cosine_rows(pred, y).mean()),
@@ -254,7 +254,7 @@ def probe_encoder(
     drop_last_batch: int | None = FIT_BATCH,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """§16 for one encoder: features of both splits once, then one ridge probe per target.
+    """docs/datasets.md#alignment for one encoder: features of both splits once, then one ridge probe per target.
 
     Returns ``{target: metrics + n_fit}`` for the targets of ``TARGETS`` (``ecg``, ``labs``).
     """
@@ -279,12 +279,42 @@ def stage2_checkpoint(path: str | Path, which: str = "last") -> Path:
     return resolve_run_checkpoint(path, which) if path.is_dir() else path
 
 
-def load_stage2_heads(path: str | Path, which: str = "last") -> dict[str, ProjectionHead]:
-    """Projection heads ``{"cxr", "ecg", "labs"}`` of a Stage 2 run directory or ``.ckpt``, eval mode.
+def load_stage2_heads(path: str | Path, which: str = "last") -> dict[str, nn.Sequential]:
+    """The Stage 2 embedding heads ``{"cxr", "ecg", "labs"}`` of a run directory or ``.ckpt``, eval mode:
+    each is its input normalisation (the CXR ``head_norm``; the teacher's ``teacher_norm`` statistics;
+    identity when the run used none) followed by the projection head ``proj_<name>``.
 
-    Each head is rebuilt from its tensor shapes (``proj_<name>.1.weight`` [out, in]) and loaded
-    strictly; a file that is not a pacx ``stage2_pacx`` checkpoint is an error naming it.
+    Heads are rebuilt from tensor shapes (``proj_<name>.1.weight`` [out, in]) and loaded strictly; a file
+    that is not a pacx ``stage2_pacx`` checkpoint is an error naming it. :func:`stage2_pool` gives the
+    CXR feature the heads were trained on.
     """
+    obj, ckpt = _stage2_object(path, which)
+    state = obj["state_dict"]
+    heads = {}
+    for name in HEADS:
+        proj = strip_prefix(state, f"proj_{name}.")
+        if "1.weight" not in proj:
+            raise CheckpointError(f"{ckpt}: no proj_{name} head (key proj_{name}.1.weight) in the state dict")
+        out_dim, in_dim = proj["1.weight"].shape
+        head = ProjectionHead(in_dim, out_dim)
+        load_state_checked(head, proj, source=f"{ckpt} (proj_{name})")
+        prefix = "feat_norm." if name == "cxr" else f"teacher_norms.{name}."
+        norm_state = strip_prefix(state, prefix)
+        norm: nn.Module = nn.Identity()
+        if norm_state:
+            norm = FeatureNorm(in_dim) if name == "cxr" else TeacherNorm(*norm_state["proj"].shape)
+            load_state_checked(norm, norm_state, source=f"{ckpt} ({prefix.rstrip('.')})")
+        heads[name] = nn.Sequential(norm, head).eval()
+    return heads
+
+
+def stage2_pool(path: str | Path, which: str = "last") -> str:
+    """The CXR feature (``pool``) a Stage 2 run's heads read: ``cls`` unless the run set ``avg``."""
+    obj, _ = _stage2_object(path, which)
+    return str(obj.get("hyper_parameters", {}).get("pool", "cls"))
+
+
+def _stage2_object(path: str | Path, which: str) -> tuple[Mapping, Path]:
     ckpt = stage2_checkpoint(path, which)
     obj = safe_torch_load(ckpt)
     meta = obj.get("pacx") if isinstance(obj, Mapping) else None
@@ -292,16 +322,7 @@ def load_stage2_heads(path: str | Path, which: str = "last") -> dict[str, Projec
     if stage != STAGE_PACX or not isinstance(obj.get("state_dict"), Mapping):
         raise CheckpointError(f"{ckpt}: zero-shot retrieval needs a pacx {STAGE_PACX!r} checkpoint with its "
                               f"projection heads, but its stage stamp is {stage!r}")
-    heads = {}
-    for name in HEADS:
-        state = strip_prefix(obj["state_dict"], f"proj_{name}.")
-        if "1.weight" not in state:
-            raise CheckpointError(f"{ckpt}: no proj_{name} head (key proj_{name}.1.weight) in the state dict")
-        out_dim, in_dim = state["1.weight"].shape
-        head = ProjectionHead(in_dim, out_dim)
-        load_state_checked(head, state, source=f"{ckpt} (proj_{name})")
-        heads[name] = head.eval()
-    return heads
+    return obj, ckpt
 
 
 def retrieval_groups(label: np.ndarray, label_hadm_id: np.ndarray, source: str = "label file") -> np.ndarray:
@@ -341,8 +362,16 @@ def zero_shot_accuracy(query: torch.Tensor, candidates: torch.Tensor) -> float:
     return float(((sim[:, 1:] > sim[:, :1]).sum(dim=1) == 0).double().mean())
 
 
-def _check_width(got: int, head: ProjectionHead, what: str) -> None:
-    want = head[1].in_features
+def input_width(head: nn.Module) -> int:
+    """The input width of a bare :class:`ProjectionHead` or of ``Sequential(norm, ProjectionHead)``."""
+    if isinstance(head, ProjectionHead):
+        return head[1].in_features
+    norm, proj = head
+    return norm.mean.shape[0] if isinstance(norm, TeacherNorm) else proj[1].in_features
+
+
+def _check_width(got: int, head: nn.Module, what: str) -> None:
+    want = input_width(head)
     if got != want:
         raise ValueError(f"{what} is {got}-wide but the Stage 2 head expects {want}")
 

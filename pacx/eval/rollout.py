@@ -1,4 +1,4 @@
-"""Attention rollout heatmaps for ViT encoders (SPEC.md "Stage 3": MAE vs PaCX side by side).
+"""Attention rollout heatmaps for ViT encoders (docs/method.md#stage-3: MAE vs PaCX side by side).
 
 Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020) follows
 how much of the CLS token's final representation flows from each input patch: per block the heads'
@@ -305,13 +305,13 @@ def collect_image_paths(
 
 
 def load_gray(path: str | Path) -> np.ndarray:
-    """Read an image file as grayscale uint8 [H, W]; an unreadable file is an error naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file (any bit depth, :func:`pacx.data.images.open_image`) as grayscale uint8 [H, W]; an
+    unreadable file is an error naming it."""
+    from pacx.data.images import open_image
 
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+        return np.asarray(open_image(path, "L"), dtype=np.uint8)
+    except (OSError, ValueError) as err:  # ImageDecodeError is a ValueError
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 

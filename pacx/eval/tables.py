@@ -2,13 +2,13 @@
 
 Every Stage 3 ``test`` run appends one row to a results CSV (:meth:`pacx.lit.common.BenchmarkEvalModule.results_row`):
 ``benchmark, task, metric, backbone_kind, mode, train_fraction, subset_seed, seed, test/*, metric_value,
-backbone_weights, git_sha, run_dir``. ``metric_value`` is the paper metric of the benchmark's registry entry
-(DATASETS.md §0, §17.1). This module
+backbone_weights, git_sha, run_dir, debug``. ``metric_value`` is the paper metric of the benchmark's registry
+entry (docs/datasets.md#benchmarks). Rows of debug runs are refused by ``scripts/make_tables.py``. This module
 
 * loads and checks one or more such CSVs (:func:`load_results`; a re-run test supersedes its earlier row),
 * aggregates ``metric_value`` per benchmark × backbone × mode × train fraction (:func:`aggregate`: mean,
-  sample std, n over seeds 0–4, SPEC.md "Stage 3"),
-* lays out the main table (:func:`main_table`) and the low-data table (:func:`low_data_table`, DATASETS.md §14),
+  sample std, n over seeds 0–4, docs/method.md#stage-3),
+* lays out the main table (:func:`main_table`) and the low-data table (:func:`low_data_table`, docs/datasets.md#low-data),
 * renders them as Markdown, LaTeX (booktabs) or JSON, and draws the low-data figure (:func:`low_data_figure`).
 
 Rows follow the benchmark registry order (:data:`pacx.data.registry.BENCHMARKS`); benchmarks unknown to the
@@ -129,15 +129,16 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
 
 def use_metric(df: pd.DataFrame, benchmark: str, column: str) -> pd.DataFrame:
-    """Tabulate ``benchmark`` by another logged test metric: ``column`` (e.g. ``test/auroc``) replaces its
-    ``metric_value`` and names its ``metric`` (``auroc``). Error naming the column when no row has it."""
+    """Tabulate ``benchmark`` by another logged test metric: ``column`` (e.g. ``test/auroc`` or
+    ``test/auroc_macro``) replaces its ``metric_value`` and names its ``metric`` (``auroc``). Error naming the
+    column when no row has it."""
     rows = df["benchmark"] == benchmark
     if column not in df.columns or df.loc[rows, column].isna().all():
         raise ValueError(f"no {benchmark} row has a value in column {column!r}")
     df = df.copy()
     df.loc[rows, "metric_value"] = df.loc[rows, column].astype(float)
     df["metric"] = df["metric"].astype(object)
-    df.loc[rows, "metric"] = column.split("/", 1)[-1]
+    df.loc[rows, "metric"] = column.split("/", 1)[-1].removesuffix("_macro")  # test/auroc_macro -> auroc
     df["metric"] = df["metric"].astype("string")
     return df
 
@@ -152,7 +153,8 @@ def aggregate(df: pd.DataFrame, percent: bool = False) -> pd.DataFrame:
     """Mean, sample std (ddof=1) and n of ``metric_value`` per benchmark × backbone × mode × train fraction.
 
     With a single seed the std is 0 (n = 1 says so). ``percent`` scales mean and std by 100. Columns:
-    :data:`GROUP_KEY` + ``task, metric, mean, std, n``.
+    :data:`GROUP_KEY` + ``task, metric, mean, std, n, n_upstream``; ``n_upstream`` counts the distinct
+    upstream encoders (``backbone_weights``, e.g. one per Stage 2 seed) behind the n rows (1 when none).
 
     Raises:
         ValueError: one benchmark reports different metrics (results from different registry versions).
@@ -162,14 +164,18 @@ def aggregate(df: pd.DataFrame, percent: bool = False) -> pd.DataFrame:
     if mixed:
         raise ValueError(f"benchmarks with more than one paper metric in the results: {mixed}")
     scale = 100.0 if percent else 1.0
+    if "backbone_weights" not in df:
+        df = df.assign(backbone_weights=None)
     grouped = df.groupby(list(GROUP_KEY), dropna=False, sort=False)
     out = grouped.agg(task=("task", "first"), metric=("metric", "first"),
-                      mean=("metric_value", "mean"), std=("metric_value", "std"), n=("metric_value", "size"))
+                      mean=("metric_value", "mean"), std=("metric_value", "std"), n=("metric_value", "size"),
+                      n_upstream=("backbone_weights", lambda w: max(1, w.nunique(dropna=True))))
     out = out.reset_index()
     out["std"] = out["std"].fillna(0.0)
     out["mean"] *= scale
     out["std"] *= scale
     out["n"] = out["n"].astype(int)
+    out["n_upstream"] = out["n_upstream"].astype(int)
     return out
 
 
@@ -180,12 +186,13 @@ def aggregate(df: pd.DataFrame, percent: bool = False) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Stat:
-    """One aggregated cell: the paper metric's mean ± sample std over n seeds."""
+    """One aggregated cell: the paper metric's mean ± sample std over n runs from n_upstream encoders."""
 
     metric: str
     mean: float
     std: float
     n: int
+    n_upstream: int = 1
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,7 @@ def _select(df: pd.DataFrame, mode: str, backbones: Sequence[str]) -> pd.DataFra
 
 def _stat_rows(agg: pd.DataFrame) -> dict[tuple[str, str, float], Stat]:
     return {(r.benchmark, r.backbone_kind, float(r.train_fraction)): Stat(r.metric, float(r.mean), float(r.std),
-                                                                          int(r.n))
+                                                                          int(r.n), int(r.n_upstream))
             for r in agg.itertuples(index=False)}
 
 
@@ -285,7 +292,7 @@ def low_data_table(
     df: pd.DataFrame, mode: str = "linear_probe", backbones: Sequence[str] = ("imagenet", "mae", "pacx"),
     percent: bool = False,
 ) -> Table:
-    """Low-data table (DATASETS.md §14): benchmarks with any run below 100 % of the training data, one
+    """Low-data table (docs/datasets.md#low-data): benchmarks with any run below 100 % of the training data, one
     column per backbone × train fraction (backbone outer). The best mean per fraction is bold."""
     picked = _select(df, mode, backbones)
     low = set(picked.loc[picked["train_fraction"] < 1.0, "benchmark"])
@@ -346,9 +353,10 @@ def to_latex(table: Table) -> str:
 
 
 def to_json(table: Table) -> dict[str, dict[str, dict[str, float | int | str]]]:
-    """``{benchmark: {column key: {"metric", "mean", "std", "n"}}}``; for the main table the key is the
-    backbone kind. Missing cells are absent."""
-    return {bench: {key: {"metric": s.metric, "mean": s.mean, "std": s.std, "n": s.n} for key, s in cols.items()}
+    """``{benchmark: {column key: {"metric", "mean", "std", "n", "n_upstream"}}}``; for the main table the key is
+    the backbone kind. Missing cells are absent."""
+    return {bench: {key: {"metric": s.metric, "mean": s.mean, "std": s.std, "n": s.n, "n_upstream": s.n_upstream}
+                    for key, s in cols.items()}
             for bench, cols in table.stats.items()}
 
 

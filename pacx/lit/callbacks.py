@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -10,8 +12,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
+from pacx.debug import debug_flags
 from pacx.lit.resilience import RunRequeued
 from pacx.utils import git_sha, save_npy_atomic, write_json_atomic
 
@@ -19,21 +23,31 @@ log = logging.getLogger(__name__)
 
 
 class RunRecord(Callback):
-    """Keeps ``<run_dir>/run.json`` current: stage, status, checkpoints, git sha, config, step.
+    """Keeps ``<run_dir>/run.json`` current: stage, status, attempt, debug flags, checkpoints, git sha, config.
 
     Status: ``running``, then ``final_status`` when fit ends (``completed``; Stage 3 writes ``trained`` and
-    ``completed`` after its test), ``requeued`` (SLURM), ``interrupted`` or ``failed: <exception>``.
+    ``completed`` after its test), ``requeued`` (SLURM), ``interrupted``, ``killed: SIGTERM`` or
+    ``failed: <exception>``. A ``kill -9`` leaves ``running``; the record names the process (``pid``,
+    ``host``) so :func:`pacx.run_record.read_run_record` reports such a run as ``killed``.
+
+    ``attempt`` counts the ``fit`` commands of this run directory (1, then 2 after a resume, …); the CSV
+    log's rows carry the same number. ``debug`` holds the Lightning debug flags of every attempt
+    (:mod:`pacx.debug`; ``{}`` for a normal run). Only ``fit`` writes the record: ``validate`` / ``test`` /
+    ``predict`` into a run directory leave it as it is.
 
     The next stage (and ``pacx.load_encoder``) reads it to find this run's checkpoints.
     """
 
     def __init__(self, run_dir: str | Path, stage: str, config_path: str | None = None,
-                 command: list[str] | None = None, final_status: str = "completed") -> None:
+                 command: list[str] | None = None, final_status: str = "completed", attempt: int = 1,
+                 subcommand: str = "fit") -> None:
         self.run_dir = Path(run_dir)
         self.final_status = final_status
         self.stage = stage
         self.config_path = config_path
         self.command = command
+        self.attempt = attempt
+        self.subcommand = subcommand
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     def _checkpoints(self, trainer: pl.Trainer) -> dict:
@@ -51,11 +65,15 @@ class RunRecord(Callback):
 
     @rank_zero_only
     def write(self, trainer: pl.Trainer, status: str) -> None:
+        if self.subcommand != "fit":
+            return
         write_json_atomic(
             self.run_dir / "run.json",
             {
                 "stage": self.stage,
                 "status": status,
+                "attempt": self.attempt,
+                "debug": run_debug_flags(trainer),
                 "run_dir": str(self.run_dir.resolve()),
                 "checkpoints": self._checkpoints(trainer),
                 "global_step": trainer.global_step,
@@ -65,8 +83,12 @@ class RunRecord(Callback):
                 "git_sha": git_sha(),
                 "config": self.config_path,
                 "command": self.command,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
                 "started": self.started,
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # what the module adds (Stage 2: the hash and file of the admissions it trained on)
+                **(getattr(trainer.lightning_module, "run_record_extra", None) or {}),
             },
         )
 
@@ -80,13 +102,26 @@ class RunRecord(Callback):
         self.write(trainer, "interrupted" if trainer.interrupted else self.final_status)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.write(trainer, "requeued" if isinstance(exception, RunRequeued)
-                   else f"failed: {exception.__class__.__name__}")
+        if isinstance(exception, RunRequeued):
+            status = "requeued"
+        elif isinstance(exception, SIGTERMException):
+            status = "killed: SIGTERM"
+        else:
+            status = f"failed: {exception.__class__.__name__}"
+        self.write(trainer, status)
+
+
+def run_debug_flags(trainer: pl.Trainer) -> dict:
+    """The debug flags of the run ``trainer`` drives: the module's (those of the checkpoint it resumed
+    from, plus this trainer's) when it is a pacx module, else this trainer's (:mod:`pacx.debug`)."""
+    flags = getattr(trainer.lightning_module, "debug_flags", None)
+    return dict(flags) if isinstance(flags, dict) else debug_flags(trainer)
 
 
 class ReconstructionGrid(Callback):
     """Every ``every_n_epochs``: a PNG grid of rows (original | masked | reconstruction) of fixed
-    validation images, saved under ``<run_dir>/reconstructions/`` and sent to image-capable loggers."""
+    validation images, saved under ``<run_dir>/reconstructions/`` (``<run_dir>/validate/reconstructions/``
+    for ``validate``) and sent to image-capable loggers."""
 
     def __init__(self, every_n_epochs: int = 10, num_images: int = 8) -> None:
         self.every_n_epochs = every_n_epochs
@@ -102,12 +137,15 @@ class ReconstructionGrid(Callback):
         last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if self._images is None or trainer.sanity_checking or not (epoch % self.every_n_epochs == 0 or last_epoch):
             return
-        path = self.save(trainer, pl_module, epoch)
+        # trainer.log_dir is a collective under DDP: every rank asks, before the rank-zero-only save
+        # (the logger's folder: the run directory for fit, <run_dir>/validate for validate; pacx.lit.history)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
+        path = self.save(trainer, pl_module, epoch, out_dir)
         if path is not None:
             log.info("reconstructions: %s", path)
 
     @rank_zero_only
-    def save(self, trainer, pl_module, epoch: int) -> Path | None:
+    def save(self, trainer, pl_module, epoch: int, out_dir: Path) -> Path | None:
         from torchvision.utils import make_grid, save_image
 
         imgs = self._images.to(pl_module.device)
@@ -120,7 +158,7 @@ class ReconstructionGrid(Callback):
         rows = torch.stack([imgs, masked, recon], dim=1).flatten(0, 1)  # [3B, C, H, W]
         rows = (rows * std + mean).clamp(0, 1).cpu()
         grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
-        path = Path(trainer.default_root_dir) / "reconstructions" / f"epoch{epoch:04d}.png"
+        path = out_dir / f"epoch{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         for logger in trainer.loggers:
@@ -131,8 +169,8 @@ class ReconstructionGrid(Callback):
 
 class EmbeddingWriter(BasePredictionWriter):
     """Writes ``predict`` outputs (one ``[B, D]`` tensor per batch) as one float32 ``.npy`` ``[N, D]`` in
-    dataset (manifest row) order, plus ``<stem>.csv`` (row, image path) and ``<stem>.json`` (source,
-    backbone, shape). Under DDP each rank writes a part with its dataset indices and rank 0 assembles them.
+    dataset (manifest row) order, plus ``<stem>.csv`` (row, image path) and ``<stem>.json`` (source and
+    backbone by file name, shape). Under DDP each rank writes a part with its dataset indices and rank 0 assembles them.
     """
 
     def __init__(self, out: str | Path) -> None:
@@ -176,9 +214,10 @@ class EmbeddingWriter(BasePredictionWriter):
         if table is not None:
             table.reset_index(drop=True).rename_axis("row").to_csv(self.out.with_suffix(".csv"))
         cfg = pl_module.backbone_cfg
-        write_json_atomic(self.out.with_suffix(".json"), {
-            "rows": n, "dim": int(out.shape[1]), "source": str(getattr(trainer.datamodule.hparams, "manifest", "")),
-            "backbone_kind": cfg.kind, "backbone_weights": cfg.weights, "img_size": cfg.img_size,
-            "git_sha": git_sha(),
+        manifest = getattr(trainer.datamodule.hparams, "manifest", None)
+        write_json_atomic(self.out.with_suffix(".json"), {  # names only: no absolute path of this machine
+            "rows": n, "dim": int(out.shape[1]), "source": Path(manifest).name if manifest else None,
+            "backbone_kind": cfg.kind, "backbone_weights": Path(cfg.weights).name if cfg.weights else None,
+            "img_size": cfg.img_size, "git_sha": git_sha(),
         })
         log.info("wrote %d × %d embeddings to %s", n, out.shape[1], self.out)

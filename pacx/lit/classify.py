@@ -1,4 +1,4 @@
-"""Stage 3 LightningModule: linear probe / fine-tune classification (SPEC.md "Stage 3"; DATASETS.md §1, §15).
+"""Stage 3 LightningModule: linear probe / fine-tune classification (docs/method.md#stage-3; docs/datasets.md#classification, docs/datasets.md#stage-3-settings).
 
 Backbone (:mod:`pacx.models.backbones`) → CLS feature [B, D] → ``Linear(D → C)`` head (no hidden layer, no
 dropout). Task, number of outputs and the model-selection metric come from the benchmark's registry spec;
@@ -12,11 +12,13 @@ losses and metrics are small registries keyed by task (no branching on benchmark
 
 Modes: ``linear_probe`` freezes the backbone and keeps it in eval mode while training; ``finetune`` trains
 it at ``backbone_lr_scale`` (0.1) × lr. A linear probe by default trains on cached features
-(:mod:`pacx.data.feature_cache`): each split's CLS features are computed once, with the deterministic
-evaluation transform (so, unlike the reference, no train-time flip), and the head trains on them; same
-head, loss, metrics and results row. ``feature_cache: false`` runs the backbone every epoch, as the
-reference does. ``predict`` returns the CLS feature of each image (embeddings for ``Stage3_eval.py predict``). AdamW over four groups (head decay / head no-decay / backbone
-decay / backbone no-decay; no decay on biases, norms and tokens).
+(:mod:`pacx.data.feature_cache`): each split's CLS features are computed once with the deterministic
+evaluation transform, and the head trains on them; same head, loss, metrics and results row.
+``feature_cache`` (:data:`FEATURE_CACHE_MODES`): ``flip`` (the default) also stores the train images' flipped
+features and draws the reference's train flip per sample and epoch from the same seeded stream as the image
+path; ``plain`` caches without the flip; ``false`` runs the backbone every epoch, as the reference does.
+``predict`` returns the CLS feature of each image (embeddings for ``Stage3_eval.py predict``). AdamW over four
+groups (head decay / head no-decay / backbone decay / backbone no-decay; no decay on biases, norms and tokens).
 
 Schedule difference from the reference: it steps a LambdaLR once per epoch (warmup (e+1)/warmup, then a
 half cosine over the remaining epochs that never reaches 0 on the last epoch). Here the same warmup + cosine
@@ -24,7 +26,8 @@ shape is evaluated per optimizer step (:func:`pacx.optim.warmup_cosine`), so the
 epochs and reaches ~0 on the final step.
 
 At the end of ``test`` one row is appended to a results CSV (``results_csv``, default
-``<trainer.default_root_dir>/results.csv``): benchmark, backbone kind, mode, train fraction, seeds, whether features were cached, every
+``<trainer.default_root_dir>/results.csv``): benchmark, backbone kind, mode, train fraction, seeds, whether features were
+cached (``feature_cache``) and whether training saw the flip (``train_flip``), every
 ``test/*`` metric, the paper metric's value (``metric_value``), weights path, git sha.
 """
 
@@ -42,6 +45,7 @@ from torchmetrics import MetricCollection
 from torchmetrics import classification as tmc
 
 from pacx.data.feature_cache import (
+    FLIP_PAIR,
     FeatureCache,
     cached_features,
     extract_features,
@@ -104,17 +108,19 @@ def _multiclass_metrics(n: int) -> dict:
 METRICS: dict[str, Callable[[int], dict]] = {
     "binary": _binary_metrics, "multilabel": _multilabel_metrics, "multiclass": _multiclass_metrics,
 }
-# task -> suffix of the logged metric names (binary ``val/auroc``; multi-output ``val/auroc_macro``)
-METRIC_SUFFIX: dict[str, str] = {"binary": "", "multilabel": "_macro", "multiclass": "_macro"}
 
 
 def metric_key(spec, split: str, metric: str | None = None) -> str:
-    """The logged name of ``metric`` (default: the spec's paper metric) on ``split``, e.g. ``test/f1_macro``."""
-    return f"{split}/{metric or spec.metric}{METRIC_SUFFIX[spec.task]}"
+    """The logged name of ``metric`` (default: the spec's paper metric) on ``split``, e.g. ``test/f1_macro``
+    (:meth:`pacx.data.registry.BenchmarkSpec.metric_column`)."""
+    return spec.metric_column(metric, split)
 
 
 # mode -> whether the backbone trains
 BACKBONE_TRAINS: dict[str, bool] = {"linear_probe": False, "finetune": True}
+# feature_cache value -> the cache used by a linear probe (None: the backbone runs every epoch). ``true`` is
+# the default cache, which is flip-aware; ``false`` turns caching off.
+FEATURE_CACHE_MODES: dict[str | bool, str | None] = {"flip": "flip", "plain": "plain", True: "flip", False: None}
 
 
 class ClassificationModule(BenchmarkEvalModule):
@@ -127,12 +133,14 @@ class ClassificationModule(BenchmarkEvalModule):
             for ``random``, otherwise forces the file's architecture), ``img_size`` (linked from
             ``data.img_size``). On the command line: ``--model.backbone.kind pacx --model.backbone.weights …``.
         mode: ``linear_probe`` (frozen backbone, kept in eval mode) or ``finetune``.
-        lr: head lr (DATASETS.md §15, per benchmark in the configs); backbone at ``backbone_lr_scale`` × lr.
+        lr: head lr (docs/datasets.md#stage-3-settings, per benchmark in the configs); backbone at ``backbone_lr_scale`` × lr.
         weight_decay, betas: AdamW (no decay on biases, norms, tokens).
         warmup_epochs: linear warmup length; cosine to 0 afterwards, stepped per optimizer step.
         feature_cache: in ``linear_probe`` mode, compute each split's frozen features once (deterministic
-            evaluation transform, so no train flip) and train the head on them (:mod:`pacx.data.feature_cache`);
-            ``false`` runs the backbone on every batch of every epoch, as the reference does.
+            evaluation transform) and train the head on them (:mod:`pacx.data.feature_cache`): ``flip`` (default;
+            ``true`` means the same) also caches the flipped train images and draws the train flip per sample and
+            epoch as the image path does; ``plain`` trains without the flip; ``false`` runs the backbone on every
+            batch of every epoch, as the reference does.
         feature_cache_dir: where the features are kept (default ``<default_root_dir>/feature_cache``); the
             key covers weights, images, transform and precision, so runs may share one directory.
         feature_batch_size: per-device batch of the one-off feature extraction.
@@ -154,7 +162,7 @@ class ClassificationModule(BenchmarkEvalModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 0.0,
         backbone_lr_scale: float = 0.1,
-        feature_cache: bool = True,
+        feature_cache: Literal["flip", "plain"] | bool = "flip",
         feature_cache_dir: str | None = None,
         feature_batch_size: int = 256,
         head_norm: bool = False,
@@ -168,7 +176,7 @@ class ClassificationModule(BenchmarkEvalModule):
         task = self.spec.task
         if task not in LOSSES:
             raise ValueError(f"{benchmark}: task {task!r} is not a classification task ({sorted(LOSSES)})")
-        # per instance: the CLI's checkpoint callback reads it (DATASETS.md §1.4 model selection)
+        # per instance: the CLI's checkpoint callback reads it (docs/datasets.md#metrics model selection)
         self.monitor = (metric_key(self.spec, "val", "auroc"), "max")
         self.loss_fn = LOSSES[task]
         self.predict_fn = PREDICTIONS[task]
@@ -177,7 +185,10 @@ class ClassificationModule(BenchmarkEvalModule):
         # MAE's linear-probe protocol standardises the frozen features with a non-affine BatchNorm
         self.head = nn.Sequential(FeatureNorm(self.backbone.embed_dim), linear) if head_norm else linear
         self.backbone_trains = BACKBONE_TRAINS[mode]
-        self.uses_feature_cache = feature_cache and not self.backbone_trains
+        if feature_cache not in FEATURE_CACHE_MODES:
+            raise ValueError(f"feature_cache {feature_cache!r} not in flip | plain | true | false")
+        self.cache_mode = None if self.backbone_trains else FEATURE_CACHE_MODES[feature_cache]
+        self.uses_feature_cache = self.cache_mode is not None
         self.features_served = False  # set once the data module yields cached features
         self.backbone.requires_grad_(False)
         if self.backbone_trains:
@@ -204,26 +215,29 @@ class ClassificationModule(BenchmarkEvalModule):
         if not hasattr(datamodule, "serve_features"):
             raise TypeError(f"feature_cache needs a data module with serve_features(), got {type(datamodule).__name__}; "
                             "set model.feature_cache false")
-        datamodule.serve_features(self.split_features)
+        datamodule.serve_features(self.split_features, flip=self.cache_mode == "flip")
         self.features_served = True
 
-    def split_features(self, split: str, dataset) -> torch.Tensor:
-        """Frozen CLS features ``[N, D]`` of one split's images, from the cache or computed once."""
+    def split_features(self, split: str, dataset, with_flip: bool = False) -> torch.Tensor:
+        """Frozen CLS features ``[N, D]`` of one split's images (``[N, 2D]``, image | flipped image, ``with_flip``),
+        from the cache or computed once."""
         trainer = self.trainer
         precision = str(trainer.precision)
-        key = feature_key(self.backbone_fingerprint,
-                          images_fingerprint(dataset.image_root, dataset.paths, dataset.transform), precision)
+        layout = (FLIP_PAIR,) if with_flip else ()
+        key = feature_key(self.backbone_fingerprint, f"pool={self.backbone.pool}",
+                          images_fingerprint(dataset.image_root, dataset.paths, dataset.transform), precision, *layout)
         root = self.hparams.feature_cache_dir or str(Path(trainer.default_root_dir) / "feature_cache")
         record = {"split": split, "benchmark": self.hparams.benchmark, "source": dataset.source,
                   "backbone_kind": self.backbone_cfg.kind, "backbone_weights": self.backbone_cfg.weights,
-                  "precision": precision}
+                  "pool": self.backbone.pool, "precision": precision, "flip_pair": with_flip}
         num_workers = getattr(trainer.datamodule, "hparams", {}).get("num_workers", 0)
 
         def compute(indices):
             return extract_features(self.backbone, dataset, self.hparams.feature_batch_size, self.device,
-                                    num_workers, trainer.precision_plugin.forward_context, indices)
+                                    num_workers, trainer.precision_plugin.forward_context, indices, with_flip)
 
-        return cached_features(FeatureCache(root), key, len(dataset), self.backbone.embed_dim, compute, record,
+        dim = self.backbone.embed_dim * (2 if with_flip else 1)
+        return cached_features(FeatureCache(root), key, len(dataset), dim, compute, record,
                                trainer.global_rank, trainer.world_size, trainer.strategy.barrier)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -251,7 +265,7 @@ class ClassificationModule(BenchmarkEvalModule):
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Metrics over the whole epoch (§1.4), logged once per epoch: torchmetrics gathers the states
+        """Metrics over the whole epoch (docs/datasets.md#metrics), logged once per epoch: torchmetrics gathers the states
         across devices in ``compute``. (Logging the collection per step costs ~1 ms of Lightning
         bookkeeping per metric per step, most of a cached-feature epoch.)"""
         metrics = getattr(self, f"{stage}_metrics")
@@ -272,7 +286,7 @@ class ClassificationModule(BenchmarkEvalModule):
         return self.backbone(batch[0]).float()
 
     def optimizer_groups(self) -> list[dict]:
-        """Four AdamW groups (DATASETS.md §15); empty groups (the backbone's in LP) are left out."""
+        """Four AdamW groups (docs/datasets.md#stage-3-settings); empty groups (the backbone's in LP) are left out."""
         h = self.hparams
         groups = []
         for part, module, lr in (("head", self.head, h.lr), ("backbone", self.backbone, h.lr * h.backbone_lr_scale)):
@@ -298,8 +312,9 @@ class ClassificationModule(BenchmarkEvalModule):
     def row_fields(self) -> dict:
         dm = getattr(self.trainer, "datamodule", None)
         fraction = getattr(dm, "hparams", {}).get("train_fraction", 1.0)
+        flip = getattr(dm, "hparams", {}).get("train_augment", False) and self.cache_mode != "plain"
         return {"train_fraction": fraction, "subset_seed": dm.subset_seed if fraction < 1.0 else None,
-                "feature_cache": self.features_served}
+                "feature_cache": self.features_served, "train_flip": bool(flip)}
 
     def paper_metric_key(self) -> str:
         return metric_key(self.spec, "test")

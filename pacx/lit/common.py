@@ -1,4 +1,4 @@
-"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, global batch, schedules."""
+"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, debug marks, global batch, schedules."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from pacx.checkpoint import CheckpointError, state_fingerprint
+from pacx.debug import debug_flags, describe, merge_flags
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
 from pacx.utils import git_sha
 
@@ -34,6 +35,9 @@ def global_batch_size(trainer: pl.Trainer) -> int:
 class StagedModule(pl.LightningModule):
     """Base of the stage modules: stamps checkpoints with the stage and architecture, refuses others.
 
+    Checkpoints also carry ``pacx.debug``: the Lightning debug flags (:mod:`pacx.debug`) of the run that
+    wrote them and of every run they were resumed from (:attr:`debug_flags`).
+
     Subclasses set ``stage`` and ``monitor`` (metric, mode) and implement :meth:`_shared_step` (train,
     validation and test all go through it) and :meth:`pacx_metadata`.
     """
@@ -43,6 +47,18 @@ class StagedModule(pl.LightningModule):
 
     def pacx_metadata(self) -> dict:
         return {}
+
+    #: Debug flags this module inherits from its inputs (set by the CLI when ``--allow_debug`` let a debug
+    #: run in as init weights or backbone: ``{"from_debug_run": 1}``).
+    inherited_debug_flags: dict | None = None
+
+    @property
+    def debug_flags(self) -> dict:
+        """Debug flags of this run: inherited from debug inputs, from the loaded checkpoint (a resumed or
+        tested debug run stays one) and the attached trainer's; ``{}`` for a normal run."""
+        trainer = self._trainer
+        return merge_flags(self.inherited_debug_flags, getattr(self, "_loaded_debug_flags", None),
+                           debug_flags(trainer) if trainer else None)
 
     def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         """The loss of one batch, with its named terms logged under ``{stage}/``."""
@@ -60,10 +76,12 @@ class StagedModule(pl.LightningModule):
         self._shared_step(batch, "test", batch_idx)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["pacx"] = {"stage": self.stage, "version": CHECKPOINT_FORMAT_VERSION, **self.pacx_metadata()}
+        checkpoint["pacx"] = {"stage": self.stage, "version": CHECKPOINT_FORMAT_VERSION, **self.pacx_metadata(),
+                              "debug": self.debug_flags}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_stage(checkpoint, self.stage, "<checkpoint>")
+        self._loaded_debug_flags = dict(checkpoint["pacx"].get("debug") or {})
 
     def warmup_cosine_optimizer(
         self, lr: float | None, base_lr: float | None, weight_decay: float, betas, warmup_epochs: float = 0.0,
@@ -97,11 +115,16 @@ class BenchmarkEvalModule(StagedModule):
     kept in the hyperparameters as a plain dict so checkpoints open with ``weights_only=True``), and at
     the end of ``test`` appends one row to a results CSV (``hparams.results_csv``, default
     ``<trainer.default_root_dir>/results.csv``) with the benchmark, the backbone, :meth:`row_fields`,
-    every ``test/*`` metric, the paper metric's value, weights and git sha.
+    every ``test/*`` metric, the paper metric's value, weights, git sha and ``debug`` (the debug flags as
+    ``flag=value,…``; blank for a normal run, which ``scripts/make_tables.py`` requires).
 
     Subclasses call ``save_hyperparameters(ignore=["backbone"])`` and :meth:`init_backbone`, set
     ``self.spec`` (the registry entry) and implement :meth:`row_fields` and :meth:`paper_metric_key`.
     """
+
+    #: Stage 3's overlap check of the test split against the backbone's Stage 2 admissions, set by the CLI
+    #: (:func:`pacx.data.leakage.check_stage3_overlap`); written into the results row.
+    leakage_fields: dict = {}
 
     def init_backbone(self, backbone) -> None:
         from pacx.models.backbones import as_backbone_config, build_backbone
@@ -169,14 +192,15 @@ class BenchmarkEvalModule(StagedModule):
     def results_row(self) -> dict:
         h = self.hparams
         row = {"benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
-               "backbone_kind": self.backbone_cfg.kind,
-               "mode": self.eval_mode, **self.row_fields(), "seed": os.environ.get("PL_GLOBAL_SEED")}
+               "backbone_kind": self.backbone_cfg.kind, "pool": self.backbone_cfg.pool,
+               "mode": self.eval_mode, **self.row_fields(), "seed": os.environ.get("PL_GLOBAL_SEED"),
+               **self.leakage_fields}
         for key, value in sorted(self.trainer.callback_metrics.items()):
             if key.startswith("test/"):
                 row[key] = float(value)
         row["metric_value"] = row.get(self.paper_metric_key())
         row.update({"backbone_weights": self.backbone_cfg.weights, "git_sha": git_sha(),
-                    "run_dir": str(self.trainer.default_root_dir)})
+                    "run_dir": str(self.trainer.default_root_dir), "debug": describe(self.debug_flags)})
         return row
 
     @rank_zero_only

@@ -1,4 +1,4 @@
-"""ECG SSL LightningModule: the demo's ECG teacher, trained by ``Stage2_PACX.py`` (SPEC.md "Teachers").
+"""ECG SSL LightningModule: the demo's ECG teacher, trained by ``Stage2_PACX.py`` (docs/method.md#teachers).
 
     python Stage2_PACX.py fit --config configs/demo/ecg_teacher.yaml --data.root <data_npy>
     python scripts/export_ecg_teacher.py <run_dir> ecg_teacher.safetensors

@@ -1,4 +1,4 @@
-"""Labs DAE LightningModule (SPEC.md "Teachers"; DATASETS.md §3.3), run by ``Stage2_PACX.py``.
+"""Labs DAE LightningModule (docs/method.md#teachers; docs/datasets.md#teacher-features), run by ``Stage2_PACX.py``.
 
 Trains :class:`~pacx.models.labs_dae.LabsDAE` with masked corruption and the MSE over observed entries.
 Logged per split (``train/``, ``val/``):

@@ -1,4 +1,4 @@
-"""Stage 1 LightningModule: MAE pretraining (SPEC.md "Stage 1", DATASETS.md §2).
+"""Stage 1 LightningModule: MAE pretraining (docs/method.md#stage-1, docs/datasets.md#chexpert).
 
 Wires the plain :class:`~pacx.models.mae.MaskedAutoencoderViT` to an AdamW + per-step warmup/cosine
 schedule. Unlike the reference code, the configured ``mask_ratio`` really reaches the model (the

@@ -1,7 +1,7 @@
-"""Stage 3 backbones by kind (SPEC.md "Stage 3"; DATASETS.md §1.3): a registry, no if/elif on kinds.
+"""Stage 3 backbones by kind (docs/method.md#stage-3; docs/datasets.md#heads-and-losses): a registry, no if/elif on kinds.
 
 Every kind yields a :class:`~pacx.models.vit.ViTEncoder` whose ``forward(x [B, 3, H, W]) -> [B, D]`` is the
-CLS token after the final LayerNorm:
+CLS token after the final LayerNorm (``pool: avg``: the mean of the patch tokens instead):
 
 * ``random``: a freshly initialised encoder of the named ``arch``;
 * ``weights`` / ``mae`` / ``pacx`` / ``imagenet``: weights from a file or run directory, read by
@@ -32,6 +32,7 @@ class BackboneConfig:
     weights: str | None = None  # file or run directory (every kind but ``random``)
     arch: str | None = None  # named ViT (``pacx.models.vit.VIT_ARCHS``); required for ``random``
     img_size: int = 224
+    pool: str = "cls"  # the feature: "cls" token (the paper) or "avg" of the patch tokens (pacx.models.vit.POOLS)
 
     def __post_init__(self) -> None:
         # ``--model.backbone.weights null`` reaches a dataclass nested in a subclass-mode model as the
@@ -96,4 +97,4 @@ BACKBONES: dict[str, Callable[[BackboneConfig], ViTEncoder]] = {
 def build_backbone(cfg: BackboneConfig) -> ViTEncoder:
     if cfg.kind not in BACKBONES:
         raise KeyError(f"unknown backbone kind {cfg.kind!r}; known: {sorted(BACKBONES)}")
-    return BACKBONES[cfg.kind](cfg)
+    return BACKBONES[cfg.kind](cfg).set_pool(cfg.pool)

@@ -1,4 +1,4 @@
-"""ECGFounder's official ECG preprocessing, vectorised over a whole batch (ECGFOUNDER.md §6).
+"""ECGFounder's official ECG preprocessing, vectorised over a whole batch (docs/ecgfounder.md#preprocessing).
 
 The ECGFounder README asks users to follow its ``dataset.py`` strictly; per record that is: NaN → 0,
 lead reorder into the standard order, a 50 Hz IIR notch (Q 30) and a 0.67–40 Hz Butterworth band-pass

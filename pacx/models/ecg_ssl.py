@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of an ECGFounder network: the demo's ECG teacher (SPEC.md "Teachers").
+"""Self-supervised pretraining of an ECGFounder network: the demo's ECG teacher (docs/method.md#teachers).
 
 The released ECGFounder weights cannot ship, so the built-in demo pretrains our own ECGFounder network
 at reduced width (``demo_small`` in :data:`~pacx.models.ecgfounder.ECGFOUNDER_CONFIGS`) on its phantom
@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacx.checkpoint import CheckpointError, load_state_checked, safe_torch_load, strip_prefix
+from pacx.debug import check_not_debug
 from pacx.losses import symmetric_clip_loss
 from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, ECGFounder, create_ecgfounder
+from pacx.utils import portable_source
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,9 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
     :class:`CheckpointError` naming the path otherwise). The tensors under ``model.backbone.`` (head and
     projector dropped) are checked strictly against the recorded ECGFounder config before anything is
     written, so ``load_ecgfounder(out, config=<that config>)`` loads the file strictly. The metadata
-    holds ``format``, ``config``, ``stage``, ``source`` and ``global_step``.
+    holds ``format``, ``config``, ``stage``, ``source`` / ``source_sha256`` / ``source_run`` (no absolute
+    path, :func:`pacx.utils.portable_source`) and ``global_step``. A debug run is refused
+    (:mod:`pacx.debug`).
     """
     from safetensors.torch import save_file
 
@@ -258,6 +262,8 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
     ckpt = safe_torch_load(path)
     meta = ckpt.get("pacx") if isinstance(ckpt, dict) else None
     stage = meta.get("stage") if isinstance(meta, dict) else None
+    if isinstance(meta, dict):
+        check_not_debug(meta.get("debug"), f"checkpoint {path}")
     if stage != STAGE_ECG_SSL:
         raise CheckpointError(f"{path} is not an ECG SSL ({STAGE_ECG_SSL!r}) training checkpoint (its stage is "
                               f"{stage!r}): export_ecg_teacher exports Stage2_PACX.py runs of pacx.lit.ecg_ssl")
@@ -269,7 +275,7 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out),
-              metadata={"format": "ecgfounder", "config": config, "stage": STAGE_ECG_SSL, "source": str(path),
+              metadata={"format": "ecgfounder", "config": config, "stage": STAGE_ECG_SSL, **portable_source(path),
                         "global_step": json.dumps(ckpt.get("global_step"))})
     log.info("wrote the %r ECG teacher of %s to %s (%d tensors)", config, path, out, len(state))
     return out

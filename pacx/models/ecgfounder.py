@@ -1,9 +1,9 @@
-"""ECGFounder, the frozen ECG teacher of Stage 2 (SPEC.md "Teachers"; ECGFOUNDER.md).
+"""ECGFounder, the frozen ECG teacher of Stage 2 (docs/method.md#teachers; docs/ecgfounder.md).
 
 ECGFounder (Li et al., "An Electrocardiogram Foundation Model Built on over 10 Million Recordings",
 NEJM AI 2025, arXiv 2410.04133; code MIT, PKUDigitalHealth) is a 1-D pre-activation bottleneck ResNet
 with grouped convolutions and squeeze-excitation ("Net1D"). This file re-implements it from our
-written description in ECGFOUNDER.md; no code is taken from the official repository.
+written description in docs/ecgfounder.md; no code is taken from the official repository.
 
 The state-dict keys, shapes and order equal the official release exactly, including BatchNorm modules
 that the released configuration builds but never calls (``use_bn=False``), so
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------
-# Blocks (ECGFOUNDER.md §3)
+# Blocks (docs/ecgfounder.md#blocks)
 
 
 def same_padding(length: int, kernel_size: int, stride: int) -> tuple[int, int]:
@@ -112,7 +112,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.downsample, self.is_first_block = downsample, is_first_block
-        # Registration order = official state-dict key order (ECGFOUNDER.md §4).
+        # Registration order = official state-dict key order (docs/ecgfounder.md#keys).
         self.bn1 = nn.BatchNorm1d(in_channels)  # never called (use_bn=False in the release)
         self.conv1 = SamePadConv1d(in_channels, out_channels, 1)
         self.bn2 = nn.BatchNorm1d(out_channels)  # never called
@@ -159,7 +159,7 @@ class BasicStage(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Network (ECGFOUNDER.md §2, §3.6)
+# Network (docs/ecgfounder.md#configuration)
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class ECGFounderConfig:
         return asdict(self)
 
 
-# Named configurations (STYLE.md rule 7). ``demo_small`` is the same code at reduced width for the
+# Named configurations. ``demo_small`` is the same code at reduced width for the
 # built-in demo and CPU tests; its feature dim is its last width (128).
 ECGFOUNDER_CONFIGS: dict[str, ECGFounderConfig] = {
     "12_lead": ECGFounderConfig(),
@@ -256,7 +256,7 @@ def create_ecgfounder(config: str = "12_lead", head: bool = True) -> ECGFounder:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints (ECGFOUNDER.md §7)
+# Checkpoints (docs/ecgfounder.md#checkpoint)
 
 HEAD_PREFIX = "dense."
 

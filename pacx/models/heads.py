@@ -1,11 +1,14 @@
 """Heads.
 
-Stage 2 (SPEC.md "Stage 2"): Dropout → Linear → LayerNorm, trunc-normal(0.02) init. Projections map the
+Stage 2 (docs/method.md#stage-2): Dropout → Linear → LayerNorm, trunc-normal(0.02) init. Projections map the
 CXR feature (768) and the teacher embeddings (ECG 1024, labs 256) into the shared 256-d space of the
 contrastive term; regression heads map the CXR feature onto the teachers' own embedding spaces. All are
 discarded after training.
 
-Stage 3: :class:`FeatureNorm`, the non-affine BatchNorm MAE's linear-probe protocol puts before the head.
+:class:`TeacherNorm`: a fixed centring / standardisation / PCA whitening of teacher embeddings (Stage 2's
+``teacher_norm``).
+
+Stage 3 (and Stage 2's ``head_norm``): :class:`FeatureNorm`, the non-affine BatchNorm MAE's linear-probe protocol puts before the head.
 """
 
 from __future__ import annotations
@@ -26,6 +29,54 @@ class FeatureNorm(nn.BatchNorm1d):
         if self.training and x.shape[0] == 1:
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
         return super().forward(x)
+
+
+class TeacherNorm(nn.Module):
+    """A fixed affine map of teacher embeddings, ``(x - mean) @ proj``: [B, D] -> [B, K] (buffers).
+
+    Identity until :meth:`fit` sets it from the train split's teacher embeddings (Stage 2's ``teacher_norm``):
+    ``center`` (``proj`` = I), ``standardize`` (``proj`` = diag(1/std)) or ``whiten`` (PCA whitening onto the
+    ``K`` leading components: ``proj`` = eigenvectors / sqrt(eigenvalues)). The buffers travel with the
+    checkpoint, so validation, resume and zero-shot retrieval use the same map.
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        out_dim = dim if out_dim is None else out_dim
+        if not 0 < out_dim <= dim:
+            raise ValueError(f"TeacherNorm keeps 1..{dim} components, got {out_dim}")
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("proj", torch.eye(dim)[:, :out_dim].clone())
+
+    def fit(self, feats: torch.Tensor, mode: str) -> None:
+        """Set the map from teacher embeddings ``feats`` [N, D] (float64 inside) by ``mode`` (``FITS``)."""
+        x = torch.as_tensor(feats, dtype=torch.float64)
+        mean = x.mean(dim=0)
+        proj = TEACHER_NORM_FITS[mode](x - mean, self.proj.shape[1])
+        self.mean.copy_(mean)
+        self.proj.copy_(proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) @ self.proj.to(x.dtype)  # [B, K]
+
+
+def _center(xc: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.eye(xc.shape[1], dtype=xc.dtype)[:, :k]
+
+
+def _standardize(xc: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.diag(1.0 / xc.std(dim=0).clamp_min(1e-6))[:, :k]
+
+
+def _whiten(xc: torch.Tensor, k: int) -> torch.Tensor:
+    cov = xc.T @ xc / max(1, len(xc) - 1)  # [D, D]
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
+    return evecs / evals.clamp_min(1e-12).sqrt()  # [D, K]
+
+
+# teacher_norm mode -> (centred train embeddings [N, D], K) -> projection [D, K]
+TEACHER_NORM_FITS = {"center": _center, "standardize": _standardize, "whiten": _whiten}
 
 
 class ProjectionHead(nn.Sequential):

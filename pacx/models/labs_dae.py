@@ -1,4 +1,4 @@
-"""Labs denoising autoencoder: the frozen lab-value teacher of Stage 2 (SPEC.md "Teachers", DATASETS.md §3.3).
+"""Labs denoising autoencoder: the frozen lab-value teacher of Stage 2 (docs/method.md#teachers, docs/datasets.md#teacher-features).
 
 Input: 50 lab percentiles and their 50 observed flags (1 = observed), concatenated (100). Encoder
 Linear(100→512) → LayerNorm → GELU → Linear(512→256); its 256-d output is the labs embedding. Decoder

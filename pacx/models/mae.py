@@ -213,7 +213,7 @@ def is_decoder_key(key: str) -> bool:
     return key.startswith(DECODER_KEY_PREFIXES)
 
 
-# Named MAE variants: encoder architecture + decoder size (STYLE.md rule 7).
+# Named MAE variants: encoder architecture + decoder size.
 MAE_ARCHS: dict[str, tuple[str, DecoderConfig]] = {
     "mae_vit_test": ("vit_test", DecoderConfig(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)),
     "mae_vit_demo": ("vit_demo", DecoderConfig(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)),

@@ -1,4 +1,4 @@
-"""Segmentation decoder over frozen ViT patch tokens (DATASETS.md §15 "Segmentation").
+"""Segmentation decoder over frozen ViT patch tokens (docs/datasets.md#stage-3-settings (segmentation)).
 
 The patch tokens after the final norm are reshaped to a ``[B, D, H/p, W/p]`` map; the decoder is a
 Conv 3×3 (D → 256, padding 1) + ReLU followed by ``log2(p)`` ConvTranspose (k 2, s 2) stages that each
@@ -6,7 +6,7 @@ double the resolution, so the logits come back at the input resolution ``[B, 1, 
 
 Width rule: the first stage takes ``width`` (256) channels and every stage halves them, the last stage
 mapping to one logit channel; ReLU after every stage but the last. For patch 16 (four stages) this is
-exactly §15: 256 → 128 → 64 → 32 → 1. For patch 8 (three stages): 256 → 128 → 64 → 1.
+exactly docs/datasets.md#stage-3-settings: 256 → 128 → 64 → 32 → 1. For patch 8 (three stages): 256 → 128 → 64 → 1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class SegDecoder(nn.Module):
     Args:
         embed_dim: channels of the token map (the backbone's ``embed_dim``; 768 for ViT-B).
         patch_size: the backbone's patch size, a power of two >= 2; sets the number of ×2 stages.
-        width: channels after the 3×3 conv (256 in §15); halved by every ConvTranspose stage.
+        width: channels after the 3×3 conv (256 in docs/datasets.md#stage-3-settings); halved by every ConvTranspose stage.
     """
 
     def __init__(self, embed_dim: int, patch_size: int, width: int = 256) -> None:

@@ -1,13 +1,18 @@
-"""Which encoder parameters train in Stage 2, and LoRA merging (SPEC.md "Stage 2"; STYLE.md rule 12).
+"""Which encoder parameters train in Stage 2, and LoRA merging (docs/method.md#stage-2).
 
 ``apply_tuning(encoder, strategy, ...)`` is the one place that decides trainability:
 
-* ``lora`` (default): peft LoRA (r 8, alpha 16, dropout 0.1) on ``qkv``, ``fc1``, ``fc2``; every
-  LayerNorm of the encoder trainable; everything else frozen. The wrapped encoder is a peft
+* ``lora`` (default): peft LoRA (r 8, alpha 16, dropout 0.1) on ``qkv``, ``fc1``, ``fc2``; the encoder
+  LayerNorms chosen by ``trainable_norms`` train; everything else is frozen. The wrapped encoder is a peft
   ``PeftModel``, so its state-dict keys (``base_model.model.…qkv.base_layer.weight``,
   ``…lora_A.default.weight``, ``…lora_B.default.weight``) are those of the authors' Stage 2 files.
 * ``last_n_blocks``: the last ``n`` transformer blocks and the final norm train.
 * ``full``: everything trains (the fixed position embedding stays fixed).
+
+``trainable_norms`` (LoRA only; :data:`TRAINABLE_NORMS`): ``all`` (the paper: every LayerNorm of the
+encoder, the 2 per block and the final one), ``final`` (only the final LayerNorm ``norm``: what the authors'
+LoRA run trained, since their name filter matched ``norm.`` but not ``norm1`` / ``norm2``) or ``none``. The
+other strategies train whole blocks, norms included, and take only ``all``.
 
 It logs trainable vs total parameters. :func:`merge_lora_state` folds LoRA into plain weights as a
 pure function on a state dict, ``W + (alpha / r) · B · A``, which is how exports and the authors'
@@ -29,20 +34,33 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
-def _lora(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int) -> nn.Module:
+def _all_norms(encoder: nn.Module) -> list[nn.Module]:
+    return [m for m in encoder.modules() if isinstance(m, nn.LayerNorm)]
+
+
+# trainable_norms -> the encoder's LayerNorms that train with LoRA (the encoder before peft wraps it)
+TRAINABLE_NORMS: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
+    "all": _all_norms,
+    "final": lambda encoder: [encoder.norm],
+    "none": lambda encoder: [],
+}
+
+
+def _lora(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int,
+          norms: str = "all") -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    trained = TRAINABLE_NORMS[norms](encoder)
     model = get_peft_model(encoder, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                target_modules=list(targets), bias="none"))
-    for module in model.modules():
-        if isinstance(module, nn.LayerNorm):
-            for p in module.parameters():
-                p.requires_grad_(True)
+    for module in trained:
+        for p in module.parameters():
+            p.requires_grad_(True)
     return model
 
 
 def _last_n_blocks(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str],
-                   n_blocks: int) -> nn.Module:
+                   n_blocks: int, norms: str = "all") -> nn.Module:
     depth = len(encoder.blocks)
     if not 0 < n_blocks <= depth:
         raise ValueError(f"last_n_blocks needs 0 < n <= {depth}, got {n_blocks}")
@@ -54,7 +72,8 @@ def _last_n_blocks(encoder: nn.Module, r: int, alpha: int, dropout: float, targe
     return encoder
 
 
-def _full(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int) -> nn.Module:
+def _full(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int,
+          norms: str = "all") -> nn.Module:
     for name, p in encoder.named_parameters():
         p.requires_grad_(name != "pos_embed")
     return encoder
@@ -69,16 +88,23 @@ TUNING_STRATEGIES: dict[str, Callable[..., nn.Module]] = {
 
 def apply_tuning(
     encoder: nn.Module, strategy: str = "lora", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
-    lora_targets: Sequence[str] = ("qkv", "fc1", "fc2"), last_n_blocks: int = 4,
+    lora_targets: Sequence[str] = ("qkv", "fc1", "fc2"), last_n_blocks: int = 4, trainable_norms: str = "all",
 ) -> nn.Module:
-    """Set trainability by ``strategy``; returns the (possibly peft-wrapped) encoder and logs the counts."""
+    """Set trainability by ``strategy`` (and, for LoRA, ``trainable_norms``); returns the (possibly
+    peft-wrapped) encoder and logs the counts."""
     if strategy not in TUNING_STRATEGIES:
         raise KeyError(f"unknown tuning strategy {strategy!r}; known: {sorted(TUNING_STRATEGIES)}")
-    model = TUNING_STRATEGIES[strategy](encoder, lora_r, lora_alpha, lora_dropout, lora_targets, last_n_blocks)
+    if trainable_norms not in TRAINABLE_NORMS:
+        raise KeyError(f"unknown trainable_norms {trainable_norms!r}; known: {sorted(TRAINABLE_NORMS)}")
+    if strategy != "lora" and trainable_norms != "all":
+        raise ValueError(f"trainable_norms {trainable_norms!r} applies to tuning 'lora'; {strategy!r} trains whole "
+                         "blocks, their norms included (set trainable_norms: all)")
+    model = TUNING_STRATEGIES[strategy](encoder, lora_r, lora_alpha, lora_dropout, lora_targets, last_n_blocks,
+                                        trainable_norms)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("tuning %s: %s of %s encoder parameters trainable (%.2f %%)", strategy, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total)
+    log.info("tuning %s (norms: %s): %s of %s encoder parameters trainable (%.2f %%)", strategy, trainable_norms,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 
 

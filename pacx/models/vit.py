@@ -1,7 +1,7 @@
 """The shared ViT encoder of every pacx stage.
 
 A plain ``nn.Module`` (no Lightning) built from timm ``Block``s with a *fixed* 2-D sin-cos position
-embedding, as in the MAE paper (He et al., 2022) and SPEC.md "Shared backbone". Its state-dict keys are
+embedding, as in the MAE paper (He et al., 2022) and docs/method.md#backbone. Its state-dict keys are
 exactly those of timm's ``vit_*_patch*_224`` with ``num_classes=0`` (and of the official MAE release
 encoders), so weights move between timm, the MAE release and pacx with ``strict=True``.
 
@@ -12,6 +12,7 @@ re-written here in torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -109,8 +110,8 @@ class ViTConfig:
         )
 
 
-# Named size variants (STYLE.md rule 7). ``test`` is tiny for CPU unit tests; ``demo`` is the
-# built-in demo's encoder (shared/notes/demo-feasibility.md).
+# Named size variants. ``test`` is tiny for CPU unit tests; ``demo`` is the
+# built-in demo's encoder (docs/method.md#demo-scale).
 VIT_ARCHS: dict[str, dict] = {
     "vit_test": dict(embed_dim=32, depth=2, num_heads=2, patch_size=8),
     "vit_demo": dict(embed_dim=128, depth=4, num_heads=4, patch_size=8),
@@ -135,16 +136,26 @@ def vit_config(arch: str, img_size: int = 224, patch_size: int | None = None, **
 # Encoder
 
 
+# How the tokens after the final norm [B, 1 + L, D] become the feature [B, D]: the CLS token (the paper's
+# feature), or the mean of the patch tokens (MAE's ``global_pool``; timm ``global_pool="avg", fc_norm=False``).
+POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "cls": lambda tokens: tokens[:, 0],
+    "avg": lambda tokens: tokens[:, 1:].mean(dim=1),
+}
+
+
 class ViTEncoder(nn.Module):
     """ViT encoder: patch embed → [CLS] + fixed sin-cos positions → blocks → LayerNorm.
 
     ``forward_features(x) -> [B, 1 + L, D]`` (all tokens after the final norm);
-    ``forward(x) -> [B, D]`` (the CLS token after the final norm, the feature of every stage).
+    ``forward(x) -> [B, D]``: the pooled feature, by default (``pool="cls"``) the CLS token after the final
+    norm. ``pool`` is not part of the weights: set it with :meth:`set_pool`.
     """
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, cfg: ViTConfig, pool: str = "cls") -> None:
         super().__init__()
         self.cfg = cfg
+        self.set_pool(pool)
         self.embed_dim = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -183,8 +194,14 @@ class ViTEncoder(nn.Module):
         tokens = torch.cat([self.cls_with_pos(tokens.shape[0]), tokens], dim=1)  # [B, 1 + L, D]
         return self.forward_blocks(tokens)
 
+    def set_pool(self, pool: str) -> ViTEncoder:
+        if pool not in POOLS:
+            raise KeyError(f"unknown pool {pool!r}; known: {sorted(POOLS)}")
+        self.pool = pool
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[:, 0]  # [B, D]
+        return POOLS[self.pool](self.forward_features(x))  # [B, D]
 
 
 def layer_norm(eps: float):

@@ -2,6 +2,7 @@
 
     python scripts/reproduce_paper.py plans/paper.yaml [--out DIR] [--set NAME=VALUE ...]   # submit to Slurm
     python scripts/reproduce_paper.py plans/paper.yaml --dry-run                             # print the sbatch lines
+    python scripts/reproduce_paper.py plans/paper.yaml --profile authors --dry-run           # the authors' settings
     python scripts/reproduce_paper.py plans/demo.yaml --local                                # run here, in order
     python -m pacx.reproduce exec <out>/.plan/nodes/<node>.json [--index I]                  # one node / grid point
 
@@ -19,6 +20,8 @@ A **plan** (YAML) is a dependency graph of nodes. Top-level keys:
               (``nodes``, ``tasks_per_node``, ``gpus_per_node`` (0: none asked), ``cpus_per_task``,
               ``time``, ``mem``) for every node.
 ``nodes``     a list of nodes.
+``profiles``  optional: named sets of override configs per stage node (``--profile NAME``, default the first);
+              ``{profile}`` is defined in every string, ``out`` included (:mod:`~pacx.reproduce.profiles`).
 
 Node keys: ``name`` (an identifier), ``after`` (names of the nodes it needs), and either
 
@@ -41,8 +44,9 @@ the node's grid axes; ``{{`` / ``}}`` are literal braces. A node (grid point) is
 ``<run_dir>/run.json`` says ``"status": "completed"`` (the Stage CLIs write it; for scripts the executor
 does), and re-running the plan skips finished work.
 
-Modules: :mod:`~pacx.reproduce.plan` (reading and validating), :mod:`~pacx.reproduce.execute` (one node),
-:mod:`~pacx.reproduce.drivers` (Slurm submission, local runs, dry runs).
+Modules: :mod:`~pacx.reproduce.plan` (reading and validating), :mod:`~pacx.reproduce.profiles` (profiles and
+their resolved differences), :mod:`~pacx.reproduce.execute` (one node), :mod:`~pacx.reproduce.drivers`
+(Slurm submission, local runs, dry runs).
 """
 
 from __future__ import annotations
@@ -67,9 +71,18 @@ def _parse_set(values: list[str]) -> dict[str, str]:
     return out
 
 
+def _profile_table(args, plan) -> str:
+    """The settings that differ between the plan's profiles, resolved, side by side (``#`` lines)."""
+    from pacx.reproduce.profiles import format_differences, profile_differences
+
+    plans = {p: load_plan(args.plan, out=args.out, overrides=_parse_set(args.set), profile=p) for p in plan.profiles}
+    return format_differences(profile_differences(plans), plan.profiles, plan.profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``scripts/reproduce_paper.py``: load the plan, run its driver, print (and ``--json``) a summary."""
     from pacx.reproduce.drivers import DRIVERS, format_table, summary
+    from pacx.reproduce.profiles import claim_out_dir
     from pacx.utils import write_json_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,14 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (overrides the plan's `out`)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a plan var")
     parser.add_argument("--json", type=Path, default=None, help="write a summary (node states, job ids) here")
+    parser.add_argument("--profile", default=None,
+                        help="one of the plan's profiles (plans/paper.yaml: paper | authors; default: the first)")
     args = parser.parse_args(argv)
     try:
-        plan = load_plan(args.plan, out=args.out, overrides=_parse_set(args.set))
+        plan = load_plan(args.plan, out=args.out, overrides=_parse_set(args.set), profile=args.profile)
+        if args.dry_run and plan.profiles:
+            sys.stdout.write(_profile_table(args, plan))
+        elif not args.dry_run:
+            claim_out_dir(plan)
     except PlanError as err:
         log.error("%s", err)
         return 2
     mode = "local" if args.local else "slurm"
-    log.info("plan %s: %d nodes, %d points -> %s (%s%s)", plan.name, len(plan.nodes),
+    log.info("plan %s%s: %d nodes, %d points -> %s (%s%s)", plan.name,
+             f" (profile {plan.profile})" if plan.profile else "", len(plan.nodes),
              sum(len(n.points) for n in plan.nodes.values()), plan.out, mode, ", dry run" if args.dry_run else "")
     try:
         outcomes = DRIVERS[mode](plan, dry_run=args.dry_run)

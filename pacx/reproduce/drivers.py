@@ -195,7 +195,8 @@ DRIVERS: dict[str, Callable[..., dict[str, Outcome]]] = {"slurm": run_slurm, "lo
 
 def summary(plan: Plan, mode: str, dry_run: bool, outcomes: dict[str, Outcome]) -> dict:
     nodes = {name: vars(o) for name, o in outcomes.items()}
-    return {"plan": str(plan.path), "name": plan.name, "mode": mode, "dry_run": dry_run, "out": str(plan.out),
+    return {"plan": str(plan.path), "name": plan.name, "profile": plan.profile, "mode": mode, "dry_run": dry_run,
+            "out": str(plan.out),
             "nodes": nodes, "job_ids": [o.job_id for o in outcomes.values() if o.status == "submitted"]}
 
 

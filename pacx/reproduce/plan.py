@@ -24,11 +24,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]  # the Stage scripts, configs/ and scripts/ live here
 
-PLAN_KEYS = {"name", "out", "python", "trainer", "seed", "vars", "slurm", "nodes"}
+PLAN_KEYS = {"name", "out", "python", "trainer", "seed", "vars", "slurm", "nodes", "profiles"}
 SLURM_KEYS = {"sbatch_args", "defaults"}
 NODE_KEYS = {"name", "after", "stage", "config", "script", "args", "stdout", "seed", "trainer", "grid", "run_dir",
              "resources", "sbatch_args", "max_parallel"}
-BUILTINS = ("out", "node", "point", "run_dir")  # names every string may use besides vars and axes
+BUILTINS = ("out", "node", "point", "run_dir", "profile")  # names every string may use besides vars and axes
 RUN_DIR = {False: "{out}/runs/{node}", True: "{out}/runs/{node}/{point}"}  # default per "is a grid"
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*$")
 _AXIS_VALUE = re.compile(r"[A-Za-z0-9_.+-]+$")
@@ -92,6 +92,8 @@ class Plan:
     python: str
     sbatch_args: tuple[str, ...]
     nodes: dict[str, Node]  # topological order (plan order among independent nodes)
+    profile: str | None = None  # the chosen profile (pacx.reproduce.profiles), None for a plan without any
+    profiles: tuple[str, ...] = ()
 
     @property
     def state_dir(self) -> Path:
@@ -178,14 +180,14 @@ def _resolve_python(given) -> str:
     return str(python)
 
 
-def _resolve_vars(where: str, given, out: Path, overrides: Mapping[str, str]) -> dict[str, str]:
+def _resolve_vars(where: str, given, out: Path, overrides: Mapping[str, str], profile: str | None) -> dict[str, str]:
     if not isinstance(given or {}, Mapping):
         raise PlanError(f"{where}: vars must be a mapping of name -> value")
     given = dict(given or {})
     unknown = sorted(set(overrides) - set(given))
     if unknown:
         raise PlanError(f"{where}: --set names unknown var(s) {', '.join(unknown)}; vars: {', '.join(given)}")
-    values = {"out": str(out)}
+    values = {"out": str(out), "profile": profile or ""}
     for name, value in given.items():
         if not _NAME.match(str(name)) or name in BUILTINS:
             raise PlanError(f"{where}: var {name!r} must be an identifier other than {', '.join(BUILTINS)}")
@@ -193,9 +195,12 @@ def _resolve_vars(where: str, given, out: Path, overrides: Mapping[str, str]) ->
     return values
 
 
-def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mapping[str, str] | None = None) -> Plan:
-    """Read, validate and expand the plan at ``path``; ``out`` overrides the plan's ``out`` and
-    ``overrides`` (``--set NAME=VALUE``) replace var values."""
+def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mapping[str, str] | None = None,
+              profile: str | None = None) -> Plan:
+    """Read, validate and expand the plan at ``path``; ``out`` overrides the plan's ``out``, ``overrides``
+    (``--set NAME=VALUE``) replace var values and ``profile`` picks one of its profiles (default: the first)."""
+    from pacx.reproduce.profiles import check_profile_nodes, choose_profile, read_profiles
+
     path = Path(path).resolve()
     where = str(path)
     try:
@@ -206,17 +211,21 @@ def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mappin
         raise PlanError(f"{where}: not valid YAML: {err}") from None
     _check_keys(where, raw, PLAN_KEYS)
     name = raw.get("name") or path.stem
+    profiles = read_profiles(where, raw.get("profiles"))
+    chosen = choose_profile(where, profiles, profile)
     out_given = out if out is not None else raw.get("out")
     if not out_given:
         raise PlanError(f"{where}: no output directory: set `out:` in the plan or pass --out")
+    out_given = substitute(str(out_given), {"profile": chosen or ""}, f"{where} out")
     out_dir = Path(out_given).expanduser().resolve() if out is not None else repo_path(str(out_given)).resolve()
-    values = _resolve_vars(where, raw.get("vars"), out_dir, overrides or {})
+    values = _resolve_vars(where, raw.get("vars"), out_dir, overrides or {}, chosen)
     slurm = raw.get("slurm") or {}
     _check_keys(f"{where} slurm", slurm, SLURM_KEYS)
     defaults = _resources(f"{where} slurm.defaults", Resources(), slurm.get("defaults"))
     plan_args = [substitute(a, values, f"{where} slurm.sbatch_args")
                  for a in _str_list(where, slurm.get("sbatch_args"), "slurm.sbatch_args")]
-    context = _PlanContext(where, values, raw.get("trainer"), raw.get("seed"), defaults)
+    context = _PlanContext(where, values, raw.get("trainer"), raw.get("seed"), defaults,
+                           profiles.get(chosen, {}) if chosen else {})
     nodes_raw = raw.get("nodes")
     if not isinstance(nodes_raw, list) or not nodes_raw:
         raise PlanError(f"{where}: `nodes` must be a non-empty list")
@@ -226,9 +235,11 @@ def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mappin
         if node.name in nodes:
             raise PlanError(f"{where}: two nodes are named {node.name!r}")
         nodes[node.name] = node
+    check_profile_nodes(where, profiles, nodes)
     ordered = _topological(where, nodes)
     _check_unique_run_dirs(where, ordered)
-    return Plan(path, str(name), out_dir, _resolve_python(raw.get("python")), tuple(plan_args), ordered)
+    return Plan(path, str(name), out_dir, _resolve_python(raw.get("python")), tuple(plan_args), ordered, chosen,
+                tuple(profiles))
 
 
 # ---- nodes ----------------------------------------------------------------------------------------
@@ -241,6 +252,7 @@ class _PlanContext:
     trainer: str | None
     seed: int | str | None
     defaults: Resources
+    profile_configs: Mapping[str, tuple[str, ...]]  # stage node -> the chosen profile's override configs
 
 
 def _grid_axes(where: str, grid, values: Mapping[str, str]) -> list[tuple[str, list[tuple[str, list]]]]:
@@ -275,11 +287,13 @@ def _grid_axes(where: str, grid, values: Mapping[str, str]) -> list[tuple[str, l
 
 def _stage_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, str], extra: list[str]) -> list[str]:
     """The Stage CLI ``fit`` arguments of one point (``--ckpt_path`` is decided when it runs)."""
-    config = repo_path(substitute(raw["config"], base, where))
-    if not config.is_file():
-        raise PlanError(f"{where}: config file not found: {config}")
     trainer = raw["trainer"] if "trainer" in raw else ctx.trainer
-    argv = ["fit", "--config", str(config)]
+    argv = ["fit"]
+    for config in (raw["config"], *ctx.profile_configs.get(raw["name"], ())):  # the profile's stacked after
+        path = repo_path(substitute(config, base, where))
+        if not path.is_file():
+            raise PlanError(f"{where}: config file not found: {path}")
+        argv += ["--config", str(path)]
     if trainer:
         fragment = repo_path(substitute(trainer, base, where))
         if not fragment.is_file():

@@ -1,4 +1,4 @@
-"""Stage 2 train augmentation (pacx.data.augment, DATASETS.md §3.4): order, parameters, firing rates.
+"""Stage 2 train augmentation (pacx.data.augment, docs/datasets.md#stage-2-data): order, parameters, firing rates.
 
 The firing rates are measured with seeded draws on inputs that make each step detectable:
 - a constant normalised image stays free of exact zeros through crop, affine (fill is 0 in *pixel*

@@ -10,12 +10,16 @@ import pandas as pd
 import pytest
 
 import pacx.data.benchmarks.classification as cls
+import pacx.data.benchmarks.medmod as medmod
 from pacx.data.manifest import ManifestError
 from pacx.data.prepare import CONVERTERS
 from pacx.data.registry import BENCHMARKS, INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
 from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
 
 CLASSIFICATION = sorted(n for n, s in BENCHMARKS.items() if s.task != "segmentation")
+# MedMod needs a decision on Symile's training admissions (tests/data/test_leakage.py covers it); these
+# synthetic releases share no ids with any Symile release.
+OPTIONS = {name: {"allow_overlap": True} for name in ("medmod_phys", "medmod_mort")}
 
 
 def ceil_share(n: int, share: float) -> int:
@@ -60,7 +64,7 @@ def converted(releases, tmp_path_factory):
     def get(name: str):
         if name not in cache:
             out = tmp_path_factory.mktemp(f"out_{name}")
-            summary = CONVERTERS[name].fn(releases(name), out)
+            summary = CONVERTERS[name].fn(releases(name), out, **OPTIONS.get(name, {}))
             spec = get_benchmark(name)
             frames = {s: pd.read_csv(out / spec.manifest_files[s]) for s in SPLITS}
             cache[name] = (summary, frames, out)
@@ -232,7 +236,7 @@ def test_covidqu_label_order(releases, converted):
 def test_converters_are_deterministic(name, releases, converted, tmp_path):
     spec = BENCHMARKS[name]
     _, _, out = converted(name)
-    CONVERTERS[name].fn(releases(name), tmp_path, seed=42)
+    CONVERTERS[name].fn(releases(name), tmp_path, seed=42, **OPTIONS.get(name, {}))
     for split in SPLITS:
         assert (tmp_path / spec.manifest_files[split]).read_bytes() == (out / spec.manifest_files[split]).read_bytes()
 
@@ -289,7 +293,7 @@ def test_missing_column_names_file_and_column(name, rel, column, releases, tmp_p
             shutil.copy(f, raw / f.relative_to(src))
     pd.read_csv(raw / rel).drop(columns=[column]).to_csv(raw / rel, index=False)
     with pytest.raises(ManifestError, match=rf"{rel.split('/')[-1]}.*missing required column\(s\) \[.{column}.\]"):
-        CONVERTERS[name].fn(raw, tmp_path / "out")
+        CONVERTERS[name].fn(raw, tmp_path / "out", **OPTIONS.get(name, {}))
 
 
 def test_missing_release_file_is_clear(tmp_path):
@@ -315,7 +319,7 @@ def test_link_stays_to_earliest_unused_cxr():
         "StudyDate": [20150105, 20150101, 20141231, 20150301],
         "StudyTime": [101010.5, 90000.0, 120000.0, 5.0],
     }).assign(StudyDate=lambda d: d["StudyDate"] + 1350000)  # 2150...
-    linked = cls.link_stays_to_cxr(stays, meta)
+    linked = medmod.link_stays_to_cxr(stays, meta)
     # The first stay takes the earliest image in its window (from admittime), the second the next one;
     # the image outside [min(in, admit), max(out, disch)] and the subject without images never match.
     assert linked["cxr_path"].tolist() == [
@@ -326,7 +330,7 @@ def test_medmod_from_pipeline_outputs(tmp_path):
     from pacx.data.synthetic.benchmarks import write_medmod_pipeline
 
     raw = write_medmod_pipeline(tmp_path / "raw", 0)
-    summary = CONVERTERS["medmod_phys"].fn(raw, tmp_path / "out")
+    summary = CONVERTERS["medmod_phys"].fn(raw, tmp_path / "out", allow_overlap=True)
     final = pd.read_csv(tmp_path / "out/medmod_final.csv")
     assert len(final) == 40 and list(final.columns)[:3] == ["subject_id", "hadm_id", "stay_id"]
     assert list(final.columns)[-1] == "cxr_path" and len(final.columns) == 39
@@ -335,3 +339,4 @@ def test_medmod_from_pipeline_outputs(tmp_path):
     np.save(tmp_path / "hadm_id_train.npy", final["hadm_id"].to_numpy()[:4])
     CONVERTERS["medmod_mort"].fn(raw, tmp_path / "out2", exclude_hadm=str(tmp_path / "hadm_id_train.npy"))
     assert len(pd.read_csv(tmp_path / "out2/medmod_final.csv")) == 36
+    assert summary["leakage"] == {"allow_overlap": True}

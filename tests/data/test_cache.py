@@ -26,6 +26,7 @@ from pacx.data.batched import (
     scale_boxes,
 )
 from pacx.data.cache import CachedImageDataset, CacheError, ImageCache, build_image_cache
+from pacx.data.images import DECODER_VERSION
 from pacx.data.manifest import ImageManifestDataset
 from pacx.data.synthetic.chexpert import write_chexpert_release
 from pacx.data.transforms import TRANSFORMS, build_transform, resize_eval
@@ -113,10 +114,25 @@ def test_eval_collate_at_other_size_is_close(release, cache_dir):
     assert diff[:-2].max() < 2.5 and diff.mean() < 0.5 * mirrored
 
 
+@pytest.mark.bad_input
+def test_cache_from_the_old_decoder_must_be_rebuilt(tmp_path, cache_dir):
+    """Image cache built before bit-depth-aware decoding (meta.json version 1) → CacheError asking for a
+    rebuild."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(cache_dir, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "decoder"} | {"version": 1}))
+    with pytest.raises(CacheError, match=r"cache version 1 / decoder None.*rebuild it"):
+        ImageCache(old)
+
+
 def test_cache_files_and_item_access(release, cache_dir):
     root, df = release
     meta = json.loads((cache_dir / "meta.json").read_text())
-    assert meta == {"version": 1, "size": SIZE, "channels": 1, "count": len(df), "complete": True}
+    assert meta == {"version": 2, "decoder": DECODER_VERSION, "size": SIZE, "channels": 1, "count": len(df),
+                    "complete": True}
     index = pd.read_csv(cache_dir / "index.csv")
     assert list(index.columns) == ["path", "orig_width", "orig_height"]
     assert index["path"].tolist() == df["Path"].tolist()

@@ -1,6 +1,7 @@
 """CheXpert: release -> manifests, the prepare CLI, the DataModule, and bad input."""
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -47,18 +48,22 @@ def test_prepare_cli_writes_manifests_and_lists(tmp_path, chexpert_release, repo
     assert "chexpert" in listing and "mae" in listing
 
 
+@pytest.mark.bad_input
 def test_missing_column_names_file_and_column(tmp_path, chexpert_release):
+    """CheXpert CSV without a required column → ManifestError naming the CSV and the column."""
     bad = tmp_path / "train.csv"
     pd.read_csv(chexpert_release / "train.csv").drop(columns=["Frontal/Lateral"]).to_csv(bad, index=False)
     with pytest.raises(ManifestError, match=r"train\.csv.*missing required column\(s\) \['Frontal/Lateral'\]"):
         convert_split(bad)
 
 
+@pytest.mark.bad_input
 def test_path_without_release_prefix_names_row(tmp_path, chexpert_release):
+    """CheXpert CSV Path without its '<release>/<split>/' prefix → ManifestError naming the row and its line."""
     df = pd.read_csv(chexpert_release / "train.csv")
     df.loc[3, "Path"] = "view1_frontal.jpg"
     df.to_csv(tmp_path / "train.csv", index=False)
-    with pytest.raises(ManifestError, match="row 3"):
+    with pytest.raises(ManifestError, match=r"train\.csv: row 3 \(line 5\): Path 'view1_frontal\.jpg'"):
         convert_split(tmp_path / "train.csv")
 
 
@@ -72,17 +77,25 @@ def broken_release(tmp_path, chexpert_release):
     return root, paths
 
 
+@pytest.mark.bad_input
 def test_missing_image_names_row_and_path(broken_release):
+    """CheXpert image file missing → ManifestError naming the release CSV by its full path (with the
+    CheXpert-v1.0-small folder), the row and its line in the file, and the image path."""
     root, paths = broken_release
-    with pytest.raises(ManifestError, match=rf"row 2: .*{paths.iloc[2]}"):
-        CheXpertDataModule(str(root), num_workers=0, img_size=32).setup("fit")
+    csv = root / "train.csv"
+    assert pd.read_csv(csv)["Path"].iloc[2].endswith(paths.iloc[2])  # line 4 of the file holds row 2
+    for given in (root, root.parent):  # the release folder or its parent
+        with pytest.raises(ManifestError, match=rf"^{re.escape(str(csv))}: 1 image\(s\) not found .*row 2 \(line 4\): .*{paths.iloc[2]}"):
+            CheXpertDataModule(str(given), num_workers=0, img_size=32).setup("fit")
 
 
+@pytest.mark.bad_input
 def test_corrupt_image_names_row_and_path(broken_release):
+    """Corrupt (truncated) image → ManifestError naming the CSV, the row and its line, and the path."""
     root, paths = broken_release
     df = convert_release(root)["train"].drop(index=2)
     ds = ImageManifestDataset(df, root / "train", "Path", transform=resize_eval(32), source="train.csv")
-    with pytest.raises(ManifestError, match=rf"train\.csv: row 5: cannot read image .*{paths.iloc[5]}"):
+    with pytest.raises(ManifestError, match=rf"train\.csv: row 5 \(line 7\): cannot read image .*{paths.iloc[5]}"):
         ds[4]  # position 4 is original row 5 after dropping row 2
 
 

@@ -1,4 +1,4 @@
-"""Low-data subsampler (DATASETS.md §14): size, per-label positives, seeding, bad input."""
+"""Low-data subsampler (docs/datasets.md#low-data): size, per-label positives, seeding, bad input."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""pacx/eval/alignment.py and scripts/eval_alignment.py (DATASETS.md §16): metrics against explicit
+"""pacx/eval/alignment.py and scripts/eval_alignment.py (docs/datasets.md#alignment): metrics against explicit
 loops, the ridge probe against a closed form, zero-shot retrieval on hand-built groups, layout errors,
 and the script end to end on a synthetic release with random, Stage 1 and Stage 2 backbones."""
 
@@ -33,7 +33,7 @@ from pacx.eval.alignment import (
 )
 from pacx.models.heads import ProjectionHead
 from pacx.models.vit import create_vit
-from tests.helpers import load_script, stage2_args
+from tests.helpers import PAPER_STAGE2, load_script, stage2_args
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(0)
@@ -54,7 +54,7 @@ def stage2_run(tmp_path_factory, release, stage1_run) -> Path:
 
     run = tmp_path_factory.mktemp("runs") / "stage2"
     main(stage2_args(run, release, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                     "--trainer.limit_val_batches", "1"))
+                     *PAPER_STAGE2))
     return run
 
 
@@ -281,8 +281,11 @@ def test_script_zero_shot_matches_the_stage2_module(tmp_path, release, stage2_ru
         assert zs[f"cxr_{target}_acc"] == pytest.approx(np.mean(hits))
     # the heads themselves: strict, eval mode, right shapes
     heads = load_stage2_heads(stage2_run)
-    assert {k: (h[1].in_features, h[1].out_features, h.training) for k, h in heads.items()} == {
-        "cxr": (32, 16, False), "ecg": (1024, 16, False), "labs": (256, 16, False)}
+    assert {k: (type(h[0]).__name__, h[1][1].in_features, h[1][1].out_features, h.training)
+            for k, h in heads.items()} == {"cxr": ("Identity", 32, 16, False), "ecg": ("TeacherNorm", 1024, 16, False),
+                                           "labs": ("TeacherNorm", 256, 16, False)}
+    x = torch.randn(4, 256)  # teacher_norm raw: the teacher norms stay the identity
+    torch.testing.assert_close(heads["labs"][0](x), x)
 
 
 def test_zero_shot_refuses_backbones_without_stage2_heads(release, stage1_run):

@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -74,6 +75,8 @@ def _row(bench, task, column, kind, mode, fraction, seed, value, run_dir=None) -
         row.update(train_fraction=fraction, subset_seed=seed)
     row.update({"seed": seed, column: value, "metric_value": value, "backbone_weights": f"weights/{kind}",
                 "git_sha": "abc123", "run_dir": run_dir})
+    if task == "binary" and column != "test/auroc":  # every classification run logs AUROC too
+        row["test/auroc"] = round(value - 0.1, 6)
     return row
 
 
@@ -175,10 +178,26 @@ def test_to_json_structure_and_values(results):
     data = to_json(main_table(results))
     assert list(data) == ["chexchonet", "cxlseg", "tb", "nih"]
     assert set(data["tb"]) == {"imagenet", "pacx"}  # the missing MAE cell is absent
-    assert data["tb"]["imagenet"] == {"metric": "auroc", "mean": pytest.approx(0.90), "std": 0.0, "n": 1}
+    assert data["tb"]["imagenet"] == {"metric": "auroc", "mean": pytest.approx(0.90), "std": 0.0, "n": 1,
+                                      "n_upstream": 1}
     pacx = data["chexchonet"]["pacx"]
-    assert pacx == {"metric": "f1", "mean": pytest.approx(0.82), "std": pytest.approx(math.sqrt(0.00025)), "n": 5}
+    assert pacx == {"metric": "f1", "mean": pytest.approx(0.82), "std": pytest.approx(math.sqrt(0.00025)), "n": 5,
+                    "n_upstream": 1}
     json.dumps(data)  # plain Python types
+
+
+def test_n_upstream_counts_distinct_upstream_encoders():
+    """Rows from 3 Stage 2 exports x 2 probe seeds: n 6, n_upstream 3, std over all six; no weights: 1."""
+    rows = [_row("tb", "binary", "test/auroc", "pacx", "linear_probe", 1.0, s, 0.7 + 0.01 * u + 0.001 * s)
+            | {"backbone_weights": f"exports/pacx_encoder_s{u}.safetensors", "run_dir": f"r/u{u}s{s}"}
+            for u in range(3) for s in range(2)]
+    rows += [_row("tb", "binary", "test/auroc", "mae", "linear_probe", 1.0, s, 0.5) | {"backbone_weights": None}
+             for s in range(2)]
+    data = to_json(main_table(pd.DataFrame(rows)))["tb"]
+    values = [r["metric_value"] for r in rows[:6]]
+    assert data["pacx"]["n"] == 6 and data["pacx"]["n_upstream"] == 3
+    assert data["pacx"]["std"] == pytest.approx(float(np.std(values, ddof=1)))
+    assert data["mae"]["n_upstream"] == 1
 
 
 def test_low_data_table(results):
@@ -235,3 +254,21 @@ def test_use_metric_tabulates_a_benchmark_by_another_logged_metric(results):
     assert out.loc[~rows, "metric_value"].tolist() == df.loc[~rows, "metric_value"].tolist()
     with pytest.raises(ValueError, match="no tb row has a value in column 'test/auroc'"):
         use_metric(df, "tb", "test/auroc")
+
+
+def test_script_takes_each_tables_metric_from_the_registry(results_csv, tmp_path, capsys):
+    """chexchonet: the main table in its paper metric (F1), the low-data table in AUROC (the registry's
+    low_data_metric; here F1 - 0.1 by construction); --metric still overrides a benchmark in both."""
+    from scripts.make_tables import main
+
+    assert main([str(results_csv), "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert MAIN_MARKDOWN in out
+    assert ("| chexchonet | AUROC | – | 0.500 ± 0.000 | 0.640 ± 0.032 | 0.450 ± 0.000 | 0.540 ± 0.007 | 0.660 ± 0.010 "
+            "| **0.500 ± 0.016** | **0.600 ± 0.000** | **0.720 ± 0.016** |") in out
+    assert main([str(results_csv), "--out-dir", str(tmp_path), "--metric", "chexchonet=test/auroc"]) == 0
+    assert "| chexchonet | AUROC | 0.640 ± 0.032 | 0.660 ± 0.010 | **0.720 ± 0.016** |" in capsys.readouterr().out
+    rows = pd.read_csv(results_csv).drop(columns="test/auroc")
+    rows.to_csv(tmp_path / "no_auroc.csv", index=False)
+    with pytest.raises(ValueError, match=r"low-data table reports chexchonet in AUROC: .*'test/auroc'"):
+        main([str(tmp_path / "no_auroc.csv"), "--out-dir", str(tmp_path)])

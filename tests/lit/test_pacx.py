@@ -14,7 +14,7 @@ from pacx.lit.pacx import PaCXModule, retrieval_topk
 from pacx.models.tuning import apply_tuning, merge_lora_state
 from pacx.models.vit import create_vit
 from Stage2_PACX import main
-from tests.helpers import stage2_args
+from tests.helpers import PAPER_STAGE2, stage2_args
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -38,11 +38,10 @@ def _module(**kw):
 def test_fit_from_stage1_then_resume_and_export(tmp_path, repo, symile_root, stage1_run):
     run = tmp_path / "pacx"
     main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-               "--trainer.limit_val_batches", "2"))
+               *PAPER_STAGE2))
     info = json.loads((run / "run.json").read_text())
-    assert info["stage"] == "stage2_pacx" and info["global_step"] == 2
-    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1",
-               "--ckpt_path", "last"))
+    assert info["stage"] == "stage2_pacx" and info["global_step"] == 2 and info["debug"] == {}
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "4", "--ckpt_path", "last", *PAPER_STAGE2))
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["pacx"]["tuning"] == "lora"
     assert any("lora_A.default" in k for k in ckpt["state_dict"])

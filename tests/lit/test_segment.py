@@ -123,7 +123,10 @@ def _write_pair(root: Path, name: str, size=(16, 16), mask_size=None) -> None:
     Image.fromarray(mask, "L").save(root / f"{name}_mask.png")
 
 
+@pytest.mark.bad_input
 def test_dataset_outputs_binary_masks_and_names_bad_rows(tmp_path):
+    """Segmentation manifest row with a missing mask, or a mask of another size than its image →
+    ManifestError naming the CSV, the row and its line, and the file."""
     _write_pair(tmp_path, "a")
     _write_pair(tmp_path, "b", mask_size=(12, 16))
     df = pd.DataFrame({"img_path": ["a.png", "a.png", "b.png"], "mask_path": ["a_mask.png", "gone.png", "b_mask.png"]})
@@ -131,9 +134,9 @@ def test_dataset_outputs_binary_masks_and_names_bad_rows(tmp_path):
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y.shape == (1, 32, 32)
     assert set(y.unique().tolist()) <= {0.0, 1.0} and y.sum() > 0
-    with pytest.raises(ManifestError, match=r"train\.csv: row 1: .*gone\.png"):
+    with pytest.raises(ManifestError, match=r"train\.csv: row 1 \(line 3\): .*gone\.png"):
         ds[1]
-    with pytest.raises(ManifestError, match=r"train\.csv: row 2: mask .*b_mask\.png is 16x12"):
+    with pytest.raises(ManifestError, match=r"train\.csv: row 2 \(line 4\): mask .*b_mask\.png is 16x12"):
         ds[2]
 
 

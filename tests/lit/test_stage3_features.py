@@ -15,7 +15,13 @@ import torch
 
 import pacx
 from pacx.checkpoint import safe_torch_load
-from pacx.data.feature_cache import FeatureCache, cached_features, images_fingerprint
+from pacx.data.feature_cache import (
+    FeatureCache,
+    FeatureDataset,
+    FlipFeatureDataset,
+    cached_features,
+    images_fingerprint,
+)
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
 from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
@@ -69,6 +75,67 @@ def test_cached_and_per_epoch_probes_give_the_same_head(tb, stage1_run, tmp_path
     assert not ra["feature_cache"] and rb["feature_cache"]
     assert rb["metric_value"] == pytest.approx(ra["metric_value"], abs=1e-5)
     assert len(list(cache_dir.glob("*.npy"))) == 3 and len(list(cache_dir.glob("*.json"))) == 3  # one per split
+
+
+def test_flip_cache_and_per_epoch_probes_train_the_same_head(tb, stage1_run, tmp_path):
+    """Two epochs with the train flip: the head trained on the flip-aware cache equals the head trained with a
+    backbone forward per batch of flipped images (to 1e-5), because both draw every sample's flip from the same
+    seeded stream; the plain cache (no flip) trains another head. Results rows say which runs saw the flip."""
+    epochs = ("--trainer.max_epochs", "2")
+    per_epoch = _fit(tb, tmp_path / "per_epoch", stage1_run, "--model.feature_cache", "false", *epochs)
+    flip = _fit(tb, tmp_path / "flip", stage1_run, "--model.feature_cache", "flip", *epochs,
+                "--model.feature_cache_dir", str(tmp_path / "cache"))
+    plain = _fit(tb, tmp_path / "plain", stage1_run, "--model.feature_cache", "plain", *epochs,
+                 "--model.feature_cache_dir", str(tmp_path / "cache"))
+    assert isinstance(flip.datamodule.datasets["train"], FlipFeatureDataset)
+    assert type(plain.datamodule.datasets["train"]) is FeatureDataset and not per_epoch.model.features_served
+    a, b, c = (_head(tmp_path / name) for name in ("per_epoch", "flip", "plain"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-4  # the flips mattered
+    rows = {name: pd.read_csv(tmp_path / name / "results.csv").iloc[0] for name in ("per_epoch", "flip", "plain")}
+    assert [bool(rows[n]["train_flip"]) for n in rows] == [True, True, False]
+    assert [bool(rows[n]["feature_cache"]) for n in rows] == [False, True, True]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
+    pair = [r for r in records if r["flip_pair"]]
+    assert len(records) == 4 and len(pair) == 1 and pair[0]["split"] == "train" and pair[0]["dim"] == 64
+
+
+def test_feature_cache_values_and_the_true_alias(stage1_run):
+    """flip (default) | plain | false; ``true`` (older configs) is the default, flip-aware cache."""
+    from pacx.lit.classify import ClassificationModule
+    from pacx.models.backbones import BackboneConfig
+
+    cfg = BackboneConfig("weights", str(stage1_run), "vit_test", 32)
+    modes = {str(v): ClassificationModule("tb", cfg, feature_cache=v).cache_mode for v in ("flip", "plain", True, False)}
+    assert modes == {"flip": "flip", "plain": "plain", "True": "flip", "False": None}
+    assert ClassificationModule("tb", cfg).cache_mode == "flip"
+    assert ClassificationModule("tb", cfg, mode="finetune").cache_mode is None  # the backbone trains: no cache
+    with pytest.raises(ValueError, match=r"feature_cache 'flop' not in flip \| plain \| true \| false"):
+        ClassificationModule("tb", cfg, feature_cache="flop")
+
+
+def test_flip_features_follow_the_image_paths_draws(tb, stage1_run):
+    """Seeded per sample as in training, the flip-aware dataset returns the flipped features exactly where the
+    image transform flips the image."""
+    from pacx.data.benchmark_dm import BenchmarkDataModule
+    from pacx.data.resumable import SeededDataset, derive_seed
+
+    raw, manifests = tb
+    dm = BenchmarkDataModule("tb", str(raw), str(manifests), batch_size=4, num_workers=0, img_size=32)
+    images, plain = dm.build_dataset("train"), dm.build_dataset("train", augment=False)
+    n = len(images)
+    pairs = torch.cat([torch.zeros(n, 1), torch.ones(n, 1)], dim=1)  # feature 0 = as is, 1 = flipped
+    features = SeededDataset(FlipFeatureDataset(pairs, plain.labels, 0.5), seed=3)
+    flips = []
+    for epoch in range(2):
+        for i in range(n):
+            key = (i, derive_seed(3, 0, epoch, i))
+            shown = SeededDataset(images, seed=3)[key][0]
+            flipped = torch.equal(shown, plain[i][0].flip(-1)) and not torch.equal(shown, plain[i][0])
+            flips.append(flipped)
+            assert features[key][0].item() == float(flipped)
+    assert 0 < sum(flips) < len(flips)
 
 
 def test_feature_cache_is_reused_and_keyed_by_weights_and_images(tb, stage1_run, tmp_path, monkeypatch):
@@ -190,7 +257,7 @@ def test_predict_writes_embeddings_in_manifest_order(tb, stage1_run, tmp_path):
     listing = pd.read_csv(out.with_suffix(".csv"))
     assert listing["image"].tolist() == [str(p) for p in paths] and listing["row"].tolist() == list(range(len(paths)))
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["rows"] == len(paths) and meta["dim"] == 32 and meta["backbone_weights"] == str(stage1_run)
+    assert meta["rows"] == len(paths) and meta["dim"] == 32 and meta["backbone_weights"] == stage1_run.name
 
 
 def test_predict_on_a_folder_sorts_images_and_matches_under_two_process_ddp(tb, stage1_run, tmp_path, repo):

@@ -1,7 +1,7 @@
 """ECGFounder teacher: release-compatible state dict, block semantics, strict loading, safe pickles,
-conversion to safetensors, and the official preprocessing (ECGFOUNDER.md; issue 3, "Physiology teachers").
+conversion to safetensors, and the official preprocessing (docs/ecgfounder.md).
 
-The reference key list is written here from ECGFOUNDER.md §4, independently of the module.
+The reference key list is written here from docs/ecgfounder.md#keys, independently of the module.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.helpers import load_script
 ROOT = Path(__file__).resolve().parents[2]
 FS = 500.0
 
-# ECGFOUNDER.md §2 (12-lead release) and our demo_small / 1_lead entries, written out independently.
+# docs/ecgfounder.md#configuration (12-lead release) and our demo_small / 1_lead entries, written out independently.
 REFERENCE_ARCHS: dict[str, dict] = {
     "12_lead": dict(in_ch=12, base=64, filters=(64, 160, 160, 400, 400, 1024, 1024), blocks=(2, 2, 2, 3, 3, 4, 4)),
     "1_lead": dict(in_ch=1, base=64, filters=(64, 160, 160, 400, 400, 1024, 1024), blocks=(2, 2, 2, 3, 3, 4, 4)),
@@ -49,7 +49,7 @@ REFERENCE_ARCHS: dict[str, dict] = {
 
 def reference_shapes(in_ch: int, base: int, filters: tuple[int, ...], blocks: tuple[int, ...],
                      n_classes: int = 150, kernel: int = 16, group_width: int = 16) -> list[tuple[str, tuple]]:
-    """(key, shape) in the official order, from ECGFOUNDER.md §4."""
+    """(key, shape) in the official order, from docs/ecgfounder.md#keys."""
     def bn(prefix: str, c: int) -> list[tuple[str, tuple]]:
         return [(f"{prefix}.weight", (c,)), (f"{prefix}.bias", (c,)), (f"{prefix}.running_mean", (c,)),
                 (f"{prefix}.running_var", (c,)), (f"{prefix}.num_batches_tracked", ())]
@@ -129,7 +129,7 @@ def test_se_reduction_is_two_and_only_the_first_block_skips_the_first_swish():
 
 
 # --------------------------------------------------------------------------------------------------
-# Block semantics (ECGFOUNDER.md §3)
+# Block semantics (docs/ecgfounder.md#blocks)
 
 
 @pytest.mark.parametrize(("length", "stride", "expected"), [
@@ -171,7 +171,7 @@ def test_shortcut_zero_channels_split_on_both_sides(cin, cout, groups, before):
 
 
 def manual_block(blk: BasicBlock, x: torch.Tensor, first: bool, downsample: bool) -> torch.Tensor:
-    """ECGFOUNDER.md §3.4 written out with functional ops."""
+    """docs/ecgfounder.md#blocks written out with functional ops."""
     def same(h: torch.Tensor, conv: torch.nn.Conv1d, stride: int) -> torch.Tensor:
         k, length = conv.kernel_size[0], h.shape[-1]
         total = max(0, (math.ceil(length / stride) - 1) * stride + k - length)
@@ -333,7 +333,7 @@ def test_convert_script_writes_safetensors_that_load_identically(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Preprocessing (ECGFOUNDER.md §6)
+# Preprocessing (docs/ecgfounder.md#preprocessing)
 
 
 def synthetic_ecg(n_records: int = 3, seed: int = 0, n_samples: int = 5000) -> np.ndarray:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from pacx.lit.common import append_results_row
 from pacx.reproduce import main
@@ -31,8 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "plans" / "paper.yaml"
 DEMO = REPO / "plans" / "demo.yaml"
 
-# The paper's Stage 3 grid, from SPEC.md / DATASETS.md rather than from the plan: the nine benchmarks, the
-# low-data tasks of §14 among them (COVIDx is a §14 task but not one of the nine), backbones, seeds 0-4.
+# The paper's Stage 3 grid, from docs/method.md / docs/datasets.md rather than from the plan: the nine benchmarks, the
+# low-data tasks of docs/datasets.md#low-data among them (COVIDx is a low-data task but not one of the nine), backbones, seeds 0-4.
 BENCHMARKS = {"chexchonet", "vindr", "medmod_phys", "cxlseg", "covidqu_seg", "tb", "chestx6", "nih", "qata"}
 LOW_DATA = {"chexchonet", "nih", "vindr", "chestx6", "medmod_phys"}
 SEGMENTATION = {"cxlseg", "covidqu_seg", "qata"}
@@ -182,6 +183,104 @@ def test_paper_grid_covers_benchmarks_backbones_fractions_seeds(tmp_path):
     expected = {(b, k, f, s) for b in BENCHMARKS for k in BACKBONES for s in SEEDS
                 for f in ((1.0, 0.01) if b in LOW_DATA else (1.0,))}
     assert seen == expected
+
+
+# The authors' effective settings (docs/method.md#profiles), written out here: node -> setting -> (paper, authors).
+AUTHORS = {
+    ("stage1", "model.mask_ratio"): (0.9, 0.75),
+    ("stage2", "data.batch_size"): (128, 500),
+    ("stage2", "model.init_args.norm_eps"): (1e-6, 1e-5),
+    ("stage2", "model.init_args.trainable_norms"): ("all", "final"),
+}
+
+
+def _value(text: str):
+    """A printed setting as a Python value ("1e-06" is a float here, as the configs mean it)."""
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def test_profile_dry_runs_print_the_resolved_differences_side_by_side(tmp_path, capsys):
+    tables = {}
+    for profile in ("paper", "authors"):
+        assert main([str(PAPER), "--dry-run", "--profile", profile, "--out", str(tmp_path / "{profile}")]) == 0
+        lines = [ln[2:].split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("# stage")]
+        tables[profile] = {(node, key): (_value(a), _value(b)) for node, key, a, b in lines}
+    assert tables["paper"] == tables["authors"] == AUTHORS
+
+
+def _resolved(module, argv: tuple[str, ...], out: Path) -> dict:
+    """The Stage CLI's own resolved config (``--print_config``), flattened, with the run's out dir masked."""
+    import contextlib
+    import io
+
+    from pacx.reproduce.profiles import flatten
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        module.main([*argv, "--print_config"])
+    return {k: str(v).replace(str(out), "<out>") for k, v in flatten(yaml.safe_load(buf.getvalue())).items()}
+
+
+def test_authors_profile_differs_from_paper_exactly_in_the_listed_settings(tmp_path):
+    """Resolved by the Stage CLIs themselves: Stage 1 and Stage 2 differ in exactly the AUTHORS settings; every
+    other node runs the same command (up to the profile's output directory)."""
+    import Stage1_MAE
+    import Stage2_PACX
+
+    plans = {p: load_plan(PAPER, out=tmp_path / "{profile}", profile=p) for p in ("paper", "authors")}
+    assert {p: plan.out for p, plan in plans.items()} == {"paper": tmp_path / "paper", "authors": tmp_path / "authors"}
+    found = {}
+    for node, module in (("stage1", Stage1_MAE), ("stage2", Stage2_PACX)):
+        paper, authors = (_resolved(module, plans[p].nodes[node].points[0].argv, plans[p].out) for p in plans)
+        for key in set(paper) | set(authors):
+            if paper.get(key) != authors.get(key):
+                found[(node, key)] = (_value(paper[key]), _value(authors[key]))
+    assert found == AUTHORS
+    overrides = yaml.safe_load(PAPER.read_text())["profiles"]["authors"]
+    assert set(overrides) == {"stage1", "stage2"}
+    for name, node in plans["paper"].nodes.items():
+        for a, b in zip(node.points, plans["authors"].nodes[name].points):
+            other = list(b.argv)
+            for file in overrides.get(name, []):  # the same command plus the profile's override configs
+                i = other.index(str(REPO / file))
+                assert other[i - 1] == "--config"
+                del other[i - 1:i + 1]
+            assert [x.replace(str(tmp_path / "paper"), "<out>") for x in a.argv] == \
+                [x.replace(str(tmp_path / "authors"), "<out>") for x in other], name
+
+
+def test_profiles_keep_their_own_output_directory(tmp_path, caplog):
+    out = tmp_path / "shared"
+    local = write_plan(tmp_path, f"""\
+        python: {sys.executable}
+        profiles: {{one: {{}}, two: {{}}}}
+        nodes: [{{name: a, script: [-c, "{LOG}", "{{out}}/order.txt", "{{profile}}"]}}]
+    """)
+    assert main([str(local), "--local", "--out", str(out), "--profile", "one"]) == 0
+    assert read_lines(out / "order.txt") == ["one"] and (out / ".plan/profile").read_text() == "one\n"
+    assert main([str(local), "--local", "--out", str(out), "--profile", "two"]) == 2
+    assert "holds the runs of profile 'one', not 'two'" in caplog.text
+    assert main([str(local), "--local", "--out", str(tmp_path / "{profile}"), "--profile", "two"]) == 0
+    assert read_lines(tmp_path / "two" / "order.txt") == ["two"]
+    with pytest.raises(PlanError, match="unknown profile 'three'; the plan's profiles: one, two"):
+        load_plan(local, out=out, profile="three")
+    with pytest.raises(PlanError, match="--profile one given, but the plan declares no profiles"):
+        load_plan(DEMO, out=out, profile="one")
+    bad = write_plan(tmp_path, "profiles: {x: {a: [configs/stage1/mae_vitb_chexpert_ratio075.yaml]}}\n"
+                               "nodes: [{name: a, script: [-c, pass]}]\n", "bad.yaml")
+    with pytest.raises(PlanError, match="profile 'x' names 'a', which is not a stage node"):
+        load_plan(bad, out=out)
+
+
+def test_paper_plan_builds_medmod_without_symiles_training_admissions(tmp_path, capsys):
+    """The dry run shows the MedMod converter with --exclude-hadm pointing at the Symile train ids."""
+    assert main([str(PAPER), "--local", "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "[benchmark=medmod_phys]" in ln)
+    assert "--exclude-hadm /data/symile-mimic/data_npy/train/hadm_id_train.npy" in line
 
 
 def test_demo_plan_stage_argv_layout(tmp_path):

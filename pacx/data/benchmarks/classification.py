@@ -1,4 +1,4 @@
-"""Classification benchmarks: official release metadata -> split manifests (DATASETS.md §4-§6, §8b-§11, §13).
+"""Classification benchmarks: official release metadata -> split manifests (docs/datasets.md, one section per benchmark).
 
 One converter per entry of ``pacx.data.registry.BENCHMARKS`` with a classification task, registered with
 ``pacx.data.prepare.register_converter`` when this module is imported. Each reads the release's own
@@ -13,13 +13,9 @@ arranged it:
   (the dataset checks existence when it loads).
 * NIH, COVIDx, COVID-QU-Ex (classification) and pediatric pneumonia: all images copied flat into
   ``images/`` (the reference's move), beside the official metadata / folders the converter reads.
-* MedMod: the converter reads ``medmod_final.csv`` if the raw folder has it (stays already linked to
-  their CXR). Otherwise it builds that table from the MedMod pipeline's ``all_stays.csv`` and row-aligned
-  ``phenotype_labels.csv`` plus MIMIC-CXR-JPG's ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (§6 step 2, with
-  the optional Symile-train exclusion of step 1 on the stay table only) and saves it beside the
-  manifests. ``cxr_path`` keeps its MIMIC-CXR-JPG relative path (``p10/p10000032/s<study>/<dicom>.jpg``)
-  under the image root instead of images being moved into ``train/ val/ test/`` and the path rewritten
-  to the basename.
+
+MedMod's converters live in :mod:`pacx.data.benchmarks.medmod` (they also guard against Stage 2 leakage);
+the helpers here (``find_file``, ``split_two_step``, ``write_manifests``, ``_register``) are shared with it.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -110,7 +105,7 @@ def _register(name: str, *options: ConverterOption):
                               options=(_SEED, *options))
 
 
-# ---------------------------------------------------------------- CheXchoNet (§4)
+# ---------------------------------------------------------------- CheXchoNet (docs/datasets.md#chexchonet)
 
 CHEXCHONET_METADATA = "metadata.csv"
 CHEXCHONET_TARGET = "composite_slvh_dlv"
@@ -142,7 +137,7 @@ def prepare_chexchonet_echo(raw: Path, out: Path, seed: int = 42) -> dict:
     return write_manifests(spec, frames, out, patient_column="patient_id")
 
 
-# ---------------------------------------------------------------- VinDr-CXR (§5)
+# ---------------------------------------------------------------- VinDr-CXR (docs/datasets.md#vindr)
 
 VINDR_TRAIN = ("annotations/image_labels_train.csv", "image_labels_train.csv")
 VINDR_TEST = ("annotations/image_labels_test.csv", "image_labels_test.csv")
@@ -178,105 +173,7 @@ def prepare_vindr(raw: Path, out: Path, seed: int = 42, min_positives: int = 50)
     return write_manifests(spec, {"train": train, "val": val, "test": test}, out)
 
 
-# ---------------------------------------------------------------- MedMod (§6)
-
-MEDMOD_FINAL = "medmod_final.csv"
-MEDMOD_STAYS = "all_stays.csv"
-MEDMOD_PHENOTYPE_FILE = "phenotype_labels.csv"
-MIMIC_CXR_METADATA = ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-metadata.csv.gz")
-MEDMOD_STRATIFY = "Other upper respiratory disease"
-MEDMOD_DROP = ("last_careunit", "los", "race", "ethnicity", "gender", "age")
-MEDMOD_META = ("subject_id", "hadm_id", "stay_id", "intime", "outtime", "admittime", "dischtime", "deathtime",
-               "anchor_age", "dod")
-MEDMOD_TIMES = ("intime", "outtime", "admittime", "dischtime")
-
-
-def cxr_study_times(meta: pd.DataFrame) -> pd.Series:
-    """MIMIC-CXR ``StudyDate`` (YYYYMMDD) + ``StudyTime`` (HHMMSS[.fff]) -> datetime (fraction dropped)."""
-    date = meta["StudyDate"].astype("int64").astype(str)
-    time = meta["StudyTime"].astype(float).astype("int64").astype(str).str.zfill(6)
-    return pd.to_datetime(date + time, format="%Y%m%d%H%M%S")
-
-
-def link_stays_to_cxr(stays: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
-    """§6 step 2: each stay (in table order) takes the earliest of its subject's still-unused images whose
-    study time lies in [min(intime, admittime), max(outtime, dischtime)]; the image then leaves the pool.
-    Stays without a match are dropped. Adds ``cxr_path = p<xx>/p<subject>/s<study>/<dicom>.jpg``."""
-    meta = meta.assign(_t=cxr_study_times(meta)).sort_values("_t", kind="stable")
-    pool: dict[int, list[tuple[pd.Timestamp, str, int]]] = {}
-    for subject, dicom, study, t in zip(meta["subject_id"], meta["dicom_id"], meta["study_id"], meta["_t"]):
-        pool.setdefault(int(subject), []).append((t, str(dicom), int(study)))
-    times = {c: pd.to_datetime(stays[c]) for c in MEDMOD_TIMES}
-    start = pd.concat([times["intime"], times["admittime"]], axis=1).min(axis=1)
-    stop = pd.concat([times["outtime"], times["dischtime"]], axis=1).max(axis=1)
-    keep, paths = [], []
-    for i, subject in enumerate(stays["subject_id"].astype("int64")):
-        images = pool.get(int(subject), [])
-        for j, (t, dicom, study) in enumerate(images):  # sorted by time: the first hit is the earliest
-            if start.iat[i] <= t <= stop.iat[i]:
-                keep.append(i)
-                paths.append(f"p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg")
-                del images[j]
-                break
-    if len(keep) < len(stays):
-        log.info("MedMod: %d of %d stays have no CXR in their admission window (dropped)",
-                 len(stays) - len(keep), len(stays))
-    return stays.iloc[keep].assign(cxr_path=paths).reset_index(drop=True)
-
-
-def build_medmod_final(raw: Path, exclude_hadm: str | Path | None = None) -> pd.DataFrame:
-    """``all_stays.csv`` + row-aligned ``phenotype_labels.csv`` (+ Symile-train exclusion by ``hadm_id``)
-    linked to ``mimic-cxr-2.0.0-metadata.csv``; columns in the reference's ``medmod_final.csv`` order."""
-    stays_path, pheno_path = find_file(raw, [MEDMOD_STAYS]), find_file(raw, [MEDMOD_PHENOTYPE_FILE])
-    stays = read_manifest(stays_path, [*MEDMOD_META, *get_benchmark("medmod_mort").labels])
-    phenotypes = read_manifest(pheno_path, get_benchmark("medmod_phys").labels)
-    if len(stays) != len(phenotypes):
-        raise ManifestError(f"{pheno_path}: {len(phenotypes)} rows, but {stays_path} has {len(stays)} "
-                            "(the files must be row-aligned)")
-    df = pd.concat([stays, phenotypes], axis=1).drop(columns=list(MEDMOD_DROP), errors="ignore")
-    if exclude_hadm:
-        excluded = set(np.load(exclude_hadm, allow_pickle=True).astype("int64").tolist())
-        df = df[~df["hadm_id"].astype("int64").isin(excluded)]
-        log.info("MedMod: excluded admissions in %s; %d stays left", exclude_hadm, len(df))
-    meta_path = find_file(raw, MIMIC_CXR_METADATA)
-    meta = read_manifest(meta_path, ["dicom_id", "subject_id", "study_id", "StudyDate", "StudyTime"])
-    linked = link_stays_to_cxr(df.reset_index(drop=True), meta)
-    labels = [*get_benchmark("medmod_mort").labels, *get_benchmark("medmod_phys").labels]
-    return linked[[*MEDMOD_META, *labels, "cxr_path"]]
-
-
-def _prepare_medmod(name: str, raw: Path, out: Path, seed: int, exclude_hadm: str | None) -> dict:
-    spec = get_benchmark(name)
-    if (raw / MEDMOD_FINAL).is_file():
-        path = raw / MEDMOD_FINAL
-        df = read_manifest(path, ["stay_id", "subject_id", spec.path_column, MEDMOD_STRATIFY, *spec.labels])
-    else:
-        df = build_medmod_final(raw, exclude_hadm)
-        out.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / MEDMOD_FINAL, index=False)
-    frames = split_two_step(df, 0.2, 0.1 / 0.8, int(seed), stratify=MEDMOD_STRATIFY)
-    return write_manifests(spec, frames, out, patient_column="subject_id")
-
-
-_EXCLUDE = ConverterOption(
-    "--exclude-hadm", "Symile data_npy/train/hadm_id_train.npy: drop these admissions before linking (only "
-                      "used when building from all_stays.csv)", is_flag=False, default=None)
-
-
-@_register("medmod_phys", _EXCLUDE)
-def prepare_medmod_phys(raw: Path, out: Path, seed: int = 42, exclude_hadm: str | None = None) -> dict:
-    """``medmod_final.csv`` if present, else built from the pipeline outputs and the MIMIC-CXR metadata;
-    stay-level 70/10/20 stratified on the rarest phenotype; all columns kept."""
-    return _prepare_medmod("medmod_phys", raw, out, seed, exclude_hadm)
-
-
-@_register("medmod_mort", _EXCLUDE)
-def prepare_medmod_mort(raw: Path, out: Path, seed: int = 42, exclude_hadm: str | None = None) -> dict:
-    """The same split CSVs as ``medmod_phys``; the task reads the three mortality columns."""
-    return _prepare_medmod("medmod_mort", raw, out, seed, exclude_hadm)
-
-
-# ---------------------------------------------------------------- COVID-QU-Ex classification (§8b)
+# ---------------------------------------------------------------- COVID-QU-Ex classification (docs/datasets.md#covidqu)
 
 COVIDQU_LUNG = ("Lung Segmentation Data/Lung Segmentation Data", "Lung Segmentation Data")
 COVIDQU_SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
@@ -305,7 +202,7 @@ def prepare_covidqu(raw: Path, out: Path, seed: int = 42) -> dict:
     return write_manifests(spec, {s: df[df["Split"] == s] for s in SPLITS}, out)
 
 
-# ---------------------------------------------------------------- TB Shenzhen (§9)
+# ---------------------------------------------------------------- TB Shenzhen (docs/datasets.md#tb)
 
 TB_METADATA = "shenzhen_metadata.csv"
 
@@ -320,7 +217,7 @@ def prepare_tb(raw: Path, out: Path, seed: int = 42) -> dict:
     return write_manifests(spec, split_two_step(df, 0.2, 0.15, int(seed), stratify="Label"), out)
 
 
-# ---------------------------------------------------------------- ChestX6 (§10)
+# ---------------------------------------------------------------- ChestX6 (docs/datasets.md#chestx6)
 
 CHESTX6_ROOT = ("chest-xray", ".")
 
@@ -346,7 +243,7 @@ def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
     return write_manifests(spec, frames, out)
 
 
-# ---------------------------------------------------------------- NIH ChestX-ray14 (§11)
+# ---------------------------------------------------------------- NIH ChestX-ray14 (docs/datasets.md#nih)
 
 NIH_ENTRY = "Data_Entry_2017.csv"
 NIH_TRAIN_VAL = "train_val_list.txt"
@@ -376,7 +273,7 @@ def prepare_nih(raw: Path, out: Path, seed: int = 42) -> dict:
     return write_manifests(spec, {"train": train, "val": val, "test": test}, out, patient_column="Patient ID")
 
 
-# ---------------------------------------------------------------- COVIDx and pediatric pneumonia (§13)
+# ---------------------------------------------------------------- COVIDx and pediatric pneumonia (docs/datasets.md#extra-benchmarks)
 
 COVIDX_FILES = ("train.txt", "val.txt", "test.txt")
 COVIDX_COLUMNS = ["Patient ID", "Path", "Label", "Data Source"]

@@ -1,4 +1,4 @@
-"""Segmentation benchmarks (DATASETS.md §7, §8(a), §12): official release -> ``img_path, mask_path`` manifests.
+"""Segmentation benchmarks (docs/datasets.md#cxlseg, #covidqu, #qata): official release -> ``img_path, mask_path`` manifests.
 
 Each converter writes ``train.csv``, ``val.csv`` and ``test.csv`` into ``out``, with the columns
 ``img_path`` and ``mask_path`` relative to the dataset's image root, and returns a summary (rows per

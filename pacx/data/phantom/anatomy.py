@@ -14,7 +14,7 @@ to measure how much pixel variance the bones carry.
 
 Physiology enters in three places only, and subtly: the heart's transverse half-axis scales by
 ``1 + HEART_WIDTH_PER_SD * cardiac_size`` (±12 % per SD, the size that showed the PaCX effect at demo
-scale in shared/notes/demo-feasibility.md), a faint basal/perihilar haze grows with ``fluid``, and
+scale in docs/method.md#demo-scale), a faint basal/perihilar haze grows with ``fluid``, and
 above ~+1 SD of ``fluid`` a meniscus of pleural fluid blunts the costophrenic angles. The bones
 (``BONE``) are dense enough to carry most of the pixel variance inside the lung fields, where those
 signs are; over whole images the layout of lungs, heart and abdomen under pose and exposure carries more.

@@ -15,7 +15,7 @@ fitted values: dilated hearts go with congestion (0.5); hypertension drives both
 kidney disease (0.3 each); kidney disease retains fluid (0.4); congestion raises the rate (0.3);
 dilation and hypertrophy co-occur (0.4). Everything else is small.
 
-The physiology-dense label follows CheXchoNet (DATASETS.md §4): echo measurements in cm from the latent
+The physiology-dense label follows CheXchoNet (docs/datasets.md#chexchonet): echo measurements in cm from the latent
 plus measurement noise, severe LV hypertrophy (``slvh``: IVSd or LVPWd >= ``SLVH_CM``), dilated LV
 (``dlv``: LVIDd >= ``DLV_CM``) and ``composite_slvh_dlv``. The cut-offs are phantom values chosen for
 a demo-scale prevalence (~30 % composite, mostly DLV, i.e. cardiac size above ~+0.6 SD), not the

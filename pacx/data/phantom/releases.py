@@ -5,18 +5,18 @@ releases (and stages), renders them, hands the content to the writer of the real
 ground-truth table (one row per image or admission: its key in the release, a phantom patient id, the
 latent and what was drawn), which ``generate_phantom`` saves under ``truth/`` beside the releases:
 
-- ``chexpert`` (Stage 1): ``write_chexpert_release`` (DATASETS.md §2), frontal views only; its CSV
+- ``chexpert`` (Stage 1): ``write_chexpert_release`` (docs/datasets.md#chexpert), frontal views only; its CSV
   labels stay the writer's random ones (the MAE ignores them).
-- ``symile`` (Stage 2): ``write_symile_release`` (§3) with the phantom latents and record function,
+- ``symile`` (Stage 2): ``write_symile_release`` (docs/datasets.md#symile) with the phantom latents and record function,
   lab percentiles fitted on train, and ``test_uni``'s CXR and ids (teacher features come later, from
   ``pacx.teachers`` on this tree).
-- ``chexchonet`` (Stage 3, physiology-dense): ``write_chexchonet`` (§4); 1-3 CXRs per patient, echo
+- ``chexchonet`` (Stage 3, physiology-dense): ``write_chexchonet`` (docs/datasets.md#chexchonet); 1-3 CXRs per patient, echo
   measurements and labels from the latent (``latent.echo_labels``), ``pacemaker_or_icd`` = the device
   drawn on that CXR, heart/lung transplant rare and unseen.
-- ``covidqu_seg`` (Stage 3, structural): ``write_covidqu_seg_release`` (§8a): PNG images and lossless
+- ``covidqu_seg`` (Stage 3, structural): ``write_covidqu_seg_release`` (docs/datasets.md#covidqu): PNG images and lossless
   PNG lung masks from the geometry; official Train/Val/Test folders; ``Non-COVID`` holds the images
   with a nodule or a pleural effusion, ``Normal`` the rest, ``COVID-19`` is empty.
-- ``tb`` (Stage 3, plain finding): ``write_tb`` (§9), half the images with a nodule; ``findings`` names it
+- ``tb`` (Stage 3, plain finding): ``write_tb`` (docs/datasets.md#tb), half the images with a nodule; ``findings`` names it
   ("nodule in the left lower field") or reads "normal", which is the label rule of the layout.
   Chosen over the other binary layouts because its label comes from a findings text (so a finding other
   than TB reads naturally), its images are lossless PNG (a 2-4 px nodule survives) and its size matches.

@@ -1,7 +1,7 @@
 """Tiny synthetic releases of the classification benchmarks, in the layouts their converters read.
 
 Each writer ``write_<name>(out, seed) -> raw root`` writes the official metadata files (names and
-columns as in DATASETS.md §4-§13) with a few dozen rows, plus 32x32 grayscale images where the
+columns as in docs/datasets.md (one section per benchmark)) with a few dozen rows, plus 32x32 grayscale images where the
 benchmark's spec (``pacx.data.registry``) expects them under the returned root, i.e. the release after
 the reference's documented rename/flatten steps (for example NIH's flat ``images/``, CheXchoNet's
 ``cxrs/`` renamed ``images/``). Folder-labelled releases (COVID-QU-Ex, pediatric pneumonia) get both

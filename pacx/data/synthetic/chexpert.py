@@ -1,6 +1,6 @@
 """Writer of a CheXpert-v1.0-small release in its real layout, for tests, benchmarks and the demo.
 
-Layout (as released, DATASETS.md §2)::
+Layout (as released, docs/datasets.md#chexpert)::
 
     <out>/train.csv, <out>/valid.csv
     <out>/train/patient00001/study1/view1_frontal.jpg

@@ -1,4 +1,4 @@
-"""Writers of tiny segmentation releases in their official layouts (DATASETS.md §7, §8(a), §12), for tests.
+"""Writers of tiny segmentation releases in their official layouts (docs/datasets.md#cxlseg, #covidqu, #qata), for tests.
 
 Each writer puts 32x32 grayscale images and binary (0/255) masks at the release's exact paths, about
 10-20 images per split, deterministically for a seed, and leaves one image without its mask so the

@@ -1,4 +1,4 @@
-"""Writer of a Symile-MIMIC ``data_npy/`` tree in its real layout (DATASETS.md §3), for tests and the demo.
+"""Writer of a Symile-MIMIC ``data_npy/`` tree in its real layout (docs/datasets.md#symile), for tests and the demo.
 
 Two halves, kept apart so a physiology phantom can replace the generators without touching the layout:
 
@@ -16,7 +16,7 @@ Two halves, kept apart so a physiology phantom can replace the generators withou
   then per query, in query order, ``n_candidates - 1`` whole rows of other admissions of the same
   split with label 0 and the query's ``label_hadm_id``. ``write_teacher_features`` adds
   ``ecg_features.npy`` / ``labs_features.npy`` (a fixed random map of the latent plus noise, so
-  consumers have something learnable) and the ``test_uni`` split of §3.3.
+  consumers have something learnable) and the ``test_uni`` split of docs/datasets.md#teacher-features.
 
 Everything is determined by ``seed``.
 """
@@ -338,12 +338,12 @@ def write_symile_release(
         if query is not None:
             np.save(_path(out, split, "label"), (source == query).astype(np.int64))
             np.save(_path(out, split, "label_hadm_id"), hadm_all[first[source_of[split]] + query])
-        if write_teacher_features and split != "val_retrieval":  # §3.3: no features for val_retrieval
+        if write_teacher_features and split != "val_retrieval":  # docs/datasets.md#teacher-features: no features for val_retrieval
             np.save(_path(out, split, "ecg_features"), ecg_feat[idx])
             np.save(_path(out, split, "labs_features"), labs_feat[idx])
 
     if write_teacher_features if write_test_uni is None else write_test_uni:
-        n = n_test_queries  # test_uni (§3.3): the test queries only
+        n = n_test_queries  # test_uni (docs/datasets.md#teacher-features): the test queries only
         for key in ("cxr", "ecg_features", "labs_features") if write_teacher_features else ("cxr",):
             np.save(_path(out, "test_uni", key), np.load(_path(out, "test", key), mmap_mode="r")[:n])
         # As the reference: hadm_id_test.npy there holds the queries' label_hadm_id.

@@ -1,0 +1,81 @@
+"""Reading a run directory's ``run.json`` (written by :class:`pacx.lit.callbacks.RunRecord`).
+
+``run.json`` says ``running`` while a run trains. A process that is killed outright (``kill -9``, the
+out-of-memory killer) cannot update it, so :func:`read_run_record` checks the recorded process: if the
+record says ``running`` and names a process on this host that no longer exists, the status it returns is
+``killed`` (the file itself is rewritten by the next attempt). Catchable ends are written by the run
+itself: ``interrupted`` (Ctrl-C), ``killed: SIGTERM``, ``requeued`` (SLURM), ``failed: <exception>``.
+
+    python -m pacx.run_record RUN_DIR [RUN_DIR ...]    # prints stage, status (live), attempt, debug flags
+
+Lightning-free, so scripts and loaders can read records cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+RUN_JSON = "run.json"
+RUNNING = "running"
+KILLED = "killed"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: a zombie has exited already
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def live_status(record: dict) -> str | None:
+    """The record's status, with ``running`` turned into ``killed`` when its process on this host is gone."""
+    status = record.get("status")
+    pid, host = record.get("pid"), record.get("host")
+    if status == RUNNING and isinstance(pid, int) and host == socket.gethostname() and not process_alive(pid):
+        return KILLED
+    return status
+
+
+def read_run_record(run_dir: str | Path) -> dict:
+    """``<run_dir>/run.json`` as a dict, with the live status (see the module docstring). Missing: ``{}``."""
+    path = Path(run_dir) / RUN_JSON
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: cannot parse: {err}") from err
+    if live_status(record) != record.get("status"):
+        record = {**record, "status": live_status(record), "recorded_status": record.get("status")}
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    dirs = sys.argv[1:] if argv is None else argv
+    if not dirs:
+        sys.stderr.write("usage: python -m pacx.run_record RUN_DIR [RUN_DIR ...]\n")
+        return 2
+    for run_dir in dirs:
+        record = read_run_record(run_dir)
+        if not record:
+            sys.stdout.write(f"{run_dir}: no {RUN_JSON}\n")
+            continue
+        debug = record.get("debug") or {}
+        sys.stdout.write(f"{run_dir}: {record.get('stage')} {record.get('status')} (attempt {record.get('attempt')}, "
+                         f"step {record.get('global_step')}){' DEBUG ' + json.dumps(debug) if debug else ''}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``trainable_norms``: exactly which encoder parameters train under LoRA for all / final / none, in
+``apply_tuning`` and in the Stage 2 module, and the configs that choose it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pacx.lit.pacx import PaCXModule
+from pacx.models.tuning import apply_tuning
+from pacx.models.vit import create_vit
+
+DEPTH = 2  # vit_test
+
+
+def expected_trainable(norms: str) -> set[str]:
+    """The trainable parameter names of a LoRA-wrapped ``vit_test``, written out by hand."""
+    prefix = "base_model.model."
+    lora = {f"{prefix}blocks.{i}.{module}.lora_{ab}.default.weight"
+            for i in range(DEPTH) for module in ("attn.qkv", "mlp.fc1", "mlp.fc2") for ab in "AB"}
+    final = {f"{prefix}norm.weight", f"{prefix}norm.bias"}
+    blocks = {f"{prefix}blocks.{i}.{n}.{w}" for i in range(DEPTH) for n in ("norm1", "norm2") for w in ("weight", "bias")}
+    return lora | {"all": final | blocks, "final": final, "none": set()}[norms]
+
+
+@pytest.mark.parametrize("norms", ["all", "final", "none"])
+def test_lora_trains_exactly_the_chosen_norms(norms):
+    encoder = create_vit("vit_test", img_size=32)
+    assert len(encoder.blocks) == DEPTH
+    model = apply_tuning(encoder, "lora", trainable_norms=norms)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected_trainable(norms)
+
+
+@pytest.mark.parametrize("norms", ["all", "final", "none"])
+def test_stage2_module_passes_trainable_norms_and_records_it(norms):
+    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, trainable_norms=norms)
+    trainable = {n for n, p in module.cxr_encoder.named_parameters() if p.requires_grad}
+    assert trainable == expected_trainable(norms)
+    assert module.pacx_metadata()["trainable_norms"] == norms
+
+
+def test_trainable_norms_is_a_lora_option():
+    with pytest.raises(ValueError, match="trainable_norms 'final' applies to tuning 'lora'"):
+        apply_tuning(create_vit("vit_test", img_size=32), "last_n_blocks", last_n_blocks=1, trainable_norms="final")
+    with pytest.raises(KeyError, match="unknown trainable_norms 'some'"):
+        apply_tuning(create_vit("vit_test", img_size=32), "lora", trainable_norms="some")
+    full = apply_tuning(create_vit("vit_test", img_size=32), "full")  # "all" (the default) is fine anywhere
+    assert all(p.requires_grad for n, p in full.named_parameters() if n != "pos_embed")
+
+
+def test_configs_choose_all_for_the_paper_and_final_for_the_authors(repo):
+    paper = yaml.safe_load((repo / "configs/stage2/pacx_vitb_symile.yaml").read_text())
+    authors = yaml.safe_load((repo / "configs/stage2/pacx_vitb_symile_final_norm.yaml").read_text())
+    assert paper["model"]["init_args"]["trainable_norms"] == "all"
+    assert authors["model"]["init_args"] == {"trainable_norms": "final"}
