@@ -19,7 +19,8 @@ What it adds to Lightning's CLI, in one place:
 * starting ``fit`` in a run directory that already has checkpoints, without ``--ckpt_path``, is an
   error rather than a silent overwrite, except in a requeued SLURM job (``SLURM_RESTART_COUNT > 0``),
   which resumes from ``last.ckpt`` by itself;
-* ``--checkpoint_every_n_steps N`` also saves ``last.ckpt`` every N steps; every save is atomic, and a
+* ``checkpoints/last.ckpt`` is written after every epoch (:class:`~pacx.lit.resilience.LastCheckpoint`) and,
+  with ``--checkpoint_every_n_steps N``, every N steps; every save is atomic, and a
   resumed run takes exactly the steps of an uninterrupted one (:mod:`pacx.lit.resilience`,
   :mod:`pacx.data.resumable`);
 * under srun (SLURM), ``trainer.num_nodes`` / ``trainer.devices`` follow the allocation and SIGUSR1
@@ -47,6 +48,7 @@ from pacx.lit.common import check_checkpoint_stage
 from pacx.lit.history import HistoryCSVLogger, log_location, next_attempt
 from pacx.lit.resilience import (
     AtomicCheckpointIO,
+    LastCheckpoint,
     RunRequeued,
     SlurmRequeue,
     StepSeeds,
@@ -126,19 +128,17 @@ class PacxCLI(LightningCLI):
             config["logger"] = self._loggers(run_dir, attempt)
         metric, mode = self.model.monitor
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        every = self._get(self.config_init, "checkpoint_every_n_steps") or 0
         callbacks += [
             ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-{epoch:03d}-{step}", monitor=metric,
-                            mode=mode, save_last=True, save_top_k=1, auto_insert_metric_name=False,
+                            mode=mode, save_last=False, save_top_k=1, auto_insert_metric_name=False,
                             enable_version_counter=False),
+            LastCheckpoint(ckpt_dir, every_n_train_steps=every),
             RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv,
                       final_status=self.fit_status, attempt=attempt, subcommand=self.subcommand),
             StepSeeds(),
             *self.extra_callbacks(),
         ]
-        every = self._get(self.config_init, "checkpoint_every_n_steps")
-        if every:
-            callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
-                                             every_n_train_steps=every, enable_version_counter=False))
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())

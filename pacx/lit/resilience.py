@@ -10,6 +10,10 @@
   :class:`RunRequeued`. The requeued job restarts the same command and :class:`pacx.cli.PacxCLI` resumes
   from that checkpoint (``SLURM_RESTART_COUNT > 0``). Lightning's own SLURM handler is switched off: it
   saves from inside the signal handler, mid-step and possibly mid-collective.
+* :class:`LastCheckpoint` keeps ``checkpoints/last.ckpt`` at the end of every epoch (and every N steps when
+  asked), whatever the monitored metric did: Lightning 2.6's ``ModelCheckpoint(save_last=True)`` writes
+  ``last.ckpt`` only at an epoch whose monitored value entered the top k, so a run whose validation loss
+  rose in its final epochs would resume from an earlier epoch.
 * :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file and renames it, so a kill
   during a save leaves the previous ``last.ckpt`` intact.
 * :func:`slurm_allocation` reads the allocation srun launched (nodes, tasks per node) so trainer
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from pacx.data.resumable import run_seed, seed_step
@@ -138,6 +142,31 @@ class SlurmRequeue(Callback):
                                    "with --ckpt_path last")
         trainer.strategy.barrier("pacx-requeue")
         raise RunRequeued(job)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt`` after every validation and every training epoch, and every
+    ``every_n_train_steps`` optimizer steps when that is > 0. It keeps no top-k checkpoints; the run's
+    monitored "best" checkpoint is a separate ``ModelCheckpoint(save_last=False)``.
+
+    Lightning's own ``save_last`` follows the top-k decision at epoch ends (see the module doc); this class
+    keeps ModelCheckpoint's skip rules (no save in sanity checks, ``fast_dev_run`` or outside ``fit``, none
+    twice at one step, so an epoch-end validation and the epoch end save once) and always writes.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0) -> None:
+        super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, monitor=None,
+                         every_n_train_steps=every_n_train_steps or None, enable_version_counter=False)
+
+    def _save_last_now(self, trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._save_last_now(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save_last_now(trainer)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
