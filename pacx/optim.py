@@ -4,7 +4,8 @@ One place for each rule so every stage uses the same code:
 
 * :func:`param_groups` — weight decay on ≥ 2-D weights only; biases, norms and tokens get none.
 * :func:`resolve_lr` — an absolute ``lr`` or ``base_lr × global_batch / 256`` (the MAE rule).
-* :func:`warmup_cosine` — linear warmup then cosine to ``min_lr_ratio``, evaluated per optimizer step.
+* :func:`warmup_cosine` — linear warmup then cosine to ``min_lr_ratio``, evaluated per optimizer step, or
+  held for each epoch (``interval="epoch"``: the authors' schedulers step once per epoch).
 """
 
 from __future__ import annotations
@@ -58,11 +59,32 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+LR_INTERVALS = ("step", "epoch")
+
+
 def warmup_cosine_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
+    interval: str = "step", steps_per_epoch: int = 1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        return warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    """A LambdaLR stepped once per optimizer step.
+
+    ``interval="step"``: :func:`warmup_cosine` of the step. ``interval="epoch"``: the same curve over epochs,
+    held constant within each epoch (epoch ``e`` gets ``warmup_cosine(e, warmup_epochs, epochs)``), which is
+    what a scheduler stepped at epoch ends gives; stepping it per optimizer step keeps mid-epoch resume exact.
+    """
+    if interval not in LR_INTERVALS:
+        raise ValueError(f"lr interval must be one of {LR_INTERVALS}, got {interval!r}")
+    if interval == "epoch":
+        if warmup_steps % steps_per_epoch:
+            raise ValueError(f"lr_interval epoch needs a whole number of warmup epochs: {warmup_steps} warmup steps "
+                             f"at {steps_per_epoch} steps per epoch")
+        warmup_epochs, epochs = warmup_steps // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step // steps_per_epoch, warmup_epochs, epochs, min_lr_ratio)
+    else:
+        def factor(step: int) -> float:
+            return warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

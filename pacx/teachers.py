@@ -44,6 +44,7 @@ from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM
 from pacx.data.symile_files import FILES, SymileFileError, ValidationCache, open_npy, validate_split
 from pacx.models.ecgfounder import ECGFounder, load_ecgfounder, preprocess_ecg
 from pacx.models.labs_dae import LabsDAE, load_labs_dae
+from pacx.run_record import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -213,21 +214,11 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(path: Path) -> None:
     """Delete temporary files of ``path`` left by killed runs (their process no longer exists)."""
     for tmp in path.parent.glob(f".{path.name}.tmp*"):
         pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             log.info("removing %s, left by an interrupted run (process %s)", tmp, pid)
             tmp.unlink(missing_ok=True)
 

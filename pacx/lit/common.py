@@ -85,11 +85,13 @@ class StagedModule(pl.LightningModule):
 
     def warmup_cosine_optimizer(
         self, lr: float | None, base_lr: float | None, weight_decay: float, betas, warmup_epochs: float = 0.0,
-        min_lr_ratio: float = 0.0, warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0, warmup_steps: int | None = None, lr_interval: str = "step",
     ) -> dict:
-        """AdamW over decay / no-decay groups with a per-step warmup + cosine schedule; logs the lr.
+        """AdamW over decay / no-decay groups with a warmup + cosine schedule; logs the lr.
 
-        Warmup is ``warmup_epochs`` epochs, or exactly ``warmup_steps`` optimizer steps when given.
+        Warmup is ``warmup_epochs`` epochs, or exactly ``warmup_steps`` optimizer steps when given. The lr follows
+        the curve per optimizer step, or per epoch with ``lr_interval="epoch"``
+        (:func:`pacx.optim.warmup_cosine_scheduler`).
         """
         trainer = self.trainer
         total = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
@@ -102,9 +104,9 @@ class StagedModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             param_groups(self.named_parameters(), weight_decay), lr=effective_lr, betas=tuple(betas)
         )
-        log.info("AdamW lr %.4g (global batch %d), warmup %d of %d steps, floor %.3g", effective_lr,
-                 global_batch_size(self.trainer), warmup, total, min_lr_ratio)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio)
+        log.info("AdamW lr %.4g (global batch %d), warmup %d of %d steps, floor %.3g, updated per %s", effective_lr,
+                 global_batch_size(self.trainer), warmup, total, min_lr_ratio, lr_interval)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio, lr_interval, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

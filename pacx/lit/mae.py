@@ -10,6 +10,7 @@ across epochs.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 
@@ -31,7 +32,9 @@ class MAEModule(StagedModule):
         norm_pix_loss: regress per-patch normalised pixels.
         lr / base_lr: absolute lr, or base lr scaled by global batch / 256 (give exactly one).
         weight_decay, betas: AdamW settings (no decay on biases, norms and tokens).
-        warmup_epochs: linear warmup length; cosine to 0 afterwards, stepped per optimizer step.
+        warmup_epochs: linear warmup length; cosine to 0 afterwards.
+        lr_interval: ``step`` (the lr follows the curve per optimizer step) or ``epoch`` (held within each
+            epoch, as the authors' scheduler stepped; ``configs/stage1/mae_vitb_chexpert_epoch_lr.yaml``).
         init_from: optional weights to start from (MAE release, a Stage 1 run/checkpoint, an encoder).
     """
 
@@ -51,6 +54,7 @@ class MAEModule(StagedModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 10,
         init_from: str | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,7 +90,8 @@ class MAEModule(StagedModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs, 0.0)
+        return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs, 0.0,
+                                            lr_interval=h.get("lr_interval", "step"))
 
     def on_train_start(self) -> None:
         for logger in self.loggers:

@@ -75,8 +75,10 @@ class PaCXModule(StagedModule):
             checkpoint and applied identically in validation).
         teacher_components: with ``whiten``, how many components each teacher keeps (the teacher heads'
             input width and the regression target width).
-        lr / base_lr / weight_decay / betas / warmup_epochs / min_lr_ratio: AdamW and the per-step
-            warmup + cosine schedule with a floor.
+        lr / base_lr / weight_decay / betas / warmup_epochs / min_lr_ratio: AdamW and the warmup + cosine
+            schedule with a floor.
+        lr_interval: ``step`` (the lr follows the schedule per optimizer step) or ``epoch`` (held within each
+            epoch, as the authors' scheduler stepped; ``configs/stage2/pacx_vitb_symile_epoch_lr.yaml``).
     """
 
     stage = STAGE_PACX
@@ -114,6 +116,7 @@ class PaCXModule(StagedModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5,
         min_lr_ratio: float = 0.01,
+        lr_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -273,4 +276,4 @@ class PaCXModule(StagedModule):
         log.info("Stage 2 trains %s parameters (%d tensors)", f"{sum(p.numel() for _, p in trainable):,}",
                  len(trainable))
         return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs,
-                                            h.min_lr_ratio)
+                                            h.min_lr_ratio, lr_interval=h.get("lr_interval", "step"))

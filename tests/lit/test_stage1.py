@@ -12,7 +12,7 @@ from PIL import Image
 
 from pacx.checkpoint import CheckpointError
 from pacx.models.mae import create_mae
-from pacx.optim import param_groups, resolve_lr, warmup_cosine
+from pacx.optim import param_groups, resolve_lr, warmup_cosine, warmup_cosine_scheduler
 from Stage1_MAE import main
 from tests.conftest import stage1_args
 
@@ -112,6 +112,41 @@ def test_warmup_cosine_closed_form():
     assert warmup_cosine(60, warm, total) == pytest.approx(0.5)
     assert warmup_cosine(110, warm, total) == pytest.approx(0.0)
     assert warmup_cosine(35, warm, total, 0.01) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def _lrs_per_step(scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.01])
+def test_epoch_interval_matches_a_scheduler_stepped_at_epoch_ends(floor):
+    """lr_interval epoch (the authors' stepping): a per-epoch LambdaLR stepped once per epoch, written out here."""
+    warm, epochs, per_epoch = 2, 8, 3
+
+    def authors(e: int) -> float:  # linear warmup over epochs, then cosine to the floor
+        if e < warm:
+            return (e + 1) / warm
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (e - warm) / (epochs - warm)))
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ours = _lrs_per_step(warmup_cosine_scheduler(opt, warm * per_epoch, epochs * per_epoch, floor, "epoch", per_epoch),
+                         epochs * per_epoch)
+    expected = [0.1 * authors(step // per_epoch) for step in range(epochs * per_epoch)]
+    assert ours == pytest.approx(expected, abs=1e-12)
+    assert len(set(ours[3:6])) == 1 and ours[2] != ours[3]  # held within an epoch, changed at its end
+
+
+def test_epoch_interval_needs_whole_warmup_epochs_and_a_known_interval():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="whole number of warmup epochs"):
+        warmup_cosine_scheduler(opt, 5, 30, interval="epoch", steps_per_epoch=3)
+    with pytest.raises(ValueError, match="lr interval"):
+        warmup_cosine_scheduler(opt, 5, 30, interval="batch")
 
 
 def test_no_weight_decay_on_biases_norms_and_tokens():

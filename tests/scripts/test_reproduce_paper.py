@@ -188,6 +188,8 @@ def test_paper_grid_covers_benchmarks_backbones_fractions_seeds(tmp_path):
 # The authors' effective settings (docs/method.md#profiles), written out here: node -> setting -> (paper, authors).
 AUTHORS = {
     ("stage1", "model.mask_ratio"): (0.9, 0.75),
+    ("stage1", "model.lr_interval"): ("step", "epoch"),
+    ("stage2", "model.init_args.lr_interval"): ("step", "epoch"),
     ("stage2", "data.batch_size"): (128, 500),
     ("stage2", "model.init_args.norm_eps"): (1e-6, 1e-5),
     ("stage2", "model.init_args.trainable_norms"): ("all", "final"),
