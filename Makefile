@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test test-slurm slurm-deps demo demo-quick lint clean
+.PHONY: venv test test-slurm slurm-deps chromium-deps demo demo-quick lint clean
 
 venv: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The suite on 2 workers, then the Slurm tests on their own (they start one local cluster that runs 2-task jobs).
-test: $(STAMP) slurm-deps
+test: $(STAMP) slurm-deps chromium-deps
 	WANDB_MODE=disabled $(BIN)/python -m pytest -n 2 --timeout 900 -m "not slurm" tests
 	WANDB_MODE=disabled $(BIN)/python -m pytest --timeout 900 -m slurm tests/slurm
 
@@ -25,6 +25,10 @@ test-slurm: $(STAMP) slurm-deps
 # Debian's slurm-wlm + munge for tests/slurm (apt, as root; skipped with a message otherwise).
 slurm-deps:
 	@bash scripts/slurm/install_test_cluster.sh
+
+# Debian's chromium for tests/test_report.py (apt, as root; that test fails, naming this installer, without it).
+chromium-deps:
+	@bash scripts/install_chromium.sh
 
 demo: $(STAMP)
 	$(BIN)/python -m pacx.demo --out demo_runs

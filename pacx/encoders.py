@@ -163,6 +163,9 @@ def register_checkpoint_format(name: str, detect, extract, first: bool = True) -
     CHECKPOINT_FORMATS.insert(0 if first else len(CHECKPOINT_FORMATS), (name, detect, extract))
 
 
+MODEL_FOLDER_WEIGHTS = "model.safetensors"  # the weights file of a timm / Hub model folder
+
+
 def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool | None = None) -> Path:
     """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses); a debug
     run is refused unless allowed (:func:`pacx.debug.check_not_debug`)."""
@@ -186,7 +189,9 @@ def read_encoder_weights(path: str | Path, which: str = "last", allow_debug: boo
 
     Weights from a debug run are refused unless ``allow_debug`` (or :func:`pacx.debug.allow_debug_runs`)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not (path / RUN_JSON).is_file() and (path / MODEL_FOLDER_WEIGHTS).is_file():
+        path = path / MODEL_FOLDER_WEIGHTS  # a model folder (scripts/export_encoder.py --format timm)
+    elif path.is_dir():
         path = resolve_run_checkpoint(path, which, allow_debug)
     obj, meta = load_any(path)
     source = str(path)

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM
 from pacx.data.symile_files import FILES, SymileFileError, ValidationCache, open_npy, validate_split
 from pacx.models.ecgfounder import ECGFounder, load_ecgfounder, preprocess_ecg
 from pacx.models.labs_dae import LabsDAE, load_labs_dae
+from pacx.progress import progress as progress_bar
 from pacx.run_record import process_alive
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def write_features_atomic(
     tmp = _temp_path(path)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-        for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+        for start in progress_bar(range(0, n, batch_size), desc=desc, unit="batch", enabled=progress):
             stop = min(start + batch_size, n)
             feats = batch_fn(start, stop)  # [stop - start, dim]
             if feats.shape != (stop - start, dim):

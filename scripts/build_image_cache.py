@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pacx.data.cache import ImageCache, build_image_cache
 from pacx.data.manifest import read_manifest
+from pacx.progress import NO_PROGRESS_HELP, set_progress
 
 log = logging.getLogger("build_image_cache")
 
@@ -42,18 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=64, help="images per task; progress is saved per task")
     p.add_argument("--strip-components", type=int, default=0,
                    help="leading path components to drop before joining with --image-root")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.no_progress:
+        set_progress(False)
     df = read_manifest(args.manifest, required_columns=[args.path_column])
     start = time.perf_counter()
     out = build_image_cache(df[args.path_column].astype(str).tolist(), args.image_root, args.out, args.size,
                             channels=args.channels, workers=args.workers, chunk=args.chunk,
-                            strip_components=args.strip_components, progress=not args.no_progress)
+                            strip_components=args.strip_components)
     cache = ImageCache(out)
     size_mb = (out / "images.npy").stat().st_size / 2**20
     print(f"cache {out}: {cache.count} images, {cache.channels}x{cache.size}x{cache.size} uint8, "

@@ -18,6 +18,7 @@ import logging
 import sys
 
 from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS
+from pacx.progress import NO_PROGRESS_HELP, set_progress
 from pacx.teachers import DEFAULT_BATCH_SIZE, FEATURE_SPLITS, extract_teacher_features, load_teachers
 
 
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a full unpickle of the ECGFounder file if weights_only=True refuses it")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     args = p.parse_args(argv)
     if args.ecgfounder is None and args.labs_dae is None:
         p.error("give --ecgfounder, --labs-dae, or both")
@@ -44,10 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.no_progress:
+        set_progress(False)
     teachers = load_teachers(args.ecgfounder, args.labs_dae, args.ecgfounder_config, args.trust_pickle,
                              args.device)
-    results = extract_teacher_features(args.data_root, teachers, args.splits, args.batch_size, args.overwrite,
-                                       progress=not args.no_progress)
+    results = extract_teacher_features(args.data_root, teachers, args.splits, args.batch_size, args.overwrite)
     lines = [f"{'split':<10} {'file':<18} {'shape':<14} {'status':<8} {'seconds':>8}"]
     for r in results:
         lines.append(f"{r.split:<10} {r.path.name:<18} {str(list(r.shape)):<14} {r.status:<8} {r.seconds:>8.1f}")

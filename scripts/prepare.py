@@ -12,6 +12,7 @@ Stage 2's Symile-MIMIC data.
 ``hadm_id`` columns or MIMIC-CXR-JPG paths), how many test rows share an admission or a patient with
 Symile's train and val splits (patients need the release's ``train.csv`` / ``val.csv`` beside ``data_npy``).
 It exits with 1 when a test row shares an admission with Symile's train split (docs/datasets.md#leakage).
+Every subcommand takes ``--no-progress`` (no progress bars; they are off anyway when stderr is not a terminal).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 from pacx.data.benchmarks.medmod import OverlapPolicyError
 from pacx.data.leakage import LeakageError
 from pacx.data.prepare import load_builtin_converters, run_converter
+from pacx.progress import NO_PROGRESS_HELP, set_progress
 
 log = logging.getLogger("prepare")
 CHECK_OVERLAP = "check-overlap"
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(opt.flag, action="store_true", help=opt.help)
             else:
                 p.add_argument(opt.flag, default=opt.default, help=opt.help)
+    for p in sub.choices.values():
+        p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     return parser
 
 
@@ -81,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         for c in converters.values():
             sys.stdout.write(f"{c.name:<{width}}  {c.task:<13} {c.metric:<10} {c.description}\n")
         return 0
+    if getattr(args, "no_progress", False):
+        set_progress(False)
     if not args.dataset:
         parser.error("name a dataset (or --list)")
     if args.dataset == CHECK_OVERLAP:
         return check_overlap(args.symile, args.manifests, args.json)
-    options = {k: v for k, v in vars(args).items() if k not in {"list", "dataset", "raw", "out"}}
+    options = {k: v for k, v in vars(args).items() if k not in {"list", "dataset", "raw", "out", "no_progress"}}
     try:
         summary = run_converter(args.dataset, args.raw, args.out, **options)
     except (OverlapPolicyError, LeakageError) as err:

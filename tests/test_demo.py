@@ -45,6 +45,9 @@ def test_quick_demo_end_to_end(tmp_path):
         with Image.open(path) as img:
             assert img.width > 100 and img.height > 100, key
     assert summary["stage1"]["reconstructions"].endswith(".png")
+    report = (tmp_path / "report.html").read_text()  # the last step: every section's input is there
+    assert summary["report"]["report"] == str(tmp_path / "report.html") and "not available" not in report
+    assert report.count('class="stat') == sum(len(row) for row in table.values())
     alignment = json.loads((tmp_path / "alignment.json").read_text())
     assert set(alignment) == {"random", "mae", "pacx_u0", "pacx_u1"} and math.isfinite(alignment["pacx_u0"]["ecg"]["r2"])
     zero_shot = json.loads((tmp_path / "zero_shot.json").read_text())["pacx_u1"]["zero_shot"]

@@ -2,12 +2,16 @@
 table is current, and exported files carry no absolute path of the machine that wrote them.
 
 README convention: the line just above every ```python block is ``<!-- readme-test: run … -->`` (the block is
-executed here, in a folder holding an exported ``mae_encoder.safetensors``) or ``<!-- readme-test: skip:
-<reason> -->`` for a block that needs real data (the test skips it and says why)."""
+executed here) or ``<!-- readme-test: skip: <reason> -->`` for a block that cannot run here (real data, the network;
+the test skips it and says why). A ```bash block runs only when marked ``run``; unmarked ones (real data, a
+cluster) are not run. Marked blocks run in one folder laid out like a clone after Stage 1 (``scripts/``, and
+``runs/stage1/mae_vitb_chexpert``: the tiny test run), the bash blocks first, in README order, so their commands
+run as written and make the files (``mae_encoder.safetensors``, …) the python blocks use."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,22 +25,41 @@ from pacx.encoders import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!--\s*readme-test:\s*(run|skip)\b[:\s]*(.*?)\s*-->")
-BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.S)
 # What a user's clone does not have: the internal notes (and their § sections) these used to point at.
 FOREIGN = re.compile(r"shared/|SPEC\.md|DATASETS\.md|ECGFOUNDER\.md|STYLE\.md|§")
 SEARCHED = ("pacx", "scripts", "configs", "plans", "README.md", "Stage1_MAE.py", "Stage2_PACX.py", "Stage3_eval.py")
 DOC_REF = re.compile(r"docs/(\w+)\.md#([\w-]+)")
 
 
-def readme_blocks() -> list[tuple[str, str, str]]:
-    """``(kind, reason, code)`` of every python block in the README; kind from the marker just above it."""
+def readme_blocks(lang: str = "python") -> list[tuple[str, str, str]]:
+    """``(kind, reason, code)`` of every ``lang`` block in the README; kind from the marker just above it."""
     text = (REPO / "README.md").read_text()
     blocks = []
     for match in BLOCK.finditer(text):
+        if match.group(1) != lang:
+            continue
         before = text[: match.start()].rstrip().splitlines()[-1] if text[: match.start()].strip() else ""
         marker = MARKER.search(before)
-        blocks.append((marker.group(1), marker.group(2), match.group(1)) if marker else ("unmarked", "", match.group(1)))
+        blocks.append((marker.group(1), marker.group(2), match.group(2)) if marker else ("unmarked", "", match.group(2)))
     return blocks
+
+
+@pytest.fixture(scope="module")
+def readme_folder(stage1_run, tmp_path_factory) -> Path:
+    """A clone after Stage 1 in which every bash block marked run has run (see the module docstring)."""
+    folder = tmp_path_factory.mktemp("readme")
+    (folder / "scripts").symlink_to(REPO / "scripts")
+    (folder / "runs/stage1").mkdir(parents=True)
+    (folder / "runs/stage1/mae_vitb_chexpert").symlink_to(stage1_run)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for kind, _, code in readme_blocks("bash"):
+        if kind == "run":
+            result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder, env=env, capture_output=True,
+                                    text=True, timeout=600)
+            if result.returncode:
+                pytest.fail(f"README bash block failed ({result.returncode}):\n{code}\n{result.stderr[-3000:]}")
+    return folder
 
 
 def _files(*roots: str):
@@ -55,14 +78,20 @@ def test_every_readme_python_block_is_marked():
         assert kind == "run" or reason, "a skipped README block states why"
 
 
+def test_readme_bash_blocks_run(readme_folder):
+    """The export commands (and any other bash block marked run) run as written and leave their outputs."""
+    assert any(kind == "run" for kind, _, _ in readme_blocks("bash")), "the README runs at least the export command"
+    assert (readme_folder / "mae_encoder.safetensors").is_file()
+
+
 @pytest.mark.parametrize("index", range(len(readme_blocks())))
-def test_readme_python_block_runs(index, stage1_run, tmp_path):
-    """The timm snippet (and any other block marked run) runs, in a folder holding an exported encoder."""
+def test_readme_python_block_runs(index, readme_folder):
+    """The timm snippet (and any other block marked run) runs, in the folder the bash blocks left."""
     kind, reason, code = readme_blocks()[index]
     if kind == "skip":
-        pytest.skip(f"README block needs real data: {reason}")
-    export_encoder(stage1_run, tmp_path / "mae_encoder.safetensors")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        pytest.skip(f"README block not run here: {reason}")
+    result = subprocess.run([sys.executable, "-c", code], cwd=readme_folder, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pacx.data.common import per_device_batch_size
 from pacx.data.feature_cache import FeatureDataset, FlipFeatureDataset
+from pacx.data.images import find_images
 from pacx.data.lowdata import indicator_columns, low_data_subset
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
@@ -118,19 +119,12 @@ class SplitsDataModule(pl.LightningDataModule):
         return self._loader(self.datasets["test"], shuffle=False)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
 def images_table(source: Path, path_column: str, root: str | None = None) -> tuple[pd.DataFrame, Path]:
     """A folder (its images, sorted by relative path, searched recursively; the folder is the root) or a
     manifest CSV (paths relative to ``root``, default the CSV's folder; absolute paths stay) as
     ``(table, image root)``."""
     if source.is_dir():
-        files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images under {source}")
-        return pd.DataFrame({path_column: files}), source
+        return pd.DataFrame({path_column: find_images(source)}), source
     return read_manifest(source, [path_column]), Path(root) if root else source.parent
 
 

@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from pacx.data.images import DECODER_VERSION, ImageDecodeError, open_image
+from pacx.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
         log.info("%s: cache already complete (%d images at %d px)", out_dir, n, size)
         return out_dir
     _write_state(out_dir, {**want, "complete": False})
-    missing = [i for i in todo if not (image_root / _strip(paths[i], strip_components)).is_file()]
+    checked = progress_bar(todo, desc="check files", unit="img", enabled=progress)  # slow on network file systems
+    missing = [i for i in checked if not (image_root / _strip(paths[i], strip_components)).is_file()]
     if missing:
         first = "; ".join(f"row {i}: {image_root / _strip(paths[i], strip_components)}" for i in missing[:5])
         raise CacheError(f"{len(missing)} image(s) not found under {image_root} (first: {first})")
@@ -172,7 +173,7 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
 
 def _run_chunks(chunks, init_args, workers, out_dir, done, sizes, progress, save_every_s: float = 2.0):
     """Run chunks in a process pool, saving the done mask every few seconds and on any exit."""
-    bar = tqdm(total=len(done), initial=int(done.sum()), unit="img", disable=not progress, desc="cache")
+    bar = progress_bar(total=len(done), initial=int(done.sum()), desc="cache", unit="img", enabled=progress)
     pool = None
     if workers > 0 and chunks:
         pool = mp.get_context().Pool(min(workers, len(chunks)), initializer=_init_worker, initargs=init_args)

@@ -80,3 +80,17 @@ def open_image(path: str | Path, mode: OutputMode = "RGB") -> Image.Image:
         raise
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ImageDecodeError(f"{path}: cannot decode image: {err}") from err
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # what folder inputs pick up (any case)
+
+
+def find_images(folder: str | Path) -> list[str]:
+    """The image files under ``folder`` (recursive, :data:`IMAGE_SUFFIXES`), as sorted relative POSIX paths;
+    none is an error naming the folder."""
+    folder = Path(folder)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no {' '.join(IMAGE_SUFFIXES)} images under {folder}")
+    return paths

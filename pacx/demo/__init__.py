@@ -1,17 +1,20 @@
 """The built-in demo: all three stages on the generated physiology phantom, on CPU (``make demo``).
 
-    python -m pacx.demo --out demo_runs [--quick]
+    python -m pacx.demo --out demo_runs [--quick] [--no-progress]
 
 A pipeline of named steps (:mod:`pacx.demo.steps`) run in order: generate the phantom
 (:mod:`pacx.data.phantom`) → Stage 1 MAE → the demo teachers (the paper's Labs DAE; ECGFounder
 ``demo_small`` pretrained by self-supervision on the phantom ECGs) → teacher features → Stage 2 PaCX
 distillation → exports → Stage 3 (random | MAE | PaCX-MAE on the physiology, nodule and lung tasks,
-seeds, the 1 % regime) → alignment probe → figures → the paper-style table (``table.json``).
+seeds, the 1 % regime) → alignment probe → figures → the paper-style table (``table.json``) → the static
+report ``report.html`` (:mod:`pacx.eval.report`).
 
 Every stage runs through its ``Stage*.py`` CLI with a ``configs/demo/*.yaml``, the scripts through their
 ``main``: no private code path. Each step skips itself when its output is already complete, so an
 interrupted demo continues where it stopped (a half-finished training run resumes from ``last.ckpt``).
-``--quick`` runs the same steps on the ``quick`` phantom with fewer epochs and seeds.
+``--quick`` runs the same steps on the ``quick`` phantom with fewer epochs and seeds. Each step logs
+``[i/n] <step>`` as it starts and ends; inside it the usual bars (:mod:`pacx.progress`) show on a terminal,
+the Lightning ones as each config says, and none with ``--no-progress``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pacx.progress import NO_PROGRESS_HELP, progress_enabled, set_progress
 from pacx.utils import write_json_atomic
 
 log = logging.getLogger("pacx.demo")
@@ -112,6 +116,8 @@ def stage_args(ctx: DemoContext, config: str, run_dir: Path, *overrides: str, ep
             "--seed_everything", str(ctx.seed), "--wandb", ctx.wandb, *overrides]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
+    if not progress_enabled():  # no terminal, or --no-progress: no Lightning bars either
+        args += ["--trainer.enable_progress_bar", "false"]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
     return args
@@ -138,20 +144,22 @@ def run_demo(out: str | Path, quick: bool = False, configs: str | Path = REPO_CO
         sys.path.insert(0, repo)
     summary_path = ctx.out / "demo_summary.json"
     summary = json.loads(summary_path.read_text()) if only and summary_path.is_file() else {}
-    for s in STEPS:
-        if only and s.name not in only:
-            continue
-        log.info("demo step %s: %s", s.name, s.description)
+    selected = [s for s in STEPS if not only or s.name in only]
+    for i, s in enumerate(selected, 1):
+        log.info("[%d/%d] %s: %s", i, len(selected), s.name, s.description)
         t0 = time.perf_counter()
         ctx.results[s.name] = s.run(ctx)
         summary[s.name] = {"seconds": round(time.perf_counter() - t0, 1), **ctx.results[s.name]}
+        log.info("[%d/%d] %s done in %.1f s", i, len(selected), s.name, summary[s.name]["seconds"])
         write_json_atomic(summary_path, summary)
     lines = [f"{'step':<12} {'seconds':>8}  outputs"]
     for name, res in summary.items():
         outputs = ", ".join(f"{k}={v}" for k, v in res.items() if k not in ("seconds", "table"))
         lines.append(f"{name:<12} {res['seconds']:>8}  {outputs}")
     table = summary.get("table", {}).get("table")
-    sys.stdout.write("\n".join(lines) + "\n" + (f"\n{table}\n" if table else ""))
+    report = summary.get("report", {}).get("report")
+    sys.stdout.write("\n".join(lines) + "\n" + (f"\n{table}\n" if table else "")
+                     + (f"\nreport: {report}\n" if report else ""))
     return summary
 
 
@@ -163,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=str(REPO_CONFIGS), help="the repository's configs/ directory")
     parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     parser.add_argument("--only", nargs="*", help="run only these steps")
+    parser.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     args = parser.parse_args(argv)
+    if args.no_progress:
+        set_progress(False)
     run_demo(args.out, args.quick, args.configs, args.wandb, args.only)
     return 0

@@ -132,7 +132,7 @@ def ecg_teacher(ctx: DemoContext) -> dict:
 def features(ctx: DemoContext) -> dict:
     run_script(ctx, "extract_teacher_features", [
         "--data-root", str(ctx.symile), "--ecgfounder", str(ctx.exports / "ecg_teacher.safetensors"),
-        "--ecgfounder-config", ECG_CONFIG, "--labs-dae", str(ctx.out / "labs_dae"), "--no-progress"])
+        "--ecgfounder-config", ECG_CONFIG, "--labs-dae", str(ctx.out / "labs_dae")])
     return {"data_root": str(ctx.symile)}
 
 
@@ -305,3 +305,10 @@ def table(ctx: DemoContext) -> dict:
     low_data = ctx.out / "figures" / "low_data.png"
     return {"table_json": str(ctx.out / "table.json"), "low_data": str(low_data) if low_data.is_file() else None,
             "table": text}
+
+
+@step("report", "report.html: the table, the comparison, the figures and the learning curves in one static page")
+def report(ctx: DemoContext) -> dict:
+    out = ctx.out / "report.html"  # rewritten every time: cheap, and it should show the latest outputs
+    run_script(ctx, "make_report", [str(ctx.out), "--out", str(out)])
+    return {"report": str(out)}

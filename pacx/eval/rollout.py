@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pacx.data.images import IMAGE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
@@ -275,13 +277,12 @@ def save_heatmaps_npz(path: str | Path, columns: Mapping[str, np.ndarray | torch
 # --------------------------------------------------------------------------------------------------
 # Inputs
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 def collect_image_paths(
     sources: Sequence[str | Path], path_column: str = "Path", image_root: str | Path | None = None
 ) -> list[Path]:
-    """Expand files, directories (their .png/.jpg/.jpeg, sorted) and CSV manifests into image paths.
+    """Expand files, directories (their images by :data:`pacx.data.images.IMAGE_SUFFIXES`, sorted; not
+    recursive) and CSV manifests into image paths.
 
     Relative CSV paths resolve against ``image_root`` if given, else the CSV's folder.
     """

@@ -30,6 +30,7 @@ from sklearn.model_selection import train_test_split
 from pacx.data.manifest import ManifestError, read_manifest
 from pacx.data.prepare import ConverterOption, register_converter
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
+from pacx.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def prepare_covidqu(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("covidqu")
     base = find_dir(raw, COVIDQU_LUNG)
     rows: dict[str, tuple[int, str]] = {}
-    for split, folder in COVIDQU_SPLITS.items():
+    for split, folder in progress(COVIDQU_SPLITS.items(), desc="covidqu", unit="split"):
         for category in COVIDQU_FOLDERS:
             img_dir = base / folder / category / "images"
             if not img_dir.is_dir():
@@ -230,7 +231,7 @@ def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
     if base is None:
         raise FileNotFoundError(f"ChestX6: no train/ folder under {raw} or {raw / 'chest-xray'}")
     frames = {}
-    for split in SPLITS:
+    for split in progress(SPLITS, desc="chestx6", unit="split"):
         rows = []
         for cls in spec.labels:
             folder = base / split / cls
@@ -310,7 +311,7 @@ def prepare_pneumonia(raw: Path, out: Path, seed: int = 42) -> dict:
     if base is None:
         raise FileNotFoundError(f"pneumonia: no train/NORMAL folder under {raw} (or chest_xray/[chest_xray/])")
     rows: dict[str, int] = {}
-    for split in SPLITS:
+    for split in progress(SPLITS, desc="pneumonia", unit="split"):
         for cls, label in PNE_CLASSES.items():
             for f in sorted((base / split / cls).glob("*.jpeg")):
                 rows.pop(f.name, None)

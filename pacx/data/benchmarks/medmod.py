@@ -30,6 +30,7 @@ from pacx.data.leakage import ids_sha256, load_id_file
 from pacx.data.manifest import ManifestError, read_manifest
 from pacx.data.prepare import ConverterOption
 from pacx.data.registry import get_benchmark
+from pacx.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,14 @@ def link_stays_to_cxr(stays: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
     the pool. Stays without a match are dropped. Adds ``cxr_path = p<xx>/p<subject>/s<study>/<dicom>.jpg``."""
     meta = meta.assign(_t=cxr_study_times(meta)).sort_values("_t", kind="stable")
     pool: dict[int, list[tuple[pd.Timestamp, str, int]]] = {}
-    for subject, dicom, study, t in zip(meta["subject_id"], meta["dicom_id"], meta["study_id"], meta["_t"]):
+    columns = zip(meta["subject_id"], meta["dicom_id"], meta["study_id"], meta["_t"])
+    for subject, dicom, study, t in progress(columns, total=len(meta), desc="medmod images", unit="img"):
         pool.setdefault(int(subject), []).append((t, str(dicom), int(study)))
     times = {c: pd.to_datetime(stays[c]) for c in MEDMOD_TIMES}
     start = pd.concat([times["intime"], times["admittime"]], axis=1).min(axis=1)
     stop = pd.concat([times["outtime"], times["dischtime"]], axis=1).max(axis=1)
     keep, paths = [], []
-    for i, subject in enumerate(stays["subject_id"].astype("int64")):
+    for i, subject in enumerate(progress(stays["subject_id"].astype("int64"), desc="medmod link", unit="stay")):
         images = pool.get(int(subject), [])
         for j, (t, dicom, study) in enumerate(images):  # sorted by time: the first hit is the earliest
             if start.iat[i] <= t <= stop.iat[i]:

@@ -31,6 +31,7 @@ from sklearn.model_selection import train_test_split
 
 from pacx.data.manifest import ManifestError, read_manifest
 from pacx.data.prepare import ConverterOption, register_converter
+from pacx.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def convert_cxlseg(split_file: Path) -> dict[str, pd.DataFrame]:
 def existing_files(root: Path) -> set[str]:
     """Every file under ``root`` as a ``/``-joined relative path (one directory walk)."""
     found = set()
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, _, filenames in progress(os.walk(root), desc=f"list {root.name}/", unit="dir"):
         rel = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if rel == "." else rel + "/"
         found.update(prefix + f for f in filenames)
@@ -212,7 +213,7 @@ def find_covidqu_seg_root(raw: Path) -> Path:
 
 def convert_covidqu_seg(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
     frames, unpaired = {}, []
-    for release_split, split in COVIDQU_SPLITS.items():
+    for release_split, split in progress(COVIDQU_SPLITS.items(), desc="covidqu_seg", unit="split"):
         parts = []
         for category in COVIDQU_CATEGORIES:
             base = f"{release_split}/{category}"
@@ -245,7 +246,7 @@ def find_qata_root(raw: Path) -> Path:
 def convert_qata(root: Path, seed: int = 42) -> tuple[dict[str, pd.DataFrame], list[str]]:
     unpaired = []
     tables = {}
-    for part in (QATA_TRAIN, QATA_TEST):
+    for part in progress((QATA_TRAIN, QATA_TEST), desc="qata", unit="split"):
         rows, missing = paired_rows(root, f"{part}/{QATA_IMAGES}", f"{part}/{QATA_MASKS}", QATA_MASK_PREFIX)
         tables[part] = rows
         unpaired += missing

@@ -1,4 +1,4 @@
-"""``python -m pacx.data.phantom --out DIR [--quick] [--seed N] [--img-size S] [--grid PNG]``.
+"""``python -m pacx.data.phantom --out DIR [--quick] [--seed N] [--img-size S] [--grid PNG] [--no-progress]``.
 
 Writes every phantom release (``generate_phantom``) and prints ``name<TAB>path`` per written path; with
 ``--grid`` only the picture grid is rendered.
@@ -11,6 +11,7 @@ import logging
 import sys
 
 from pacx.data.phantom.generate import PRESETS, generate_phantom
+from pacx.progress import NO_PROGRESS_HELP, set_progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing release folders")
     parser.add_argument("--workers", type=int, default=2, help="processes writing releases (default 2)")
     parser.add_argument("--grid", default=None, help="only render the picture grid to this PNG")
+    parser.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     args = parser.parse_args(argv)
+    if args.no_progress:
+        set_progress(False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.grid:
         from pacx.data.phantom.grid import save_grid

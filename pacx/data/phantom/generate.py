@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pacx.data.phantom.releases import RELEASES, PhantomSizes
+from pacx.progress import progress
 from pacx.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,13 @@ def generate_phantom(out: str | Path, seed: int = 0, sizes: str | PhantomSizes =
         raw.mkdir(parents=True)
     jobs = {name: (name, paths[name], children[name], sizes, out / TRUTH_DIR / f"{name}.csv") for name in RELEASES}
     start = time.perf_counter()
+    bar = dict(desc="phantom", unit="release")
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {name: pool.submit(_write_release, *job) for name, job in jobs.items()}
-            done = {name: f.result() for name, f in futures.items()}
+            done = {name: f.result() for name, f in progress(futures.items(), **bar)}
     else:
-        done = {name: _write_release(*job) for name, job in jobs.items()}
+        done = {name: _write_release(*job) for name, job in progress(jobs.items(), **bar)}
     summary: dict = {"seed": seed, "sizes": dataclasses.asdict(sizes), "workers": workers,
                      "seconds": round(time.perf_counter() - start, 2), "releases": {}}
     for name, (rows, seconds) in done.items():

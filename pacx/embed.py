@@ -1,0 +1,479 @@
+"""Embed a folder or manifest of chest X-rays with any encoder: ``python -m pacx.embed ENCODER IMAGES --out F``.
+
+    python -m pacx.embed mae_encoder.safetensors xrays/ --out emb.parquet
+    python -m pacx.embed runs/stage2/pacx_vitb_symile images.csv --root /data/images --out emb.npy
+
+``ENCODER`` is anything :func:`pacx.load_encoder` reads (run directory, checkpoint, exported safetensors, MAE
+release, timm weights). ``IMAGES`` is a folder, searched recursively for ``.png .jpg .jpeg .tif .tiff`` files
+(sorted by relative path, so the order is the same on every machine), or a manifest CSV whose path column is
+``--path-column``, by default the first of ``path``, ``Path`` and the benchmark registry's path columns that
+the CSV has; relative paths resolve against ``--root`` (default: the CSV's folder), absolute paths stay.
+
+Pixels are those of Stage 3 evaluation: :func:`pacx.data.images.open_image` (any bit depth), then
+:func:`pacx.data.transforms.resize_eval` at the encoder's own ``img_size`` (square bilinear resize, ImageNet
+normalisation); the feature is ``encoder(x)``, the CLS token the linear probe trains on, in float32 or, with
+``--precision bf16-mixed``, under bfloat16 autocast as Stage 3 runs on GPUs (the configs' ``bf16-mixed``).
+
+Output, chosen by the suffix of ``--out`` (row i is image i of the input order, unreadable ones left out):
+
+* ``.npy``: float32 ``[N, D]``, and ``<out>.paths.txt`` with the image of each row, one per line (the path
+  relative to the folder, or the manifest's value as written);
+* ``.parquet``: one row per image, columns ``path`` (string) and ``embedding`` (fixed-size list of D float32;
+  ``np.stack(pd.read_parquet(f).embedding)`` is the ``[N, D]`` array); the file's metadata ``pacx_embed``
+  records the encoder fingerprint, the image size and the input list hash.
+
+Resuming: the images are embedded in shards of ``--shard-size``, each written atomically to
+``<out>.shards/shard-NNNNN.npy`` (NaN rows for unreadable images, listed with their reasons in
+``shard-NNNNN.json``), next to ``embed.json``, which records the input list hash (paths, file sizes and
+modification times, the transform and the decoder version), the encoder fingerprint (its weights and
+architecture), the precision and the shard size. A rerun with the same inputs skips finished shards; a rerun
+with other inputs, another encoder, precision or shard size is an error naming what differs, unless
+``--overwrite``. After the merge (written atomically) the shard folder is removed, unless ``--keep-shards``.
+An existing output is an error unless ``--overwrite``.
+
+Unreadable images (missing, corrupt, unsupported mode): every readable image is embedded first; then, without
+``--skip-unreadable``, the run fails naming the first 10 and their count, writes no output and keeps its
+shards (a rerun with ``--skip-unreadable`` only merges). With ``--skip-unreadable`` they are left out of the
+output, listed (``path``, ``reason``) in ``<out>.unreadable.csv``, and their count is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pacx.checkpoint import CheckpointError, state_fingerprint
+from pacx.data.images import DECODER_VERSION, ImageDecodeError, find_images, open_image
+from pacx.data.manifest import ManifestError, read_manifest, require_rows, row_ref
+from pacx.data.registry import BENCHMARKS
+from pacx.data.transforms import resize_eval
+from pacx.encoders import load_encoder
+from pacx.models.vit import ViTEncoder
+from pacx.progress import NO_PROGRESS_HELP
+from pacx.progress import progress as progress_bar
+from pacx.utils import save_npy_atomic, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("pacx.embed")  # also under `python -m pacx.embed`
+
+SHARDS_FORMAT = 1
+MAX_NAMED = 10  # unreadable files named in the error
+# --precision -> the context the encoder runs in (Lightning's names; bf16-mixed = its autocast)
+PRECISIONS: dict[str, Callable[[torch.device], AbstractContextManager]] = {
+    "32": lambda device: nullcontext(),
+    "bf16-mixed": lambda device: torch.autocast(device.type, dtype=torch.bfloat16),
+}
+
+
+class EmbedError(RuntimeError):
+    """The embedding run cannot go on or finish; the message says why and what to do."""
+
+
+class UnreadableImagesError(EmbedError):
+    """Some images could not be read (and ``--skip-unreadable`` was not given)."""
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The images in output order: ``paths`` as written to the output, read from ``root / path`` (an absolute
+    path stays itself)."""
+
+    paths: list[str]
+    root: Path
+    source: str
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.root / p for p in self.paths]
+
+
+def path_column_candidates() -> list[str]:
+    """Columns tried, in order, when ``--path-column`` is not given: ``path``, ``Path``, the registry's."""
+    names = ["path", "Path", *(spec.path_column for spec in BENCHMARKS.values())]
+    return list(dict.fromkeys(names))
+
+
+def list_images(images: str | Path, path_column: str | None = None, root: str | Path | None = None) -> ImageList:
+    """A folder (:func:`pacx.data.images.find_images`) or a manifest CSV (row order)."""
+    images = Path(images)
+    if images.is_dir():
+        return ImageList(find_images(images), images, str(images))
+    df = read_manifest(images)
+    require_rows(len(df), str(images))
+    if path_column is None:
+        found = [c for c in path_column_candidates() if c in df.columns]
+        if not found:
+            raise ManifestError(f"{images}: no image path column (tried {path_column_candidates()}; columns "
+                                f"present: {list(df.columns)}); name it with --path-column")
+        path_column = found[0]
+    elif path_column not in df.columns:
+        raise ManifestError(f"{images}: no column {path_column!r}; columns present: {list(df.columns)}")
+    column = df[path_column]
+    blank = column.isna() | (column.astype(str).str.strip() == "")
+    if blank.any():
+        rows = ", ".join(row_ref(r) for r in np.flatnonzero(blank)[:5])
+        raise ManifestError(f"{images}: {int(blank.sum())} blank {path_column!r} cell(s) ({rows})")
+    base = Path(root) if root is not None else images.parent
+    if not base.is_dir():
+        raise FileNotFoundError(f"{images}: image root is not a directory: {base}")
+    return ImageList(column.astype(str).tolist(), base, str(images))
+
+
+def images_hash(images: ImageList, transform: object) -> str:
+    """SHA-256 of the image list (resolved root; each path with its size and mtime, or ``missing``), the
+    transform and the decoder version: equal iff a rerun would read the same pixels in the same order."""
+    h = hashlib.sha256(f"{images.root.resolve()}|{transform!r}|decoder {DECODER_VERSION}|{len(images.paths)}\n"
+                       .encode())
+    for path, file in zip(images.paths, images.files):
+        try:
+            st = file.stat()
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{path}|{stamp}\n".encode())
+    return h.hexdigest()
+
+
+def encoder_fingerprint(encoder: ViTEncoder) -> str:
+    """Its weights and architecture (LayerNorm eps, pooling): equal iff it computes the same features."""
+    arch = json.dumps({**encoder.cfg.to_dict(), "pool": encoder.pool}, sort_keys=True)
+    return hashlib.sha256(f"{state_fingerprint(encoder)}|{arch}".encode()).hexdigest()
+
+
+class ImageFiles(Dataset):
+    """``(x [3, S, S], index, error)``: the evaluation pixels of image ``index`` and ``""``, or an empty tensor
+    and the reason (``"<Error>: message"``) when it cannot be read."""
+
+    def __init__(self, files: list[Path], transform: Callable) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            img = open_image(self.files[index], "RGB")
+        except (OSError, ImageDecodeError, Image.DecompressionBombError) as err:
+            return torch.zeros(0), index, f"{type(err).__name__}: {err}"
+        return self.transform(img), index, ""
+
+
+def collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor | None, list[int], list[str]]:
+    """Stack the readable images only (``None`` when there are none); indices and errors for all items."""
+    ok = [x for x, _, err in items if not err]
+    return (torch.stack(ok) if ok else None), [i for _, i, _ in items], [err for _, _, err in items]
+
+
+# ---- shards ------------------------------------------------------------------------------------------
+
+
+class ShardStore:
+    """``<out>.shards/``: ``embed.json`` (what the shards were made from) and one ``shard-NNNNN.npy`` /
+    ``.json`` pair per finished shard (the ``.npy`` is written last: it marks the shard done)."""
+
+    def __init__(self, directory: Path, record: dict, n_images: int) -> None:
+        self.directory, self.record = directory, record
+        self.shard_size = record["shard_size"]
+        self.n_shards = -(-n_images // self.shard_size)
+        self.n_images = n_images
+
+    def rows(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.n_images))
+
+    def npy(self, shard: int) -> Path:
+        return self.directory / f"shard-{shard:05d}.npy"
+
+    def open(self, overwrite: bool) -> None:
+        """Start, or check that the folder was made for the same run (else :class:`EmbedError`)."""
+        manifest = self.directory / "embed.json"
+        if self.directory.is_dir() and not manifest.is_file() and any(self.directory.iterdir()):
+            raise EmbedError(f"{self.directory} exists but is not a pacx.embed shard folder (no embed.json); "
+                             "move it away or choose another --out")
+        if overwrite and self.directory.exists():
+            shutil.rmtree(self.directory)
+        if manifest.is_file():
+            old = json.loads(manifest.read_text())
+            diff = [f"{key}: recorded {old.get(key)!r}, now {value!r}" for key, value in self.record.items()
+                    if old.get(key) != value]
+            if diff:
+                raise EmbedError(f"{self.directory} holds shards of another run ({'; '.join(diff)}); rerun with "
+                                 "--overwrite to discard them, or choose another --out")
+        else:
+            write_json_atomic(manifest, self.record)
+
+    def load(self, shard: int, dim: int) -> tuple[np.ndarray, list[dict]] | None:
+        """A finished shard's ``[rows, D]`` features and its unreadable images, or None (with a warning when the
+        files are there but unusable)."""
+        path = self.npy(shard)
+        if not path.is_file():
+            return None
+        try:
+            feats = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until rows are read
+            failed = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError) as err:
+            log.warning("%s is unreadable (%s); recomputing it", path, err)
+            return None
+        if feats.shape != (len(self.rows(shard)), dim) or feats.dtype != np.float32:
+            log.warning("%s holds %s %s, expected float32 %s; recomputing it", path, feats.dtype, feats.shape,
+                        (len(self.rows(shard)), dim))
+            return None
+        return feats, failed
+
+    def write(self, shard: int, feats: np.ndarray, failed: list[dict]) -> None:
+        write_json_atomic(self.npy(shard).with_suffix(".json"), failed)
+        save_npy_atomic(self.npy(shard), feats)
+
+
+# ---- outputs -----------------------------------------------------------------------------------------
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_npy(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
+    """float32 ``[N, D]`` (filled shard by shard through a memory map) + ``<out>.paths.txt``."""
+    bad = [p for p in paths if "\n" in p or "\r" in p]
+    if bad:
+        raise EmbedError(f"{len(bad)} image path(s) hold a line break (first: {bad[0]!r}); use a .parquet output")
+    write_text_atomic(sidecar(out, ".paths.txt"), "".join(f"{p}\n" for p in paths))
+    tmp = _tmp(out)
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), dim))
+    start = 0
+    for feats in parts:
+        arr[start:start + len(feats)] = feats
+        start += len(feats)
+    arr.flush()
+    del arr
+    os.replace(tmp, out)
+
+
+def write_parquet(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
+    """Columns ``path`` and ``embedding`` (fixed-size list of D float32), one row group per shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+                       metadata={"pacx_embed": json.dumps(meta, sort_keys=True)})
+    tmp = _tmp(out)
+    start = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for feats in parts:
+            emb = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), dim)
+            names = pa.array(paths[start:start + len(feats)], pa.string())
+            writer.write_table(pa.table([names, emb], schema=schema))
+            start += len(feats)
+    os.replace(tmp, out)
+
+
+WRITERS: dict[str, Callable] = {".npy": write_npy, ".parquet": write_parquet}
+
+
+def sidecar(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_workers() -> int:
+    """Decoding processes when not given: the CPUs this process may use, at most 8."""
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def embed_images(
+    encoder: str | Path,
+    images: str | Path,
+    out: str | Path,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int | None = None,
+    shard_size: int = 4096,
+    precision: str = "32",
+    skip_unreadable: bool = False,
+    overwrite: bool = False,
+    keep_shards: bool = False,
+    path_column: str | None = None,
+    root: str | Path | None = None,
+    progress: bool = True,
+    allow_debug: bool | None = None,
+) -> Path:
+    """Embed ``images`` with ``encoder`` into ``out`` (the module docstring has the formats and the resume
+    rules); returns ``out``."""
+    out = Path(out)
+    if out.suffix.lower() not in WRITERS:
+        raise EmbedError(f"--out {out}: unknown output format {out.suffix!r}; use one of {sorted(WRITERS)}")
+    if precision not in PRECISIONS:
+        raise EmbedError(f"unknown precision {precision!r}; known: {sorted(PRECISIONS)}")
+    if batch_size < 1 or shard_size < 1:
+        raise EmbedError(f"batch size and shard size must be positive, got {batch_size} and {shard_size}")
+    if out.exists() and not overwrite:
+        raise EmbedError(f"{out} exists; pass --overwrite to recompute it")
+    image_list = list_images(images, path_column, root)
+    model = load_encoder(encoder, allow_debug=allow_debug)
+    transform = resize_eval(model.cfg.img_size)
+    dim, n = model.embed_dim, len(image_list.paths)
+    record = {"format": SHARDS_FORMAT, "n_images": n, "images_sha256": images_hash(image_list, transform),
+              "encoder_sha256": encoder_fingerprint(model), "img_size": model.cfg.img_size, "embed_dim": dim,
+              "precision": precision, "shard_size": shard_size}
+    store = ShardStore(sidecar(out, ".shards"), record, n)
+    store.open(overwrite)
+    todo = [k for k in range(store.n_shards) if store.load(k, dim) is None]
+    torch_device = resolve_device(device)
+    num_workers = default_workers() if num_workers is None else num_workers
+    log.info("embedding %d images of %s with %s (%d-d, %d px) on %s (precision %s, %d workers): %d of %d shards "
+             "to compute", n, image_list.source, encoder, dim, model.cfg.img_size, torch_device, precision,
+             num_workers, len(todo), store.n_shards)
+    model.to(torch_device)
+    computed = sum(len(store.rows(k)) for k in todo)
+    start = time.perf_counter()
+    _compute_shards(model, ImageFiles(image_list.files, transform), store, todo, image_list.paths, batch_size,
+                    num_workers, torch_device, PRECISIONS[precision], progress)
+    if computed:
+        elapsed = time.perf_counter() - start
+        log.info("computed %d images in %.1f s (%.1f images/s)", computed, elapsed, computed / max(elapsed, 1e-9))
+    _merge(store, image_list.paths, out, dim, skip_unreadable, record)
+    if not keep_shards:
+        shutil.rmtree(store.directory)
+    return out
+
+
+def _compute_shards(model: ViTEncoder, dataset: ImageFiles, store: ShardStore, todo: list[int], paths: list[str],
+                    batch_size: int, num_workers: int, device: torch.device,
+                    forward_context: Callable[[torch.device], AbstractContextManager], progress: bool) -> None:
+    """Run the encoder over the rows of the ``todo`` shards, writing each shard as soon as it is complete."""
+    if not todo:
+        return
+    batches = [list(rows[i:i + batch_size]) for k in todo for rows in [store.rows(k)]
+               for i in range(0, len(rows), batch_size)]  # no batch crosses a shard boundary
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    done = store.n_images - sum(len(store.rows(k)) for k in todo)
+    bar = progress_bar(total=store.n_images, initial=done, unit="img", desc="embed", enabled=progress)
+    feats: list[np.ndarray] = []
+    failed: list[dict] = []
+    with torch.inference_mode(), bar:
+        for x, indices, errors in loader:
+            batch = np.full((len(indices), store.record["embed_dim"]), np.nan, np.float32)  # [b, D]
+            ok = [j for j, err in enumerate(errors) if not err]
+            if x is not None:
+                with forward_context(device):
+                    batch[ok] = model(x.to(device, non_blocking=True)).float().cpu().numpy()
+            failed += [{"index": indices[j], "path": paths[indices[j]], "reason": err}
+                       for j, err in enumerate(errors) if err]
+            feats.append(batch)
+            bar.update(len(indices))
+            shard = indices[0] // store.shard_size
+            if indices[-1] == store.rows(shard)[-1]:  # the shard's last batch
+                store.write(shard, np.concatenate(feats), failed)
+                feats, failed = [], []
+
+
+def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unreadable: bool, record: dict) -> None:
+    """Check the unreadable images, then write ``out`` from the shards (and the sidecars) atomically."""
+    failed = []
+    for k in range(store.n_shards):
+        loaded = store.load(k, dim)
+        if loaded is None:
+            raise EmbedError(f"{store.npy(k)} is missing after the run; rerun to compute it")
+        failed += loaded[1]
+    if failed and not skip_unreadable:
+        named = "; ".join(f"{f['path']} ({f['reason']})" for f in failed[:MAX_NAMED])
+        more = f" and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else ""
+        raise UnreadableImagesError(
+            f"{len(failed)} of {len(paths)} images could not be read: {named}{more}. No output was written; the "
+            f"shards of the readable images are kept in {store.directory}, so a rerun with --skip-unreadable "
+            "(which leaves these images out and lists them) only merges them")
+    if len(failed) == len(paths):
+        raise UnreadableImagesError(f"none of the {len(paths)} images could be read (first: {failed[0]['path']}: "
+                                    f"{failed[0]['reason']})")
+    bad = {f["index"] for f in failed}
+    keep = [p for i, p in enumerate(paths) if i not in bad]
+
+    def parts():
+        for k in range(store.n_shards):
+            feats, _ = store.load(k, dim)
+            yield feats[np.array([i not in bad for i in store.rows(k)], dtype=bool)]
+
+    unreadable_csv = sidecar(out, ".unreadable.csv")
+    if failed:
+        unreadable_csv.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"path": [f["path"] for f in failed], "reason": [f["reason"] for f in failed]}).to_csv(
+            _tmp(unreadable_csv), index=False)
+        os.replace(_tmp(unreadable_csv), unreadable_csv)
+        log.warning("%d of %d images could not be read and are left out of %s; they are listed in %s", len(failed),
+                    len(paths), out, unreadable_csv)
+    elif unreadable_csv.exists():
+        unreadable_csv.unlink()  # from an earlier run over other files
+    out.parent.mkdir(parents=True, exist_ok=True)
+    WRITERS[out.suffix.lower()](out, keep, parts(), dim, {**record, "n_rows": len(keep)})
+    log.info("wrote %d × %d embeddings to %s", len(keep), dim, out)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pacx.embed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("encoder", help="run directory, checkpoint or exported .safetensors (pacx.load_encoder)")
+    parser.add_argument("images", help="folder of images (recursive) or manifest CSV")
+    parser.add_argument("--out", required=True, help="output file: .npy or .parquet")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="image decoding processes (0: in this one; default: the CPUs available, at most 8)")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
+                        help="32 (float32) or bf16-mixed (bfloat16 autocast, as Stage 3 on GPUs)")
+    parser.add_argument("--path-column",
+                        help=f"the CSV's image column (default: the first of {path_column_candidates()})")
+    parser.add_argument("--root", help="folder that a CSV's relative paths start from (default: the CSV's folder)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave unreadable images out and list them in <out>.unreadable.csv")
+    parser.add_argument("--overwrite", action="store_true", help="recompute: discard existing shards and output")
+    parser.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after the merge")
+    parser.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    parser.add_argument("--allow-debug", action="store_true", help="accept the encoder of a debug run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = embed_images(args.encoder, args.images, args.out, batch_size=args.batch_size, device=args.device,
+                           num_workers=args.num_workers, shard_size=args.shard_size, precision=args.precision,
+                           skip_unreadable=args.skip_unreadable, overwrite=args.overwrite,
+                           keep_shards=args.keep_shards, path_column=args.path_column, root=args.root,
+                           progress=not args.no_progress,
+                           allow_debug=args.allow_debug or None)
+    except (EmbedError, ManifestError, CheckpointError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 1
+    sys.stdout.write(f"{out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
