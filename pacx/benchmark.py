@@ -259,6 +259,22 @@ class TrainRunner:
         return loss.detach()
 
 
+@dataclass
+class ForwardRunner:
+    """One model's inference pass on a fixed rotation of inputs: no gradients, as feature extraction runs it."""
+
+    model: nn.Module
+    inputs: list[torch.Tensor]  # imgs [B, C, H, W] per step
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    step_index: int = 0
+
+    def step(self) -> torch.Tensor:
+        imgs = self.inputs[self.step_index % len(self.inputs)]
+        self.step_index += 1
+        with torch.no_grad(), self.autocast():
+            return self.model(imgs)
+
+
 def adamw_settings(stage1_config: dict) -> dict:
     """``lr``, ``betas``, ``weight_decay`` of a Stage 1 config's ``model`` section (its single source)."""
     model = stage1_config["model"]
@@ -283,7 +299,7 @@ class StepTimes:
 
 
 def time_interleaved(
-    runners: dict[str, TrainRunner], warmup: int, steps: int, device: torch.device
+    runners: dict[str, TrainRunner | ForwardRunner], warmup: int, steps: int, device: torch.device
 ) -> dict[str, StepTimes]:
     """Times of every timed step per runner, the runners interleaved step by step.
 

@@ -12,6 +12,11 @@ LABS_EMBED_DIM = 256
 STANDARD_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 MIMIC_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
 
+# Documented split sizes of the Stage 1 and Stage 2 data (docs/performance.md#split-sizes): CheXpert-v1.0-small, all
+# views (docs/datasets.md#chexpert); Symile-MIMIC's official splits (docs/datasets.md#symile). Read by cost estimates.
+CHEXPERT_SPLIT_SIZES: dict[str, int] = {"train": 223_414, "val": 234}
+SYMILE_SPLIT_SIZES: dict[str, int] = {"train": 10_000, "val": 750}
+
 # Stage names recorded in checkpoints, run.json and export metadata.
 STAGE_MAE = "stage1_mae"
 STAGE_PACX = "stage2_pacx"

@@ -88,6 +88,8 @@ def _stage1_encoder(state: Mapping[str, torch.Tensor], meta: dict) -> dict[str, 
 
 @register_stage_extractor("stage2_pacx")
 def _stage2_encoder(state: Mapping[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    # only the encoder is read: the heads, in either layout (proj.<teacher> or the earlier proj_<teacher>;
+    # pacx.models.heads.upgrade_head_keys), are dropped with every other non-encoder key
     encoder = strip_prefix(state, "cxr_encoder.")
     if meta.get("tuning") == "lora":
         return merge_lora_state(encoder, meta["lora_alpha"] / meta["lora_r"])

@@ -1,11 +1,11 @@
 """Stage 2 distillation loss (docs/method.md#stage-2; docs/datasets.md#stage-2-training): symmetric InfoNCE + cosine regression.
 
-``loss = clip_weight · mean(CLIP terms) + regression_weight · mean(regression terms)`` over the modality
-pairs CXR–ECG and CXR–labs (one pair when a modality is ablated).
+``loss = clip_weight · mean(CLIP terms) + regression_weight · mean(regression terms)`` over the pairs
+CXR–teacher, one per teacher the inputs name (CXR–ECG and CXR–labs in the paper; docs/method.md#teachers).
 
 * CLIP term: symmetric InfoNCE (mean of CXR→other and other→CXR cross-entropies) on L2-normalised
   embeddings; local queries against keys gathered from all ranks with gradients
-  (:func:`pacx.dist.gather_with_grad`), targets offset by rank; one learnable logit scale shared by both
+  (:func:`pacx.dist.gather_with_grad`), targets offset by rank; one learnable logit scale shared by all
   pairs, initialised to ``log(1/temperature)``; label smoothing via ``F.cross_entropy``.
 * Regression term: ``1 − cos(prediction, teacher)`` averaged over the batch; the teacher is detached.
 
@@ -25,6 +25,7 @@ its local values.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,6 @@ from pacx.dist import gather_with_grad, rank_offset_targets
 
 LOGIT_SCALE_MIN = 1.0
 LOGIT_SCALE_MAX = 100.0
-MODALITIES = ("ecg", "labs")
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -90,8 +90,8 @@ class DistillationLoss(nn.Module):
         regression_weight: weight of the mean regression term.
         temperature: initial temperature; the parameter starts at ``log(1/temperature)``.
         label_smoothing: of the InfoNCE cross-entropies.
-        ablate: ``"ecg"`` or ``"labs"`` drops that modality from both terms (its inputs may be ``None``
-            and its keys are absent from the output); ``None`` keeps both.
+
+    The teachers are the keys of the dicts given to :meth:`forward`, in their order.
     """
 
     def __init__(
@@ -100,11 +100,8 @@ class DistillationLoss(nn.Module):
         regression_weight: float = 1.0,
         temperature: float = 0.07,
         label_smoothing: float = 0.02,
-        ablate: str | None = None,
     ) -> None:
         super().__init__()
-        if ablate is not None and ablate not in MODALITIES:
-            raise ValueError(f"ablate must be one of {MODALITIES} or None, got {ablate!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -112,8 +109,6 @@ class DistillationLoss(nn.Module):
         self.clip_weight = clip_weight
         self.regression_weight = regression_weight
         self.label_smoothing = label_smoothing
-        self.ablate = ablate
-        self.modalities = tuple(m for m in MODALITIES if m != ablate)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
     def scale(self) -> torch.Tensor:
@@ -123,35 +118,28 @@ class DistillationLoss(nn.Module):
     def forward(
         self,
         cxr_shared: torch.Tensor,
-        ecg_shared: torch.Tensor | None,
-        labs_shared: torch.Tensor | None,
-        cxr_to_ecg: torch.Tensor | None,
-        cxr_to_labs: torch.Tensor | None,
-        ecg_target: torch.Tensor | None,
-        labs_target: torch.Tensor | None,
+        teacher_shared: Mapping[str, torch.Tensor],
+        cxr_to_teacher: Mapping[str, torch.Tensor],
+        teacher_target: Mapping[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        """cxr/ecg/labs_shared: [n, 256] projections; cxr_to_ecg: [n, 1024], cxr_to_labs: [n, 256]
-        regression predictions; ecg_target / labs_target: [n, 1024] / [n, 256] teacher embeddings."""
-        inputs = {
-            "ecg": (ecg_shared, cxr_to_ecg, ecg_target),
-            "labs": (labs_shared, cxr_to_labs, labs_target),
-        }
-        names = {"ecg": ("ecg_shared", "cxr_to_ecg", "ecg_target"),
-                 "labs": ("labs_shared", "cxr_to_labs", "labs_target")}
-        for m in self.modalities:
-            missing = [n for n, t in zip(names[m], inputs[m]) if t is None]
-            if missing:
-                raise ValueError(f"DistillationLoss(ablate={self.ablate!r}) needs {missing}")
+        """cxr_shared: [n, S] CXR projection; per teacher ``t``: ``teacher_shared[t]`` [n, S] its projection,
+        ``cxr_to_teacher[t]`` [n, D_t] the CXR regression prediction, ``teacher_target[t]`` [n, D_t] its
+        embedding. Returns ``clip_<t>``, ``reg_<t>`` per teacher, ``loss`` and ``logit_scale``."""
+        teachers = list(teacher_shared)
+        if not teachers or set(cxr_to_teacher) != set(teachers) or set(teacher_target) != set(teachers):
+            raise ValueError("DistillationLoss needs the same teachers (at least one) in teacher_shared, "
+                             f"cxr_to_teacher and teacher_target, got {teachers}, {list(cxr_to_teacher)}, "
+                             f"{list(teacher_target)}")
 
         with torch.autocast(device_type=cxr_shared.device.type, enabled=False):
             scale = self.scale()
             out: dict[str, torch.Tensor] = {}
-            for m in self.modalities:
-                shared, pred, target = (_upcast(t) for t in inputs[m])
-                out[f"clip_{m}"] = symmetric_clip_loss(_upcast(cxr_shared), shared, scale, self.label_smoothing)
-                out[f"reg_{m}"] = cosine_regression(pred, target)
-            clip = torch.stack([out[f"clip_{m}"] for m in self.modalities]).mean()
-            reg = torch.stack([out[f"reg_{m}"] for m in self.modalities]).mean()
+            for t in teachers:
+                shared, pred, target = (_upcast(x) for x in (teacher_shared[t], cxr_to_teacher[t], teacher_target[t]))
+                out[f"clip_{t}"] = symmetric_clip_loss(_upcast(cxr_shared), shared, scale, self.label_smoothing)
+                out[f"reg_{t}"] = cosine_regression(pred, target)
+            clip = torch.stack([out[f"clip_{t}"] for t in teachers]).mean()
+            reg = torch.stack([out[f"reg_{t}"] for t in teachers]).mean()
             out["loss"] = self.clip_weight * clip + self.regression_weight * reg
         out["logit_scale"] = scale.detach()
         return out

@@ -4,8 +4,8 @@
 Throughput: ECGFounder ``--config`` (default the full 12-lead network) at random weights, saved to a
 temporary ``.pth`` and read back with ``load_ecgfounder`` so the real loading path runs, extracts
 features for ``--records`` synthetic Symile ECGs (``write_symile_release``) in batches of
-``--batch-size`` through ``pacx.teachers.ECGTeacher``, exactly as extraction does: read the rows from
-the ``.npy`` (page-cached), ``preprocess_ecg``, network. One warm-up batch is not timed. Reported:
+``--batch-size`` through ``pacx.teachers.Teacher`` (the ``ecg`` spec), exactly as extraction does: read the
+rows from the ``.npy`` (page-cached), ``preprocess_ecg``, network. One warm-up batch is not timed. Reported:
 overall ECGs/s and the time split between read, preprocessing (numpy/scipy) and network (torch).
 
 Peak RSS: ``scripts/extract_teacher_features.py`` run as a subprocess on a synthetic split of the real
@@ -42,7 +42,7 @@ from pacx.data.symile_files import FILES
 from pacx.data.synthetic.symile import write_symile_release
 from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, create_ecgfounder, load_ecgfounder
 from pacx.models.labs_dae import LabsDAE
-from pacx.teachers import DEFAULT_BATCH_SIZE, ECGTeacher
+from pacx.teachers import DEFAULT_BATCH_SIZE, TEACHERS, Teacher, feature_path
 
 log = logging.getLogger("benchmark_teachers")
 EXTRACT = Path(__file__).resolve().parent / "extract_teacher_features.py"
@@ -80,8 +80,8 @@ def save_random_ecgfounder(config: str, path: Path, seed: int) -> Path:
 
 
 def time_throughput(weights: Path, config: str, ecg_path: Path, records: int, batch_size: int) -> dict:
-    """ECGs/s of ECGTeacher over the first ``records`` rows, split into read / preprocess / network."""
-    teacher = ECGTeacher(load_ecgfounder(weights, config))
+    """ECGs/s of the ECG Teacher over the first ``records`` rows, split into read / preprocess / network."""
+    teacher = Teacher(TEACHERS["ecg"], load_ecgfounder(weights, config))
     paths = {"ecg": ecg_path}
     teacher.features(paths, 0, min(batch_size, records))  # warm-up, not timed
     teacher.reset_timings()
@@ -168,10 +168,10 @@ def extraction_cmd(root: Path, weights: Path, config: str, dae: Path, batch_size
 
 
 def check_outputs(root: Path, n: int, ecg_dim: int) -> None:
-    for key, dim in (("ecg_features", ecg_dim), ("labs_features", 256)):
-        arr = np.load(root / "train" / _name(key, "train"), mmap_mode="r")
+    for teacher, dim in (("ecg", ecg_dim), ("labs", TEACHERS["labs"].width)):
+        arr = np.load(feature_path(root, "train", teacher), mmap_mode="r")
         if arr.shape != (n, dim) or arr.dtype != np.float32:
-            raise RuntimeError(f"{key}: extraction wrote {arr.dtype} {list(arr.shape)}, expected float32 {[n, dim]}")
+            raise RuntimeError(f"{teacher}: extraction wrote {arr.dtype} {list(arr.shape)}, expected float32 {[n, dim]}")
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -14,6 +14,13 @@ load the machine). The analytic FLOP count behind TFLOP/s and MFU is documented 
     python scripts/benchmark_train.py --json /tmp/bench_train.json            # ViT-B/16, CPU, fp32
     python scripts/benchmark_train.py --device cuda --precision bf16 --batch-size 256 --compile
     python scripts/benchmark_train.py --arch mae_vit_test --img-size 32 --steps 2 --warmup 1   # tiny
+    python scripts/benchmark_train.py --stage2 ...   # Stage 2: LoRA vs full fine-tuning, images/s
+    python scripts/benchmark_train.py --stage3 ...   # Stage 3: segmentation step and probe feature extraction
+
+``--rates FILE`` merges the measured per-GPU images/s into FILE (keys ``stage1``; ``stage2_lora``,
+``stage2_full``; ``seg``, ``probe_features``), the input of ``scripts/reproduce_paper.py PLAN --estimate FILE``
+(:mod:`pacx.reproduce.estimate`). ``probe_features`` is a forward-only timing of the frozen encoder
+(no gradients, eval mode), which is what a linear probe's feature extraction runs.
 
 Needs ``transformers`` (``pip install -e .[bench]``).
 """
@@ -27,6 +34,7 @@ import logging
 import os
 import platform
 import sys
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pacx.benchmark import (  # noqa: E402
+    ForwardRunner,
     TrainRunner,
     adamw_settings,
     create_hf_twin,
@@ -56,6 +65,8 @@ from pacx.benchmark import (  # noqa: E402
     time_interleaved,
 )
 from pacx.models.mae import MAE_ARCHS, create_mae  # noqa: E402
+from pacx.reproduce.estimate import merge_rates  # noqa: E402
+from pacx.utils import git_sha  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,10 +89,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (sdpa | eager)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage2", action="store_true",
-                   help="instead: the Stage 2 distillation step, LoRA vs full fine-tuning at the same batch")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--stage2", action="store_true",
+                      help="instead: the Stage 2 distillation step, LoRA vs full fine-tuning at the same batch")
+    mode.add_argument("--stage3", action="store_true",
+                      help="instead: Stage 3 on a frozen encoder, the segmentation training step (frozen backbone "
+                           "+ decoder) and the linear probe's feature extraction (forward only)")
     p.add_argument("--stage2-arch", default="vit_base_patch16", help="encoder for --stage2")
+    p.add_argument("--stage3-arch", default="vit_base_patch16", help="encoder for --stage3")
     p.add_argument("--json", type=Path, default=None, help="write the results as a flat JSON object")
+    p.add_argument("--rates", type=Path, default=None,
+                   help="merge the measured per-GPU images/s into this rates file (scripts/reproduce_paper.py "
+                        "--estimate reads it)")
     return p.parse_args(argv)
 
 
@@ -95,42 +114,56 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def rate_entry(args: argparse.Namespace, device: torch.device, batch: int, images_per_s: float, **what) -> dict:
+    """One entry of the rates file: the per-GPU images/s and the conditions it was measured under."""
+    return {"img_per_s": images_per_s, "device": device.type, "device_name": device_name(device),
+            "precision": args.precision, "batch": batch, "compile": args.compile, "fused_adamw": args.fused_adamw,
+            "steps": args.steps, "stat": args.stat, "torch": torch.__version__, "git": git_sha(),
+            "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"), **what}
+
+
+def write_rates(args: argparse.Namespace, entries: dict[str, dict]) -> None:
+    if args.rates is not None:
+        merge_rates(args.rates, entries)
+        print(f"merged {', '.join(entries)} into {args.rates}")
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def stage2_loss(module, imgs: torch.Tensor, teachers: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def stage2_loss(module, imgs: torch.Tensor, teachers: dict[str, torch.Tensor]) -> torch.Tensor:
     """One Stage 2 step's loss: encoder + heads + DistillationLoss, as PaCXModule's training step."""
-    e = module.embed((imgs, *teachers))
-    return module.loss_fn(e["cxr_shared"], e.get("ecg_shared"), e.get("labs_shared"), e.get("cxr_to_ecg"),
-                          e.get("cxr_to_labs"), e["ecg_target"], e["labs_target"])["loss"]
+    return module.loss_terms({"cxr": imgs, "teachers": teachers})[1]["loss"]
 
 
 def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> dict:
     """Stage 2 images/s with LoRA vs full fine-tuning of the same encoder, interleaved, same inputs."""
-    from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM
     from pacx.lit.pacx import PaCXModule
 
     stage2 = yaml.safe_load((REPO / "configs/stage2/pacx_vitb_symile.yaml").read_text())["model"]["init_args"]
     optim = {"lr": float(stage2["lr"]), "betas": tuple(stage2["betas"]), "weight_decay": float(stage2["weight_decay"])}
     if args.fused_adamw:
         optim["fused"] = True
-    gen = torch.Generator().manual_seed(args.seed)
-    inputs = [(torch.randn(batch, 3, args.img_size, args.img_size, generator=gen).to(device),
-               (torch.randn(batch, ECG_EMBED_DIM, generator=gen).to(device),
-                torch.randn(batch, LABS_EMBED_DIM, generator=gen).to(device))) for _ in range(2)]
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext)
-    runners, trainable = {}, {}
+    modules, trainable = {}, {}
     for tuning in ("lora", "full"):
         torch.manual_seed(args.seed)
-        module = PaCXModule(encoder_arch=args.stage2_arch, img_size=args.img_size, tuning=tuning).to(device).train()
+        modules[tuning] = PaCXModule(encoder_arch=args.stage2_arch, img_size=args.img_size, tuning=tuning)
+        modules[tuning].to(device).train()
+    gen = torch.Generator().manual_seed(args.seed)
+    widths = modules["lora"].teacher_widths  # {teacher: feature width}, the paper's teachers by default
+    inputs = [(torch.randn(batch, 3, args.img_size, args.img_size, generator=gen).to(device),
+               {t: torch.randn(batch, d, generator=gen).to(device) for t, d in widths.items()}) for _ in range(2)]
+    loss_fn = torch.compile(stage2_loss) if args.compile else stage2_loss  # the step's function, module included
+    runners = {}
+    for tuning, module in modules.items():
         params = [p for p in module.parameters() if p.requires_grad]
         trainable[tuning] = sum(p.numel() for p in params)
-        runners[tuning] = TrainRunner(torch.compile(module) if args.compile else module, stage2_loss,
-                                      torch.optim.AdamW(params, **optim), inputs, autocast)
+        runners[tuning] = TrainRunner(module, loss_fn, torch.optim.AdamW(params, **optim), inputs, autocast)
     print(f"timing Stage 2: {args.warmup} warm-up + {args.steps} timed steps per strategy, interleaved ...",
           flush=True)
     times = time_interleaved(runners, args.warmup, args.steps, device)
@@ -151,6 +184,63 @@ def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> di
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    write_rates(args, {f"stage2_{name}": rate_entry(args, device, batch, stats[name]["steps_per_s"] * batch,
+                                                     arch=args.stage2_arch, img_size=args.img_size, tuning=name,
+                                                     what="Stage 2 distillation step (encoder + heads + loss, "
+                                                          "backward, AdamW)")
+                       for name in ("lora", "full")})
+    return result
+
+
+def seg_loss(module, imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """One segmentation step's loss: frozen backbone, decoder, BCE + soft Dice, as SegmentationModule's step."""
+    return module.loss_fn(module(imgs).float(), masks)["loss"]
+
+
+def run_stage3(args: argparse.Namespace, device: torch.device, batch: int) -> dict:
+    """Stage 3 images/s on one frozen encoder: the segmentation training step and the feature extraction."""
+    from pacx.lit.segment import SegmentationModule
+    from pacx.models.backbones import BackboneConfig
+
+    seg = yaml.safe_load((REPO / "configs/stage3/seg/cxlseg.yaml").read_text())["model"]["init_args"]
+    optim = {"lr": float(seg["lr"]), "betas": tuple(seg["betas"]), "weight_decay": float(seg["weight_decay"])}
+    if args.fused_adamw:
+        optim["fused"] = True
+    torch.manual_seed(args.seed)
+    backbone = BackboneConfig(kind="random", arch=args.stage3_arch, img_size=args.img_size)
+    module = SegmentationModule("cxlseg", backbone, decoder_width=seg["decoder_width"]).to(device).train()
+    module.backbone.eval()  # frozen and in eval mode, as on_train_batch_start keeps it
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (batch, 3, args.img_size, args.img_size)
+    inputs = [(torch.randn(shape, generator=gen).to(device),
+               (torch.rand(batch, 1, args.img_size, args.img_size, generator=gen) > 0.5).float().to(device))
+              for _ in range(2)]
+    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext)
+    compile_ = torch.compile if args.compile else (lambda m: m)
+    decoder = [p for p in module.parameters() if p.requires_grad]
+    runners = {"seg": TrainRunner(compile_(module), seg_loss, torch.optim.AdamW(decoder, **optim), inputs, autocast),
+               "probe_features": ForwardRunner(compile_(module.backbone), [imgs for imgs, _ in inputs], autocast)}
+    print(f"timing Stage 3: {args.warmup} warm-up + {args.steps} timed steps each, interleaved ...", flush=True)
+    times = time_interleaved(runners, args.warmup, args.steps, device)
+    stats = {name: summarize(t, args.stat) for name, t in times.items()}
+    print(f"\nStage 3 on a frozen {args.stage3_arch} ({args.img_size}px, batch {batch}, {device.type} "
+          f"({device_name(device)}), {torch.get_num_threads()} threads, {args.precision})")
+    labels = {"seg": "segmentation step (decoder trains)", "probe_features": "feature extraction (forward only)"}
+    rows = [[labels[name], f"{s['step_s_median']:.4f}", f"{s['steps_per_s'] * batch:.2f}"] for name, s in stats.items()]
+    print(format_table(["what", "median s/step", "images/s"], rows))
+    result = {"seg_images_per_s": stats["seg"]["steps_per_s"] * batch,
+              "probe_features_images_per_s": stats["probe_features"]["steps_per_s"] * batch,
+              "seg_trainable_params": sum(p.numel() for p in decoder), "batch_size": batch, "device": device.type,
+              "precision": args.precision, "arch": args.stage3_arch, "img_size": args.img_size, "steps": args.steps}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    what = {"seg": "segmentation step (frozen backbone forward, decoder forward + backward, AdamW)",
+            "probe_features": "frozen encoder forward without gradients (the linear probe's feature extraction)"}
+    write_rates(args, {name: rate_entry(args, device, batch, result[f"{name}_images_per_s"], arch=args.stage3_arch,
+                                        img_size=args.img_size, what=what[name]) for name in ("seg", "probe_features")})
     return result
 
 
@@ -163,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch_size or (8 if device.type == "cpu" else 64)
     if args.stage2:
         return run_stage2(args, device, batch)
+    if args.stage3:
+        return run_stage3(args, device, batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -277,6 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": batch,
         "device": device.type,
         "device_name": device_name(device),
+        # both models' steps ran in this process: the peak of the two (CUDA only)
+        "cuda_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "compile": args.compile,
@@ -312,6 +406,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    stage1 = rate_entry(args, device, batch, stats["pacx"]["steps_per_s"] * batch, arch=args.arch,
+                        img_size=cfg.img_size, mask_ratio=ours.mask_ratio, mfu=stats["pacx"]["mfu"],
+                        peak_tflops=args.peak_tflops, hf_img_per_s=stats["hf"]["steps_per_s"] * batch,
+                        what="MAE training step (forward, backward, AdamW), pacx's model")
+    write_rates(args, {"stage1": stage1})
     return result
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Alignment evaluation (docs/datasets.md#alignment): ridge probes from CXR features to the ECG and labs teacher
-embeddings, and with ``--zero-shot`` 1-of-10 retrieval through a Stage 2 run's projection heads.
+embeddings (or those of ``--teachers``, any registered in ``pacx.teachers.TEACHERS``), and with ``--zero-shot``
+1-of-10 retrieval through a Stage 2 run's projection heads.
 
     python scripts/eval_alignment.py --data-root /data/symile/data_npy \\
         --backbone mae=runs/stage1/mae_vitb_chexpert --backbone pacx=runs/stage2/pacx_vitb_symile \\
@@ -27,7 +28,6 @@ import torch
 from pacx.eval.alignment import (
     FIT_BATCH,
     RECALL_KS,
-    TARGETS,
     load_split,
     load_stage2_heads,
     probe_encoder,
@@ -36,12 +36,12 @@ from pacx.eval.alignment import (
 )
 from pacx.models.backbones import BackboneConfig, build_backbone
 from pacx.models.vit import POOLS
+from pacx.teachers import DEFAULT_TEACHERS, teacher_spec
 from pacx.utils import write_json_atomic
 
 log = logging.getLogger("eval_alignment")
 
 RANDOM_PREFIX = "random:"
-TARGET_TITLES = {"ecg": "ECG", "labs": "labs"}
 
 
 @dataclass(frozen=True)
@@ -76,33 +76,41 @@ def _fmt(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _targets(res: dict) -> list[str]:
+    return [t for t in res if t != "zero_shot"]
+
+
 def markdown_table(results: dict[str, dict], n_test: int) -> str:
     """Rows backbone × target, then one permutation-baseline row per target (its R@k = chance, 100·k/N)."""
     cols = ["backbone", "target", "R²", "cos", "cos (centred)", *(f"R@{k}" for k in RECALL_KS)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, res in results.items():
-        for target, title in TARGET_TITLES.items():
+        for target in _targets(res):
             m = res[target]
-            cells = [name, title, _fmt(m["r2"], 4), _fmt(m["cos"], 4), _fmt(m["cos_centred"], 4),
+            cells = [name, teacher_spec(target).title, _fmt(m["r2"], 4), _fmt(m["cos"], 4), _fmt(m["cos_centred"], 4),
                      *(_fmt(m[f"recall@{k}"], 2) for k in RECALL_KS)]
             lines.append("| " + " | ".join(cells) + " |")
     first = next(iter(results.values()))
-    for target, title in TARGET_TITLES.items():
+    targets = _targets(first)
+    for target in targets:
         m = first[target]
-        cells = ["baseline (permutation / chance)", title, "–", _fmt(m["baseline_cos"], 4),
+        cells = ["baseline (permutation / chance)", teacher_spec(target).title, "–", _fmt(m["baseline_cos"], 4),
                  _fmt(m["baseline_cos_centred"], 4), *(_fmt(100.0 * min(k, n_test) / n_test, 2) for k in RECALL_KS)]
         lines.append("| " + " | ".join(cells) + " |")
-    dups = ", ".join(f"{TARGET_TITLES[t]} {first[t]['duplicate_rows']}" for t in TARGETS)
-    lines.append(f"\nfit rows: {first['ecg']['n_fit']}; test rows: {n_test}; duplicate target rows in test: {dups}")
+    dups = ", ".join(f"{teacher_spec(t).title} {first[t]['duplicate_rows']}" for t in targets)
+    lines.append(f"\nfit rows: {first[targets[0]]['n_fit']}; test rows: {n_test}; duplicate target rows in test: {dups}")
     return "\n".join(lines) + "\n"
 
 
 def zero_shot_table(results: dict[str, dict]) -> str:
-    lines = ["| backbone | CXR→ECG | CXR→labs | chance | queries |", "|---|---|---|---|---|"]
+    teachers = [k.removeprefix("cxr_").removesuffix("_acc") for k in next(iter(results.values()))["zero_shot"]
+                if k.endswith("_acc")]
+    lines = ["| backbone | " + " | ".join(f"CXR→{teacher_spec(t).title}" for t in teachers) + " | chance | queries |",
+             "|---|" + "---|" * len(teachers) + "---|---|"]
     for name, res in results.items():
         z = res["zero_shot"]
-        lines.append(f"| {name} | {z['cxr_ecg_acc']:.4f} | {z['cxr_labs_acc']:.4f} | {z['chance']:.4f} | "
-                     f"{z['n_queries']} |")
+        accs = " | ".join(f"{z[f'cxr_{t}_acc']:.4f}" for t in teachers)
+        lines.append(f"| {name} | {accs} | {z['chance']:.4f} | {z['n_queries']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fit on (N // B) * B random train rows as the reference's drop-last loader "
                         "(default 256: 9,984 of 10,000); 0 = all rows")
     parser.add_argument("--seed", type=int, default=0, help="fit-row draw and random-init seed")
+    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS),
+                        help=f"the teachers whose features are probed (default: {' '.join(DEFAULT_TEACHERS)})")
     parser.add_argument("--fit-split", default="train")
     parser.add_argument("--eval-split", default="test_uni")
     parser.add_argument("--zero-shot", action="store_true",
@@ -145,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--zero-shot needs Stage 2 runs or checkpoints; backbone {spec.name!r} is {spec.source}")
             heads[spec.name] = load_stage2_heads(spec.source)
             pools[spec.name] = stage2_pool(spec.source)  # the feature the run's heads were trained on
-    fit = load_split(args.data_root, args.fit_split, args.check_values)
-    test = load_split(args.data_root, args.eval_split, args.check_values)
-    retrieval = load_split(args.data_root, "test", args.check_values) if args.zero_shot else None
+    fit = load_split(args.data_root, args.fit_split, args.check_values, args.teachers)
+    test = load_split(args.data_root, args.eval_split, args.check_values, args.teachers)
+    retrieval = load_split(args.data_root, "test", args.check_values, args.teachers) if args.zero_shot else None
 
     results: dict[str, dict] = {}
     for spec in args.backbone:

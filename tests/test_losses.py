@@ -37,6 +37,17 @@ def _explicit_ce(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tor
     return torch.tensor(sum(rows) / len(rows), dtype=torch.float64)
 
 
+def _call(loss: DistillationLoss, x: dict[str, torch.Tensor], teachers=("ecg", "labs")) -> dict[str, torch.Tensor]:
+    """The loss on the flat inputs of :func:`_inputs`, as the per-teacher dicts it takes."""
+    return loss(x["cxr_shared"], {t: x[f"{t}_shared"] for t in teachers}, {t: x[f"cxr_to_{t}"] for t in teachers},
+                {t: x[f"{t}_target"] for t in teachers})
+
+
+def _pairs(loss: DistillationLoss, cxr, ecg_shared, labs_shared, cxr_to_ecg, cxr_to_labs, ecg_target, labs_target):
+    return loss(cxr, {"ecg": ecg_shared, "labs": labs_shared}, {"ecg": cxr_to_ecg, "labs": cxr_to_labs},
+                {"ecg": ecg_target, "labs": labs_target})
+
+
 def _inputs(n: int = 6, seed: int = 0, requires_grad: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shapes = {"cxr_shared": 8, "ecg_shared": 8, "labs_shared": 8, "cxr_to_ecg": 12, "cxr_to_labs": 5,
@@ -86,7 +97,7 @@ def test_clip_term_is_log_n_for_unrelated_embeddings():
     n = 64
     a, b = torch.randn(n, 4096, generator=g), torch.randn(n, 4096, generator=g)
     loss = DistillationLoss()  # scale 1/0.07 ≈ 14.3: logits ~ N(0, 0.22²), so CE ≈ log n + 0.02
-    out = loss(a, b, b, a, a, b, b)
+    out = _pairs(loss, a, b, b, a, a, b, b)
     assert abs(out["clip_ecg"].item() - math.log(n)) < 0.1
 
 
@@ -101,7 +112,7 @@ def test_clip_term_reaches_the_label_smoothing_floor_for_identical_embeddings():
     n = 8
     e = torch.eye(n, 16, dtype=torch.float64)
     floor = eps * s * (n - 1) / n + math.log1p((n - 1) * math.exp(-s))
-    out = loss(e, e, e, e, e, e, e)
+    out = _pairs(loss, e, e, e, e, e, e, e)
     assert out["logit_scale"].item() == pytest.approx(100.0)
     torch.testing.assert_close(out["clip_ecg"], torch.tensor(floor, dtype=torch.float64))
     assert out["clip_ecg"].item() == pytest.approx(1.75, abs=1e-9)
@@ -111,19 +122,19 @@ def test_clip_term_reaches_the_label_smoothing_floor_for_identical_embeddings():
     x = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)
     gram = x @ x.T
     exact = (torch.logsumexp(s * gram, dim=1) - (1 - eps) * s * gram.diagonal() - eps * s * gram.mean(dim=1)).mean()
-    torch.testing.assert_close(loss(x, x, x, x, x, x, x)["clip_labs"], exact)
+    torch.testing.assert_close(_pairs(loss, x, x, x, x, x, x, x)["clip_labs"], exact)
 
 
 def test_logit_scale_init_and_clamp():
     loss = DistillationLoss(temperature=0.07)
     assert loss.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     x = _inputs()
-    assert loss(**x)["logit_scale"].item() == pytest.approx(1 / 0.07)
+    assert _call(loss, x)["logit_scale"].item() == pytest.approx(1 / 0.07)
 
     for log_value, used in ((math.log(1000.0), 100.0), (math.log(0.5), 1.0)):
         with torch.no_grad():
             loss.logit_scale.fill_(log_value)
-        out = loss(**x)
+        out = _call(loss, x)
         assert out["logit_scale"].item() == pytest.approx(used) and not out["logit_scale"].requires_grad
         expected = symmetric_clip_loss(x["cxr_shared"], x["ecg_shared"], used, 0.02)
         torch.testing.assert_close(out["clip_ecg"], expected)
@@ -134,50 +145,62 @@ def test_logit_scale_init_and_clamp():
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(10.0))
     loss.zero_grad()
-    loss(**x)["loss"].backward()
+    _call(loss, x)["loss"].backward()
     assert loss.logit_scale.grad.item() != 0.0
 
 
 def test_loss_combines_terms_with_weights():
     x = _inputs()
-    out = DistillationLoss(clip_weight=0.5, regression_weight=1.0)(**x)
+    out = _call(DistillationLoss(clip_weight=0.5, regression_weight=1.0), x)
     assert set(out) == ALL_KEYS
     expected = 0.5 * (out["clip_ecg"] + out["clip_labs"]) / 2 + 1.0 * (out["reg_ecg"] + out["reg_labs"]) / 2
     torch.testing.assert_close(out["loss"], expected)
-    out = DistillationLoss(clip_weight=2.0, regression_weight=0.25)(**x)
+    out = _call(DistillationLoss(clip_weight=2.0, regression_weight=0.25), x)
     torch.testing.assert_close(
         out["loss"], 2.0 * (out["clip_ecg"] + out["clip_labs"]) / 2 + 0.25 * (out["reg_ecg"] + out["reg_labs"]) / 2
     )
     torch.testing.assert_close(out["reg_ecg"], cosine_regression(x["cxr_to_ecg"], x["ecg_target"]))
 
 
-@pytest.mark.parametrize("ablate, kept", [("ecg", "labs"), ("labs", "ecg")])
-def test_ablate_removes_terms_keys_and_gradients(ablate, kept):
+@pytest.mark.parametrize("dropped, kept", [("ecg", "labs"), ("labs", "ecg")])
+def test_one_teacher_gives_its_terms_keys_and_gradients_only(dropped, kept):
     x = _inputs(requires_grad=True)
-    loss = DistillationLoss(ablate=ablate)
-    out = loss(**x)
+    loss = DistillationLoss()
+    out = _call(loss, x, teachers=(kept,))
     assert set(out) == {"loss", f"clip_{kept}", f"reg_{kept}", "logit_scale"}
     torch.testing.assert_close(out["loss"], 0.5 * out[f"clip_{kept}"] + 1.0 * out[f"reg_{kept}"])
     out["loss"].backward()
-    for name in (f"{ablate}_shared", f"cxr_to_{ablate}", f"{ablate}_target", f"{kept}_target"):
-        assert x[name].grad is None, name  # ablated inputs are unused; teachers are detached
+    for name in (f"{dropped}_shared", f"cxr_to_{dropped}", f"{dropped}_target", f"{kept}_target"):
+        assert x[name].grad is None, name  # the other teacher's inputs are not given; teachers are detached
     for name in ("cxr_shared", f"{kept}_shared", f"cxr_to_{kept}"):
         assert x[name].grad is not None and x[name].grad.abs().sum() > 0, name
 
-    # the ablated modality's inputs may be None; the kept ones may not
-    none = {**x, f"{ablate}_shared": None, f"cxr_to_{ablate}": None, f"{ablate}_target": None}
-    torch.testing.assert_close(loss(**none)["loss"], out["loss"])
-    with pytest.raises(ValueError, match=f"cxr_to_{kept}"):
-        loss(**{**x, f"cxr_to_{kept}": None})
+
+def test_any_teacher_names_and_their_order():
+    """Teachers are the dict keys: a third one adds its terms; the order of the keys does not change the loss."""
+    x = _inputs()
+    g = torch.Generator().manual_seed(7)
+    extra = {"vitals_shared": torch.randn(6, 8, generator=g, dtype=torch.float64),
+             "cxr_to_vitals": torch.randn(6, 3, generator=g, dtype=torch.float64)}
+    extra["vitals_target"] = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    x3 = {**x, **extra}
+    out = _call(DistillationLoss(), x3, ("ecg", "labs", "vitals"))
+    assert set(out) == ALL_KEYS | {"clip_vitals", "reg_vitals"}
+    clip = (out["clip_ecg"] + out["clip_labs"] + out["clip_vitals"]) / 3
+    reg = (out["reg_ecg"] + out["reg_labs"] + out["reg_vitals"]) / 3
+    torch.testing.assert_close(out["loss"], 0.5 * clip + reg)
+    torch.testing.assert_close(_call(DistillationLoss(), x3, ("vitals", "labs", "ecg"))["loss"], out["loss"])
 
 
 def test_invalid_arguments_raise():
-    with pytest.raises(ValueError, match="ablate"):
-        DistillationLoss(ablate="cxr")
     with pytest.raises(ValueError, match="temperature"):
         DistillationLoss(temperature=0.0)
-    with pytest.raises(ValueError, match="ecg_shared"):
-        DistillationLoss()(**{**_inputs(), "ecg_shared": None})
+    x = _inputs()
+    with pytest.raises(ValueError, match="the same teachers"):
+        DistillationLoss()(x["cxr_shared"], {"ecg": x["ecg_shared"]}, {"labs": x["cxr_to_labs"]},
+                           {"ecg": x["ecg_target"]})
+    with pytest.raises(ValueError, match="at least one"):
+        DistillationLoss()(x["cxr_shared"], {}, {}, {})
 
 
 def test_cosine_regression_is_one_minus_cosine_with_detached_target():
@@ -196,12 +219,12 @@ def test_cosine_regression_is_one_minus_cosine_with_detached_target():
 
 def test_half_precision_and_autocast_compute_in_float32():
     x = {k: v.float() for k, v in _inputs().items()}
-    ref = DistillationLoss()(**x)
+    ref = _call(DistillationLoss(), x)
     half = {k: v.bfloat16() for k, v in x.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = DistillationLoss()(**half)
+        out = _call(DistillationLoss(), half)
     assert out["loss"].dtype == torch.float32
-    exact = DistillationLoss()(**{k: v.float() for k, v in half.items()})  # same rounded inputs, fp32 math
+    exact = _call(DistillationLoss(), {k: v.float() for k, v in half.items()})  # same rounded inputs, fp32 math
     torch.testing.assert_close(out["loss"], exact["loss"])
     torch.testing.assert_close(out["loss"], ref["loss"], atol=0.05, rtol=0.0)
 
@@ -223,8 +246,8 @@ class _TinyPacx(nn.Module):
 
     def forward(self, cxr: torch.Tensor, ecg: torch.Tensor, labs: torch.Tensor) -> dict[str, torch.Tensor]:
         h = torch.tanh(self.encoder(cxr))
-        return self.criterion(self.cxr_proj(h), self.ecg_proj(ecg), self.labs_proj(labs),
-                              self.reg_ecg(h), self.reg_labs(h), ecg, labs)
+        return _pairs(self.criterion, self.cxr_proj(h), self.ecg_proj(ecg), self.labs_proj(labs),
+                      self.reg_ecg(h), self.reg_labs(h), ecg, labs)
 
 
 class _VitPacx(nn.Module):
@@ -234,16 +257,14 @@ class _VitPacx(nn.Module):
         super().__init__()
         from pacx.lit.pacx import PaCXModule
 
-        self.module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=8, ecg_dim=10, labs_dim=6,
-                                 lora_dropout=0.0, head_dropout=0.0)
+        self.module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=8,
+                                 teacher_dims={"ecg": 10, "labs": 6}, lora_dropout=0.0, head_dropout=0.0)
         for n, p in self.module.named_parameters():  # LoRA B starts at 0: give the adapters a real gradient path
             if "lora_B" in n:
                 nn.init.normal_(p, std=0.05)
 
     def forward(self, cxr: torch.Tensor, ecg: torch.Tensor, labs: torch.Tensor) -> dict[str, torch.Tensor]:
-        e = self.module.embed((cxr, ecg, labs))
-        return self.module.loss_fn(e["cxr_shared"], e["ecg_shared"], e["labs_shared"], e["cxr_to_ecg"],
-                                   e["cxr_to_labs"], ecg, labs)
+        return self.module.loss_terms({"cxr": cxr, "teachers": {"ecg": ecg, "labs": labs}})[1]
 
 
 def _tiny_model() -> nn.Module:

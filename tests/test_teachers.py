@@ -20,7 +20,7 @@ from pacx.data.symile_files import SymileFileError
 from pacx.data.synthetic.symile import write_symile_release
 from pacx.models.ecgfounder import create_ecgfounder, load_ecgfounder, preprocess_ecg
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig, load_labs_dae
-from pacx.teachers import ECGTeacher, extract_teacher_features, load_teachers
+from pacx.teachers import TEACHERS, Teacher, extract_teacher_features, load_teachers
 from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def run_cli(root: Path, weights: dict[str, Path], *extra: str) -> None:
 
 
 def teachers(weights: dict[str, Path]):
-    return load_teachers(weights["ecg"], weights["dae"], ecgfounder_config="demo_small")
+    return load_teachers({"ecg": weights["ecg"], "labs": weights["dae"]}, {"ecg": {"config": "demo_small"}})
 
 
 def mtimes(root: Path) -> dict[str, int]:
@@ -126,8 +126,16 @@ def test_one_teacher_only(root, weights):
     load_script("extract_teacher_features").main(["--data-root", str(root), "--labs-dae", str(weights["dae"]),
                                                   "--splits", "train", "--no-progress"])
     assert [p.name for p in (root / "train").glob("*_features.npy")] == ["labs_features.npy"]
+    script = load_script("extract_teacher_features")
     with pytest.raises(SystemExit):
-        load_script("extract_teacher_features").main(["--data-root", str(root)])
+        script.main(["--data-root", str(root)])
+    with pytest.raises(SystemExit):  # one teacher given twice
+        script.main(["--data-root", str(root), "--labs-dae", str(weights["dae"]), "--teacher", f"labs={weights['dae']}"])
+    with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
+        script.main(["--data-root", str(root), "--teacher", f"ekg={weights['ecg']}"])
+    # --teacher NAME=WEIGHTS is the general form of --labs-dae
+    script.main(["--data-root", str(root), "--teacher", f"labs={weights['dae']}", "--splits", "val", "--no-progress"])
+    assert (root / "val" / "labs_features.npy").is_file() and not (root / "val" / "ecg_features.npy").exists()
 
 
 # ------------------------------------------------------------------------------------------ interruption
@@ -138,27 +146,27 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(root, weight
     stale = final.with_name(f".{final.name}.tmp999999999")  # left by a killed run (no such process)
     stale.write_bytes(b"partial")
     calls = {"n": 0}
-    forward = ECGTeacher.encode
+    forward = Teacher.encode
 
-    def failing(self, x):
+    def failing(self, *x):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # mid-split: one batch of train is already in the temporary file
-        return forward(self, x)
+            raise KeyboardInterrupt  # mid-split: one batch of train (the ECG, first) is already in the temporary file
+        return forward(self, *x)
 
-    monkeypatch.setattr(ECGTeacher, "encode", failing)
+    monkeypatch.setattr(Teacher, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, progress=False)
     assert not final.exists()
     assert not list((root / "train").glob(".*.tmp*"))  # ours removed on failure, the stale one on start
 
     # An interrupted --overwrite keeps the previous complete file untouched.
-    monkeypatch.setattr(ECGTeacher, "encode", forward)
+    monkeypatch.setattr(Teacher, "encode", forward)
     extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, progress=False)
     complete = np.load(final)
     assert complete.shape == (12, ECG_DIM)
     calls["n"] = 0
-    monkeypatch.setattr(ECGTeacher, "encode", failing)
+    monkeypatch.setattr(Teacher, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
         extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, overwrite=True, progress=False)
     np.testing.assert_array_equal(np.load(final), complete)
@@ -224,6 +232,6 @@ def test_benchmark_writes_json(tmp_path, capsys):
 def test_ecg_file_is_not_left_mapped(root, weights):
     """Each batch maps, copies and unmaps: a mapping kept open would count every page read as RSS."""
     ecg = root / "train" / "ecg_train.npy"
-    teacher = ECGTeacher(load_ecgfounder(weights["ecg"], "demo_small"))
+    teacher = Teacher(TEACHERS["ecg"], load_ecgfounder(weights["ecg"], "demo_small"))
     assert teacher.features({"ecg": ecg}, 3, 8).shape == (5, ECG_DIM)
     assert str(ecg.resolve()) not in Path("/proc/self/maps").read_text()

@@ -15,7 +15,7 @@ converter docstrings); where we deviate from the reference's ``<root>`` to avoid
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
@@ -49,6 +49,9 @@ class BenchmarkSpec:
     # The metric of the low-data table and figure: the paper reports its 1 % results in AUROC for every
     # classification benchmark (docs/datasets.md#low-data).
     low_data_metric: str = "auroc"
+    # Rows per split of the converter's manifests as documented (docs/performance.md#split-sizes); a split the
+    # documentation gives no number for is absent. Read only by cost estimates (pacx.reproduce.estimate).
+    split_sizes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -62,6 +65,9 @@ class BenchmarkSpec:
             if set(mapping) != set(SPLITS):
                 raise ValueError(f"{self.name}: {field_name} must map exactly {SPLITS}, got {sorted(mapping)}")
             object.__setattr__(self, field_name, MappingProxyType(dict(mapping)))
+        if set(self.split_sizes) - set(SPLITS) or any(n < 1 for n in self.split_sizes.values()):
+            raise ValueError(f"{self.name}: split_sizes must map splits of {SPLITS} to positive counts")
+        object.__setattr__(self, "split_sizes", MappingProxyType(dict(self.split_sizes)))
         if not self.labels:
             raise ValueError(f"{self.name}: no labels")
 
@@ -84,6 +90,10 @@ class BenchmarkSpec:
         if self.label_source == "index":
             return (INDEX_COLUMN,)
         return self.labels
+
+
+def _sizes(train: int, val: int, test: int) -> dict[str, int]:
+    return {"train": train, "val": val, "test": test}
 
 
 def _same(subdir: str) -> dict[str, str]:
@@ -128,11 +138,11 @@ CHESTX6_CLASSES = ("Covid-19", "Emphysema", "Normal", "Pneumonia-Bacterial", "Pn
 ECHO_LABELS = ("slvh", "dlv", "heart_transplant", "lung_transplant", "pacemaker_or_icd")
 
 
-def _seg(name: str, label: str, description: str) -> BenchmarkSpec:
+def _seg(name: str, label: str, description: str, split_sizes: dict[str, int] | None = None) -> BenchmarkSpec:
     return BenchmarkSpec(
         name=name, task="segmentation", labels=(label,), path_column="img_path", mask_column="mask_path",
         image_dirs=_same(""), manifest_files=_files("{split}.csv"), metric="iou", label_source="mask",
-        description=description, in_paper=True, low_data_metric="iou", **_LP_SEG,
+        description=description, in_paper=True, low_data_metric="iou", split_sizes=split_sizes or {}, **_LP_SEG,
     )
 
 
@@ -140,7 +150,7 @@ _SPECS = (
     BenchmarkSpec(
         name="chexchonet", task="binary", labels=("composite_slvh_dlv",), path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("chexchonet_{split}.csv"),
-        metric="f1", label_source="columns", in_paper=True, **_LP_DEFAULT,
+        metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(51543, 5728, 14318), **_LP_DEFAULT,
         description="CheXchoNet composite SLVH/DLV, image-level stratified 80/20 then 90/10 (docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
@@ -155,7 +165,7 @@ _SPECS = (
         image_dirs={"train": "train", "val": "train", "test": "test"},
         manifest_files={"train": "vindr_train_split.csv", "val": "vindr_val_split.csv",
                         "test": "vindr_test_split.csv"},
-        metric="f1", label_source="columns", in_paper=True, **_LP_256,
+        metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(13500, 1500, 3000), **_LP_256,
         description="VinDr-CXR 19 labels (majority vote), official test, random 90/10 train/val (docs/datasets.md#vindr)",
     ),
     BenchmarkSpec(
@@ -172,11 +182,14 @@ _SPECS = (
         description="MedMod mortality (3 labels), same splits as medmod_phys (docs/datasets.md#medmod)",
     ),
     _seg("cxlseg", "lung", "CXL-Seg MIMIC-CXR lung masks, official split column (docs/datasets.md#cxlseg)"),
-    _seg("covidqu_seg", "lung", "COVID-QU-Ex lung masks, official Train/Val/Test (docs/datasets.md#covidqu)"),
+    # The official Train/Val/Test folders of the lung segmentation data: every image has its mask, so the
+    # manifests hold the folders' counts (the same images as the 3-class entry below).
+    _seg("covidqu_seg", "lung", "COVID-QU-Ex lung masks, official Train/Val/Test (docs/datasets.md#covidqu)",
+         _sizes(21715, 5417, 6788)),
     BenchmarkSpec(
         name="covidqu", task="multiclass", labels=("Normal", "COVID-19", "Non-COVID"), path_column="Path",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("covidqu_{split}_split.csv"),
-        metric="auroc", label_source="index", in_paper=False, **_LP_256,
+        metric="auroc", label_source="index", in_paper=False, split_sizes=_sizes(21715, 5417, 6788), **_LP_256,
         description="COVID-QU-Ex 3-class, official Train/Val/Test (docs/datasets.md#covidqu)",
     ),
     BenchmarkSpec(
@@ -184,31 +197,33 @@ _SPECS = (
         name="tb", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images/images"), manifest_files=_files("tb_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=True, lp_batch_size=32, lp_lr=1e-3,
+        split_sizes=_sizes(449, 80, 133),
         description="Shenzhen TB, stratified 80/20 then 85/15 (docs/datasets.md#tb)",
     ),
     BenchmarkSpec(
         name="chestx6", task="multiclass", labels=CHESTX6_CLASSES, path_column="Path", mask_column=None,
         image_dirs=_same(""), manifest_files=_files("chestx6_{split}_split.csv"),
-        metric="auroc", label_source="onehot", in_paper=True, **_LP_256,
+        metric="auroc", label_source="onehot", in_paper=True, split_sizes=_sizes(14551, 1748, 1737), **_LP_256,
         description="Chest X-Ray 6 classes, official train/val/test (docs/datasets.md#chestx6)",
     ),
     BenchmarkSpec(
         name="nih", task="multilabel", labels=NIH_LABELS, path_column="Image Index", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("nih_{split}_split.csv"),
-        metric="auroc", label_source="columns", in_paper=True, **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=True, split_sizes=_sizes(73545, 12979, 25596), **_LP_DEFAULT,
         description="NIH ChestX-ray14, official test list, random 85/15 train/val (docs/datasets.md#nih)",
     ),
     _seg("qata", "infection", "QaTa-COV19 v2 infection masks, official test, random 90/10 train/val (docs/datasets.md#qata)"),
     BenchmarkSpec(
         name="covidx", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("covid_{split}_split.csv"),
-        metric="auroc", label_source="columns", in_paper=False, **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=False, split_sizes=_sizes(61068, 6786, 16964), **_LP_DEFAULT,
         description="COVIDx CXR-2 (v9), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
     ),
     BenchmarkSpec(
         name="pneumonia", task="binary", labels=("Pneumonia",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("pneumonia_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=False, lp_batch_size=128, lp_lr=1e-3,
+        split_sizes=_sizes(4216, 469, 1172),
         description="Pediatric pneumonia (Kermany), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
     ),
 )

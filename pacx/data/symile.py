@@ -7,12 +7,16 @@ served as one of the item kinds of ``ITEMS``, chosen by the ``item`` config argu
 - ``labs_raw``: the same plus the row index, for feature extraction in file order;
 - ``ecg``: (raw ecg float32 [1, 5000, 12] as stored, index), for ECGFounder feature extraction;
 - ``cxr``: (cxr float32 [3, H, W] after the transform, index);
-- ``cxr_teachers``: (cxr [3, H, W], ecg_features [1024], labs_features [256]) for Stage 2 (docs/datasets.md#stage-2-data);
-- ``cxr_raw_teachers`` (``pacx.data.teacher_features``): (cxr, raw ecg, percentiles, missingness); with
-  ``ecgfounder`` / ``labs_dae`` weights the data module encodes them on the device with the frozen
-  teachers (``on_after_batch_transfer``), so Stage 2 receives the ``cxr_teachers`` layout without
-  precomputed feature files.
+- ``cxr_teachers``: ``{"cxr": [3, H, W], "teachers": {name: features [D]}}`` for Stage 2
+  (docs/datasets.md#stage-2-data), one entry per teacher distilled from (``pacx.teachers.TEACHERS``: its
+  ``<name>_features.npy``);
+- ``cxr_raw_teachers``: ``{"cxr": [3, H, W], "raw": {name: (raw row of each of its input files, as stored)}}``;
+  with ``teacher_weights`` the data module encodes them on the device with the frozen teachers
+  (:class:`pacx.data.teacher_features.OnTheFlyTeachers`, in ``on_after_batch_transfer``), so Stage 2 receives
+  the ``cxr_teachers`` layout without precomputed feature files.
 
+The teachers the two Stage 2 kinds serve are ``serve_teachers`` (default: those the model distils from,
+``PaCXModule.teacher_names``, once the data module is attached to a trainer; else ``DEFAULT_TEACHERS``).
 CXR arrays are already ImageNet-normalised, so CXR transforms take and return normalised tensors.
 ``CXR_TRANSFORMS`` holds them by name; ``train_transform`` / ``eval_transform`` name one. Registered
 here: ``resize`` (docs/datasets.md#stage-2-data val/test: square resize with antialias, nothing else); ``pacx.data.augment``
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from pacx.data.common import per_device_batch_size
 from pacx.data.resumable import train_loader
-from pacx.data.symile_files import FILES, ValidationCache, validate_split
+from pacx.data.symile_files import FILES, FileSpec, ValidationCache, validate_split
+from pacx.teachers import DEFAULT_TEACHERS, TeacherSpec, resolve_teachers, teacher_spec
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +87,14 @@ def _row_f32(arr: np.ndarray, i: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ItemKind:
-    """What one dataset item is: ``build(dataset, i)`` reads the arrays of the files that need this kind."""
+    """What one dataset item is: ``build(dataset, i)`` reads the arrays of the files that need this kind.
+
+    ``teacher_files`` (Stage 2 kinds): the files the kind reads for one teacher, beyond the file table's.
+    """
 
     description: str
-    build: Callable[[SymileDataset, int], tuple]
+    build: Callable[[SymileDataset, int], tuple | dict]
+    teacher_files: Callable[[TeacherSpec], tuple[FileSpec, ...]] | None = None
 
 
 def _cxr(ds: SymileDataset, i: int) -> torch.Tensor:
@@ -108,18 +118,27 @@ def _cxr_index(ds: SymileDataset, i: int) -> tuple:
     return _cxr(ds, i), i
 
 
-def _cxr_teachers(ds: SymileDataset, i: int) -> tuple:
-    return _cxr(ds, i), _row_f32(ds.arrays["ecg_features"], i), _row_f32(ds.arrays["labs_features"], i)
+def _cxr_teachers(ds: SymileDataset, i: int) -> dict:
+    return {"cxr": _cxr(ds, i),
+            "teachers": {name: _row_f32(ds.arrays[keys[0]], i) for name, keys in ds.teacher_files.items()}}
 
 
+def _cxr_raw_teachers(ds: SymileDataset, i: int) -> dict:
+    raw = {name: tuple(torch.from_numpy(np.array(ds.arrays[k][i])) for k in keys)  # rows as stored
+           for name, keys in ds.teacher_files.items()}
+    return {"cxr": _cxr(ds, i), "raw": raw}
+
+
+RAW_TEACHERS_ITEM = "cxr_raw_teachers"
 ITEMS: dict[str, ItemKind] = {
     "labs": ItemKind("(percentiles [50], missingness [50]) float32: Labs DAE training", _labs),
     "labs_raw": ItemKind("(percentiles [50], missingness [50], index): Labs DAE extraction", _labs_raw),
     "ecg": ItemKind("(ecg float32 [1, 5000, 12] as stored, index): ECGFounder feature extraction", _ecg),
     "cxr": ItemKind("(cxr float32 [3, H, W] after the transform, index)", _cxr_index),
-    "cxr_teachers": ItemKind(
-        "(cxr [3, H, W], ecg_features [1024], labs_features [256]): Stage 2 distillation", _cxr_teachers
-    ),
+    "cxr_teachers": ItemKind("{cxr [3, H, W], teachers: {name: features [D]}}: Stage 2 distillation",
+                             _cxr_teachers, lambda spec: (spec.feature_spec,)),
+    "cxr_raw_teachers": ItemKind("{cxr [3, H, W], raw: {name: its input rows}}: Stage 2 with teachers run on the "
+                                 "fly (OnTheFlyTeachers)", _cxr_raw_teachers, lambda spec: spec.inputs),
 }
 
 
@@ -152,10 +171,15 @@ class SymileDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         check_values: bool = True,
         cache: ValidationCache | None = None,
+        teachers: Sequence[str] = DEFAULT_TEACHERS,
     ) -> None:
-        item_kind(item)
+        kind = item_kind(item)
         self.item, self.split, self.transform = item, split, transform
-        self.paths = validate_split(root, split, item, check_values=check_values, cache=cache)
+        specs = [teacher_spec(t) for t in teachers] if kind.teacher_files else []
+        # teacher -> the file keys the item reads for it (plain strings: the dataset pickles to workers)
+        self.teacher_files = {s.name: tuple(f.key for f in kind.teacher_files(s)) for s in specs}
+        extra = [f for s in specs for f in kind.teacher_files(s)]
+        self.paths = validate_split(root, split, item, check_values=check_values, cache=cache, extra=extra)
         self._arrays: dict[str, np.ndarray] | None = None
         self._len = len(self.arrays["hadm_id"])
 
@@ -176,7 +200,7 @@ class SymileDataset(Dataset):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, index: int) -> tuple | dict:
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self.split} ({self._len} rows)")
         return ITEMS[self.item].build(self, index)
@@ -209,6 +233,15 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         eval_transform: CXR transform name for the other loaders (docs/datasets.md#stage-2-data: ``resize``).
         check_values: scan values (NaN/inf, 0/1 flags, [0, 1] percentiles) on setup, not only layout.
         validation_cache: JSON file remembering passed scans across runs (per file size + mtime).
+        serve_teachers: the teachers ``cxr_teachers`` / ``cxr_raw_teachers`` serve (``pacx.teachers.TEACHERS``);
+            ``None``: the model's (``teacher_names`` of the LightningModule it is trained with), else
+            ``DEFAULT_TEACHERS``. Set it only to serve a data module without its Stage 2 model.
+        teacher_weights: ``{teacher: weights file}`` of every served teacher, to encode ``cxr_raw_teachers``
+            batches on the device (:class:`~pacx.data.teacher_features.OnTheFlyTeachers`) instead of reading
+            precomputed feature files; ``teacher_options`` holds each one's loader options
+            (e.g. ``{ecg: {config: demo_small}}``).
+        ecgfounder / labs_dae / ecgfounder_config: the earlier keys, read with a ``FutureWarning`` as
+            ``teacher_weights: {ecg: ..., labs: ...}`` and ``teacher_options: {ecg: {config: ...}}``.
     """
 
     def __init__(
@@ -228,19 +261,33 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         check_values: bool = True,
         validation_cache: str | None = None,
         train_transform_args: dict | None = None,
+        serve_teachers: list[str] | None = None,
+        teacher_weights: dict[str, str] | None = None,
+        teacher_options: dict[str, dict] | None = None,
         ecgfounder: str | None = None,
         labs_dae: str | None = None,
-        ecgfounder_config: str = "12_lead",
+        ecgfounder_config: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         item_kind(item)  # fail at construction on a typo
-        if bool(ecgfounder) != bool(labs_dae) or (ecgfounder and item != "cxr_raw_teachers"):
-            raise ValueError("on-the-fly teachers need both ecgfounder and labs_dae, with item "
-                             f"'cxr_raw_teachers' (got item {item!r}, ecgfounder={ecgfounder}, labs_dae={labs_dae})")
+        legacy = {"ecg": ecgfounder, "labs": labs_dae}
+        if any(legacy.values()):  # ecgfounder_config alone (its old default, 12_lead) configured nothing
+            warnings.warn("data.ecgfounder / labs_dae / ecgfounder_config are deprecated: read as teacher_weights "
+                          "and teacher_options (docs/method.md#stage-2)", FutureWarning, stacklevel=2)
+            teacher_weights = {**{t: w for t, w in legacy.items() if w}, **(teacher_weights or {})}
+            if ecgfounder_config:
+                teacher_options = {"ecg": {"config": ecgfounder_config}, **(teacher_options or {})}
+            self.hparams.update(teacher_weights=teacher_weights, teacher_options=teacher_options)
+        if teacher_weights and item != RAW_TEACHERS_ITEM:
+            raise ValueError(f"teacher_weights (teachers run on the fly) go with item {RAW_TEACHERS_ITEM!r}, got item "
+                             f"{item!r}")
+        if serve_teachers is not None:
+            resolve_teachers(serve_teachers)  # fail at construction on a typo
         self.per_device_batch = batch_size
         self.datasets: dict[str, SymileDataset] = {}
-        self.teachers = None
+        self.teacher_names: tuple[str, ...] = ()  # set by setup
+        self.teachers = None  # OnTheFlyTeachers, with teacher_weights
 
     def _transform(self, role: str) -> Callable | None:
         h = self.hparams
@@ -261,34 +308,53 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         if not Path(h.root).is_dir():
             raise FileNotFoundError(f"Symile-MIMIC root is not a directory: {h.root}")
         cache = ValidationCache(h.validation_cache)
-        if h.ecgfounder and self.teachers is None:
+        self.teacher_names = self._resolve_teacher_names()
+        if h.teacher_weights and self.teachers is None:
             from pacx.data.teacher_features import OnTheFlyTeachers
 
-            self.teachers = OnTheFlyTeachers(h.ecgfounder, h.labs_dae, h.ecgfounder_config)
+            missing = sorted(set(self.teacher_names) - set(h.teacher_weights))
+            extra = sorted(set(h.teacher_weights) - set(self.teacher_names))
+            if missing or extra:
+                raise ValueError(f"teacher_weights must name exactly the teachers served, {list(self.teacher_names)}:"
+                                 f" missing {missing}, not distilled from {extra}")
+            weights = {t: h.teacher_weights[t] for t in self.teacher_names}
+            self.teachers = OnTheFlyTeachers(weights, h.teacher_options)
         for role in STAGE_ROLES[stage]:
             split = h[f"{role}_split"]
             if split is None or role in self.datasets:
                 continue
             self.datasets[role] = SymileDataset(
-                h.root, split, h.item, self._transform(role), check_values=h.check_values, cache=cache
+                h.root, split, h.item, self._transform(role), check_values=h.check_values, cache=cache,
+                teachers=self.teacher_names,
             )
             log.info("Symile-MIMIC %s loader: split %s, %d items of kind %r, per-device batch %d",
                      role, split, len(self.datasets[role]), h.item, self.per_device_batch)
         self.feature_widths()  # the loaders agree on the teacher feature widths
 
+    def _resolve_teacher_names(self) -> tuple[str, ...]:
+        """``serve_teachers``, else the model's, else the defaults; an explicit list must match the model's."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        from_model = getattr(model, "teacher_names", None)
+        given = self.hparams.serve_teachers
+        if given is not None and from_model is not None and tuple(given) != tuple(from_model):
+            raise ValueError(f"data.serve_teachers {list(given)} differs from the model's teachers {list(from_model)}:"
+                             " leave it unset (it follows the model)")
+        return resolve_teachers(given if given is not None else from_model)
+
     def feature_widths(self) -> dict[str, tuple[int, Path]]:
-        """``{file key: (width, path)}`` of the teacher feature files the set-up loaders read
-        (``ecg_features`` / ``labs_features``); loaders that disagree are an error naming both files."""
+        """``{teacher: (width, path)}`` of the teacher feature files the set-up loaders read; loaders that
+        disagree are an error naming both files."""
         widths: dict[str, tuple[int, Path]] = {}
         for ds in self.datasets.values():
-            for key in ("ecg_features", "labs_features"):
-                if key not in ds.paths:
-                    continue
+            if ds.item != "cxr_teachers":
+                continue
+            for teacher, (key,) in ds.teacher_files.items():
                 width = int(ds.arrays[key].shape[1])
-                if key in widths and widths[key][0] != width:
-                    raise ValueError(f"{ds.paths[key]} holds {width}-wide features but {widths[key][1]} holds "
-                                     f"{widths[key][0]}-wide ones: all splits need the same teacher")
-                widths.setdefault(key, (width, ds.paths[key]))
+                if teacher in widths and widths[teacher][0] != width:
+                    raise ValueError(f"{ds.paths[key]} holds {width}-wide features but {widths[teacher][1]} holds "
+                                     f"{widths[teacher][0]}-wide ones: all splits need the same teacher")
+                widths.setdefault(teacher, (width, ds.paths[key]))
         return widths
 
     def teacher_features(self, role: str = "train") -> dict[str, np.ndarray]:
@@ -297,14 +363,11 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         ds = self.datasets.get(role)
         if ds is None:
             raise RuntimeError(f"teacher_features needs the {role} split (setup() first)")
-        out = {}
-        for teacher in ("ecg", "labs"):
-            key = f"{teacher}_features"
-            if key not in ds.paths:
-                raise ValueError(f"{self.hparams.root}/{ds.split}: no {key}.npy; teacher_norm needs precomputed "
-                                 "teacher features (item cxr_teachers); with on-the-fly teachers use teacher_norm: raw")
-            out[teacher] = np.asarray(ds.arrays[key], dtype=np.float64)
-        return out
+        if ds.item != "cxr_teachers":
+            raise ValueError(f"{self.hparams.root}/{ds.split}: item {ds.item!r} reads no teacher feature files; "
+                             "teacher_norm needs precomputed teacher features (item cxr_teachers); with "
+                             "on-the-fly teachers use teacher_norm: raw")
+        return {teacher: np.asarray(ds.arrays[key], dtype=np.float64) for teacher, (key,) in ds.teacher_files.items()}
 
     def _loader(self, role: str) -> DataLoader | list:
         h = self.hparams
@@ -318,7 +381,7 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         return DataLoader(self.datasets[role], batch_size=self.per_device_batch, shuffle=False, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Raw ECG/labs batches become teacher features here, on the device, with the frozen teachers."""
+        """``cxr_raw_teachers`` batches become teacher features here, on the device, with the frozen teachers."""
         return self.teachers.encode_batch(batch) if self.teachers is not None else batch
 
     def train_dataloader(self) -> DataLoader:
@@ -333,4 +396,4 @@ class SymileMIMICDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         return self._loader("predict")
 
-from pacx.data import augment, teacher_features  # noqa: E402, F401  (they register "robust_train", "cxr_raw_teachers")
+from pacx.data import augment  # noqa: E402, F401  (it registers "robust_train")

@@ -1,10 +1,12 @@
 """Symile-MIMIC ``data_npy/`` files (docs/datasets.md#symile-files, docs/datasets.md#teacher-features): the file table, lab/lead constants, validation.
 
-Every file the loaders read is one row of ``FILES``: its name pattern, trailing shape, allowed dtypes,
-the splits that hold it, the item kinds (``pacx.data.symile.ITEMS``) that need it, and the value checks
-it must pass. ``validate_split`` checks one split for one item kind against that table: each needed file
-exists, all share one N, shapes/dtypes match, and values pass their checks (NaN/inf, 0/1 flags,
-percentiles in [0, 1]). Values are scanned in row chunks so memory stays bounded on the 2+ GB arrays,
+Every release file the loaders read is one row of ``FILES``: its name pattern, trailing shape, allowed
+dtypes, the splits that hold it, the item kinds (``pacx.data.symile.ITEMS``) that need it, and the value
+checks it must pass. The teacher feature files (``<teacher>_features.npy``) are not rows here: each teacher
+of the registry ``pacx.teachers.TEACHERS`` describes its own (``TeacherSpec.feature_spec``), and Stage 2 passes
+the ones it distils from as ``extra`` files. ``validate_split`` checks one split for one item kind (plus those
+extra files) against that table: each needed file exists, all share one N, shapes/dtypes match, and values
+pass their checks (NaN/inf, 0/1 flags, percentiles in [0, 1]). Values are scanned in row chunks so memory stays bounded on the 2+ GB arrays,
 and a scan is remembered per file (size + mtime), in-process and optionally in a JSON file, so
 repeated setups do not rescan. Errors name the file and what was expected.
 
@@ -17,8 +19,8 @@ Layout of the release as read here (``<root>`` is the ``data_npy`` directory)::
     <root>/<split>/labs_missingness_<split>.npy int64 [N, 50], 1 = observed
     <root>/<split>/hadm_id_<split>.npy         int [N]
     <root>/{val_retrieval,test}/label_<split>.npy, label_hadm_id_<split>.npy   int [N]
-    <root>/{train,val,test,test_uni}/ecg_features.npy, labs_features.npy    float32 [N, 1024] / [N, 256]
-                                               (release teachers; other widths for other teachers)
+    <root>/{train,val,test,test_uni}/<teacher>_features.npy   float32 [N, D], written by pacx.teachers
+                                               (ecg 1024, labs 256 for the release teachers)
 
 ``test_uni`` holds only ``cxr_test_uni.npy``, the two feature files and ``hadm_id_test.npy`` (sic).
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +117,8 @@ class FileSpec:
 
 _ROWS = frozenset({"train", "val", "val_retrieval", "test"})
 _RETRIEVAL = frozenset({"val_retrieval", "test"})
-_FEATURES = frozenset({"train", "val", "test", "test_uni"})
+# Splits that hold teacher features (docs/datasets.md#teacher-features: none for val_retrieval).
+FEATURE_SPLITS: tuple[str, ...] = ("train", "val", "test", "test_uni")
 
 # The single table of release files. The first row present in a split is the reference for N.
 FILES: tuple[FileSpec, ...] = (
@@ -123,37 +126,39 @@ FILES: tuple[FileSpec, ...] = (
              renamed=(("test_uni", "hadm_id_test.npy"),)),
     FileSpec("cxr", "cxr_{split}.npy", (3, "H", "W"), ("float32",), _ROWS | {"test_uni"},
              frozenset({"cxr", "cxr_teachers", "cxr_raw_teachers"})),
+    # the raw teacher inputs (pacx.teachers: ECGFounder reads ecg, the labs DAE the two labs files)
     FileSpec("ecg", "ecg_{split}.npy", (1, ECG_SAMPLES, len(SYMILE_ECG_LEADS)), ("float32",), _ROWS,
-             frozenset({"ecg", "cxr_raw_teachers"})),
+             frozenset({"ecg"})),
     FileSpec("labs_percentiles", "labs_percentiles_{split}.npy", (N_LABS,), _FLOATS, _ROWS,
-             frozenset({"labs", "labs_raw", "cxr_raw_teachers"}), ("finite", "unit_interval")),
+             frozenset({"labs", "labs_raw"}), ("finite", "unit_interval")),
     FileSpec("labs_missingness", "labs_missingness_{split}.npy", (N_LABS,),
-             _INTS + ("uint8", "bool") + _FLOATS, _ROWS, frozenset({"labs", "labs_raw", "cxr_raw_teachers"}), ("binary",)),
+             _INTS + ("uint8", "bool") + _FLOATS, _ROWS, frozenset({"labs", "labs_raw"}), ("binary",)),
     FileSpec("label", "label_{split}.npy", (), _INTS, _RETRIEVAL, _ALL, ("binary",)),
     FileSpec("label_hadm_id", "label_hadm_id_{split}.npy", (), _INTS, _RETRIEVAL, _ALL, ()),
-    # teacher feature widths: 1024 / 256 for the release teachers (ECGFounder, Labs DAE), any width for
-    # others (the demo's small teachers); Stage 2 checks them against its heads (PaCXModule.setup)
-    FileSpec("ecg_features", "ecg_features.npy", ("ecg_dim",), ("float32",), _FEATURES,
-             frozenset({"cxr_teachers"})),
-    FileSpec("labs_features", "labs_features.npy", ("labs_dim",), ("float32",), _FEATURES,
-             frozenset({"cxr_teachers"})),
 )
 
 
-def files_for(split: str, item: str) -> list[FileSpec]:
-    """The rows of ``FILES`` that ``item`` reads in ``split``; errors if the split lacks one it needs."""
+def files_for(split: str, item: str | None, extra: Sequence[FileSpec] = ()) -> list[FileSpec]:
+    """The rows of ``FILES`` that ``item`` reads in ``split`` (``None``: only those every item reads), then
+    the ``extra`` files (a teacher's inputs or features); errors if the split lacks one it needs."""
     if split not in SPLITS:
         raise KeyError(f"unknown Symile-MIMIC split {split!r}; known: {list(SPLITS)}")
     kinds = set().union(*(spec.items for spec in FILES if spec.items is not None))
-    if item not in kinds:
+    if item is not None and item not in kinds:
         raise KeyError(f"unknown Symile-MIMIC item kind {item!r}; known: {sorted(kinds)}")
-    for spec in FILES:
-        if spec.items is not None and item in spec.items and split not in spec.splits:
+    needed = [s for s in FILES if s.items is not None and item in s.items]
+    for spec in (*needed, *extra):
+        if split not in spec.splits:
+            what = f"item kind {item!r}" if spec in needed else "a teacher"
             raise SymileFileError(
-                f"item kind {item!r} needs {spec.pattern.format(split=split)}, which split {split!r} "
+                f"{what} needs {spec.filename(split)}, which split {split!r} "
                 f"does not have (it exists for {sorted(spec.splits)})"
             )
-    return [s for s in FILES if split in s.splits and (s.items is None or item in s.items)]
+    out = [s for s in FILES if split in s.splits and (s.items is None or s in needed)]
+    for spec in extra:  # two teachers may read the same input file: validate it once
+        if spec.key not in {s.key for s in out}:
+            out.append(spec)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ value scans
@@ -260,12 +265,14 @@ def check_layout(path: Path, arr: np.ndarray, spec: FileSpec) -> None:
 def validate_split(
     root: str | Path,
     split: str,
-    item: str,
+    item: str | None,
     check_values: bool = True,
     cache: ValidationCache | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    extra: Sequence[FileSpec] = (),
 ) -> dict[str, Path]:
-    """Check the files ``item`` reads in ``<root>/<split>/``; returns ``{file key: path}``.
+    """Check the files ``item`` reads in ``<root>/<split>/`` and the ``extra`` ones (teacher inputs or feature
+    files, :func:`files_for`); returns ``{file key: path}``.
 
     Raises ``FileNotFoundError`` for a missing file and ``SymileFileError`` for a wrong shape, dtype,
     row count or value, or a split without rows, each naming the file (and for counts both files, for values the first bad row).
@@ -274,7 +281,7 @@ def validate_split(
     cache = cache if cache is not None else ValidationCache()
     paths: dict[str, Path] = {}
     ref: tuple[Path, int] | None = None
-    for spec in files_for(split, item):
+    for spec in files_for(split, item, extra):
         path = split_dir / spec.filename(split)
         arr = open_npy(path)
         check_layout(path, arr, spec)

@@ -1,6 +1,7 @@
 """Alignment evaluation (docs/datasets.md#alignment; docs/method.md#stage-3): how much ECG / labs information a CXR
 encoder carries, measured by ridge probes onto the frozen teacher embeddings, and zero-shot 1-of-10
-retrieval through a Stage 2 run's own projection heads.
+retrieval through a Stage 2 run's own projection heads. Any registered teacher (``pacx.teachers.TEACHERS``)
+is a target: ``load_split(..., teachers=...)`` names the feature files read (default ECG and labs).
 
 Plain functions on arrays and encoders (no LightningModule), in pipeline order:
 
@@ -11,7 +12,8 @@ Plain functions on arrays and encoders (no LightningModule), in pipeline order:
   multi-output, Y not standardised; fitted on the rows :func:`fit_indices` keeps.
 - :func:`alignment_metrics`: R², raw and centred cosine, permutation baselines, R@1/5/10, duplicate rows.
 - :func:`load_stage2_heads`, :func:`stage2_pool`, :func:`retrieval_groups`, :func:`zero_shot_accuracy`,
-  :func:`zero_shot_retrieval`: CXR→ECG and CXR→labs retrieval among each query's candidates on ``test``.
+  :func:`zero_shot_retrieval`: CXR→teacher retrieval among each query's candidates on ``test``, for each
+  teacher the Stage 2 run has heads of.
 
 Fit set: the reference fits on what a ``shuffle=True, drop_last=True`` loader with batch 256 yields,
 9,984 of the 10,000 train rows. :func:`fit_indices` reproduces that count, and the random choice of the
@@ -22,7 +24,7 @@ RNG state and cannot be recovered (a 0.16 % difference in the fit set).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +41,14 @@ from pacx.constants import STAGE_PACX
 from pacx.data.symile import resize_normalized
 from pacx.data.symile_files import SymileFileError, open_npy, validate_split
 from pacx.encoders import resolve_run_checkpoint
-from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm
+from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm, upgrade_head_keys
+from pacx.teachers import DEFAULT_TEACHERS, resolve_teachers, teacher_spec
 
 log = logging.getLogger(__name__)
 
-EVAL_ITEM = "cxr_teachers"  # the item kind whose files (CXR + both teacher features) the evaluation reads
-TARGETS: dict[str, str] = {"ecg": "ecg_features", "labs": "labs_features"}  # target -> file key
+EVAL_ITEM = "cxr"  # the item kind whose files (CXR, ids, labels) the evaluation reads, beside the teachers'
 RECALL_KS = (1, 5, 10)
 FIT_BATCH = 256  # the reference's probe loader batch (shuffle=True, drop_last=True)
-HEADS = ("cxr", "ecg", "labs")  # Stage 2 projection heads proj_<name>
 
 # ------------------------------------------------------------------------------------------ data + features
 
@@ -55,27 +56,33 @@ HEADS = ("cxr", "ecg", "labs")  # Stage 2 projection heads proj_<name>
 @dataclass(frozen=True)
 class SymileSplit:
     """Memory maps of one split, keyed as in ``pacx.data.symile_files.FILES``: ``cxr`` [N, 3, H, W],
-    ``ecg_features`` [N, 1024], ``labs_features`` [N, 256], ``hadm_id`` [N] and, for retrieval splits,
-    ``label`` / ``label_hadm_id`` [N]."""
+    ``hadm_id`` [N], for retrieval splits ``label`` / ``label_hadm_id`` [N], and each teacher's features
+    (``ecg_features`` [N, 1024], ``labs_features`` [N, 256], ...). ``targets`` maps teacher -> file key."""
 
     name: str
     paths: dict[str, Path]
     arrays: dict[str, np.ndarray]
+    targets: dict[str, str]
 
     def __len__(self) -> int:
         return len(self.arrays["hadm_id"])
 
 
-def load_split(root: str | Path, split: str, check_values: bool = False) -> SymileSplit:
-    """Validate and memory-map ``<root>/<split>/`` for the evaluation.
+def load_split(
+    root: str | Path, split: str, check_values: bool = False, teachers: Sequence[str] = DEFAULT_TEACHERS
+) -> SymileSplit:
+    """Validate and memory-map ``<root>/<split>/`` for the evaluation: the CXRs and the feature files of
+    ``teachers`` (registered names).
 
     Layout is always checked (each file present, one N across files; teacher features of any width, 1024 /
     256 for the release teachers); ``check_values`` also scans for NaN/inf and non-binary labels (slow on the multi-GB CXR arrays).
     """
     if not Path(root).is_dir():
         raise FileNotFoundError(f"Symile-MIMIC root is not a directory: {root}")
-    paths = validate_split(root, split, EVAL_ITEM, check_values=check_values)
-    return SymileSplit(split, paths, {key: open_npy(path) for key, path in paths.items()})
+    specs = [teacher_spec(t) for t in resolve_teachers(teachers)]
+    paths = validate_split(root, split, EVAL_ITEM, check_values=check_values, extra=[s.feature_spec for s in specs])
+    return SymileSplit(split, paths, {key: open_npy(path) for key, path in paths.items()},
+                       {s.name: s.feature_key for s in specs})
 
 
 @torch.inference_mode()
@@ -256,12 +263,14 @@ def probe_encoder(
 ) -> dict[str, dict[str, float]]:
     """docs/datasets.md#alignment for one encoder: features of both splits once, then one ridge probe per target.
 
-    Returns ``{target: metrics + n_fit}`` for the targets of ``TARGETS`` (``ecg``, ``labs``).
+    Returns ``{target: metrics + n_fit}`` for every teacher of the splits (``fit.targets`` = ``test.targets``).
     """
+    if fit.targets != test.targets:
+        raise ValueError(f"the fit and test splits hold different teachers: {list(fit.targets)} vs {list(test.targets)}")
     feats = {s.name: extract_cxr_features(encoder, s.arrays["cxr"], img_size, batch_size, device,
                                           source=str(s.paths["cxr"])) for s in (fit, test)}
     results = {}
-    for target, key in TARGETS.items():
+    for target, key in fit.targets.items():
         res = ridge_probe(feats[fit.name], np.asarray(fit.arrays[key], np.float32), feats[test.name],
                           np.asarray(test.arrays[key], np.float32), alpha, drop_last_batch, seed)
         results[target] = {**res.metrics, "n_fit": res.n_fit}
@@ -280,24 +289,26 @@ def stage2_checkpoint(path: str | Path, which: str = "last") -> Path:
 
 
 def load_stage2_heads(path: str | Path, which: str = "last") -> dict[str, nn.Sequential]:
-    """The Stage 2 embedding heads ``{"cxr", "ecg", "labs"}`` of a run directory or ``.ckpt``, eval mode:
-    each is its input normalisation (the CXR ``head_norm``; the teacher's ``teacher_norm`` statistics;
-    identity when the run used none) followed by the projection head ``proj_<name>``.
+    """The Stage 2 embedding heads ``{"cxr", <each teacher of the run>}`` of a run directory or ``.ckpt``, eval
+    mode: each is its input normalisation (the CXR ``head_norm``; the teacher's ``teacher_norm`` statistics;
+    identity when the run used none) followed by the projection head ``proj.<name>``.
 
-    Heads are rebuilt from tensor shapes (``proj_<name>.1.weight`` [out, in]) and loaded strictly; a file
-    that is not a pacx ``stage2_pacx`` checkpoint is an error naming it. :func:`stage2_pool` gives the
-    CXR feature the heads were trained on.
+    Heads are rebuilt from tensor shapes (``proj.<name>.1.weight`` [out, in]) and loaded strictly (an earlier
+    layout through :func:`~pacx.models.heads.upgrade_head_keys`); a file that is not a pacx ``stage2_pacx``
+    checkpoint is an error naming it. :func:`stage2_pool` gives the CXR feature the heads were trained on.
     """
     obj, ckpt = _stage2_object(path, which)
-    state = obj["state_dict"]
+    ablate = obj.get("hyper_parameters", {}).get("ablate")  # an earlier run's: its ablated heads never trained
+    state = upgrade_head_keys(obj["state_dict"], resolve_teachers(None, ablate) if ablate else None)
+    names = list(dict.fromkeys(k.split(".")[1] for k in state if k.startswith("proj.") and k.endswith(".1.weight")))
+    if "cxr" not in names:
+        raise CheckpointError(f"{ckpt}: no proj.cxr head (key proj.cxr.1.weight) in the state dict")
     heads = {}
-    for name in HEADS:
-        proj = strip_prefix(state, f"proj_{name}.")
-        if "1.weight" not in proj:
-            raise CheckpointError(f"{ckpt}: no proj_{name} head (key proj_{name}.1.weight) in the state dict")
+    for name in ["cxr", *(n for n in names if n != "cxr")]:
+        proj = strip_prefix(state, f"proj.{name}.")
         out_dim, in_dim = proj["1.weight"].shape
         head = ProjectionHead(in_dim, out_dim)
-        load_state_checked(head, proj, source=f"{ckpt} (proj_{name})")
+        load_state_checked(head, proj, source=f"{ckpt} (proj.{name})")
         prefix = "feat_norm." if name == "cxr" else f"teacher_norms.{name}."
         norm_state = strip_prefix(state, prefix)
         norm: nn.Module = nn.Identity()
@@ -385,11 +396,17 @@ def zero_shot_retrieval(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """1-of-G retrieval on a retrieval split (``test``): each positive row's CXR (encoder → ``proj_cxr``)
-    against the teacher features of its group (``proj_ecg`` / ``proj_labs``), by cosine.
+    """1-of-G retrieval on a retrieval split (``test``): each positive row's CXR (encoder → ``heads["cxr"]``)
+    against the teacher features of its group (``heads[t]``), by cosine, for every teacher ``t`` of ``heads``
+    (the split must hold its features).
 
-    Returns ``cxr_ecg_acc`` and ``cxr_labs_acc`` (fractions), ``chance`` = 1 / G, ``n_queries``, ``group_size``.
+    Returns ``cxr_<t>_acc`` per teacher (fractions), ``chance`` = 1 / G, ``n_queries``, ``group_size``.
     """
+    teachers = [t for t in heads if t != "cxr"]
+    missing = [t for t in teachers if t not in split.targets]
+    if missing:
+        raise ValueError(f"split {split.name!r} was loaded without the features of teacher(s) {missing}, which the "
+                         f"Stage 2 heads cover: load_split(..., teachers={teachers})")
     for key in ("label", "label_hadm_id"):
         if key not in split.arrays:
             raise SymileFileError(f"split {split.name!r} has no {key} file: zero-shot retrieval needs a retrieval "
@@ -402,7 +419,8 @@ def zero_shot_retrieval(
     _check_width(feats.shape[1], heads["cxr"], f"the encoder's feature ({encoder.__class__.__name__})")
     query = heads["cxr"](torch.from_numpy(feats))  # [Q, S]
     out = {"n_queries": n_queries, "group_size": group_size, "chance": 1.0 / group_size}
-    for target, key in TARGETS.items():
+    for target in teachers:
+        key = split.targets[target]
         arr = split.arrays[key]
         _check_width(arr.shape[1], heads[target], f"{split.paths[key]} (shape {list(arr.shape)})")
         cand = torch.from_numpy(np.asarray(arr[groups.ravel()], np.float32))  # [Q * G, T]

@@ -7,7 +7,7 @@ Trains :class:`~pacx.models.ecg_ssl.ECGContrastive` (an ECGFounder network by co
 objective; see that module for why) on Symile-MIMIC items of kind ``ecg`` (the raw stored rows
 ``[B, 1, 5000, 12]``, Symile lead order, and the row index). Each batch is turned into the teacher's
 input with the very function feature extraction uses (:func:`~pacx.models.ecgfounder.preprocess_ecg`,
-as ``pacx.teachers.ECGTeacher``), then moved to the module's device, so training and extraction see
+as the ``ecg`` teacher of ``pacx.teachers``), then moved to the module's device, so training and extraction see
 the same input distribution. (That function is scipy on CPU; the augmentations run on the device.)
 
 Logged per split (``train/``, ``val/``):

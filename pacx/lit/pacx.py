@@ -1,13 +1,19 @@
 """Stage 2 LightningModule: PaCX cross-modal distillation (docs/method.md#stage-2; docs/datasets.md#stage-2-data, docs/datasets.md#stage-2-training).
 
 The CXR encoder (initialised from Stage 1, tuned by :func:`pacx.models.tuning.apply_tuning`) is aligned
-with frozen teacher embeddings (ECGFounder 1024-d, Labs DAE 256-d) by
-:class:`pacx.losses.DistillationLoss`: InfoNCE in a shared 256-d space plus cosine regression onto
-the teachers' own spaces. At inference only the encoder remains (exports merge LoRA).
+with frozen teacher embeddings by :class:`pacx.losses.DistillationLoss`: InfoNCE in a shared 256-d space plus
+cosine regression onto the teachers' own spaces. The teachers are named by ``teachers`` (registered in
+:data:`pacx.teachers.TEACHERS`; the paper's ECGFounder 1024-d and Labs DAE 256-d by default); the heads are
+``nn.ModuleDict``s keyed by teacher (``proj["cxr"]``, ``proj[t]``, ``reg[t]``) and batches are
+``{"cxr": [B, 3, H, W], "teachers": {t: [B, D_t]}}``. At inference only the encoder remains (exports merge LoRA).
 
-Validation adds retrieval top-1/top-5 CXR→ECG and CXR→labs within each batch and over the whole split,
-positive vs negative cosine, regression cosine, and the norm and per-dimension std of the embeddings
-(a collapse alarm). Model selection on ``val/loss``.
+Validation adds retrieval top-1/top-5 CXR→teacher within each batch and over the whole split, positive vs
+negative cosine, regression cosine, and the norm and per-dimension std of the embeddings (a collapse
+alarm). Model selection on ``val/loss``.
+
+Configs before teachers were named used ``ablate: ecg | labs`` (now ``teachers: [labs]`` / ``[ecg]``) and
+``ecg_dim`` / ``labs_dim`` (now ``teacher_dims``): both still load, translated with a ``FutureWarning``.
+Checkpoints of that layout (``proj_ecg.*``, ...) load through :func:`pacx.models.heads.upgrade_head_keys`.
 
 A fit records the Symile admissions it trains and validates on in ``<run_dir>/stage2_admissions.npz`` (hash
 in ``run.json`` and the checkpoints; :mod:`pacx.data.leakage`), so Stage 3 can refuse test splits that share them.
@@ -16,6 +22,7 @@ in ``run.json`` and the checkpoints; :mod:`pacx.data.leakage`), so Stage 3 can r
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Literal
 
 import torch
@@ -23,18 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacx.checkpoint import CheckpointError
-from pacx.constants import ECG_EMBED_DIM, LABS_EMBED_DIM, STAGE_PACX
+from pacx.constants import STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
 from pacx.lit.common import StagedModule
 from pacx.lit.health import LearningHealth
 from pacx.losses import DistillationLoss
-from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm
+from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm, upgrade_head_keys
 from pacx.models.tuning import apply_tuning
 from pacx.models.vit import ViTEncoder, vit_config
+from pacx.teachers import resolve_teachers, teacher_spec
 
 log = logging.getLogger(__name__)
-
-MODALITIES = ("ecg", "labs")
 
 
 def retrieval_topk(query: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
@@ -63,8 +69,14 @@ class PaCXModule(StagedModule):
             ``last_n_blocks``.
         trainable_norms: with LoRA, which encoder LayerNorms train: ``all`` (the paper), ``final`` (only the
             final norm, as the authors' run) or ``none`` (:data:`pacx.models.tuning.TRAINABLE_NORMS`).
-        shared_dim / ecg_dim / labs_dim / head_dropout: heads (teacher widths must match the features).
-        clip_weight / regression_weight / temperature / label_smoothing / ablate: the loss.
+        teachers: the teachers distilled from, by registered name (``pacx.teachers.TEACHERS``); default
+            ``[ecg, labs]`` (the paper). One teacher is the single-teacher ablation.
+        teacher_dims: ``{teacher: feature width}`` where the feature files are not the registered width
+            (e.g. the demo's 128-d ECG teacher); setup checks them against the files.
+        shared_dim / head_dropout: heads.
+        clip_weight / regression_weight / temperature / label_smoothing: the loss.
+        ablate / ecg_dim / labs_dim: the earlier keys, translated (``ablate: ecg`` -> ``teachers: [labs]``;
+            ``ecg_dim: 128`` -> ``teacher_dims: {ecg: 128}``) with a ``FutureWarning``.
         pool: the CXR feature the heads read: ``cls`` (the paper) or ``avg`` (mean patch token).
         head_norm: standardise the CXR feature (non-affine BatchNorm, :class:`FeatureNorm`) before the CXR
             heads; off in the paper.
@@ -97,15 +109,14 @@ class PaCXModule(StagedModule):
         lora_targets: tuple[str, ...] = ("qkv", "fc1", "fc2"),
         last_n_blocks: int = 4,
         trainable_norms: Literal["all", "final", "none"] = "all",
+        teachers: list[str] | None = None,
+        teacher_dims: dict[str, int] | None = None,
         shared_dim: int = 256,
-        ecg_dim: int = ECG_EMBED_DIM,
-        labs_dim: int = LABS_EMBED_DIM,
         head_dropout: float = 0.2,
         clip_weight: float = 0.5,
         regression_weight: float = 1.0,
         temperature: float = 0.07,
         label_smoothing: float = 0.02,
-        ablate: Literal["ecg", "labs"] | None = None,
         pool: Literal["cls", "avg"] = "cls",
         head_norm: bool = False,
         teacher_norm: Literal["raw", "center", "standardize", "whiten"] = "raw",
@@ -117,32 +128,35 @@ class PaCXModule(StagedModule):
         warmup_epochs: float = 5,
         min_lr_ratio: float = 0.01,
         lr_interval: Literal["step", "epoch"] = "step",
+        ablate: Literal["ecg", "labs"] | None = None,
+        ecg_dim: int | None = None,
+        labs_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.teacher_names, self.teacher_widths = translate_teacher_args(teachers, teacher_dims, ablate, ecg_dim,
+                                                                         labs_dim)
         self.vit_cfg = vit_config(encoder_arch, img_size, norm_eps=norm_eps)
         encoder = self._initial_encoder(init_encoder).set_pool(pool)
         self.cxr_encoder = apply_tuning(encoder, tuning, lora_r, lora_alpha, lora_dropout, lora_targets,
                                         last_n_blocks, trainable_norms)
         d = self.vit_cfg.embed_dim
-        widths = {"ecg": ecg_dim, "labs": labs_dim}  # the teacher feature files'
+        widths = self.teacher_widths  # the teacher feature files'
         if (teacher_norm == "whiten") != (teacher_components is not None):
             raise ValueError("teacher_components goes with teacher_norm: whiten (and whiten needs it), got "
                              f"teacher_norm={teacher_norm!r}, teacher_components={teacher_components}")
         # what the heads see: the whitened components, or the full width
-        teacher_dims = {m: min(w, teacher_components or w) for m, w in widths.items()}
+        head_dims = {t: min(w, teacher_components or w) for t, w in widths.items()}
         self.feat_norm = FeatureNorm(d) if head_norm else nn.Identity()
-        self.proj_cxr = ProjectionHead(d, shared_dim, head_dropout)
-        self.proj_ecg = ProjectionHead(teacher_dims["ecg"], shared_dim, head_dropout)
-        self.proj_labs = ProjectionHead(teacher_dims["labs"], shared_dim, head_dropout)
-        self.reg_ecg = ProjectionHead(d, teacher_dims["ecg"], head_dropout)
-        self.reg_labs = ProjectionHead(d, teacher_dims["labs"], head_dropout)
-        if ablate is not None:  # the ablated modality's heads stay in the checkpoint but never train
-            for head in (getattr(self, f"proj_{ablate}"), getattr(self, f"reg_{ablate}")):
-                head.requires_grad_(False)
+        # Built in this order (CXR projection, teacher projections, regressions) so that the heads draw their
+        # initial weights from the random stream as before they were keyed by teacher: same seed, same run.
+        self.proj = nn.ModuleDict({"cxr": ProjectionHead(d, shared_dim, head_dropout)})
+        for t in self.teacher_names:
+            self.proj[t] = ProjectionHead(head_dims[t], shared_dim, head_dropout)
+        self.reg = nn.ModuleDict({t: ProjectionHead(d, head_dims[t], head_dropout) for t in self.teacher_names})
         # teacher_norm maps (identity until setup fits them on the train split)
-        self.teacher_norms = nn.ModuleDict({m: TeacherNorm(widths[m], teacher_dims[m]) for m in widths})
-        self.loss_fn = DistillationLoss(clip_weight, regression_weight, temperature, label_smoothing, ablate)
+        self.teacher_norms = nn.ModuleDict({t: TeacherNorm(widths[t], head_dims[t]) for t in self.teacher_names})
+        self.loss_fn = DistillationLoss(clip_weight, regression_weight, temperature, label_smoothing)
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         self._val_clip: list[dict[str, float]] = []  # per validation batch: InfoNCE per pair and batch size
         self.stage2_admissions: dict | None = None  # set by setup("fit"): pacx.data.leakage record
@@ -166,10 +180,6 @@ class PaCXModule(StagedModule):
                 "lora_alpha": h.lora_alpha, "trainable_norms": h.trainable_norms,
                 "stage2_admissions": self.stage2_admissions}
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in MODALITIES if m != self.hparams.ablate)
-
     def forward(self, cxr: torch.Tensor) -> torch.Tensor:
         """The CXR feature [B, D]: the only thing that survives Stage 2."""
         return self.cxr_encoder(cxr)
@@ -178,50 +188,68 @@ class PaCXModule(StagedModule):
         """The heads must fit the teacher features on disk: an error naming the file otherwise."""
         datamodule = getattr(self.trainer, "datamodule", None)
         widths = datamodule.feature_widths() if hasattr(datamodule, "feature_widths") else {}
-        for key, hparam in (("ecg_features", "ecg_dim"), ("labs_features", "labs_dim")):
-            if key in widths and widths[key][0] != self.hparams[hparam]:
-                width, path = widths[key]
-                raise ValueError(f"{path} holds {width}-wide teacher features but model.{hparam} is "
-                                 f"{self.hparams[hparam]}: set model.init_args.{hparam} {width}")
+        for t, (width, path) in widths.items():
+            if t in self.teacher_widths and width != self.teacher_widths[t]:
+                raise ValueError(f"{path} holds {width}-wide teacher features but the model expects "
+                                 f"{self.teacher_widths[t]} for teacher {t!r}: set model.init_args.teacher_dims "
+                                 f"{{{t}: {width}}}")
         if stage == "fit" and self.hparams.teacher_norm != "raw":
             # from the train split; a resumed run then restores the same buffers from its checkpoint
-            for m, feats in datamodule.teacher_features("train").items():
-                self.teacher_norms[m].fit(torch.from_numpy(feats), self.hparams.teacher_norm)
+            for t, feats in datamodule.teacher_features("train").items():
+                self.teacher_norms[t].fit(torch.from_numpy(feats), self.hparams.teacher_norm)
         if stage == "fit":  # the admissions trained on, for Stage 3's overlap check (docs/datasets.md#leakage)
             self.stage2_admissions = record_stage2_admissions(self.trainer, datamodule)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before the heads were keyed by teacher load renamed (``proj_ecg.*`` ->
+        ``proj.ecg.*``; an ``ablate`` run's untrained heads of the ablated teacher dropped):
+        :func:`~pacx.models.heads.upgrade_head_keys`."""
+        checkpoint["state_dict"] = upgrade_head_keys(checkpoint["state_dict"], self.teacher_names)
 
     @property
     def run_record_extra(self) -> dict:
         """Added to ``run.json``: the hash and file of the recorded Stage 2 admissions."""
         return {"stage2_admissions": self.stage2_admissions} if self.stage2_admissions else {}
 
-    def embed(self, batch) -> dict[str, torch.Tensor]:
-        cxr = batch[0]
-        ecg, labs = batch[1].to(cxr.dtype), batch[2].to(cxr.dtype)  # teacher features as the model's inputs
-        for name, x, dim in (("ECG", ecg, self.hparams.ecg_dim), ("labs", labs, self.hparams.labs_dim)):
-            if x.shape[-1] != dim:
-                raise ValueError(f"{name} teacher features are {x.shape[-1]}-wide but the config expects {dim}")
+    def embed(self, batch: dict) -> dict:
+        """A batch ``{"cxr": [B, 3, H, W], "teachers": {t: [B, D_t]}}`` -> ``cxr_feat`` [B, D] (the encoder's),
+        ``cxr_shared`` [B, S], and per teacher ``t``: ``target[t]`` (its embedding after ``teacher_norm``),
+        ``shared[t]`` [B, S] (its projection) and ``pred[t]`` (the CXR regression onto ``target[t]``)."""
+        cxr = batch["cxr"]
+        feats = {}
+        for t in self.teacher_names:
+            x = batch["teachers"].get(t)
+            if x is None:
+                raise ValueError(f"the batch holds no features of teacher {t!r} (it has {sorted(batch['teachers'])})")
+            if x.shape[-1] != self.teacher_widths[t]:
+                raise ValueError(f"{teacher_spec(t).title} teacher features are {x.shape[-1]}-wide but the config "
+                                 f"expects {self.teacher_widths[t]}")
+            feats[t] = x.to(cxr.dtype)  # teacher features as the model's inputs
         feat = self(cxr)
         head_in = self.feat_norm(feat)
-        out = {"cxr_feat": feat, "cxr_shared": self.proj_cxr(head_in), "ecg_target": self.teacher_norms["ecg"](ecg),
-               "labs_target": self.teacher_norms["labs"](labs)}
-        for m in self.modalities:
-            out[f"{m}_shared"] = getattr(self, f"proj_{m}")(out[f"{m}_target"])
-            out[f"cxr_to_{m}"] = getattr(self, f"reg_{m}")(head_in)
+        out = {"cxr_feat": feat, "cxr_shared": self.proj["cxr"](head_in), "shared": {}, "pred": {},
+               "target": {t: self.teacher_norms[t](x) for t, x in feats.items()}}
+        for t in self.teacher_names:  # this order of the heads' dropout draws is the one runs were made with
+            out["shared"][t] = self.proj[t](out["target"][t])
+            out["pred"][t] = self.reg[t](head_in)
         return out
 
-    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+    def loss_terms(self, batch: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(:meth:`embed` of the batch, the :class:`~pacx.losses.DistillationLoss` terms on it)."""
         e = self.embed(batch)
-        terms = self.loss_fn(e["cxr_shared"], e.get("ecg_shared"), e.get("labs_shared"), e.get("cxr_to_ecg"),
-                             e.get("cxr_to_labs"), e["ecg_target"], e["labs_target"])
+        return e, self.loss_fn(e["cxr_shared"], e["shared"], e["pred"], e["target"])
+
+    def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
+        e, terms = self.loss_terms(batch)
         bs = e["cxr_feat"].shape[0]
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=stage == "train", on_epoch=True,
                      sync_dist=stage != "train", batch_size=bs)
         if stage != "train":
             self._log_diagnostics(e, stage, bs)
-            self._val_outputs.append({k: v.detach() for k, v in e.items() if k != "cxr_feat"})
-            self._val_clip.append({**{m: float(terms[f"clip_{m}"]) for m in self.modalities}, "n": bs})
+            self._val_outputs.append({"cxr": e["cxr_shared"].detach(),
+                                      **{t: v.detach() for t, v in e["shared"].items()}})
+            self._val_clip.append({**{t: float(terms[f"clip_{t}"]) for t in self.teacher_names}, "n": bs})
         return terms["loss"]
 
     def configure_callbacks(self) -> list:
@@ -234,23 +262,24 @@ class PaCXModule(StagedModule):
         whose chance value is exactly ``log(n_global)`` (the last, smaller batch would pull it lower)."""
         if not self._val_outputs or not self._val_clip:
             return None
-        emb = torch.cat([o["cxr_shared"] for o in self._val_outputs])
+        emb = torch.cat([o["cxr"] for o in self._val_outputs])
         if self.trainer.world_size > 1:
             emb = self.all_gather(emb).flatten(0, 1)
         full = max(c["n"] for c in self._val_clip)
         kept = [c for c in self._val_clip if c["n"] == full]
-        infonce = {m: sum(c[m] for c in kept) / len(kept) for m in self.modalities}
+        infonce = {t: sum(c[t] for c in kept) / len(kept) for t in self.teacher_names}
         return {"embeddings": emb, "infonce": infonce, "n_global": full * self.trainer.world_size}
 
-    def _log_diagnostics(self, e: dict[str, torch.Tensor], stage: str, bs: int) -> None:
+    def _log_diagnostics(self, e: dict, stage: str, bs: int) -> None:
         stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean(), "cxr_std": e["cxr_shared"].float().std(0).mean()}
-        for m in self.modalities:
-            for k, v in retrieval_topk(e["cxr_shared"], e[f"{m}_shared"]).items():
-                stats[f"batch_top{k}_cxr_{m}"] = v
-            stats[f"pos_cos_{m}"], stats[f"neg_cos_{m}"] = pair_cosines(e["cxr_shared"], e[f"{m}_shared"])
-            stats[f"reg_cos_{m}"] = F.cosine_similarity(e[f"cxr_to_{m}"].float(), e[f"{m}_target"].float()).mean()
-            stats[f"{m}_norm"] = e[f"{m}_shared"].norm(dim=-1).mean()
-            stats[f"{m}_std"] = e[f"{m}_shared"].float().std(0).mean()
+        for t in self.teacher_names:
+            shared = e["shared"][t]
+            for k, v in retrieval_topk(e["cxr_shared"], shared).items():
+                stats[f"batch_top{k}_cxr_{t}"] = v
+            stats[f"pos_cos_{t}"], stats[f"neg_cos_{t}"] = pair_cosines(e["cxr_shared"], shared)
+            stats[f"reg_cos_{t}"] = F.cosine_similarity(e["pred"][t].float(), e["target"][t].float()).mean()
+            stats[f"{t}_norm"] = shared.norm(dim=-1).mean()
+            stats[f"{t}_std"] = shared.float().std(0).mean()
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, on_epoch=True, sync_dist=True, batch_size=bs)
 
@@ -266,9 +295,9 @@ class PaCXModule(StagedModule):
         cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         self._val_outputs.clear()
         cat = {k: self.all_gather(v).flatten(0, 1) if self.trainer.world_size > 1 else v for k, v in cat.items()}
-        for m in self.modalities:
-            for k, v in retrieval_topk(cat["cxr_shared"], cat[f"{m}_shared"]).items():
-                self.log(f"val/split_top{k}_cxr_{m}", v, rank_zero_only=True)
+        for t in self.teacher_names:
+            for k, v in retrieval_topk(cat["cxr"], cat[t]).items():
+                self.log(f"val/split_top{k}_cxr_{t}", v, rank_zero_only=True)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -277,3 +306,33 @@ class PaCXModule(StagedModule):
                  len(trainable))
         return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs,
                                             h.min_lr_ratio, lr_interval=h.get("lr_interval", "step"))
+
+
+def translate_teacher_args(
+    teachers: list[str] | None,
+    teacher_dims: dict[str, int] | None,
+    ablate: str | None = None,
+    ecg_dim: int | None = None,
+    labs_dim: int | None = None,
+) -> tuple[tuple[str, ...], dict[str, int]]:
+    """(teacher names, ``{teacher: feature width}``) of a Stage 2 config: widths default to the registered
+    ones (``TeacherSpec.width``), overridden by ``teacher_dims``. The earlier keys are translated with a
+    ``FutureWarning`` (docs/method.md#stage-2): ``ablate: ecg`` removes ``ecg`` from the teachers (``[labs]``
+    with the defaults), ``ecg_dim`` / ``labs_dim`` -> ``teacher_dims: {ecg: ..., labs: ...}``."""
+    names = resolve_teachers(teachers, ablate)
+    if ablate is not None:
+        warnings.warn(f"model.ablate is deprecated: ablate: {ablate} is read as teachers: {list(names)}; set "
+                      "teachers instead", FutureWarning, stacklevel=3)
+    dims = dict(teacher_dims or {})
+    for t, legacy in (("ecg", ecg_dim), ("labs", labs_dim)):
+        if legacy is None:
+            continue
+        warnings.warn(f"model.{t}_dim is deprecated: read as teacher_dims: {{{t}: {legacy}}}", FutureWarning,
+                      stacklevel=3)
+        if t not in names:  # the earlier configs set both widths, also when ablating one teacher
+            continue
+        if dims.setdefault(t, legacy) != legacy:
+            raise ValueError(f"{t}_dim ({legacy}) and teacher_dims[{t!r}] ({dims[t]}) disagree: set teacher_dims only")
+    for t in dims:  # widths of registered teachers not distilled from are kept out (configs stack), typos are not
+        teacher_spec(t)
+    return names, {t: int(dims.get(t, teacher_spec(t).width)) for t in names}

@@ -3,7 +3,8 @@
 Stage 2 (docs/method.md#stage-2): Dropout → Linear → LayerNorm, trunc-normal(0.02) init. Projections map the
 CXR feature (768) and the teacher embeddings (ECG 1024, labs 256) into the shared 256-d space of the
 contrastive term; regression heads map the CXR feature onto the teachers' own embedding spaces. All are
-discarded after training.
+discarded after training. In a Stage 2 state dict they are ``proj.cxr``, ``proj.<teacher>`` and
+``reg.<teacher>``; :func:`upgrade_head_keys` reads checkpoints of the earlier layout (``proj_ecg``, ...).
 
 :class:`TeacherNorm`: a fixed centring / standardisation / PCA whitening of teacher embeddings (Stage 2's
 ``teacher_norm``).
@@ -13,8 +14,13 @@ Stage 3 (and Stage 2's ``head_norm``): :class:`FeatureNorm`, the non-affine Batc
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+from typing import TypeVar
+
 import torch
 from torch import nn
+
+V = TypeVar("V")
 
 
 class FeatureNorm(nn.BatchNorm1d):
@@ -84,3 +90,33 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Dropout(dropout), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
         nn.init.trunc_normal_(self[1].weight, std=0.02)
         nn.init.zeros_(self[1].bias)
+
+
+# Stage 2 checkpoints written before the heads were keyed by teacher (nn.ModuleDicts) held one attribute per head.
+LEGACY_HEADS = {"proj_cxr": "proj.cxr", "proj_ecg": "proj.ecg", "proj_labs": "proj.labs", "reg_ecg": "reg.ecg",
+                "reg_labs": "reg.labs"}
+PER_TEACHER_PREFIXES = ("proj", "reg", "teacher_norms")  # <prefix>.<teacher>.* in a Stage 2 state dict
+
+
+def upgrade_head_keys(state: Mapping[str, V], teachers: Collection[str] | None = None) -> dict[str, V]:
+    """A Stage 2 state dict in the current head layout (a pure function; other keys pass unchanged).
+
+    The earlier layout's ``proj_cxr.*``, ``proj_<t>.*`` and ``reg_<t>.*`` (``t`` in ecg, labs) become
+    ``proj.cxr.*``, ``proj.<t>.*`` and ``reg.<t>.*`` (``teacher_norms.<t>.*`` kept its name). A run of that
+    layout with ``ablate`` also stored the ablated teacher's heads and norm, which never trained: given the
+    ``teachers`` the model distils from, such a checkpoint's heads and norms of any other teacher are dropped.
+    A checkpoint already in the current layout is returned as it is (a wrong teacher set stays an error of
+    the strict load).
+    """
+    out: dict[str, V] = {}
+    legacy = False
+    for key, value in state.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in LEGACY_HEADS:
+            key, legacy = f"{LEGACY_HEADS[head]}.{rest}", True
+        out[key] = value
+    if legacy and teachers is not None:
+        keep = {"cxr", *teachers}
+        out = {k: v for k, v in out.items()
+               if not (k.split(".", 1)[0] in PER_TEACHER_PREFIXES and k.split(".", 2)[1] not in keep)}
+    return out

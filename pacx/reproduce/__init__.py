@@ -4,6 +4,7 @@
     python scripts/reproduce_paper.py plans/paper.yaml --dry-run                             # print the sbatch lines
     python scripts/reproduce_paper.py plans/paper.yaml --profile authors --dry-run           # the authors' settings
     python scripts/reproduce_paper.py plans/demo.yaml --local                                # run here, in order
+    python scripts/reproduce_paper.py plans/paper.yaml --estimate rates.json                 # GPU-hours per node
     python -m pacx.reproduce exec <out>/.plan/nodes/<node>.json [--index I]                  # one node / grid point
 
 A **plan** (YAML) is a dependency graph of nodes. Top-level keys:
@@ -46,7 +47,7 @@ does), and re-running the plan skips finished work.
 
 Modules: :mod:`~pacx.reproduce.plan` (reading and validating), :mod:`~pacx.reproduce.profiles` (profiles and
 their resolved differences), :mod:`~pacx.reproduce.execute` (one node), :mod:`~pacx.reproduce.drivers`
-(Slurm submission, local runs, dry runs).
+(Slurm submission, local runs, dry runs), :mod:`~pacx.reproduce.estimate` (GPU-hours from measured rates).
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ def _profile_table(args, plan) -> str:
     return format_differences(profile_differences(plans), plan.profiles, plan.profile)
 
 
+def _estimate(args) -> int:
+    """``--estimate RATES``: the cost table of the plan (and profile) on stdout, ``--json`` its numbers."""
+    from pacx.reproduce.estimate import estimate_json, estimate_plan, format_estimate, read_rates
+    from pacx.utils import write_json_atomic
+
+    try:
+        plan = load_plan(args.plan, out=args.out, overrides=_parse_set(args.set), profile=args.profile)
+        rates = read_rates(args.estimate)
+    except (PlanError, OSError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    rows = estimate_plan(plan, rates, args.estimate)
+    sys.stdout.write(format_estimate(plan, rows, rates, args.estimate))
+    if args.json is not None:
+        write_json_atomic(args.json, estimate_json(plan, rows, args.estimate))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``scripts/reproduce_paper.py``: load the plan, run its driver, print (and ``--json``) a summary."""
     from pacx.reproduce.drivers import DRIVERS, format_table, summary
@@ -95,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write a summary (node states, job ids) here")
     parser.add_argument("--profile", default=None,
                         help="one of the plan's profiles (plans/paper.yaml: paper | authors; default: the first)")
+    parser.add_argument("--estimate", type=Path, default=None, metavar="RATES.json",
+                        help="print GPU-hours per node from measured per-GPU rates (scripts/benchmark_train.py "
+                             "--rates); run and write nothing but --json")
     args = parser.parse_args(argv)
+    if args.estimate is not None:
+        return _estimate(args)
     try:
         plan = load_plan(args.plan, out=args.out, overrides=_parse_set(args.set), profile=args.profile)
         if args.dry_run and plan.profiles:

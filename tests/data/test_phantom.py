@@ -303,8 +303,8 @@ def test_symile_release_validates(phantom):
     dm = SymileMIMICDataModule(str(root), item="cxr_raw_teachers", batch_size=4, num_workers=0, img_size=64,
                                train_transform="resize", pin_memory=False)
     dm.setup("fit")
-    cxr, ecg, pct, miss = dm.datasets["train"][0]
-    assert tuple(cxr.shape) == (3, 64, 64) and tuple(ecg.shape) == (1, 5000, 12)
+    item = dm.datasets["train"][0]
+    assert tuple(item["cxr"].shape) == (3, 64, 64) and tuple(item["raw"]["ecg"][0].shape) == (1, 5000, 12)
     observed = np.load(root / "train" / "labs_missingness_train.npy")
     pct = np.load(root / "train" / "labs_percentiles_train.npy")
     assert 0.6 < observed.mean() < 0.8  # Symile: ~70 % observed

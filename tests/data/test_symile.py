@@ -17,6 +17,7 @@ from pacx.data.resumable import ResumableSampler
 from pacx.data.symile import CXR_TRANSFORMS, ITEMS, SymileDataset, SymileMIMICDataModule
 from pacx.data.symile_files import (
     ECG_SAMPLING_HZ,
+    FEATURE_SPLITS,
     FILES,
     SYMILE_LABS,
     SymileFileError,
@@ -25,6 +26,7 @@ from pacx.data.symile_files import (
     validate_split,
 )
 from pacx.data.synthetic.symile import ecg_beat_model, minmax_scale, write_symile_release
+from pacx.teachers import TEACHERS
 
 N_TRAIN, N_VAL, N_TEST, N_CAND, CXR = 24, 12, 10, 10, 32
 
@@ -82,6 +84,11 @@ def test_writer_names_shapes_dtypes(symile_root):
                 arr = np.load(symile_root / split / spec.filename(split), mmap_mode="r")
                 assert arr.shape == (ROWS[split], *expected[spec.key][0]), (split, spec.key)
                 assert arr.dtype.name == expected[spec.key][1], (split, spec.key)
+    for split in FEATURE_SPLITS:  # the teacher feature files, named by the teacher registry
+        for name in ("ecg", "labs"):
+            spec = TEACHERS[name].feature_spec
+            arr = np.load(symile_root / split / spec.filename(split), mmap_mode="r")
+            assert (arr.shape, arr.dtype.name) == ((ROWS[split], *expected[spec.key][0]), expected[spec.key][1])
     for item in ITEMS:  # the writer's tree passes validation wherever the split holds the item's files
         for split in EXPECTED_FILES:
             if all(split in spec.splits for spec in FILES if spec.items and item in spec.items):
@@ -154,7 +161,7 @@ def test_stored_ecg_spans_exactly_minus_one_to_one(symile_root):
 
 # ------------------------------------------------------------------------------------------ DataModule
 
-# item kind -> [(trailing shape, dtype)] of each batch element
+# item kind -> [(trailing shape, dtype)] of each batch element (dict items: in key order, nested dicts flattened)
 ITEM_SHAPES = {
     "labs": [((50,), torch.float32), ((50,), torch.float32)],
     "labs_raw": [((50,), torch.float32), ((50,), torch.float32), ((), torch.int64)],
@@ -162,8 +169,16 @@ ITEM_SHAPES = {
     "cxr": [((3, 224, 224), torch.float32), ((), torch.int64)],
     "cxr_teachers": [((3, 224, 224), torch.float32), ((1024,), torch.float32), ((256,), torch.float32)],
     "cxr_raw_teachers": [((3, 224, 224), torch.float32), ((1, 5000, 12), torch.float32), ((50,), torch.float32),
-                         ((50,), torch.float32)],
+                         ((50,), torch.int64)],  # raw teacher inputs as stored
 }
+
+
+def flat(batch) -> list[torch.Tensor]:
+    """A batch's (or item's) elements in order: tuples as they are, dicts in key order, nested ones flattened."""
+    if not isinstance(batch, (dict, tuple, list)):
+        return [batch]
+    parts = batch.values() if isinstance(batch, dict) else batch
+    return [t for part in parts for t in flat(part)]
 
 
 def test_every_item_kind_is_covered():
@@ -179,11 +194,11 @@ def test_datamodule_serves_item_kind(symile_root, item):
     assert isinstance(train.sampler, ResumableSampler) and train.sampler.shuffle and train.drop_last
     assert isinstance(val.sampler, SequentialSampler) and not val.drop_last
     assert len(dm.datasets["train"]) == N_TRAIN and len(dm.datasets["val"]) == N_VAL
-    batch = next(iter(val))
+    batch = flat(next(iter(val)))
     assert len(batch) == len(ITEM_SHAPES[item])
     for x, (shape, dtype) in zip(batch, ITEM_SHAPES[item]):
         assert tuple(x.shape) == (4, *shape) and x.dtype == dtype
-    first = dm.datasets["val"][0]
+    first = flat(dm.datasets["val"][0])
     if item in ("cxr", "cxr_teachers"):  # only the resize, no re-normalisation
         row = torch.from_numpy(load(symile_root, "val", "cxr_val.npy")[0])
         torch.testing.assert_close(first[0], TF.resize(row, [224, 224], antialias=True))
@@ -238,7 +253,9 @@ def test_unknown_names_and_unset_transform(symile_root):
     with pytest.raises(KeyError, match=re.escape(f"unknown CXR transform 'robust'; registered: {registered}")):
         bad.setup("fit")
     with pytest.raises(SymileFileError, match="needs ecg_features.npy, which split 'val_retrieval' does not have"):
-        validate_split(symile_root, "val_retrieval", "cxr_teachers")
+        SymileDataset(symile_root, "val_retrieval", "cxr_teachers")
+    with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
+        SymileMIMICDataModule(str(symile_root), "cxr_teachers", serve_teachers=["ekg"])
     with pytest.raises(KeyError, match="unknown Symile-MIMIC split 'valid'"):
         validate_split(symile_root, "valid", "labs")
 
@@ -360,8 +377,8 @@ def test_teacher_widths_follow_the_files_and_must_agree_across_splits(symile_roo
                                img_size=32, pin_memory=False)
     dm.setup("fit")
     widths = dm.feature_widths()
-    assert widths["ecg_features"][0] == 128 and widths["labs_features"][0] == 256
-    assert next(iter(dm.train_dataloader()))[1].shape == (4, 128)
+    assert widths["ecg"][0] == 128 and widths["labs"][0] == 256
+    assert next(iter(dm.train_dataloader()))["teachers"]["ecg"].shape == (4, 128)
     n = len(np.load(root / "val" / "ecg_features.npy", mmap_mode="r"))
     np.save(root / "val" / "ecg_features.npy", np.zeros((n, 64), np.float32))
     other = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0, train_transform="resize",

@@ -2,8 +2,7 @@
 
 A small synthetic Symile tree and small teachers saved to files (ECGFounder ``demo_small``, a narrow labs
 DAE); ``extract_teacher_features`` writes the reference files, and ``OnTheFlyTeachers`` must reproduce
-them from the raw arrays, also through the ``cxr_raw_teachers`` item kind and the DataModule
-(those two tests need ``cxr_raw_teachers`` in the file table ``pacx.data.symile_files.FILES``).
+them from the raw arrays, also through the ``cxr_raw_teachers`` item kind and the DataModule.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ import pytest
 import torch
 
 from pacx.checkpoint import CheckpointError
-from pacx.data.symile import ITEMS, SymileMIMICDataModule, build_cxr_transform, uses_cxr
+from pacx.data.symile import ITEMS, RAW_TEACHERS_ITEM, SymileMIMICDataModule, build_cxr_transform, uses_cxr
 from pacx.data.symile_files import ValidationCache
 from pacx.data.synthetic.symile import write_symile_release
-from pacx.data.teacher_features import RAW_TEACHERS_ITEM, OnTheFlyTeachers
+from pacx.data.teacher_features import OnTheFlyTeachers
 from pacx.models.ecgfounder import create_ecgfounder
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig
 from pacx.teachers import extract_teacher_features, load_teachers
@@ -34,7 +33,10 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": create_ecgfounder("demo_small", head=False).state_dict()}, d / "ecg.pth")
     dae = LabsDAE(LabsDAEConfig(hidden_dim=32, latent_dim=LABS_DIM))
     torch.save({"state_dict": {f"model.{k}": v for k, v in dae.state_dict().items()}}, d / "dae.ckpt")
-    return {"ecgfounder": d / "ecg.pth", "labs_dae": d / "dae.ckpt"}
+    return {"ecg": d / "ecg.pth", "labs": d / "dae.ckpt"}
+
+
+OPTIONS = {"ecg": {"config": "demo_small"}}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,14 @@ def root(tmp_path_factory, weights) -> Path:
     """train 10 and val 3 rows (32 px CXR) with features written by the extraction (batch 5)."""
     out = write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=10, n_val=3,
                                n_test_queries=2, n_candidates=2, cxr_size=32, seed=0)
-    teachers = load_teachers(weights["ecgfounder"], weights["labs_dae"], ecgfounder_config="demo_small")
+    teachers = load_teachers(weights, OPTIONS)
     extract_teacher_features(out, teachers, splits=SPLITS, batch_size=5, progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def otf(weights) -> OnTheFlyTeachers:
-    return OnTheFlyTeachers(weights["ecgfounder"], weights["labs_dae"], ecgfounder_config="demo_small")
+    return OnTheFlyTeachers(weights, OPTIONS)
 
 
 @pytest.fixture(autouse=True)
@@ -73,48 +75,56 @@ def assert_features_close(got: torch.Tensor, file: Path) -> None:
     np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-5 * scale)
 
 
+def raw(ecg: torch.Tensor, pct: torch.Tensor, miss: torch.Tensor) -> dict:
+    """The ``raw`` part of a ``cxr_raw_teachers`` batch: each teacher's input rows."""
+    return {"ecg": (ecg,), "labs": (pct, miss)}
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_equals_extracted_files(root, otf, split):
     """Batches of 4 here against batches of 5 in the extraction: rows are independent of their batch."""
     ecg, pct, miss = raw_split(root, split)
-    feats = [otf(ecg[i:i + 4], pct[i:i + 4], miss[i:i + 4]) for i in range(0, len(ecg), 4)]
-    assert_features_close(torch.cat([e for e, _ in feats]), root / split / "ecg_features.npy")
-    assert_features_close(torch.cat([lab for _, lab in feats]), root / split / "labs_features.npy")
+    feats = [otf(raw(ecg[i:i + 4], pct[i:i + 4], miss[i:i + 4])) for i in range(0, len(ecg), 4)]
+    assert_features_close(torch.cat([f["ecg"] for f in feats]), root / split / "ecg_features.npy")
+    assert_features_close(torch.cat([f["labs"] for f in feats]), root / split / "labs_features.npy")
 
 
 def test_frozen_eval_no_grad(otf, root):
-    assert (otf.ecg_dim, otf.labs_dim) == (ECG_DIM, LABS_DIM)
+    assert otf.dims == {"ecg": ECG_DIM, "labs": LABS_DIM}
     params = list(otf.parameters())
     assert params and not any(p.requires_grad for p in params)
     otf.train()  # e.g. as a submodule of a module put in training mode
     assert not any(m.training for m in otf.modules())
-    ecg, pct, miss = raw_split(root, "val")
     with torch.enable_grad():
-        e, lab = otf(ecg, pct, miss)
-    assert not e.requires_grad and not lab.requires_grad and e.grad_fn is None and lab.grad_fn is None
+        out = otf(raw(*raw_split(root, "val")))
+    assert all(not f.requires_grad and f.grad_fn is None for f in out.values())
 
 
 def test_float32_under_autocast(otf, root):
     """Mixed precision must not change the targets: autocast is off inside the teachers."""
-    ecg, pct, miss = raw_split(root, "val")
-    ref = otf(ecg, pct, miss)
+    batch = raw(*raw_split(root, "val"))
+    ref = otf(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = otf(ecg, pct, miss)
-    for a, b in zip(ref, got):
+        got = otf(batch)
+    for name, b in got.items():
         assert b.dtype == torch.float32
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b, ref[name], rtol=0, atol=0)
 
 
 def test_non_finite_ecg_is_refused(otf, root):
     ecg, pct, miss = raw_split(root, "val")
     ecg[1, 0, 10, 3] = float("nan")
     with pytest.raises(ValueError, match="row 1 has NaN or inf"):
-        otf(ecg, pct, miss)
+        otf(raw(ecg, pct, miss))
+    with pytest.raises(ValueError, match=r"no raw inputs for teacher\(s\) \['labs'\]"):
+        otf({"ecg": (ecg,)})
 
 
 def test_wrong_weights_fail_loudly(weights):
     with pytest.raises(CheckpointError, match="does not fit ECGFounder.*shape mismatch"):
-        OnTheFlyTeachers(weights["ecgfounder"], weights["labs_dae"], ecgfounder_config="12_lead")
+        OnTheFlyTeachers(weights, {"ecg": {"config": "12_lead"}})
+    with pytest.raises(ValueError, match=r"teacher options for \['ekg'\]"):
+        OnTheFlyTeachers(weights, {"ekg": {}})
 
 
 def test_item_kind_registered():
@@ -123,36 +133,35 @@ def test_item_kind_registered():
 
 
 def test_data_path_matches_precomputed_files(root, weights):
-    """The data module's on-the-fly teachers give what ``cxr_teachers`` serves: the CXR and the file features.
-
-    (``cxr_teachers`` itself checks the release widths 1024/256, which the small test teachers do not have.)
-    """
-    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, batch_size=2, num_workers=0, train_transform="resize",
-                               img_size=16, pin_memory=False, ecgfounder=str(weights["ecgfounder"]),
-                               labs_dae=str(weights["labs_dae"]), ecgfounder_config="demo_small")
+    """The data module's on-the-fly teachers give what ``cxr_teachers`` serves: the CXR and the file features."""
+    kw = dict(batch_size=2, num_workers=0, train_transform="resize", img_size=16, pin_memory=False)
+    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, teacher_weights={k: str(v) for k, v in weights.items()},
+                               teacher_options=OPTIONS, **kw)
     dm.setup("fit")
     item = dm.datasets["train"][0]
-    assert [tuple(t.shape) for t in item] == [(3, 16, 16), (1, 5000, 12), (50,), (50,)]
-    assert all(t.dtype == torch.float32 for t in item)
+    assert tuple(item["cxr"].shape) == (3, 16, 16) and item["cxr"].dtype == torch.float32
+    assert {k: [(tuple(t.shape), t.dtype) for t in v] for k, v in item["raw"].items()} == {  # rows as stored
+        "ecg": [((1, 5000, 12), torch.float32)], "labs": [((50,), torch.float32), ((50,), torch.int64)]}
     batches = [dm.on_after_batch_transfer(batch, 0) for batch in dm.val_dataloader()]  # val: in file order
-    cxr, ecg, labs = (torch.cat(parts) for parts in zip(*batches))
     want_cxr = build_cxr_transform("resize", 16)(torch.from_numpy(np.load(root / "val" / "cxr_val.npy")))
-    torch.testing.assert_close(cxr, want_cxr, rtol=0, atol=0)
-    assert_features_close(ecg, root / "val" / "ecg_features.npy")
-    assert_features_close(labs, root / "val" / "labs_features.npy")
-    with pytest.raises(ValueError, match="need both ecgfounder and labs_dae"):
-        SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, batch_size=2, ecgfounder=str(weights["ecgfounder"]))
+    torch.testing.assert_close(torch.cat([b["cxr"] for b in batches]), want_cxr, rtol=0, atol=0)
+    for name in ("ecg", "labs"):
+        assert_features_close(torch.cat([b["teachers"][name] for b in batches]), root / "val" / f"{name}_features.npy")
+    with pytest.raises(ValueError, match="go with item 'cxr_raw_teachers'"):
+        SymileMIMICDataModule(str(root), "cxr_teachers", teacher_weights={"ecg": str(weights["ecg"])})
+    one = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, teacher_weights={"ecg": str(weights["ecg"])}, **kw)
+    with pytest.raises(ValueError, match=r"must name exactly the teachers served.*missing \['labs'\]"):
+        one.setup("fit")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_the_ecg_device(root, weights):
-    otf = OnTheFlyTeachers(weights["ecgfounder"], weights["labs_dae"], ecgfounder_config="demo_small")
+    otf = OnTheFlyTeachers(weights, OPTIONS)
     ecg, pct, miss = raw_split(root, "train")
-    e, lab = otf(ecg.cuda(), pct.cuda(), miss.cuda())
-    assert e.device.type == lab.device.type == "cuda"
+    out = otf(raw(ecg.cuda(), pct.cuda(), miss.cuda()))
+    assert out["ecg"].device.type == out["labs"].device.type == "cuda"
     assert next(otf.parameters()).device.type == "cuda"
-    torch.testing.assert_close(e.cpu(), torch.from_numpy(np.load(root / "train" / "ecg_features.npy")),
-                               rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lab.cpu(), torch.from_numpy(np.load(root / "train" / "labs_features.npy")),
-                               rtol=1e-4, atol=1e-4)
+    for name in ("ecg", "labs"):
+        torch.testing.assert_close(out[name].cpu(), torch.from_numpy(np.load(root / "train" / f"{name}_features.npy")),
+                                   rtol=1e-4, atol=1e-4)

@@ -274,9 +274,9 @@ def test_script_zero_shot_matches_the_stage2_module(tmp_path, release, stage2_ru
         hits = []
         with torch.no_grad():
             for q in np.flatnonzero(label == 1):
-                query = module.proj_cxr(module(TF.resize(cxr[q:q + 1], [32, 32], antialias=True)))
+                query = module.proj["cxr"](module(TF.resize(cxr[q:q + 1], [32, 32], antialias=True)))
                 rows = [r for r in range(len(ids)) if ids[r] == ids[q]]
-                sims = torch.nn.functional.cosine_similarity(query, getattr(module, f"proj_{target}")(feats[rows]))
+                sims = torch.nn.functional.cosine_similarity(query, module.proj[target](feats[rows]))
                 hits.append(bool((sims[[r != q for r in rows]] < sims[rows.index(q)]).all()))
         assert zs[f"cxr_{target}_acc"] == pytest.approx(np.mean(hits))
     # the heads themselves: strict, eval mode, right shapes

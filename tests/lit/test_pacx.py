@@ -87,16 +87,71 @@ def test_other_tuning_strategies(strategy, expect):
         assert any(n.startswith("blocks.1") for n in trainable) and "norm.weight" in trainable
 
 
-def test_ablate_ecg_gives_ecg_heads_no_gradient():
-    module = _module(ablate="ecg")
-    e = module.embed((X, torch.randn(3, 1024), torch.randn(3, 256)))
-    assert "ecg_shared" not in e and "cxr_to_ecg" not in e
-    terms = module.loss_fn(e["cxr_shared"], None, e["labs_shared"], None, e["cxr_to_labs"], e["ecg_target"],
-                           e["labs_target"])
-    assert "clip_ecg" not in terms and "reg_ecg" not in terms and "clip_labs" in terms
+def test_teachers_by_name_and_the_earlier_keys():
+    one = _module(teachers=["labs"])
+    assert set(one.proj) == {"cxr", "labs"} and set(one.reg) == set(one.teacher_norms) == {"labs"}
+    _, terms = one.loss_terms({"cxr": X, "teachers": {"labs": torch.randn(3, 256)}})
+    assert set(terms) == {"clip_labs", "reg_labs", "loss", "logit_scale"}
     terms["loss"].backward()
-    assert all(p.grad is None for p in [*module.proj_ecg.parameters(), *module.reg_ecg.parameters()])
-    assert all(p.grad is not None for p in module.proj_labs.parameters())
+    assert all(p.grad is not None for p in [*one.proj["labs"].parameters(), *one.reg["labs"].parameters()])
+    with pytest.warns(FutureWarning, match=r"ablate: ecg is read as teachers: \['labs'\]"):
+        legacy = _module(ablate="ecg")
+    assert legacy.teacher_names == ("labs",) and set(legacy.state_dict()) == set(one.state_dict())
+    with pytest.warns(FutureWarning, match="ecg_dim is deprecated"):
+        assert _module(ecg_dim=128).teacher_widths == {"ecg": 128, "labs": 256}
+    assert _module(teachers=["labs"], teacher_dims={"ecg": 128}).teacher_widths == {"labs": 256}  # configs stack
+    with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
+        _module(teacher_dims={"ekg": 128})
+    with pytest.raises(ValueError, match="each once"):
+        _module(teachers=["ecg", "ecg"])
+    with pytest.raises(ValueError, match="no features of teacher 'ecg'"):
+        _module().embed({"cxr": X, "teachers": {"labs": torch.randn(3, 256)}})
+
+
+def earlier_layout(ckpt: dict, ablate: str | None = None) -> dict:
+    """A checkpoint as Stage 2 wrote it before teachers were named: one attribute per head (``proj_ecg.*``),
+    ``ecg_dim`` / ``labs_dim`` / ``ablate`` in the hyperparameters."""
+    state = {}
+    for key, value in ckpt["state_dict"].items():
+        head, _, rest = key.partition(".")
+        state[f"{head}_{rest}" if head in ("proj", "reg") else key] = value
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in ("teachers", "teacher_dims")}
+    return {**ckpt, "state_dict": state, "hyper_parameters": {**hparams, "ecg_dim": 1024, "labs_dim": 256,
+                                                              "ablate": ablate}}
+
+
+def test_checkpoint_of_the_earlier_layout_loads_resumes_and_exports(tmp_path, repo, symile_root, stage1_run):
+    from pacx.eval.alignment import load_stage2_heads
+
+    run = tmp_path / "pacx"
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+               *PAPER_STAGE2))
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    old = earlier_layout(ckpt)
+    assert "proj_cxr.1.weight" in old["state_dict"] and "reg_labs.2.bias" in old["state_dict"]
+    assert not any(k.startswith(("proj.", "reg.")) for k in old["state_dict"])
+    torch.save(old, last)  # the run as the earlier code left it
+    with pytest.warns(FutureWarning, match="ecg_dim is deprecated"):
+        module = PaCXModule.load_from_checkpoint(last, weights_only=True)
+    assert set(module.state_dict()) == set(ckpt["state_dict"])
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(module.state_dict()[key], value), key
+    heads = load_stage2_heads(run)
+    assert set(heads) == {"cxr", "ecg", "labs"}
+    torch.testing.assert_close(heads["ecg"][1][1].weight, ckpt["state_dict"]["proj.ecg.1.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(pacx.load_encoder(run)(X), module.eval()(X), atol=1e-5, rtol=0)
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "3", "--ckpt_path", "last", *PAPER_STAGE2))
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 3 and "proj.cxr.1.weight" in resumed["state_dict"]
+
+    # an ablation run of that layout kept the ablated teacher's (never trained) heads: they are dropped
+    torch.save(earlier_layout(ckpt, ablate="ecg"), tmp_path / "ablated.ckpt")
+    with pytest.warns(FutureWarning, match="ablate"):
+        ablated = PaCXModule.load_from_checkpoint(tmp_path / "ablated.ckpt", weights_only=True)
+    assert ablated.teacher_names == ("labs",) and "proj.ecg.1.weight" not in ablated.state_dict()
+    assert set(load_stage2_heads(tmp_path / "ablated.ckpt")) == {"cxr", "labs"}
 
 
 def test_authors_stage2_checkpoint_loads_merged(tmp_path):

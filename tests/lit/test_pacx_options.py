@@ -71,19 +71,19 @@ def test_stage2_options_reach_checkpoint_zero_shot_and_health(tmp_path, symile_r
     state = ckpt["state_dict"]
     labs = np.load(symile_root / "train" / "labs_features.npy").astype(np.float64)
     np.testing.assert_allclose(state["teacher_norms.labs.mean"].double().numpy(), labs.mean(0), atol=1e-5)
-    assert state["teacher_norms.labs.proj"].shape == (labs.shape[1], 4) and state["proj_labs.1.weight"].shape[1] == 4
-    assert state["reg_labs.1.weight"].shape[0] == 4 and "feat_norm.running_mean" in state
+    assert state["teacher_norms.labs.proj"].shape == (labs.shape[1], 4) and state["proj.labs.1.weight"].shape[1] == 4
+    assert state["reg.labs.1.weight"].shape[0] == 4 and "feat_norm.running_mean" in state
 
     # zero-shot rebuilds the same embeddings: heads with their norms, the run's pool
-    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, ecg_dim=1024, tuning="full", teacher_norm="whiten",
+    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="full", teacher_norm="whiten",
                         teacher_components=4, head_norm=True, pool="avg").eval()
     module.load_state_dict(state, strict=True)
     heads, x = load_stage2_heads(run), torch.from_numpy(labs[:5]).float()
     assert stage2_pool(run) == "avg"
     with torch.no_grad():
-        torch.testing.assert_close(heads["labs"](x), module.proj_labs(module.teacher_norms["labs"](x)))
+        torch.testing.assert_close(heads["labs"](x), module.proj["labs"](module.teacher_norms["labs"](x)))
         feat = torch.randn(5, module.vit_cfg.embed_dim)
-        torch.testing.assert_close(heads["cxr"](feat), module.proj_cxr(module.feat_norm(feat)))
+        torch.testing.assert_close(heads["cxr"](feat), module.proj["cxr"](module.feat_norm(feat)))
 
     # every Stage 2 run logs its learning health; InfoNCE against log(per-device batch 8)
     metrics = pd.read_csv(run / "metrics.csv")

@@ -144,3 +144,27 @@ def test_stage2_lora_vs_full_writes_json(tmp_path):
     assert saved["lora_images_per_s"] > 0 and saved["full_images_per_s"] > 0
     assert saved["ratio"] == pytest.approx(saved["lora_images_per_s"] / saved["full_images_per_s"])
     assert result["lora_trainable_params"] < result["full_trainable_params"]
+
+
+def test_rates_from_every_mode_merge_into_one_file(tmp_path):
+    """--rates: Stage 1, Stage 2 (LoRA, full) and Stage 3 (segmentation, probe features) runs fill one rates file,
+    each run keeping the others' keys; the estimate reads it (pacx.reproduce.estimate)."""
+    from pacx.reproduce.estimate import RATE_COMMANDS, read_rates
+    from scripts.benchmark_train import main
+
+    rates = tmp_path / "rates.json"
+    tiny = ["--img-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rates", str(rates)]
+    main(["--arch", TINY["arch"], "--threads", "1", *tiny])
+    s2 = main(["--stage2", "--stage2-arch", "vit_test", *tiny])
+    s3 = main(["--stage3", "--stage3-arch", "vit_test", *tiny, "--json", str(tmp_path / "s3.json")])
+    got = read_rates(rates)
+    assert set(got) == set(RATE_COMMANDS) == {"stage1", "stage2_lora", "stage2_full", "seg", "probe_features"}
+    assert got["stage2_lora"]["img_per_s"] == s2["lora_images_per_s"]
+    assert got["seg"]["img_per_s"] == s3["seg_images_per_s"] > 0
+    assert got["probe_features"]["img_per_s"] == s3["probe_features_images_per_s"] > 0
+    assert s3["seg_trainable_params"] > 0  # the decoder trains, the backbone does not
+    assert (got["stage1"]["arch"], got["stage1"]["img_size"], got["stage1"]["mask_ratio"]) == ("mae_vit_test", 32, 0.9)
+    for entry in got.values():
+        assert (entry["device"], entry["precision"], entry["batch"]) == ("cpu", "fp32", 4)
+    with pytest.raises(SystemExit):  # one mode per run
+        main(["--stage2", "--stage3"])

@@ -43,6 +43,7 @@ from pacx.data.symile_files import (
     SYMILE_LABS,
 )
 from pacx.data.synthetic.images import simple_cxr
+from pacx.teachers import TEACHERS
 from pacx.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -228,10 +229,11 @@ def _retrieval_rows(rng: np.random.Generator, n: int, n_candidates: int) -> tupl
 
 
 def _path(out: Path, split: str, key: str) -> Path:
-    """``<out>/<split>/<release file name>`` of file ``key``, named by the table in ``symile_files``."""
-    spec = next(s for s in FILES if s.key == key)
+    """``<out>/<split>/<file name>`` of file ``key``, named by the table in ``symile_files`` or, for teacher
+    features (``ecg_features``), by the teacher registry."""
+    specs = {s.key: s for s in (*FILES, *(t.feature_spec for t in TEACHERS.values()))}
     (out / split).mkdir(parents=True, exist_ok=True)
-    return out / split / spec.filename(split)
+    return out / split / specs[key].filename(split)
 
 
 def write_symile_release(
