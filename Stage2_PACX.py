@@ -1,17 +1,23 @@
-"""Stage 2 on Symile-MIMIC: the Labs DAE teacher and (later) PaCX cross-modal distillation.
+"""Stage 2: PaCX cross-modal distillation on Symile-MIMIC (the teachers train with ``python -m pacx.teachers``).
 
-The LightningModule is chosen by the config's ``model.class_path``:
-
-    python Stage2_PACX.py fit --config configs/stage2/labs_dae.yaml --data.root /data/symile/data_npy
+    python Stage2_PACX.py fit --config configs/stage2/pacx_vitb_symile.yaml --data.root /data/symile/data_npy
 """
+
+import sys
+import warnings
 
 from pacx.cli import cli_main
 from pacx.data.symile import SymileMIMICDataModule
-from pacx.lit.common import StagedModule
+from pacx.lit.pacx import PaCXModule
+from pacx.teachers import train as teachers
 
 
 def main(args: list[str] | None = None):
-    return cli_main(StagedModule, SymileMIMICDataModule, args=args, subclass_mode_model=True)
+    if teachers.names_teacher(sys.argv[1:] if args is None else args):  # until the next release
+        warnings.warn("Stage2_PACX.py trains PaCX only: train teachers with `python -m pacx.teachers fit --config "
+                      "...` (configs/teachers/); running it there", FutureWarning, stacklevel=2)
+        return teachers.main(args)
+    return cli_main(PaCXModule, SymileMIMICDataModule, args=args, subclass_mode_model=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ What it adds to Lightning's CLI, in one place:
   :mod:`pacx.data.resumable`);
 * under srun (SLURM), ``trainer.num_nodes`` / ``trainer.devices`` follow the allocation and SIGUSR1
   checkpoints + requeues the job (:class:`~pacx.lit.resilience.SlurmRequeue`);
+* the image size is set once, as ``data.img_size``, and linked to the model's (:meth:`PacxCLI.link_image_size`);
 * optimizers come from the modules (configs stay the single source of hyperparameters).
 """
 
@@ -77,6 +78,13 @@ class PacxCLI(LightningCLI):
         parser.add_argument("--allow_debug", type=bool, default=False,
                             help="accept weights of a debug run (fast_dev_run / overfit_batches / limit_*) as "
                                  "init_encoder or backbone; this run is then marked as a debug run too")
+        self.link_image_size(parser)
+
+    def link_image_size(self, parser) -> None:
+        """The image size is set once, as ``data.img_size``; the model's follows it (Stage 1 ``model.img_size``,
+        Stage 2 ``model.init_args.img_size``, ignored by a module without one such as the Labs DAE)."""
+        target = "model.init_args.img_size" if self.subclass_mode_model else "model.img_size"
+        parser.link_arguments("data.img_size", target)
 
     # ---- debug runs -------------------------------------------------------------------------------
 
@@ -224,7 +232,7 @@ class PacxCLI(LightningCLI):
 
 class EvalCLI(PacxCLI):
     """Stage 3: model and data are any :class:`~pacx.lit.common.BenchmarkEvalModule` /
-    :class:`~pacx.data.benchmark_dm.SplitsDataModule` pair named by ``class_path`` in the config
+    :class:`~pacx.data.stage3.SplitsDataModule` pair named by ``class_path`` in the config
     (classification or segmentation). The benchmark and the image size are set once on the data side
     (``data.benchmark`` → ``model.benchmark``, ``data.img_size`` → ``model.backbone.img_size``). Before ``fit``
     and ``test`` the test split is checked against the backbone's Stage 2 admissions (an error on shared
@@ -247,6 +255,8 @@ class EvalCLI(PacxCLI):
                             help="evaluate even when the test split shares admissions with the backbone's Stage 2 "
                                  "training admissions (warned about and recorded in the results row)")
         parser.link_arguments("data.init_args.benchmark", "model.init_args.benchmark")
+
+    def link_image_size(self, parser) -> None:
         parser.link_arguments("data.init_args.img_size", "model.init_args.backbone.img_size")
 
     def extra_callbacks(self) -> list:

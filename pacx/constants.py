@@ -17,6 +17,14 @@ MIMIC_LEAD_ORDER: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1"
 CHEXPERT_SPLIT_SIZES: dict[str, int] = {"train": 223_414, "val": 234}
 SYMILE_SPLIT_SIZES: dict[str, int] = {"train": 10_000, "val": 750}
 
+# The paper's Stage 1 mask ratio (docs/method.md#stage-1) and Stage 2 LoRA (docs/method.md#stage-2): the one code
+# default of every layer that takes them (model, tuning, LightningModule). The paper configs set them for a run.
+MAE_MASK_RATIO = 0.9
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_DROPOUT = 0.1
+LORA_TARGETS: tuple[str, ...] = ("qkv", "fc1", "fc2")
+
 # Stage names recorded in checkpoints, run.json and export metadata.
 STAGE_MAE = "stage1_mae"
 STAGE_PACX = "stage2_pacx"

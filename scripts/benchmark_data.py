@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from pacx.data.batched import BatchedCropFlip, normalize_batch
 from pacx.data.cache import CachedImageDataset, ImageCache, build_image_cache
 from pacx.data.manifest import ImageManifestDataset
-from pacx.data.synthetic.chexpert import RELEASE_LABELS, write_chexpert_release
 from pacx.data.transforms import mae_train
+from pacx.testing.chexpert import RELEASE_LABELS, write_chexpert_release
 
 log = logging.getLogger("benchmark_data")
 

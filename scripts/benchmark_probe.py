@@ -39,12 +39,12 @@ import pandas as pd
 from PIL import Image
 
 from pacx.cli import EvalCLI, cli_main
-from pacx.data.benchmark_dm import SplitsDataModule
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
-from pacx.data.synthetic.benchmarks import write_tb
-from pacx.data.synthetic.images import simple_cxr
+from pacx.data.stage3 import SplitsDataModule
 from pacx.lit.common import BenchmarkEvalModule
+from pacx.testing.benchmarks import write_tb
+from pacx.testing.images import simple_cxr
 
 log = logging.getLogger("benchmark_probe")
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,8 @@ PROTOCOLS = {"per_epoch": "false", "cached": "plain", "flip": "flip"}
 
 def protocol_args(args, raw: Path, manifests: Path, run_dir: Path, cache: Path, protocol: str) -> list[str]:
     return [
-        "fit", "--config", str(REPO / "configs/stage3" / f"{BENCHMARK}.yaml"),
+        "fit", "--config", str(REPO / "configs/stage3/linear_probe.yaml"),
+        "--config", str(REPO / "configs/stage3/lp" / f"{BENCHMARK}.yaml"),
         "--model.backbone.kind", "random", "--model.backbone.arch", args.arch, "--data.img_size", str(args.img_size),
         "--model.feature_cache", PROTOCOLS[protocol], "--model.feature_cache_dir", str(cache),
         "--data.root", str(raw), "--data.manifest_dir", str(manifests), "--data.batch_size", str(args.batch_size),

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from pacx.data.symile_files import FILES
-from pacx.data.synthetic.symile import write_symile_release
 from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, create_ecgfounder, load_ecgfounder
 from pacx.models.labs_dae import LabsDAE
 from pacx.teachers import DEFAULT_BATCH_SIZE, TEACHERS, Teacher, feature_path
+from pacx.testing.symile import write_symile_release
 
 log = logging.getLogger("benchmark_teachers")
 EXTRACT = Path(__file__).resolve().parent / "extract_teacher_features.py"

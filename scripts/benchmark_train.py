@@ -1,7 +1,7 @@
 """MAE training throughput: pacx's ViT MAE vs Hugging Face ``ViTMAEForPreTraining``, one run.
 
 Both models are built at the same configuration (HF's config is derived from ours, see
-``pacx.benchmark.hf_vitmae_config``), hold the same weights (ours loaded into HF strictly, the fused
+``pacx.perf.train.hf_vitmae_config``), hold the same weights (ours loaded into HF strictly, the fused
 qkv split in three), see the same image and masking-noise tensors and use the same AdamW settings,
 which are read, with the mask ratio, from the Stage 1 config (``--config``, default
 ``configs/stage1/mae_vitb_chexpert.yaml``). A timed step is forward + backward +
@@ -9,7 +9,7 @@ which are read, with the mask ratio, from the Stage 1 config (``--config``, defa
 alternate step by step (A B, B A, ...); steps/s is 1 / median (default) or 1 / best step time, and
 the median ratio over adjacent step pairs is printed too (the steadiest figure when other processes
 load the machine). The analytic FLOP count behind TFLOP/s and MFU is documented in
-``pacx/benchmark.py``.
+``pacx/perf/train.py``.
 
     python scripts/benchmark_train.py --json /tmp/bench_train.json            # ViT-B/16, CPU, fp32
     python scripts/benchmark_train.py --device cuda --precision bf16 --batch-size 256 --compile
@@ -47,7 +47,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pacx.benchmark import (  # noqa: E402
+from pacx.models.mae import MAE_ARCHS, create_mae  # noqa: E402
+from pacx.perf.train import (  # noqa: E402
     ForwardRunner,
     TrainRunner,
     adamw_settings,
@@ -64,7 +65,6 @@ from pacx.benchmark import (  # noqa: E402
     summarize,
     time_interleaved,
 )
-from pacx.models.mae import MAE_ARCHS, create_mae  # noqa: E402
 from pacx.reproduce.estimate import merge_rates  # noqa: E402
 from pacx.utils import git_sha  # noqa: E402
 
@@ -202,7 +202,7 @@ def run_stage3(args: argparse.Namespace, device: torch.device, batch: int) -> di
     from pacx.lit.segment import SegmentationModule
     from pacx.models.backbones import BackboneConfig
 
-    seg = yaml.safe_load((REPO / "configs/stage3/seg/cxlseg.yaml").read_text())["model"]["init_args"]
+    seg = yaml.safe_load((REPO / "configs/stage3/segmentation.yaml").read_text())["model"]["init_args"]
     optim = {"lr": float(seg["lr"]), "betas": tuple(seg["betas"]), "weight_decay": float(seg["weight_decay"])}
     if args.fused_adamw:
         optim["fused"] = True

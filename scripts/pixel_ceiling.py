@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from pacx.data.benchmark_dm import BenchmarkDataModule
+from pacx.data.stage3 import BenchmarkDataModule
 from pacx.eval.ceiling import pixel_ceiling
 from pacx.utils import write_json_atomic
 

@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 
-from pacx.data.benchmarks.medmod import OverlapPolicyError
+from pacx.data.converters.medmod import OverlapPolicyError
 from pacx.data.leakage import LeakageError
 from pacx.data.prepare import load_builtin_converters, run_converter
 from pacx.progress import NO_PROGRESS_HELP, set_progress

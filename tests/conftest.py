@@ -24,7 +24,7 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def chexpert_release(tmp_path_factory) -> Path:
     """A CheXpert-v1.0-small release (96x80 JPEGs) with train.csv / valid.csv."""
-    from pacx.data.synthetic.chexpert import write_chexpert_release
+    from pacx.testing.chexpert import write_chexpert_release
 
     root = tmp_path_factory.mktemp("chexpert") / "CheXpert-v1.0-small"
     return write_chexpert_release(root, n_train=48, n_valid=16, seed=0, width=96, height=80)
@@ -35,7 +35,7 @@ def stage1_args(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", str(REPO / "configs/demo/stage1_mae.yaml"),
         "--data.root", str(data_root), "--trainer.default_root_dir", str(run_dir),
-        "--model.arch", "mae_vit_test", "--model.img_size", "32", "--data.img_size", "32",
+        "--model.arch", "mae_vit_test", "--data.img_size", "32",
         "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--wandb", "disabled", *extra,
     ]

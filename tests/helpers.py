@@ -30,7 +30,7 @@ def stage2_args(run: Path, root: Path, init: Path, *extra: str) -> list[str]:
     16-d shared space, the release teachers' 1024-d ECG features)."""
     return ["fit", "--config", str(REPO / "configs/demo/stage2_pacx.yaml"), "--data.root", str(root),
             "--trainer.default_root_dir", str(run), "--model.init_args.init_encoder", str(init),
-            "--model.init_args.encoder_arch", "vit_test", "--model.init_args.img_size", "32",
+            "--model.init_args.encoder_arch", "vit_test",
             "--model.init_args.shared_dim", "16", "--model.init_args.teacher_dims", "{ecg: 1024}",
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
             "--trainer.enable_progress_bar", "false", "--wandb", "disabled", "--trainer.log_every_n_steps", "1",

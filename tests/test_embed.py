@@ -72,8 +72,8 @@ def run(encoder: Path, images: Path, out: Path, *extra: str) -> int:
 def stage3_features(weights: Path, images: Path, rel_paths: list[str]) -> np.ndarray:
     """The Stage 3 evaluation path: the benchmark data module's predict images (``resize_eval``) through the
     backbone Stage 3 builds, by the linear probe's feature extractor."""
-    from pacx.data.benchmark_dm import BenchmarkDataModule
     from pacx.data.feature_cache import extract_features
+    from pacx.data.stage3 import BenchmarkDataModule
     from pacx.models.backbones import BackboneConfig, build_backbone
 
     csv = images / "stage3.csv"

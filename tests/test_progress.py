@@ -14,8 +14,8 @@ import termios
 import pytest
 
 import pacx.progress
-from pacx.data.synthetic.seg_benchmarks import write_qata_release
 from pacx.progress import ENV_VAR, progress, progress_enabled, set_progress
+from pacx.testing.seg_benchmarks import write_qata_release
 
 BAR = "%|"  # tqdm's "desc: 100%|██████████| 2/2 [...]"
 LOOP = "from pacx.progress import progress\nfor _ in progress(range(20), desc='loop'): pass\n"

@@ -20,7 +20,6 @@ from torch import nn
 import pacx
 from pacx.data.symile import SymileMIMICDataModule
 from pacx.data.symile_files import FileSpec, SymileFileError, ValidationCache
-from pacx.data.synthetic.symile import write_symile_release
 from pacx.data.teacher_features import OnTheFlyTeachers
 from pacx.eval.alignment import load_split, load_stage2_heads, probe_encoder, stage2_pool, zero_shot_retrieval
 from pacx.models.heads import upgrade_head_keys
@@ -34,6 +33,7 @@ from pacx.teachers import (
     register_teacher,
     resolve_teachers,
 )
+from pacx.testing.symile import write_symile_release
 from tests.helpers import load_script, stage2_args
 
 N_VITALS, VITALS_DIM = 6, 8  # raw vitals per row; the toy teacher's feature width

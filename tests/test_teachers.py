@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from pacx.data.symile_files import SymileFileError
-from pacx.data.synthetic.symile import write_symile_release
 from pacx.models.ecgfounder import create_ecgfounder, load_ecgfounder, preprocess_ecg
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig, load_labs_dae
 from pacx.teachers import TEACHERS, Teacher, extract_teacher_features, load_teachers
+from pacx.testing.symile import write_symile_release
 from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,10 +47,10 @@ def register_converter(name: str, task: str, metric: str, description: str,
 
 def load_builtin_converters() -> dict[str, Converter]:
     """Import the modules that register converters (kept out of import time of this module)."""
-    import pacx.data.benchmarks.classification  # noqa: F401
-    import pacx.data.benchmarks.medmod  # noqa: F401
-    import pacx.data.benchmarks.segmentation  # noqa: F401
     import pacx.data.chexpert  # noqa: F401
+    import pacx.data.converters.classification  # noqa: F401
+    import pacx.data.converters.medmod  # noqa: F401
+    import pacx.data.converters.segmentation  # noqa: F401
 
     return CONVERTERS
 

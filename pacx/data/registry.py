@@ -1,10 +1,11 @@
 """Benchmark registry: one frozen spec per downstream benchmark.
 
-Datasets, heads, losses, metrics and the converters in ``pacx/data/benchmarks/`` read these specs, so a
+Datasets, heads, losses, metrics and the converters in ``pacx/data/converters/`` read these specs, so a
 new benchmark is one entry here (plus its converter and a YAML) and nothing branches on a task name.
 Every value comes from the dataset protocols in ``docs/datasets.md`` (one section per benchmark, anchored
-by its registry name, e.g. ``docs/datasets.md#vindr``; the per-task linear-probe settings in
-``docs/datasets.md#stage-3-settings``).
+by its registry name, e.g. ``docs/datasets.md#vindr``). The registry holds dataset facts only: training
+choices (batch, lr, epochs) live in the Stage 3 configs (``configs/stage3/linear_probe.yaml`` and
+``segmentation.yaml``, with one override per benchmark under ``configs/stage3/lp/`` and ``seg/``).
 
 Image paths are ``<image root>/<image_dirs[split]>/<path_column value>``. The image root is the folder
 holding the release as the reference arranged it (after its documented renames/flattening, see the
@@ -38,8 +39,6 @@ class BenchmarkSpec:
     image_dirs: Mapping[str, str]  # split -> subfolder under the image root ("" for none)
     manifest_files: Mapping[str, str]  # split -> CSV file name written by the converter
     metric: str  # the paper metric of the full-data table (docs/datasets.md#benchmarks)
-    lp_batch_size: int
-    lp_lr: float
     label_source: str
     description: str
     in_paper: bool  # one of the nine paper benchmarks
@@ -104,12 +103,6 @@ def _files(pattern: str) -> dict[str, str]:
     return {s: pattern.format(split=s) for s in SPLITS}
 
 
-# docs/datasets.md#stage-3-settings: default LP batch 512 / lr 3e-3; CHESTX6, COVIDQU, VINDR 256 / 2e-3; PNE 128 / 1e-3; TB 32 / 1e-3;
-# segmentation (decoder only) 256 / 1e-4.
-_LP_DEFAULT = {"lp_batch_size": 512, "lp_lr": 3e-3}
-_LP_256 = {"lp_batch_size": 256, "lp_lr": 2e-3}
-_LP_SEG = {"lp_batch_size": 256, "lp_lr": 1e-4}
-
 VINDR_LABELS = (
     "Pneumothorax", "Atelectasis", "Mediastinal shift", "Consolidation", "Lung tumor", "ILD", "Calcification",
     "Infiltration", "Other lesion", "Nodule/Mass", "Pneumonia", "Tuberculosis", "Lung Opacity",
@@ -142,7 +135,7 @@ def _seg(name: str, label: str, description: str, split_sizes: dict[str, int] | 
     return BenchmarkSpec(
         name=name, task="segmentation", labels=(label,), path_column="img_path", mask_column="mask_path",
         image_dirs=_same(""), manifest_files=_files("{split}.csv"), metric="iou", label_source="mask",
-        description=description, in_paper=True, low_data_metric="iou", split_sizes=split_sizes or {}, **_LP_SEG,
+        description=description, in_paper=True, low_data_metric="iou", split_sizes=split_sizes or {},
     )
 
 
@@ -150,14 +143,14 @@ _SPECS = (
     BenchmarkSpec(
         name="chexchonet", task="binary", labels=("composite_slvh_dlv",), path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("chexchonet_{split}.csv"),
-        metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(51543, 5728, 14318), **_LP_DEFAULT,
+        metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(51543, 5728, 14318),
         description="CheXchoNet composite SLVH/DLV, image-level stratified 80/20 then 90/10 (docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
         # Deviation: the reference moves images into train/ val/ test/; we leave them in the flat folder.
         name="chexchonet_echo", task="multilabel", labels=ECHO_LABELS, path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("{split}/{split}.csv"),
-        metric="auroc", label_source="columns", in_paper=False, **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=False,
         description="CheXchoNet 5 echo labels, patient-level stratified 80/10/10 (docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
@@ -165,20 +158,20 @@ _SPECS = (
         image_dirs={"train": "train", "val": "train", "test": "test"},
         manifest_files={"train": "vindr_train_split.csv", "val": "vindr_val_split.csv",
                         "test": "vindr_test_split.csv"},
-        metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(13500, 1500, 3000), **_LP_256,
+        metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(13500, 1500, 3000),
         description="VinDr-CXR 19 labels (majority vote), official test, random 90/10 train/val (docs/datasets.md#vindr)",
     ),
     BenchmarkSpec(
         # Deviation: cxr_path stays the MIMIC-CXR-JPG relative path (no moving into train/ val/ test/).
         name="medmod_phys", task="multilabel", labels=MEDMOD_PHENOTYPES, path_column="cxr_path",
         mask_column=None, image_dirs=_same(""), manifest_files=_files("{split}/{split}.csv"),
-        metric="auroc", label_source="columns", in_paper=True, **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=True,
         description="MedMod 25 phenotypes, stay-level stratified 70/10/20 (docs/datasets.md#medmod)",
     ),
     BenchmarkSpec(
         name="medmod_mort", task="multilabel", labels=MEDMOD_MORTALITY, path_column="cxr_path",
         mask_column=None, image_dirs=_same(""), manifest_files=_files("{split}/{split}.csv"),
-        metric="auroc", label_source="columns", in_paper=False, **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=False,
         description="MedMod mortality (3 labels), same splits as medmod_phys (docs/datasets.md#medmod)",
     ),
     _seg("cxlseg", "lung", "CXL-Seg MIMIC-CXR lung masks, official split column (docs/datasets.md#cxlseg)"),
@@ -189,40 +182,40 @@ _SPECS = (
     BenchmarkSpec(
         name="covidqu", task="multiclass", labels=("Normal", "COVID-19", "Non-COVID"), path_column="Path",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("covidqu_{split}_split.csv"),
-        metric="auroc", label_source="index", in_paper=False, split_sizes=_sizes(21715, 5417, 6788), **_LP_256,
+        metric="auroc", label_source="index", in_paper=False, split_sizes=_sizes(21715, 5417, 6788),
         description="COVID-QU-Ex 3-class, official Train/Val/Test (docs/datasets.md#covidqu)",
     ),
     BenchmarkSpec(
         # Image root = the Kaggle download (the reference's root was its images/ child).
         name="tb", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images/images"), manifest_files=_files("tb_{split}_split.csv"),
-        metric="auroc", label_source="columns", in_paper=True, lp_batch_size=32, lp_lr=1e-3,
+        metric="auroc", label_source="columns", in_paper=True,
         split_sizes=_sizes(449, 80, 133),
         description="Shenzhen TB, stratified 80/20 then 85/15 (docs/datasets.md#tb)",
     ),
     BenchmarkSpec(
         name="chestx6", task="multiclass", labels=CHESTX6_CLASSES, path_column="Path", mask_column=None,
         image_dirs=_same(""), manifest_files=_files("chestx6_{split}_split.csv"),
-        metric="auroc", label_source="onehot", in_paper=True, split_sizes=_sizes(14551, 1748, 1737), **_LP_256,
+        metric="auroc", label_source="onehot", in_paper=True, split_sizes=_sizes(14551, 1748, 1737),
         description="Chest X-Ray 6 classes, official train/val/test (docs/datasets.md#chestx6)",
     ),
     BenchmarkSpec(
         name="nih", task="multilabel", labels=NIH_LABELS, path_column="Image Index", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("nih_{split}_split.csv"),
-        metric="auroc", label_source="columns", in_paper=True, split_sizes=_sizes(73545, 12979, 25596), **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=True, split_sizes=_sizes(73545, 12979, 25596),
         description="NIH ChestX-ray14, official test list, random 85/15 train/val (docs/datasets.md#nih)",
     ),
     _seg("qata", "infection", "QaTa-COV19 v2 infection masks, official test, random 90/10 train/val (docs/datasets.md#qata)"),
     BenchmarkSpec(
         name="covidx", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("covid_{split}_split.csv"),
-        metric="auroc", label_source="columns", in_paper=False, split_sizes=_sizes(61068, 6786, 16964), **_LP_DEFAULT,
+        metric="auroc", label_source="columns", in_paper=False, split_sizes=_sizes(61068, 6786, 16964),
         description="COVIDx CXR-2 (v9), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
     ),
     BenchmarkSpec(
         name="pneumonia", task="binary", labels=("Pneumonia",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("pneumonia_{split}_split.csv"),
-        metric="auroc", label_source="columns", in_paper=False, lp_batch_size=128, lp_lr=1e-3,
+        metric="auroc", label_source="columns", in_paper=False,
         split_sizes=_sizes(4216, 469, 1172),
         description="Pediatric pneumonia (Kermany), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
     ),

@@ -25,10 +25,10 @@ from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
-from pacx.data.benchmark_dm import SplitsDataModule
 from pacx.data.images import ImageDecodeError, open_image
 from pacx.data.manifest import ManifestError, read_manifest, require_rows, row_ref
 from pacx.data.registry import get_benchmark
+from pacx.data.stage3 import SplitsDataModule
 
 log = logging.getLogger(__name__)
 

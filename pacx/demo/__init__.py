@@ -3,15 +3,16 @@
     python -m pacx.demo --out demo_runs [--quick] [--no-progress]
 
 A pipeline of named steps (:mod:`pacx.demo.steps`) run in order: generate the phantom
-(:mod:`pacx.data.phantom`) → Stage 1 MAE → the demo teachers (the paper's Labs DAE; ECGFounder
+(:mod:`pacx.demo.phantom`) → Stage 1 MAE → the demo teachers (the paper's Labs DAE; ECGFounder
 ``demo_small`` pretrained by self-supervision on the phantom ECGs) → teacher features → Stage 2 PaCX
 distillation → exports → Stage 3 (random | MAE | PaCX-MAE on the physiology, nodule and lung tasks,
 seeds, the 1 % regime) → alignment probe → figures → the paper-style table (``table.json``) → the static
 report ``report.html`` (:mod:`pacx.eval.report`).
 
-Every stage runs through its ``Stage*.py`` CLI with a ``configs/demo/*.yaml``, the scripts through their
-``main``: no private code path. Each step skips itself when its output is already complete, so an
-interrupted demo continues where it stopped (a half-finished training run resumes from ``last.ckpt``).
+Every stage runs through its ``Stage*.py`` CLI (the teachers through ``python -m pacx.teachers``) with a
+``configs/demo/*.yaml``, the scripts through their ``main``: no private code path. Each step skips itself
+when its output is already complete, so an interrupted demo continues where it stopped (a half-finished
+training run resumes from ``last.ckpt``).
 ``--quick`` runs the same steps on the ``quick`` phantom with fewer epochs and seeds. Each step logs
 ``[i/n] <step>`` as it starts and ends; inside it the usual bars (:mod:`pacx.progress`) show on a terminal,
 the Lightning ones as each config says, and none with ``--no-progress``.
@@ -110,10 +111,14 @@ def run_completed(run_dir: Path) -> bool:
     return info.is_file() and json.loads(info.read_text()).get("status") == "completed"
 
 
-def stage_args(ctx: DemoContext, config: str, run_dir: Path, *overrides: str, epochs: int | None = None) -> list[str]:
-    """Arguments of a Stage CLI ``fit``; resumes from ``last.ckpt`` when an earlier try left one."""
-    args = ["fit", "--config", str(ctx.configs / "demo" / config), "--trainer.default_root_dir", str(run_dir),
-            "--seed_everything", str(ctx.seed), "--wandb", ctx.wandb, *overrides]
+def stage_args(ctx: DemoContext, config: str | tuple[str, ...], run_dir: Path, *overrides: str,
+               epochs: int | None = None) -> list[str]:
+    """Arguments of a Stage CLI ``fit`` (``config``: one file under ``configs/demo`` or several, stacked in order);
+    resumes from ``last.ckpt`` when an earlier try left one."""
+    configs = (config,) if isinstance(config, str) else config
+    args = ["fit", *(a for c in configs for a in ("--config", str(ctx.configs / "demo" / c))),
+            "--trainer.default_root_dir", str(run_dir), "--seed_everything", str(ctx.seed), "--wandb", ctx.wandb,
+            *overrides]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
     if not progress_enabled():  # no terminal, or --no-progress: no Lightning bars either
@@ -124,7 +129,8 @@ def stage_args(ctx: DemoContext, config: str, run_dir: Path, *overrides: str, ep
 
 
 def run_stage(script: str, args: list[str]) -> None:
-    """``<script>.main(args)`` of a Stage entry point (``Stage1_MAE``, ``Stage2_PACX``, ``Stage3_eval``)."""
+    """``<script>.main(args)`` of a training entry point (``Stage1_MAE``, ``Stage2_PACX``, ``Stage3_eval``, the teachers'
+    ``pacx.teachers.train``)."""
     import importlib
 
     importlib.import_module(script).main(args)

@@ -30,7 +30,7 @@ class DemoTask:
     """One Stage 3 task of the demo: a phantom release converted by the benchmark's own converter."""
 
     benchmark: str
-    config: str  # configs/demo/<config>
+    config: tuple[str, ...]  # configs/demo/<config>, stacked in order (a base, then the task's override)
     image_root: str  # the image root under the release folder ("" = the release folder)
     kind: str  # physiology | finding | structure (what the task probes)
     fractions: bool  # run the low-data regime too
@@ -40,9 +40,9 @@ class DemoTask:
 TASKS: tuple[DemoTask, ...] = (
     # echo-derived composite label, like CheXchoNet's: the physiology-dense task. AUROC rather than the paper's
     # F1 at 0.5: a 28 %-prevalence label and a probe head make F1 mostly a threshold effect.
-    DemoTask("chexchonet", "stage3_chexchonet.yaml", "", "physiology", True, "test/auroc"),
-    DemoTask("tb", "stage3_tb.yaml", "", "finding", True),  # nodule present: a plain finding
-    DemoTask("covidqu_seg", "stage3_covidqu_seg.yaml", "Lung Segmentation Data/Lung Segmentation Data",
+    DemoTask("chexchonet", ("stage3_linear_probe.yaml", "stage3_chexchonet.yaml"), "", "physiology", True, "test/auroc"),
+    DemoTask("tb", ("stage3_linear_probe.yaml", "stage3_tb.yaml"), "", "finding", True),  # nodule present: a plain finding
+    DemoTask("covidqu_seg", ("stage3_covidqu_seg.yaml",), "Lung Segmentation Data/Lung Segmentation Data",
              "structure", False),  # lungs
 )
 BACKBONES = ("random", "mae", "pacx")
@@ -63,8 +63,8 @@ def run_script(ctx: DemoContext, name: str, argv: list[str]) -> int:
 
 @step("phantom", "generate the physiology phantom and convert its Stage 3 releases")
 def phantom(ctx: DemoContext) -> dict:
-    from pacx.data.phantom.generate import SUMMARY_FILE, generate_phantom
     from pacx.data.prepare import run_converter
+    from pacx.demo.phantom.generate import SUMMARY_FILE, generate_phantom
 
     if not (ctx.data / SUMMARY_FILE).is_file():
         generate_phantom(ctx.data, seed=ctx.seed, sizes=ctx.scale.phantom, overwrite=True)
@@ -109,7 +109,7 @@ def export_stage1(ctx: DemoContext) -> dict:
 def labs_dae(ctx: DemoContext) -> dict:
     run_dir = ctx.out / "labs_dae"
     if not run_completed(run_dir):
-        run_stage("Stage2_PACX", stage_args(ctx, "labs_dae.yaml", run_dir, "--data.root", str(ctx.symile),
+        run_stage("pacx.teachers.train", stage_args(ctx, "labs_dae.yaml", run_dir, "--data.root", str(ctx.symile),
                                             epochs=ctx.scale.labs_dae_epochs))
     return {"run_dir": str(run_dir)}
 
@@ -120,7 +120,7 @@ def ecg_teacher(ctx: DemoContext) -> dict:
 
     run_dir = ctx.out / "ecg_teacher"
     if not run_completed(run_dir):
-        run_stage("Stage2_PACX", stage_args(ctx, "ecg_teacher.yaml", run_dir, "--data.root", str(ctx.symile),
+        run_stage("pacx.teachers.train", stage_args(ctx, "ecg_teacher.yaml", run_dir, "--data.root", str(ctx.symile),
                                             epochs=ctx.scale.ecg_teacher_epochs))
     out = ctx.exports / "ecg_teacher.safetensors"
     if not out.is_file():

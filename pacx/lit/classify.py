@@ -10,15 +10,16 @@ losses and metrics are small registries keyed by task (no branching on benchmark
 * multiclass: CrossEntropy; one-vs-rest macro AUROC on softmax, macro metrics on argmax. Multi-output
   metrics are logged as ``{split}/auroc_macro`` … ; selection on ``val/auroc_macro`` (max).
 
-Modes: ``linear_probe`` freezes the backbone and keeps it in eval mode while training; ``finetune`` trains
-it at ``backbone_lr_scale`` (0.1) × lr. A linear probe by default trains on cached features
+Modes (:func:`pacx.models.tuning.apply_tuning`): ``linear_probe`` freezes the backbone and keeps it in eval
+mode while training; ``finetune`` trains it at ``backbone_lr_scale`` (0.1) × lr. A linear probe by default trains on cached features
 (:mod:`pacx.data.feature_cache`): each split's CLS features are computed once with the deterministic
 evaluation transform, and the head trains on them; same head, loss, metrics and results row.
 ``feature_cache`` (:data:`FEATURE_CACHE_MODES`): ``flip`` (the default) also stores the train images' flipped
 features and draws the reference's train flip per sample and epoch from the same seeded stream as the image
 path; ``plain`` caches without the flip; ``false`` runs the backbone every epoch, as the reference does.
-``predict`` returns the CLS feature of each image (embeddings for ``Stage3_eval.py predict``). AdamW over four
-groups (head decay / head no-decay / backbone decay / backbone no-decay; no decay on biases, norms and tokens).
+``predict`` returns the CLS feature of each image (embeddings for ``Stage3_eval.py predict``). The shared AdamW
+(:meth:`pacx.lit.common.StagedModule.configure_optimizers`) over four groups (:meth:`param_groups`: head decay /
+head no-decay / backbone decay / backbone no-decay; no decay on biases, norms and tokens).
 
 Schedule difference from the reference: it steps a LambdaLR once per epoch (warmup (e+1)/warmup, then a
 half cosine over the remaining epochs that never reaches 0 on the last epoch). Here the same warmup + cosine
@@ -34,7 +35,6 @@ cached (``feature_cache``) and whether training saw the flip (``train_flip``), e
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -56,7 +56,8 @@ from pacx.data.registry import get_benchmark
 from pacx.lit.common import BenchmarkEvalModule
 from pacx.models.backbones import BackboneConfig
 from pacx.models.heads import FeatureNorm
-from pacx.optim import param_groups, schedule_lengths, warmup_cosine_scheduler
+from pacx.models.tuning import apply_tuning
+from pacx.optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,7 @@ class ClassificationModule(BenchmarkEvalModule):
         self.cache_mode = None if self.backbone_trains else FEATURE_CACHE_MODES[feature_cache]
         self.uses_feature_cache = self.cache_mode is not None
         self.features_served = False  # set once the data module yields cached features
-        self.backbone.requires_grad_(False)
-        if self.backbone_trains:
-            for name, p in self.backbone.named_parameters():
-                p.requires_grad_(name != "pos_embed")  # the sin-cos positions stay fixed
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        log.info("%s: %s of %s parameters trainable", mode, f"{trainable:,}", f"{total:,}")
+        apply_tuning(self.backbone, mode)  # finetune: all but the fixed sin-cos positions train
         metrics = MetricCollection(METRICS[task](self.spec.num_outputs))
         for split in ("train", "val", "test"):  # one clone per split, e.g. self.val_metrics
             setattr(self, f"{split}_metrics", metrics.clone(prefix=f"{split}/"))
@@ -258,8 +253,7 @@ class ClassificationModule(BenchmarkEvalModule):
         inputs, target = batch  # images [B, 3, H, W], or cached features [B, D]
         logits = self.head(inputs) if self.features_served else self(inputs)
         loss = self.loss_fn(logits, target)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=inputs.shape[0],
-                 on_step=stage == "train", on_epoch=True)
+        self.log_stage(stage, {"loss": loss}, inputs.shape[0])
         probs, labels = self.predict_fn(logits.detach().float(), target)
         getattr(self, f"{stage}_metrics").update(probs, labels)
         return loss
@@ -285,7 +279,7 @@ class ClassificationModule(BenchmarkEvalModule):
         """The backbone's CLS feature ``[B, D]`` (float32) of each image: embeddings for ``predict``."""
         return self.backbone(batch[0]).float()
 
-    def optimizer_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict]:
         """Four AdamW groups (docs/datasets.md#stage-3-settings); empty groups (the backbone's in LP) are left out."""
         h = self.hparams
         groups = []
@@ -294,18 +288,6 @@ class ClassificationModule(BenchmarkEvalModule):
                 suffix = "decay" if group["weight_decay"] else "no_decay"
                 groups.append({**group, "lr": lr, "name": f"{part}_{suffix}"})
         return groups
-
-    def configure_optimizers(self):
-        h = self.hparams
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
-        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        warmup, total = schedule_lengths(total, steps_per_epoch, h.warmup_epochs)
-        optimizer = torch.optim.AdamW(self.optimizer_groups(), lr=h.lr, betas=tuple(h.betas))
-        log.info("AdamW head lr %.4g, backbone lr %s, warmup %d of %d steps", h.lr,
-                 f"{h.lr * h.backbone_lr_scale:.4g}" if self.backbone_trains else "frozen", warmup, total)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- results row (BenchmarkEvalModule) ------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, debug marks, global batch, schedules."""
+"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, debug marks, global batch, the AdamW +
+warmup-cosine optimizer (with a :meth:`StagedModule.param_groups` hook) and stage-aware logging."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import fcntl
 import logging
 import math
 import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from pacx.checkpoint import CheckpointError, state_fingerprint
 from pacx.debug import debug_flags, describe, merge_flags
+from pacx.models.tuning import count_parameters
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
 from pacx.utils import git_sha
 
@@ -39,7 +42,9 @@ class StagedModule(pl.LightningModule):
     wrote them and of every run they were resumed from (:attr:`debug_flags`).
 
     Subclasses set ``stage`` and ``monitor`` (metric, mode) and implement :meth:`_shared_step` (train,
-    validation and test all go through it) and :meth:`pacx_metadata`.
+    validation and test all go through it; it logs with :meth:`log_stage`) and :meth:`pacx_metadata`. The
+    optimizer (:meth:`configure_optimizers`) reads the optimisation hyperparameters; subclasses that need other
+    groups than decay / no-decay override :meth:`param_groups`.
     """
 
     stage: str = "unknown"
@@ -83,31 +88,49 @@ class StagedModule(pl.LightningModule):
         check_checkpoint_stage(checkpoint, self.stage, "<checkpoint>")
         self._loaded_debug_flags = dict(checkpoint["pacx"].get("debug") or {})
 
-    def warmup_cosine_optimizer(
-        self, lr: float | None, base_lr: float | None, weight_decay: float, betas, warmup_epochs: float = 0.0,
-        min_lr_ratio: float = 0.0, warmup_steps: int | None = None, lr_interval: str = "step",
-    ) -> dict:
-        """AdamW over decay / no-decay groups with a warmup + cosine schedule; logs the lr.
+    def log_stage(self, stage: str, metrics: Mapping[str, torch.Tensor | float], batch_size: int,
+                  prog_bar: Collection[str] = ("loss",), on_step: bool | None = None) -> None:
+        """Log each of ``metrics`` as ``{stage}/{name}``: per step (``on_step``, default: in training) and per
+        epoch, synchronised across devices outside training, weighted by ``batch_size``; the names in
+        ``prog_bar`` also go to the progress bar."""
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in prog_bar,
+                     on_step=stage == "train" if on_step is None else on_step, on_epoch=True,
+                     sync_dist=stage != "train", batch_size=batch_size)
 
-        Warmup is ``warmup_epochs`` epochs, or exactly ``warmup_steps`` optimizer steps when given. The lr follows
-        the curve per optimizer step, or per epoch with ``lr_interval="epoch"``
-        (:func:`pacx.optim.warmup_cosine_scheduler`).
-        """
-        trainer = self.trainer
+    def param_groups(self) -> list[dict]:
+        """The AdamW parameter groups: by default decay / no-decay over the trainable parameters
+        (:func:`pacx.optim.param_groups`). A group may set its own ``lr``; others get the effective lr."""
+        return param_groups(self.named_parameters(), self.hparams.weight_decay)
+
+    def configure_optimizers(self) -> dict:
+        """AdamW over :meth:`param_groups` with a warmup + cosine schedule, from the hyperparameters: ``lr`` or
+        ``base_lr`` (:func:`pacx.optim.resolve_lr`), ``betas``, and warmup over ``warmup_epochs`` epochs or
+        exactly ``warmup_steps`` optimizer steps, cosine down to ``min_lr_ratio`` (default 0). The lr follows the
+        curve per optimizer step, or per epoch with ``lr_interval: epoch``
+        (:func:`pacx.optim.warmup_cosine_scheduler`)."""
+        h, trainer = self.hparams, self.trainer
         total = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
-        effective_lr = resolve_lr(lr, base_lr, global_batch_size(trainer))
-        self.effective_lr = effective_lr
+        self.effective_lr = resolve_lr(h.get("lr"), h.get("base_lr"), global_batch_size(trainer))
         steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        warmup, total = schedule_lengths(total, steps_per_epoch, warmup_epochs)
-        if warmup_steps is not None:
-            warmup = warmup_steps
-        optimizer = torch.optim.AdamW(
-            param_groups(self.named_parameters(), weight_decay), lr=effective_lr, betas=tuple(betas)
-        )
-        log.info("AdamW lr %.4g (global batch %d), warmup %d of %d steps, floor %.3g, updated per %s", effective_lr,
-                 global_batch_size(self.trainer), warmup, total, min_lr_ratio, lr_interval)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio, lr_interval, steps_per_epoch)
+        warmup, total = schedule_lengths(total, steps_per_epoch, h.get("warmup_epochs", 0.0))
+        if h.get("warmup_steps") is not None:
+            warmup = h.warmup_steps
+        min_lr_ratio, interval = h.get("min_lr_ratio", 0.0), h.get("lr_interval", "step")
+        groups = self.param_groups()
+        optimizer = torch.optim.AdamW(groups, lr=self.effective_lr, betas=tuple(h.betas))
+        trainable, all_params = count_parameters(self)
+        log.info("AdamW lr %.4g (global batch %d) over %s of %s parameters%s, warmup %d of %d steps, floor %.3g, "
+                 "updated per %s", self.effective_lr, global_batch_size(trainer), f"{trainable:,}", f"{all_params:,}",
+                 "".join(f"; {g['name']} lr {g['lr']:.4g}" for g in groups if "name" in g and "lr" in g),
+                 warmup, total, min_lr_ratio, interval)
+        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio, interval, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TeacherModule(StagedModule):
+    """Base of the teachers pacx trains itself (the Labs DAE, the demo ECG teacher): ``python -m pacx.teachers``
+    takes any subclass as ``model.class_path`` (:mod:`pacx.teachers.train`); ``Stage2_PACX.py`` trains PaCX only."""
 
 
 class BenchmarkEvalModule(StagedModule):

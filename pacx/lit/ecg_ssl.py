@@ -1,6 +1,6 @@
-"""ECG SSL LightningModule: the demo's ECG teacher, trained by ``Stage2_PACX.py`` (docs/method.md#teachers).
+"""ECG SSL LightningModule: the demo's ECG teacher, trained by ``python -m pacx.teachers`` (docs/method.md#teachers).
 
-    python Stage2_PACX.py fit --config configs/demo/ecg_teacher.yaml --data.root <data_npy>
+    python -m pacx.teachers fit --config configs/demo/ecg_teacher.yaml --data.root <data_npy>
     python scripts/export_ecg_teacher.py <run_dir> ecg_teacher.safetensors
 
 Trains :class:`~pacx.models.ecg_ssl.ECGContrastive` (an ECGFounder network by config name, view-contrastive
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import torch
 
-from pacx.lit.common import StagedModule
+from pacx.lit.common import TeacherModule
 from pacx.models.ecg_ssl import STAGE_ECG_SSL, ECGAugmentConfig, ECGContrastive
 from pacx.models.ecgfounder import preprocess_ecg
 
 _AUG = ECGAugmentConfig()  # the demo augmentation values, the defaults of the args below
 
 
-class ECGSSLModule(StagedModule):
+class ECGSSLModule(TeacherModule):
     """Args: ``arch``, an ECGFounder config name; the view augmentation (:class:`ECGAugmentConfig`:
     ``crop_samples``, ``scale_range``, ``noise_std``, ``wander_amp``, ``wander_hz``, ``lead_mask_prob``);
     the projection head widths and the InfoNCE ``temperature``; AdamW ``lr``, ``weight_decay``, ``betas``;
@@ -81,11 +81,5 @@ class ECGSSLModule(StagedModule):
         x = self.preprocess(batch[0])  # batch: (raw ecg [B, 1, 5000, 12], row index [B])
         gen = None if stage == "train" else torch.Generator().manual_seed(batch_idx)
         terms = self.model.forward_loss(x, gen)
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "view_top1"), on_step=stage == "train",
-                     on_epoch=True, sync_dist=stage != "train", batch_size=x.shape[0])
+        self.log_stage(stage, terms, x.shape[0], prog_bar=("loss", "view_top1"))
         return terms["loss"]
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return self.warmup_cosine_optimizer(h.lr, None, h.weight_decay, h.betas, warmup_steps=h.warmup_steps)

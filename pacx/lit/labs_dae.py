@@ -1,4 +1,4 @@
-"""Labs DAE LightningModule (docs/method.md#teachers; docs/datasets.md#teacher-features), run by ``Stage2_PACX.py``.
+"""Labs DAE LightningModule (docs/method.md#teachers; docs/datasets.md#teacher-features), trained by ``python -m pacx.teachers``.
 
 Trains :class:`~pacx.models.labs_dae.LabsDAE` with masked corruption and the MSE over observed entries.
 Logged per split (``train/``, ``val/``):
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from pacx.lit.common import StagedModule
+from pacx.lit.common import TeacherModule
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig, corrupt, labs_dae_config_dict, masked_mse
 
 STAGE_LABS_DAE = "labs_dae"
 
 
-class LabsDAEModule(StagedModule):
+class LabsDAEModule(TeacherModule):
     """Args: widths of the DAE; ``drop_prob`` of the corruption; AdamW ``lr``, ``weight_decay``, ``betas``;
     ``warmup_steps`` of linear warmup, then cosine to 0 per optimizer step."""
 
@@ -64,11 +64,5 @@ class LabsDAEModule(StagedModule):
                 "impute_mse": masked_mse(recon, values, hidden),
                 "latent_std": z.float().std(dim=0).mean(),
             }
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=stage == "train", on_epoch=True,
-                     sync_dist=stage != "train", batch_size=values.shape[0])
+        self.log_stage(stage, terms, values.shape[0])
         return loss
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return self.warmup_cosine_optimizer(h.lr, None, h.weight_decay, h.betas, warmup_steps=h.warmup_steps)

@@ -1,10 +1,10 @@
 """Stage 1 LightningModule: MAE pretraining (docs/method.md#stage-1, docs/datasets.md#chexpert).
 
-Wires the plain :class:`~pacx.models.mae.MaskedAutoencoderViT` to an AdamW + per-step warmup/cosine
-schedule. Unlike the reference code, the configured ``mask_ratio`` really reaches the model (the
-reference silently trained at the forward's default 0.75; ``configs/stage1/*_ratio075.yaml``
-reproduces that). Validation masks with noise seeded by batch index so ``val/loss`` is comparable
-across epochs.
+Wires the plain :class:`~pacx.models.mae.MaskedAutoencoderViT` to the shared AdamW + per-step warmup/cosine
+schedule (:meth:`pacx.lit.common.StagedModule.configure_optimizers`, decay / no-decay groups). Unlike the
+reference code, the configured ``mask_ratio`` really reaches the model (the reference silently trained at the
+forward's default 0.75; ``configs/stage1/*_ratio075.yaml`` reproduces that). Validation masks with noise
+seeded by batch index so ``val/loss`` is comparable across epochs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from pacx.checkpoint import load_state_checked
-from pacx.constants import STAGE_MAE
+from pacx.constants import MAE_MASK_RATIO, STAGE_MAE
 from pacx.lit.common import StagedModule
 from pacx.models.mae import create_mae, decoder_config_dict, is_decoder_key, patchify, unpatchify
 
@@ -28,7 +28,7 @@ class MAEModule(StagedModule):
     Args:
         arch: named MAE variant (``pacx.models.mae.MAE_ARCHS``), e.g. ``mae_vit_base_patch16``.
         img_size / patch_size: input resolution and patch (``None`` = the variant's patch).
-        mask_ratio: fraction of patches removed (paper 0.90).
+        mask_ratio: fraction of patches removed (default: the paper's, :data:`pacx.constants.MAE_MASK_RATIO`).
         norm_pix_loss: regress per-patch normalised pixels.
         lr / base_lr: absolute lr, or base lr scaled by global batch / 256 (give exactly one).
         weight_decay, betas: AdamW settings (no decay on biases, norms and tokens).
@@ -46,7 +46,7 @@ class MAEModule(StagedModule):
         arch: str = "mae_vit_base_patch16",
         img_size: int = 224,
         patch_size: int | None = None,
-        mask_ratio: float = 0.9,
+        mask_ratio: float = MAE_MASK_RATIO,
         norm_pix_loss: bool = False,
         lr: float | None = 1.5e-4,
         base_lr: float | None = None,
@@ -84,14 +84,8 @@ class MAEModule(StagedModule):
             gen = torch.Generator().manual_seed(batch_idx)
             noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=gen).to(imgs.device)
         loss, _, _ = self.model(imgs, mask_ratio=self.hparams.mask_ratio, noise=noise)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train", batch_size=imgs.shape[0],
-                 on_step=stage == "train", on_epoch=True)
+        self.log_stage(stage, {"loss": loss}, imgs.shape[0])
         return loss
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs, 0.0,
-                                            lr_interval=h.get("lr_interval", "step"))
 
     def on_train_start(self) -> None:
         for logger in self.loggers:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacx.checkpoint import CheckpointError
-from pacx.constants import STAGE_PACX
+from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
 from pacx.lit.common import StagedModule
 from pacx.lit.health import LearningHealth
@@ -103,10 +103,10 @@ class PaCXModule(StagedModule):
         img_size: int = 224,
         norm_eps: float = 1e-6,
         tuning: Literal["lora", "last_n_blocks", "full"] = "lora",
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.1,
-        lora_targets: tuple[str, ...] = ("qkv", "fc1", "fc2"),
+        lora_r: int = LORA_R,
+        lora_alpha: int = LORA_ALPHA,
+        lora_dropout: float = LORA_DROPOUT,
+        lora_targets: tuple[str, ...] = LORA_TARGETS,
         last_n_blocks: int = 4,
         trainable_norms: Literal["all", "final", "none"] = "all",
         teachers: list[str] | None = None,
@@ -242,9 +242,7 @@ class PaCXModule(StagedModule):
     def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         e, terms = self.loss_terms(batch)
         bs = e["cxr_feat"].shape[0]
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=stage == "train", on_epoch=True,
-                     sync_dist=stage != "train", batch_size=bs)
+        self.log_stage(stage, terms, bs)
         if stage != "train":
             self._log_diagnostics(e, stage, bs)
             self._val_outputs.append({"cxr": e["cxr_shared"].detach(),
@@ -280,8 +278,7 @@ class PaCXModule(StagedModule):
             stats[f"reg_cos_{t}"] = F.cosine_similarity(e["pred"][t].float(), e["target"][t].float()).mean()
             stats[f"{t}_norm"] = shared.norm(dim=-1).mean()
             stats[f"{t}_std"] = shared.float().std(0).mean()
-        for name, value in stats.items():
-            self.log(f"{stage}/{name}", value, on_epoch=True, sync_dist=True, batch_size=bs)
+        self.log_stage(stage, stats, bs, prog_bar=())  # validation and test only: per epoch, synchronised
 
     def on_validation_epoch_start(self) -> None:
         self._val_outputs.clear()
@@ -298,14 +295,6 @@ class PaCXModule(StagedModule):
         for t in self.teacher_names:
             for k, v in retrieval_topk(cat["cxr"], cat[t]).items():
                 self.log(f"val/split_top{k}_cxr_{t}", v, rank_zero_only=True)
-
-    def configure_optimizers(self):
-        h = self.hparams
-        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        log.info("Stage 2 trains %s parameters (%d tensors)", f"{sum(p.numel() for _, p in trainable):,}",
-                 len(trainable))
-        return self.warmup_cosine_optimizer(h.lr, h.base_lr, h.weight_decay, h.betas, h.warmup_epochs,
-                                            h.min_lr_ratio, lr_interval=h.get("lr_interval", "step"))
 
 
 def translate_teacher_args(

@@ -12,7 +12,8 @@ Dice = (2I + 1e-6) / (|P| + |G| + 1e-6), IoU = (I + 1e-6) / (|P| + |G| − I + 1
 ``{split}/dice``, ``{split}/iou`` with the batch size, so the epoch value is Lightning's batch-size-weighted
 mean of the batch scores (not per-image, not pooled). Selection on ``val/dice`` (max).
 
-Optimizer: AdamW (lr 1e-4, wd 1e-4, betas (0.9, 0.999)) over the decoder. Schedule difference from the
+Optimizer: the shared AdamW (:meth:`pacx.lit.common.StagedModule.configure_optimizers`; lr 1e-4, wd 1e-4,
+betas (0.9, 0.999)) over one group, the decoder. Schedule difference from the
 reference (per-epoch LambdaLR, 5 warmup epochs then cosine): the same shape evaluated per optimizer step
 (:func:`pacx.optim.warmup_cosine_scheduler`). ``test`` appends a results row like the classification module.
 """
@@ -20,7 +21,6 @@ reference (per-epoch LambdaLR, 5 warmup epochs then cosine): the same shape eval
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from pacx.data.registry import get_benchmark
 from pacx.lit.common import BenchmarkEvalModule
 from pacx.models.backbones import BackboneConfig
 from pacx.models.seg_decoder import SegDecoder, tokens_to_map
-from pacx.optim import schedule_lengths, warmup_cosine_scheduler
+from pacx.models.tuning import apply_tuning
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,10 @@ class SegmentationModule(BenchmarkEvalModule):
             raise ValueError(f"{benchmark}: task {self.spec.task!r} is not segmentation")
         self.monitor = ("val/dice", "max")  # per instance: the CLI's checkpoint callback reads it (docs/datasets.md#segmentation)
         self.init_backbone(backbone)
-        self.backbone.requires_grad_(False)
+        apply_tuning(self.backbone, "linear_probe")
         self.backbone.eval()
         self.decoder = SegDecoder(self.backbone.embed_dim, self.backbone.cfg.patch_size, decoder_width)
         self.loss_fn = SegmentationLoss(bce_weight, dice_weight)
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        log.info("segmentation (frozen backbone): %s of %s parameters trainable", f"{trainable:,}", f"{total:,}")
 
     @property
     def eval_mode(self) -> str:
@@ -130,23 +127,12 @@ class SegmentationModule(BenchmarkEvalModule):
         logits = self(images).float()
         terms = self.loss_fn(logits, masks)
         bs = images.shape[0]
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", sync_dist=stage != "train", batch_size=bs,
-                     on_step=stage == "train", on_epoch=True)
+        self.log_stage(stage, terms, bs)
         dice, iou = dice_iou(logits.detach(), masks)
-        self.log(f"{stage}/dice", dice, on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=bs,
-                 prog_bar=True)
-        self.log(f"{stage}/iou", iou, on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=bs)
+        self.log_stage(stage, {"dice": dice, "iou": iou}, bs, prog_bar=("dice",), on_step=False)
         return terms["loss"]
 
-    def configure_optimizers(self):
-        h = self.hparams
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
-        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        warmup, total = schedule_lengths(total, steps_per_epoch, h.warmup_epochs)
-        params = [p for p in self.parameters() if p.requires_grad]  # the decoder only
-        optimizer = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
-        log.info("AdamW decoder lr %.4g wd %.3g, warmup %d of %d steps", h.lr, h.weight_decay, warmup, total)
-        scheduler = warmup_cosine_scheduler(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def param_groups(self) -> list[dict]:
+        """One AdamW group: the decoder, every parameter decayed (biases and norms too, as the reference)."""
+        decoder = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": decoder, "weight_decay": self.hparams.weight_decay}]

@@ -266,7 +266,7 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
         check_not_debug(meta.get("debug"), f"checkpoint {path}")
     if stage != STAGE_ECG_SSL:
         raise CheckpointError(f"{path} is not an ECG SSL ({STAGE_ECG_SSL!r}) training checkpoint (its stage is "
-                              f"{stage!r}): export_ecg_teacher exports Stage2_PACX.py runs of pacx.lit.ecg_ssl")
+                              f"{stage!r}): export_ecg_teacher exports `python -m pacx.teachers` runs of pacx.lit.ecg_ssl")
     config = meta.get("ecgfounder_config")
     if config not in ECGFOUNDER_CONFIGS:
         raise CheckpointError(f"{path}: unknown ECGFounder config {config!r} (known: {sorted(ECGFOUNDER_CONFIGS)})")

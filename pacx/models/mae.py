@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from pacx.constants import MAE_MASK_RATIO
 from pacx.models.vit import (
     ViTConfig,
     ViTEncoder,
@@ -109,7 +110,7 @@ class MaskedAutoencoderViT(ViTEncoder):
     """ViT encoder + lightweight transformer decoder predicting the pixels of every patch."""
 
     def __init__(self, cfg: ViTConfig, dec: DecoderConfig = DecoderConfig(), norm_pix_loss: bool = False,
-                 mask_ratio: float = 0.9) -> None:
+                 mask_ratio: float = MAE_MASK_RATIO) -> None:
         super().__init__(cfg)
         self.dec = dec
         self.norm_pix_loss = norm_pix_loss
@@ -227,7 +228,7 @@ def create_mae(
     img_size: int = 224,
     patch_size: int | None = None,
     norm_pix_loss: bool = False,
-    mask_ratio: float = 0.9,
+    mask_ratio: float = MAE_MASK_RATIO,
     **encoder_overrides,
 ) -> MaskedAutoencoderViT:
     """Factory: ``create_mae("mae_vit_base_patch16")`` is the paper's ViT-B/16 MAE (decoder 512×8, 16 heads)."""

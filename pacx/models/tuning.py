@@ -1,8 +1,10 @@
-"""Which encoder parameters train in Stage 2, and LoRA merging (docs/method.md#stage-2).
+"""Which encoder parameters train in Stages 2 and 3, parameter counts, and LoRA merging (docs/method.md#stage-2).
 
-``apply_tuning(encoder, strategy, ...)`` is the one place that decides trainability:
+``apply_tuning(encoder, strategy, ...)`` is the one place that decides trainability (:data:`TUNING_STRATEGIES`):
 
-* ``lora`` (default): peft LoRA (r 8, alpha 16, dropout 0.1) on ``qkv``, ``fc1``, ``fc2``; the encoder
+* ``linear_probe``: everything is frozen (Stage 3 linear probes and the segmentation backbone).
+* ``finetune``: Stage 3's name for ``full``.
+* ``lora`` (default): peft LoRA (rank, alpha, dropout and targets default to the paper's, ``pacx.constants``); the encoder
   LayerNorms chosen by ``trainable_norms`` train; everything else is frozen. The wrapped encoder is a peft
   ``PeftModel``, so its state-dict keys (``base_model.model.…qkv.base_layer.weight``,
   ``…lora_A.default.weight``, ``…lora_B.default.weight``) are those of the authors' Stage 2 files.
@@ -14,7 +16,8 @@ encoder, the 2 per block and the final one), ``final`` (only the final LayerNorm
 LoRA run trained, since their name filter matched ``norm.`` but not ``norm1`` / ``norm2``) or ``none``. The
 other strategies train whole blocks, norms included, and take only ``all``.
 
-It logs trainable vs total parameters. :func:`merge_lora_state` folds LoRA into plain weights as a
+It logs trainable vs total parameters, counted by :func:`count_parameters` (the one count every module
+logs). :func:`merge_lora_state` folds LoRA into plain weights as a
 pure function on a state dict, ``W + (alpha / r) · B · A``, which is how exports and the authors'
 checkpoints become plain encoders.
 """
@@ -27,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +84,30 @@ def _full(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Seque
     return encoder
 
 
+def _linear_probe(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int,
+                  norms: str = "all") -> nn.Module:
+    return encoder.requires_grad_(False)
+
+
 TUNING_STRATEGIES: dict[str, Callable[..., nn.Module]] = {
+    "linear_probe": _linear_probe,
+    "finetune": _full,
     "lora": _lora,
     "last_n_blocks": _last_n_blocks,
     "full": _full,
 }
 
 
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) number of parameter elements of ``module``."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def apply_tuning(
-    encoder: nn.Module, strategy: str = "lora", lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.1,
-    lora_targets: Sequence[str] = ("qkv", "fc1", "fc2"), last_n_blocks: int = 4, trainable_norms: str = "all",
+    encoder: nn.Module, strategy: str = "lora", lora_r: int = LORA_R, lora_alpha: int = LORA_ALPHA,
+    lora_dropout: float = LORA_DROPOUT, lora_targets: Sequence[str] = LORA_TARGETS, last_n_blocks: int = 4,
+    trainable_norms: str = "all",
 ) -> nn.Module:
     """Set trainability by ``strategy`` (and, for LoRA, ``trainable_norms``); returns the (possibly
     peft-wrapped) encoder and logs the counts."""
@@ -101,8 +120,7 @@ def apply_tuning(
                          "blocks, their norms included (set trainable_norms: all)")
     model = TUNING_STRATEGIES[strategy](encoder, lora_r, lora_alpha, lora_dropout, lora_targets, last_n_blocks,
                                         trainable_norms)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)
     log.info("tuning %s (norms: %s): %s of %s encoder parameters trainable (%.2f %%)", strategy, trainable_norms,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model

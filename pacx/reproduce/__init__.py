@@ -26,11 +26,13 @@ A **plan** (YAML) is a dependency graph of nodes. Top-level keys:
 
 Node keys: ``name`` (an identifier), ``after`` (names of the nodes it needs), and either
 
-* ``stage: Stage1_MAE.py`` + ``config`` (+ ``args``, ``seed``, ``trainer`` to override the plan's):
+* ``stage: Stage1_MAE.py`` (or the teachers' ``pacx/teachers/train.py``) + ``config`` (+ ``args``, ``seed``,
+  ``trainer`` to override the plan's):
   runs ``<Stage>.main(["fit", "--config", config, "--trainer", fragment, "--trainer.default_root_dir",
-  run_dir, "--seed_everything", seed, *args])`` (``--ckpt_path last`` added when resuming); or
+  run_dir, "--seed_everything", seed, *args])`` (``--ckpt_path last`` added when resuming); ``config`` may be
+  a list, stacked in order (a Stage 3 mode's base, then the benchmark's override); or
 * ``script: [argv...]`` (+ ``args``, ``stdout``): runs ``<python> argv...`` from the repository root
-  (``[scripts/make_tables.py, ...]``, ``[-m, pacx.data.phantom, ...]``); ``stdout`` is a file for its
+  (``[scripts/make_tables.py, ...]``, ``[-m, pacx.demo.phantom, ...]``); ``stdout`` is a file for its
   standard output.
 
 and optionally ``resources`` (overrides ``slurm.defaults``), ``sbatch_args``, ``run_dir`` (default

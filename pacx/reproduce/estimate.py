@@ -14,7 +14,7 @@ which says how many images the point pushes through the GPU and at which rate:
 
 * Stage 1 MAE (``stage1``): ``trainer.max_epochs`` × CheXpert train images (× ``data.fraction``). A rate
   measured at another mask ratio, architecture or image size is rescaled by the analytic MAE FLOPs
-  (:func:`pacx.benchmark.mae_forward_flops`) and the note says so.
+  (:func:`pacx.perf.train.mae_forward_flops`) and the note says so.
 * Stage 2 PaCX (``stage2_<tuning>``: ``stage2_lora``, ``stage2_full``): epochs × Symile train rows.
 * Stage 3 linear probe with the feature cache (``probe_features``, a frozen-encoder forward): one pass over
   the train split (twice with the flip-aware cache: image and flipped image), the validation and the test
@@ -200,9 +200,9 @@ def _mae_flops_scale(arch: str, img_size: int, mask_ratio: float) -> Callable[[M
         wanted = {"arch": arch, "img_size": img_size, "mask_ratio": mask_ratio}
         if measured == wanted:
             return 1.0, ""
-        from pacx.benchmark import mae_forward_flops
         from pacx.models.mae import MAE_ARCHS
         from pacx.models.vit import vit_config
+        from pacx.perf.train import mae_forward_flops
 
         def flops(arch: str, img_size: int, mask_ratio: float) -> int:
             vit_arch, dec = MAE_ARCHS[arch]
@@ -224,7 +224,8 @@ def _mae_work(s: Mapping[str, object]) -> Work:
     if _need(s, "data.frontal_only"):
         return Work("stage1", None, "CheXpert frontal-only: size unknown (the frontal count is not documented)")
     train = round(CHEXPERT_SPLIT_SIZES["train"] * float(_need(s, "data.fraction")))  # as DataFrame.sample(frac=)
-    scale = _mae_flops_scale(str(_need(s, "model.arch")), int(_need(s, "model.img_size")),
+    # the image size is set once, as data.img_size (the CLI links it to the model's)
+    scale = _mae_flops_scale(str(_need(s, "model.arch")), int(_need(s, "data.img_size")),
                              float(_need(s, "model.mask_ratio")))
     return Work("stage1", epochs * train, rate_scale=scale)
 
@@ -241,7 +242,7 @@ def _pacx_work(s: Mapping[str, object]) -> Work:
     if train is None:
         return Work(key, None, f"Symile split {s['data.train_split']!r}: size unknown")
     return Work(key, _epochs(s) * train,
-                rate_scale=_same_config(arch=_need(s, "model.encoder_arch"), img_size=_need(s, "model.img_size")))
+                rate_scale=_same_config(arch=_need(s, "model.encoder_arch"), img_size=_need(s, "data.img_size")))
 
 
 def _labs_dae_work(s: Mapping[str, object]) -> Work:
@@ -305,7 +306,7 @@ COST_MODELS: dict[str, Callable[[Mapping[str, object]], Work]] = {
 def _stage_module_class(stage: str) -> str:
     """The LightningModule a Stage script builds when its config names no ``model.class_path``: the first argument
     of the script's ``cli_main(...)`` call, read from its source (importing it would need the whole CLI stack)."""
-    tree = ast.parse((REPO / f"{stage}.py").read_text())
+    tree = ast.parse((REPO / f"{stage.replace('.', '/')}.py").read_text())
     imported = {alias.asname or alias.name: f"{node.module}.{alias.name}" for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) for alias in node.names}
     for node in ast.walk(tree):

@@ -289,7 +289,10 @@ def _stage_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, s
     """The Stage CLI ``fit`` arguments of one point (``--ckpt_path`` is decided when it runs)."""
     trainer = raw["trainer"] if "trainer" in raw else ctx.trainer
     argv = ["fit"]
-    for config in (raw["config"], *ctx.profile_configs.get(raw["name"], ())):  # the profile's stacked after
+    # a node's config is one file or a list stacked in order (a mode's base, then the benchmark's override);
+    # the profile's overrides stack after them
+    configs = raw["config"] if isinstance(raw["config"], list) else [raw["config"]]
+    for config in (*configs, *ctx.profile_configs.get(raw["name"], ())):
         path = repo_path(substitute(config, base, where))
         if not path.is_file():
             raise PlanError(f"{where}: config file not found: {path}")
@@ -342,7 +345,9 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
         script = repo_path(str(raw["stage"]))
         if script.suffix != ".py" or not script.is_file():
             raise PlanError(f"{where}: stage script not found: {script} (e.g. Stage1_MAE.py)")
-        target = script.stem
+        parts = script.resolve().with_suffix("").parts
+        root = REPO.resolve().parts  # the module to import: Stage1_MAE, pacx.teachers.train
+        target = ".".join(parts[len(root):]) if parts[:len(root)] == root else script.stem
     else:
         _str_list(where, raw["script"], "script")
         if not raw["script"]:

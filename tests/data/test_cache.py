@@ -28,8 +28,8 @@ from pacx.data.batched import (
 from pacx.data.cache import CachedImageDataset, CacheError, ImageCache, build_image_cache
 from pacx.data.images import DECODER_VERSION
 from pacx.data.manifest import ImageManifestDataset
-from pacx.data.synthetic.chexpert import write_chexpert_release
 from pacx.data.transforms import TRANSFORMS, build_transform, resize_eval
+from pacx.testing.chexpert import write_chexpert_release
 from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pacx.data.benchmarks.medmod import OverlapPolicyError, prepare_medmod_phys
+from pacx.data.converters.medmod import OverlapPolicyError, prepare_medmod_phys
 from pacx.data.leakage import (
     LeakageError,
     check_stage3_overlap,
@@ -25,8 +25,8 @@ from pacx.data.leakage import (
     write_admissions,
 )
 from pacx.data.registry import BENCHMARKS
-from pacx.data.synthetic.benchmarks import write_medmod_pipeline
-from pacx.data.synthetic.symile import write_symile_release
+from pacx.testing.benchmarks import write_medmod_pipeline
+from pacx.testing.symile import write_symile_release
 from tests.helpers import PAPER_STAGE2, load_script, stage2_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def test_check_overlap_counts_a_planted_overlap(tmp_path, pair, capsys):
 
 
 def load_script_release(name: str, tmp_path: Path) -> Path:
-    from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+    from pacx.testing.benchmarks import RELEASE_WRITERS
 
     return RELEASE_WRITERS[name](tmp_path / f"raw_{name}", 0)
 

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pacx.data.benchmark_dm import BenchmarkDataModule
 from pacx.data.manifest import ImageManifestDataset, ManifestError, clean_labels
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
+from pacx.data.stage3 import BenchmarkDataModule
 from pacx.data.symile_files import SymileFileError, validate_split
-from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+from pacx.testing.benchmarks import RELEASE_WRITERS
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_stage1_empty_train_csv_fails_naming_it(chexpert_release, tmp_path):
 @pytest.mark.bad_input
 def test_empty_symile_split_is_an_error_naming_the_file(tmp_path):
     """Symile-MIMIC split whose arrays have N = 0 → SymileFileError naming the file."""
-    from pacx.data.synthetic.symile import write_symile_release
+    from pacx.testing.symile import write_symile_release
 
     root = write_symile_release(tmp_path / "data_npy", n_train=4, n_val=10, n_test_queries=10, cxr_size=16)
     for path in (root / "train").glob("*.npy"):

@@ -25,8 +25,8 @@ from pacx.data.symile_files import (
     first_bad_row,
     validate_split,
 )
-from pacx.data.synthetic.symile import ecg_beat_model, minmax_scale, write_symile_release
 from pacx.teachers import TEACHERS
+from pacx.testing.symile import ecg_beat_model, minmax_scale, write_symile_release
 
 N_TRAIN, N_VAL, N_TEST, N_CAND, CXR = 24, 12, 10, 10, 32
 

@@ -16,11 +16,11 @@ import torch
 from pacx.checkpoint import CheckpointError
 from pacx.data.symile import ITEMS, RAW_TEACHERS_ITEM, SymileMIMICDataModule, build_cxr_transform, uses_cxr
 from pacx.data.symile_files import ValidationCache
-from pacx.data.synthetic.symile import write_symile_release
 from pacx.data.teacher_features import OnTheFlyTeachers
 from pacx.models.ecgfounder import create_ecgfounder
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig
 from pacx.teachers import extract_teacher_features, load_teachers
+from pacx.testing.symile import write_symile_release
 
 ECG_DIM, LABS_DIM = 128, 16  # demo_small's last width; the small DAE's latent
 SPLITS = ("train", "val")

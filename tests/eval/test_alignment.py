@@ -41,7 +41,7 @@ RNG = np.random.default_rng(0)
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    from pacx.data.synthetic.symile import write_symile_release
+    from pacx.testing.symile import write_symile_release
 
     return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=30, n_val=12,
                                 n_test_queries=10, cxr_size=40, write_teacher_features=True)

@@ -9,10 +9,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from pacx.data.benchmark_dm import BenchmarkDataModule
 from pacx.data.prepare import run_converter
-from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+from pacx.data.stage3 import BenchmarkDataModule
 from pacx.eval.ceiling import pixel_ceiling, split_pixels
+from pacx.testing.benchmarks import RELEASE_WRITERS
 from tests.helpers import load_script
 
 

@@ -199,7 +199,7 @@ def test_overlay_and_render_grid(tmp_path):
 
 
 def write_images(folder: Path, n: int = 3) -> list[Path]:
-    from pacx.data.synthetic.images import simple_cxr
+    from pacx.testing.images import simple_cxr
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

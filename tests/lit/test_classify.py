@@ -11,13 +11,13 @@ import pytorch_lightning as pl
 import torch
 
 from pacx.checkpoint import CheckpointError
-from pacx.data.benchmark_dm import BenchmarkDataModule
 from pacx.data.manifest import ManifestError
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS, INDEX_COLUMN
-from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+from pacx.data.stage3 import BenchmarkDataModule
 from pacx.lit.classify import ClassificationModule, metric_key
 from pacx.models.backbones import BackboneConfig, build_backbone
+from pacx.testing.benchmarks import RELEASE_WRITERS
 
 CLASSIFICATION = sorted(n for n, s in BENCHMARKS.items() if s.task != "segmentation" and n in RELEASE_WRITERS)
 MULTICLASS = sorted(n for n in CLASSIFICATION if BENCHMARKS[n].task == "multiclass")
@@ -42,9 +42,18 @@ def prepared(tmp_path_factory):
     return get
 
 
+def stage3_configs(name: str) -> list[str]:
+    """``--config`` arguments of a benchmark: its mode's base, then its override where it has one (the
+    benchmarks without a paper config run the base with ``--data.benchmark``)."""
+    stage3 = Path(__file__).resolve().parents[2] / "configs/stage3"
+    base, folder = ("segmentation", "seg") if BENCHMARKS[name].task == "segmentation" else ("linear_probe", "lp")
+    configs = [stage3 / f"{base}.yaml", stage3 / folder / f"{name}.yaml"]
+    return [arg for path in configs if path.is_file() for arg in ("--config", str(path))]
+
+
 def stage3_args(name: str, raw: Path, manifests: Path, run_dir: Path, weights: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--config", str(Path(__file__).resolve().parents[2] / "configs/stage3" / f"{name}.yaml"),
+        "fit", *stage3_configs(name),
         "--data.benchmark", name,
         "--model.backbone.kind", "weights", "--model.backbone.weights", str(weights),
         "--model.backbone.arch", "vit_test", "--data.img_size", "32",
@@ -63,11 +72,7 @@ def test_fit_then_test_appends_results(name, prepared, stage1_run, tmp_path, rep
     raw, manifests = prepared(name)
     spec = BENCHMARKS[name]
     run_dir = tmp_path / "run"
-    config = repo / "configs/stage3" / f"{name}.yaml"
-    args = stage3_args(name, raw, manifests, run_dir, stage1_run)
-    if not config.is_file():  # benchmarks without a paper config use a paper one with the benchmark overridden
-        args[2] = str(repo / "configs/stage3/tb.yaml")
-    cli = main(args)
+    cli = main(stage3_args(name, raw, manifests, run_dir, stage1_run))
     assert cli.model.monitor == (metric_key(spec, "val", "auroc"), "max")
     metrics = pd.read_csv(run_dir / "metrics.csv")
     key = metric_key(spec, "test")
@@ -79,20 +84,6 @@ def test_fit_then_test_appends_results(name, prepared, stage1_run, tmp_path, rep
     assert row["benchmark"] == name and row["backbone_kind"] == "weights" and row["mode"] == "linear_probe"
     assert row["metric_value"] == pytest.approx(row[key])
     assert row["train_fraction"] == 1.0 and str(row["backbone_weights"]) == str(stage1_run)
-
-
-def test_paper_configs_use_the_spec_lp_settings(repo):
-    import yaml
-
-    for path in sorted((repo / "configs/stage3").glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text())
-        model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
-        assert cfg["model"]["class_path"] == "pacx.lit.classify.ClassificationModule", path
-        spec = BENCHMARKS[data["benchmark"]]
-        assert data["batch_size"] == spec.lp_batch_size, path
-        assert model["lr"] == pytest.approx(spec.lp_lr), path
-        assert cfg["trainer"]["max_epochs"] == 40 and cfg["seed_everything"] == 42
-        assert model["mode"] == "linear_probe" and model["weight_decay"] == 0.01
 
 
 def _datamodule(name, prepared, **kwargs) -> BenchmarkDataModule:
@@ -120,12 +111,12 @@ def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run
     assert len(modes) > 2 and not any(modes)
     assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
     assert not torch.equal(head_before, module.head.weight)
-    assert {g["name"] for g in module.optimizer_groups()} == {"head_decay", "head_no_decay"}
+    assert {g["name"] for g in module.param_groups()} == {"head_decay", "head_no_decay"}
 
 
 def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run, tmp_path):
     module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="finetune", lr=1e-2)
-    groups = {g["name"]: g for g in module.optimizer_groups()}
+    groups = {g["name"]: g for g in module.param_groups()}
     assert set(groups) == {"head_decay", "head_no_decay", "backbone_decay", "backbone_no_decay"}
     assert groups["head_decay"]["lr"] == pytest.approx(1e-2)
     assert groups["backbone_decay"]["lr"] == pytest.approx(1e-3)
@@ -196,7 +187,7 @@ def test_head_norm_standardises_features_before_the_linear_head(stage1_run):
     module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), head_norm=True)
     norm, linear = module.head
     assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and not list(norm.parameters())
-    assert {g["name"] for g in module.optimizer_groups()} == {"head_decay", "head_no_decay"}
+    assert {g["name"] for g in module.param_groups()} == {"head_decay", "head_no_decay"}
     norm.running_mean.copy_(torch.arange(32.0))
     norm.running_var.copy_(torch.full((32,), 4.0))
     module.eval()

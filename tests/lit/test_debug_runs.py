@@ -16,9 +16,9 @@ from safetensors import safe_open
 import pacx
 from pacx.data.prepare import run_converter
 from pacx.data.resumable import ResumableSampler, SeededDataset, derive_seed, train_loader
-from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
 from pacx.debug import DebugRunError, debug_flags
 from pacx.encoders import export_encoder
+from pacx.testing.benchmarks import RELEASE_WRITERS
 from tests.conftest import stage1_args
 from tests.helpers import stage2_args
 from tests.lit.test_classify import stage3_args
@@ -38,7 +38,7 @@ def _record(run) -> dict:
 
 @pytest.fixture(scope="module")
 def symile_root(tmp_path_factory):
-    from pacx.data.synthetic.symile import write_symile_release
+    from pacx.testing.symile import write_symile_release
 
     return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=16, n_val=10,
                                 n_test_queries=10, cxr_size=40, write_teacher_features=True)

@@ -1,4 +1,4 @@
-"""The demo ECG teacher: view augmentation, the InfoNCE objective, a Stage2_PACX.py fit with resume, the
+"""The demo ECG teacher: view augmentation, the InfoNCE objective, a ``python -m pacx.teachers`` fit with resume, the
 ECGFounder export (strict load, same features, refusal of other stages) and feature extraction with it."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pacx.models.ecg_ssl import (
     view_retrieval_top1,
 )
 from pacx.models.ecgfounder import create_ecgfounder, load_ecgfounder, preprocess_ecg
-from Stage2_PACX import main
+from pacx.teachers.train import main
 from tests.helpers import load_script
 
 CROP = 1024  # short views keep the CLI runs fast
@@ -33,7 +33,7 @@ QUIET = dict(scale_range=(1.0, 1.0), noise_std=0.0, wander_amp=0.0, lead_mask_pr
 
 @pytest.fixture(scope="module")
 def symile_root(tmp_path_factory):
-    from pacx.data.synthetic.symile import write_symile_release
+    from pacx.testing.symile import write_symile_release
 
     return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=N_TRAIN, n_val=N_VAL,
                                 n_test_queries=4, n_candidates=2, cxr_size=32)
@@ -138,7 +138,7 @@ def test_the_objective_learns_a_fixed_batch(symile_root):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-# ---- Stage2_PACX.py fit, resume, export --------------------------------------------------------------------
+# ---- pacx.teachers fit, resume, export ---------------------------------------------------------------------
 
 
 def test_fit_logs_metrics_writes_run_files_and_resumes(ssl_run):

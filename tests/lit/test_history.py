@@ -61,7 +61,7 @@ def test_validate_into_a_run_directory_leaves_training_logs_alone(tmp_path, chex
 def test_stage3_test_into_a_run_directory_keeps_the_training_metrics(tmp_path, stage1_run):
     """``Stage3_eval.py test`` into a finished run: its own test/metrics.csv, the training log untouched."""
     from pacx.data.prepare import run_converter
-    from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
+    from pacx.testing.benchmarks import RELEASE_WRITERS
     from Stage3_eval import main as stage3
     from tests.lit.test_classify import stage3_args
 

@@ -1,4 +1,4 @@
-"""The Labs DAE through Stage2_PACX.py: a short fit logs every metric; its run loads as the teacher."""
+"""The Labs DAE through ``python -m pacx.teachers``: a short fit logs every metric; its run loads as the teacher."""
 
 import pandas as pd
 import pytest
@@ -6,19 +6,19 @@ import torch
 
 from pacx.checkpoint import CheckpointError
 from pacx.models.labs_dae import load_labs_dae
-from Stage2_PACX import main
+from pacx.teachers.train import main
 
 
 @pytest.fixture(scope="module")
 def symile_root(tmp_path_factory):
-    from pacx.data.synthetic.symile import write_symile_release
+    from pacx.testing.symile import write_symile_release
 
     return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=48, n_val=16,
                                 n_test_queries=10, cxr_size=32)
 
 
 def _args(repo, run, root, *extra):
-    return ["fit", "--config", str(repo / "configs/stage2/labs_dae.yaml"), "--data.root", str(root),
+    return ["fit", "--config", str(repo / "configs/teachers/labs_dae.yaml"), "--data.root", str(root),
             "--trainer.default_root_dir", str(run), "--trainer.precision", "32", "--trainer.accelerator", "cpu",
             "--data.batch_size", "16", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--wandb", "disabled", *extra]

@@ -16,10 +16,10 @@ from pacx.data.manifest import ManifestError
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
 from pacx.data.seg_dataset import SegmentationDataset, paired_train_augment
-from pacx.data.synthetic.seg_benchmarks import SEG_RELEASE_WRITERS
 from pacx.lit.segment import dice_iou, soft_dice_loss
 from pacx.models.backbones import BackboneConfig
 from pacx.models.seg_decoder import SegDecoder, tokens_to_map
+from pacx.testing.seg_benchmarks import SEG_RELEASE_WRITERS
 
 SEGMENTATION = sorted(n for n, s in BENCHMARKS.items() if s.task == "segmentation")
 # CXL-Seg rows come from the split file, not a folder listing: drop rows whose files are missing
@@ -30,6 +30,7 @@ def test_every_segmentation_entry_has_a_writer_and_config(repo):
     for name in SEGMENTATION:
         assert name in SEG_RELEASE_WRITERS
         assert (repo / "configs/stage3/seg" / f"{name}.yaml").is_file()
+    assert (repo / "configs/stage3/segmentation.yaml").is_file()
 
 
 @pytest.mark.parametrize(("patch", "grid", "dim"), [(8, 4, 32), (16, 14, 64), (16, 2, 768)])
@@ -192,7 +193,8 @@ def test_fit_then_test_appends_results(name, stage1_run, tmp_path, repo):
     root = _image_root(raw, tmp_path / "manifests")
     run_dir = tmp_path / "run"
     cli = main([
-        "fit", "--config", str(repo / "configs/stage3/seg" / f"{name}.yaml"),
+        "fit", "--config", str(repo / "configs/stage3/segmentation.yaml"),
+        "--config", str(repo / "configs/stage3/seg" / f"{name}.yaml"),
         "--model.backbone.kind", "weights", "--model.backbone.weights", str(stage1_run),
         "--model.backbone.arch", "vit_test", "--data.img_size", "32",
         "--data.root", str(root), "--data.manifest_dir", str(tmp_path / "manifests"), "--data.batch_size", "8",

@@ -24,8 +24,8 @@ from pacx.data.feature_cache import (
 )
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
-from pacx.data.synthetic.benchmarks import RELEASE_WRITERS
 from pacx.data.transforms import resize_eval
+from pacx.testing.benchmarks import RELEASE_WRITERS
 from tests.lit.test_classify import stage3_args
 
 
@@ -118,8 +118,8 @@ def test_feature_cache_values_and_the_true_alias(stage1_run):
 def test_flip_features_follow_the_image_paths_draws(tb, stage1_run):
     """Seeded per sample as in training, the flip-aware dataset returns the flipped features exactly where the
     image transform flips the image."""
-    from pacx.data.benchmark_dm import BenchmarkDataModule
     from pacx.data.resumable import SeededDataset, derive_seed
+    from pacx.data.stage3 import BenchmarkDataModule
 
     raw, manifests = tb
     dm = BenchmarkDataModule("tb", str(raw), str(manifests), batch_size=4, num_workers=0, img_size=32)

@@ -1,4 +1,5 @@
-"""``trainable_norms``: exactly which encoder parameters train under LoRA for all / final / none, in
+"""``apply_tuning``: exactly which encoder parameters train under each strategy (``linear_probe``, ``finetune``,
+``lora``, ``last_n_blocks``, ``full``) and, for LoRA, each ``trainable_norms`` (all / final / none), in
 ``apply_tuning`` and in the Stage 2 module, and the configs that choose it."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from pacx.lit.pacx import PaCXModule
-from pacx.models.tuning import apply_tuning
+from pacx.models.tuning import TUNING_STRATEGIES, apply_tuning, count_parameters
 from pacx.models.vit import create_vit
 
 DEPTH = 2  # vit_test
@@ -21,6 +22,36 @@ def expected_trainable(norms: str) -> set[str]:
     final = {f"{prefix}norm.weight", f"{prefix}norm.bias"}
     blocks = {f"{prefix}blocks.{i}.{n}.{w}" for i in range(DEPTH) for n in ("norm1", "norm2") for w in ("weight", "bias")}
     return lora | {"all": final | blocks, "final": final, "none": set()}[norms]
+
+
+BLOCK_PARAMS = tuple(f"{m}.{w}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                     for w in ("weight", "bias"))
+FINAL_NORM = {"norm.weight", "norm.bias"}
+EVERYTHING_BUT_POSITIONS = ({"cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias"} | FINAL_NORM
+                            | {f"blocks.{i}.{n}" for i in range(DEPTH) for n in BLOCK_PARAMS})
+# strategy (with its options) -> the trainable parameter names of vit_test, written out by hand
+TRAINABLE_BY_STRATEGY = {
+    "linear_probe": ({}, set()),
+    "finetune": ({}, EVERYTHING_BUT_POSITIONS),
+    "lora": ({}, expected_trainable("all")),
+    "last_n_blocks": ({"last_n_blocks": 1}, FINAL_NORM | {f"blocks.1.{n}" for n in BLOCK_PARAMS}),
+    "full": ({}, EVERYTHING_BUT_POSITIONS),
+}
+
+
+def test_every_strategy_has_its_trainable_set():
+    assert set(TRAINABLE_BY_STRATEGY) == set(TUNING_STRATEGIES)
+
+
+@pytest.mark.parametrize("strategy", sorted(TRAINABLE_BY_STRATEGY))
+def test_each_strategy_trains_exactly_its_parameters(strategy):
+    options, expected = TRAINABLE_BY_STRATEGY[strategy]
+    encoder = create_vit("vit_test", img_size=32)
+    model = apply_tuning(encoder, strategy, **options)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    trainable, total = count_parameters(model)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in expected)
+    assert total == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("norms", ["all", "final", "none"])

@@ -1,4 +1,4 @@
-"""scripts/benchmark_train.py and pacx/benchmark.py: same-configuration HF twin, analytic FLOPs, CLI smoke run."""
+"""scripts/benchmark_train.py and pacx/perf/train.py: same-configuration HF twin, analytic FLOPs, CLI smoke run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pacx.benchmark import (
+from pacx.models.mae import MAE_ARCHS, create_mae
+from pacx.perf.train import (
     create_hf_twin,
     frozen_parameter_names,
     hf_key,
@@ -22,7 +23,6 @@ from pacx.benchmark import (
     pacx_loss,
     parameter_counts,
 )
-from pacx.models.mae import MAE_ARCHS, create_mae
 
 pytest.importorskip("transformers")
 

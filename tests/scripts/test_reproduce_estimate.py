@@ -88,9 +88,9 @@ def test_paper_plan_estimate(tmp_path, capsys):
 
 
 def test_authors_profile_rescales_stage1_by_analytic_flops(tmp_path, capsys):
-    from pacx.benchmark import mae_forward_flops
     from pacx.models.mae import MAE_ARCHS
     from pacx.models.vit import vit_config
+    from pacx.perf.train import mae_forward_flops
 
     table, est = _estimate(tmp_path, capsys, RATES, "--profile", "authors")
     vit, dec = MAE_ARCHS["mae_vit_base_patch16"]

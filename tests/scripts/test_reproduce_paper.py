@@ -176,8 +176,9 @@ def test_paper_grid_covers_benchmarks_backbones_fractions_seeds(tmp_path):
             seed = int(argv[argv.index("--seed_everything") + 1])
             assert seed == int(point.values["seed"])
             assert argv[argv.index("--model.backbone.kind") + 1] == kind
-            config = Path(argv[argv.index("--config") + 1])
-            assert config == REPO / "configs/stage3" / ("seg" if bench in SEGMENTATION else "") / f"{bench}.yaml"
+            configs = [Path(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
+            base, folder = ("segmentation", "seg") if bench in SEGMENTATION else ("linear_probe", "lp")
+            assert configs == [REPO / "configs/stage3" / f"{base}.yaml", REPO / "configs/stage3" / folder / f"{bench}.yaml"]
             assert argv[argv.index("--trainer.default_root_dir") + 1] == point.run_dir
             seen.add((bench, kind, fraction, seed))
     expected = {(b, k, f, s) for b in BENCHMARKS for k in BACKBONES for s in SEEDS

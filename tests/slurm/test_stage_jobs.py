@@ -39,7 +39,7 @@ def _job_log(tmp_path, job_name: str, job_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def symile_root(tmp_path_factory):
-    from pacx.data.synthetic.symile import write_symile_release
+    from pacx.testing.symile import write_symile_release
 
     return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=32, n_val=16,
                                 n_test_queries=10, cxr_size=40, write_teacher_features=True)

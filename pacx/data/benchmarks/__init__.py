@@ -1,1 +1,5 @@
-"""Converters (official release -> manifests) for the downstream benchmarks of ``pacx.data.registry``."""
+"""Deprecated: moved to :mod:`pacx.data.converters` (:mod:`pacx.deprecated`)."""
+
+from pacx.deprecated import alias_module
+
+alias_module(__name__, "pacx.data.converters", ("classification", "medmod", "segmentation"))

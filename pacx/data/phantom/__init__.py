@@ -1,22 +1,7 @@
-"""PaCX physiology phantom: synthetic patients whose physiology shows subtly on the chest radiograph and
-clearly in the ECG and labs, written in the real release layouts for every stage of the demo.
+"""Deprecated: moved to :mod:`pacx.demo.phantom`; ``python -m pacx.data.phantom`` still runs
+``python -m pacx.demo.phantom`` (:mod:`pacx.deprecated`)."""
 
-- ``latent``: the named physiological latent (cardiac size, LV hypertrophy, fluid, heart rate, renal
-  function), its correlations and the echo-style labels derived from it.
-- ``anatomy`` / ``cxr``: the radiograph renderer (bones, lungs, heart, diaphragm, devices; pose,
-  exposure and noise) with lung masks and drawn geometry.
-- ``physio``: ECG (the beat model of ``pacx.data.synthetic.symile``) and labs driven by the latent.
-- ``releases`` / ``generate``: the releases (CheXpert, Symile-MIMIC, CheXchoNet, COVID-QU-Ex lungs,
-  Shenzhen-layout nodules) through the existing writers, with size presets; ``python -m
-  pacx.data.phantom`` is the command line, ``grid`` renders the picture in ``docs/phantom_grid.png``.
-"""
+from pacx.deprecated import alias_module
 
-from pacx.data.phantom.cxr import CXRBatch, render_cxr, sample_cxr_params
-from pacx.data.phantom.generate import PRESETS, generate_phantom
-from pacx.data.phantom.latent import CORRELATION, LATENT_NAMES, echo_labels, sample_latent
-from pacx.data.phantom.releases import RELEASES, PhantomSizes
-
-__all__ = [
-    "CORRELATION", "CXRBatch", "LATENT_NAMES", "PRESETS", "RELEASES", "PhantomSizes", "echo_labels",
-    "generate_phantom", "render_cxr", "sample_cxr_params", "sample_latent",
-]
+alias_module(__name__, "pacx.demo.phantom",
+             ("anatomy", "cxr", "generate", "grid", "latent", "physio", "releases"))

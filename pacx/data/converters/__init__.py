@@ -1,0 +1,1 @@
+"""Converters (official release -> manifests) for the downstream benchmarks of ``pacx.data.registry``."""

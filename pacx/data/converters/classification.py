@@ -1,0 +1,320 @@
+"""Classification benchmarks: official release metadata -> split manifests (docs/datasets.md, one section per benchmark).
+
+One converter per entry of ``pacx.data.registry.BENCHMARKS`` with a classification task, registered with
+``pacx.data.prepare.register_converter`` when this module is imported. Each reads the release's own
+metadata (or, for the folder-labelled Kaggle sets, lists its folders), reproduces the reference's split
+recipe (scikit-learn ``train_test_split``, seed 42, test share rounded up) and writes the manifests the
+spec names. Converters never open or move images; the image root is the release folder as the reference
+arranged it:
+
+* CheXchoNet: the release's ``cxrs/`` renamed (or symlinked) to ``images/``, as the reference reads it.
+  ``chexchonet_echo`` deviates from the reference by **not** moving images into ``train/ val/ test/``:
+  its spec points all splits at the same flat ``images/`` folder, and it drops no rows for missing images
+  (the dataset checks existence when it loads).
+* NIH, COVIDx, COVID-QU-Ex (classification) and pediatric pneumonia: all images copied flat into
+  ``images/`` (the reference's move), beside the official metadata / folders the converter reads.
+
+MedMod's converters live in :mod:`pacx.data.converters.medmod` (they also guard against Stage 2 leakage);
+the helpers here (``find_file``, ``split_two_step``, ``write_manifests``, ``_register``) are shared with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from pacx.data.manifest import ManifestError, read_manifest
+from pacx.data.prepare import ConverterOption, register_converter
+from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
+from pacx.progress import progress
+
+log = logging.getLogger(__name__)
+
+Frames = dict[str, pd.DataFrame]
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def find_file(raw: Path, candidates: Sequence[str]) -> Path:
+    """The first of ``candidates`` (paths relative to ``raw``) that exists, else a clear error."""
+    for rel in candidates:
+        if (raw / rel).is_file():
+            return raw / rel
+    raise FileNotFoundError(f"none of {list(candidates)} found under {raw}")
+
+
+def find_dir(raw: Path, candidates: Sequence[str]) -> Path:
+    for rel in candidates:
+        if (raw / rel).is_dir():
+            return raw / rel
+    raise FileNotFoundError(f"none of the folders {list(candidates)} found under {raw}")
+
+
+def split_rest(df: pd.DataFrame, test_size: float, seed: int, stratify: str | None = None):
+    """sklearn ``train_test_split`` on rows, optionally stratified on one column: (rest, held-out)."""
+    return train_test_split(df, test_size=test_size, random_state=seed,
+                            stratify=df[stratify] if stratify else None)
+
+
+def split_two_step(df: pd.DataFrame, test_size: float, val_size: float, seed: int,
+                   stratify: str | None = None) -> Frames:
+    """Test share of all rows, then val share of the remainder (both seeded, optionally stratified)."""
+    rest, test = split_rest(df, test_size, seed, stratify)
+    train, val = split_rest(rest, val_size, seed, stratify)
+    return {"train": train, "val": val, "test": test}
+
+
+def write_manifests(spec: BenchmarkSpec, frames: Frames, out: Path, patient_column: str | None = None) -> dict:
+    """Write one CSV per split under ``out`` and return the summary (rows, positives, patients)."""
+    summary: dict = {"files": []}
+    for split in SPLITS:
+        df = frames[split].reset_index(drop=True)
+        path = out / spec.manifest_files[split]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(path, index=False)
+        summary["files"].append(str(path))
+        entry: dict = {"rows": len(df)}
+        if spec.label_source == "index":
+            counts = df[INDEX_COLUMN].value_counts()
+            entry["positives"] = {name: int(counts.get(i, 0)) for i, name in enumerate(spec.labels)}
+        else:
+            entry["positives"] = {label: int((df[label] == 1).sum()) for label in spec.labels}
+        if patient_column:
+            entry["patients"] = int(df[patient_column].nunique())
+        summary[split] = entry
+    return summary
+
+
+def require_columns(df: pd.DataFrame, columns: Sequence[str], source: Path | str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source}: missing required column(s) {missing}; columns present: {list(df.columns)}")
+
+
+SEED_HELP = "split seed (default 42, the reference's)"
+_SEED = ConverterOption("--seed", SEED_HELP, is_flag=False, default=42)
+
+
+def _register(name: str, *options: ConverterOption):
+    spec = get_benchmark(name)
+    return register_converter(name, task=spec.task, metric=spec.metric, description=spec.description,
+                              options=(_SEED, *options))
+
+
+# ---------------------------------------------------------------- CheXchoNet (docs/datasets.md#chexchonet)
+
+CHEXCHONET_METADATA = "metadata.csv"
+CHEXCHONET_TARGET = "composite_slvh_dlv"
+
+
+@_register("chexchonet")
+def prepare_chexchonet(raw: Path, out: Path, seed: int = 42) -> dict:
+    """Variant A: image-level split, test 20% then val 10% of the rest, stratified on the composite label."""
+    spec = get_benchmark("chexchonet")
+    path = find_file(raw, [CHEXCHONET_METADATA])
+    df = read_manifest(path, [spec.path_column, *spec.labels])[[spec.path_column, *spec.labels]]
+    frames = split_two_step(df, 0.2, 0.1, int(seed), stratify=CHEXCHONET_TARGET)
+    return write_manifests(spec, frames, out)
+
+
+@_register("chexchonet_echo")
+def prepare_chexchonet_echo(raw: Path, out: Path, seed: int = 42) -> dict:
+    """Variant B: patients (label = max composite over their images) split 80/20, the 20% halved into
+    val/test, both stratified; manifests keep all metadata columns plus ``split``."""
+    spec = get_benchmark("chexchonet_echo")
+    path = find_file(raw, [CHEXCHONET_METADATA])
+    df = read_manifest(path, ["patient_id", spec.path_column, CHEXCHONET_TARGET, *spec.labels])
+    patients = df.groupby("patient_id", sort=True)[CHEXCHONET_TARGET].max().rename("y").reset_index()
+    train_p, rest_p = split_rest(patients, 0.2, int(seed), "y")
+    val_p, test_p = split_rest(rest_p, 0.5, int(seed), "y")
+    frames = {}
+    for split, ids in (("train", train_p), ("val", val_p), ("test", test_p)):
+        frames[split] = df[df["patient_id"].isin(ids["patient_id"])].assign(split=split)
+    return write_manifests(spec, frames, out, patient_column="patient_id")
+
+
+# ---------------------------------------------------------------- VinDr-CXR (docs/datasets.md#vindr)
+
+VINDR_TRAIN = ("annotations/image_labels_train.csv", "image_labels_train.csv")
+VINDR_TEST = ("annotations/image_labels_test.csv", "image_labels_test.csv")
+
+
+def vindr_majority_vote(df: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
+    """Per-radiologist rows -> one row per image: label mean over readers >= 0.5 (2 of 3) gives 1."""
+    means = df.groupby("image_id", sort=True)[list(labels)].mean()
+    return (means >= 0.5).astype(int).reset_index()
+
+
+@_register("vindr", ConverterOption(
+    "--min-positives", "warn when the spec's labels differ from those with at least this many train "
+                       "positives (the reference's filter, default 50)", is_flag=False, default=50))
+def prepare_vindr(raw: Path, out: Path, seed: int = 42, min_positives: int = 50) -> dict:
+    """Majority vote over train readers, the spec's 19 labels, random 90/10 train/val; official test."""
+    spec = get_benchmark("vindr")
+    labels = list(spec.labels)
+    train_path, test_path = find_file(raw, VINDR_TRAIN), find_file(raw, VINDR_TEST)
+    train_raw = read_manifest(train_path, ["image_id", "rad_id", *labels])
+    voted_cols = [c for c in train_raw.columns if c not in ("image_id", "rad_id", "No finding")]
+    voted = vindr_majority_vote(train_raw, voted_cols)
+    counts = voted[voted_cols].sum()
+    kept = set(counts[counts >= int(min_positives)].index)
+    if kept != set(labels):
+        log.warning("VinDr: labels with >= %d positives differ from the spec: extra %s, below threshold %s",
+                    int(min_positives), sorted(kept - set(labels)), sorted(set(labels) - kept))
+    voted = voted.assign(image_id=voted["image_id"].astype(str) + ".png")[["image_id", *labels]]
+    train, val = split_rest(voted, 0.1, int(seed))
+    test = pd.read_csv(test_path).rename(columns={"Other disease": "Other diseases"})
+    require_columns(test, ["image_id", *labels], test_path)
+    test = test.assign(image_id=test["image_id"].astype(str) + ".png")[["image_id", *labels]]
+    return write_manifests(spec, {"train": train, "val": val, "test": test}, out)
+
+
+# ---------------------------------------------------------------- COVID-QU-Ex classification (docs/datasets.md#covidqu)
+
+COVIDQU_LUNG = ("Lung Segmentation Data/Lung Segmentation Data", "Lung Segmentation Data")
+COVIDQU_SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
+COVIDQU_FOLDERS = ("COVID-19", "Non-COVID", "Normal")
+
+
+@_register("covidqu")
+def prepare_covidqu(raw: Path, out: Path, seed: int = 42) -> dict:
+    """Filenames listed from the official Train/Val/Test class folders; Normal 0, COVID-19 1, Non-COVID 2.
+
+    The reference keys its table by filename, so a name seen twice keeps its last occurrence (splits in
+    Train, Val, Test order, classes in folder order). ``seed`` is unused (official splits).
+    """
+    spec = get_benchmark("covidqu")
+    base = find_dir(raw, COVIDQU_LUNG)
+    rows: dict[str, tuple[int, str]] = {}
+    for split, folder in progress(COVIDQU_SPLITS.items(), desc="covidqu", unit="split"):
+        for category in COVIDQU_FOLDERS:
+            img_dir = base / folder / category / "images"
+            if not img_dir.is_dir():
+                raise FileNotFoundError(f"COVID-QU-Ex: missing folder {img_dir}")
+            for f in sorted(img_dir.glob("*.png")):
+                rows.pop(f.name, None)
+                rows[f.name] = (spec.labels.index(category), split)
+    df = pd.DataFrame([(k, lab, s) for k, (lab, s) in rows.items()], columns=[spec.path_column, INDEX_COLUMN, "Split"])
+    return write_manifests(spec, {s: df[df["Split"] == s] for s in SPLITS}, out)
+
+
+# ---------------------------------------------------------------- TB Shenzhen (docs/datasets.md#tb)
+
+TB_METADATA = "shenzhen_metadata.csv"
+
+
+@_register("tb")
+def prepare_tb(raw: Path, out: Path, seed: int = 42) -> dict:
+    """``findings == "normal"`` -> 0 else 1; stratified test 20%, then val 15% of the rest."""
+    spec = get_benchmark("tb")
+    path = find_file(raw, [TB_METADATA])
+    meta = read_manifest(path, ["study_id", "findings"])
+    df = pd.DataFrame({spec.path_column: meta["study_id"], "Label": (meta["findings"] != "normal").astype(int)})
+    return write_manifests(spec, split_two_step(df, 0.2, 0.15, int(seed), stratify="Label"), out)
+
+
+# ---------------------------------------------------------------- ChestX6 (docs/datasets.md#chestx6)
+
+CHESTX6_ROOT = ("chest-xray", ".")
+
+
+@_register("chestx6")
+def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
+    """``Path = <split>/<class>/<file>`` + one-hot class columns; official splits, each shuffled."""
+    spec = get_benchmark("chestx6")
+    base = next((raw / c for c in CHESTX6_ROOT if (raw / c / "train").is_dir()), None)
+    if base is None:
+        raise FileNotFoundError(f"ChestX6: no train/ folder under {raw} or {raw / 'chest-xray'}")
+    frames = {}
+    for split in progress(SPLITS, desc="chestx6", unit="split"):
+        rows = []
+        for cls in spec.labels:
+            folder = base / split / cls
+            if not folder.is_dir():
+                raise FileNotFoundError(f"ChestX6: missing folder {folder}")
+            for f in sorted(p for p in folder.iterdir() if p.is_file()):
+                rows.append({spec.path_column: f"{split}/{cls}/{f.name}", **{c: int(c == cls) for c in spec.labels}})
+        frames[split] = pd.DataFrame(rows, columns=[spec.path_column, *spec.labels]).sample(
+            frac=1.0, random_state=int(seed))
+    return write_manifests(spec, frames, out)
+
+
+# ---------------------------------------------------------------- NIH ChestX-ray14 (docs/datasets.md#nih)
+
+NIH_ENTRY = "Data_Entry_2017.csv"
+NIH_TRAIN_VAL = "train_val_list.txt"
+NIH_TEST = "test_list.txt"
+
+
+def _read_list(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+@_register("nih")
+def prepare_nih(raw: Path, out: Path, seed: int = 42) -> dict:
+    """Multi-hot from ``Finding Labels``; official test list; random 85/15 of the train_val list."""
+    spec = get_benchmark("nih")
+    entry_path = find_file(raw, [NIH_ENTRY])
+    entry = read_manifest(entry_path, [spec.path_column, "Finding Labels", "Patient ID"])
+    findings = entry["Finding Labels"].astype(str).str.split("|")
+    hot = pd.DataFrame({label: findings.map(lambda f, lab=label: int(lab in f)) for label in spec.labels})
+    df = pd.concat([entry[[spec.path_column, "Finding Labels", "Patient ID"]], hot], axis=1)
+    train_val = set(_read_list(find_file(raw, [NIH_TRAIN_VAL])))
+    test_ids = set(_read_list(find_file(raw, [NIH_TEST])))
+    unknown = (train_val | test_ids) - set(df[spec.path_column])
+    if unknown:
+        raise ManifestError(f"{entry_path}: {len(unknown)} listed image(s) missing, e.g. {sorted(unknown)[:3]}")
+    train, val = split_rest(df[df[spec.path_column].isin(train_val)], 0.15, int(seed))
+    test = df[df[spec.path_column].isin(test_ids)]
+    return write_manifests(spec, {"train": train, "val": val, "test": test}, out, patient_column="Patient ID")
+
+
+# ---------------------------------------------------------------- COVIDx and pediatric pneumonia (docs/datasets.md#extra-benchmarks)
+
+COVIDX_FILES = ("train.txt", "val.txt", "test.txt")
+COVIDX_COLUMNS = ["Patient ID", "Path", "Label", "Data Source"]
+
+
+@_register("covidx")
+def prepare_covidx(raw: Path, out: Path, seed: int = 42) -> dict:
+    """The three official lists pooled ("positive" -> 1), then stratified 80/20 and 90/10."""
+    spec = get_benchmark("covidx")
+    parts = []
+    for name in COVIDX_FILES:
+        path = find_file(raw, [name])
+        part = pd.read_csv(path, sep=r"\s+", header=None, dtype=str)
+        if part.shape[1] != len(COVIDX_COLUMNS):
+            raise ManifestError(f"{path}: expected {len(COVIDX_COLUMNS)} space-separated columns "
+                                f"{COVIDX_COLUMNS}, found {part.shape[1]}")
+        parts.append(part.set_axis(COVIDX_COLUMNS, axis=1))
+    df = pd.concat(parts, ignore_index=True)
+    df["Label"] = (df["Label"] == "positive").astype(int)
+    return write_manifests(spec, split_two_step(df, 0.2, 0.1, int(seed), stratify="Label"), out,
+                           patient_column="Patient ID")
+
+
+PNE_ROOT = ("chest_xray/chest_xray", "chest_xray", ".")
+PNE_CLASSES = {"NORMAL": 0, "PNEUMONIA": 1}
+
+
+@_register("pneumonia")
+def prepare_pneumonia(raw: Path, out: Path, seed: int = 42) -> dict:
+    """Filenames from the official class folders pooled (deduplicated by name, last kept), re-split
+    stratified 80/20 then 90/10."""
+    spec = get_benchmark("pneumonia")
+    base = next((raw / c for c in PNE_ROOT if (raw / c / "train" / "NORMAL").is_dir()), None)
+    if base is None:
+        raise FileNotFoundError(f"pneumonia: no train/NORMAL folder under {raw} (or chest_xray/[chest_xray/])")
+    rows: dict[str, int] = {}
+    for split in progress(SPLITS, desc="pneumonia", unit="split"):
+        for cls, label in PNE_CLASSES.items():
+            for f in sorted((base / split / cls).glob("*.jpeg")):
+                rows.pop(f.name, None)
+                rows[f.name] = label
+    df = pd.DataFrame(list(rows.items()), columns=[spec.path_column, spec.labels[0]])
+    return write_manifests(spec, split_two_step(df, 0.2, 0.1, int(seed), stratify=spec.labels[0]), out)

@@ -1,0 +1,53 @@
+"""The shared Stage CLI (:mod:`pacx.cli`): the image size is set once, as ``data.img_size``, in every stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from pacx.cli import EvalCLI, PacxCLI
+from pacx.data.chexpert import CheXpertDataModule
+from pacx.data.stage3 import SplitsDataModule
+from pacx.data.symile import SymileMIMICDataModule
+from pacx.lit.common import BenchmarkEvalModule, StagedModule
+from pacx.lit.mae import MAEModule
+
+
+def _instantiate(cli_class, model, data, args, **kwargs):
+    """Model and data of a Stage CLI parse, without a trainer or a subcommand."""
+
+    class Parsed(cli_class):
+        def instantiate_trainer(self, **_):
+            return None
+
+    return Parsed(model, data, args=[*args, "--wandb", "disabled"], run=False, **kwargs)
+
+
+def test_stage1_model_takes_the_data_image_size(repo, chexpert_release, tmp_path):
+    cli = _instantiate(PacxCLI, MAEModule, CheXpertDataModule, [
+        "--config", str(repo / "configs/stage1/mae_vitb_chexpert.yaml"), "--data.root", str(chexpert_release),
+        "--model.arch", "mae_vit_test", "--data.img_size", "32", "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.model.hparams.img_size == 32 and cli.model.model.patch_embed.img_size == (32, 32)
+
+
+def test_stage2_model_takes_the_data_image_size(repo, tmp_path):
+    cli = _instantiate(PacxCLI, StagedModule, SymileMIMICDataModule, [
+        "--config", str(repo / "configs/stage2/pacx_vitb_symile.yaml"), "--data.root", str(tmp_path),
+        "--model.init_args.encoder_arch", "vit_test", "--data.img_size", "32",
+        "--trainer.default_root_dir", str(tmp_path)], subclass_mode_model=True)
+    assert cli.model.hparams.img_size == 32 and cli.model.vit_cfg.img_size == 32
+
+
+def test_stage2_module_without_an_image_size_ignores_the_link(repo, tmp_path):
+    cli = _instantiate(PacxCLI, StagedModule, SymileMIMICDataModule, [
+        "--config", str(repo / "configs/teachers/labs_dae.yaml"), "--data.root", str(tmp_path),
+        "--data.img_size", "32", "--trainer.default_root_dir", str(tmp_path)], subclass_mode_model=True)
+    assert "img_size" not in cli.model.hparams
+
+
+@pytest.mark.parametrize("configs", [("linear_probe.yaml", "lp/tb.yaml"), ("segmentation.yaml", "seg/qata.yaml")])
+def test_stage3_backbone_takes_the_data_image_size(repo, tmp_path, configs):
+    args = [a for c in configs for a in ("--config", str(repo / "configs/stage3" / c))]
+    cli = _instantiate(EvalCLI, BenchmarkEvalModule, SplitsDataModule, [
+        *args, "--model.backbone.kind", "random", "--model.backbone.arch", "vit_test", "--data.img_size", "32",
+        "--data.root", str(tmp_path), "--data.manifest_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.model.backbone_cfg.img_size == 32
