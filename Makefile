@@ -36,8 +36,10 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/python -m pacx.demo --out demo_runs --quick
 
+# ruff, then the import layers of pyproject.toml's [tool.importlinter] (also run by tests/test_architecture.py).
 lint: $(STAMP)
 	$(BIN)/ruff check pacx scripts tests Stage*.py
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf demo_runs .pytest_cache

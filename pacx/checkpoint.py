@@ -6,6 +6,7 @@
 * Prefix handling is a pure function on the state dict (:func:`strip_prefix`).
 * :func:`load_state_checked` loads into a module and raises unless the missing / unexpected keys are
   exactly the expected sets and every shape matches; the message lists the offending keys.
+* :func:`resolve_run_checkpoint` turns a run directory into the checkpoint its ``run.json`` names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from pacx.debug import check_not_debug
+from pacx.run_record import RUN_JSON, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +139,21 @@ def _short(keys: set[str], n: int = 12) -> str:
 def _arch_hint(module: nn.Module) -> str:
     cfg = getattr(module, "cfg", None)
     return f" ({cfg})" if cfg is not None else ""
+
+
+def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool | None = None) -> Path:
+    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses); a debug
+    run is refused unless allowed (:func:`pacx.debug.check_not_debug`)."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / RUN_JSON
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is a directory without run.json; pass a checkpoint or weights file")
+    info = read_run_record(run_dir)
+    check_not_debug(info.get("debug"), f"run directory {run_dir}", allow_debug)
+    ckpt = (info.get("checkpoints") or {}).get(which)
+    if not ckpt:
+        raise CheckpointError(f"{info_path}: names no {which!r} checkpoint (status {info.get('status')!r})")
+    path = Path(ckpt)
+    if not path.is_absolute():
+        path = run_dir / path
+    return path

@@ -43,8 +43,9 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import CheckpointIO
 
 from pacx.checkpoint import CheckpointError, safe_torch_load
+from pacx.data.leakage import check_stage3_overlap
 from pacx.debug import FROM_DEBUG_RUN, allow_debug_runs
-from pacx.lit.callbacks import RunRecord
+from pacx.lit.callbacks import EmbeddingWriter, RunRecord
 from pacx.lit.common import check_checkpoint_stage
 from pacx.lit.history import HistoryCSVLogger, log_location, next_attempt
 from pacx.lit.resilience import (
@@ -262,8 +263,6 @@ class EvalCLI(PacxCLI):
     def extra_callbacks(self) -> list:
         if self.subcommand != "predict":
             return []
-        from pacx.lit.callbacks import EmbeddingWriter
-
         out = self._get(self.config_init, "embeddings_out") or str(self.run_dir / "embeddings.npy")
         return [EmbeddingWriter(out)]
 
@@ -277,8 +276,6 @@ class EvalCLI(PacxCLI):
     def _check_overlap(self) -> None:
         """Refuse a backbone whose Stage 2 admissions overlap the test split (:mod:`pacx.data.leakage`); the
         outcome goes into the results row."""
-        from pacx.data.leakage import check_stage3_overlap
-
         manifest_dir = getattr(self.datamodule, "hparams", {}).get("manifest_dir")
         spec, backbone = getattr(self.datamodule, "spec", None), getattr(self.model, "backbone_cfg", None)
         if not (manifest_dir and spec and backbone):

@@ -40,12 +40,20 @@ from pathlib import Path
 
 import torch
 
-from pacx.checkpoint import CheckpointError, drop_keys, load_any, load_state_checked, strip_prefix
+from pacx.checkpoint import (
+    CheckpointError,
+    drop_keys,
+    load_any,
+    load_state_checked,
+    resolve_run_checkpoint,
+    strip_prefix,
+)
+from pacx.data.leakage import export_admissions
 from pacx.debug import check_not_debug
 from pacx.models.mae import DECODER_KEY_PREFIXES
 from pacx.models.tuning import merge_lora_state
 from pacx.models.vit import ViTConfig, ViTEncoder, config_from_state_dict
-from pacx.run_record import RUN_JSON, read_run_record
+from pacx.run_record import RUN_JSON
 from pacx.utils import git_sha, portable_source
 
 log = logging.getLogger(__name__)
@@ -168,24 +176,6 @@ def register_checkpoint_format(name: str, detect, extract, first: bool = True) -
 MODEL_FOLDER_WEIGHTS = "model.safetensors"  # the weights file of a timm / Hub model folder
 
 
-def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool | None = None) -> Path:
-    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses); a debug
-    run is refused unless allowed (:func:`pacx.debug.check_not_debug`)."""
-    run_dir = Path(run_dir)
-    info_path = run_dir / RUN_JSON
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is a directory without run.json; pass a checkpoint or weights file")
-    info = read_run_record(run_dir)
-    check_not_debug(info.get("debug"), f"run directory {run_dir}", allow_debug)
-    ckpt = (info.get("checkpoints") or {}).get(which)
-    if not ckpt:
-        raise CheckpointError(f"{info_path}: names no {which!r} checkpoint (status {info.get('status')!r})")
-    path = Path(ckpt)
-    if not path.is_absolute():
-        path = run_dir / path
-    return path
-
-
 def read_encoder_weights(path: str | Path, which: str = "last", allow_debug: bool | None = None) -> EncoderWeights:
     """Detect the file's format and return its encoder tensors and architecture (no module built).
 
@@ -264,8 +254,6 @@ def export_encoder(src: str | Path, out: str | Path, which: str = "last", allow_
                     "slightly from pacx.load_encoder's", src, cfg.norm_eps)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from pacx.data.leakage import export_admissions
-
     meta.update(export_admissions(src, out))  # a Stage 2 run's admissions travel beside the export
     tensors = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
     tmp = out.with_name(f".{out.name}.tmp")

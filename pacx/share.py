@@ -315,7 +315,7 @@ def _readable_as_umask_allows(path: Path) -> None:
 def require_serve():
     """``(onnx, onnxruntime)``, or an ImportError that names the extra to install."""
     try:
-        import onnx
+        import onnx  # optional dependency (the `serve` extra)
         import onnxruntime
     except ImportError as err:
         raise ImportError(f"ONNX export needs onnx and onnxruntime ({err.name} is missing): "

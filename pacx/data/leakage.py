@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pacx.data.registry import BENCHMARKS
+
 log = logging.getLogger(__name__)
 
 ADMISSIONS_FILE = "stage2_admissions.npz"
@@ -147,8 +149,6 @@ def overlap_report(symile_root: str | Path, manifests: str | Path) -> list[dict]
     """One entry per registry benchmark whose test manifest is under ``manifests`` (``<dir>/<name>/…``, or the
     folder itself when it is named after the benchmark): test rows, the id columns, and
     :func:`overlap_counts` against Symile's train and val splits (``ids: []`` where there are no MIMIC ids)."""
-    from pacx.data.registry import BENCHMARKS
-
     reference = symile_ids(symile_root)
     manifests = Path(manifests)
     report = []

@@ -224,6 +224,16 @@ _SPECS = (
 BENCHMARKS: dict[str, BenchmarkSpec] = {spec.name: spec for spec in _SPECS}
 
 
+def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Add a benchmark to ``BENCHMARKS``; a name is registered once (docs/architecture.md#add-a-benchmark)."""
+    if spec.name != spec.name.lower():
+        raise ValueError(f"benchmark name {spec.name!r} must be lowercase")
+    if spec.name in BENCHMARKS:
+        raise KeyError(f"benchmark {spec.name!r} registered twice")
+    BENCHMARKS[spec.name] = spec
+    return spec
+
+
 def get_benchmark(name: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[name.lower()]

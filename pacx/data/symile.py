@@ -43,6 +43,7 @@ from torchvision.transforms.v2 import functional as TF
 from pacx.data.common import per_device_batch_size
 from pacx.data.resumable import train_loader
 from pacx.data.symile_files import FILES, FileSpec, ValidationCache, validate_split
+from pacx.data.teacher_features import OnTheFlyTeachers
 from pacx.teachers import DEFAULT_TEACHERS, TeacherSpec, resolve_teachers, teacher_spec
 
 log = logging.getLogger(__name__)
@@ -310,8 +311,6 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         cache = ValidationCache(h.validation_cache)
         self.teacher_names = self._resolve_teacher_names()
         if h.teacher_weights and self.teachers is None:
-            from pacx.data.teacher_features import OnTheFlyTeachers
-
             missing = sorted(set(self.teacher_names) - set(h.teacher_weights))
             extra = sorted(set(h.teacher_weights) - set(self.teacher_names))
             if missing or extra:

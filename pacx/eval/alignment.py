@@ -36,11 +36,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from pacx.checkpoint import CheckpointError, load_state_checked, safe_torch_load, strip_prefix
+from pacx.checkpoint import (
+    CheckpointError,
+    load_state_checked,
+    resolve_run_checkpoint,
+    safe_torch_load,
+    strip_prefix,
+)
 from pacx.constants import STAGE_PACX
 from pacx.data.symile import resize_normalized
 from pacx.data.symile_files import SymileFileError, open_npy, validate_split
-from pacx.encoders import resolve_run_checkpoint
 from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm, upgrade_head_keys
 from pacx.teachers import DEFAULT_TEACHERS, resolve_teachers, teacher_spec
 

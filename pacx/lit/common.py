@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from pacx.checkpoint import CheckpointError, state_fingerprint
 from pacx.debug import debug_flags, describe, merge_flags
+from pacx.models.backbones import as_backbone_config, build_backbone
 from pacx.models.tuning import count_parameters
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
 from pacx.utils import git_sha
@@ -152,8 +153,6 @@ class BenchmarkEvalModule(StagedModule):
     leakage_fields: dict = {}
 
     def init_backbone(self, backbone) -> None:
-        from pacx.models.backbones import as_backbone_config, build_backbone
-
         self.backbone_cfg = as_backbone_config(backbone)
         self.hparams["backbone"] = self.backbone_cfg.to_dict()
         self.backbone = build_backbone(self.backbone_cfg)

@@ -16,6 +16,7 @@ import torch
 
 from pacx.checkpoint import load_state_checked
 from pacx.constants import MAE_MASK_RATIO, STAGE_MAE
+from pacx.encoders import read_mae_state
 from pacx.lit.common import StagedModule
 from pacx.models.mae import create_mae, decoder_config_dict, is_decoder_key, patchify, unpatchify
 
@@ -63,8 +64,6 @@ class MAEModule(StagedModule):
             self._init_weights(init_from)
 
     def _init_weights(self, path: str) -> None:
-        from pacx.encoders import read_mae_state
-
         state, fmt = read_mae_state(path)
         missing_decoder = sorted(k for k in self.model.state_dict() if is_decoder_key(k) and k not in state)
         load_state_checked(self.model, state, f"{path} ({fmt})", expected_missing=missing_decoder)

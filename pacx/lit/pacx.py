@@ -32,6 +32,7 @@ from torch import nn
 from pacx.checkpoint import CheckpointError
 from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
+from pacx.encoders import build_encoder, read_encoder_weights
 from pacx.lit.common import StagedModule
 from pacx.lit.health import LearningHealth
 from pacx.losses import DistillationLoss
@@ -165,8 +166,6 @@ class PaCXModule(StagedModule):
         if path is None:
             log.warning("init_encoder is not set: the CXR encoder starts from random weights")
             return ViTEncoder(self.vit_cfg)
-        from pacx.encoders import build_encoder, read_encoder_weights
-
         try:
             weights = read_encoder_weights(path)
             return build_encoder(weights, self.vit_cfg)

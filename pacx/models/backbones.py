@@ -65,6 +65,7 @@ def _random(cfg: BackboneConfig) -> ViTEncoder:
 
 
 def _from_weights(cfg: BackboneConfig) -> ViTEncoder:
+    # upward import (pacx.encoders builds pacx.models), listed in pyproject's import contracts to remove
     from pacx.encoders import build_encoder, read_encoder_weights
 
     if not cfg.weights:

@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacx.checkpoint import CheckpointError, load_state_checked, safe_torch_load, strip_prefix
+from pacx.checkpoint import (
+    CheckpointError,
+    load_state_checked,
+    resolve_run_checkpoint,
+    safe_torch_load,
+    strip_prefix,
+)
 from pacx.debug import check_not_debug
 from pacx.losses import symmetric_clip_loss
 from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, ECGFounder, create_ecgfounder
@@ -239,8 +245,6 @@ class ECGContrastive(nn.Module):
 
 def _checkpoint_path(source: Path, which: str) -> Path:
     if source.is_dir():
-        from pacx.encoders import resolve_run_checkpoint
-
         return resolve_run_checkpoint(source, which)
     return source
 

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pacx.checkpoint import CheckpointError, load_any, load_state_checked, strip_prefix
+from pacx.checkpoint import (
+    CheckpointError,
+    load_any,
+    load_state_checked,
+    resolve_run_checkpoint,
+    strip_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +95,6 @@ def read_labs_dae_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Labs
     """DAE tensors of a pacx run/checkpoint/export or an authors' Lightning checkpoint, plus its config."""
     path = Path(path)
     if path.is_dir():
-        from pacx.encoders import resolve_run_checkpoint
-
         path = resolve_run_checkpoint(path)
     obj, meta = load_any(path)
     if meta:  # safetensors: the DAE's own keys, config in the metadata when we wrote it

@@ -112,7 +112,7 @@ def hf_vitmae_config(model: MaskedAutoencoderViT, attn_implementation: str = "sd
     Everything is derived from ``model.cfg`` / ``model.dec``; HF's defaults that differ from MAE's
     (LayerNorm eps 1e-12, mask ratio 0.75) are overridden. Dropout is 0 in both.
     """
-    from transformers import ViTMAEConfig
+    from transformers import ViTMAEConfig  # optional dependency (the `bench` extra)
 
     cfg, dec = model.cfg, model.dec
     return ViTMAEConfig(
@@ -140,7 +140,7 @@ def hf_vitmae_config(model: MaskedAutoencoderViT, attn_implementation: str = "sd
 
 def create_hf_twin(model: MaskedAutoencoderViT, attn_implementation: str = "sdpa") -> nn.Module:
     """``ViTMAEForPreTraining`` at ``model``'s configuration, holding ``model``'s weights (strict load)."""
-    from transformers import ViTMAEForPreTraining
+    from transformers import ViTMAEForPreTraining  # optional dependency (the `bench` extra)
 
     hf = ViTMAEForPreTraining(hf_vitmae_config(model, attn_implementation))
     legacy = "vit.encoder.layer.0.layernorm_before.weight" in hf.state_dict()
