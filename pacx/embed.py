@@ -63,11 +63,11 @@ from pacx.data.images import DECODER_VERSION, ImageDecodeError, find_images, ope
 from pacx.data.manifest import ManifestError, read_manifest, require_rows, row_ref
 from pacx.data.registry import BENCHMARKS
 from pacx.data.transforms import resize_eval
+from pacx.embed_store import WRITERS, EmbedError, ShardStore, sidecar, tmp_path
 from pacx.encoders import load_encoder
 from pacx.models.vit import ViTEncoder
 from pacx.progress import NO_PROGRESS_HELP
 from pacx.progress import progress as progress_bar
-from pacx.utils import save_npy_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("pacx.embed")  # also under `python -m pacx.embed`
 
@@ -78,10 +78,6 @@ PRECISIONS: dict[str, Callable[[torch.device], AbstractContextManager]] = {
     "32": lambda device: nullcontext(),
     "bf16-mixed": lambda device: torch.autocast(device.type, dtype=torch.bfloat16),
 }
-
-
-class EmbedError(RuntimeError):
-    """The embedding run cannot go on or finish; the message says why and what to do."""
 
 
 class UnreadableImagesError(EmbedError):
@@ -180,115 +176,6 @@ def collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor | 
     """Stack the readable images only (``None`` when there are none); indices and errors for all items."""
     ok = [x for x, _, err in items if not err]
     return (torch.stack(ok) if ok else None), [i for _, i, _ in items], [err for _, _, err in items]
-
-
-# ---- shards ------------------------------------------------------------------------------------------
-
-
-class ShardStore:
-    """``<out>.shards/``: ``embed.json`` (what the shards were made from) and one ``shard-NNNNN.npy`` /
-    ``.json`` pair per finished shard (the ``.npy`` is written last: it marks the shard done)."""
-
-    def __init__(self, directory: Path, record: dict, n_images: int) -> None:
-        self.directory, self.record = directory, record
-        self.shard_size = record["shard_size"]
-        self.n_shards = -(-n_images // self.shard_size)
-        self.n_images = n_images
-
-    def rows(self, shard: int) -> range:
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.n_images))
-
-    def npy(self, shard: int) -> Path:
-        return self.directory / f"shard-{shard:05d}.npy"
-
-    def open(self, overwrite: bool) -> None:
-        """Start, or check that the folder was made for the same run (else :class:`EmbedError`)."""
-        manifest = self.directory / "embed.json"
-        if self.directory.is_dir() and not manifest.is_file() and any(self.directory.iterdir()):
-            raise EmbedError(f"{self.directory} exists but is not a pacx.embed shard folder (no embed.json); "
-                             "move it away or choose another --out")
-        if overwrite and self.directory.exists():
-            shutil.rmtree(self.directory)
-        if manifest.is_file():
-            old = json.loads(manifest.read_text())
-            diff = [f"{key}: recorded {old.get(key)!r}, now {value!r}" for key, value in self.record.items()
-                    if old.get(key) != value]
-            if diff:
-                raise EmbedError(f"{self.directory} holds shards of another run ({'; '.join(diff)}); rerun with "
-                                 "--overwrite to discard them, or choose another --out")
-        else:
-            write_json_atomic(manifest, self.record)
-
-    def load(self, shard: int, dim: int) -> tuple[np.ndarray, list[dict]] | None:
-        """A finished shard's ``[rows, D]`` features and its unreadable images, or None (with a warning when the
-        files are there but unusable)."""
-        path = self.npy(shard)
-        if not path.is_file():
-            return None
-        try:
-            feats = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until rows are read
-            failed = json.loads(path.with_suffix(".json").read_text())
-        except (OSError, ValueError) as err:
-            log.warning("%s is unreadable (%s); recomputing it", path, err)
-            return None
-        if feats.shape != (len(self.rows(shard)), dim) or feats.dtype != np.float32:
-            log.warning("%s holds %s %s, expected float32 %s; recomputing it", path, feats.dtype, feats.shape,
-                        (len(self.rows(shard)), dim))
-            return None
-        return feats, failed
-
-    def write(self, shard: int, feats: np.ndarray, failed: list[dict]) -> None:
-        write_json_atomic(self.npy(shard).with_suffix(".json"), failed)
-        save_npy_atomic(self.npy(shard), feats)
-
-
-# ---- outputs -----------------------------------------------------------------------------------------
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def write_npy(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
-    """float32 ``[N, D]`` (filled shard by shard through a memory map) + ``<out>.paths.txt``."""
-    bad = [p for p in paths if "\n" in p or "\r" in p]
-    if bad:
-        raise EmbedError(f"{len(bad)} image path(s) hold a line break (first: {bad[0]!r}); use a .parquet output")
-    write_text_atomic(sidecar(out, ".paths.txt"), "".join(f"{p}\n" for p in paths))
-    tmp = _tmp(out)
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), dim))
-    start = 0
-    for feats in parts:
-        arr[start:start + len(feats)] = feats
-        start += len(feats)
-    arr.flush()
-    del arr
-    os.replace(tmp, out)
-
-
-def write_parquet(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
-    """Columns ``path`` and ``embedding`` (fixed-size list of D float32), one row group per shard."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
-                       metadata={"pacx_embed": json.dumps(meta, sort_keys=True)})
-    tmp = _tmp(out)
-    start = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for feats in parts:
-            emb = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), dim)
-            names = pa.array(paths[start:start + len(feats)], pa.string())
-            writer.write_table(pa.table([names, emb], schema=schema))
-            start += len(feats)
-    os.replace(tmp, out)
-
-
-WRITERS: dict[str, Callable] = {".npy": write_npy, ".parquet": write_parquet}
-
-
-def sidecar(out: Path, suffix: str) -> Path:
-    return out.with_name(out.name + suffix)
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -423,8 +310,8 @@ def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unread
     if failed:
         unreadable_csv.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"path": [f["path"] for f in failed], "reason": [f["reason"] for f in failed]}).to_csv(
-            _tmp(unreadable_csv), index=False)
-        os.replace(_tmp(unreadable_csv), unreadable_csv)
+            tmp_path(unreadable_csv), index=False)
+        os.replace(tmp_path(unreadable_csv), unreadable_csv)
         log.warning("%d of %d images could not be read and are left out of %s; they are listed in %s", len(failed),
                     len(paths), out, unreadable_csv)
     elif unreadable_csv.exists():

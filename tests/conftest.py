@@ -30,6 +30,18 @@ def chexpert_release(tmp_path_factory) -> Path:
     return write_chexpert_release(root, n_train=48, n_valid=16, seed=0, width=96, height=80)
 
 
+@pytest.fixture(scope="module")
+def tb(tmp_path_factory) -> tuple[Path, Path]:
+    """A synthetic TB (Shenzhen) release and its converted manifests: ``(raw root, manifest dir)``."""
+    from pacx.data.prepare import run_converter
+    from pacx.testing.benchmarks import RELEASE_WRITERS
+
+    base = tmp_path_factory.mktemp("tb")
+    raw = RELEASE_WRITERS["tb"](base / "raw", 0)
+    run_converter("tb", raw, base / "manifests")
+    return raw, base / "manifests"
+
+
 def stage1_args(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     """``fit`` on the demo config shrunk to the test architecture, a few steps, no workers."""
     return [

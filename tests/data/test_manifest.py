@@ -13,19 +13,9 @@ import pytest
 from PIL import Image
 
 from pacx.data.manifest import ImageManifestDataset, ManifestError, clean_labels
-from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
 from pacx.data.stage3 import BenchmarkDataModule
 from pacx.data.symile_files import SymileFileError, validate_split
-from pacx.testing.benchmarks import RELEASE_WRITERS
-
-
-@pytest.fixture(scope="module")
-def tb(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tb")
-    raw = RELEASE_WRITERS["tb"](base / "raw", 0)
-    run_converter("tb", raw, base / "manifests")
-    return raw, base / "manifests"
 
 
 def _images(root: Path, n: int) -> list[str]:

@@ -14,11 +14,9 @@ import torch
 from safetensors import safe_open
 
 import pacx
-from pacx.data.prepare import run_converter
 from pacx.data.resumable import ResumableSampler, SeededDataset, derive_seed, train_loader
 from pacx.debug import DebugRunError, debug_flags
 from pacx.encoders import export_encoder
-from pacx.testing.benchmarks import RELEASE_WRITERS
 from tests.conftest import stage1_args
 from tests.helpers import stage2_args
 from tests.lit.test_classify import stage3_args
@@ -43,13 +41,6 @@ def symile_root(tmp_path_factory):
     return write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=16, n_val=10,
                                 n_test_queries=10, cxr_size=40, write_teacher_features=True)
 
-
-@pytest.fixture(scope="module")
-def tb(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tb")
-    raw = RELEASE_WRITERS["tb"](base / "raw", 0)
-    run_converter("tb", raw, base / "manifests")
-    return raw, base / "manifests"
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,9 @@ from pacx.data.feature_cache import (
     cached_features,
     images_fingerprint,
 )
-from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
 from pacx.data.transforms import resize_eval
-from pacx.testing.benchmarks import RELEASE_WRITERS
 from tests.lit.test_classify import stage3_args
-
-
-@pytest.fixture(scope="module")
-def tb(tmp_path_factory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("tb")
-    raw = RELEASE_WRITERS["tb"](base / "raw", 0)
-    run_converter("tb", raw, base / "manifests")
-    return raw, base / "manifests"
 
 
 def _test_images(tb) -> tuple[Path, list[str]]:
