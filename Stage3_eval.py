@@ -3,10 +3,10 @@
     python Stage3_eval.py fit --config configs/stage3/linear_probe.yaml --config configs/stage3/lp/tb.yaml \
         --model.backbone.kind pacx --model.backbone.weights runs/stage2/<run> --data.root /data/tb \
         --data.manifest_dir /data/manifests/tb
-    python Stage3_eval.py fit --config configs/stage3/segmentation.yaml --config configs/stage3/seg/cxlseg.yaml \
-        --model.backbone.weights …
-    python Stage3_eval.py predict --config configs/stage3/linear_probe.yaml --config configs/stage3/lp/tb.yaml \
-        --model.backbone.weights … \
+    python Stage3_eval.py fit --config configs/stage3/segmentation.yaml \
+        --config configs/stage3/seg/cxlseg.yaml --model.backbone.weights …
+    python Stage3_eval.py predict --config configs/stage3/linear_probe.yaml \
+        --config configs/stage3/lp/tb.yaml --model.backbone.weights … \
         --data.manifest my_images.csv --embeddings_out emb.npy
 
 ``fit`` trains, then tests the best checkpoint. The config's ``class_path`` entries pick the module pair

@@ -1,32 +1,9 @@
 """The LightningCLI shared by ``Stage1_MAE.py``, ``Stage2_PACX.py`` and ``Stage3_eval.py``.
 
-What it adds to Lightning's CLI, in one place:
-
-* the run directory is ``trainer.default_root_dir`` (required); each run writes there its resolved
-  ``config.yaml``, CSV logs, wandb files (offline unless ``--wandb online``; ``disabled`` turns it
-  off), ``checkpoints/last.ckpt`` + the best checkpoint on the module's ``monitor`` metric, and
-  ``run.json`` for the next stage;
-* history is kept: ``metrics.csv`` is appended to by every ``fit`` attempt (resume, requeue), each row
-  tagged with the ``attempt`` that ``run.json`` records; ``validate`` / ``test`` / ``predict`` into a run
-  directory write ``<run_dir>/<subcommand>/{metrics.csv,hparams.yaml,config.yaml}`` and leave the
-  training logs and ``run.json`` alone (:mod:`pacx.lit.history`);
-* Lightning's debug flags (``fast_dev_run``, ``overfit_batches``, ``limit_*_batches``) work in every stage
-  and mark the run as a debug run (``run.json`` ``debug``, checkpoints, results rows; :mod:`pacx.debug`).
-  Weights from a debug run are refused as ``init_encoder`` / backbone unless ``--allow_debug true``;
-* ``--ckpt_path last`` resolves to ``<run_dir>/checkpoints/last.ckpt``; every ``--ckpt_path`` is
-  opened first with ``weights_only=True`` and must carry the same stage's stamp (a clear error
-  otherwise); Lightning itself also loads it with ``weights_only=True``, always;
-* starting ``fit`` in a run directory that already has checkpoints, without ``--ckpt_path``, is an
-  error rather than a silent overwrite, except in a requeued SLURM job (``SLURM_RESTART_COUNT > 0``),
-  which resumes from ``last.ckpt`` by itself;
-* ``checkpoints/last.ckpt`` is written after every epoch (:class:`~pacx.lit.resilience.LastCheckpoint`) and,
-  with ``--checkpoint_every_n_steps N``, every N steps; every save is atomic, and a
-  resumed run takes exactly the steps of an uninterrupted one (:mod:`pacx.lit.resilience`,
-  :mod:`pacx.data.resumable`);
-* under srun (SLURM), ``trainer.num_nodes`` / ``trainer.devices`` follow the allocation and SIGUSR1
-  checkpoints + requeues the job (:class:`~pacx.lit.resilience.SlurmRequeue`);
-* the image size is set once, as ``data.img_size``, and linked to the model's (:meth:`PacxCLI.link_image_size`);
-* optimizers come from the modules (configs stay the single source of hyperparameters).
+Adds, in one place: the run directory (``trainer.default_root_dir``, required) with its resolved config, logs,
+checkpoints and ``run.json``; history kept across attempts; debug-run marking; ``--ckpt_path last`` and
+checked checkpoint loading; no silent overwrite of a run; exact resumes and SLURM requeue; the image size set
+once as ``data.img_size``. Each point in detail: docs/design.md#cli.
 """
 
 from __future__ import annotations
@@ -40,9 +17,9 @@ from typing import Literal
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 
-from pacx.checkpoint import CheckpointError, safe_torch_load
 from pacx.data.leakage import check_stage3_overlap
 from pacx.debug import FROM_DEBUG_RUN, allow_debug_runs
 from pacx.lit.callbacks import EmbeddingWriter, RunRecord
@@ -58,6 +35,7 @@ from pacx.lit.resilience import (
     slurm_managed,
     slurm_restart_count,
 )
+from pacx.weights.checkpoint import CheckpointError, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +52,17 @@ class PacxCLI(LightningCLI):
         parser.add_argument("--wandb", type=WandbMode, default="offline",
                             help="wandb logging: offline (default), online, or disabled")
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=None,
-                            help="also save checkpoints/last.ckpt every N optimizer steps (a hard kill then loses "
-                                 "at most N steps); default: at validation / epoch ends only")
+                            help="also save checkpoints/last.ckpt every N optimizer steps (a hard kill then "
+                                 "loses at most N steps); default: at validation / epoch ends only")
         parser.add_argument("--allow_debug", type=bool, default=False,
-                            help="accept weights of a debug run (fast_dev_run / overfit_batches / limit_*) as "
-                                 "init_encoder or backbone; this run is then marked as a debug run too")
+                            help="accept weights of a debug run (fast_dev_run / overfit_batches / limit_*) "
+                                 "as init_encoder or backbone; this run is then marked as a debug run too")
         self.link_image_size(parser)
 
     def link_image_size(self, parser) -> None:
-        """The image size is set once, as ``data.img_size``; the model's follows it (Stage 1 ``model.img_size``,
-        Stage 2 ``model.init_args.img_size``, ignored by a module without one such as the Labs DAE)."""
+        """The image size is set once, as ``data.img_size``; the model's follows it (Stage 1
+        ``model.img_size``, Stage 2 ``model.init_args.img_size``, ignored by a module without one such as the
+        Labs DAE)."""
         target = "model.init_args.img_size" if self.subclass_mode_model else "model.img_size"
         parser.link_arguments("data.img_size", target)
 
@@ -93,8 +72,8 @@ class PacxCLI(LightningCLI):
         return bool(self._get(self.config, "allow_debug", default=False))
 
     def instantiate_classes(self) -> None:
-        """Build model, data and trainer; a debug input let through by ``--allow_debug`` marks the module, and a
-        refused one is raised as itself (jsonargparse would bury it in a "does not validate" error)."""
+        """Build model, data and trainer; a debug input let through by ``--allow_debug`` marks the module, and
+        a refused one is raised as itself (jsonargparse would bury it in a "does not validate" error)."""
         with allow_debug_runs(self._allow_debug()) as seen:
             try:
                 super().instantiate_classes()
@@ -115,15 +94,14 @@ class PacxCLI(LightningCLI):
     def run_dir(self) -> Path:
         root = self._get(self.config_init, "trainer", default={}).get("default_root_dir")
         if not root:
-            raise ValueError("set trainer.default_root_dir: it is the run directory (checkpoints, logs, run.json)")
+            raise ValueError("set trainer.default_root_dir: it is the run directory "
+                             "(checkpoints, logs, run.json)")
         return Path(root)
 
     def _loggers(self, run_dir: Path, attempt: int) -> list:
         loggers = [HistoryCSVLogger(run_dir, version=log_location(self.subcommand), attempt=attempt)]
         mode = self._get(self.config_init, "wandb", default="offline")
         if mode != "disabled":
-            from pytorch_lightning.loggers import WandbLogger
-
             loggers.append(WandbLogger(project="pacx", name=run_dir.name, save_dir=str(run_dir),
                                        offline=mode == "offline", group=self.model.stage))
         return loggers
@@ -154,8 +132,8 @@ class PacxCLI(LightningCLI):
         if slurm_managed():
             nodes, tasks = slurm_allocation()
             if (config.get("num_nodes"), config.get("devices")) != (nodes, tasks):
-                log.info("SLURM allocation: trainer.num_nodes=%d, trainer.devices=%d (config: %s, %s)", nodes, tasks,
-                         config.get("num_nodes"), config.get("devices"))
+                log.info("SLURM allocation: trainer.num_nodes=%d, trainer.devices=%d (config: %s, %s)", nodes,
+                         tasks, config.get("num_nodes"), config.get("devices"))
             config["num_nodes"], config["devices"] = nodes, tasks
             plugins.append(SLURMEnvironment(auto_requeue=False))
             if self.subcommand == "fit":
@@ -212,7 +190,8 @@ class PacxCLI(LightningCLI):
             raise ValueError("pacx checkpoints never need weights_only=False; it stays True")
         cfg["weights_only"] = True
         ckpt_dir = self.run_dir / "checkpoints"
-        if subcommand == "fit" and cfg.get("ckpt_path") is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        if (subcommand == "fit" and cfg.get("ckpt_path") is None and ckpt_dir.is_dir()
+                and any(ckpt_dir.glob("*.ckpt"))):
             raise FileExistsError(
                 f"{ckpt_dir} already holds checkpoints: pass --ckpt_path last to resume, or set another "
                 "trainer.default_root_dir"
@@ -233,15 +212,15 @@ class PacxCLI(LightningCLI):
 
 class EvalCLI(PacxCLI):
     """Stage 3: model and data are any :class:`~pacx.lit.common.BenchmarkEvalModule` /
-    :class:`~pacx.data.stage3.SplitsDataModule` pair named by ``class_path`` in the config
-    (classification or segmentation). The benchmark and the image size are set once on the data side
-    (``data.benchmark`` → ``model.benchmark``, ``data.img_size`` → ``model.backbone.img_size``). Before ``fit``
-    and ``test`` the test split is checked against the backbone's Stage 2 admissions (an error on shared
-    training admissions unless ``--allow_overlap true``; :mod:`pacx.data.leakage`). ``fit``
-    ends by testing its best checkpoint, so one command trains and evaluates. ``predict`` writes the
-    backbone's CLS embeddings of ``data.manifest`` to ``--embeddings_out`` (default
-    ``<default_root_dir>/embeddings.npy``), in manifest row order. Under ``fast_dev_run`` (which saves no
-    checkpoint) the test after ``fit`` runs on the weights in memory; the results row is marked debug."""
+    :class:`~pacx.data.stage3.SplitsDataModule` pair named by ``class_path`` in the config (classification or
+    segmentation). The benchmark and the image size are set once on the data side (``data.benchmark`` →
+    ``model.benchmark``, ``data.img_size`` → ``model.backbone.img_size``). Before ``fit`` and ``test`` the
+    test split is checked against the backbone's Stage 2 admissions (an error on shared training admissions
+    unless ``--allow_overlap true``; :mod:`pacx.data.leakage`). ``fit`` ends by testing its best checkpoint,
+    so one command trains and evaluates. ``predict`` writes the backbone's CLS embeddings of ``data.manifest``
+    to ``--embeddings_out`` (default ``<default_root_dir>/embeddings.npy``), in manifest row order. Under
+    ``fast_dev_run`` (which saves no checkpoint) the test after ``fit`` runs on the weights in memory; the
+    results row is marked debug."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -253,8 +232,8 @@ class EvalCLI(PacxCLI):
         parser.add_argument("--embeddings_out", type=str | None, default=None,
                             help="predict: output .npy (default <trainer.default_root_dir>/embeddings.npy)")
         parser.add_argument("--allow_overlap", type=bool, default=False,
-                            help="evaluate even when the test split shares admissions with the backbone's Stage 2 "
-                                 "training admissions (warned about and recorded in the results row)")
+                            help="evaluate even when the test split shares admissions with the backbone's "
+                                 "Stage 2 training admissions (warned about and recorded in the results row)")
         parser.link_arguments("data.init_args.benchmark", "model.init_args.benchmark")
 
     def link_image_size(self, parser) -> None:

@@ -1,18 +1,8 @@
 """Debug runs: which Lightning flags make a run one, and the one check that keeps them out of results.
 
-A run trained or tested with ``fast_dev_run``, ``overfit_batches`` or any ``limit_{train,val,test,predict}
-_batches`` below the full data is a **debug run**. It still writes everything a normal run writes, but
-marked: ``run.json`` has ``"debug": {flag: value}`` (an empty dict for a normal run; flags of every
-attempt are kept), checkpoints carry the same dict under ``pacx.debug``, exported encoders carry it in
-their metadata, and results rows carry it in their ``debug`` column.
-
-Downstream readers refuse a debug run unless told otherwise: Stage 2's ``init_encoder`` and Stage 3's
-backbones (``--allow_debug true`` on the Stage CLIs), ``pacx.load_encoder(..., allow_debug=True)``,
-``scripts/make_tables.py --allow-debug``, or ``PACX_ALLOW_DEBUG=1`` in the environment for any other
-reader (teacher extraction, alignment). :func:`check_not_debug` is that refusal; the CLIs switch it off for
-their own process with :func:`allow_debug_runs`. A run that was allowed a debug input is itself a
-debug run (flag ``from_debug_run``), so its results stay out of the tables too.
-
+A run with ``fast_dev_run``, ``overfit_batches`` or any ``limit_*_batches`` below the full data is marked in
+``run.json``, checkpoints, exports and results rows (docs/method.md#runs). :func:`check_not_debug` is the
+readers' refusal, lifted by :func:`allow_debug_runs` or ``PACX_ALLOW_DEBUG=1`` (docs/design.md#debug-runs).
 This module imports neither Lightning nor torch: it reads a trainer's attributes by name.
 """
 
@@ -52,7 +42,8 @@ class DebugInputs:
     """What :func:`check_not_debug` saw inside an :func:`allow_debug_runs` block."""
 
     let_through: list[str] = field(default_factory=list)  # debug inputs allowed in
-    refused: list[DebugRunError] = field(default_factory=list)  # errors raised (a caller may have wrapped them)
+    # errors raised (a caller may have wrapped them)
+    refused: list[DebugRunError] = field(default_factory=list)
 
 
 _SEEN: contextvars.ContextVar[DebugInputs | None] = contextvars.ContextVar("pacx_debug_inputs", default=None)
@@ -72,7 +63,8 @@ def debug_flags(trainer) -> dict[str, float | int]:
         if isinstance(value, bool):
             found[name] = int(value)
         elif name.startswith("limit_") and isinstance(value, int):
-            found[name] = value  # an int limit is a batch count (Lightning): even 1 means one batch, not 100 %
+            # an int limit is a batch count (Lightning): even 1 means one batch, not 100 %
+            found[name] = value
         elif isinstance(value, (int, float)) and float(value) != float(normal):
             found[name] = value
     if any(k in found for k in _IMPLIES_LIMITS):

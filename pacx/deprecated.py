@@ -1,10 +1,9 @@
 """Old module paths kept for one release (0.1.x): each is an alias of its new module, with a warning.
 
 Issue 14 renamed ``pacx.benchmark`` -> :mod:`pacx.perf.train`, ``pacx.data.benchmarks`` ->
-:mod:`pacx.data.converters`, ``pacx.data.benchmark_dm`` -> :mod:`pacx.data.stage3` and
-``pacx.data.phantom`` -> :mod:`pacx.demo.phantom`. The old modules are one :func:`alias_module` call each,
-so ``import`` and ``from ... import`` of the old names (and ``class_path`` entries in saved configs) give
-the very same module objects and classes; delete them with this file in the next release.
+:mod:`pacx.data.converters`, ``pacx.data.benchmark_dm`` -> :mod:`pacx.data.stage3` and ``pacx.data.phantom``
+-> :mod:`pacx.demo.phantom`. Each old module is one :func:`alias_module` call, so old imports and saved
+``class_path`` entries give the very same objects; delete them with this file in the next release.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 
 
 def alias_module(old: str, new: str, submodules: tuple[str, ...] = ()) -> None:
@@ -25,3 +25,17 @@ def alias_module(old: str, new: str, submodules: tuple[str, ...] = ()) -> None:
         sys.modules[f"{old}.{sub}"] = child
         setattr(module, sub, child)
     sys.modules[old] = module
+
+
+def moved_names(old: str, homes: Mapping[str, str]) -> Callable[[str], object]:
+    """A module ``__getattr__`` for ``old``, a module split in several: each name of ``homes`` (name -> its
+    new module) resolves to that module's object, with a ``DeprecationWarning`` that names the new path."""
+
+    def __getattr__(name: str) -> object:
+        if name not in homes:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        warnings.warn(f"{old}.{name} has moved to {homes[name]}.{name}; the old name will be removed in the "
+                      "next release", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(homes[name]), name)
+
+    return __getattr__

@@ -1,17 +1,9 @@
 """Cross-device helpers for the contrastive loss (docs/method.md#stage-2: negatives gathered across devices).
 
-Owns the one gather that the losses use and the rank-offset targets that go with it.
-Every helper is safe when ``torch.distributed`` is unavailable or not initialised: world size 1, rank 0,
-and the gather is the identity.
-
-Why the gather sums gradients. Rank ``r`` computes ``L_r`` from its local queries against keys gathered
-from all ranks, so ``L_r`` depends on every rank's embeddings. The full-batch loss over ``W`` equal local
-batches is ``L = (1/W) Σ_r L_r`` (each term is a mean over local rows, and the full-batch loss a mean over
-all rows). DDP averages parameter gradients, so rank ``r`` must back-propagate
-``Σ_s ∂L_s/∂e_r`` into its own embeddings ``e_r``: the backward of :func:`gather_with_grad` all-reduces
-(sums) the gradient of the gathered tensor and returns the local slice. DDP's average then gives exactly
-``∂L/∂θ``. Returning only the rank's own slice of its own gradient (the "replace the local slice" trick)
-drops the cross-rank terms and is not the full-batch gradient; ``tests/test_losses.py`` checks both.
+Owns the one gather the losses use (:func:`gather_with_grad`) and the rank-offset targets that go with it.
+Every helper is safe when ``torch.distributed`` is unavailable or not initialised: world size 1, rank 0, and
+the gather is the identity. Why the gather's backward sums gradients over ranks:
+docs/design.md#gather-gradients (``tests/test_losses.py`` checks it).
 """
 
 from __future__ import annotations

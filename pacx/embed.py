@@ -1,40 +1,9 @@
-"""Embed a folder or manifest of chest X-rays with any encoder: ``python -m pacx.embed ENCODER IMAGES --out F``.
+"""Embed a folder or manifest of chest X-rays with any encoder (``python -m pacx.embed ENCODER IMAGES``):
 
     python -m pacx.embed mae_encoder.safetensors xrays/ --out emb.parquet
     python -m pacx.embed runs/stage2/pacx_vitb_symile images.csv --root /data/images --out emb.npy
 
-``ENCODER`` is anything :func:`pacx.load_encoder` reads (run directory, checkpoint, exported safetensors, MAE
-release, timm weights). ``IMAGES`` is a folder, searched recursively for ``.png .jpg .jpeg .tif .tiff`` files
-(sorted by relative path, so the order is the same on every machine), or a manifest CSV whose path column is
-``--path-column``, by default the first of ``path``, ``Path`` and the benchmark registry's path columns that
-the CSV has; relative paths resolve against ``--root`` (default: the CSV's folder), absolute paths stay.
-
-Pixels are those of Stage 3 evaluation: :func:`pacx.data.images.open_image` (any bit depth), then
-:func:`pacx.data.transforms.resize_eval` at the encoder's own ``img_size`` (square bilinear resize, ImageNet
-normalisation); the feature is ``encoder(x)``, the CLS token the linear probe trains on, in float32 or, with
-``--precision bf16-mixed``, under bfloat16 autocast as Stage 3 runs on GPUs (the configs' ``bf16-mixed``).
-
-Output, chosen by the suffix of ``--out`` (row i is image i of the input order, unreadable ones left out):
-
-* ``.npy``: float32 ``[N, D]``, and ``<out>.paths.txt`` with the image of each row, one per line (the path
-  relative to the folder, or the manifest's value as written);
-* ``.parquet``: one row per image, columns ``path`` (string) and ``embedding`` (fixed-size list of D float32;
-  ``np.stack(pd.read_parquet(f).embedding)`` is the ``[N, D]`` array); the file's metadata ``pacx_embed``
-  records the encoder fingerprint, the image size and the input list hash.
-
-Resuming: the images are embedded in shards of ``--shard-size``, each written atomically to
-``<out>.shards/shard-NNNNN.npy`` (NaN rows for unreadable images, listed with their reasons in
-``shard-NNNNN.json``), next to ``embed.json``, which records the input list hash (paths, file sizes and
-modification times, the transform and the decoder version), the encoder fingerprint (its weights and
-architecture), the precision and the shard size. A rerun with the same inputs skips finished shards; a rerun
-with other inputs, another encoder, precision or shard size is an error naming what differs, unless
-``--overwrite``. After the merge (written atomically) the shard folder is removed, unless ``--keep-shards``.
-An existing output is an error unless ``--overwrite``.
-
-Unreadable images (missing, corrupt, unsupported mode): every readable image is embedded first; then, without
-``--skip-unreadable``, the run fails naming the first 10 and their count, writes no output and keeps its
-shards (a rerun with ``--skip-unreadable`` only merges). With ``--skip-unreadable`` they are left out of the
-output, listed (``path``, ``reason``) in ``<out>.unreadable.csv``, and their count is logged as a warning.
+Inputs, pixels, outputs, resumable shards and unreadable images: docs/design.md#embed and ``--help``.
 """
 
 from __future__ import annotations
@@ -58,16 +27,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pacx.checkpoint import CheckpointError, state_fingerprint
 from pacx.data.images import DECODER_VERSION, ImageDecodeError, find_images, open_image
 from pacx.data.manifest import ManifestError, read_manifest, require_rows, row_ref
 from pacx.data.registry import BENCHMARKS
 from pacx.data.transforms import resize_eval
 from pacx.embed_store import WRITERS, EmbedError, ShardStore, sidecar, tmp_path
-from pacx.encoders import load_encoder
+from pacx.models.load import load_encoder
 from pacx.models.vit import ViTEncoder
 from pacx.progress import NO_PROGRESS_HELP
 from pacx.progress import progress as progress_bar
+from pacx.weights.checkpoint import CheckpointError, state_fingerprint
 
 log = logging.getLogger("pacx.embed")  # also under `python -m pacx.embed`
 
@@ -107,7 +76,8 @@ def path_column_candidates() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def list_images(images: str | Path, path_column: str | None = None, root: str | Path | None = None) -> ImageList:
+def list_images(images: str | Path, path_column: str | None = None,
+                root: str | Path | None = None) -> ImageList:
     """A folder (:func:`pacx.data.images.find_images`) or a manifest CSV (row order)."""
     images = Path(images)
     if images.is_dir():
@@ -136,7 +106,8 @@ def list_images(images: str | Path, path_column: str | None = None, root: str | 
 def images_hash(images: ImageList, transform: object) -> str:
     """SHA-256 of the image list (resolved root; each path with its size and mtime, or ``missing``), the
     transform and the decoder version: equal iff a rerun would read the same pixels in the same order."""
-    h = hashlib.sha256(f"{images.root.resolve()}|{transform!r}|decoder {DECODER_VERSION}|{len(images.paths)}\n"
+    h = hashlib.sha256(f"{images.root.resolve()}|{transform!r}|decoder "
+                       f"{DECODER_VERSION}|{len(images.paths)}\n"
                        .encode())
     for path, file in zip(images.paths, images.files):
         try:
@@ -155,8 +126,8 @@ def encoder_fingerprint(encoder: ViTEncoder) -> str:
 
 
 class ImageFiles(Dataset):
-    """``(x [3, S, S], index, error)``: the evaluation pixels of image ``index`` and ``""``, or an empty tensor
-    and the reason (``"<Error>: message"``) when it cannot be read."""
+    """``(x [3, S, S], index, error)``: the evaluation pixels of image ``index`` and ``""``, or an empty
+    tensor and the reason (``"<Error>: message"``) when it cannot be read."""
 
     def __init__(self, files: list[Path], transform: Callable) -> None:
         self.files, self.transform = files, transform
@@ -232,9 +203,9 @@ def embed_images(
     todo = [k for k in range(store.n_shards) if store.load(k, dim) is None]
     torch_device = resolve_device(device)
     num_workers = default_workers() if num_workers is None else num_workers
-    log.info("embedding %d images of %s with %s (%d-d, %d px) on %s (precision %s, %d workers): %d of %d shards "
-             "to compute", n, image_list.source, encoder, dim, model.cfg.img_size, torch_device, precision,
-             num_workers, len(todo), store.n_shards)
+    log.info("embedding %d images of %s with %s (%d-d, %d px) on %s (precision %s, %d workers): "
+             "%d of %d shards to compute", n, image_list.source, encoder, dim, model.cfg.img_size,
+             torch_device, precision, num_workers, len(todo), store.n_shards)
     model.to(torch_device)
     computed = sum(len(store.rows(k)) for k in todo)
     start = time.perf_counter()
@@ -242,16 +213,18 @@ def embed_images(
                     num_workers, torch_device, PRECISIONS[precision], progress)
     if computed:
         elapsed = time.perf_counter() - start
-        log.info("computed %d images in %.1f s (%.1f images/s)", computed, elapsed, computed / max(elapsed, 1e-9))
+        log.info("computed %d images in %.1f s (%.1f images/s)", computed, elapsed,
+                 computed / max(elapsed, 1e-9))
     _merge(store, image_list.paths, out, dim, skip_unreadable, record)
     if not keep_shards:
         shutil.rmtree(store.directory)
     return out
 
 
-def _compute_shards(model: ViTEncoder, dataset: ImageFiles, store: ShardStore, todo: list[int], paths: list[str],
-                    batch_size: int, num_workers: int, device: torch.device,
-                    forward_context: Callable[[torch.device], AbstractContextManager], progress: bool) -> None:
+def _compute_shards(model: ViTEncoder, dataset: ImageFiles, store: ShardStore, todo: list[int],
+                    paths: list[str], batch_size: int, num_workers: int, device: torch.device,
+                    forward_context: Callable[[torch.device], AbstractContextManager],
+                    progress: bool) -> None:
     """Run the encoder over the rows of the ``todo`` shards, writing each shard as soon as it is complete."""
     if not todo:
         return
@@ -280,7 +253,8 @@ def _compute_shards(model: ViTEncoder, dataset: ImageFiles, store: ShardStore, t
                 feats, failed = [], []
 
 
-def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unreadable: bool, record: dict) -> None:
+def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unreadable: bool,
+           record: dict) -> None:
     """Check the unreadable images, then write ``out`` from the shards (and the sidecars) atomically."""
     failed = []
     for k in range(store.n_shards):
@@ -292,12 +266,12 @@ def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unread
         named = "; ".join(f"{f['path']} ({f['reason']})" for f in failed[:MAX_NAMED])
         more = f" and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else ""
         raise UnreadableImagesError(
-            f"{len(failed)} of {len(paths)} images could not be read: {named}{more}. No output was written; the "
-            f"shards of the readable images are kept in {store.directory}, so a rerun with --skip-unreadable "
-            "(which leaves these images out and lists them) only merges them")
+            f"{len(failed)} of {len(paths)} images could not be read: {named}{more}. No output was written; "
+            f"the shards of the readable images are kept in {store.directory}, so a rerun with "
+            "--skip-unreadable (which leaves these images out and lists them) only merges them")
     if len(failed) == len(paths):
-        raise UnreadableImagesError(f"none of the {len(paths)} images could be read (first: {failed[0]['path']}: "
-                                    f"{failed[0]['reason']})")
+        raise UnreadableImagesError(f"none of the {len(paths)} images could be read (first: "
+                                    f"{failed[0]['path']}: {failed[0]['reason']})")
     bad = {f["index"] for f in failed}
     keep = [p for i, p in enumerate(paths) if i not in bad]
 
@@ -312,8 +286,8 @@ def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unread
         pd.DataFrame({"path": [f["path"] for f in failed], "reason": [f["reason"] for f in failed]}).to_csv(
             tmp_path(unreadable_csv), index=False)
         os.replace(tmp_path(unreadable_csv), unreadable_csv)
-        log.warning("%d of %d images could not be read and are left out of %s; they are listed in %s", len(failed),
-                    len(paths), out, unreadable_csv)
+        log.warning("%d of %d images could not be read and are left out of %s; they are listed in %s",
+                    len(failed), len(paths), out, unreadable_csv)
     elif unreadable_csv.exists():
         unreadable_csv.unlink()  # from an earlier run over other files
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -327,29 +301,34 @@ def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unread
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pacx.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("encoder", help="run directory, checkpoint or exported .safetensors (pacx.load_encoder)")
+    parser.add_argument("encoder",
+                        help="run directory, checkpoint or exported .safetensors (pacx.load_encoder)")
     parser.add_argument("images", help="folder of images (recursive) or manifest CSV")
     parser.add_argument("--out", required=True, help="output file: .npy or .parquet")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="image decoding processes (0: in this one; default: the CPUs available, at most 8)")
+                        help="image decoding processes (0: in this one; default: the CPUs available, "
+                             "at most 8)")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32",
                         help="32 (float32) or bf16-mixed (bfloat16 autocast, as Stage 3 on GPUs)")
     parser.add_argument("--path-column",
                         help=f"the CSV's image column (default: the first of {path_column_candidates()})")
-    parser.add_argument("--root", help="folder that a CSV's relative paths start from (default: the CSV's folder)")
+    parser.add_argument("--root",
+                        help="folder that a CSV's relative paths start from (default: the CSV's folder)")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="leave unreadable images out and list them in <out>.unreadable.csv")
-    parser.add_argument("--overwrite", action="store_true", help="recompute: discard existing shards and output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute: discard existing shards and output")
     parser.add_argument("--keep-shards", action="store_true", help="keep <out>.shards/ after the merge")
     parser.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     parser.add_argument("--allow-debug", action="store_true", help="accept the encoder of a debug run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = embed_images(args.encoder, args.images, args.out, batch_size=args.batch_size, device=args.device,
+        out = embed_images(args.encoder, args.images, args.out, batch_size=args.batch_size,
+                           device=args.device,
                            num_workers=args.num_workers, shard_size=args.shard_size, precision=args.precision,
                            skip_unreadable=args.skip_unreadable, overwrite=args.overwrite,
                            keep_shards=args.keep_shards, path_column=args.path_column, root=args.root,

@@ -1,5 +1,5 @@
 """Where ``python -m pacx.embed`` keeps its work: the resumable shard folder (:class:`ShardStore`) and the
-writers of the merged ``.npy`` / ``.parquet`` output (:data:`WRITERS`); the layouts are in :mod:`pacx.embed`."""
+writers of the merged ``.npy`` / ``.parquet`` output (:data:`WRITERS`); layouts: docs/design.md#embed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pacx.utils import save_npy_atomic, write_json_atomic, write_text_atomic
 
@@ -53,14 +55,14 @@ class ShardStore:
             diff = [f"{key}: recorded {old.get(key)!r}, now {value!r}" for key, value in self.record.items()
                     if old.get(key) != value]
             if diff:
-                raise EmbedError(f"{self.directory} holds shards of another run ({'; '.join(diff)}); rerun with "
-                                 "--overwrite to discard them, or choose another --out")
+                raise EmbedError(f"{self.directory} holds shards of another run ({'; '.join(diff)}); rerun "
+                                 "with --overwrite to discard them, or choose another --out")
         else:
             write_json_atomic(manifest, self.record)
 
     def load(self, shard: int, dim: int) -> tuple[np.ndarray, list[dict]] | None:
-        """A finished shard's ``[rows, D]`` features and its unreadable images, or None (with a warning when the
-        files are there but unusable)."""
+        """A finished shard's ``[rows, D]`` features and its unreadable images, or None (with a warning when
+        the files are there but unusable)."""
         path = self.npy(shard)
         if not path.is_file():
             return None
@@ -93,7 +95,8 @@ def write_npy(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
     """float32 ``[N, D]`` (filled shard by shard through a memory map) + ``<out>.paths.txt``."""
     bad = [p for p in paths if "\n" in p or "\r" in p]
     if bad:
-        raise EmbedError(f"{len(bad)} image path(s) hold a line break (first: {bad[0]!r}); use a .parquet output")
+        raise EmbedError(f"{len(bad)} image path(s) hold a line break (first: {bad[0]!r}); use a "
+                         ".parquet output")
     write_text_atomic(sidecar(out, ".paths.txt"), "".join(f"{p}\n" for p in paths))
     tmp = tmp_path(out)
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), dim))
@@ -108,9 +111,6 @@ def write_npy(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
 
 def write_parquet(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
     """Columns ``path`` and ``embedding`` (fixed-size list of D float32), one row group per shard."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
                        metadata={"pacx_embed": json.dumps(meta, sort_keys=True)})
     tmp = tmp_path(out)

@@ -1,25 +1,9 @@
-"""Stage 2 distillation loss (docs/method.md#stage-2; docs/datasets.md#stage-2-training): symmetric InfoNCE + cosine regression.
+"""Stage 2 distillation loss (docs/method.md#stage-2): symmetric InfoNCE + cosine regression.
 
 ``loss = clip_weight · mean(CLIP terms) + regression_weight · mean(regression terms)`` over the pairs
-CXR–teacher, one per teacher the inputs name (CXR–ECG and CXR–labs in the paper; docs/method.md#teachers).
-
-* CLIP term: symmetric InfoNCE (mean of CXR→other and other→CXR cross-entropies) on L2-normalised
-  embeddings; local queries against keys gathered from all ranks with gradients
-  (:func:`pacx.dist.gather_with_grad`), targets offset by rank; one learnable logit scale shared by all
-  pairs, initialised to ``log(1/temperature)``; label smoothing via ``F.cross_entropy``.
-* Regression term: ``1 − cos(prediction, teacher)`` averaged over the batch; the teacher is detached.
-
-The logit-scale clamp is applied to ``exp(logit_scale)`` in ``forward`` (``[1, 100]``), not to the parameter
-data after optimizer steps: the loss stays pure (no hook into the training loop), and the scale that is
-used is within bounds whatever the parameter holds. While the scale sits on a bound its gradient is 0, so
-the parameter does not drift far beyond it (only weight decay, if applied to it, moves it).
-
-The loss is computed in at least float32 with autocast off: at scale 100, bf16 logits would carry errors
-of ~0.4. Half-precision inputs are upcast; float64 inputs stay float64.
-
-Under DDP with equal local batches, the mean over ranks of ``loss`` equals the full-batch loss and DDP's
-averaged gradients equal the full-batch gradients (see :mod:`pacx.dist`). Each rank's returned terms are
-its local values.
+CXR–teacher, one per teacher the inputs name. Keys are gathered from all ranks with gradients
+(:func:`pacx.dist.gather_with_grad`). The terms, the logit-scale clamp, the float32 computation and the DDP
+equivalence: docs/design.md#stage-2-loss.
 """
 
 from __future__ import annotations
@@ -63,7 +47,8 @@ def info_nce(
 def symmetric_clip_loss(
     a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Mean of ``a→b`` and ``b→a`` InfoNCE; a, b: [n, D] local, row ``i`` of ``a`` pairs with row ``i`` of ``b``.
+    """Mean of ``a→b`` and ``b→a`` InfoNCE; a, b: [n, D] local, row ``i`` of ``a`` pairs with row ``i`` of
+    ``b``.
 
     Normalises both, gathers keys from all ranks (identity when not distributed) and offsets targets by
     rank, so local row ``i`` matches gathered column ``rank·n + i``.
@@ -135,8 +120,10 @@ class DistillationLoss(nn.Module):
             scale = self.scale()
             out: dict[str, torch.Tensor] = {}
             for t in teachers:
-                shared, pred, target = (_upcast(x) for x in (teacher_shared[t], cxr_to_teacher[t], teacher_target[t]))
-                out[f"clip_{t}"] = symmetric_clip_loss(_upcast(cxr_shared), shared, scale, self.label_smoothing)
+                shared, pred, target = (_upcast(x)
+                                        for x in (teacher_shared[t], cxr_to_teacher[t], teacher_target[t]))
+                out[f"clip_{t}"] = symmetric_clip_loss(_upcast(cxr_shared), shared, scale,
+                                                       self.label_smoothing)
                 out[f"reg_{t}"] = cosine_regression(pred, target)
             clip = torch.stack([out[f"clip_{t}"] for t in teachers]).mean()
             reg = torch.stack([out[f"reg_{t}"] for t in teachers]).mean()

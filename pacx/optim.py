@@ -1,6 +1,4 @@
-"""Optimizer groups, the LR/batch scaling rule and the per-step warmup + cosine schedule.
-
-One place for each rule so every stage uses the same code:
+"""Optimizer groups, the LR/batch scaling rule and the per-step warmup + cosine schedule, each in one place.
 
 * :func:`param_groups` — weight decay on ≥ 2-D weights only; biases, norms and tokens get none.
 * :func:`resolve_lr` — an absolute ``lr`` or ``base_lr × global_batch / 256`` (the MAE rule).
@@ -42,7 +40,8 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 def resolve_lr(lr: float | None, base_lr: float | None, global_batch: int) -> float:
     """Effective learning rate: absolute ``lr``, or ``base_lr * global_batch / 256`` (exactly one given)."""
     if (lr is None) == (base_lr is None):
-        raise ValueError(f"give exactly one of lr (absolute) and base_lr (scaled); got lr={lr}, base_lr={base_lr}")
+        raise ValueError(f"give exactly one of lr (absolute) and base_lr (scaled); got lr={lr}, "
+                         f"base_lr={base_lr}")
     if lr is not None:
         return float(lr)
     effective = float(base_lr) * global_batch / 256
@@ -76,8 +75,8 @@ def warmup_cosine_scheduler(
         raise ValueError(f"lr interval must be one of {LR_INTERVALS}, got {interval!r}")
     if interval == "epoch":
         if warmup_steps % steps_per_epoch:
-            raise ValueError(f"lr_interval epoch needs a whole number of warmup epochs: {warmup_steps} warmup steps "
-                             f"at {steps_per_epoch} steps per epoch")
+            raise ValueError(f"lr_interval epoch needs a whole number of warmup epochs: {warmup_steps} "
+                             f"warmup steps at {steps_per_epoch} steps per epoch")
         warmup_epochs, epochs = warmup_steps // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)
 
         def factor(step: int) -> float:

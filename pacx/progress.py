@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from tqdm import tqdm
 
 ENV_VAR = "PACX_PROGRESS"
-NO_PROGRESS_HELP = "no progress bars (they are off anyway when stderr is not a terminal, or with PACX_PROGRESS=0)"
+NO_PROGRESS_HELP = ("no progress bars (they are off anyway when stderr is not a terminal, or with "
+                    "PACX_PROGRESS=0)")
 _switched_on = True
 
 
@@ -32,7 +33,8 @@ def progress_enabled() -> bool:
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
              unit: str = "it", enabled: bool = True, **kwargs) -> tqdm:
-    """``tqdm(iterable, ...)``, disabled unless :func:`progress_enabled` and ``enabled`` (a caller's own switch).
+    """``tqdm(iterable, ...)``, disabled unless :func:`progress_enabled` and ``enabled`` (a caller's own
+    switch).
 
     A disabled bar passes the items through and ignores ``update``/``close``, so call sites need no branch.
     """

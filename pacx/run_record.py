@@ -1,14 +1,9 @@
-"""Reading a run directory's ``run.json`` (written by :class:`pacx.lit.callbacks.RunRecord`).
-
-``run.json`` says ``running`` while a run trains. A process that is killed outright (``kill -9``, the
-out-of-memory killer) cannot update it, so :func:`read_run_record` checks the recorded process: if the
-record says ``running`` and names a process on this host that no longer exists, the status it returns is
-``killed`` (the file itself is rewritten by the next attempt). Catchable ends are written by the run
-itself: ``interrupted`` (Ctrl-C), ``killed: SIGTERM``, ``requeued`` (SLURM), ``failed: <exception>``.
+"""Reading a run directory's ``run.json`` (written by :class:`pacx.lit.callbacks.RunRecord`); Lightning-free.
 
     python -m pacx.run_record RUN_DIR [RUN_DIR ...]    # prints stage, status (live), attempt, debug flags
 
-Lightning-free, so scripts and loaders can read records cheaply.
+A record that says ``running`` but names a process on this host that no longer exists reads as ``killed``:
+``kill -9`` and the out-of-memory killer leave the file unchanged (docs/design.md#run-record).
 """
 
 from __future__ import annotations
@@ -72,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"{run_dir}: no {RUN_JSON}\n")
             continue
         debug = record.get("debug") or {}
-        sys.stdout.write(f"{run_dir}: {record.get('stage')} {record.get('status')} (attempt {record.get('attempt')}, "
-                         f"step {record.get('global_step')}){' DEBUG ' + json.dumps(debug) if debug else ''}\n")
+        sys.stdout.write(f"{run_dir}: {record.get('stage')} {record.get('status')} (attempt "
+                         f"{record.get('attempt')}, step "
+                         f"{record.get('global_step')}){' DEBUG ' + json.dumps(debug) if debug else ''}\n")
     return 0
 
 

@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 
 @functools.cache
 def git_sha() -> str:
@@ -49,8 +51,6 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def save_npy_atomic(path: str | Path, array) -> Path:
     """``np.save`` via a temporary file and a rename (no pickles), so readers never see a partial array."""
-    import numpy as np
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -71,27 +71,33 @@ def load_backbones(sources: dict[str, str], img_size: int | None) -> tuple[dict[
     for name, source in sources.items():
         if source.startswith(RANDOM_PREFIX):
             arch = source[len(RANDOM_PREFIX):]
-            encoders[name] = build_backbone(BackboneConfig(kind="random", arch=arch, img_size=img_size)).eval()
+            encoders[name] = build_backbone(BackboneConfig(kind="random", arch=arch,
+                                                           img_size=img_size)).eval()
             log.info("%s: random %s (%d px)", name, arch, img_size)
     return {name: encoders[name] for name in sources}, img_size
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", required=True, metavar="NAME=PATH",
-                        help="encoders to compare: name=path (run dir, checkpoint, export, ...) or name=random:<arch>")
+                        help="encoders to compare: name=path (run dir, checkpoint, export, ...) or "
+                             "name=random:<arch>")
     parser.add_argument("--images", nargs="+", required=True,
                         help="image files, directories (.png/.jpg/.jpeg inside) or CSV manifests")
-    parser.add_argument("--path-column", default="Path", help="image-path column of CSV manifests (default Path)")
-    parser.add_argument("--image-root", default=None, help="root for relative CSV paths (default: the CSV's folder)")
+    parser.add_argument("--path-column", default="Path",
+                        help="image-path column of CSV manifests (default Path)")
+    parser.add_argument("--image-root", default=None,
+                        help="root for relative CSV paths (default: the CSV's folder)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="model input size (default: the first encoder's own; all encoders must agree)")
     parser.add_argument("--head-fusion", default="mean", choices=sorted(HEAD_FUSIONS))
     parser.add_argument("--discard-ratio", type=float, default=0.0,
                         help="fraction of the weakest non-CLS attention entries zeroed per block (default 0)")
     parser.add_argument("--max-images", type=int, default=8, help="use at most this many images (default 8)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays (default 0.5)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="heatmap opacity in the overlays (default 0.5)")
     parser.add_argument("--display-size", type=int, default=256, help="longest side of each panel in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed for random-init backbones (default 0)")
     parser.add_argument("--out", default="rollout.png", help="output PNG (default rollout.png)")
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     x = model_inputs(images, img_size)  # [N, 3, S, S]
     heatmaps = {}
     for name, encoder in encoders.items():
-        heatmaps[name] = rollout_heatmaps(encoder, x, args.head_fusion, args.discard_ratio).numpy()  # [N, g, g]
+        # [N, g, g]
+        heatmaps[name] = rollout_heatmaps(encoder, x, args.head_fusion, args.discard_ratio).numpy()
         log.info("%s: %d heatmaps of %dx%d", name, *heatmaps[name].shape)
 
     out = Path(args.out)

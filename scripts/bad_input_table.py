@@ -64,7 +64,8 @@ def collect(tests: Path = REPO / "tests") -> list[tuple[str, str]]:
         doc = (getattr(item, "function", None).__doc__ or "").strip()
         line = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
         if ARROW not in line:
-            raise SystemExit(f"{item.nodeid}: a bad_input test's docstring must start with '<input> {ARROW} <error>'")
+            raise SystemExit(f"{item.nodeid}: a bad_input test's docstring must start with "
+                             f"'<input> {ARROW} <error>'")
         rows.append((item.nodeid, line))
     return rows
 
@@ -74,15 +75,19 @@ def render(rows: list[tuple[str, str]]) -> str:
     for nodeid, summary in rows:
         bad, _, error = summary.partition(ARROW)
         cells = [bad.strip().rstrip(":"), error.strip().rstrip("."), f"`{nodeid}`"]
-        cells = [c.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;") for c in cells[:2]] + cells[2:]
+        cells = [c.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+                 for c in cells[:2]] + cells[2:]
         lines.append("| " + " | ".join(cells) + " |")
     return HEADER + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output Markdown (default {OUT.relative_to(REPO)})")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed file instead of writing")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"output Markdown (default {OUT.relative_to(REPO)})")
     args = parser.parse_args(argv)
     text = render(collect())
     if args.check:

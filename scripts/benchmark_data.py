@@ -93,12 +93,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     # Release paths start with the release folder; the image root is its parent's contents.
     df["rel"] = df["Path"].str.split("/", n=1).str[1]
     # The release leaves most label cells blank; this benchmark only times loading, so blanks count as 0.
-    pil_ds = ImageManifestDataset(df, workdir, "rel", RELEASE_LABELS, transform=mae_train(args.img_size), label_fill=0)
+    pil_ds = ImageManifestDataset(df, workdir, "rel", RELEASE_LABELS, transform=mae_train(args.img_size),
+                                  label_fill=0)
     cache_ds = CachedImageDataset(ImageCache(cache_dir), df["Path"].tolist(), pil_ds.labels)
     pipelines = {  # name -> (loader, what the consuming process does to each batch)
         "pil": (_loader(pil_ds, args), _identity),
         "cache": (_loader(cache_ds, args, BatchedCropFlip(args.img_size)), normalize_batch),
-        "cache_worker_float": (_loader(cache_ds, args, BatchedCropFlip(args.img_size, normalize=True)), _identity),
+        "cache_worker_float": (_loader(cache_ds, args, BatchedCropFlip(args.img_size, normalize=True)),
+                               _identity),
         "cache_uint8_to_device": (_loader(cache_ds, args, BatchedCropFlip(args.img_size)), _identity),
     }
     shapes = {}
@@ -144,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         with tempfile.TemporaryDirectory(prefix="pacx_bench_data_") as tmp:
             result = run(args, Path(tmp))
-    lines = [f"{args.num_images} images, batch {args.batch_size}, {args.num_workers} workers, {args.img_size} px "
-             f"out, cache {args.cache_size} px (built in {result['cache_build_s']:.1f} s); rows yield float32 "
-             "[B,3,H,W] except the last (uint8 [B,1,H,W], normalised later on the GPU)",
+    lines = [f"{args.num_images} images, batch {args.batch_size}, {args.num_workers} workers, "
+             f"{args.img_size} px out, cache {args.cache_size} px (built in {result['cache_build_s']:.1f} "
+             "s); rows yield float32 [B,3,H,W] except the last (uint8 [B,1,H,W], normalised later on the "
+             "GPU)",
              f"{'path':<58} {'images/s':>9} {'x pil':>6}"]
     rows = [
         ("pil: ImageManifestDataset + mae_train", "pil_images_per_s"),

@@ -3,9 +3,9 @@
 and flip-aware.
 
 Writes a synthetic binary benchmark in the TB (Shenzhen) release layout (``--n`` PNGs of ``--release-px``
-pixels; positives carry a bright disc, so the probe has something to learn), converts it with our converter, and runs the
-same ``Stage3_eval.py fit`` (train ``--epochs`` epochs, validate each epoch, then test the best checkpoint)
-three times on one random-init backbone:
+pixels; positives carry a bright disc, so the probe has something to learn), converts it with our converter,
+and runs the same ``Stage3_eval.py fit`` (train ``--epochs`` epochs, validate each epoch, then test the best
+checkpoint) three times on one random-init backbone:
 
   per_epoch  ``model.feature_cache false``: the backbone runs on every train and val batch of every epoch,
              with the docs/datasets.md#transforms train flip, as the reference does;
@@ -17,9 +17,9 @@ three times on one random-init backbone:
 
 All wall times cover the whole command (setup, extraction, 40 epochs, checkpoints, test). ``ratio`` is
 per_epoch / cached and ``ratio_flip`` per_epoch / flip; the test AUROCs are printed (``flip`` trains the head
-``per_epoch`` trains, up to float rounding, so their AUROCs agree). The cached paths cannot beat the forward-pass
-bounds ``bound = (epochs × (train + val) + test) / (train + val + test)`` and ``bound_flip`` (the same with
-2 × train in the denominator); they are printed too, so the ratios can be read against them.
+``per_epoch`` trains, up to float rounding, so their AUROCs agree). The cached paths cannot beat the
+forward-pass bounds ``bound = (epochs × (train + val) + test) / (train + val + test)`` and ``bound_flip`` (the
+same with 2 × train in the denominator); they are printed too, so the ratios can be read against them.
 
     python scripts/benchmark_probe.py [--arch vit_small_patch16 --img-size 112 --n 1000] [--json out.json]
 """
@@ -53,7 +53,8 @@ BENCHMARK = "tb"
 
 def render_release(raw: Path, manifests: Path, seed: int, px: int) -> None:
     """Redraw every image of the converted manifests as a ``px`` × ``px`` PNG (release-sized files, so the
-    per-epoch path pays the decode cost it pays on real data); positives get a bright disc at a random place."""
+    per-epoch path pays the decode cost it pays on real data); positives get a bright disc at a random
+    place."""
     spec = BENCHMARKS[BENCHMARK]
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:px, :px]
@@ -76,14 +77,16 @@ def protocol_args(args, raw: Path, manifests: Path, run_dir: Path, cache: Path, 
     return [
         "fit", "--config", str(REPO / "configs/stage3/linear_probe.yaml"),
         "--config", str(REPO / "configs/stage3/lp" / f"{BENCHMARK}.yaml"),
-        "--model.backbone.kind", "random", "--model.backbone.arch", args.arch, "--data.img_size", str(args.img_size),
+        "--model.backbone.kind", "random", "--model.backbone.arch", args.arch, "--data.img_size",
+        str(args.img_size),
         "--model.feature_cache", PROTOCOLS[protocol], "--model.feature_cache_dir", str(cache),
-        "--data.root", str(raw), "--data.manifest_dir", str(manifests), "--data.batch_size", str(args.batch_size),
-        "--data.num_workers", str(args.num_workers), "--data.pin_memory", "false",
+        "--data.root", str(raw), "--data.manifest_dir", str(manifests), "--data.batch_size",
+        str(args.batch_size), "--data.num_workers", str(args.num_workers), "--data.pin_memory", "false",
         "--trainer.max_epochs", str(args.epochs), "--trainer.precision", args.precision,
         "--trainer.accelerator", args.accelerator, "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
-        "--trainer.default_root_dir", str(run_dir), "--seed_everything", str(args.seed), "--wandb", "disabled",
+        "--trainer.default_root_dir", str(run_dir), "--seed_everything", str(args.seed), "--wandb",
+        "disabled",
     ]
 
 
@@ -91,23 +94,26 @@ def run_protocol(args, raw: Path, manifests: Path, work: Path, name: str) -> dic
     run_dir = work / name
     start = time.perf_counter()
     # exactly what Stage3_eval.py's main() runs
-    cli_main(BenchmarkEvalModule, SplitsDataModule, protocol_args(args, raw, manifests, run_dir, work / f"{name}_cache",
-                                                                  name), cli_class=EvalCLI)
+    cli_main(BenchmarkEvalModule, SplitsDataModule,
+             protocol_args(args, raw, manifests, run_dir, work / f"{name}_cache", name), cli_class=EvalCLI)
     seconds = time.perf_counter() - start
     row = pd.read_csv(run_dir / "results.csv").iloc[-1]
     log.info("%s: %.1f s, test AUROC %.4f", name, seconds, row["test/auroc"])
-    return {"seconds": seconds, "auroc": float(row["test/auroc"]), "feature_cache": bool(row["feature_cache"])}
+    return {"seconds": seconds, "auroc": float(row["test/auroc"]),
+            "feature_cache": bool(row["feature_cache"])}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vit_small_patch16", help="named ViT (random init)")
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--n", type=int, default=1000, help="images in the synthetic release (all splits)")
     parser.add_argument("--release-px", type=int, default=1024,
                         help="side of the written PNGs (NIH / VinDr-scale files are ~1024-3000 px)")
-    parser.add_argument("--epochs", type=int, default=40, help="the protocol's epochs (docs/datasets.md#stage-3-settings: 40)")
+    parser.add_argument("--epochs", type=int, default=40,
+                        help="the protocol's epochs (docs/datasets.md#stage-3-settings: 40)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (TB's LP batch is 32)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--accelerator", default="cpu")

@@ -37,9 +37,12 @@ log = logging.getLogger("benchmark_serve")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="vit_demo", choices=sorted(VIT_ARCHS), help="random encoder of this size")
-    p.add_argument("--img-size", type=int, default=64, help="input size of the random encoder (default: the demo's)")
-    p.add_argument("--weights", default=None, help="benchmark this encoder instead (run dir, checkpoint, export)")
+    p.add_argument("--arch", default="vit_demo", choices=sorted(VIT_ARCHS),
+                   help="random encoder of this size")
+    p.add_argument("--img-size", type=int, default=64,
+                   help="input size of the random encoder (default: the demo's)")
+    p.add_argument("--weights", default=None,
+                   help="benchmark this encoder instead (run dir, checkpoint, export)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per batch size and runtime (median)")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> dict:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    encoder = pacx.load_encoder(args.weights) if args.weights else create_vit(args.arch, img_size=args.img_size)
+    encoder = (pacx.load_encoder(args.weights) if args.weights
+               else create_vit(args.arch, img_size=args.img_size))
     encoder = encoder.eval()
     cfg = encoder.cfg
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,8 +80,9 @@ def run(args: argparse.Namespace) -> dict:
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         results = {"encoder": args.weights and Path(args.weights).name or args.arch, "img_size": cfg.img_size,
-                   "embed_dim": cfg.embed_dim, "depth": cfg.depth, "patch_size": cfg.patch_size, "threads": threads,
-                   "warmup": args.warmup, "repeats": args.repeats, "onnx_export_s": round(export_s, 2),
+                   "embed_dim": cfg.embed_dim, "depth": cfg.depth, "patch_size": cfg.patch_size,
+                   "threads": threads, "warmup": args.warmup, "repeats": args.repeats,
+                   "onnx_export_s": round(export_s, 2),
                    "torch": torch.__version__, "onnxruntime": ort.__version__, "batches": {}}
         for batch in args.batch_sizes:
             x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size,
@@ -88,7 +93,8 @@ def run(args: argparse.Namespace) -> dict:
                 diff = (torch.from_numpy(session.run(None, feed)[0]) - encoder(x)).abs().max().item()
             ort_ms = median_ms(lambda: session.run(None, feed), args.warmup, args.repeats)  # noqa: B023
             results["batches"][str(batch)] = {"torch_ms": torch_ms, "onnxruntime_ms": ort_ms,
-                                              "torch_over_onnxruntime": torch_ms / ort_ms, "max_abs_diff": diff}
+                                              "torch_over_onnxruntime": torch_ms / ort_ms,
+                                              "max_abs_diff": diff}
             log.info("batch %3d: PyTorch %.1f ms, ONNX Runtime %.1f ms (PyTorch/ORT %.2fx), max |diff| %.1e",
                      batch, torch_ms, ort_ms, torch_ms / ort_ms, diff)
     return results

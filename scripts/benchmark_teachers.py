@@ -117,7 +117,8 @@ def write_tiled_split(source: Path, out: Path, n: int, chunk: int = 256) -> Path
     dst.mkdir(parents=True, exist_ok=True)
     for key in ("ecg", "labs_percentiles", "labs_missingness"):
         seed_rows = np.load(src / _name(key, "train"))
-        arr = np.lib.format.open_memmap(dst / _name(key, "train"), "w+", seed_rows.dtype, (n, *seed_rows.shape[1:]))
+        arr = np.lib.format.open_memmap(dst / _name(key, "train"), "w+", seed_rows.dtype,
+                                        (n, *seed_rows.shape[1:]))
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
             arr[a:b] = seed_rows[np.arange(a, b) % len(seed_rows)]
@@ -163,15 +164,16 @@ def measure_rss(cmd: list[str], method: str) -> tuple[float, float, str]:
 
 def extraction_cmd(root: Path, weights: Path, config: str, dae: Path, batch_size: int) -> list[str]:
     return [sys.executable, str(EXTRACT), "--data-root", str(root), "--splits", "train", "--ecgfounder",
-            str(weights), "--ecgfounder-config", config, "--labs-dae", str(dae), "--batch-size", str(batch_size),
-            "--no-progress"]
+            str(weights), "--ecgfounder-config", config, "--labs-dae", str(dae), "--batch-size",
+            str(batch_size), "--no-progress"]
 
 
 def check_outputs(root: Path, n: int, ecg_dim: int) -> None:
     for teacher, dim in (("ecg", ecg_dim), ("labs", TEACHERS["labs"].width)):
         arr = np.load(feature_path(root, "train", teacher), mmap_mode="r")
         if arr.shape != (n, dim) or arr.dtype != np.float32:
-            raise RuntimeError(f"{teacher}: extraction wrote {arr.dtype} {list(arr.shape)}, expected float32 {[n, dim]}")
+            raise RuntimeError(f"{teacher}: extraction wrote {arr.dtype} {list(arr.shape)}, "
+                               f"expected float32 {[n, dim]}")
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -180,10 +182,11 @@ def check_outputs(root: Path, n: int, ecg_dim: int) -> None:
 def run(args: argparse.Namespace, work: Path) -> dict:
     n_seed = max(args.records, 16)  # unique synthetic records; the RSS split tiles them
     t0 = time.perf_counter()
-    release = write_symile_release(work / "synthetic", n_train=n_seed, n_val=2, n_test_queries=2, n_candidates=2,
-                                   cxr_size=16, seed=args.seed)
+    release = write_symile_release(work / "synthetic", n_train=n_seed, n_val=2, n_test_queries=2,
+                                   n_candidates=2, cxr_size=16, seed=args.seed)
     log.info("wrote %d synthetic records in %.1f s", n_seed, time.perf_counter() - t0)
-    weights = {args.config: save_random_ecgfounder(args.config, work / f"ecgfounder_{args.config}.pth", args.seed)}
+    weights = {args.config: save_random_ecgfounder(args.config, work / f"ecgfounder_{args.config}.pth",
+                                                   args.seed)}
     torch.manual_seed(args.seed)
     dae = work / "labs_dae.pt"
     torch.save({"state_dict": LabsDAE().state_dict()}, dae)
@@ -195,14 +198,15 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     if rss_config == "auto":
         rss_config = args.config if full_pass_s <= args.rss_max_s else RSS_FALLBACK_CONFIG
     if rss_config not in weights:
-        weights[rss_config] = save_random_ecgfounder(rss_config, work / f"ecgfounder_{rss_config}.pth", args.seed)
+        weights[rss_config] = save_random_ecgfounder(rss_config, work / f"ecgfounder_{rss_config}.pth",
+                                                     args.seed)
 
     t0 = time.perf_counter()
     big = write_tiled_split(release, work / "rss", args.rss_records)
     log.info("wrote a %d-row split (%.2f GB of ECG) in %.1f s", args.rss_records,
              (big / "train" / _name("ecg", "train")).stat().st_size / 1e9, time.perf_counter() - t0)
-    peak, wall, method = measure_rss(extraction_cmd(big, weights[rss_config], rss_config, dae, args.rss_batch_size),
-                                     args.rss_method)
+    peak, wall, method = measure_rss(
+        extraction_cmd(big, weights[rss_config], rss_config, dae, args.rss_batch_size), args.rss_method)
     check_outputs(big, args.rss_records, ECGFOUNDER_CONFIGS[rss_config].embed_dim)
     shutil.rmtree(big)
     result = {
@@ -225,7 +229,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         cpeak, cwall, _ = measure_rss(extraction_cmd(check, weights[args.config], args.config, dae,
                                                      args.rss_batch_size), args.rss_method)
         check_outputs(check, args.rss_check_records, ECGFOUNDER_CONFIGS[args.config].embed_dim)
-        result.update(peak_rss_config_mb=cpeak, rss_check_records=args.rss_check_records, rss_check_wall_s=cwall)
+        result.update(peak_rss_config_mb=cpeak, rss_check_records=args.rss_check_records,
+                      rss_check_wall_s=cwall)
     return result
 
 
@@ -233,10 +238,11 @@ def table(r: dict) -> str:
     n = r["records"]
     lines = [
         f"ECG teacher extraction on CPU: ECGFounder {r['config']} (random weights via load_ecgfounder), "
-        f"batch {r['batch_size']}, {n} records timed after 1 warm-up batch, {r['torch_threads']} torch threads",
-        f"{'phase':<34} {'seconds':>8} {'ECG/s':>8} {'share':>6}",
+        f"batch {r['batch_size']}, {n} records timed after 1 warm-up batch, "
+        f"{r['torch_threads']} torch threads", f"{'phase':<34} {'seconds':>8} {'ECG/s':>8} {'share':>6}",
     ]
-    for label, key in (("read rows (short-lived mmap)", "read_s"), ("preprocess_ecg (numpy/scipy)", "preprocess_s"),
+    for label, key in (("read rows (short-lived mmap)", "read_s"),
+                       ("preprocess_ecg (numpy/scipy)", "preprocess_s"),
                        ("network (torch, inference_mode)", "network_s"), ("total", "total_s")):
         lines.append(f"{label:<34} {r[key]:>8.2f} {n / r[key]:>8.1f} {r[key] / r['total_s']:>6.0%}")
     lines.append(f"=> {r['ecg_per_s']:.1f} ECG/s; a {r['rss_records']}-record pass with {r['config']} "
@@ -247,7 +253,8 @@ def table(r: dict) -> str:
                  f"{r['rss_batch_size']:>6} {r['peak_rss_mb']:>12.0f} {r['rss_wall_s']:>8.1f}")
     if "peak_rss_config_mb" in r:
         lines.append(f"{'same, fewer rows, ECGFounder ' + r['config']:<44} {r['rss_check_records']:>8} "
-                     f"{r['rss_batch_size']:>6} {r['peak_rss_config_mb']:>12.0f} {r['rss_check_wall_s']:>8.1f}")
+                     f"{r['rss_batch_size']:>6} {r['peak_rss_config_mb']:>12.0f} "
+                     f"{r['rss_check_wall_s']:>8.1f}")
     lines.append(f"target peak RSS < 2048 MB: {'met' if r['peak_rss_mb'] < 2048 else 'NOT met'}")
     return "\n".join(lines)
 

@@ -18,9 +18,10 @@ load the machine). The analytic FLOP count behind TFLOP/s and MFU is documented 
     python scripts/benchmark_train.py --stage3 ...   # Stage 3: segmentation step and probe feature extraction
 
 ``--rates FILE`` merges the measured per-GPU images/s into FILE (keys ``stage1``; ``stage2_lora``,
-``stage2_full``; ``seg``, ``probe_features``), the input of ``scripts/reproduce_paper.py PLAN --estimate FILE``
-(:mod:`pacx.reproduce.estimate`). ``probe_features`` is a forward-only timing of the frozen encoder
-(no gradients, eval mode), which is what a linear probe's feature extraction runs.
+``stage2_full``; ``seg``, ``probe_features``), the input of
+``scripts/reproduce_paper.py PLAN --estimate FILE`` (:mod:`pacx.reproduce.estimate`). ``probe_features`` is a
+forward-only timing of the frozen encoder (no gradients, eval mode), which is what a linear probe's feature
+extraction runs.
 
 Needs ``transformers`` (``pip install -e .[bench]``).
 """
@@ -77,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Stage 1 config: the AdamW settings (model.lr, betas, weight_decay) and mask ratio")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
     p.add_argument("--steps", type=int, default=8, help="timed steps per model (interleaved A B, B A, ...)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (use >= 3 with --compile)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps per model first (use >= 3 with --compile)")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="step time behind steps/s and the ratio")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -91,16 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stage2", action="store_true",
-                      help="instead: the Stage 2 distillation step, LoRA vs full fine-tuning at the same batch")
+                      help="instead: the Stage 2 distillation step, LoRA vs full "
+                           "fine-tuning at the same batch")
     mode.add_argument("--stage3", action="store_true",
-                      help="instead: Stage 3 on a frozen encoder, the segmentation training step (frozen backbone "
-                           "+ decoder) and the linear probe's feature extraction (forward only)")
+                      help="instead: Stage 3 on a frozen encoder, the segmentation training step (frozen "
+                           "backbone + decoder) and the linear probe's feature extraction (forward only)")
     p.add_argument("--stage2-arch", default="vit_base_patch16", help="encoder for --stage2")
     p.add_argument("--stage3-arch", default="vit_base_patch16", help="encoder for --stage3")
     p.add_argument("--json", type=Path, default=None, help="write the results as a flat JSON object")
     p.add_argument("--rates", type=Path, default=None,
-                   help="merge the measured per-GPU images/s into this rates file (scripts/reproduce_paper.py "
-                        "--estimate reads it)")
+                   help="merge the measured per-GPU images/s into this rates file "
+                        "(scripts/reproduce_paper.py --estimate reads it)")
     return p.parse_args(argv)
 
 
@@ -114,11 +117,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def rate_entry(args: argparse.Namespace, device: torch.device, batch: int, images_per_s: float, **what) -> dict:
+def rate_entry(args: argparse.Namespace, device: torch.device, batch: int, images_per_s: float,
+               **what) -> dict:
     """One entry of the rates file: the per-GPU images/s and the conditions it was measured under."""
     return {"img_per_s": images_per_s, "device": device.type, "device_name": device_name(device),
-            "precision": args.precision, "batch": batch, "compile": args.compile, "fused_adamw": args.fused_adamw,
-            "steps": args.steps, "stat": args.stat, "torch": torch.__version__, "git": git_sha(),
+            "precision": args.precision, "batch": batch, "compile": args.compile,
+            "fused_adamw": args.fused_adamw, "steps": args.steps, "stat": args.stat,
+            "torch": torch.__version__, "git": git_sha(),
             "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"), **what}
 
 
@@ -130,7 +135,8 @@ def write_rates(args: argparse.Namespace, entries: dict[str, dict]) -> None:
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
@@ -144,7 +150,8 @@ def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> di
     from pacx.lit.pacx import PaCXModule
 
     stage2 = yaml.safe_load((REPO / "configs/stage2/pacx_vitb_symile.yaml").read_text())["model"]["init_args"]
-    optim = {"lr": float(stage2["lr"]), "betas": tuple(stage2["betas"]), "weight_decay": float(stage2["weight_decay"])}
+    optim = {"lr": float(stage2["lr"]), "betas": tuple(stage2["betas"]),
+             "weight_decay": float(stage2["weight_decay"])}
     if args.fused_adamw:
         optim["fused"] = True
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.precision == "bf16"
@@ -157,8 +164,10 @@ def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> di
     gen = torch.Generator().manual_seed(args.seed)
     widths = modules["lora"].teacher_widths  # {teacher: feature width}, the paper's teachers by default
     inputs = [(torch.randn(batch, 3, args.img_size, args.img_size, generator=gen).to(device),
-               {t: torch.randn(batch, d, generator=gen).to(device) for t, d in widths.items()}) for _ in range(2)]
-    loss_fn = torch.compile(stage2_loss) if args.compile else stage2_loss  # the step's function, module included
+               {t: torch.randn(batch, d, generator=gen).to(device) for t, d in widths.items()})
+              for _ in range(2)]
+    # the step's function, module included
+    loss_fn = torch.compile(stage2_loss) if args.compile else stage2_loss
     runners = {}
     for tuning, module in modules.items():
         params = [p for p in module.parameters() if p.requires_grad]
@@ -185,15 +194,16 @@ def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> di
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     write_rates(args, {f"stage2_{name}": rate_entry(args, device, batch, stats[name]["steps_per_s"] * batch,
-                                                     arch=args.stage2_arch, img_size=args.img_size, tuning=name,
-                                                     what="Stage 2 distillation step (encoder + heads + loss, "
-                                                          "backward, AdamW)")
+                                                    arch=args.stage2_arch, img_size=args.img_size,
+                                                    tuning=name, what="Stage 2 distillation step (encoder + "
+                                                                      "heads + loss, backward, AdamW)")
                        for name in ("lora", "full")})
     return result
 
 
 def seg_loss(module, imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """One segmentation step's loss: frozen backbone, decoder, BCE + soft Dice, as SegmentationModule's step."""
+    """One segmentation step's loss: frozen backbone, decoder, BCE + soft Dice, as SegmentationModule's
+    step."""
     return module.loss_fn(module(imgs).float(), masks)["loss"]
 
 
@@ -219,28 +229,36 @@ def run_stage3(args: argparse.Namespace, device: torch.device, batch: int) -> di
                 else contextlib.nullcontext)
     compile_ = torch.compile if args.compile else (lambda m: m)
     decoder = [p for p in module.parameters() if p.requires_grad]
-    runners = {"seg": TrainRunner(compile_(module), seg_loss, torch.optim.AdamW(decoder, **optim), inputs, autocast),
-               "probe_features": ForwardRunner(compile_(module.backbone), [imgs for imgs, _ in inputs], autocast)}
-    print(f"timing Stage 3: {args.warmup} warm-up + {args.steps} timed steps each, interleaved ...", flush=True)
+    runners = {"seg": TrainRunner(compile_(module), seg_loss, torch.optim.AdamW(decoder, **optim), inputs,
+                                  autocast),
+               "probe_features": ForwardRunner(compile_(module.backbone),
+                                               [imgs for imgs, _ in inputs], autocast)}
+    print(f"timing Stage 3: {args.warmup} warm-up + {args.steps} timed steps each, interleaved ...",
+          flush=True)
     times = time_interleaved(runners, args.warmup, args.steps, device)
     stats = {name: summarize(t, args.stat) for name, t in times.items()}
     print(f"\nStage 3 on a frozen {args.stage3_arch} ({args.img_size}px, batch {batch}, {device.type} "
           f"({device_name(device)}), {torch.get_num_threads()} threads, {args.precision})")
-    labels = {"seg": "segmentation step (decoder trains)", "probe_features": "feature extraction (forward only)"}
-    rows = [[labels[name], f"{s['step_s_median']:.4f}", f"{s['steps_per_s'] * batch:.2f}"] for name, s in stats.items()]
+    labels = {"seg": "segmentation step (decoder trains)",
+              "probe_features": "feature extraction (forward only)"}
+    rows = [[labels[name], f"{s['step_s_median']:.4f}", f"{s['steps_per_s'] * batch:.2f}"]
+            for name, s in stats.items()]
     print(format_table(["what", "median s/step", "images/s"], rows))
     result = {"seg_images_per_s": stats["seg"]["steps_per_s"] * batch,
               "probe_features_images_per_s": stats["probe_features"]["steps_per_s"] * batch,
-              "seg_trainable_params": sum(p.numel() for p in decoder), "batch_size": batch, "device": device.type,
-              "precision": args.precision, "arch": args.stage3_arch, "img_size": args.img_size, "steps": args.steps}
+              "seg_trainable_params": sum(p.numel() for p in decoder), "batch_size": batch,
+              "device": device.type, "precision": args.precision, "arch": args.stage3_arch,
+              "img_size": args.img_size, "steps": args.steps}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     what = {"seg": "segmentation step (frozen backbone forward, decoder forward + backward, AdamW)",
-            "probe_features": "frozen encoder forward without gradients (the linear probe's feature extraction)"}
-    write_rates(args, {name: rate_entry(args, device, batch, result[f"{name}_images_per_s"], arch=args.stage3_arch,
-                                        img_size=args.img_size, what=what[name]) for name in ("seg", "probe_features")})
+            "probe_features": "frozen encoder forward without gradients (the linear probe's feature "
+                              "extraction)"}
+    write_rates(args, {name: rate_entry(args, device, batch, result[f"{name}_images_per_s"],
+                                        arch=args.stage3_arch, img_size=args.img_size, what=what[name])
+                       for name in ("seg", "probe_features")})
     return result
 
 
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Same inputs for both: a small rotation of (image, masking-noise) batches.
     gen = torch.Generator().manual_seed(args.seed)
     shape = (batch, cfg.in_chans, cfg.img_size, cfg.img_size)
-    inputs = [(torch.randn(shape, generator=gen).to(device), torch.rand(batch, cfg.num_patches, generator=gen).to(device))
+    inputs = [(torch.randn(shape, generator=gen).to(device),
+               torch.rand(batch, cfg.num_patches, generator=gen).to(device))
               for _ in range(2)]
     autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext)
@@ -290,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     models = {"pacx": (ours, pacx_loss), "hf": (hf, hf_loss)}
     runners = {
-        name: TrainRunner(torch.compile(model) if args.compile else model, loss_fn, make_adamw(model, optim), inputs, autocast)
+        name: TrainRunner(torch.compile(model) if args.compile else model, loss_fn, make_adamw(model, optim),
+                          inputs, autocast)
         for name, (model, loss_fn) in models.items()
     }
     print(f"timing: {args.warmup} warm-up + {args.steps} timed steps per model, interleaved ...", flush=True)
@@ -312,11 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     kept = int(cfg.num_patches * (1 - ours.mask_ratio))
     print(f"\nMAE training step ({args.arch}: ViT {cfg.embed_dim}d x {cfg.depth} x {cfg.num_heads}h, "
           f"MLP {int(cfg.embed_dim * cfg.mlp_ratio)}, patch {cfg.patch_size}, {cfg.img_size}px; decoder "
-          f"{dec.decoder_embed_dim}d x {dec.decoder_depth} x {dec.decoder_num_heads}h; mask {ours.mask_ratio} "
-          f"-> {kept}/{cfg.num_patches} kept)")
-    print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, {args.precision}, "
-          f"batch {batch}, compile={args.compile}, AdamW {optim} "
-          f"(from {args.config.name})")
+          f"{dec.decoder_embed_dim}d x {dec.decoder_depth} x {dec.decoder_num_heads}h; mask "
+          f"{ours.mask_ratio} -> {kept}/{cfg.num_patches} kept)")
+    print(f"device {device.type} ({device_name(device)}), {torch.get_num_threads()} threads, "
+          f"{args.precision}, batch {batch}, compile={args.compile}, AdamW {optim} (from "
+          f"{args.config.name})")
     print(f"{args.warmup} warm-up + {args.steps} timed steps per model; load average (1 min) "
           f"{load_before:.2f} before, {load_after:.2f} after timing, on {os.cpu_count()} CPUs")
     print(f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}, "
@@ -325,13 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"{frozen_parameter_names(ours)} / HF {frozen_hf:,} {frozen_parameter_names(hf)}")
     tensors_ours = sum(1 for p in ours.parameters() if p.requires_grad)
     tensors_hf = sum(1 for p in hf.parameters() if p.requires_grad)
-    print(f"structure: same tensors, except that ours fuses q, k, v into one qkv linear per block (HF: three), "
-          f"so {tensors_ours} vs {tensors_hf} trainable tensors of equal total size; ours embeds only the kept "
-          f"patches, HF embeds all {cfg.num_patches} and then drops {cfg.num_patches - kept}")
+    print("structure: same tensors, except that ours fuses q, k, v into one qkv linear per block (HF: "
+          f"three), so {tensors_ours} vs {tensors_hf} trainable tensors of equal total size; ours embeds "
+          f"only the kept patches, HF embeds all {cfg.num_patches} and then drops {cfg.num_patches - kept}")
     print(f"same weights + noise, loss before training: ours {loss_ours:.6f}  HF {loss_hf:.6f}  "
           f"|diff| {abs(loss_ours - loss_hf):.2e}")
-    print(f"analytic FLOPs: {mae_forward_flops(cfg, dec, ours.mask_ratio)['total'] / 1e9:.4g} GFLOP forward per "
-          f"sample, {flops_step / 1e9:.4g} GFLOP per training step (3 x forward x batch)\n")
+    print(f"analytic FLOPs: {mae_forward_flops(cfg, dec, ours.mask_ratio)['total'] / 1e9:.4g} GFLOP forward "
+          f"per sample, {flops_step / 1e9:.4g} GFLOP per training step (3 x forward x batch)\n")
     header = ["model", "median s/step", "best s/step", "CPU s/step", f"steps/s ({args.stat})", "samples/s",
               "TFLOP/s", f"MFU@{args.peak_tflops:g}TF"]
     rows = [[label, f"{s['step_s_median']:.4f}", f"{s['step_s_best']:.4f}", f"{s['cpu_s_median']:.3f}",
@@ -340,12 +360,13 @@ def main(argv: list[str] | None = None) -> dict:
             for label, s in (("pacx MAE (ours)", stats["pacx"]), ("HF ViTMAEForPreTraining", stats["hf"]))]
     print(format_table(header, rows))
     print(f"\nratio ours / HF (steps/s, {args.stat}): {ratio:.3f}x   [median {ratio_median:.3f}x, best "
-          f"{ratio_best:.3f}x, median of adjacent-pair ratios {ratio_paired:.3f}x, CPU time {ratio_cpu:.3f}x]")
+          f"{ratio_best:.3f}x, median of adjacent-pair ratios {ratio_paired:.3f}x, CPU time "
+          f"{ratio_cpu:.3f}x]")
     print("per-step wall s, ours: " + " ".join(f"{t:.3f}" for t in times["pacx"].wall))
     print("per-step wall s, HF:   " + " ".join(f"{t:.3f}" for t in times["hf"].wall))
     if device.type != "cuda":
-        print(f"(MFU on {device.type} is relative to --peak-tflops {args.peak_tflops:g}, an accelerator peak: "
-              "for information only)")
+        print(f"(MFU on {device.type} is relative to --peak-tflops {args.peak_tflops:g}, an accelerator "
+              "peak: for information only)")
 
     result = {
         "ours_steps_per_s": stats["pacx"]["steps_per_s"],
@@ -370,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device.type,
         "device_name": device_name(device),
         # both models' steps ran in this process: the peak of the two (CUDA only)
-        "cuda_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "cuda_peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                                 else None),
         "threads": torch.get_num_threads(),
         "precision": args.precision,
         "compile": args.compile,

@@ -22,13 +22,15 @@ from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, convert_ecgfounder
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="ECGFounder checkpoint (.pth with 'state_dict', or .safetensors)")
     parser.add_argument("out", help="output .safetensors path")
     parser.add_argument("--config", default="12_lead", choices=sorted(ECGFOUNDER_CONFIGS),
                         help="architecture the tensors must fit (default 12_lead)")
     parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a full unpickle if weights_only=True refuses the file (trusted files only)")
+                        help="allow a full unpickle if weights_only=True refuses the file "
+                             "(trusted files only)")
     args = parser.parse_args(argv)
     out = convert_ecgfounder(args.source, args.out, config=args.config, trust_pickle=args.trust_pickle)
     sys.stdout.write(f"{out}\n")

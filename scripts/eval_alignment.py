@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Alignment evaluation (docs/datasets.md#alignment): ridge probes from CXR features to the ECG and labs teacher
-embeddings (or those of ``--teachers``, any registered in ``pacx.teachers.TEACHERS``), and with ``--zero-shot``
-1-of-10 retrieval through a Stage 2 run's projection heads.
+"""Alignment evaluation (docs/datasets.md#alignment): ridge probes from CXR features to the ECG and labs
+teacher embeddings (or those of ``--teachers``, any registered in ``pacx.teachers.TEACHERS``), and with
+``--zero-shot`` 1-of-10 retrieval through a Stage 2 run's projection heads.
 
     python scripts/eval_alignment.py --data-root /data/symile/data_npy \\
         --backbone mae=runs/stage1/mae_vitb_chexpert --backbone pacx=runs/stage2/pacx_vitb_symile \\
@@ -25,15 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pacx.eval.alignment import (
-    FIT_BATCH,
-    RECALL_KS,
-    load_split,
-    load_stage2_heads,
-    probe_encoder,
-    stage2_pool,
-    zero_shot_retrieval,
-)
+from pacx.eval.alignment import FIT_BATCH, RECALL_KS, load_split, probe_encoder
+from pacx.eval.zero_shot import load_stage2_heads, stage2_pool, zero_shot_retrieval
 from pacx.models.backbones import BackboneConfig, build_backbone
 from pacx.models.vit import POOLS
 from pacx.teachers import DEFAULT_TEACHERS, teacher_spec
@@ -87,25 +80,28 @@ def markdown_table(results: dict[str, dict], n_test: int) -> str:
     for name, res in results.items():
         for target in _targets(res):
             m = res[target]
-            cells = [name, teacher_spec(target).title, _fmt(m["r2"], 4), _fmt(m["cos"], 4), _fmt(m["cos_centred"], 4),
-                     *(_fmt(m[f"recall@{k}"], 2) for k in RECALL_KS)]
+            cells = [name, teacher_spec(target).title, _fmt(m["r2"], 4), _fmt(m["cos"], 4),
+                     _fmt(m["cos_centred"], 4), *(_fmt(m[f"recall@{k}"], 2) for k in RECALL_KS)]
             lines.append("| " + " | ".join(cells) + " |")
     first = next(iter(results.values()))
     targets = _targets(first)
     for target in targets:
         m = first[target]
-        cells = ["baseline (permutation / chance)", teacher_spec(target).title, "–", _fmt(m["baseline_cos"], 4),
-                 _fmt(m["baseline_cos_centred"], 4), *(_fmt(100.0 * min(k, n_test) / n_test, 2) for k in RECALL_KS)]
+        cells = ["baseline (permutation / chance)", teacher_spec(target).title, "–",
+                 _fmt(m["baseline_cos"], 4), _fmt(m["baseline_cos_centred"], 4),
+                 *(_fmt(100.0 * min(k, n_test) / n_test, 2) for k in RECALL_KS)]
         lines.append("| " + " | ".join(cells) + " |")
     dups = ", ".join(f"{teacher_spec(t).title} {first[t]['duplicate_rows']}" for t in targets)
-    lines.append(f"\nfit rows: {first[targets[0]]['n_fit']}; test rows: {n_test}; duplicate target rows in test: {dups}")
+    lines.append(f"\nfit rows: {first[targets[0]]['n_fit']}; test rows: {n_test}; duplicate target rows in "
+                 f"test: {dups}")
     return "\n".join(lines) + "\n"
 
 
 def zero_shot_table(results: dict[str, dict]) -> str:
     teachers = [k.removeprefix("cxr_").removesuffix("_acc") for k in next(iter(results.values()))["zero_shot"]
                 if k.endswith("_acc")]
-    lines = ["| backbone | " + " | ".join(f"CXR→{teacher_spec(t).title}" for t in teachers) + " | chance | queries |",
+    lines = ["| backbone | " + " | ".join(f"CXR→{teacher_spec(t).title}" for t in teachers)
+             + " | chance | queries |",
              "|---|" + "---|" * len(teachers) + "---|---|"]
     for name, res in results.items():
         z = res["zero_shot"]
@@ -120,20 +116,23 @@ def _finite(results: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", action="append", type=parse_backbone, required=True,
                         help="name=path, a path, or name=random:<arch>; repeatable")
     parser.add_argument("--data-root", required=True, help="the Symile-MIMIC data_npy directory")
     parser.add_argument("--img-size", type=int, default=224, help="CXR side after the resize (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--alpha", type=float, default=10.0, help="ridge penalty (docs/datasets.md#alignment: 10)")
+    parser.add_argument("--alpha", type=float, default=10.0,
+                        help="ridge penalty (docs/datasets.md#alignment: 10)")
     parser.add_argument("--drop-last-batch", type=int, default=FIT_BATCH,
                         help="fit on (N // B) * B random train rows as the reference's drop-last loader "
                         "(default 256: 9,984 of 10,000); 0 = all rows")
     parser.add_argument("--seed", type=int, default=0, help="fit-row draw and random-init seed")
     parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS),
-                        help=f"the teachers whose features are probed (default: {' '.join(DEFAULT_TEACHERS)})")
+                        help="the teachers whose features are probed (default: "
+                             f"{' '.join(DEFAULT_TEACHERS)})")
     parser.add_argument("--fit-split", default="train")
     parser.add_argument("--eval-split", default="test_uni")
     parser.add_argument("--zero-shot", action="store_true",
@@ -141,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(every backbone must be a Stage 2 run directory or checkpoint)")
     parser.add_argument("--check-values", action="store_true", help="scan arrays for NaN/inf (slow on CXRs)")
     parser.add_argument("--pool", default="cls", choices=sorted(POOLS),
-                        help="the CXR feature: CLS token or mean patch token (with --zero-shot: each Stage 2 run's own)")
+                        help="the CXR feature: CLS token or mean patch token (with --zero-shot: "
+                             "each Stage 2 run's own)")
     parser.add_argument("--json", type=Path, help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
 
@@ -152,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.zero_shot:  # fail before any feature extraction
         for spec in args.backbone:
             if spec.random_arch is not None:
-                parser.error(f"--zero-shot needs Stage 2 runs or checkpoints; backbone {spec.name!r} is {spec.source}")
+                parser.error(f"--zero-shot needs Stage 2 runs or checkpoints; backbone {spec.name!r} is "
+                             f"{spec.source}")
             heads[spec.name] = load_stage2_heads(spec.source)
             pools[spec.name] = stage2_pool(spec.source)  # the feature the run's heads were trained on
     fit = load_split(args.data_root, args.fit_split, args.check_values, args.teachers)
     test = load_split(args.data_root, args.eval_split, args.check_values, args.teachers)
-    retrieval = load_split(args.data_root, "test", args.check_values, args.teachers) if args.zero_shot else None
+    retrieval = (load_split(args.data_root, "test", args.check_values, args.teachers) if args.zero_shot
+                 else None)
 
     results: dict[str, dict] = {}
     for spec in args.backbone:

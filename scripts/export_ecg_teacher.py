@@ -22,7 +22,8 @@ from pacx.models.ecg_ssl import export_ecg_teacher
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="ECG SSL run directory or its Lightning checkpoint")
     parser.add_argument("out", help="output .safetensors path")
     parser.add_argument("--which", default="last", choices=["last", "best"],

@@ -30,17 +30,21 @@ from pacx.share import EXPORT_FORMATS, TIMM_POOLS
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="run directory, Lightning checkpoint, MAE release / timm / safetensors file")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source",
+                        help="run directory, Lightning checkpoint, MAE release / timm / safetensors file")
     parser.add_argument("out", help="output: a .safetensors file, a folder (--format timm) or a .onnx file")
     parser.add_argument("--format", default="safetensors", choices=list(EXPORT_FORMATS),
-                        help="safetensors (default): one file; timm: a Hub-style model folder; onnx: one .onnx file")
+                        help="safetensors (default): one file; timm: a Hub-style model folder; "
+                             "onnx: one .onnx file")
     parser.add_argument("--pool", default="cls", choices=sorted(TIMM_POOLS),
                         help="feature of the timm model / ONNX graph (default cls, the CLS token)")
     parser.add_argument("--which", default="last", choices=["last", "best"],
                         help="for a run directory: which checkpoint (default last, as Stage 3 uses)")
     parser.add_argument("--allow-debug", action="store_true",
-                        help="export a debug run (fast_dev_run / overfit_batches / limit_*) too; marked in the metadata")
+                        help="export a debug run (fast_dev_run / overfit_batches / limit_*) too; marked in "
+                             "the metadata")
     args = parser.parse_args(argv)
     out = EXPORT_FORMATS[args.format](args.source, args.out, which=args.which,
                                       allow_debug=args.allow_debug or None, pool=args.pool)

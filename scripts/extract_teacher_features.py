@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if path is None:
             continue
         if not name or not path or name in args.weights:
-            p.error(f"teacher {name!r}: give each teacher once, as NAME=WEIGHTS (--ecgfounder is ecg, --labs-dae labs)")
+            p.error(f"teacher {name!r}: give each teacher once, as NAME=WEIGHTS (--ecgfounder is ecg, "
+                    "--labs-dae labs)")
         args.weights[name] = path
     if not args.weights:
         p.error("give --ecgfounder, --labs-dae and/or --teacher NAME=WEIGHTS")
@@ -62,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_progress:
         set_progress(False)
     options = {"ecg": {"config": args.ecgfounder_config, "trust_pickle": args.trust_pickle}}
-    teachers = load_teachers(args.weights, {k: v for k, v in options.items() if k in args.weights}, args.device)
+    teachers = load_teachers(args.weights,
+                             {k: v for k, v in options.items() if k in args.weights}, args.device)
     results = extract_teacher_features(args.data_root, teachers, args.splits, args.batch_size, args.overwrite)
     lines = [f"{'split':<10} {'file':<18} {'shape':<14} {'status':<8} {'seconds':>8}"]
     for r in results:
-        lines.append(f"{r.split:<10} {r.path.name:<18} {str(list(r.shape)):<14} {r.status:<8} {r.seconds:>8.1f}")
+        lines.append(f"{r.split:<10} {r.path.name:<18} {str(list(r.shape)):<14} {r.status:<8} "
+                     f"{r.seconds:>8.1f}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

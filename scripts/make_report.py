@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Write one static, self-contained HTML report of a results directory (the demo's ``--out``, or any folder
-holding ``table.json`` / ``comparison.md`` / ``low_data.png`` from ``scripts/make_tables.py`` and run folders).
+holding ``table.json`` / ``comparison.md`` / ``low_data.png`` from ``scripts/make_tables.py`` and run
+folders).
 
     python scripts/make_report.py demo_runs [--out demo_runs/report.html]
 
@@ -22,9 +23,11 @@ from pacx.eval.report import REPORT_FILE, write_report
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results_dir", type=Path, help="the results directory to report on")
-    parser.add_argument("--out", type=Path, default=None, help=f"the HTML file (default RESULTS_DIR/{REPORT_FILE})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the HTML file (default RESULTS_DIR/{REPORT_FILE})")
     args = parser.parse_args(argv)
     sys.stdout.write(f"{write_report(args.results_dir, args.out)}\n")
     return 0

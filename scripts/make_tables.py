@@ -25,16 +25,15 @@ from pathlib import Path
 
 from pacx.debug import DebugRunError, is_debug_row
 from pacx.eval.paper import comparison_markdown, table_metrics
+from pacx.eval.results import load_results, use_metric
 from pacx.eval.tables import (
     BACKBONE_NAMES,
-    load_results,
     low_data_figure,
     low_data_table,
     main_table,
     to_json,
     to_latex,
     to_markdown,
-    use_metric,
 )
 from pacx.utils import write_json_atomic, write_text_atomic
 
@@ -46,26 +45,30 @@ def check_debug_rows(df, allow: bool) -> None:
     rows = df[df["debug"].map(is_debug_row)] if "debug" in df.columns else df.iloc[:0]
     if rows.empty:
         return
-    listed = "; ".join(f"{r.benchmark} {r.backbone_kind} ({r.debug}) in {r.run_dir}" for r in rows.head(5).itertuples())
+    listed = "; ".join(f"{r.benchmark} {r.backbone_kind} ({r.debug}) in {r.run_dir}"
+                       for r in rows.head(5).itertuples())
     if not allow:
-        raise DebugRunError(f"{len(rows)} results row(s) come from debug runs (first: {listed}); their numbers are "
-                            "not results. Rerun them without debug flags, or pass --allow-debug")
+        raise DebugRunError(f"{len(rows)} results row(s) come from debug runs (first: {listed}); their "
+                            "numbers are not results. Rerun them without debug flags, or pass "
+                            "--allow-debug")
     log.warning("tabulating %d results row(s) of debug runs (--allow-debug): %s", len(rows), listed)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="results CSV(s) written by Stage3 test runs")
-    parser.add_argument("--mode", default="linear_probe", help="classification mode to tabulate (default linear_probe)")
+    parser.add_argument("--mode", default="linear_probe",
+                        help="classification mode to tabulate (default linear_probe)")
     parser.add_argument("--backbones", nargs="+", default=["imagenet", "mae", "pacx"],
                         help=f"backbone kinds, in column order (known: {', '.join(BACKBONE_NAMES)})")
     parser.add_argument("--out-dir", type=Path, default=None, help="figure folder (default: the first CSV's)")
     parser.add_argument("--percent", action="store_true", help="show metrics × 100 with 1 decimal")
     parser.add_argument("--json", type=Path, default=None, help="also write the main table as JSON here")
     parser.add_argument("--metric", action="append", default=[], metavar="BENCHMARK=COLUMN",
-                        help="tabulate a benchmark by another test metric in every table, e.g. chexchonet=test/auroc "
-                             "(default: each table's paper metric from the registry)")
+                        help="tabulate a benchmark by another test metric in every table, e.g. "
+                             "chexchonet=test/auroc (default: each table's paper metric from the registry)")
     parser.add_argument("--comparison", type=Path, default=None,
                         help="where to write comparison.md, ours beside the published numbers (default: "
                              "<out-dir>/comparison.md)")
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"\n{args.json}\n")
     out_dir = args.out_dir if args.out_dir is not None else args.results[0].parent
     if low_data:
-        low = low_data_table(tables["low_data"], mode=args.mode, backbones=args.backbones, percent=args.percent)
+        low = low_data_table(tables["low_data"], mode=args.mode, backbones=args.backbones,
+                             percent=args.percent)
         sys.stdout.write("\n" + to_markdown(low) + "\n" + to_latex(low))
         figure = low_data_figure(tables["low_data"], out_dir / "low_data.png", mode=args.mode,
                                  backbones=args.backbones, percent=args.percent)

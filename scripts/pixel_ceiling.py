@@ -5,7 +5,8 @@ on the pixels reaches, to place every encoder's probe between chance and it.
     python scripts/pixel_ceiling.py --benchmark chexchonet --root demo_runs/data/chexchonet \\
         --manifest-dir demo_runs/manifests/chexchonet --img-size 64 --json ceiling.json
 
-Prints one line; ``--json`` writes ``{"benchmark", "auroc", "pca", "seed", "C", "n_train", "n_test", "img_size"}``.
+Prints one line; ``--json`` writes
+``{"benchmark", "auroc", "pca", "seed", "C", "n_train", "n_test", "img_size"}``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomised PCA")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
-    dm = BenchmarkDataModule(args.benchmark, root=args.root, manifest_dir=args.manifest_dir, img_size=args.img_size,
-                             num_workers=0, pin_memory=False)
+    dm = BenchmarkDataModule(args.benchmark, root=args.root, manifest_dir=args.manifest_dir,
+                             img_size=args.img_size, num_workers=0, pin_memory=False)
     result = pixel_ceiling(dm, pca=args.pca, seed=args.seed, C=args.C)
     sys.stdout.write(f"{result['benchmark']}: raw-pixel logistic regression AUROC {result['auroc']:.4f} "
                      f"(PCA {result['pca']}, seed {result['seed']}, {result['n_train']} train / "

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Run a reproduction plan: Stage 1 → export → teachers → Stage 2 → export → Stage 3 grid → tables.
 
-    python scripts/reproduce_paper.py plans/paper.yaml [--out DIR] [--set NAME=VALUE]   # sbatch the graph
-    python scripts/reproduce_paper.py plans/paper.yaml --dry-run                         # print the sbatch lines
-    python scripts/reproduce_paper.py plans/demo.yaml --local                            # run it here, in order
+    python scripts/reproduce_paper.py plans/paper.yaml [--out DIR] [--set NAME=VALUE]  # sbatch the graph
+    python scripts/reproduce_paper.py plans/paper.yaml --dry-run                      # print sbatch lines
+    python scripts/reproduce_paper.py plans/demo.yaml --local --out DIR               # run here, in order
 
-Re-running skips finished nodes (run.json "completed"). The plan format: :mod:`pacx.reproduce`.
+Re-running skips finished nodes (run.json "completed"). The plan format: docs/plans.md.
 """
 
 import sys

@@ -42,8 +42,8 @@ class RaiseAtStep(Callback):
 
 
 class StepProgress(Callback):
-    """Writes ``{"global_step", "restart"}`` to ``path`` after each step and sleeps ``sleep`` seconds, so a test
-    can signal a job while it is training."""
+    """Writes ``{"global_step", "restart"}`` to ``path`` after each step and sleeps ``sleep`` seconds, so a
+    test can signal a job while it is training."""
 
     def __init__(self, path: str, sleep: float = 0.0) -> None:
         self.path, self.sleep = Path(path), sleep
@@ -58,8 +58,8 @@ class StepProgress(Callback):
 
 
 class SignalAtStep(Callback):
-    """Send ``signum`` (default ``SIGTERM``) to this process once ``global_step`` reaches ``step``: a catchable
-    kill, which Lightning turns into an exception at the next step boundary."""
+    """Send ``signum`` (default ``SIGTERM``) to this process once ``global_step`` reaches ``step``: a
+    catchable kill, which Lightning turns into an exception at the next step boundary."""
 
     def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
         self.step, self.signum = step, int(signum)

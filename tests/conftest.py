@@ -59,5 +59,6 @@ def stage1_run(tmp_path_factory, chexpert_release) -> Path:
     from Stage1_MAE import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "stage1"
-    main(stage1_args(run_dir, chexpert_release, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"))
+    main(stage1_args(run_dir, chexpert_release, "--trainer.max_steps", "2", "--trainer.val_check_interval",
+                     "2"))
     return run_dir

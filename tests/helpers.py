@@ -19,8 +19,8 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-# The paper's Stage 2 settings where the demo config departs from them (configs/demo/stage2_pacx.yaml explains why):
-# for tests that check the LoRA path or compare against the raw teacher embeddings.
+# The paper's Stage 2 settings where the demo config departs from them (configs/demo/stage2_pacx.yaml explains
+# why): for tests that check the LoRA path or compare against the raw teacher embeddings.
 PAPER_STAGE2 = ("--model.init_args.tuning", "lora", "--model.init_args.teacher_norm", "raw",
                 "--model.init_args.teacher_components", "null", "--model.init_args.head_norm", "false")
 
@@ -33,5 +33,5 @@ def stage2_args(run: Path, root: Path, init: Path, *extra: str) -> list[str]:
             "--model.init_args.encoder_arch", "vit_test",
             "--model.init_args.shared_dim", "16", "--model.init_args.teacher_dims", "{ecg: 1024}",
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
-            "--trainer.enable_progress_bar", "false", "--wandb", "disabled", "--trainer.log_every_n_steps", "1",
-            *extra]
+            "--trainer.enable_progress_bar", "false", "--wandb", "disabled", "--trainer.log_every_n_steps",
+            "1", *extra]

@@ -1,6 +1,10 @@
-"""The shared Stage CLI (:mod:`pacx.cli`): the image size is set once, as ``data.img_size``, in every stage."""
+"""The shared Stage CLI (:mod:`pacx.cli`): the image size is set once, as
+``data.img_size``, in every stage."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -44,10 +48,20 @@ def test_stage2_module_without_an_image_size_ignores_the_link(repo, tmp_path):
     assert "img_size" not in cli.model.hparams
 
 
-@pytest.mark.parametrize("configs", [("linear_probe.yaml", "lp/tb.yaml"), ("segmentation.yaml", "seg/qata.yaml")])
+@pytest.mark.parametrize("configs",
+                         [("linear_probe.yaml", "lp/tb.yaml"), ("segmentation.yaml", "seg/qata.yaml")])
 def test_stage3_backbone_takes_the_data_image_size(repo, tmp_path, configs):
     args = [a for c in configs for a in ("--config", str(repo / "configs/stage3" / c))]
     cli = _instantiate(EvalCLI, BenchmarkEvalModule, SplitsDataModule, [
-        *args, "--model.backbone.kind", "random", "--model.backbone.arch", "vit_test", "--data.img_size", "32",
-        "--data.root", str(tmp_path), "--data.manifest_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)])
+        *args, "--model.backbone.kind", "random", "--model.backbone.arch", "vit_test", "--data.img_size",
+        "32", "--data.root", str(tmp_path), "--data.manifest_dir", str(tmp_path),
+        "--trainer.default_root_dir", str(tmp_path)])
     assert cli.model.backbone_cfg.img_size == 32
+
+
+def test_teachers_command_runs_as_a_module(repo):
+    """``python -m pacx.teachers fit --help``: the package's entry point runs :mod:`pacx.teacher_cli`, the
+    shared CLI on any TeacherModule and the Symile data module."""
+    out = subprocess.run([sys.executable, "-m", "pacx.teachers", "fit", "--help"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    assert "subclass of TeacherModule" in out and "--data.root" in out

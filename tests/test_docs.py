@@ -1,12 +1,13 @@
 """The project is self-contained: README code runs, references point into docs/ (and resolve), the bad-input
 table is current, and exported files carry no absolute path of the machine that wrote them.
 
-README convention: the line just above every ```python block is ``<!-- readme-test: run … -->`` (the block is
-executed here) or ``<!-- readme-test: skip: <reason> -->`` for a block that cannot run here (real data, the network;
-the test skips it and says why). A ```bash block runs only when marked ``run``; unmarked ones (real data, a
-cluster) are not run. Marked blocks run in one folder laid out like a clone after Stage 1 (``scripts/``, and
-``runs/stage1/mae_vitb_chexpert``: the tiny test run), the bash blocks first, in README order, so their commands
-run as written and make the files (``mae_encoder.safetensors``, …) the python blocks use."""
+README convention: the line just above every ```python block is ``<!-- readme-test: run … -->`` (the block
+is executed here) or ``<!-- readme-test: skip: <reason> -->`` for a block that cannot run here (real data,
+the network; the test skips it and says why). A ```bash block runs only when marked ``run``; unmarked ones
+(real data, a cluster) are not run. Marked blocks run in one folder laid out like a clone after Stage 1
+(``scripts/``, and ``runs/stage1/mae_vitb_chexpert``: the tiny test run), the bash blocks first, in README
+order, so their commands run as written and make the files (``mae_encoder.safetensors``, …) the python
+blocks use."""
 
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pacx.encoders import export_encoder
+from pacx.share import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!--\s*readme-test:\s*(run|skip)\b[:\s]*(.*?)\s*-->")
 BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.S)
 # What a user's clone does not have: the internal notes (and their § sections) these used to point at.
 FOREIGN = re.compile(r"shared/|SPEC\.md|DATASETS\.md|ECGFOUNDER\.md|STYLE\.md|§")
-SEARCHED = ("pacx", "scripts", "configs", "plans", "README.md", "Stage1_MAE.py", "Stage2_PACX.py", "Stage3_eval.py")
+SEARCHED = ("pacx", "scripts", "configs", "plans", "README.md", "Stage1_MAE.py", "Stage2_PACX.py",
+            "Stage3_eval.py")
 DOC_REF = re.compile(r"docs/(\w+)\.md#([\w-]+)")
 
 
@@ -41,7 +43,8 @@ def readme_blocks(lang: str = "python") -> list[tuple[str, str, str]]:
             continue
         before = text[: match.start()].rstrip().splitlines()[-1] if text[: match.start()].strip() else ""
         marker = MARKER.search(before)
-        blocks.append((marker.group(1), marker.group(2), match.group(2)) if marker else ("unmarked", "", match.group(2)))
+        blocks.append((marker.group(1), marker.group(2), match.group(2)) if marker else ("unmarked", "",
+                                                                                         match.group(2)))
     return blocks
 
 
@@ -55,10 +58,11 @@ def readme_folder(stage1_run, tmp_path_factory) -> Path:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for kind, _, code in readme_blocks("bash"):
         if kind == "run":
-            result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder, env=env, capture_output=True,
-                                    text=True, timeout=600)
+            result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=folder, env=env,
+                                    capture_output=True, text=True, timeout=600)
             if result.returncode:
-                pytest.fail(f"README bash block failed ({result.returncode}):\n{code}\n{result.stderr[-3000:]}")
+                pytest.fail("README bash block failed "
+                            f"({result.returncode}):\n{code}\n{result.stderr[-3000:]}")
     return folder
 
 
@@ -66,21 +70,24 @@ def _files(*roots: str):
     for root in roots:
         path = REPO / root
         yield from ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
-                                                         and p.suffix in {".py", ".md", ".yaml", ".sbatch", ".sh"}))
+                                                         and p.suffix in {".py", ".md", ".yaml", ".sbatch",
+                                                                          ".sh"}))
 
 
 def test_every_readme_python_block_is_marked():
     blocks = readme_blocks()
     assert blocks, "the README has python blocks"
     unmarked = [code.splitlines()[0] for kind, _, code in blocks if kind == "unmarked"]
-    assert not unmarked, f"python blocks without a <!-- readme-test: run|skip: reason --> line above: {unmarked}"
+    assert not unmarked, ("python blocks without a <!-- readme-test: run|skip: reason --> line above: "
+                          f"{unmarked}")
     for kind, reason, _ in blocks:
         assert kind == "run" or reason, "a skipped README block states why"
 
 
 def test_readme_bash_blocks_run(readme_folder):
     """The export commands (and any other bash block marked run) run as written and leave their outputs."""
-    assert any(kind == "run" for kind, _, _ in readme_blocks("bash")), "the README runs at least the export command"
+    assert any(kind == "run" for kind, _, _ in readme_blocks("bash")), \
+        "the README runs at least the export command"
     assert (readme_folder / "mae_encoder.safetensors").is_file()
 
 
@@ -104,7 +111,8 @@ def test_no_reference_to_internal_notes():
 
 def test_docs_references_resolve():
     """Every ``docs/<page>.md#<anchor>`` in the project names a page and an anchor that exist."""
-    anchors = {p.stem: set(re.findall(r'<a id="([\w-]+)"></a>', p.read_text())) for p in (REPO / "docs").glob("*.md")}
+    anchors = {p.stem: set(re.findall(r'<a id="([\w-]+)"></a>', p.read_text()))
+               for p in (REPO / "docs").glob("*.md")}
     bad = []
     for path in _files(*SEARCHED, "tests", "docs"):
         for page, anchor in DOC_REF.findall(path.read_text(errors="replace")):
@@ -135,9 +143,11 @@ def test_exported_files_carry_no_absolute_path(stage1_run, tmp_path):
     from pacx.models.ecg_ssl import BACKBONE_PREFIX, STAGE_ECG_SSL, export_ecg_teacher
     from pacx.models.ecgfounder import create_ecgfounder
 
-    state = {BACKBONE_PREFIX + k: v for k, v in create_ecgfounder("demo_small", head=False).state_dict().items()}
+    state = {BACKBONE_PREFIX + k: v
+             for k, v in create_ecgfounder("demo_small", head=False).state_dict().items()}
     ckpt = tmp_path / "ecg.ckpt"
-    torch.save({"state_dict": state, "global_step": 3, "pacx": {"stage": STAGE_ECG_SSL, "ecgfounder_config": "demo_small"}},
+    torch.save({"state_dict": state, "global_step": 3,
+                "pacx": {"stage": STAGE_ECG_SSL, "ecgfounder_config": "demo_small"}},
                ckpt)
     out = export_ecg_teacher(ckpt, tmp_path / "ecg.safetensors")
     with safe_open(str(out), "pt") as f:

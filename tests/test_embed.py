@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import pacx.embed as embed
-from pacx.encoders import export_encoder
 from pacx.models.vit import ViTEncoder, vit_config
+from pacx.share import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 IMG_SIZE = 32
@@ -94,7 +94,8 @@ def test_folder_to_npy_matches_stage3_features(encoder_file, xrays, tmp_path, ca
     assert paths == sorted(IMAGES) and emb.shape == (len(IMAGES), 32) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, stage3_features(encoder_file, xrays, paths), atol=1e-5, rtol=0)
     assert not (tmp_path / "emb.npy.shards").exists() and not (tmp_path / "emb.npy.unreadable.csv").exists()
-    assert run(encoder_file, xrays, tmp_path / "bf16.npy", "--precision", "bf16-mixed") == 0  # Stage 3 on GPUs
+    # Stage 3 on GPUs
+    assert run(encoder_file, xrays, tmp_path / "bf16.npy", "--precision", "bf16-mixed") == 0
     bf16 = np.load(tmp_path / "bf16.npy")
     assert not np.array_equal(bf16, emb) and np.allclose(bf16, emb, atol=0.1)
 
@@ -162,7 +163,8 @@ def test_rerun_with_other_inputs_is_an_error_naming_the_mismatch(encoder_file, x
     out.unlink()
     other = random_export(tmp_path / "other.safetensors", seed=1)
     assert run(other, xrays, out, "--shard-size", "2") == 1
-    assert "encoder_sha256" in caplog.text and "--overwrite" in caplog.text and "images_sha256" not in caplog.text
+    assert ("encoder_sha256" in caplog.text and "--overwrite" in caplog.text
+            and "images_sha256" not in caplog.text)
     caplog.clear()
     assert run(encoder_file, xrays, out, "--shard-size", "3") == 1
     assert "shard_size: recorded 2, now 3" in caplog.text
@@ -181,7 +183,8 @@ def test_rerun_with_other_inputs_is_an_error_naming_the_mismatch(encoder_file, x
 
 
 @pytest.mark.bad_input
-def test_unreadable_images_fail_by_name_then_skip_lists_them(encoder_file, xrays, tmp_path, caplog, monkeypatch):
+def test_unreadable_images_fail_by_name_then_skip_lists_them(encoder_file, xrays, tmp_path, caplog,
+                                                             monkeypatch):
     """pacx.embed on a folder with an undecodable image → exit 1 naming the file, no output written
     (``--skip-unreadable`` lists it in ``<out>.unreadable.csv`` instead)."""
     (xrays / "a/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -234,9 +237,10 @@ def readme_embed_commands() -> list[str]:
 
 
 def test_readme_commands_run(encoder_file, tmp_path, monkeypatch, capsys):
-    """The README's commands, run as written in a folder holding ``mae_encoder.safetensors``, a folder of
-    X-rays ``xrays/`` and their manifest ``xrays.csv`` (the README block needs user data, so it is not marked
-    for tests/test_docs.py, which has none). The first runs as a process, the others in this one (same argv)."""
+    """The README's commands, run as written in a folder holding ``mae_encoder.safetensors``,
+    a folder of X-rays ``xrays/`` and their manifest ``xrays.csv`` (the README block needs
+    user data, so it is not marked for tests/test_docs.py, which has none). The first runs as
+    a process, the others in this one (same argv)."""
     first, *others = readme_embed_commands()
     assert others
     shutil.copy(encoder_file, tmp_path / "mae_encoder.safetensors")

@@ -11,11 +11,12 @@ import torch
 from safetensors import safe_open
 
 import pacx
-from pacx.checkpoint import CheckpointError
-from pacx.encoders import export_encoder, read_encoder_weights
 from pacx.lit.mae import MAEModule
 from pacx.models.mae import create_mae
 from pacx.models.vit import create_vit, vit_config
+from pacx.share import export_encoder
+from pacx.weights.checkpoint import CheckpointError
+from pacx.weights.formats import read_encoder_weights
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -52,7 +53,8 @@ def test_mae_release_with_decoder_loads_strictly(tmp_path, mae):
 
 
 def test_authors_stage1_lightning_file(tmp_path, mae):
-    ckpt = {"epoch": 399, "global_step": 10, "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
+    ckpt = {"epoch": 399, "global_step": 10,
+            "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()},
             "hyper_parameters": {"mask_ratio": 0.9}}
     torch.save(ckpt, tmp_path / "last.ckpt")
     weights = read_encoder_weights(tmp_path / "last.ckpt")
@@ -65,7 +67,8 @@ def test_authors_stage1_lightning_file(tmp_path, mae):
 
 
 def test_timm_weight_file_with_head(tmp_path):
-    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32).eval()  # 1000-class head
+    # 1000-class head
+    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32).eval()
     torch.save(theirs.state_dict(), tmp_path / "vit_small.pth")
     enc = pacx.load_encoder(tmp_path / "vit_small.pth")
     assert enc.cfg.embed_dim == 384 and enc.cfg.img_size == 32 and enc.embed_dim == 384
@@ -79,7 +82,8 @@ def test_export_loads_into_timm_strictly_with_same_features(tmp_path, stage1_run
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["stage"] == "stage1_mae" and meta["git_sha"] and Path(meta["source"]).name == "last.ckpt"
-    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **json.loads(meta["timm_kwargs"]))
+    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0,
+                              **json.loads(meta["timm_kwargs"]))
     model.load_state_dict(tensors, strict=True)
     ours = pacx.load_encoder(stage1_run)
     with torch.no_grad():
@@ -90,8 +94,8 @@ def test_export_loads_into_timm_strictly_with_same_features(tmp_path, stage1_run
 
 def test_export_script(tmp_path, stage1_run, repo):
     out = tmp_path / "e.safetensors"
-    subprocess.run([sys.executable, str(repo / "scripts/export_encoder.py"), str(stage1_run), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(repo / "scripts/export_encoder.py"), str(stage1_run), str(out)],
+                   check=True, capture_output=True)
     assert out.is_file()
 
 
@@ -99,7 +103,8 @@ def test_shape_mismatch_lists_keys(tmp_path, mae):
     export_src = tmp_path / "m.pth"
     torch.save({"model": mae.state_dict()}, export_src)
     other = vit_config("vit_test", img_size=32, embed_dim=48, num_heads=2)
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*cls_token: file \(1, 1, 32\) vs model \(1, 1, 48\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatch.*cls_token: file \(1, 1, 32\) vs model \(1, 1, 48\)"):
         pacx.load_encoder(export_src, cfg=other)
     with pytest.raises(CheckpointError, match="pos_embed"):
         pacx.load_encoder(export_src, cfg=vit_config("vit_test", img_size=64))
@@ -128,14 +133,16 @@ def test_code_carrying_pickles_are_refused_everywhere(tmp_path, mae, repo, chexp
         pacx.load_encoder(evil)
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         export_encoder(evil, tmp_path / "x.safetensors")
-    res = subprocess.run([sys.executable, str(repo / "scripts/export_encoder.py"), str(evil), str(tmp_path / "y")],
+    res = subprocess.run([sys.executable, str(repo / "scripts/export_encoder.py"), str(evil),
+                          str(tmp_path / "y")],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "refused to unpickle" in res.stderr
     from Stage1_MAE import main
     from tests.conftest import stage1_args
 
     with pytest.raises(CheckpointError, match="refused to unpickle"):
-        main(stage1_args(tmp_path / "run", chexpert_release, "--ckpt_path", str(evil), "--trainer.max_steps", "1"))
+        main(stage1_args(tmp_path / "run", chexpert_release, "--ckpt_path", str(evil), "--trainer.max_steps",
+                         "1"))
     assert not marker.exists()
 
 

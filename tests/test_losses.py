@@ -37,13 +37,16 @@ def _explicit_ce(logits: torch.Tensor, targets: torch.Tensor, eps: float) -> tor
     return torch.tensor(sum(rows) / len(rows), dtype=torch.float64)
 
 
-def _call(loss: DistillationLoss, x: dict[str, torch.Tensor], teachers=("ecg", "labs")) -> dict[str, torch.Tensor]:
+def _call(loss: DistillationLoss, x: dict[str, torch.Tensor],
+          teachers=("ecg", "labs")) -> dict[str, torch.Tensor]:
     """The loss on the flat inputs of :func:`_inputs`, as the per-teacher dicts it takes."""
-    return loss(x["cxr_shared"], {t: x[f"{t}_shared"] for t in teachers}, {t: x[f"cxr_to_{t}"] for t in teachers},
+    return loss(x["cxr_shared"],
+                {t: x[f"{t}_shared"] for t in teachers}, {t: x[f"cxr_to_{t}"] for t in teachers},
                 {t: x[f"{t}_target"] for t in teachers})
 
 
-def _pairs(loss: DistillationLoss, cxr, ecg_shared, labs_shared, cxr_to_ecg, cxr_to_labs, ecg_target, labs_target):
+def _pairs(loss: DistillationLoss, cxr, ecg_shared, labs_shared, cxr_to_ecg, cxr_to_labs, ecg_target,
+           labs_target):
     return loss(cxr, {"ecg": ecg_shared, "labs": labs_shared}, {"ecg": cxr_to_ecg, "labs": cxr_to_labs},
                 {"ecg": ecg_target, "labs": labs_target})
 
@@ -117,11 +120,13 @@ def test_clip_term_reaches_the_label_smoothing_floor_for_identical_embeddings():
     torch.testing.assert_close(out["clip_ecg"], torch.tensor(floor, dtype=torch.float64))
     assert out["clip_ecg"].item() == pytest.approx(1.75, abs=1e-9)
 
-    # random identical embeddings, from the Gram matrix G: CE_i = lse_j(s·G_ij) − (1−ε)·s·G_ii − ε·s·mean_j G_ij
+    # random identical embeddings, from the Gram matrix G: CE_i = lse_j(s·G_ij)
+    # − (1−ε)·s·G_ii − ε·s·mean_j G_ij
     g = torch.Generator().manual_seed(3)
     x = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)
     gram = x @ x.T
-    exact = (torch.logsumexp(s * gram, dim=1) - (1 - eps) * s * gram.diagonal() - eps * s * gram.mean(dim=1)).mean()
+    exact = (torch.logsumexp(s * gram, dim=1) - (1 - eps) * s * gram.diagonal()
+             - eps * s * gram.mean(dim=1)).mean()
     torch.testing.assert_close(_pairs(loss, x, x, x, x, x, x, x)["clip_labs"], exact)
 
 
@@ -157,7 +162,8 @@ def test_loss_combines_terms_with_weights():
     torch.testing.assert_close(out["loss"], expected)
     out = _call(DistillationLoss(clip_weight=2.0, regression_weight=0.25), x)
     torch.testing.assert_close(
-        out["loss"], 2.0 * (out["clip_ecg"] + out["clip_labs"]) / 2 + 0.25 * (out["reg_ecg"] + out["reg_labs"]) / 2
+        out["loss"],
+        2.0 * (out["clip_ecg"] + out["clip_labs"]) / 2 + 0.25 * (out["reg_ecg"] + out["reg_labs"]) / 2
     )
     torch.testing.assert_close(out["reg_ecg"], cosine_regression(x["cxr_to_ecg"], x["ecg_target"]))
 
@@ -177,7 +183,8 @@ def test_one_teacher_gives_its_terms_keys_and_gradients_only(dropped, kept):
 
 
 def test_any_teacher_names_and_their_order():
-    """Teachers are the dict keys: a third one adds its terms; the order of the keys does not change the loss."""
+    """Teachers are the dict keys: a third one adds its terms; the order of the
+    keys does not change the loss."""
     x = _inputs()
     g = torch.Generator().manual_seed(7)
     extra = {"vitals_shared": torch.randn(6, 8, generator=g, dtype=torch.float64),
@@ -224,7 +231,8 @@ def test_half_precision_and_autocast_compute_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _call(DistillationLoss(), half)
     assert out["loss"].dtype == torch.float32
-    exact = _call(DistillationLoss(), {k: v.float() for k, v in half.items()})  # same rounded inputs, fp32 math
+    # same rounded inputs, fp32 math
+    exact = _call(DistillationLoss(), {k: v.float() for k, v in half.items()})
     torch.testing.assert_close(out["loss"], exact["loss"])
     torch.testing.assert_close(out["loss"], ref["loss"], atol=0.05, rtol=0.0)
 
@@ -259,7 +267,8 @@ class _VitPacx(nn.Module):
 
         self.module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=8,
                                  teacher_dims={"ecg": 10, "labs": 6}, lora_dropout=0.0, head_dropout=0.0)
-        for n, p in self.module.named_parameters():  # LoRA B starts at 0: give the adapters a real gradient path
+        # LoRA B starts at 0: give the adapters a real gradient path
+        for n, p in self.module.named_parameters():
             if "lora_B" in n:
                 nn.init.normal_(p, std=0.05)
 
@@ -316,7 +325,8 @@ def _ddp_worker() -> None:
         result["ddp"] = _grads(model)
 
         # other gathers, parameter gradients averaged by hand exactly as DDP does
-        for name, gather in () if os.environ.get("PACX_TEST_MODEL") == "vit" else (("torch_nn", _torch_nn_gather), ("local_slice", _local_slice_gather)):
+        others = (("torch_nn", _torch_nn_gather), ("local_slice", _local_slice_gather))
+        for name, gather in () if os.environ.get("PACX_TEST_MODEL") == "vit" else others:
             model = _tiny_model()
             with mock.patch("pacx.losses.gather_with_grad", gather):
                 model(cxr, ecg, labs)["loss"].backward()
@@ -344,8 +354,9 @@ def _free_port() -> int:
 
 
 def _run_ranks(out_dir: Path, timeout: float = 120.0, model: str = "tiny") -> list[dict]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-           "PACX_TEST_OUT": str(out_dir), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PACX_TEST_MODEL": model}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(WORLD), "PACX_TEST_OUT": str(out_dir), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "PACX_TEST_MODEL": model}
     if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-c", "from tests.test_losses import _ddp_worker; _ddp_worker()"]
@@ -382,7 +393,8 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
     for r in ranks:
         for variant in ("ddp", "torch_nn"):
             for name, g in ref_grads.items():
-                torch.testing.assert_close(r[variant][name], g, atol=1e-10, rtol=1e-8, msg=f"{variant} {name}")
+                torch.testing.assert_close(r[variant][name], g, atol=1e-10, rtol=1e-8,
+                                           msg=f"{variant} {name}")
         assert "same local shape" in r["unequal_error"]
 
     # the shortcut that keeps only the local slice's own gradient misses the cross-rank terms

@@ -34,7 +34,8 @@ class FakeTerminal:
 
 @pytest.fixture
 def switched_on(monkeypatch):
-    """The process-wide switch on and the environment clear (an earlier in-process --no-progress may have run)."""
+    """The process-wide switch on and the environment clear (an earlier
+    in-process --no-progress may have run)."""
     monkeypatch.setattr(pacx.progress, "_switched_on", True)
     monkeypatch.delenv(ENV_VAR, raising=False)
 
@@ -89,8 +90,8 @@ def test_converter_cli_no_progress_same_outputs(tmp_path, repo):
     raw, out = write_qata_release(tmp_path / "raw", 0), tmp_path / "out"
     texts, outputs = {}, {}
     for name, extra in (("bars", []), ("quiet", ["--no-progress"])):  # one --out: prepare.json names it
-        code, texts[name] = on_terminal([sys.executable, str(repo / "scripts/prepare.py"), "qata", "--raw", str(raw),
-                                         "--out", str(out), *extra], {ENV_VAR: "1"})
+        code, texts[name] = on_terminal([sys.executable, str(repo / "scripts/prepare.py"), "qata",
+                                         "--raw", str(raw), "--out", str(out), *extra], {ENV_VAR: "1"})
         assert code == 0, texts[name]
         outputs[name] = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "qata: 100%|" in texts["bars"] and BAR not in texts["quiet"], texts
@@ -98,12 +99,13 @@ def test_converter_cli_no_progress_same_outputs(tmp_path, repo):
 
 
 def test_demo_no_progress_switches_bars_off(tmp_path, switched_on, monkeypatch):
-    from pacx.demo import DemoContext, main, stage_args
+    from pacx.demo import main
+    from pacx.reproduce.execute import stage_argv
 
     monkeypatch.setattr(sys, "stderr", FakeTerminal())
-    ctx = DemoContext(tmp_path, tmp_path / "configs", quick=True)
-    assert "--trainer.enable_progress_bar" not in stage_args(ctx, "c.yaml", tmp_path / "run")  # the config decides
-    assert main(["--out", str(tmp_path), "--only", "no-such-step", "--no-progress"]) == 0
+    point = {"argv": ["fit", "--config", "c.yaml"], "run_dir": str(tmp_path / "run")}
+    assert "--trainer.enable_progress_bar" not in stage_argv(point)  # on a terminal the config decides
+    assert main(["--out", str(tmp_path), "--only", "no-such-node", "--no-progress"]) == 2  # an unknown node
     assert not progress_enabled()
-    args = stage_args(ctx, "c.yaml", tmp_path / "run")
+    args = stage_argv(point)
     assert args[args.index("--trainer.enable_progress_bar") + 1] == "false"

@@ -1,5 +1,6 @@
-"""pacx.share: the timm model folder (loaded by timm alone, same features, card without absolute paths) and ONNX
-(ONNX Runtime equals PyTorch at batch 1 and 3; a missing ``onnx`` names the extra), and the serving benchmark."""
+"""pacx.share: the timm model folder (loaded by timm alone, same features, card
+without absolute paths) and ONNX (ONNX Runtime equals PyTorch at batch 1 and 3;
+a missing ``onnx`` names the extra), and the serving benchmark."""
 
 import json
 import re
@@ -17,7 +18,8 @@ from safetensors.torch import save_file
 
 import pacx
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
-from pacx.share import LICENCE_NOTE, export_onnx, export_timm_folder, require_serve
+from pacx.share import export_onnx, export_timm_folder, require_serve
+from pacx.share.card import LICENCE_NOTE
 from pacx.utils import file_sha256
 from tests.helpers import load_script
 
@@ -56,7 +58,8 @@ def test_timm_loads_folder_without_pacx_same_features(timm_folder, stage1_run, t
         ours = pacx.load_encoder(stage1_run)(X)
     assert theirs.shape == ours.shape == (2, 32)
     assert (theirs - ours).abs().max().item() <= 1e-5
-    data = json.loads(res.stdout.strip().splitlines()[-1])  # the Stage 3 evaluation preprocessing, in timm's terms
+    # the Stage 3 evaluation preprocessing, in timm's terms
+    data = json.loads(res.stdout.strip().splitlines()[-1])
     assert data == {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": list(IMAGENET_MEAN),
                     "std": list(IMAGENET_STD), "crop_pct": 1.0, "crop_mode": "squash"}
 
@@ -84,7 +87,8 @@ def test_model_card_provenance_and_no_absolute_path(timm_folder, stage1_run, tmp
         meta = f.metadata()
     for needle in ("stage1_mae", "checkpoints/last.ckpt", f"run `{stage1_run.name}`", meta["source_sha256"],
                    meta["git_sha"], file_sha256(stage1_run / "config.yaml"), "CheXpert", LICENCE_NOTE,
-                   'timm.create_model("local-dir:pacx-mae-test", pretrained=True)', "upload_folder(", "crop_mode"):
+                   'timm.create_model("local-dir:pacx-mae-test", pretrained=True)', "upload_folder(",
+                   "crop_mode"):
         assert needle in card, needle
     both = card + (timm_folder / "config.json").read_text()
     assert not _absolute_paths(both, stage1_run, timm_folder, tmp_path_factory.getbasetemp(), Path.home())
@@ -98,11 +102,13 @@ def test_avg_pool_folder_matches_pacx_avg(stage1_run, tmp_path):
     assert cfg["global_pool"] == "avg" and cfg["model_args"]["fc_norm"] is False
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(X), pacx.load_encoder(stage1_run).set_pool("avg")(X), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(X), pacx.load_encoder(stage1_run).set_pool("avg")(X), atol=1e-5,
+                                   rtol=0)
 
 
 def test_other_norm_eps_is_exported_with_its_difference_stated(tmp_path, caplog):
-    """timm cannot build LayerNorm eps 1e-5 (the authors' Stage 2): the export warns and the card says by how much."""
+    """timm cannot build LayerNorm eps 1e-5 (the authors' Stage 2): the export
+    warns and the card says by how much."""
     from pacx.models.vit import ViTEncoder, vit_config
 
     cfg = vit_config("vit_test", img_size=32, norm_eps=1e-5)
@@ -151,9 +157,11 @@ def test_missing_onnx_names_the_serve_extra(monkeypatch, stage1_run, tmp_path):
 def test_benchmark_serve_reports_both_runtimes(tmp_path):
     out = tmp_path / "serve.json"
     load_script("benchmark_serve").main(["--arch", "vit_test", "--img-size", "32", "--batch-sizes", "1", "3",
-                                         "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", str(out)])
+                                         "--warmup", "1", "--repeats", "2", "--threads", "1", "--json",
+                                         str(out)])
     res = json.loads(out.read_text())
     assert res["threads"] == 1 and sorted(res["batches"]) == ["1", "3"]
     for row in res["batches"].values():
         assert row["torch_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["max_abs_diff"] < 1e-4
-        assert row["torch_over_onnxruntime"] == pytest.approx(row["torch_ms"] / row["onnxruntime_ms"], rel=1e-9)
+        assert row["torch_over_onnxruntime"] == pytest.approx(row["torch_ms"] / row["onnxruntime_ms"],
+                                                              rel=1e-9)

@@ -21,7 +21,8 @@ import pacx
 from pacx.data.symile import SymileMIMICDataModule
 from pacx.data.symile_files import FileSpec, SymileFileError, ValidationCache
 from pacx.data.teacher_features import OnTheFlyTeachers
-from pacx.eval.alignment import load_split, load_stage2_heads, probe_encoder, stage2_pool, zero_shot_retrieval
+from pacx.eval.alignment import load_split, probe_encoder
+from pacx.eval.zero_shot import load_stage2_heads, stage2_pool, zero_shot_retrieval
 from pacx.models.heads import upgrade_head_keys
 from pacx.teachers import (
     DEFAULT_TEACHERS,
@@ -116,9 +117,11 @@ def _fresh_validation_memory():
 def test_release_teachers_are_registered():
     for name, width in (("ecg", 1024), ("labs", 256)):
         spec = TEACHERS[name]
-        assert (spec.width, spec.feature_file, spec.feature_key) == (width, f"{name}_features.npy", f"{name}_features")
+        assert (spec.width, spec.feature_file, spec.feature_key) == (width, f"{name}_features.npy",
+                                                                     f"{name}_features")
     assert DEFAULT_TEACHERS == ("ecg", "labs") and resolve_teachers() == DEFAULT_TEACHERS
-    assert resolve_teachers(None, "ecg") == ("labs",) and resolve_teachers(["ecg", "labs"], "labs") == ("ecg",)
+    assert (resolve_teachers(None, "ecg") == ("labs",)
+            and resolve_teachers(["ecg", "labs"], "labs") == ("ecg",))
     with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
         resolve_teachers(["ekg"])
     with pytest.raises(ValueError, match="a lowercase identifier other than"):
@@ -131,7 +134,7 @@ def test_register_once(vitals):
         register_teacher(vitals)
 
 
-# ------------------------------------------------------------------------------------------ the toy teacher end to end
+# --------------------------------------------------------------------------------- the toy teacher end to end
 
 
 def test_extraction_writes_its_features(root, weights):
@@ -164,13 +167,14 @@ def test_bad_raw_rows_name_the_file(root, weights, tmp_path):
 
 
 def test_on_the_fly_equals_the_extracted_features(root, weights):
-    dm = SymileMIMICDataModule(str(root), "cxr_raw_teachers", batch_size=4, num_workers=0, train_transform="resize",
-                               img_size=32, pin_memory=False, serve_teachers=["vitals"],
-                               teacher_weights={"vitals": str(weights)})
+    dm = SymileMIMICDataModule(str(root), "cxr_raw_teachers", batch_size=4, num_workers=0,
+                               train_transform="resize", img_size=32, pin_memory=False,
+                               serve_teachers=["vitals"], teacher_weights={"vitals": str(weights)})
     dm.setup("validate")
     assert isinstance(dm.teachers, OnTheFlyTeachers) and dm.teachers.dims == {"vitals": VITALS_DIM}
     feats = torch.cat([dm.on_after_batch_transfer(b, 0)["teachers"]["vitals"] for b in dm.val_dataloader()])
-    np.testing.assert_allclose(feats.numpy(), np.load(root / "val" / "vitals_features.npy"), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(feats.numpy(), np.load(root / "val" / "vitals_features.npy"), rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -180,26 +184,31 @@ def stage2_cli(tmp_path_factory, root, stage1_run):
     from Stage2_PACX import main
 
     run = tmp_path_factory.mktemp("runs") / "stage2_vitals"
-    return main(stage2_args(run, root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                            "--model.init_args.teachers", "[ecg, labs, vitals]"))
+    return main(stage2_args(run, root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval",
+                            "2", "--model.init_args.teachers", "[ecg, labs, vitals]"))
 
 
 def test_stage2_fit_distils_from_the_third_teacher(stage2_cli, root):
     module, run = stage2_cli.model, Path(stage2_cli.trainer.default_root_dir)
     assert module.teacher_names == TEACHERS3 and module.teacher_widths["vitals"] == VITALS_DIM
-    assert set(module.proj) == {"cxr", *TEACHERS3} and set(module.reg) == set(module.teacher_norms) == set(TEACHERS3)
-    # the vitals heads received gradients in the fit: AdamW holds moments for exactly the parameters it stepped
+    assert (set(module.proj) == {"cxr", *TEACHERS3}
+            and set(module.reg) == set(module.teacher_norms) == set(TEACHERS3))
+    # the vitals heads received gradients in the fit: AdamW holds moments for
+    # exactly the parameters it stepped
     state = stage2_cli.trainer.optimizers[0].state
     for head in (module.proj["vitals"], module.reg["vitals"]):
         for p in head.parameters():
             assert p.requires_grad and p in state and state[p]["exp_avg"].abs().sum() > 0
     # the whitening of its features was fitted on the train split
     vitals = np.load(root / "train" / "vitals_features.npy").astype(np.float64)
-    np.testing.assert_allclose(module.teacher_norms["vitals"].mean.double().numpy(), vitals.mean(0), atol=1e-6)
+    np.testing.assert_allclose(module.teacher_norms["vitals"].mean.double().numpy(), vitals.mean(0),
+                               atol=1e-6)
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert {"proj.vitals.1.weight", "reg.vitals.1.weight", "teacher_norms.vitals.proj"} <= set(ckpt["state_dict"])
-    assert upgrade_head_keys(ckpt["state_dict"], TEACHERS3) == ckpt["state_dict"]  # the current layout passes as is
+    assert {"proj.vitals.1.weight", "reg.vitals.1.weight",
+            "teacher_norms.vitals.proj"} <= set(ckpt["state_dict"])
+    # the current layout passes as is
+    assert upgrade_head_keys(ckpt["state_dict"], TEACHERS3) == ckpt["state_dict"]
     metrics = pd.read_csv(run / "metrics.csv")
     for name in ("train/clip_vitals_step", "train/reg_vitals_step", "val/clip_vitals", "val/reg_cos_vitals",
                  "val/split_top1_cxr_vitals", "val/infonce_frac_vitals", "val/clip_ecg"):
@@ -211,7 +220,8 @@ def test_alignment_probe_and_zero_shot_on_the_third_teacher(stage2_cli, root):
     run = Path(stage2_cli.trainer.default_root_dir)
     encoder = pacx.load_encoder(run).set_pool(stage2_pool(run))
     fit, test = (load_split(root, s, teachers=TEACHERS3) for s in ("train", "test_uni"))
-    assert fit.targets["vitals"] == "vitals_features" and fit.arrays["vitals_features"].shape == (32, VITALS_DIM)
+    assert (fit.targets["vitals"] == "vitals_features"
+            and fit.arrays["vitals_features"].shape == (32, VITALS_DIM))
     results = probe_encoder(encoder, fit, test, img_size=32, batch_size=8, drop_last_batch=None)
     assert set(results) == set(TEACHERS3)
     assert results["vitals"]["n_test"] == 10 and np.isfinite(results["vitals"]["r2"])

@@ -1,4 +1,5 @@
-"""Teacher feature extraction (pacx.teachers, scripts/extract_teacher_features.py, scripts/benchmark_teachers.py).
+"""Teacher feature extraction (pacx.teachers, scripts/extract_teacher_features.py,
+scripts/benchmark_teachers.py).
 
 A tiny synthetic Symile tree (32 px CXR, 2 candidates per query) and small teachers saved to files:
 ECGFounder ``demo_small`` and a narrow labs DAE. Expected features are computed independently here,
@@ -31,8 +32,9 @@ ECG_DIM, LABS_DIM = 128, 16  # demo_small's last width; the small DAE's latent
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
     """train 12, val 4, test 4 queries x 2 = 8 rows, and test_uni (4 rows) without any feature file."""
-    out = write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=12, n_val=4, n_test_queries=4,
-                               n_candidates=2, cxr_size=32, seed=0, write_teacher_features=True)
+    out = write_symile_release(tmp_path_factory.mktemp("symile") / "data_npy", n_train=12, n_val=4,
+                               n_test_queries=4, n_candidates=2, cxr_size=32, seed=0,
+                               write_teacher_features=True)
     for path in out.glob("*/*_features.npy"):
         path.unlink()
     return out
@@ -49,7 +51,8 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     torch.save({"state_dict": create_ecgfounder("demo_small", head=False).state_dict()}, d / "ecg.pth")
     dae = LabsDAE(LabsDAEConfig(hidden_dim=32, latent_dim=LABS_DIM))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in dae.state_dict().items()}}, d / "dae.ckpt")  # Lightning-like
+    # Lightning-like
+    torch.save({"state_dict": {f"model.{k}": v for k, v in dae.state_dict().items()}}, d / "dae.ckpt")
     return {"ecg": d / "ecg.pth", "dae": d / "dae.ckpt"}
 
 
@@ -83,12 +86,14 @@ def test_writes_features_equal_to_a_whole_array_computation(root, weights):
         assert ecg.dtype == labs.dtype == np.float32
 
         with torch.no_grad():
-            x = torch.from_numpy(preprocess_ecg(np.load(root / split / f"ecg_{split}.npy")))  # all rows at once
+            # all rows at once
+            x = torch.from_numpy(preprocess_ecg(np.load(root / split / f"ecg_{split}.npy")))
             np.testing.assert_allclose(ecg, ecg_model(x).numpy(), rtol=1e-4, atol=1e-5)
 
             pct = torch.from_numpy(np.load(root / split / f"labs_percentiles_{split}.npy")).float()
             obs = torch.from_numpy(np.load(root / split / f"labs_missingness_{split}.npy")).float()
-            raw = dae.encoder(torch.cat([pct, obs], dim=1)).numpy()  # placeholders kept (docs/datasets.md#teacher-features)
+            # placeholders kept (docs/datasets.md#teacher-features)
+            raw = dae.encoder(torch.cat([pct, obs], dim=1)).numpy()
             zeroed = dae.encoder(torch.cat([pct * obs, obs], dim=1)).numpy()
         assert (obs == 0).any() and (pct[obs == 0] > 0).any()  # there are placeholders to zero
         np.testing.assert_allclose(labs, raw, rtol=1e-5, atol=1e-6)
@@ -130,11 +135,13 @@ def test_one_teacher_only(root, weights):
     with pytest.raises(SystemExit):
         script.main(["--data-root", str(root)])
     with pytest.raises(SystemExit):  # one teacher given twice
-        script.main(["--data-root", str(root), "--labs-dae", str(weights["dae"]), "--teacher", f"labs={weights['dae']}"])
+        script.main(["--data-root", str(root), "--labs-dae", str(weights["dae"]), "--teacher",
+                     f"labs={weights['dae']}"])
     with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
         script.main(["--data-root", str(root), "--teacher", f"ekg={weights['ecg']}"])
     # --teacher NAME=WEIGHTS is the general form of --labs-dae
-    script.main(["--data-root", str(root), "--teacher", f"labs={weights['dae']}", "--splits", "val", "--no-progress"])
+    script.main(["--data-root", str(root), "--teacher", f"labs={weights['dae']}", "--splits", "val",
+                 "--no-progress"])
     assert (root / "val" / "labs_features.npy").is_file() and not (root / "val" / "ecg_features.npy").exists()
 
 
@@ -151,7 +158,8 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(root, weight
     def failing(self, *x):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # mid-split: one batch of train (the ECG, first) is already in the temporary file
+            # mid-split: one batch of train (the ECG, first) is already in the temporary file
+            raise KeyboardInterrupt
         return forward(self, *x)
 
     monkeypatch.setattr(Teacher, "encode", failing)
@@ -168,7 +176,8 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(root, weight
     calls["n"] = 0
     monkeypatch.setattr(Teacher, "encode", failing)
     with pytest.raises(KeyboardInterrupt):
-        extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, overwrite=True, progress=False)
+        extract_teacher_features(root, teachers(weights), ["train"], batch_size=5, overwrite=True,
+                                 progress=False)
     np.testing.assert_array_equal(np.load(final), complete)
 
 
@@ -178,7 +187,8 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(root, weight
 def test_wrong_ecg_layout(root, weights):
     path = root / "train" / "ecg_train.npy"
     np.save(path, np.load(path)[:, 0].transpose(0, 2, 1))  # [N, 12, 5000]
-    with pytest.raises(SymileFileError, match=r"ecg_train\.npy: expected shape \[N, 1, 5000, 12\], got \[12, 12, 5000\]"):
+    with pytest.raises(SymileFileError,
+                       match=r"ecg_train\.npy: expected shape \[N, 1, 5000, 12\], got \[12, 12, 5000\]"):
         run_cli(root, weights, "--splits", "train")
     assert not (root / "train" / "ecg_features.npy").exists()
 
@@ -221,9 +231,11 @@ def test_benchmark_writes_json(tmp_path, capsys):
         "--rss-check-records", "0", "--workdir", str(tmp_path / "work"), "--json", str(out),
     ])
     result = json.loads(out.read_text())
-    for key in ("ecg_per_s", "peak_rss_mb", "preprocess_s", "network_s", "preprocess_ecg_per_s", "network_ecg_per_s"):
+    for key in ("ecg_per_s", "peak_rss_mb", "preprocess_s", "network_s", "preprocess_ecg_per_s",
+                "network_ecg_per_s"):
         assert result[key] > 0, key
-    assert (result["config"], result["batch_size"], result["records"], result["rss_records"]) == ("demo_small", 2, 4, 24)
+    assert ((result["config"], result["batch_size"], result["records"], result["rss_records"])
+            == ("demo_small", 2, 4, 24))
     assert "Peak RSS" in capsys.readouterr().out
     assert os.path.isdir(tmp_path / "work") and not (tmp_path / "work" / "rss").exists()
 

@@ -1,12 +1,12 @@
 """The extension recipes of docs/architecture.md, end to end, with everything new defined in this file only.
 
 * **A benchmark** (docs/architecture.md#add-a-benchmark): ``toy``, one :class:`BenchmarkSpec` registered with
-  ``register_benchmark``, one converter registered with ``register_converter`` that turns a folder-labelled raw
-  release (PNGs the fixture writes) into ``{train,val,test}`` manifests, and a 4-line override stacked after
-  ``configs/stage3/linear_probe.yaml``. ``scripts/prepare.py toy`` converts it and a 1-epoch linear probe through
-  ``Stage3_eval.py`` fits, tests and appends a results row named ``toy``.
-* **A backbone** (docs/architecture.md#add-a-backbone): a ViT size ``vit_toy`` in ``VIT_ARCHS`` and a backbone kind
-  ``seeded`` in ``BACKBONES``, built by ``build_backbone`` and probed on ``toy`` through the same CLI.
+  ``register_benchmark``, one converter registered with ``register_converter`` that turns a folder-labelled
+  raw release (PNGs the fixture writes) into ``{train,val,test}`` manifests, and a 4-line override stacked
+  after ``configs/stage3/linear_probe.yaml``. ``scripts/prepare.py toy`` converts it and a 1-epoch linear
+  probe through ``Stage3_eval.py`` fits, tests and appends a results row named ``toy``.
+* **A backbone** (docs/architecture.md#add-a-backbone): a ViT size ``vit_toy`` in ``VIT_ARCHS`` and a backbone
+  kind ``seeded`` in ``BACKBONES``, built by ``build_backbone`` and probed on ``toy`` through the same CLI.
 
 Every registration is removed on teardown, so other tests never see them.
 """
@@ -193,4 +193,5 @@ def test_new_backbone_probes_the_toy_benchmark(toy_backbone, toy, prepared, toy_
                           "--model.backbone.arch", "vit_toy"))
     assert cli.model.backbone.embed_dim == 24
     row = only_results_row(run_dir)
-    assert row["benchmark"] == "toy" and row["backbone_kind"] == "seeded" and math.isfinite(row["metric_value"])
+    assert (row["benchmark"] == "toy" and row["backbone_kind"] == "seeded"
+            and math.isfinite(row["metric_value"]))

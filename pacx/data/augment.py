@@ -1,23 +1,9 @@
 """Stage 2 CXR train augmentation (docs/datasets.md#stage-2-data): the reference's ``RobustTrainTransforms``.
 
-Symile-MIMIC CXRs are stored already ImageNet-normalised ([3, 320, 320] float32), so the augmentation
-takes and returns a normalised tensor. In the reference's order:
-
-1. undo the ImageNet normalisation (``x·std + mean``, roughly [0, 1]);
-2. ``RandomResizedCrop(img_size, scale=(0.75, 1.0), ratio=(0.85, 1.15), antialias=True)``;
-3. with p = 0.6 ``RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=0)``
-   (fill 0 is black in pixel space);
-4. with p = 0.3 ``ColorJitter(brightness=0.2, contrast=0.2, saturation=0, hue=0)``
-   (torchvision clamps float images to [0, 1]);
-5. with p = 0.15 ``GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))``;
-6. ImageNet normalisation again;
-7. ``RandomErasing(p=0.25, scale=(0.02, 0.1), ratio=(0.3, 3.3), value=0)`` in normalised space.
-
-Every value is an argument whose default is the paper/reference value, so a config can change it.
-The transform is registered as the CXR transform ``robust_train`` of ``pacx.data.symile`` (which imports
-this module at its end, so the name is always known to ``build_cxr_transform``). Built on
-``torchvision.transforms.v2``; the reference defines further transforms (gamma, local contrast noise,
-grid distortion) that it never uses, so they are not provided.
+Takes and returns ImageNet-normalised tensors (Symile CXRs are stored normalised): it undoes the
+normalisation, runs the reference's steps in its order on ``torchvision.transforms.v2`` and normalises again.
+Every setting is an argument defaulting to the reference value. Registered as the CXR transform
+``robust_train`` of :mod:`pacx.data.symile`; the steps: docs/design.md#stage-2-augmentation.
 """
 
 from __future__ import annotations
@@ -29,7 +15,6 @@ from torch import nn
 from torchvision.transforms import v2
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
-from pacx.data.symile import register_cxr_transform
 
 
 class Denormalize(nn.Module):
@@ -51,9 +36,9 @@ class Denormalize(nn.Module):
         return f"mean={list(self.mean)}, std={list(self.std)}"
 
 
-@register_cxr_transform("robust_train")
 class RobustTrainTransforms(nn.Module):
-    """docs/datasets.md#stage-2-data train augmentation on a normalised float32 CXR [3, H, W] -> normalised [3, img_size, img_size].
+    """docs/datasets.md#stage-2-data train augmentation on a normalised float32 CXR [3, H, W] -> normalised
+    [3, img_size, img_size].
 
     The steps are attributes (``denormalize``, ``crop``, ``affine``, ``jitter``, ``blur``, ``normalize``,
     ``erase``; the three optional ones are ``v2.RandomApply`` with their probability) run in that order.
@@ -86,21 +71,26 @@ class RobustTrainTransforms(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.denormalize = Denormalize(mean, std)
-        self.crop = v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True)
+        self.crop = v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+                                         antialias=True)
         degrees = tuple(affine_degrees) if isinstance(affine_degrees, Sequence) else affine_degrees
         self.affine = v2.RandomApply(
-            [v2.RandomAffine(degrees, translate=tuple(affine_translate), scale=tuple(affine_scale), fill=affine_fill)],
+            [v2.RandomAffine(degrees, translate=tuple(affine_translate), scale=tuple(affine_scale),
+                             fill=affine_fill)],
             p=affine_p,
         )
-        self.jitter = v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=0, hue=0)],
+        self.jitter = v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=0,
+                                                     hue=0)],
                                      p=jitter_p)
         self.blur = v2.RandomApply([v2.GaussianBlur(blur_kernel_size, sigma=tuple(blur_sigma))], p=blur_p)
         self.normalize = v2.Normalize(list(mean), list(std))
-        self.erase = v2.RandomErasing(p=erase_p, scale=tuple(erase_scale), ratio=tuple(erase_ratio), value=erase_value)
+        self.erase = v2.RandomErasing(p=erase_p, scale=tuple(erase_scale), ratio=tuple(erase_ratio),
+                                      value=erase_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or not x.is_floating_point():
-            raise ValueError(f"expects a normalised float CXR tensor [C, H, W], got {x.dtype} {list(x.shape)}")
+            raise ValueError(f"expects a normalised float CXR tensor [C, H, W], got {x.dtype} "
+                             f"{list(x.shape)}")
         x = self.denormalize(x)  # pixel space, about [0, 1]
         x = self.crop(x)  # [C, img_size, img_size]
         x = self.affine(x)

@@ -1,15 +1,9 @@
 """Batched augmentation on cached uint8 images: the collate functions of the fast image path.
 
-Each collate takes the ``(uint8 [C, S, S], (w, h), labels)`` samples of
-:class:`pacx.data.cache.CachedImageDataset` and returns ``(images, labels [B, K])``. Spatial work
-(crops, flips, resizes) stays in **uint8** with torch's antialiased bilinear kernel — the kernel
-torchvision's ``resized_crop`` uses on tensors — so a worker never touches a float image. Batches leave
-the workers as uint8 ``[B, C, H, W]`` (12× fewer bytes than a normalised float batch) and are
-normalised where they land: :func:`normalize_batch` in the data module's ``on_after_batch_transfer``,
-i.e. on the accelerator. ``normalize=True`` normalises in the worker instead.
-
-Crop boxes follow ``RandomResizedCrop``'s law in **original-image** coordinates and are scaled into the
-cache, so the augmentation distribution matches the per-file PIL path whatever the cache size.
+Each collate takes :class:`pacx.data.cache.CachedImageDataset` samples ``(uint8 [C, S, S], (w, h), labels)``
+and returns ``(images, labels [B, K])``. Crops, flips and resizes stay in uint8, with crop boxes drawn in
+original-image coordinates; batches are normalised on the accelerator by :func:`normalize_batch`
+(``normalize=True``: in the worker). Why: docs/design.md#image-cache.
 """
 
 from __future__ import annotations
@@ -36,7 +30,8 @@ def sample_crop_boxes(orig_wh: torch.Tensor, scale: Sequence[float] = (0.5, 1.0)
     """
     W, H = orig_wh[:, 0].double(), orig_wh[:, 1].double()  # [B]
     b = len(W)
-    area = torch.empty(b, attempts, dtype=torch.float64).uniform_(*scale, generator=generator) * (W * H)[:, None]
+    area = torch.empty(b, attempts, dtype=torch.float64).uniform_(*scale, generator=generator) * (W * H)[:,
+                                                                                                         None]
     aspect = torch.exp(torch.empty(b, attempts, dtype=torch.float64).uniform_(
         math.log(ratio[0]), math.log(ratio[1]), generator=generator))
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()  # [B, attempts]
@@ -76,7 +71,8 @@ def crop_flip_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tens
         out = torch.empty(b, c, out_size, out_size, dtype=images.dtype)
     for i, (top, left, h, w) in enumerate(boxes.tolist()):
         crop = images[i : i + 1, :, top : top + h, left : left + w]
-        res = F.interpolate(crop, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)
+        res = F.interpolate(crop, size=(out_size, out_size), mode="bilinear", antialias=True,
+                            align_corners=False)
         out[i] = res[0].flip(-1) if flip[i] else res[0]
     return out
 

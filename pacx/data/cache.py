@@ -1,23 +1,9 @@
-"""Decoded-image cache and batched augmentation: the fast image path for CheXpert-scale pretraining.
+"""Decoded-image cache: the fast image path for CheXpert-scale pretraining.
 
-Per-file decoding plus per-image augmentation costs ~3 ms of CPU per sample, which starves a GPU
-(docs/datasets.md#chexpert: 223k images, 400 epochs). Here every image is decoded once into a uint8 memory map at a
-fixed square size, and augmentation runs per batch in the collate function (``pacx.data.batched``).
-
-Cache layout (``out_dir``)::
-
-    images.npy   uint8 [N, C, S, S] (``numpy.lib.format.open_memmap``); row i is image i of index.csv
-    index.csv    path, orig_width, orig_height; ``path`` is the manifest value verbatim (the lookup key)
-    meta.json    version, size, channels, count, complete
-    done.npy     bool [N] rows written (resume state); sizes.npy int32 [N, 2] their (w, h)
-
-Pixels: images are resized with torchvision's ``resize(pil, [S, S], antialias=True)``, the operation of
-``pacx.data.transforms.resize_eval``, so the eval collate at the cache size gives the PIL path's pixels.
-Train crops follow ``RandomResizedCrop``'s law in original-image coordinates and are resampled from the
-cache (``pacx.data.batched``): equal in distribution to the PIL path, not bit-identical. ``channels=1`` stores PIL "L"
-(identical to the RGB path for grayscale sources; luma for colour ones, which want ``channels=3``). Files
-decode through :func:`pacx.data.images.open_image`, the decoder of every other loader (16-bit sources
-included); ``meta.json`` records its version, and a cache built by another decoder must be rebuilt.
+Every image is decoded once (:func:`pacx.data.images.open_image`) into a uint8 memory map at a fixed square
+size; augmentation runs per batch in the collate (:mod:`pacx.data.batched`). The cache layout (``images.npy``,
+``index.csv``, ``meta.json``, ``done.npy``, ``sizes.npy``), its pixels and why it exists:
+docs/design.md#image-cache. A cache built by another decoder version must be rebuilt.
 """
 
 from __future__ import annotations
@@ -139,7 +125,8 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
         raise CacheError(f"{len(dup)} duplicated path(s) (first: {dup[:5]}); a cache row needs a unique key")
     n = len(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    want = {"version": CACHE_VERSION, "decoder": DECODER_VERSION, "size": size, "channels": channels, "count": n}
+    want = {"version": CACHE_VERSION, "decoder": DECODER_VERSION, "size": size, "channels": channels,
+            "count": n}
     if (out_dir / "meta.json").is_file():  # resume
         meta = _read_meta(out_dir)
         old_paths = pd.read_csv(out_dir / "index.csv", keep_default_na=False, dtype={"path": str})["path"]
@@ -156,7 +143,8 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
         log.info("%s: cache already complete (%d images at %d px)", out_dir, n, size)
         return out_dir
     _write_state(out_dir, {**want, "complete": False})
-    checked = progress_bar(todo, desc="check files", unit="img", enabled=progress)  # slow on network file systems
+    # slow on network file systems
+    checked = progress_bar(todo, desc="check files", unit="img", enabled=progress)
     missing = [i for i in checked if not (image_root / _strip(paths[i], strip_components)).is_file()]
     if missing:
         first = "; ".join(f"row {i}: {image_root / _strip(paths[i], strip_components)}" for i in missing[:5])
@@ -211,9 +199,9 @@ class ImageCache:
         self.directory = Path(directory)
         meta = _read_meta(self.directory)
         if meta.get("version") != CACHE_VERSION or meta.get("decoder") != DECODER_VERSION:
-            raise CacheError(f"{self.directory}: cache version {meta.get('version')} / decoder {meta.get('decoder')}, "
-                             f"expected {CACHE_VERSION} / {DECODER_VERSION} (bit-depth-aware decoding); rebuild it "
-                             "with scripts/build_image_cache.py")
+            raise CacheError(f"{self.directory}: cache version {meta.get('version')} / decoder "
+                             f"{meta.get('decoder')}, expected {CACHE_VERSION} / {DECODER_VERSION} "
+                             "(bit-depth-aware decoding); rebuild it with scripts/build_image_cache.py")
         if not meta.get("complete"):
             raise CacheError(f"{self.directory}: cache is incomplete (interrupted build?); rerun "
                              "scripts/build_image_cache.py with the same arguments to finish it")

@@ -1,12 +1,9 @@
 """CheXpert for Stage 1 (docs/datasets.md#chexpert): release -> manifests, and the MAE DataModule.
 
-The release (CheXpert-v1.0-small, as on Kaggle) holds ``train.csv`` / ``valid.csv`` whose ``Path``
-values read ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``. The manifests drop the
-first two path components (``patient00001/study1/view1_frontal.jpg``, relative to ``<root>/train`` or
-``<root>/valid``), order the columns ``Path, Sex, Age, Frontal/Lateral, AP/PA`` + the 14 labels in
-visualCheXbert order, and keep lateral views unless ``frontal_only``. Labels are unused by the MAE.
-Rows keep their index in the release CSV, so errors name the row and line of the file they came from; a
-split without rows is an error naming its CSV.
+Reads CheXpert-v1.0-small (``train.csv`` / ``valid.csv``); the manifests drop the first two components of
+``Path``, order the columns as docs/datasets.md#chexpert lists them and keep lateral views unless
+``frontal_only``. Labels are unused by the MAE. Rows keep their index in the release CSV, so errors name the
+row and line of the file they came from; a split without rows is an error naming its CSV.
 """
 
 from __future__ import annotations
@@ -22,8 +19,8 @@ from torch.utils.data import DataLoader
 from pacx.data.batched import BatchedCropFlip, BatchedResize, normalize_batch
 from pacx.data.cache import CachedImageDataset, ImageCache
 from pacx.data.common import per_device_batch_size
+from pacx.data.converters.base import Converter, ConverterOption, converter
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest, require_rows, row_ref
-from pacx.data.prepare import ConverterOption, register_converter
 from pacx.data.resumable import train_loader
 from pacx.data.transforms import mae_train, resize_eval
 
@@ -81,8 +78,12 @@ def summarize(manifests: dict[str, pd.DataFrame]) -> dict:
     }
 
 
-@register_converter(
-    "chexpert", task="mae", metric="val/loss", description="CheXpert-v1.0-small (Stage 1 MAE pretraining)",
+CONVERTERS: list[Converter] = []  # this module's converters (pacx.data.prepare gathers them)
+
+
+@converter(
+    CONVERTERS, "chexpert", task="mae", metric="val/loss",
+    description="CheXpert-v1.0-small (Stage 1 MAE pretraining)",
     options=(ConverterOption("--frontal-only", "keep frontal views only (default: all views)"),),
 )
 def prepare_chexpert(raw: Path, out: Path, frontal_only: bool = False) -> dict:
@@ -155,14 +156,17 @@ class CheXpertDataModule(pl.LightningDataModule):
             return
         release = find_release_root(h.root)
         transforms = {"train": mae_train(h.img_size, h.crop_scale, h.hflip), "val": resize_eval(h.img_size)}
-        batched = {"train": BatchedCropFlip(h.img_size, h.crop_scale, hflip=h.hflip), "val": BatchedResize(h.img_size)}
+        batched = {"train": BatchedCropFlip(h.img_size, h.crop_scale, hflip=h.hflip),
+                   "val": BatchedResize(h.img_size)}
         caches = {"train": h.train_cache, "val": h.val_cache}
         for split, (df, source) in self.manifests().items():
             if split == "train" and h.fraction < 1.0:
                 df = df.sample(frac=h.fraction, random_state=h.seed).sort_index()
-            require_rows(len(df), source if split != "train" or h.fraction == 1.0 else f"{source} (fraction {h.fraction})")
+            require_rows(len(df), source if split != "train" or h.fraction == 1.0
+                         else f"{source} (fraction {h.fraction})")
             if caches[split]:
-                self.datasets[split] = CachedImageDataset(ImageCache(caches[split]), df["Path"].astype(str).tolist())
+                self.datasets[split] = CachedImageDataset(ImageCache(caches[split]),
+                                                          df["Path"].astype(str).tolist())
                 self.collate_fns[split] = batched[split]
                 source = f"{source} via cache {caches[split]}"
             else:
@@ -174,8 +178,8 @@ class CheXpertDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         h = self.hparams
-        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0,
-                      collate_fn=self.collate_fns.get(split))
+        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory,
+                      persistent_workers=h.num_workers > 0, collate_fn=self.collate_fns.get(split))
         if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable)
             return train_loader(self.datasets[split], self.per_device_batch, self.trainer, **kwargs)
         return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=False, **kwargs)

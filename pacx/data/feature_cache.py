@@ -1,32 +1,9 @@
 """Frozen-backbone features computed once and kept on disk, for fast linear probing (docs/method.md#stage-3).
 
-A linear probe trains only a ``Linear(D → C)`` head, yet the reference runs the ViT over every image in
-every one of its 40 epochs. Here each split's CLS features are computed once with the deterministic
-evaluation transform and stored as ``<cache_dir>/<key>.npy`` (float32 ``[N, D]``) with a ``<key>.json``
-record beside it.
-
-The reference's probe flips each training image with p = 0.5, drawn anew every epoch. The flip-aware cache
-keeps that augmentation at cached speed: the train split is stored as ``[N, 2D]``, the features of each image
-and of its horizontal flip side by side (:func:`extract_features` with ``with_flip``: one decode, one extra
-backbone pass, train only), and :class:`FlipFeatureDataset` picks one of the two per sample and epoch with the
-draw the image path makes (the sample's seeded ``torch.rand(1) < p``, :mod:`pacx.data.resumable`), so a
-cached run and a per-epoch run see the same flips. Flipping the normalised tensor equals flipping the resized
-image before normalisation (both are the same permutation of pixels). The key is a hash of everything the
-features depend on:
-
-* the backbone: every tensor of its state dict (:func:`pacx.checkpoint.state_fingerprint`);
-* the images: resolved image root, each path with its file size and modification time, the transform and
-  the image decoder's version (:data:`pacx.data.images.DECODER_VERSION`);
-* the numerics: the trainer precision (``bf16-mixed`` features differ from ``32`` ones);
-* the layout: plain ``[N, D]`` or the flip pair ``[N, 2D]`` (:data:`FLIP_PAIR`).
-
-Labels are not part of the key (the features do not depend on them). A changed image, weight or setting
-gives a new key; nothing is reused stale. Files are written atomically; a cache file that cannot be
-read, or whose shape does not fit, is recomputed with a warning naming it.
-
-Under DDP each rank computes a strided share (``rank::world_size``) into a part file, rank 0 merges the
-parts in row order, and every rank loads the merged file (the cache directory must be on a filesystem
-all ranks share, as the run directory is).
+Each split's CLS features are computed once with the evaluation transform and stored as
+``<cache_dir>/<key>.npy`` (float32 ``[N, D]``, or ``[N, 2D]`` with each train image's flip beside it,
+:data:`FLIP_PAIR`) with a ``<key>.json`` record; the key hashes everything the features depend on. How the
+flip is kept, what the key covers and DDP: docs/design.md#feature-cache.
 """
 
 from __future__ import annotations
@@ -53,7 +30,8 @@ FLIP_PAIR = "hflip-pair"  # key part of a [N, 2D] (image | flipped image) entry
 
 
 def images_fingerprint(image_root: str | Path, paths: list[str], transform: object) -> str:
-    """Hash of the resolved image root, each image path with its size and mtime, the transform and the decoder."""
+    """Hash of the resolved image root, each image path with its size and mtime, the transform and the
+    decoder."""
     root = Path(image_root).resolve()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{root}|{transform!r}|decoder {DECODER_VERSION}|{len(paths)}|".encode())
@@ -122,8 +100,8 @@ def extract_features(
     indices: list[int] | None = None,
     with_flip: bool = False,
 ) -> torch.Tensor:
-    """``backbone(x)`` for every item ``(x, …)`` of ``dataset`` (or of ``indices``), in order; float32 ``[N, D]``,
-    or ``[N, 2D]`` (``backbone(x) | backbone(x flipped left-right)``) ``with_flip``.
+    """``backbone(x)`` for every item ``(x, …)`` of ``dataset`` (or of ``indices``), in order; float32
+    ``[N, D]``, or ``[N, 2D]`` (``backbone(x) | backbone(x flipped left-right)``) ``with_flip``.
 
     The backbone runs in eval mode under ``forward_context`` (e.g. the trainer's autocast). The global
     RNG state is left as it was, so a training run that extracts features first shuffles its batches

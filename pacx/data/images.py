@@ -1,22 +1,9 @@
 """The one image decoder of pacx: any supported file -> an 8-bit PIL image in ``L`` or ``RGB``.
 
-Every loader goes through :func:`open_image` (manifest datasets, segmentation images and masks, the image
-cache, attention rollout), so a file decodes to the same pixels whichever path reads it. Before this, a
-plain ``Image.open(path).convert("RGB")`` clipped 16-bit samples at 255 and turned a 16-bit X-ray into a
-white image without any error.
-
-Bit depth (the windowing rule, also in ``docs/datasets.md#image-decoding``):
-
-* 8-bit modes (``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, and with alpha ``LA``, ``PA``, ``RGBA``,
-  ``RGBa``, ``RGBX``) convert with PIL as they are; alpha is dropped, palettes are expanded.
-* Modes with more than 8 bits per sample (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``, ``F``) are
-  windowed to **the image's own range**: ``round(255 · (v − min) / (max − min))``; a constant image
-  becomes 0. An 8-bit image that spans 0–255 and its 16-bit copy ``v · 257`` therefore decode to the same
-  pixels. (Fixed scaling by the stored bit depth would leave 12-bit data in a 16-bit container almost
-  black.)
-* Any other mode is an :class:`ImageDecodeError` naming the file and the mode. DICOM is not read.
-
-``to_tensor`` of the result gives every source the same float range, [0, 1].
+Every loader goes through :func:`open_image`, so a file decodes to the same pixels whichever path reads it.
+Modes with more than 8 bits per sample are windowed to the image's own range; any other unsupported mode (and
+DICOM) is an :class:`ImageDecodeError` naming the file and the mode. The rule:
+docs/datasets.md#image-decoding; the full mode lists and why: docs/design.md#image-decoding.
 """
 
 from __future__ import annotations

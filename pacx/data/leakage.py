@@ -1,27 +1,9 @@
-"""Overlap between Stage 2's Symile-MIMIC data and MIMIC-derived Stage 3 test splits (docs/datasets.md#leakage).
+"""Overlap of Stage 2's Symile-MIMIC data with MIMIC-derived Stage 3 test splits (docs/datasets.md#leakage).
 
-Stage 2 distils the CXR encoder on the chest X-rays of Symile-MIMIC's training admissions, with their ECGs
-and labs. MedMod, and any benchmark whose manifests carry MIMIC ``hadm_id`` / ``subject_id`` columns or
-MIMIC-CXR-JPG image paths (``p10/p10000032/s50000001/<dicom>.jpg``), comes from the same hospital records,
-so a test row can be an admission the encoder was distilled on. This module holds every piece of the check:
-
-* :func:`load_id_file`: an id ``.npy`` (Symile's ``hadm_id_train.npy``) read with ``allow_pickle=False``: a
-  file of pickled objects is refused before anything in it runs;
-* :func:`symile_ids`: the admissions of Symile's train and val splits and, where the release's
-  ``train.csv`` / ``val.csv`` sit beside ``data_npy/``, their patients;
-* :func:`manifest_ids`, :func:`overlap_counts`, :func:`overlap_report`: how many test rows of each converted
-  benchmark share an admission or a patient with them (``scripts/prepare.py check-overlap``);
-* the Stage 2 record: :func:`record_stage2_admissions` writes the ids a Stage 2 run trained and validated on
-  to ``<run_dir>/stage2_admissions.npz`` (its content hash goes into ``run.json`` and the checkpoints);
-  :func:`export_admissions` copies it beside an exported encoder (``<stem>.stage2_admissions.npz``, named with
-  its hash in the export's metadata); :func:`stage2_admissions` finds it again from a run directory, a
-  checkpoint in one, or an export;
-* :func:`check_stage3_overlap`: Stage 3's guard. Test rows that share an admission with the backbone's
-  Stage 2 **training** admissions stop the run with an error naming the count, unless allowed (then a
-  warning, and the counts go into the results row). Shared validation admissions and shared patients (other
-  admissions of the same person; the paper's exclusion is by admission) are warned about and recorded.
-
-The id files hold MIMIC identifiers: they fall under the PhysioNet data use agreement, like the data.
+Holds every piece of the check: id files read without unpickling (:func:`load_id_file`), Symile's admissions
+and patients (:func:`symile_ids`), counts per benchmark (:func:`overlap_report`), the Stage 2 record
+``stage2_admissions.npz`` (:func:`record_stage2_admissions`, :func:`export_admissions`,
+:func:`stage2_admissions`) and Stage 3's guard (:func:`check_stage3_overlap`; docs/design.md#leakage).
 """
 
 from __future__ import annotations
@@ -37,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
 from pacx.data.registry import BENCHMARKS
 
@@ -65,8 +48,8 @@ def load_id_file(path: str | Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise LeakageError(f"{path}: refused, it holds pickled Python objects ({err}); an id file must be a plain "
-                           "integer array (np.save of an int array)") from None
+        raise LeakageError(f"{path}: refused, it holds pickled Python objects ({err}); an id file must be a "
+                           "plain integer array (np.save of an int array)") from None
     except OSError as err:
         raise LeakageError(f"{path}: not a readable .npy file: {err}") from None
     if not isinstance(arr, np.ndarray):  # an .npz archive
@@ -134,8 +117,10 @@ def manifest_ids(df: pd.DataFrame) -> dict[str, np.ndarray]:
     return out
 
 
-def overlap_counts(test: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, int | None]:
-    """Test rows sharing an admission / a patient with each reference split; None where either lacks the id."""
+def overlap_counts(test: Mapping[str, np.ndarray],
+                   reference: Mapping[str, np.ndarray]) -> dict[str, int | None]:
+    """Test rows sharing an admission / a patient with each reference split; None where either lacks
+    the id."""
     counts: dict[str, int | None] = {}
     for kind, column in (("admissions", "hadm_id"), ("patients", "subject_id")):
         for split in STAGE2_SPLITS:
@@ -147,8 +132,8 @@ def overlap_counts(test: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
 
 def overlap_report(symile_root: str | Path, manifests: str | Path) -> list[dict]:
     """One entry per registry benchmark whose test manifest is under ``manifests`` (``<dir>/<name>/…``, or the
-    folder itself when it is named after the benchmark): test rows, the id columns, and
-    :func:`overlap_counts` against Symile's train and val splits (``ids: []`` where there are no MIMIC ids)."""
+    folder itself when it is named after the benchmark): test rows, the id columns, and :func:`overlap_counts`
+    against Symile's train and val splits (``ids: []`` where there are no MIMIC ids)."""
     reference = symile_ids(symile_root)
     manifests = Path(manifests)
     report = []
@@ -164,7 +149,8 @@ def overlap_report(symile_root: str | Path, manifests: str | Path) -> list[dict]
             entry.update(overlap_counts(test, reference))
         report.append(entry)
     if not report:
-        raise FileNotFoundError(f"no benchmark test manifest under {manifests} (expected <dir>/<benchmark>/…, "
+        raise FileNotFoundError(f"no benchmark test manifest under {manifests} (expected "
+                                "<dir>/<benchmark>/…, "
                                 "as scripts/prepare.py --out writes them)")
     return report
 
@@ -184,18 +170,19 @@ def write_admissions(path: str | Path, ids: Mapping[str, np.ndarray]) -> str:
 
 
 def read_admissions(path: str | Path, sha256: str | None = None) -> dict[str, np.ndarray]:
-    """The id sets of an admissions file; a hash that does not match ``sha256`` is an error naming the file."""
+    """The id sets of an admissions file; a hash that does not match ``sha256`` is an error naming the
+    file."""
     with np.load(path, allow_pickle=False) as npz:
         ids = {k: npz[k].astype(np.int64) for k in npz.files}
     if sha256 is not None and ids_sha256(ids) != sha256:
-        raise LeakageError(f"{path}: its ids hash to {ids_sha256(ids)[:12]}…, but the run recorded {sha256[:12]}…: "
-                           "the file was replaced; the overlap cannot be checked against it")
+        raise LeakageError(f"{path}: its ids hash to {ids_sha256(ids)[:12]}…, but the run recorded "
+                           f"{sha256[:12]}…: the file was replaced; the overlap cannot be checked against it")
     return ids
 
 
 def record_stage2_admissions(trainer, datamodule) -> dict | None:
-    """Write ``<run_dir>/stage2_admissions.npz`` with the train / val admissions (and patients, when the Symile
-    CSVs are present) of a Stage 2 fit; returns the record for ``run.json`` and the checkpoints."""
+    """Write ``<run_dir>/stage2_admissions.npz`` with the train / val admissions (and patients, when the
+    Symile CSVs are present) of a Stage 2 fit; returns the record for ``run.json`` and the checkpoints."""
     datasets = getattr(datamodule, "datasets", {}) or {}
     root = getattr(datamodule, "hparams", {}).get("root")
     ids: dict[str, np.ndarray] = {}
@@ -209,7 +196,8 @@ def record_stage2_admissions(trainer, datamodule) -> dict | None:
             if subjects is not None:
                 ids[f"{role}_subject_id"] = subjects
     if "train_hadm_id" not in ids:
-        log.warning("Stage 2: the data module names no train admissions; nothing recorded for Stage 3's overlap check")
+        log.warning("Stage 2: the data module names no train admissions; nothing recorded for "
+                    "Stage 3's overlap check")
         return None
     path = Path(trainer.default_root_dir) / ADMISSIONS_FILE
     sha = ids_sha256(ids)
@@ -221,8 +209,6 @@ def record_stage2_admissions(trainer, datamodule) -> dict | None:
 
 
 def _export_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
 
@@ -252,7 +238,8 @@ def stage2_admissions(weights: str | Path) -> tuple[dict[str, np.ndarray], str] 
     sha, file = found
     if file is None or not file.is_file():
         raise LeakageError(f"{weights} records Stage 2 admissions (sha256 {sha[:12]}…) but their file "
-                           f"{file or '(not named in the export metadata)'} is missing; keep it beside the weights")
+                           f"{file or '(not named in the export metadata)'} is missing; keep it "
+                           "beside the weights")
     return read_admissions(file, sha), str(file)
 
 
@@ -264,8 +251,8 @@ def export_admissions(source: str | Path, out: str | Path) -> dict[str, str]:
         return {}
     sha, file = found
     if file is None or not file.is_file():
-        log.warning("%s: recorded Stage 2 admissions file %s is missing; the export carries only their hash, so "
-                    "Stage 3 cannot check test splits for overlap", source, file)
+        log.warning("%s: recorded Stage 2 admissions file %s is missing; the export carries only their hash, "
+                    "so Stage 3 cannot check test splits for overlap", source, file)
         return {"stage2_admissions_sha256": sha}
     read_admissions(file, sha)  # refuses an altered file
     out = Path(out)
@@ -277,7 +264,8 @@ def export_admissions(source: str | Path, out: str | Path) -> dict[str, str]:
 # ---- Stage 3's guard ---------------------------------------------------------------------------------------
 
 
-def check_stage3_overlap(kind: str, weights: str | None, test_manifest: str | Path, allow: bool = False) -> dict:
+def check_stage3_overlap(kind: str, weights: str | None, test_manifest: str | Path,
+                         allow: bool = False) -> dict:
     """Compare a test manifest's MIMIC ids with the Stage 2 admissions behind ``weights``.
 
     Returns the results-row fields (``{}`` when the test split has no MIMIC ids or the backbone no Stage 2
@@ -300,8 +288,8 @@ def check_stage3_overlap(kind: str, weights: str | None, test_manifest: str | Pa
         return {"stage2_overlap_check": "unchecked", "allow_overlap": True}
     if found is None:
         if kind == "pacx":
-            log.warning("backbone %s carries no record of its Stage 2 admissions (not a pacx Stage 2 output, or an "
-                        "older one): cannot check %s for overlap with them", weights, test_manifest)
+            log.warning("backbone %s carries no record of its Stage 2 admissions (not a pacx Stage 2 output, "
+                        "or an older one): cannot check %s for overlap with them", weights, test_manifest)
             return {"stage2_overlap_check": "unchecked", "allow_overlap": allow}
         return {}
     ids, where = found
@@ -314,16 +302,18 @@ def check_stage3_overlap(kind: str, weights: str | None, test_manifest: str | Pa
               "allow_overlap": allow}
     n, rows = counts["admissions_train"] or 0, len(next(iter(test.values())))
     if n:
-        message = (f"{n} of {rows} test rows of {test_manifest} share an admission (hadm_id) with the Stage 2 "
-                   f"training admissions of backbone {weights} ({where}): the encoder was distilled on them")
+        message = (f"{n} of {rows} test rows of {test_manifest} share an admission (hadm_id) with the "
+                   f"Stage 2 training admissions of backbone {weights} ({where}): the encoder was "
+                   "distilled on them")
         if not allow:
-            raise LeakageError(f"{message}. Rebuild the manifests with --exclude-hadm <Symile data_npy>/train/"
-                               "hadm_id_train.npy (docs/datasets.md#leakage), or pass --allow_overlap true to "
-                               "evaluate anyway (the counts are recorded in the results row)")
+            raise LeakageError(f"{message}. Rebuild the manifests with --exclude-hadm <Symile "
+                               "data_npy>/train/hadm_id_train.npy (docs/datasets.md#leakage), or pass "
+                               "--allow_overlap true to evaluate anyway (the counts are recorded in "
+                               "the results row)")
         log.warning("%s; evaluating anyway (--allow_overlap), recorded in the results row", message)
     for what, count in (("admissions of its Stage 2 validation split", counts["admissions_val"]),
                         ("patients with its Stage 2 train / val splits", shared_patients)):
         if count:
-            log.warning("%d of %d test rows of %s share %s (backbone %s); recorded in the results row", count, rows,
-                        test_manifest, what, weights)
+            log.warning("%d of %d test rows of %s share %s (backbone %s); recorded in the results row", count,
+                        rows, test_manifest, what, weights)
     return fields

@@ -1,27 +1,9 @@
 """Low-data training subsets (docs/datasets.md#low-data, the reference's ``LowDataCXRDataModule`` subsampler).
 
-Not sklearn stratification: the subset holds at least one positive per label where the label has one.
-The algorithm, step by step as in the reference:
-
-1. Seed a Python ``random`` generator and a NumPy generator with ``seed``.
-2. ``n = int(N * fraction)`` (floored); when ``n`` is below the number of labels, ``n = labels + 1``.
-3. For each label column in order, add one row drawn at random (Python ``random.choice``) from the rows
-   where that column equals 1. The picks form a set, so duplicates merge. A label without positives is
-   skipped and logged.
-4. Fill the remaining ``n - len(picks)`` slots with a sample without replacement (NumPy ``choice``) from
-   the rows not yet picked, listed in ascending position (the reference builds that list from a set
-   difference of integer positions, which CPython iterates in ascending order).
-5. Return those rows, in their original order, with the index reset.
-
-Deliberate difference: the reference seeds the *global* ``random`` / ``np.random`` state. Here the
-generators are local (``random.Random(seed)``, ``np.random.RandomState(seed)``, the legacy NumPy
-generator that ``np.random.seed`` drives), so calling this leaves the global RNG state untouched.
-The protocol (docs/datasets.md#low-data) does not pin down which generator draws which step; the split above (Python for the
-per-label picks, NumPy for the fill) is our reading of "seed Python random and NumPy".
-
-Multiclass tasks with a single integer ``Label`` column: pass ``indicator_columns(df, "Label", K)`` to get
-one-hot columns first, which guarantees one row per class. (The reference instead passed ``["Label"]``
-itself, so it only guaranteed a row with ``Label == 1``.)
+Not sklearn stratification: the subset holds at least one positive per label that has one, drawn step by step
+as the reference does, but with local generators (the global RNG state is untouched). For a single integer
+``Label`` column, pass ``indicator_columns(df, "Label", K)`` to guarantee one row per class. The algorithm and
+our reading of the protocol: docs/design.md#low-data.
 """
 
 from __future__ import annotations
@@ -37,14 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def subset_size(n_rows: int, n_labels: int, fraction: float) -> int:
-    """``int(N * fraction)``, or ``n_labels + 1`` when that is smaller than the number of labels (capped at N)."""
+    """``int(N * fraction)``, or ``n_labels + 1`` when that is smaller than the number of labels (capped at
+    N)."""
     n = int(n_rows * fraction)
     if n < n_labels:
         n = n_labels + 1
     return min(n, n_rows)
 
 
-def low_data_subset(df: pd.DataFrame, label_columns: Sequence[str], fraction: float, seed: int) -> pd.DataFrame:
+def low_data_subset(df: pd.DataFrame, label_columns: Sequence[str], fraction: float,
+                    seed: int) -> pd.DataFrame:
     """A seeded subset of ``df`` of ``subset_size(len(df), len(label_columns), fraction)`` rows with
     at least one positive (value 1) per label column that has one; see the module docstring."""
     if not 0.0 < fraction <= 1.0:
@@ -52,7 +36,8 @@ def low_data_subset(df: pd.DataFrame, label_columns: Sequence[str], fraction: fl
     label_columns = list(label_columns)
     missing = [c for c in label_columns if c not in df.columns]
     if missing:
-        raise KeyError(f"low-data subset: label column(s) {missing} not in the table; columns: {list(df.columns)}")
+        raise KeyError(f"low-data subset: label column(s) {missing} not in the table; columns: "
+                       f"{list(df.columns)}")
     py_rng = random.Random(seed)
     np_rng = np.random.RandomState(seed)
     n_rows = len(df)
@@ -72,7 +57,8 @@ def low_data_subset(df: pd.DataFrame, label_columns: Sequence[str], fraction: fl
     return df.iloc[sorted(picked)].reset_index(drop=True)
 
 
-def indicator_columns(df: pd.DataFrame, label_column: str, num_classes: int) -> tuple[pd.DataFrame, list[str]]:
+def indicator_columns(df: pd.DataFrame, label_column: str,
+                      num_classes: int) -> tuple[pd.DataFrame, list[str]]:
     """``df`` plus one 0/1 column per class of the integer ``label_column``, and those columns' names.
 
     The names are ``<label_column>==<k>`` for k in 0..num_classes-1; a value outside that range errors.
@@ -86,6 +72,6 @@ def indicator_columns(df: pd.DataFrame, label_column: str, num_classes: int) -> 
         value = df[label_column].tolist()[row]  # a plain Python value for the message
         raise ValueError(f"row {row}: {label_column}={value!r} is not a class in 0..{num_classes - 1}")
     names = [f"{label_column}=={k}" for k in range(num_classes)]
-    indicators = pd.DataFrame({name: (labels == k).astype(np.int64).to_numpy() for k, name in enumerate(names)},
-                              index=df.index)
+    indicators = pd.DataFrame({name: (labels == k).astype(np.int64).to_numpy()
+                               for k, name in enumerate(names)}, index=df.index)
     return pd.concat([df, indicators], axis=1), names

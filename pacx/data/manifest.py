@@ -1,14 +1,9 @@
 """Generic CSV-manifest image dataset (docs/datasets.md#manifests), reused by every stage.
 
-A manifest is a CSV with a path column (relative to an image root) and optional label columns. Images
-decode through :func:`pacx.data.images.open_image` (any bit depth) into 3-channel RGB. Bad input fails
-loudly: a missing column names the CSV and the column; a manifest without rows names the CSV; a missing or
-unreadable image names the CSV, the row and its line in the file, and the path. With
-``skip_unreadable=True`` such rows are dropped up front instead, and their count and paths are logged.
-
-Labels: each label column is coerced to numbers. A blank, NaN or non-numeric cell is an error naming the
-CSV, the first rows and the count, unless the caller passes a documented fill policy (``label_fill``,
-from the benchmark spec), in which case the cells are filled and their count is logged.
+A manifest is a CSV with a path column (relative to an image root) and optional label columns; images decode
+through :func:`pacx.data.images.open_image` into RGB. A missing column, an empty manifest, a missing or
+unreadable image, or a blank label is an error naming the CSV (and the row, its line and the path), unless
+``skip_unreadable`` or a ``label_fill`` policy says otherwise (docs/datasets.md#labels).
 """
 
 from __future__ import annotations
@@ -77,8 +72,9 @@ def clean_labels(df: pd.DataFrame, label_columns: Sequence[str], source: str,
         rows = blank.any(axis=1)
         first = "; ".join(
             f"{row_ref(r)}: {[c for c in label_columns if blank.at[r, c]]}" for r in rows[rows].index[:5])
-        raise ManifestError(f"{source}: {n_nan} blank or non-numeric label cell(s) in {int(rows.sum())} row(s) "
-                            f"(first: {first}); fix the manifest (this benchmark declares no fill policy)")
+        raise ManifestError(f"{source}: {n_nan} blank or non-numeric label cell(s) in {int(rows.sum())} "
+                            f"row(s) (first: {first}); fix the manifest (this benchmark declares no "
+                            "fill policy)")
     if n_nan:
         log.warning("%s: %d blank or non-numeric label cells filled with %d (the benchmark's fill policy)",
                     source, n_nan, label_fill)
@@ -133,7 +129,8 @@ class ImageManifestDataset(Dataset):
         exists = np.fromiter((self.image_root.joinpath(p).is_file() for p in paths), bool, len(paths))
         if not exists.all():
             bad = np.flatnonzero(~exists)
-            first = ", ".join(f"{row_ref(df['_row'].iat[i])}: {self.image_root / paths.iat[i]}" for i in bad[:5])
+            first = ", ".join(f"{row_ref(df['_row'].iat[i])}: {self.image_root / paths.iat[i]}"
+                              for i in bad[:5])
             raise ManifestError(
                 f"{self.source}: {len(bad)} image(s) not found under {self.image_root} (first: {first}); "
                 "fix the manifest or image root, or set skip_unreadable to drop them"
@@ -164,7 +161,8 @@ class ImageManifestDataset(Dataset):
         try:
             return open_image(path, "RGB")
         except (OSError, ImageDecodeError) as err:
-            raise ManifestError(f"{self.source}: {row_ref(self.rows[index])}: cannot read image {path}: {err}") from err
+            raise ManifestError(f"{self.source}: {row_ref(self.rows[index])}: cannot read image {path}: "
+                                f"{err}") from err
 
     def __getitem__(self, index: int):
         img = self.load_image(index)

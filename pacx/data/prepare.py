@@ -8,34 +8,34 @@ so the CLI needs no per-dataset branches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class ConverterOption:
-    flag: str  # e.g. "--frontal-only"
-    help: str
-    is_flag: bool = True
-    default: object = None
+from pacx.data import chexpert
+from pacx.data.converters import classification, medmod, segmentation
+from pacx.data.converters.base import Converter, ConverterOption
+from pacx.utils import git_sha, write_json_atomic
 
 
-@dataclass(frozen=True)
-class Converter:
-    name: str
-    task: str  # mae | binary | multiclass | multilabel | segmentation | ...
-    metric: str
-    description: str
-    fn: Callable[..., dict]  # fn(raw: Path, out: Path, **options) -> summary dict
-    options: tuple[ConverterOption, ...] = field(default_factory=tuple)
+def _by_name(converters: list[Converter]) -> dict[str, Converter]:
+    table: dict[str, Converter] = {}
+    for conv in converters:
+        if conv.name in table:
+            raise KeyError(f"converter {conv.name!r} registered twice")
+        table[conv.name] = conv
+    return table
 
 
-CONVERTERS: dict[str, Converter] = {}
+# name -> converter: the built-in ones are the tables of the modules that define them; register_converter
+# adds one at run time
+CONVERTERS: dict[str, Converter] = _by_name([
+    *chexpert.CONVERTERS, *classification.CONVERTERS, *medmod.CONVERTERS, *segmentation.CONVERTERS,
+])
 
 
 def register_converter(name: str, task: str, metric: str, description: str,
                        options: tuple[ConverterOption, ...] = ()):
+    """Decorator: add the function to ``CONVERTERS`` as converter ``name`` (a benchmark of your own)."""
+
     def deco(fn):
         if name in CONVERTERS:
             raise KeyError(f"converter {name!r} registered twice")
@@ -45,30 +45,17 @@ def register_converter(name: str, task: str, metric: str, description: str,
     return deco
 
 
-def load_builtin_converters() -> dict[str, Converter]:
-    """Import the modules that register converters (kept out of import time of this module)."""
-    import pacx.data.chexpert  # noqa: F401
-    import pacx.data.converters.classification  # noqa: F401
-    import pacx.data.converters.medmod  # noqa: F401
-    import pacx.data.converters.segmentation  # noqa: F401
-
-    return CONVERTERS
-
-
 SIDECAR = "prepare.json"
 
 
 def run_converter(name: str, raw: str | Path, out: str | Path, **options) -> dict:
     """Run one converter and keep what it did beside the manifests: ``<out>/prepare.json`` (dataset, release
     folder, options, the returned summary, git revision)."""
-    from pacx.utils import git_sha, write_json_atomic
-
-    converters = load_builtin_converters()
-    if name not in converters:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(converters)}")
+    if name not in CONVERTERS:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(CONVERTERS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = converters[name].fn(Path(raw), out, **options)
-    write_json_atomic(out / SIDECAR, {"dataset": name, "raw": str(raw), "options": options, "summary": summary,
-                                      "git_sha": git_sha()})
+    summary = CONVERTERS[name].fn(Path(raw), out, **options)
+    write_json_atomic(out / SIDECAR, {"dataset": name, "raw": str(raw), "options": options,
+                                      "summary": summary, "git_sha": git_sha()})
     return summary

@@ -1,18 +1,9 @@
 """Labelled image sets for the online linear probe (:class:`pacx.lit.health.OnlineLinearProbe`).
 
-A :class:`ProbeData` loads ``(images float32 [N, 3, S, S] normalised as the model expects, labels int64
-[N] in {0, 1})`` once. Two sources, each built from plain arguments so a config can name it by
-``class_path``:
-
-- :class:`ManifestProbeData`: a CSV manifest of image files (Stage 1: a CheXpert CSV and one of its
-  observations), read with :mod:`pacx.data.manifest` and the evaluation transform
-  (:func:`pacx.data.transforms.resize_eval`);
-- :class:`ArrayProbeData`: a Symile-layout ``cxr_<split>.npy`` (already ImageNet-normalised) plus a
-  label CSV aligned by row or by an index column (Stage 2), resized as the Symile data module does
-  (:func:`pacx.data.symile.resize_normalized`).
-
-Rows whose label is not 0 or 1 (blank, CheXpert's -1 "uncertain") are dropped and counted in the log;
-then at most ``max_samples`` rows are drawn with ``np.random.default_rng(seed)`` (never the global RNGs).
+A :class:`ProbeData` loads ``(images float32 [N, 3, S, S], labels int64 [N] in {0, 1})`` once, from a CSV
+manifest (:class:`ManifestProbeData`, Stage 1) or a Symile-layout ``cxr_<split>.npy`` with a label CSV
+(:class:`ArrayProbeData`, Stage 2). Rows whose label is not 0 or 1 are dropped and counted; at most
+``max_samples`` rows are drawn with ``np.random.default_rng(seed)`` (docs/design.md#online-probe).
 """
 
 from __future__ import annotations
@@ -25,6 +16,9 @@ import pandas as pd
 import torch
 
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
+from pacx.data.symile import resize_normalized
+from pacx.data.symile_files import SymileFileError, open_npy
+from pacx.data.transforms import resize_eval
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +55,8 @@ def check_classes(labels: np.ndarray, source: str, column: str) -> None:
     counts = np.bincount(labels, minlength=2)
     if counts.min() < 2:
         raise ValueError(f"{source}: column {column!r} leaves {counts[0]} negative and {counts[1]} positive "
-                         "rows for the probe; it needs at least 2 of each (raise max_samples or pick another "
-                         "label)")
+                         "rows for the probe; it needs at least 2 of each (raise max_samples or pick "
+                         "another label)")
 
 
 class ManifestProbeData(ProbeData):
@@ -85,8 +79,6 @@ class ManifestProbeData(ProbeData):
         self.max_samples, self.seed = max_samples, seed
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from pacx.data.transforms import resize_eval
-
         df = read_manifest(self.manifest, [self.path_column, self.label])
         rows, labels = binary_rows(df[self.label], self.manifest, self.label)
         take = seeded_subset(len(rows), self.max_samples, self.seed)
@@ -135,9 +127,6 @@ class ArrayProbeData(ProbeData):
         return index.astype(np.int64)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from pacx.data.symile import resize_normalized
-        from pacx.data.symile_files import SymileFileError, open_npy
-
         arr = open_npy(Path(self.images_npy))
         if arr.ndim != 4 or arr.shape[1] != 3:
             raise SymileFileError(f"{self.images_npy}: expected images of shape [N, 3, H, W], "

@@ -1,16 +1,9 @@
-"""Benchmark registry: one frozen spec per downstream benchmark.
+"""Benchmark registry: one frozen spec per downstream benchmark (docs/datasets.md, one section each).
 
-Datasets, heads, losses, metrics and the converters in ``pacx/data/converters/`` read these specs, so a
-new benchmark is one entry here (plus its converter and a YAML) and nothing branches on a task name.
-Every value comes from the dataset protocols in ``docs/datasets.md`` (one section per benchmark, anchored
-by its registry name, e.g. ``docs/datasets.md#vindr``). The registry holds dataset facts only: training
-choices (batch, lr, epochs) live in the Stage 3 configs (``configs/stage3/linear_probe.yaml`` and
-``segmentation.yaml``, with one override per benchmark under ``configs/stage3/lp/`` and ``seg/``).
-
-Image paths are ``<image root>/<image_dirs[split]>/<path_column value>``. The image root is the folder
-holding the release as the reference arranged it (after its documented renames/flattening, see the
-converter docstrings); where we deviate from the reference's ``<root>`` to avoid moving files
-(CheXchoNet ECHO, MedMod, TB) the entry says so.
+Datasets, heads, losses, metrics and converters read these specs, so a new benchmark is one entry (plus its
+converter and a YAML) and nothing branches on a task name. The registry holds dataset facts only; training
+choices live in ``configs/stage3/``. Image paths are ``<image root>/<image_dirs[split]>/<path_column value>``;
+the root is the release as the reference arranged it; CheXchoNet ECHO, MedMod and TB deviate and say so.
 """
 
 from __future__ import annotations
@@ -26,7 +19,8 @@ LABEL_SOURCES = ("columns", "index", "onehot", "mask")
 INDEX_COLUMN = "Label"
 SPLITS = ("train", "val", "test")
 # task -> suffix of its logged metric names (binary ``val/auroc``; multi-output ``val/auroc_macro``)
-METRIC_SUFFIX: dict[str, str] = {"binary": "", "multilabel": "_macro", "multiclass": "_macro", "segmentation": ""}
+METRIC_SUFFIX: dict[str, str] = {"binary": "", "multilabel": "_macro", "multiclass": "_macro",
+                                 "segmentation": ""}
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,8 @@ class BenchmarkSpec:
         for field_name in ("image_dirs", "manifest_files"):
             mapping = getattr(self, field_name)
             if set(mapping) != set(SPLITS):
-                raise ValueError(f"{self.name}: {field_name} must map exactly {SPLITS}, got {sorted(mapping)}")
+                raise ValueError(f"{self.name}: {field_name} must map exactly {SPLITS}, got "
+                                 f"{sorted(mapping)}")
             object.__setattr__(self, field_name, MappingProxyType(dict(mapping)))
         if set(self.split_sizes) - set(SPLITS) or any(n < 1 for n in self.split_sizes.values()):
             raise ValueError(f"{self.name}: split_sizes must map splits of {SPLITS} to positive counts")
@@ -111,7 +106,8 @@ VINDR_LABELS = (
 )
 MEDMOD_PHENOTYPES = (
     "Acute and unspecified renal failure", "Acute cerebrovascular disease", "Acute myocardial infarction",
-    "Cardiac dysrhythmias", "Chronic kidney disease", "Chronic obstructive pulmonary disease and bronchiectasis",
+    "Cardiac dysrhythmias", "Chronic kidney disease",
+    "Chronic obstructive pulmonary disease and bronchiectasis",
     "Complications of surgical procedures or medical care", "Conduction disorders",
     "Congestive heart failure; nonhypertensive", "Coronary atherosclerosis and other heart disease",
     "Diabetes mellitus with complications", "Diabetes mellitus without complication",
@@ -127,7 +123,8 @@ NIH_LABELS = (
     "Hernia", "Pneumothorax", "Nodule", "Edema", "Effusion", "Pleural_Thickening", "Cardiomegaly", "Mass",
     "Fibrosis", "Consolidation", "Pneumonia", "Infiltration", "Emphysema", "Atelectasis",
 )
-CHESTX6_CLASSES = ("Covid-19", "Emphysema", "Normal", "Pneumonia-Bacterial", "Pneumonia-Viral", "Tuberculosis")
+CHESTX6_CLASSES = ("Covid-19", "Emphysema", "Normal",
+                   "Pneumonia-Bacterial", "Pneumonia-Viral", "Tuberculosis")
 ECHO_LABELS = ("slvh", "dlv", "heart_transplant", "lung_transplant", "pacemaker_or_icd")
 
 
@@ -144,14 +141,16 @@ _SPECS = (
         name="chexchonet", task="binary", labels=("composite_slvh_dlv",), path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("chexchonet_{split}.csv"),
         metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(51543, 5728, 14318),
-        description="CheXchoNet composite SLVH/DLV, image-level stratified 80/20 then 90/10 (docs/datasets.md#chexchonet)",
+        description="CheXchoNet composite SLVH/DLV, image-level stratified 80/20 then 90/10 "
+                    "(docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
         # Deviation: the reference moves images into train/ val/ test/; we leave them in the flat folder.
         name="chexchonet_echo", task="multilabel", labels=ECHO_LABELS, path_column="cxr_filename",
         mask_column=None, image_dirs=_same("images"), manifest_files=_files("{split}/{split}.csv"),
         metric="auroc", label_source="columns", in_paper=False,
-        description="CheXchoNet 5 echo labels, patient-level stratified 80/10/10 (docs/datasets.md#chexchonet)",
+        description="CheXchoNet 5 echo labels, patient-level stratified 80/10/10 "
+                    "(docs/datasets.md#chexchonet)",
     ),
     BenchmarkSpec(
         name="vindr", task="multilabel", labels=VINDR_LABELS, path_column="image_id", mask_column=None,
@@ -159,7 +158,8 @@ _SPECS = (
         manifest_files={"train": "vindr_train_split.csv", "val": "vindr_val_split.csv",
                         "test": "vindr_test_split.csv"},
         metric="f1", label_source="columns", in_paper=True, split_sizes=_sizes(13500, 1500, 3000),
-        description="VinDr-CXR 19 labels (majority vote), official test, random 90/10 train/val (docs/datasets.md#vindr)",
+        description="VinDr-CXR 19 labels (majority vote), official test, random 90/10 train/val "
+                    "(docs/datasets.md#vindr)",
     ),
     BenchmarkSpec(
         # Deviation: cxr_path stays the MIMIC-CXR-JPG relative path (no moving into train/ val/ test/).
@@ -205,19 +205,22 @@ _SPECS = (
         metric="auroc", label_source="columns", in_paper=True, split_sizes=_sizes(73545, 12979, 25596),
         description="NIH ChestX-ray14, official test list, random 85/15 train/val (docs/datasets.md#nih)",
     ),
-    _seg("qata", "infection", "QaTa-COV19 v2 infection masks, official test, random 90/10 train/val (docs/datasets.md#qata)"),
+    _seg("qata", "infection",
+         "QaTa-COV19 v2 infection masks, official test, random 90/10 train/val (docs/datasets.md#qata)"),
     BenchmarkSpec(
         name="covidx", task="binary", labels=("Label",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("covid_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=False, split_sizes=_sizes(61068, 6786, 16964),
-        description="COVIDx CXR-2 (v9), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
+        description="COVIDx CXR-2 (v9), pooled and re-split stratified 80/20 then 90/10 "
+                    "(docs/datasets.md#extra-benchmarks)",
     ),
     BenchmarkSpec(
         name="pneumonia", task="binary", labels=("Pneumonia",), path_column="Path", mask_column=None,
         image_dirs=_same("images"), manifest_files=_files("pneumonia_{split}_split.csv"),
         metric="auroc", label_source="columns", in_paper=False,
         split_sizes=_sizes(4216, 469, 1172),
-        description="Pediatric pneumonia (Kermany), pooled and re-split stratified 80/20 then 90/10 (docs/datasets.md#extra-benchmarks)",
+        description="Pediatric pneumonia (Kermany), pooled and re-split stratified 80/20 then 90/10 "
+                    "(docs/datasets.md#extra-benchmarks)",
     ),
 )
 

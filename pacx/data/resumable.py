@@ -1,23 +1,9 @@
 """Training data that resumes exactly: the same batches, augmentations and random masks after a restart.
 
-A run stopped mid-epoch (SLURM requeue, ``kill -9``, preemption) and resumed from its checkpoint must take
-the same optimizer steps as an uninterrupted run. Lightning restores the model, optimizer, scheduler and
-loop counters; this module makes the data side a pure function of ``(seed, epoch, position)``:
-
-* :class:`ResumableSampler` shuffles per epoch from ``seed + epoch`` (a ``DistributedSampler``, so under
-  DDP each rank takes its strided share and Lightning keeps it instead of injecting its own), skips the
-  batches the restored epoch already consumed, and pairs every index with a per-sample seed.
-* :class:`SeededDataset` seeds torch's CPU generator and numpy from that per-sample seed before the wrapped
-  dataset's ``__getitem__``: a sample's augmentation depends on ``(seed, epoch, index)`` only, not on the
-  worker, the rank or the position (so it is also the same whatever the number of GPUs).
-* :func:`seed_step` reseeds the main process before every training batch (random masks, dropout, noise)
-  from ``(seed, epoch, batch, rank)``; :class:`pacx.lit.callbacks.StepSeeds` calls it.
-
-:func:`train_loader` builds the whole thing for a data module's ``train_dataloader``. Lightning's debug
-flags work with it: ``overfit_batches`` swaps in a sequential sampler of plain indices, which
-:class:`SeededDataset` seeds from ``(seed, index)``; ``limit_train_batches`` / ``fast_dev_run`` only stop
-the epoch early. :class:`ResumableLoader` tells Lightning it resumes (its position lives in the loop's
-progress counters), so no "dataloader is not resumable" warning is raised on a mid-epoch resume.
+Makes the data side a pure function of ``(seed, epoch, position)``: :class:`ResumableSampler`,
+:class:`SeededDataset` and :func:`seed_step`, assembled by :func:`train_loader` (with
+:class:`ResumableLoader`) for a data module's ``train_dataloader``. How they fit together, and with
+Lightning's debug flags: docs/design.md#resilience.
 """
 
 from __future__ import annotations
@@ -54,7 +40,8 @@ def derive_seed(*parts: int) -> int:
 
 
 def seed_all(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy's legacy global RNG and ``random`` (about 150 µs: per step)."""
+    """Seed torch (CPU and every CUDA device), numpy's legacy global RNG and ``random`` (about 150 µs: per
+    step)."""
     torch.manual_seed(seed)
     np.random.seed(seed % (1 << 32))
     random.seed(seed)
@@ -78,7 +65,8 @@ def seed_step(seed: int, epoch: int, batch_idx: int, rank: int) -> None:
 
 
 class SeededDataset(Dataset):
-    """Takes ``(index, sample_seed)`` keys from :class:`ResumableSampler`; seeds, then reads ``dataset[index]``.
+    """Takes ``(index, sample_seed)`` keys from :class:`ResumableSampler`; seeds, then reads
+    ``dataset[index]``.
 
     A plain integer key (the sequential sampler Lightning installs for ``overfit_batches``) is seeded from
     ``(seed, index)``, so an overfit run still augments each of its fixed samples reproducibly."""
@@ -100,7 +88,8 @@ class SeededDataset(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """Per-epoch shuffle from ``seed + epoch``, this rank's share, minus the batches the epoch already consumed.
+    """Per-epoch shuffle from ``seed + epoch``, this rank's share, minus the batches the epoch already
+    consumed.
 
     Yields ``(index, sample_seed)`` (plain indices with ``seed_samples=False``). ``__len__`` stays the full
     share, so the loader reports the epoch's full batch count while a resumed epoch yields only the batches
@@ -163,7 +152,8 @@ def consumed_batches(trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
-def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool = True, drop_last: bool = True,
+def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool = True,
+                 drop_last: bool = True,
                  seed: int | None = None, augmented: bool = True, **loader_kwargs) -> DataLoader:
     """A training loader that resumes exactly (see the module docstring); ``batch_size`` per device.
     ``augmented=False`` (a dataset that draws nothing, e.g. cached features) skips the per-sample seeding."""

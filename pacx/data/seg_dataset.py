@@ -1,14 +1,9 @@
 """Paired image + mask dataset and DataModule for the segmentation benchmarks (docs/datasets.md#segmentation).
 
-Each manifest row names ``img_path`` and ``mask_path`` relative to the image root. Both decode through
-:func:`pacx.data.images.open_image` (any bit depth), the image as RGB, the mask as "L"; both resize to ``img_size``: the image bilinear, the mask nearest-neighbour by
-default (``mask_interpolation: bilinear`` reproduces the reference, which resized masks bilinearly). Train: the same horizontal
-flip (p = 0.5) and then always the same rotation by an angle uniform in [−10°, 10°] (nearest, fill 0) for
-image and mask. Then ``ToTensor``; the mask is binarised by > 0.5 and the image gets ImageNet norm.
-Output: image ``[3, S, S]`` float, mask ``[1, S, S]`` float in {0, 1}.
-
-A manifest without rows, a missing or unreadable image or mask, or a mask whose size differs from its
-image's, is an error that names the CSV (and the row, its line and the path). ``batch_size`` is the global batch; each device loads its share.
+Manifest rows name ``img_path`` and ``mask_path`` under the image root; both decode through
+:func:`pacx.data.images.open_image` and resize to ``img_size`` (masks nearest-neighbour unless
+``mask_interpolation: bilinear``), with the same flip and rotation in training. Output: image ``[3, S, S]``,
+mask ``[1, S, S]`` in {0, 1}. Bad rows are errors naming the CSV; ``batch_size`` is the global batch.
 """
 
 from __future__ import annotations
@@ -52,7 +47,8 @@ class SegmentationDataset(Dataset):
     def __init__(self, df: pd.DataFrame, root: str | Path, path_column: str, mask_column: str, img_size: int,
                  train: bool, source: str = "<manifest>", mask_interpolation: str = "nearest") -> None:
         if mask_interpolation not in MASK_INTERPOLATIONS:
-            raise ValueError(f"mask_interpolation {mask_interpolation!r} not in {sorted(MASK_INTERPOLATIONS)}")
+            raise ValueError(f"mask_interpolation {mask_interpolation!r} not in "
+                             f"{sorted(MASK_INTERPOLATIONS)}")
         self.mask_mode = MASK_INTERPOLATIONS[mask_interpolation]
         require_rows(len(df), source, "image/mask pairs")
         self.rows = df.index.to_numpy()  # the manifest's own rows, for error messages
@@ -71,15 +67,17 @@ class SegmentationDataset(Dataset):
         try:
             return open_image(path, mode)
         except (OSError, ImageDecodeError) as err:
-            raise ManifestError(f"{self.source}: {row_ref(self.rows[idx])}: cannot read {column} {path}: {err}") from err
+            raise ManifestError(f"{self.source}: {row_ref(self.rows[idx])}: cannot read {column} {path}: "
+                                f"{err}") from err
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self._open(idx, self.path_column, "RGB")
         mask = self._open(idx, self.mask_column, "L")
         if mask.size != image.size:
             raise ManifestError(
-                f"{self.source}: {row_ref(self.rows[idx])}: mask {self.root / str(self.df.at[idx, self.mask_column])} is "
-                f"{mask.size[0]}x{mask.size[1]} but its image is {image.size[0]}x{image.size[1]}"
+                f"{self.source}: {row_ref(self.rows[idx])}: mask "
+                f"{self.root / str(self.df.at[idx, self.mask_column])} is {mask.size[0]}x{mask.size[1]} but "
+                f"its image is {image.size[0]}x{image.size[1]}"
             )
         size = [self.img_size, self.img_size]
         image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR)
@@ -122,7 +120,8 @@ class SegmentationDataModule(SplitsDataModule):
         path = Path(self.required("manifest_dir")) / spec.manifest_files[split]
         df = read_manifest(path, [spec.path_column, spec.mask_column])
         root = Path(self.required("root")) / spec.image_dirs[split]
-        ds = SegmentationDataset(df, root, spec.path_column, spec.mask_column, h.img_size, train=split == "train", source=str(path),
+        ds = SegmentationDataset(df, root, spec.path_column, spec.mask_column, h.img_size,
+                                 train=split == "train", source=str(path),
                                  mask_interpolation=h.mask_interpolation)
         log.info("%s %s: %d image/mask pairs (%s)", spec.name, split, len(ds), path)
         return ds

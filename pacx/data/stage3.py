@@ -1,28 +1,9 @@
-"""Stage 3 data modules: the benchmark splits served to the evaluation modules.
+"""Stage 3 data modules: benchmark splits served to the evaluation modules (docs/datasets.md#classification).
 
-:class:`SplitsDataModule` is the base every Stage 3 data module extends (the segmentation one in
-:mod:`pacx.data.seg_dataset` too); :class:`BenchmarkDataModule` serves any classification entry of the
-benchmark registry.
-
-
-Reads the converter's manifests (``scripts/prepare.py <benchmark>``) from ``manifest_dir``, opens images
-under ``<root>/<spec.image_dirs[split]>/<spec.path_column>`` (docs/datasets.md#manifests) and applies the
-docs/datasets.md#transforms transforms: train = square resize + horizontal flip, val/test = square resize, ImageNet norm.
-
-Targets: binary / multilabel give float vectors ``[K]`` (the spec's label columns); multiclass gives a long
-class index (``index``: the ``Label`` column, checked to lie in ``0..C-1``; ``onehot``: the argmax of
-the one-hot columns, each row checked to hold exactly one 1). A bad row is an error naming the CSV and row;
-a blank label is an error naming the rows unless the spec declares a fill policy (``label_fill``); a split
-without rows is an error naming its CSV.
-
-``train_fraction < 1`` subsamples the train manifest only with :func:`pacx.data.lowdata.low_data_subset`
-(at least one positive per label; for an ``index`` task one row per class, via indicator columns).
-``batch_size`` is the global batch; each device loads ``batch_size / world_size``.
-
-A cached-feature linear probe calls :meth:`BenchmarkDataModule.serve_features` (see
-:mod:`pacx.data.feature_cache`): every split then yields ``(feature, target)`` instead of images; with the
-flip-aware cache the train split yields, per sample and epoch, the features of the image or of its flip.
-``predict`` embeds the images of ``manifest`` (a CSV or a folder), in row order.
+:class:`SplitsDataModule` is the base of every Stage 3 data module (the segmentation one too);
+:class:`BenchmarkDataModule` serves any classification entry of the registry from the converter's manifests
+(``scripts/prepare.py <benchmark>``). ``batch_size`` is the global batch; ``train_fraction < 1`` subsamples
+the train split (:mod:`pacx.data.lowdata`). Targets, features and ``predict``: docs/design.md#stage-3-data.
 """
 
 from __future__ import annotations
@@ -110,8 +91,10 @@ class SplitsDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         h = self.hparams
-        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
-        if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable); keeps the tail
+        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory,
+                      persistent_workers=h.num_workers > 0)
+        # training: exactly resumable order and augmentations (pacx.data.resumable); keeps the tail
+        if shuffle:
             return train_loader(dataset, self.per_device_batch, self.trainer, drop_last=False,
                                 augmented=getattr(dataset, "augmented", True), **kwargs)
         return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=False, drop_last=False, **kwargs)
@@ -142,16 +125,19 @@ class BenchmarkDataModule(SplitsDataModule):
         benchmark: registry name (``pacx.data.registry.BENCHMARKS``).
         root: the image root (the release folder the converter read); needed by fit / validate / test.
         manifest_dir: where the converter wrote the split CSVs; needed by fit / validate / test.
-        batch_size: the **global** batch, a training choice of the config (``configs/stage3/linear_probe.yaml`` and
-            the benchmark's override); needed by ``setup`` (None only for callers that build datasets themselves).
+        batch_size: the **global** batch, a training choice of the config
+            (``configs/stage3/linear_probe.yaml`` and the benchmark's override); needed by ``setup`` (None
+            only for callers that build datasets themselves).
         num_workers, pin_memory: DataLoader settings.
         img_size: square resize size.
-        train_augment: the horizontal flip of docs/datasets.md#transforms on train images. A cached-feature linear
-            probe computes every split's features once under the evaluation transform; with the flip-aware cache
-            (``model.feature_cache: flip``, the default) and ``train_augment`` the train split also stores each
-            image's flipped features and draws the flip per sample per epoch, as the image path does.
-        train_fraction / subset_seed: low-data subset of the train split (docs/datasets.md#low-data); the subset seed
-            defaults to the run's ``seed_everything`` value, as in the reference (one seed drives both).
+        train_augment: the horizontal flip of docs/datasets.md#transforms on train images. A cached-feature
+            linear probe computes every split's features once under the evaluation transform; with the
+            flip-aware cache (``model.feature_cache: flip``, the default) and ``train_augment`` the train
+            split also stores each image's flipped features and draws the flip per sample per epoch, as the
+            image path does.
+        train_fraction / subset_seed: low-data subset of the train split (docs/datasets.md#low-data); the
+            subset seed defaults to the run's ``seed_everything`` value, as in the reference (one seed drives
+            both).
         manifest: ``predict`` only: a CSV of images (paths relative to ``root`` if set, else to the CSV's
             folder) or a folder of images (sorted by path) to embed, in row order.
         predict_path_column: the image column of ``manifest`` (default: the benchmark's path column).
@@ -215,14 +201,16 @@ class BenchmarkDataModule(SplitsDataModule):
 
     def serve_features(self, features: Callable[[str, ImageManifestDataset, bool], torch.Tensor],
                        flip: bool = False) -> None:
-        """From now on every split yields ``(feature [D], target)``: ``features(split, dataset, with_flip)`` gets
-        each split's images under the deterministic evaluation transform and returns ``[N, D]``, or ``[N, 2D]``
-        (image | flipped image) when ``with_flip``, which is asked for the train split when ``flip`` and
-        ``train_augment`` are set; that split then draws the flip per sample and epoch (``FlipFeatureDataset``)."""
+        """From now on every split yields ``(feature [D], target)``: ``features(split, dataset, with_flip)``
+        gets each split's images under the deterministic evaluation transform and returns ``[N, D]``, or
+        ``[N, 2D]`` (image | flipped image) when ``with_flip``, which is asked for the train split when
+        ``flip`` and ``train_augment`` are set; that split then draws the flip per sample and epoch
+        (``FlipFeatureDataset``)."""
         for split in SPLITS:
             ds = self.build_dataset(split, augment=False)
             if split == "train" and flip and self.hparams.train_augment:
-                self.datasets[split] = FlipFeatureDataset(features(split, ds, True), ds.labels, CLASSIFY_HFLIP)
+                self.datasets[split] = FlipFeatureDataset(features(split, ds, True), ds.labels,
+                                                          CLASSIFY_HFLIP)
             else:
                 self.datasets[split] = FeatureDataset(features(split, ds, False), ds.labels)
 

@@ -1,28 +1,9 @@
-"""Symile-MIMIC data for the teachers and Stage 2 (docs/datasets.md#symile): memory-mapped splits as named item kinds.
+"""Symile-MIMIC data for the teachers and Stage 2 (docs/datasets.md#symile): memory-mapped named item kinds.
 
-The release files (``pacx.data.symile_files.FILES``) are opened with ``np.load(mmap_mode="r")`` and
-served as one of the item kinds of ``ITEMS``, chosen by the ``item`` config argument:
-
-- ``labs``: (percentiles float32 [50], missingness float32 [50]) for the Labs DAE;
-- ``labs_raw``: the same plus the row index, for feature extraction in file order;
-- ``ecg``: (raw ecg float32 [1, 5000, 12] as stored, index), for ECGFounder feature extraction;
-- ``cxr``: (cxr float32 [3, H, W] after the transform, index);
-- ``cxr_teachers``: ``{"cxr": [3, H, W], "teachers": {name: features [D]}}`` for Stage 2
-  (docs/datasets.md#stage-2-data), one entry per teacher distilled from (``pacx.teachers.TEACHERS``: its
-  ``<name>_features.npy``);
-- ``cxr_raw_teachers``: ``{"cxr": [3, H, W], "raw": {name: (raw row of each of its input files, as stored)}}``;
-  with ``teacher_weights`` the data module encodes them on the device with the frozen teachers
-  (:class:`pacx.data.teacher_features.OnTheFlyTeachers`, in ``on_after_batch_transfer``), so Stage 2 receives
-  the ``cxr_teachers`` layout without precomputed feature files.
-
-The teachers the two Stage 2 kinds serve are ``serve_teachers`` (default: those the model distils from,
-``PaCXModule.teacher_names``, once the data module is attached to a trainer; else ``DEFAULT_TEACHERS``).
-CXR arrays are already ImageNet-normalised, so CXR transforms take and return normalised tensors.
-``CXR_TRANSFORMS`` holds them by name; ``train_transform`` / ``eval_transform`` name one. Registered
-here: ``resize`` (docs/datasets.md#stage-2-data val/test: square resize with antialias, nothing else); ``pacx.data.augment``
-registers ``robust_train`` (the docs/datasets.md#stage-2-data Stage 2 train augmentation, settings via ``train_transform_args``).
-Unknown names are an error, never a silent fallback.
-Every split a stage uses is validated on setup (``pacx.data.symile_files.validate_split``).
+The release files are opened with ``np.load(mmap_mode="r")`` and served as one of the item kinds of ``ITEMS``
+(``labs``, ``labs_raw``, ``ecg``, ``cxr``, ``cxr_teachers``, ``cxr_raw_teachers``), chosen by ``item``. CXR
+transforms are registered by name in ``CXR_TRANSFORMS`` (``resize``; ``robust_train``, from
+:mod:`pacx.data.augment`); unknown names are an error. Item layouts: docs/design.md#symile-items.
 """
 
 from __future__ import annotations
@@ -40,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from pacx.data.augment import RobustTrainTransforms
 from pacx.data.common import per_device_batch_size
 from pacx.data.resumable import train_loader
 from pacx.data.symile_files import FILES, FileSpec, ValidationCache, validate_split
@@ -50,8 +32,18 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ CXR transforms
 
+
+def resize_normalized(img_size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
+    """docs/datasets.md#stage-2-data val/test: ``Resize((img_size, img_size), antialias=True)`` on the
+    normalised tensor, no more."""
+    return functools.partial(TF.resize, size=[img_size, img_size], antialias=True)  # picklable for workers
+
+
 # name -> builder(img_size) -> callable on a normalised float32 [3, H, W] tensor
-CXR_TRANSFORMS: dict[str, Callable[[int], Callable[[torch.Tensor], torch.Tensor]]] = {}
+CXR_TRANSFORMS: dict[str, Callable[[int], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "resize": resize_normalized,
+    "robust_train": RobustTrainTransforms,
+}
 
 
 def register_cxr_transform(name: str):
@@ -64,12 +56,6 @@ def register_cxr_transform(name: str):
         return fn
 
     return deco
-
-
-@register_cxr_transform("resize")
-def resize_normalized(img_size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
-    """docs/datasets.md#stage-2-data val/test: ``Resize((img_size, img_size), antialias=True)`` on the normalised tensor, no more."""
-    return functools.partial(TF.resize, size=[img_size, img_size], antialias=True)  # picklable for workers
 
 
 def build_cxr_transform(name: str, img_size: int, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -138,8 +124,8 @@ ITEMS: dict[str, ItemKind] = {
     "cxr": ItemKind("(cxr float32 [3, H, W] after the transform, index)", _cxr_index),
     "cxr_teachers": ItemKind("{cxr [3, H, W], teachers: {name: features [D]}}: Stage 2 distillation",
                              _cxr_teachers, lambda spec: (spec.feature_spec,)),
-    "cxr_raw_teachers": ItemKind("{cxr [3, H, W], raw: {name: its input rows}}: Stage 2 with teachers run on the "
-                                 "fly (OnTheFlyTeachers)", _cxr_raw_teachers, lambda spec: spec.inputs),
+    "cxr_raw_teachers": ItemKind("{cxr [3, H, W], raw: {name: its input rows}}: Stage 2 with teachers run on "
+                                 "the fly (OnTheFlyTeachers)", _cxr_raw_teachers, lambda spec: spec.inputs),
 }
 
 
@@ -220,7 +206,8 @@ STAGE_ROLES: dict[str | None, tuple[str, ...]] = {
 
 
 class SymileMIMICDataModule(pl.LightningDataModule):
-    """Symile-MIMIC splits for the Labs DAE, teacher-feature extraction and Stage 2 (docs/datasets.md#stage-2-data).
+    """Symile-MIMIC splits for the Labs DAE, teacher-feature extraction and Stage 2
+    (docs/datasets.md#stage-2-data).
 
     Args:
         root: the ``data_npy`` directory (holding ``train/``, ``val/``, ...).
@@ -234,9 +221,10 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         eval_transform: CXR transform name for the other loaders (docs/datasets.md#stage-2-data: ``resize``).
         check_values: scan values (NaN/inf, 0/1 flags, [0, 1] percentiles) on setup, not only layout.
         validation_cache: JSON file remembering passed scans across runs (per file size + mtime).
-        serve_teachers: the teachers ``cxr_teachers`` / ``cxr_raw_teachers`` serve (``pacx.teachers.TEACHERS``);
-            ``None``: the model's (``teacher_names`` of the LightningModule it is trained with), else
-            ``DEFAULT_TEACHERS``. Set it only to serve a data module without its Stage 2 model.
+        serve_teachers: the teachers ``cxr_teachers`` / ``cxr_raw_teachers`` serve
+            (``pacx.teachers.TEACHERS``); ``None``: the model's (``teacher_names`` of the LightningModule it
+            is trained with), else ``DEFAULT_TEACHERS``. Set it only to serve a data module without its Stage
+            2 model.
         teacher_weights: ``{teacher: weights file}`` of every served teacher, to encode ``cxr_raw_teachers``
             batches on the device (:class:`~pacx.data.teacher_features.OnTheFlyTeachers`) instead of reading
             precomputed feature files; ``teacher_options`` holds each one's loader options
@@ -274,15 +262,16 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         item_kind(item)  # fail at construction on a typo
         legacy = {"ecg": ecgfounder, "labs": labs_dae}
         if any(legacy.values()):  # ecgfounder_config alone (its old default, 12_lead) configured nothing
-            warnings.warn("data.ecgfounder / labs_dae / ecgfounder_config are deprecated: read as teacher_weights "
+            warnings.warn("data.ecgfounder / labs_dae / ecgfounder_config are deprecated: read as "
+                          "teacher_weights "
                           "and teacher_options (docs/method.md#stage-2)", FutureWarning, stacklevel=2)
             teacher_weights = {**{t: w for t, w in legacy.items() if w}, **(teacher_weights or {})}
             if ecgfounder_config:
                 teacher_options = {"ecg": {"config": ecgfounder_config}, **(teacher_options or {})}
             self.hparams.update(teacher_weights=teacher_weights, teacher_options=teacher_options)
         if teacher_weights and item != RAW_TEACHERS_ITEM:
-            raise ValueError(f"teacher_weights (teachers run on the fly) go with item {RAW_TEACHERS_ITEM!r}, got item "
-                             f"{item!r}")
+            raise ValueError(f"teacher_weights (teachers run on the fly) go with item {RAW_TEACHERS_ITEM!r}, "
+                             f"got item {item!r}")
         if serve_teachers is not None:
             resolve_teachers(serve_teachers)  # fail at construction on a typo
         self.per_device_batch = batch_size
@@ -314,8 +303,8 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             missing = sorted(set(self.teacher_names) - set(h.teacher_weights))
             extra = sorted(set(h.teacher_weights) - set(self.teacher_names))
             if missing or extra:
-                raise ValueError(f"teacher_weights must name exactly the teachers served, {list(self.teacher_names)}:"
-                                 f" missing {missing}, not distilled from {extra}")
+                raise ValueError("teacher_weights must name exactly the teachers served, "
+                                 f"{list(self.teacher_names)}: missing {missing}, not distilled from {extra}")
             weights = {t: h.teacher_weights[t] for t in self.teacher_names}
             self.teachers = OnTheFlyTeachers(weights, h.teacher_options)
         for role in STAGE_ROLES[stage]:
@@ -331,14 +320,15 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         self.feature_widths()  # the loaders agree on the teacher feature widths
 
     def _resolve_teacher_names(self) -> tuple[str, ...]:
-        """``serve_teachers``, else the model's, else the defaults; an explicit list must match the model's."""
+        """``serve_teachers``, else the model's, else the defaults; an explicit list must match the
+        model's."""
         trainer = getattr(self, "trainer", None)
         model = getattr(trainer, "lightning_module", None) if trainer is not None else None
         from_model = getattr(model, "teacher_names", None)
         given = self.hparams.serve_teachers
         if given is not None and from_model is not None and tuple(given) != tuple(from_model):
-            raise ValueError(f"data.serve_teachers {list(given)} differs from the model's teachers {list(from_model)}:"
-                             " leave it unset (it follows the model)")
+            raise ValueError(f"data.serve_teachers {list(given)} differs from the model's teachers "
+                             f"{list(from_model)}: leave it unset (it follows the model)")
         return resolve_teachers(given if given is not None else from_model)
 
     def feature_widths(self) -> dict[str, tuple[int, Path]]:
@@ -351,8 +341,9 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             for teacher, (key,) in ds.teacher_files.items():
                 width = int(ds.arrays[key].shape[1])
                 if teacher in widths and widths[teacher][0] != width:
-                    raise ValueError(f"{ds.paths[key]} holds {width}-wide features but {widths[teacher][1]} holds "
-                                     f"{widths[teacher][0]}-wide ones: all splits need the same teacher")
+                    raise ValueError(f"{ds.paths[key]} holds {width}-wide features but "
+                                     f"{widths[teacher][1]} holds {widths[teacher][0]}-wide ones: all splits "
+                                     "need the same teacher")
                 widths.setdefault(teacher, (width, ds.paths[key]))
         return widths
 
@@ -363,10 +354,11 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         if ds is None:
             raise RuntimeError(f"teacher_features needs the {role} split (setup() first)")
         if ds.item != "cxr_teachers":
-            raise ValueError(f"{self.hparams.root}/{ds.split}: item {ds.item!r} reads no teacher feature files; "
-                             "teacher_norm needs precomputed teacher features (item cxr_teachers); with "
-                             "on-the-fly teachers use teacher_norm: raw")
-        return {teacher: np.asarray(ds.arrays[key], dtype=np.float64) for teacher, (key,) in ds.teacher_files.items()}
+            raise ValueError(f"{self.hparams.root}/{ds.split}: item {ds.item!r} reads no teacher feature "
+                             "files; teacher_norm needs precomputed teacher features (item cxr_teachers); "
+                             "with on-the-fly teachers use teacher_norm: raw")
+        return {teacher: np.asarray(ds.arrays[key], dtype=np.float64)
+                for teacher, (key,) in ds.teacher_files.items()}
 
     def _loader(self, role: str) -> DataLoader | list:
         h = self.hparams
@@ -374,13 +366,15 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             return []  # Lightning runs no loop for an empty loader list
         if role not in self.datasets:
             raise RuntimeError(f"no {role} loader: {role}_split is not set or setup() has not run for it")
-        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory, persistent_workers=h.num_workers > 0)
+        kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory,
+                      persistent_workers=h.num_workers > 0)
         if role == "train":  # exactly resumable order (pacx.data.resumable)
             return train_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
         return DataLoader(self.datasets[role], batch_size=self.per_device_batch, shuffle=False, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """``cxr_raw_teachers`` batches become teacher features here, on the device, with the frozen teachers."""
+        """``cxr_raw_teachers`` batches become teacher features here, on the device, with the frozen
+        teachers."""
         return self.teachers.encode_batch(batch) if self.teachers is not None else batch
 
     def train_dataloader(self) -> DataLoader:
@@ -394,5 +388,3 @@ class SymileMIMICDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self._loader("predict")
-
-from pacx.data import augment  # noqa: E402, F401  (it registers "robust_train")

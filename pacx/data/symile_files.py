@@ -1,28 +1,9 @@
-"""Symile-MIMIC ``data_npy/`` files (docs/datasets.md#symile-files, docs/datasets.md#teacher-features): the file table, lab/lead constants, validation.
+"""Symile-MIMIC ``data_npy/`` files (docs/datasets.md#symile-files): the file table, constants, validation.
 
-Every release file the loaders read is one row of ``FILES``: its name pattern, trailing shape, allowed
-dtypes, the splits that hold it, the item kinds (``pacx.data.symile.ITEMS``) that need it, and the value
-checks it must pass. The teacher feature files (``<teacher>_features.npy``) are not rows here: each teacher
-of the registry ``pacx.teachers.TEACHERS`` describes its own (``TeacherSpec.feature_spec``), and Stage 2 passes
-the ones it distils from as ``extra`` files. ``validate_split`` checks one split for one item kind (plus those
-extra files) against that table: each needed file exists, all share one N, shapes/dtypes match, and values
-pass their checks (NaN/inf, 0/1 flags, percentiles in [0, 1]). Values are scanned in row chunks so memory stays bounded on the 2+ GB arrays,
-and a scan is remembered per file (size + mtime), in-process and optionally in a JSON file, so
-repeated setups do not rescan. Errors name the file and what was expected.
-
-Layout of the release as read here (``<root>`` is the ``data_npy`` directory)::
-
-    <root>/labs_means.json                     mean train percentile per lab ("<itemid>_percentile" keys)
-    <root>/<split>/cxr_<split>.npy             float32 [N, 3, 320, 320], ImageNet-normalised
-    <root>/<split>/ecg_<split>.npy             float32 [N, 1, 5000, 12], per-record min-max to [-1, 1]
-    <root>/<split>/labs_percentiles_<split>.npy float [N, 50] in [0, 1]
-    <root>/<split>/labs_missingness_<split>.npy int64 [N, 50], 1 = observed
-    <root>/<split>/hadm_id_<split>.npy         int [N]
-    <root>/{val_retrieval,test}/label_<split>.npy, label_hadm_id_<split>.npy   int [N]
-    <root>/{train,val,test,test_uni}/<teacher>_features.npy   float32 [N, D], written by pacx.teachers
-                                               (ecg 1024, labs 256 for the release teachers)
-
-``test_uni`` holds only ``cxr_test_uni.npy``, the two feature files and ``hadm_id_test.npy`` (sic).
+Every release file the loaders read is one row of ``FILES`` (name pattern, trailing shape, dtypes, splits,
+item kinds, value checks); teachers describe their own feature files. :func:`validate_split` checks one split
+for one item kind against it, in bounded memory, remembering scans per file; errors name the file and what was
+expected. The layout as read here: docs/design.md#symile-layout.
 """
 
 from __future__ import annotations
@@ -41,7 +22,8 @@ from pacx.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# The 50 labs in array order: ascending item id, the sorted order of labs_means.json (docs/datasets.md#symile-files).
+# The 50 labs in array order: ascending item id, the sorted order of labs_means.json
+# (docs/datasets.md#symile-files).
 SYMILE_LABS: tuple[tuple[int, str], ...] = (
     (50802, "Base Excess"), (50804, "Calculated Total CO2"), (50813, "Lactate"), (50818, "pCO2"),
     (50820, "pH"), (50821, "pO2"), (50861, "Alanine Aminotransferase (ALT)"), (50862, "Albumin"),
@@ -274,8 +256,9 @@ def validate_split(
     """Check the files ``item`` reads in ``<root>/<split>/`` and the ``extra`` ones (teacher inputs or feature
     files, :func:`files_for`); returns ``{file key: path}``.
 
-    Raises ``FileNotFoundError`` for a missing file and ``SymileFileError`` for a wrong shape, dtype,
-    row count or value, or a split without rows, each naming the file (and for counts both files, for values the first bad row).
+    Raises ``FileNotFoundError`` for a missing file and ``SymileFileError`` for a wrong shape, dtype, row
+    count or value, or a split without rows, each naming the file (and for counts both files, for values the
+    first bad row).
     """
     split_dir = Path(root) / split
     cache = cache if cache is not None else ValidationCache()

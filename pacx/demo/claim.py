@@ -52,15 +52,19 @@ def claim_lines(table: dict, tasks, results: pd.DataFrame | None = None) -> list
         else:
             held = abs(diff) <= max(spread, PARITY_FLOOR)
             want = "PaCX-MAE ≈ MAE (within the std)"
-        lines.append(f"claim [{task.benchmark}, {task.kind}]: {want}: PaCX-MAE {pacx['mean']:.3f} ± {pacx['std']:.3f} "
+        lines.append(f"claim [{task.benchmark}, {task.kind}]: {want}: "
+                     f"PaCX-MAE {pacx['mean']:.3f} ± {pacx['std']:.3f} "
                      f"(n={pacx['n']}, {pacx.get('n_upstream', 1)} upstream) vs MAE {mae['mean']:.3f} ± "
-                     f"{mae['std']:.3f} ({pacx['metric']}), difference {diff:+.3f} → {'held' if held else 'did NOT hold'}")
+                     f"{mae['std']:.3f} ({pacx['metric']}), difference {diff:+.3f} → "
+                     f"{'held' if held else 'did NOT hold'}")
         if task.kind == "structure" and "random" in table.get(task.benchmark, {}):
             rnd = table[task.benchmark]["random"]
-            lines.append(f"claim [{task.benchmark}, structure]: MAE ≥ random init: MAE {mae['mean']:.3f} vs random "
-                         f"{rnd['mean']:.3f} → {'held' if mae['mean'] >= rnd['mean'] else 'did NOT hold'}")
+            lines.append(f"claim [{task.benchmark}, structure]: MAE ≥ random init: "
+                         f"MAE {mae['mean']:.3f} vs random {rnd['mean']:.3f} → "
+                         f"{'held' if mae['mean'] >= rnd['mean'] else 'did NOT hold'}")
         if results is not None:
-            seeds = per_upstream(results, task.benchmark, getattr(task, "metric_column", None) or "metric_value")
+            column = getattr(task, "metric_column", None) or "metric_value"
+            seeds = per_upstream(results, task.benchmark, column)
             if seeds:
                 gaps = ", ".join(f"s{s} {v - mae['mean']:+.3f}" for s, v in sorted(seeds.items()))
                 wins = sum(v > mae["mean"] for v in seeds.values())

@@ -1,10 +1,9 @@
 """The raw-pixel ceiling of a classification benchmark: logistic regression on the pixels themselves.
 
-Every split's images go through the Stage 3 evaluation transform (square resize, ImageNet norm; the first
-channel, since X-rays are grey), flattened. The probe is scikit-learn's: per-pixel standardisation →
-PCA (``pca`` components, randomised solver seeded by ``seed``) → L2 logistic regression, fitted on
-``train`` and scored on ``test`` with the benchmark's labels (binary: AUROC; multi-output: macro AUROC).
-An encoder whose probe sits far below this number has lost information the images carry.
+Each split's images go through the Stage 3 evaluation transform (first channel, flattened); scikit-learn's
+per-pixel standardisation → PCA (``pca`` components, randomised, seeded by ``seed``) → L2 logistic regression
+is fitted on ``train`` and scored on ``test`` (binary: AUROC; multi-output: macro AUROC). An encoder whose
+probe sits far below this number has lost information the images carry.
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ def macro_auroc(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def pixel_ceiling(datamodule, pca: int = 50, seed: int = 0, C: float = 1.0) -> dict:
-    """Fit the pixel probe on ``train`` and score ``test``; returns ``{"auroc", "n_train", "n_test", ...}``."""
+    """Fit the pixel probe on ``train`` and score ``test``; returns ``{"auroc", "n_train", "n_test",
+    ...}``."""
     x_train, y_train = split_pixels(datamodule, "train")
     x_test, y_test = split_pixels(datamodule, "test")
     components = min(pca, *x_train.shape)

@@ -1,16 +1,9 @@
 """Learning-health signals of self-supervised and contrastive training: plain tensor / array functions.
 
-:mod:`pacx.lit.health` feeds these from Lightning callbacks; nothing here imports Lightning.
-
-- :func:`effective_rank`: RankMe (Garrido et al., ICML 2023, "RankMe: Assessing the downstream
-  performance of pretrained self-supervised representations by their rank"), the exponential of the
-  entropy of the L1-normalised singular values.
-- :func:`infonce_chance` / :func:`chance_fraction`: an InfoNCE loss against ``log N``, its value when
-  every one of the ``N`` keys of a query scores the same (whatever the label smoothing).
-- :func:`embedding_std`: mean per-dimension std of the L2-normalised embeddings.
-- :class:`CollapseMonitor`: turns one reading per epoch into warnings, once per reason.
-- :func:`linear_probe_auroc`: standardised logistic regression on a seeded stratified split.
-- :func:`preserved_rng`: leaves the torch / CUDA / numpy / ``random`` global states as they were.
+:func:`effective_rank` (RankMe, Garrido et al., ICML 2023), :func:`infonce_chance` / :func:`chance_fraction`
+(an InfoNCE loss against ``log N``), :func:`embedding_std`, :class:`CollapseMonitor` (warnings, once per
+reason), :func:`linear_probe_auroc` and :func:`preserved_rng`. :mod:`pacx.lit.health` feeds them from
+Lightning callbacks; nothing here imports Lightning (docs/method.md#learning-health).
 """
 
 from __future__ import annotations
@@ -24,6 +17,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +158,6 @@ def linear_probe_auroc(
     features: [N, D]; labels: [N] in {0, 1}. The split is ``train_test_split(stratify=labels,
     random_state=seed)``; the scaler is fitted on the fit part only. Needs >= 2 rows of each class.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     labels = np.asarray(labels)
     counts = np.bincount(labels.astype(np.int64), minlength=2)
     if len(counts) != 2 or counts.min() < 2:

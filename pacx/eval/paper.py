@@ -1,15 +1,9 @@
 """The paper's side of the tables: the metric each table reports, the published numbers, and the
 reproduction report ``comparison.md`` that sets ours beside them (docs/method.md#reproduction-report).
 
-* :func:`table_metrics`: results rows re-scored in a table's paper metric, taken from the benchmark
-  registry: the full-data table in each benchmark's ``metric`` (F1 for CheXchoNet and VinDr, IoU for the
-  segmentation sets, AUROC elsewhere), the low-data table and figure in ``low_data_metric`` (AUROC, as the
-  paper reports its 1 % results). ``scripts/make_tables.py`` applies it per table; its ``--metric`` flag
-  still overrides a benchmark in both.
-* :data:`PUBLISHED`: the paper's numbers, one table, with :data:`SOURCE`.
-* :func:`comparison_markdown`: our mean ± std beside each published number, the difference and its std.
-
-All numbers here are on the 0–1 scale of the paper's table, whatever ``--percent`` does to the others.
+:func:`table_metrics` re-scores results rows in each table's paper metric (from the benchmark registry),
+:data:`PUBLISHED` holds the paper's numbers with :data:`SOURCE`, and :func:`comparison_markdown` puts our mean
+± std beside them. All numbers here are on the paper's 0–1 scale, whatever ``--percent`` does to the others.
 """
 
 from __future__ import annotations
@@ -22,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pacx.data.registry import BENCHMARKS
-from pacx.eval.tables import aggregate, backbone_name, benchmark_order, metric_name, use_metric
+from pacx.eval.results import aggregate, use_metric
+from pacx.eval.tables import backbone_name, benchmark_order, metric_name
 
 SOURCE = ("Liu, Maeda, Pancholy, *PaCX-MAE: Physiology-Augmented Chest X-Ray Masked Autoencoder*, arXiv "
           "2606.01537: the main results table (linear probe; CXL-Seg: frozen backbone + decoder) and the 1 % "
@@ -45,11 +40,14 @@ class Published:
 
 
 PUBLISHED: tuple[Published, ...] = (
-    *(Published("medmod_phys", "auroc", 1.0, k, v) for k, v in (("imagenet", 0.612), ("mae", 0.695), ("pacx", 0.722))),
+    *(Published("medmod_phys", "auroc", 1.0, k, v)
+      for k, v in (("imagenet", 0.612), ("mae", 0.695), ("pacx", 0.722))),
     *(Published("vindr", "f1", 1.0, k, v) for k, v in (("imagenet", 0.097), ("mae", 0.191), ("pacx", 0.256))),
-    *(Published("chexchonet", "f1", 1.0, k, v) for k, v in (("imagenet", 0.147), ("mae", 0.215), ("pacx", 0.266))),
+    *(Published("chexchonet", "f1", 1.0, k, v)
+      for k, v in (("imagenet", 0.147), ("mae", 0.215), ("pacx", 0.266))),
     *(Published("tb", "auroc", 1.0, k, v) for k, v in (("imagenet", 0.887), ("mae", 0.899), ("pacx", 0.910))),
-    *(Published("cxlseg", "iou", 1.0, k, v) for k, v in (("imagenet", 0.984), ("mae", 0.996), ("pacx", 0.996))),
+    *(Published("cxlseg", "iou", 1.0, k, v)
+      for k, v in (("imagenet", 0.984), ("mae", 0.996), ("pacx", 0.996))),
     # "In the 1 % data regime ... AUROC improvements of ~8pp on CheXchoNet and ~5pp on VinDr and NIH"
     Published("chexchonet", "auroc", 0.01, DELTA, 0.08, approx=True),
     Published("vindr", "auroc", 0.01, DELTA, 0.05, approx=True),
@@ -58,9 +56,10 @@ PUBLISHED: tuple[Published, ...] = (
 
 
 def table_metrics(df: pd.DataFrame, table: str) -> pd.DataFrame:
-    """``df`` with each registry benchmark's ``metric_value`` / ``metric`` set to the paper metric of ``table``
-    (``main``: ``spec.metric``; ``low_data``: ``spec.low_data_metric``). Rows already in that metric stay as
-    they are; otherwise the metric's logged column must be present (error naming benchmark, column, table)."""
+    """``df`` with each registry benchmark's ``metric_value`` / ``metric`` set to the paper metric of
+    ``table`` (``main``: ``spec.metric``; ``low_data``: ``spec.low_data_metric``). Rows already in that metric
+    stay as they are; otherwise the metric's logged column must be present (error naming benchmark, column,
+    table)."""
     if table not in TABLES:
         raise ValueError(f"table {table!r} not in {TABLES}")
     for bench in sorted(set(df["benchmark"]) & set(BENCHMARKS)):
@@ -71,8 +70,8 @@ def table_metrics(df: pd.DataFrame, table: str) -> pd.DataFrame:
         try:
             df = use_metric(df, bench, spec.metric_column(metric))
         except ValueError as err:
-            raise ValueError(f"the {table.replace('_', '-')} table reports {bench} in {metric_name(metric)}: {err} "
-                             "(--metric BENCHMARK=COLUMN picks another)") from None
+            raise ValueError(f"the {table.replace('_', '-')} table reports {bench} in {metric_name(metric)}: "
+                             f"{err} (--metric BENCHMARK=COLUMN picks another)") from None
     return df
 
 
@@ -85,8 +84,10 @@ class Ours:
 
 
 def _ours(agg: pd.DataFrame, bench: str, kind: str, fraction: float) -> Ours | None:
-    row = agg[(agg["benchmark"] == bench) & (agg["backbone_kind"] == kind) & np.isclose(agg["train_fraction"], fraction)]
-    return None if row.empty else Ours(float(row["mean"].iloc[0]), float(row["std"].iloc[0]), int(row["n"].iloc[0]))
+    row = agg[(agg["benchmark"] == bench) & (agg["backbone_kind"] == kind)
+              & np.isclose(agg["train_fraction"], fraction)]
+    return None if row.empty else Ours(float(row["mean"].iloc[0]), float(row["std"].iloc[0]),
+                                       int(row["n"].iloc[0]))
 
 
 def _delta(df: pd.DataFrame, bench: str, fraction: float) -> Ours | None:
@@ -100,7 +101,8 @@ def _delta(df: pd.DataFrame, bench: str, fraction: float) -> Ours | None:
     one_each = all((g.size() == 1).all() for g in seeds.values())
     common = sorted(set(seeds["pacx"].groups) & set(seeds["mae"].groups))
     if one_each and len(common) >= 2:
-        diffs = np.array([seeds["pacx"].get_group(s).iloc[0] - seeds["mae"].get_group(s).iloc[0] for s in common])
+        diffs = np.array([seeds["pacx"].get_group(s).iloc[0] - seeds["mae"].get_group(s).iloc[0]
+                          for s in common])
         return Ours(float(diffs.mean()), float(diffs.std(ddof=1)), len(diffs), paired=True)
     values = {k: r["metric_value"].astype(float) for k, r in runs.items()}
     stds = [float(v.std(ddof=1)) if len(v) > 1 else 0.0 for v in values.values()]
@@ -121,26 +123,31 @@ def comparison_markdown(main: pd.DataFrame, low_data: pd.DataFrame, mode: str = 
     agg = aggregate(main) if not main.empty else main
     lines = ["# Reproduction report: our numbers beside the published ones", "",
              f"Published: {SOURCE}.", "",
-             f"Ours: mean ± sample std over n runs (seeds, and upstream encoders where several), mode {mode}. "
-             "Difference: ours − published, ± our std (the paper gives single numbers). Scale 0–1.", "",
+             "Ours: mean ± sample std over n runs (seeds, and upstream encoders where several), "
+             f"mode {mode}. Difference: ours − published, ± our std (the paper gives single numbers). "
+             "Scale 0–1.", "",
              "## Full training data", "",
-             "| Benchmark | Metric | Backbone | Published | Ours | Difference |", "|---|---|---|---:|---:|---:|"]
+             "| Benchmark | Metric | Backbone | Published | Ours | Difference |",
+             "|---|---|---|---:|---:|---:|"]
     full = [p for p in published if p.backbone != DELTA]
     for bench in benchmark_order(p.benchmark for p in full):
         for p in (p for p in full if p.benchmark == bench):
             ours = None if agg.empty else _ours(agg, bench, p.backbone, p.fraction)
-            metric_ok = ours is not None and (main.loc[main["benchmark"] == bench, "metric"] == p.metric).all()
-            cells = ([f"{ours.mean:.3f} ± {ours.std:.3f} (n={ours.n})", f"{_signed(ours.mean - p.value)} ± {ours.std:.3f}"]
+            metric_ok = ours is not None and (
+                main.loc[main["benchmark"] == bench, "metric"] == p.metric).all()
+            cells = ([f"{ours.mean:.3f} ± {ours.std:.3f} (n={ours.n})",
+                      f"{_signed(ours.mean - p.value)} ± {ours.std:.3f}"]
                      if metric_ok else ["–", "not run" if ours is None else "other metric"])
-            lines.append(f"| {bench} | {metric_name(p.metric)} | {backbone_name(p.backbone)} | {p.value:.3f} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {bench} | {metric_name(p.metric)} | {backbone_name(p.backbone)} "
+                         f"| {p.value:.3f} | " + " | ".join(cells) + " |")
     deltas = [p for p in published if p.backbone == DELTA]
     lines += ["", "## 1 % of the training data: PaCX-MAE − MAE", "",
               "| Benchmark | Metric | Published | Ours | Difference |", "|---|---|---:|---:|---:|"]
     order = benchmark_order(p.benchmark for p in deltas)
     for p in sorted(deltas, key=lambda p: order.index(p.benchmark)):
         ours = _delta(low_data, p.benchmark, p.fraction)
-        metric_ok = ours is not None and (low_data.loc[low_data["benchmark"] == p.benchmark, "metric"] == p.metric).all()
+        metric_ok = ours is not None and (low_data.loc[low_data["benchmark"] == p.benchmark,
+                                                       "metric"] == p.metric).all()
         shown = f"{'≈ ' if p.approx else ''}{_signed(p.value)}"
         cells = ([f"{_signed(ours.mean)} ± {ours.std:.3f} ({'paired, ' if ours.paired else ''}n={ours.n})",
                   f"{_signed(ours.mean - p.value)} ± {ours.std:.3f}"]

@@ -1,57 +1,52 @@
 """A results directory -> one static, self-contained HTML page (``report.html``; ``scripts/make_report.py``).
 
-The report reads what the pipeline already wrote and recomputes no number; it only draws plots:
-
-* the paper-style table from ``table.json`` (``scripts/make_tables.py --json``: ``{benchmark: {backbone:
-  {metric, mean, std, n, n_upstream}}}``); every cell carries its numbers as ``data-*`` attributes
-  (``id="cell-<benchmark>-<backbone>"``) so a browser test can read them back,
-* the reproduction report ``comparison.md`` (:func:`pacx.eval.paper.comparison_markdown`) as HTML tables,
-* the low-data figure ``low_data.png`` (:func:`pacx.eval.tables.low_data_figure`), drawn from the
-  ``results.csv`` files when the PNG is missing,
-* attention rollout PNGs (``rollout*.png``, ``scripts/attention_rollout.py``) and the last MAE reconstruction
-  grid of each run (``<run>/reconstructions/epoch*.png``, :class:`pacx.lit.callbacks.ReconstructionGrid`),
-* learning curves of every training run (a folder with ``run.json`` and ``metrics.csv`` whose stage is not a
-  Stage 3 evaluation): train / val loss per epoch, Stage 2's ``val/infonce_frac_<pair>`` (InfoNCE / log N,
-  chance = 1) and the online probe's AUROC (chance = 0.5). Where a resumed attempt re-logged an epoch
-  (``metrics.csv``'s ``attempt`` column, :mod:`pacx.lit.history`) the latest attempt counts.
-
-A section whose input is missing says ``not available: <what>`` in one line. The page has inline CSS, no
-JavaScript and no external reference: every figure is a PNG in a base64 ``data:`` URI, so the one file can be
-mailed or archived. Plots use matplotlib's Agg canvas (no pyplot state).
+Reads what the pipeline wrote (``table.json``, ``comparison.md``, ``low_data.png`` or the ``results.csv``
+files, rollout and MAE reconstruction PNGs, each training run's ``metrics.csv``) and recomputes no number;
+a section whose input is missing says ``not available: <what>``. Details: docs/design.md#results-report.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from pacx.eval.tables import BACKBONE_NAMES, MISSING, PLUS_MINUS, backbone_name, benchmark_order, metric_name
+from pacx.eval.paper import table_metrics
+from pacx.eval.report_html import esc, figure_html, figure_png, markdown_html, unavailable
+from pacx.eval.results import load_results
+from pacx.eval.tables import (
+    MISSING,
+    PLUS_MINUS,
+    backbone_name,
+    backbone_order,
+    benchmark_order,
+    low_data_figure,
+    metric_name,
+)
 from pacx.utils import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 # Folders never searched: bulk data, checkpoints, encoder exports, caches.
-SKIP_DIRS = frozenset({"data", "checkpoints", "exports", "feature_cache", "manifests", "wandb", "__pycache__"})
+SKIP_DIRS = frozenset({"data", "checkpoints", "exports", "feature_cache", "manifests", "wandb",
+                       "__pycache__"})
 EVAL_STAGE_PREFIX = "stage3"  # Stage 3 runs (one per probe seed) get no learning curves
 TRAIN_LOSS_COLUMNS = ("train/loss_epoch", "train/loss", "train/loss_step")  # first present wins
 INFONCE_FRACTION_PREFIX = "val/infonce_frac_"
 PROBE_COLUMN = "val/online_probe_auroc"
-FIGURE_DPI = 100
 
 CSS = """
-body { font-family: "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; margin: 0; color: #1b1f24; background: #fff; }
+body { font-family: "DejaVu Sans", "Helvetica Neue", Arial, sans-serif; margin: 0; color: #1b1f24;
+       background: #fff; }
 main { max-width: 1120px; margin: 0 auto; padding: 20px 32px 48px; }
 h1 { font-size: 1.7rem; margin: 0 0 .3rem; }
 h2 { font-size: 1.3rem; border-bottom: 2px solid #d0d7de; padding-bottom: .25rem; margin: 2rem 0 .6rem; }
@@ -139,51 +134,12 @@ def find_inputs(root: str | Path) -> ReportInputs:
                 found.results_csvs.append(here / name)
             elif name.startswith("rollout") and name.endswith(".png"):
                 found.rollouts.append(here / name)
-    shallowest = {name: min(paths, key=lambda p: (len(p.parts), str(p)), default=None) for name, paths in single.items()}
+    shallowest = {name: min(paths, key=lambda p: (len(p.parts), str(p)), default=None)
+                  for name, paths in single.items()}
     found.table_json, found.comparison = shallowest["table.json"], shallowest["comparison.md"]
     found.low_data_png = shallowest["low_data.png"]
     found.training_runs.sort(key=_stage_rank)
     return found
-
-
-# ---------------------------------------------------------------------------------------------------------
-# HTML pieces
-# ---------------------------------------------------------------------------------------------------------
-
-
-def esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def unavailable(what: str) -> str:
-    return f'<p class="unavailable">not available: {esc(what)}</p>'
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def figure_html(png: bytes, caption: str, alt: str, min_width: int = 0) -> str:
-    """A ``<figure>`` with the PNG inline. A plot saved at more than :data:`FIGURE_DPI` is shown at that
-    resolution's size (its text as large as in the report's own plots); images narrower than ``min_width`` px
-    are enlarged (whole multiples, pixelated), so small reconstruction grids stay legible."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as img:
-        width, dpi = img.width, float(img.info.get("dpi", (FIGURE_DPI,))[0])
-    scale = max(1, min(4, min_width // max(width, 1)))
-    if scale > 1:
-        size = f' width="{width * scale}" class="pixelated"'
-    else:
-        size = f' width="{round(width * FIGURE_DPI / dpi)}"' if dpi > 1.1 * FIGURE_DPI else ""
-    return (f'<figure><img src="{data_uri(png)}" alt="{esc(alt)}"{size}>'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
-
-
-def figure_png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -193,68 +149,18 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _inline_markdown(text: str) -> str:
-    text = esc(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    text = re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
-def _markdown_table(lines: Sequence[str]) -> str:
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    align: list[str] = []
-    if len(rows) > 1 and all(re.fullmatch(r":?-+:?", c) for c in rows[1]):
-        align = ["num" if c.endswith(":") and not c.startswith(":") else "" for c in rows[1]]
-        rows = [rows[0], *rows[2:]]
-    head = "".join(f"<th>{_inline_markdown(c)}</th>" for c in rows[0])
-    body = []
-    for row in rows[1:]:
-        cells = (f'<td class="{align[i]}">' if i < len(align) and align[i] else "<td>" for i in range(len(row)))
-        body.append("<tr>" + "".join(f"{td}{_inline_markdown(c)}</td>" for td, c in zip(cells, row)) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def markdown_html(text: str) -> str:
-    """The Markdown subset ``comparison.md`` uses (``#`` headings, paragraphs, pipe tables, ``*em*``,
-    ``**strong**``, `` `code` ``) as HTML; headings shift two levels down (``#`` -> ``<h3>``)."""
-    out: list[str] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if not line:
-            i += 1
-        elif line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 2, 6)
-            out.append(f"<h{level}>{_inline_markdown(line.lstrip('#').strip())}</h{level}>")
-            i += 1
-        else:
-            start = i
-            table = line.startswith("|")
-            while i < len(lines) and lines[i].strip() and lines[i].strip().startswith("|") == table \
-                    and not lines[i].strip().startswith("#"):
-                i += 1
-            block = [ln.strip() for ln in lines[start:i]]
-            out.append(_markdown_table(block) if table else f"<p>{_inline_markdown(' '.join(block))}</p>")
-    return "\n".join(out)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _backbone_order(kinds) -> list[str]:
-    known = list(BACKBONE_NAMES)
-    return sorted(set(kinds), key=lambda k: (known.index(k) if k in known else len(known), k))
-
-
 def table_html(table: Mapping[str, Mapping[str, Mapping]]) -> str:
-    """``table.json`` as an HTML table: rows in registry order, backbones in :data:`BACKBONE_NAMES` order. A cell
-    shows ``mean ± std`` (3 decimals, 1 for a percent table), n runs and the upstream encoders behind them, and
-    carries the exact JSON numbers as ``data-mean``, ``data-std``, ``data-n``, ``data-n-upstream``; the best
-    displayed mean of a row (two or more cells) is bold."""
-    kinds = _backbone_order(k for row in table.values() for k in row)
+    """``table.json`` as an HTML table: rows in registry order, backbones in
+    :data:`~pacx.eval.tables.BACKBONE_NAMES` order. A cell shows ``mean ± std`` (3 decimals, 1 for a percent
+    table), n runs and the upstream encoders behind them, and carries the exact JSON numbers as
+    ``data-mean``, ``data-std``, ``data-n``, ``data-n-upstream``; the best displayed mean of a row (two or
+    more cells) is bold."""
+    kinds = backbone_order(k for row in table.values() for k in row)
     percent = any(float(s["mean"]) > 1.5 for row in table.values() for s in row.values())
     decimals = 1 if percent else 3
     head = "".join(f'<th class="backbone">{esc(backbone_name(k))}</th>' for k in kinds)
@@ -288,9 +194,6 @@ def table_html(table: Mapping[str, Mapping[str, Mapping]]) -> str:
 def low_data_png_from_results(csvs: Sequence[Path], mode: str = "linear_probe") -> bytes | None:
     """The low-data figure drawn from results CSVs in the low-data table's paper metric (each row's own
     metric when a benchmark lacks that column); ``None`` when no benchmark has two train fractions."""
-    from pacx.eval.paper import table_metrics
-    from pacx.eval.tables import load_results, low_data_figure
-
     df = load_results(csvs)
     try:
         df = table_metrics(df, "low_data")
@@ -304,7 +207,9 @@ def low_data_png_from_results(csvs: Sequence[Path], mode: str = "linear_probe") 
 def epoch_series(metrics: pd.DataFrame, column: str) -> pd.Series:
     """``column`` per epoch (the mean of its rows: one for an epoch-level metric, the steps for a step-level
     one), taken from the latest attempt that logged that epoch. Empty when the column is absent."""
-    from pacx.lit.history import ATTEMPT_COLUMN  # imports Lightning: only when curves are drawn
+    # here, not above: pacx.lit.history imports Lightning, which `make_report.py --help` and tables-only
+    # reports need not load
+    from pacx.lit.history import ATTEMPT_COLUMN
 
     if column not in metrics or "epoch" not in metrics:
         return pd.Series(dtype=float)
@@ -317,10 +222,8 @@ def epoch_series(metrics: pd.DataFrame, column: str) -> pd.Series:
 def curves_png(metrics: pd.DataFrame, title: str) -> bytes | None:
     """One row of panels for a run: loss (train, val), val InfoNCE / log N per pair with chance at 1 (when
     logged), online probe AUROC with chance at 0.5 (when logged). ``None`` when nothing is plottable."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    train = next((epoch_series(metrics, c) for c in TRAIN_LOSS_COLUMNS if c in metrics), pd.Series(dtype=float))
+    train = next((epoch_series(metrics, c) for c in TRAIN_LOSS_COLUMNS if c in metrics),
+                 pd.Series(dtype=float))
     panels = []
     loss = [(name, s) for name, s in (("train", train), ("val", epoch_series(metrics, "val/loss"))) if len(s)]
     if loss:
@@ -361,8 +264,8 @@ def render_report(inputs: ReportInputs) -> str:
 
     if inputs.table_json is not None:
         body = (table_html(json.loads(inputs.table_json.read_text()))
-                + f'<p class="note">Mean {PLUS_MINUS} sample std over n runs (probe seeds, pooled over upstream '
-                f"encoders where several); the best mean of a row in bold. From "
+                + f'<p class="note">Mean {PLUS_MINUS} sample std over n runs (probe seeds, pooled over '
+                f"upstream encoders where several); the best mean of a row in bold. From "
                 f"<code>{esc(_relative(inputs.table_json, root))}</code>.</p>")
     else:
         body = unavailable("table.json (scripts/make_tables.py RESULTS.csv --json table.json writes it)")
@@ -376,23 +279,25 @@ def render_report(inputs: ReportInputs) -> str:
     sections.append(("comparison", "Comparison with the published numbers", body))
 
     if inputs.low_data_png is not None:
-        body = figure_html(inputs.low_data_png.read_bytes(), _relative(inputs.low_data_png, root), "low-data curves")
+        body = figure_html(inputs.low_data_png.read_bytes(), _relative(inputs.low_data_png, root),
+                           "low-data curves")
     elif inputs.results_csvs:
         png = low_data_png_from_results(inputs.results_csvs)
         body = (figure_html(png, "drawn from " + ", ".join(_relative(p, root) for p in inputs.results_csvs),
                             "low-data curves") if png is not None
-                else unavailable("low_data.png, and no benchmark in results.csv was run at two train fractions"))
+                else unavailable("low_data.png, and no benchmark in results.csv was run at two train "
+                                 "fractions"))
     else:
         body = unavailable("low_data.png or a results.csv with runs at several train fractions")
     sections.append(("low-data", "Low-data curves", body))
 
-    body = "".join(figure_html(p.read_bytes(), _relative(p, root) + ": each image, then each encoder's rollout",
-                               "attention rollout") for p in inputs.rollouts)
+    body = "".join(figure_html(p.read_bytes(), _relative(p, root) + ": each image, then each encoder's "
+                               "rollout", "attention rollout") for p in inputs.rollouts)
     sections.append(("rollout", "Attention rollout",
                      body or unavailable("rollout*.png (scripts/attention_rollout.py writes it)")))
 
-    body = "".join(figure_html(p.read_bytes(), f"{_relative(p.parent.parent, root)}, {p.stem}: rows of original | "
-                               "masked | reconstruction", "MAE reconstructions", min_width=400)
+    body = "".join(figure_html(p.read_bytes(), f"{_relative(p.parent.parent, root)}, {p.stem}: rows of "
+                               "original | masked | reconstruction", "MAE reconstructions", min_width=400)
                    for p in inputs.reconstructions)
     sections.append(("reconstructions", "MAE reconstructions",
                      f'<div class="gallery">{body}</div>' if body
@@ -402,15 +307,18 @@ def render_report(inputs: ReportInputs) -> str:
     for run_dir, stage in inputs.training_runs:
         name = _relative(run_dir, root)
         png = curves_png(pd.read_csv(run_dir / "metrics.csv"), f"{name} ({stage or 'unknown stage'})")
-        figures.append(figure_html(png, f"{name}/metrics.csv", f"learning curves of {name}") if png is not None
+        figures.append(figure_html(png, f"{name}/metrics.csv", f"learning curves of {name}")
+                       if png is not None
                        else unavailable(f"a loss, InfoNCE or probe column in {name}/metrics.csv"))
     sections.append(("curves", "Learning curves", f'<div class="gallery">{"".join(figures)}</div>' if figures
-                     else unavailable("metrics.csv of a Stage 1 or Stage 2 run (a folder with run.json and metrics.csv)")))
+                     else unavailable("metrics.csv of a Stage 1 or Stage 2 run (a folder with run.json and "
+                                      "metrics.csv)")))
 
     nav = "".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title, _ in sections)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>PaCX-MAE report: {esc(root.resolve().name)}</title><style>{CSS}</style></head>\n<body><main>"
-            f"<h1>PaCX-MAE results report</h1><p class=\"meta\">Results directory <code>{esc(root.resolve())}</code>; "
+            f"<title>PaCX-MAE report: {esc(root.resolve().name)}</title><style>{CSS}</style></head>\n"
+            "<body><main><h1>PaCX-MAE results report</h1>"
+            f"<p class=\"meta\">Results directory <code>{esc(root.resolve())}</code>; "
             "a static page written by <code>scripts/make_report.py</code>, every figure embedded.</p>"
             f"<nav>{nav}</nav>\n" + "\n".join(_section(*s) for s in sections) + "\n</main></body></html>\n")
 
@@ -421,7 +329,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     inputs = find_inputs(root)
     out = Path(out) if out is not None else Path(root) / REPORT_FILE
     write_text_atomic(out, render_report(inputs))
-    log.info("wrote the report %s (table %s, %d training run(s), %d rollout, %d reconstruction figure(s))", out,
-             "yes" if inputs.table_json else "no", len(inputs.training_runs), len(inputs.rollouts),
+    log.info("wrote the report %s (table %s, %d training run(s), %d rollout, %d reconstruction figure(s))",
+             out, "yes" if inputs.table_json else "no", len(inputs.training_runs), len(inputs.rollouts),
              len(inputs.reconstructions))
     return out

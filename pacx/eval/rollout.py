@@ -1,16 +1,9 @@
 """Attention rollout heatmaps for ViT encoders (docs/method.md#stage-3: MAE vs PaCX side by side).
 
-Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020) follows
-how much of the CLS token's final representation flows from each input patch: per block the heads'
-attention matrices are fused, the residual connection is modelled by adding the identity and
-renormalising rows, and the blocks are multiplied in order. The CLS row of the product over the
-patch tokens is the heatmap.
-
-Attention probabilities are captured by forward hooks on each block's ``attn`` (a timm
-``Attention``). A hook recomputes ``softmax(q kᵀ · scale)`` from the module's input with the module's
-own ``qkv``, ``q_norm``/``k_norm`` and ``scale``, exactly as timm's non-fused path does, so the
-encoder's forward (fused or not) runs unchanged and its outputs are bit-identical with or without
-capture. Written for pacx from the paper; no code is adapted from other implementations.
+Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020): per block the
+heads are fused, the residual is modelled by adding the identity, rows are renormalised and the blocks are
+multiplied in order; the CLS row over the patch tokens is the heatmap. Hooks capture the attention without
+changing the forward (docs/design.md#rollout). Written for pacx from the paper; no code is adapted.
 """
 
 from __future__ import annotations
@@ -23,11 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 
-from pacx.data.images import IMAGE_SUFFIXES
+from pacx.data.images import IMAGE_SUFFIXES, open_image
+from pacx.data.transforms import resize_eval
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,8 @@ def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _attention_modules(encoder: nn.Module) -> list[nn.Module]:
     blocks = getattr(encoder, "blocks", None)
     if blocks is None or not all(hasattr(getattr(b, "attn", None), "qkv") for b in blocks):
-        raise TypeError(f"{type(encoder).__name__} has no timm-style `blocks[i].attn.qkv`; cannot capture attention")
+        raise TypeError(f"{type(encoder).__name__} has no timm-style `blocks[i].attn.qkv`; cannot "
+                        "capture attention")
     return [blk.attn for blk in blocks]
 
 
@@ -198,8 +198,6 @@ def overlay(
     The heatmap is upsampled bilinearly to the image size, coloured with a matplotlib colormap and
     alpha-blended over the (gray) image: ``(1 - alpha) · image + alpha · colour``.
     """
-    from matplotlib import colormaps
-
     img = _to_numpy(image)
     if img.ndim != 2:
         raise ValueError(f"overlay expects a grayscale [H, W] image, got shape {img.shape}")
@@ -227,9 +225,6 @@ def render_grid(
     ``images``: N grayscale uint8 arrays [H, W] (sizes may differ); ``columns``: name -> heatmaps
     [N, g, g]. Rendered with matplotlib's Agg canvas (no pyplot state).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     n = len(images)
     if n == 0:
         raise ValueError("render_grid needs at least one image")
@@ -286,8 +281,6 @@ def collect_image_paths(
 
     Relative CSV paths resolve against ``image_root`` if given, else the CSV's folder.
     """
-    import pandas as pd
-
     paths: list[Path] = []
     for src in map(Path, sources):
         if src.is_dir():
@@ -308,8 +301,6 @@ def collect_image_paths(
 def load_gray(path: str | Path) -> np.ndarray:
     """Read an image file (any bit depth, :func:`pacx.data.images.open_image`) as grayscale uint8 [H, W]; an
     unreadable file is an error naming it."""
-    from pacx.data.images import open_image
-
     try:
         return np.asarray(open_image(path, "L"), dtype=np.uint8)
     except (OSError, ValueError) as err:  # ImageDecodeError is a ValueError
@@ -318,18 +309,12 @@ def load_gray(path: str | Path) -> np.ndarray:
 
 def model_inputs(images: Sequence[np.ndarray], img_size: int) -> torch.Tensor:
     """Grayscale uint8 images -> [N, 3, img_size, img_size] with the evaluation transform (3 channels)."""
-    from PIL import Image
-
-    from pacx.data.transforms import resize_eval
-
     transform = resize_eval(img_size)
     return torch.stack([transform(Image.fromarray(img).convert("RGB")) for img in images])
 
 
 def resize_longest(image: np.ndarray, size: int) -> np.ndarray:
     """Grayscale uint8 [H, W] -> the same image with its longest side ``size`` (aspect kept), for display."""
-    from PIL import Image
-
     h, w = image.shape
     scale = size / max(h, w)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL: (width, height)

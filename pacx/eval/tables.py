@@ -1,18 +1,9 @@
-"""Stage 3 results CSVs -> the paper's tables (mean ± std over seeds) and the low-data figure.
+"""Aggregated Stage 3 results (:mod:`pacx.eval.results`) -> the paper's tables and the low-data figure.
 
-Every Stage 3 ``test`` run appends one row to a results CSV (:meth:`pacx.lit.common.BenchmarkEvalModule.results_row`):
-``benchmark, task, metric, backbone_kind, mode, train_fraction, subset_seed, seed, test/*, metric_value,
-backbone_weights, git_sha, run_dir, debug``. ``metric_value`` is the paper metric of the benchmark's registry
-entry (docs/datasets.md#benchmarks). Rows of debug runs are refused by ``scripts/make_tables.py``. This module
-
-* loads and checks one or more such CSVs (:func:`load_results`; a re-run test supersedes its earlier row),
-* aggregates ``metric_value`` per benchmark × backbone × mode × train fraction (:func:`aggregate`: mean,
-  sample std, n over seeds 0–4, docs/method.md#stage-3),
-* lays out the main table (:func:`main_table`) and the low-data table (:func:`low_data_table`, docs/datasets.md#low-data),
-* renders them as Markdown, LaTeX (booktabs) or JSON, and draws the low-data figure (:func:`low_data_figure`).
-
-Rows follow the benchmark registry order (:data:`pacx.data.registry.BENCHMARKS`); benchmarks unknown to the
-registry come after, by name. All metrics in use (AUROC, F1, IoU, Dice) are higher-is-better.
+Lays out the main table (:func:`main_table`) and the low-data table (:func:`low_data_table`,
+docs/datasets.md#low-data), renders them as Markdown, LaTeX (booktabs) or JSON, and draws the low-data figure
+(:func:`low_data_figure`). Rows follow the benchmark registry order, unknown benchmarks after, by name; all
+metrics in use (AUROC, F1, IoU, Dice) are higher-is-better.
 """
 
 from __future__ import annotations
@@ -26,24 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure  # Agg canvas; no pyplot state
 
 from pacx.data.registry import BENCHMARKS
+from pacx.eval.results import SINGLE_MODE_TASKS, aggregate
 
 log = logging.getLogger(__name__)
-
-REQUIRED_COLUMNS = ("benchmark", "task", "metric", "backbone_kind", "seed", "metric_value", "run_dir")
-# Columns a row may lack: segmentation rows carry no train fraction, older CSVs may lack the rest.
-OPTIONAL_COLUMNS = ("mode", "train_fraction", "subset_seed", "backbone_weights", "git_sha")
-STRING_COLUMNS = ("benchmark", "task", "metric", "backbone_kind", "mode", "backbone_weights", "git_sha", "run_dir")
-INT_COLUMNS = ("seed", "subset_seed")
-# One test run = one row; a re-run of the same test appends another row that supersedes the earlier one.
-RUN_KEY = ("run_dir", "benchmark", "backbone_kind", "mode", "train_fraction", "seed")
-GROUP_KEY = ("benchmark", "backbone_kind", "mode", "train_fraction")
-
-# Tasks evaluated in one mode only (pacx/lit/segment.py ``eval_mode``: frozen backbone + decoder). Their rows
-# fill a missing mode with it and appear in the table of every mode.
-SINGLE_MODE_TASKS: dict[str, str] = {"segmentation": "frozen"}
-UNKNOWN_MODE = "unknown"
 
 BACKBONE_NAMES: dict[str, str] = {
     "random": "Random init",
@@ -52,7 +31,8 @@ BACKBONE_NAMES: dict[str, str] = {
     "pacx": "PaCX-MAE",
     "weights": "Weights",
 }
-METRIC_NAMES: dict[str, str] = {"auroc": "AUROC", "f1": "F1", "iou": "IoU", "dice": "Dice", "accuracy": "Acc."}
+METRIC_NAMES: dict[str, str] = {"auroc": "AUROC", "f1": "F1", "iou": "IoU", "dice": "Dice",
+                                "accuracy": "Acc."}
 DECIMALS: dict[bool, int] = {False: 3, True: 1}  # percent mode -> decimals shown
 MISSING = "–"
 PLUS_MINUS = "±"
@@ -64,119 +44,10 @@ LATEX_ESCAPES: dict[int, str] = str.maketrans({
 })
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loading and aggregation
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _read_one(path: Path) -> pd.DataFrame:
-    """One results CSV with its columns checked and typed."""
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty results file") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: results CSV lacks required column(s) {missing}; has {list(df.columns)}")
-    for column in OPTIONAL_COLUMNS:
-        if column not in df.columns:
-            df[column] = pd.NA
-    numeric = ["metric_value", "train_fraction", *INT_COLUMNS, *(c for c in df.columns if c.startswith("test/"))]
-    for column in numeric:
-        try:
-            df[column] = pd.to_numeric(df[column])
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: column {column!r} is not numeric ({err})") from None
-    df["source_csv"] = str(path)
-    return df
-
-
-def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate results CSVs, check and coerce their columns, and keep the last row of each run.
-
-    A missing train fraction (segmentation rows) is 1.0; a missing mode is the task's only mode
-    (:data:`SINGLE_MODE_TASKS`) or ``"unknown"``. Rows are superseded when a later row (later in the file, or in
-    a later file) has the same :data:`RUN_KEY` — a re-run ``test`` appends a second row; the count is logged.
-    Rows without a ``metric_value`` are dropped with a warning.
-
-    Raises:
-        ValueError: no paths, an empty file, a missing required column or a non-numeric value (the message
-            names the file and the column), or no rows at all.
-    """
-    paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("no results CSV given")
-    df = pd.concat([_read_one(p) for p in paths], ignore_index=True)
-    if df.empty:
-        raise ValueError(f"no results rows in {[str(p) for p in paths]}")
-    for column in INT_COLUMNS:
-        df[column] = df[column].astype("Int64")
-    df["train_fraction"] = df["train_fraction"].astype(float).fillna(1.0)
-    df["mode"] = df["mode"].fillna(df["task"].map(SINGLE_MODE_TASKS)).fillna(UNKNOWN_MODE)
-    for column in STRING_COLUMNS:
-        df[column] = df[column].astype("string")
-
-    before = len(df)
-    df = df.drop_duplicates(subset=list(RUN_KEY), keep="last")
-    if len(df) < before:
-        log.warning("%d results row(s) superseded by a later row of the same run (re-run test)", before - len(df))
-    unscored = df["metric_value"].isna()
-    if unscored.any():
-        log.warning("dropping %d row(s) without a metric_value: %s", int(unscored.sum()),
-                    sorted(set(df.loc[unscored, "benchmark"])))
-        df = df[~unscored]
-    return df.reset_index(drop=True)
-
-
-def use_metric(df: pd.DataFrame, benchmark: str, column: str) -> pd.DataFrame:
-    """Tabulate ``benchmark`` by another logged test metric: ``column`` (e.g. ``test/auroc`` or
-    ``test/auroc_macro``) replaces its ``metric_value`` and names its ``metric`` (``auroc``). Error naming the
-    column when no row has it."""
-    rows = df["benchmark"] == benchmark
-    if column not in df.columns or df.loc[rows, column].isna().all():
-        raise ValueError(f"no {benchmark} row has a value in column {column!r}")
-    df = df.copy()
-    df.loc[rows, "metric_value"] = df.loc[rows, column].astype(float)
-    df["metric"] = df["metric"].astype(object)
-    df.loc[rows, "metric"] = column.split("/", 1)[-1].removesuffix("_macro")  # test/auroc_macro -> auroc
-    df["metric"] = df["metric"].astype("string")
-    return df
-
-
 def benchmark_order(names: Iterable[str]) -> list[str]:
     """``names`` in registry order; names the registry lacks follow, sorted."""
     rank = {name: i for i, name in enumerate(BENCHMARKS)}
     return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
-
-
-def aggregate(df: pd.DataFrame, percent: bool = False) -> pd.DataFrame:
-    """Mean, sample std (ddof=1) and n of ``metric_value`` per benchmark × backbone × mode × train fraction.
-
-    With a single seed the std is 0 (n = 1 says so). ``percent`` scales mean and std by 100. Columns:
-    :data:`GROUP_KEY` + ``task, metric, mean, std, n, n_upstream``; ``n_upstream`` counts the distinct
-    upstream encoders (``backbone_weights``, e.g. one per Stage 2 seed) behind the n rows (1 when none).
-
-    Raises:
-        ValueError: one benchmark reports different metrics (results from different registry versions).
-    """
-    metrics = df.groupby("benchmark")["metric"].unique()
-    mixed = {b: sorted(m) for b, m in metrics.items() if len(m) > 1}
-    if mixed:
-        raise ValueError(f"benchmarks with more than one paper metric in the results: {mixed}")
-    scale = 100.0 if percent else 1.0
-    if "backbone_weights" not in df:
-        df = df.assign(backbone_weights=None)
-    grouped = df.groupby(list(GROUP_KEY), dropna=False, sort=False)
-    out = grouped.agg(task=("task", "first"), metric=("metric", "first"),
-                      mean=("metric_value", "mean"), std=("metric_value", "std"), n=("metric_value", "size"),
-                      n_upstream=("backbone_weights", lambda w: max(1, w.nunique(dropna=True))))
-    out = out.reset_index()
-    out["std"] = out["std"].fillna(0.0)
-    out["mean"] *= scale
-    out["std"] *= scale
-    out["n"] = out["n"].astype(int)
-    out["n_upstream"] = out["n_upstream"].astype(int)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,6 +93,12 @@ def backbone_name(kind: str) -> str:
     return BACKBONE_NAMES.get(kind, kind)
 
 
+def backbone_order(kinds: Iterable[str]) -> list[str]:
+    """The distinct ``kinds`` in :data:`BACKBONE_NAMES` order; unknown kinds follow, sorted."""
+    known = list(BACKBONE_NAMES)
+    return sorted(set(kinds), key=lambda k: (known.index(k) if k in known else len(known), k))
+
+
 def metric_name(metric: str) -> str:
     """Display name of a metric key (:data:`METRIC_NAMES`; unknown keys as they are)."""
     return METRIC_NAMES.get(metric, metric)
@@ -239,8 +116,8 @@ def _select(df: pd.DataFrame, mode: str, backbones: Sequence[str]) -> pd.DataFra
 
 
 def _stat_rows(agg: pd.DataFrame) -> dict[tuple[str, str, float], Stat]:
-    return {(r.benchmark, r.backbone_kind, float(r.train_fraction)): Stat(r.metric, float(r.mean), float(r.std),
-                                                                          int(r.n), int(r.n_upstream))
+    return {(r.benchmark, r.backbone_kind, float(r.train_fraction)):
+            Stat(r.metric, float(r.mean), float(r.std), int(r.n), int(r.n_upstream))
             for r in agg.itertuples(index=False)}
 
 
@@ -292,8 +169,8 @@ def low_data_table(
     df: pd.DataFrame, mode: str = "linear_probe", backbones: Sequence[str] = ("imagenet", "mae", "pacx"),
     percent: bool = False,
 ) -> Table:
-    """Low-data table (docs/datasets.md#low-data): benchmarks with any run below 100 % of the training data, one
-    column per backbone × train fraction (backbone outer). The best mean per fraction is bold."""
+    """Low-data table (docs/datasets.md#low-data): benchmarks with any run below 100 % of the training data,
+    one column per backbone × train fraction (backbone outer). The best mean per fraction is bold."""
     picked = _select(df, mode, backbones)
     low = set(picked.loc[picked["train_fraction"] < 1.0, "benchmark"])
     picked = picked[picked["benchmark"].isin(low)]
@@ -340,7 +217,8 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
-    """A complete ``tabular`` with booktabs rules (``\\usepackage{booktabs}``); bold cells as ``\\textbf{…}``."""
+    """A complete ``tabular`` with booktabs rules (``\\usepackage{booktabs}``); bold cells as
+    ``\\textbf{…}``."""
     def cell(c: Cell) -> str:
         text = latex_escape(c.text)
         return rf"\textbf{{{text}}}" if c.bold else text
@@ -353,9 +231,10 @@ def to_latex(table: Table) -> str:
 
 
 def to_json(table: Table) -> dict[str, dict[str, dict[str, float | int | str]]]:
-    """``{benchmark: {column key: {"metric", "mean", "std", "n", "n_upstream"}}}``; for the main table the key is
-    the backbone kind. Missing cells are absent."""
-    return {bench: {key: {"metric": s.metric, "mean": s.mean, "std": s.std, "n": s.n, "n_upstream": s.n_upstream}
+    """``{benchmark: {column key: {"metric", "mean", "std", "n", "n_upstream"}}}``; for the main table the key
+    is the backbone kind. Missing cells are absent."""
+    return {bench: {key: {"metric": s.metric, "mean": s.mean, "std": s.std, "n": s.n,
+                          "n_upstream": s.n_upstream}
                     for key, s in cols.items()}
             for bench, cols in table.stats.items()}
 
@@ -375,11 +254,8 @@ def low_data_figure(
 
     ``backbones`` defaults to every kind present (:data:`BACKBONE_NAMES` order first).
     """
-    from matplotlib.figure import Figure  # Agg canvas; no pyplot state
-
     if backbones is None:
-        known = list(BACKBONE_NAMES)
-        backbones = sorted(set(df["backbone_kind"]), key=lambda k: (known.index(k) if k in known else len(known), k))
+        backbones = backbone_order(df["backbone_kind"])
     agg = aggregate(_select(df, mode, backbones), percent)
     n_fractions = agg.groupby("benchmark")["train_fraction"].nunique()
     benches = benchmark_order(n_fractions[n_fractions > 1].index)

@@ -1,4 +1,5 @@
-"""Callbacks shared by the stages: the run record (``run.json``), MAE reconstruction grids, embedding export."""
+"""Callbacks shared by the stages: the run record (``run.json``), MAE reconstruction grids, embedding export.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torchvision.utils import make_grid, save_image
 
 from pacx.constants import IMAGENET_MEAN, IMAGENET_STD
 from pacx.debug import debug_flags
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class RunRecord(Callback):
-    """Keeps ``<run_dir>/run.json`` current: stage, status, attempt, debug flags, checkpoints, git sha, config.
+    """Keeps ``<run_dir>/run.json`` current: stage, status, attempt, debug flags, checkpoints, git sha,
+    config.
 
     Status: ``running``, then ``final_status`` when fit ends (``completed``; Stage 3 writes ``trained`` and
     ``completed`` after its test), ``requeued`` (SLURM), ``interrupted``, ``killed: SIGTERM`` or
@@ -59,7 +63,8 @@ class RunRecord(Callback):
                     out["last"] = str(last.resolve())
                 if cb.best_model_path:
                     out["best"] = str(Path(cb.best_model_path).resolve())
-                    out["best_score"] = float(cb.best_model_score) if cb.best_model_score is not None else None
+                    score = cb.best_model_score
+                    out["best_score"] = float(score) if score is not None else None
                     out["monitor"] = cb.monitor
         return out
 
@@ -128,14 +133,16 @@ class ReconstructionGrid(Callback):
         self.num_images = num_images
         self._images: torch.Tensor | None = None
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
         if batch_idx == 0 and self._images is None:
             self._images = batch[0][: self.num_images].detach().cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
-        if self._images is None or trainer.sanity_checking or not (epoch % self.every_n_epochs == 0 or last_epoch):
+        due = epoch % self.every_n_epochs == 0 or last_epoch
+        if self._images is None or trainer.sanity_checking or not due:
             return
         # trainer.log_dir is a collective under DDP: every rank asks, before the rank-zero-only save
         # (the logger's folder: the run directory for fit, <run_dir>/validate for validate; pacx.lit.history)
@@ -146,8 +153,6 @@ class ReconstructionGrid(Callback):
 
     @rank_zero_only
     def save(self, trainer, pl_module, epoch: int, out_dir: Path) -> Path | None:
-        from torchvision.utils import make_grid, save_image
-
         imgs = self._images.to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
@@ -170,7 +175,8 @@ class ReconstructionGrid(Callback):
 class EmbeddingWriter(BasePredictionWriter):
     """Writes ``predict`` outputs (one ``[B, D]`` tensor per batch) as one float32 ``.npy`` ``[N, D]`` in
     dataset (manifest row) order, plus ``<stem>.csv`` (row, image path) and ``<stem>.json`` (source and
-    backbone by file name, shape). Under DDP each rank writes a part with its dataset indices and rank 0 assembles them.
+    backbone by file name, shape). Under DDP each rank writes a part with its dataset indices and rank 0
+    assembles them.
     """
 
     def __init__(self, out: str | Path) -> None:
@@ -178,12 +184,11 @@ class EmbeddingWriter(BasePredictionWriter):
         self.out = Path(out)
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        import numpy as np
-
         preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
         emb = torch.cat(preds).numpy() if preds else np.zeros((0, pl_module.backbone.embed_dim), np.float32)
-        idx = np.concatenate([np.asarray(i, dtype=np.int64) for i in indices]) if indices else np.zeros(0, np.int64)
+        idx = (np.concatenate([np.asarray(i, dtype=np.int64) for i in indices]) if indices
+               else np.zeros(0, np.int64))
         if len(idx) != len(emb):
             raise RuntimeError(f"predict: {len(emb)} embeddings but {len(idx)} dataset indices")
         if trainer.world_size > 1:
@@ -191,7 +196,8 @@ class EmbeddingWriter(BasePredictionWriter):
             np.savez(part, index=idx, embedding=emb)
             trainer.strategy.barrier()
             if trainer.global_rank == 0:
-                parts = [self.out.with_name(f"{self.out.stem}.part{r}.npz") for r in range(trainer.world_size)]
+                parts = [self.out.with_name(f"{self.out.stem}.part{r}.npz")
+                         for r in range(trainer.world_size)]
                 loaded = [np.load(p, allow_pickle=False) for p in parts]
                 idx = np.concatenate([p["index"] for p in loaded])
                 emb = np.concatenate([p["embedding"] for p in loaded])
@@ -202,8 +208,6 @@ class EmbeddingWriter(BasePredictionWriter):
             self._save(trainer, pl_module, idx, emb)
 
     def _save(self, trainer, pl_module, idx, emb) -> None:
-        import numpy as np
-
         table = getattr(trainer.datamodule, "predict_table", None)
         n = len(table) if table is not None else int(idx.max()) + 1 if len(idx) else 0
         out = np.zeros((n, emb.shape[1]), dtype=np.float32)

@@ -1,35 +1,9 @@
-"""Stage 3 LightningModule: linear probe / fine-tune classification (docs/method.md#stage-3; docs/datasets.md#classification, docs/datasets.md#stage-3-settings).
+"""Stage 3 LightningModule: linear probe / fine-tune classification (docs/method.md#stage-3).
 
-Backbone (:mod:`pacx.models.backbones`) → CLS feature [B, D] → ``Linear(D → C)`` head (no hidden layer, no
-dropout). Task, number of outputs and the model-selection metric come from the benchmark's registry spec;
-losses and metrics are small registries keyed by task (no branching on benchmark names):
-
-* binary: BCEWithLogits; AUROC on sigmoid probabilities, acc / precision / recall / F1 at 0.5, logged as
-  ``{split}/auroc`` … ; selection on ``val/auroc`` (max);
-* multilabel: BCEWithLogits; macro AUROC and macro acc / precision / recall / F1 at 0.5;
-* multiclass: CrossEntropy; one-vs-rest macro AUROC on softmax, macro metrics on argmax. Multi-output
-  metrics are logged as ``{split}/auroc_macro`` … ; selection on ``val/auroc_macro`` (max).
-
-Modes (:func:`pacx.models.tuning.apply_tuning`): ``linear_probe`` freezes the backbone and keeps it in eval
-mode while training; ``finetune`` trains it at ``backbone_lr_scale`` (0.1) × lr. A linear probe by default trains on cached features
-(:mod:`pacx.data.feature_cache`): each split's CLS features are computed once with the deterministic
-evaluation transform, and the head trains on them; same head, loss, metrics and results row.
-``feature_cache`` (:data:`FEATURE_CACHE_MODES`): ``flip`` (the default) also stores the train images' flipped
-features and draws the reference's train flip per sample and epoch from the same seeded stream as the image
-path; ``plain`` caches without the flip; ``false`` runs the backbone every epoch, as the reference does.
-``predict`` returns the CLS feature of each image (embeddings for ``Stage3_eval.py predict``). The shared AdamW
-(:meth:`pacx.lit.common.StagedModule.configure_optimizers`) over four groups (:meth:`param_groups`: head decay /
-head no-decay / backbone decay / backbone no-decay; no decay on biases, norms and tokens).
-
-Schedule difference from the reference: it steps a LambdaLR once per epoch (warmup (e+1)/warmup, then a
-half cosine over the remaining epochs that never reaches 0 on the last epoch). Here the same warmup + cosine
-shape is evaluated per optimizer step (:func:`pacx.optim.warmup_cosine`), so the lr decays smoothly within
-epochs and reaches ~0 on the final step.
-
-At the end of ``test`` one row is appended to a results CSV (``results_csv``, default
-``<trainer.default_root_dir>/results.csv``): benchmark, backbone kind, mode, train fraction, seeds, whether features were
-cached (``feature_cache``) and whether training saw the flip (``train_flip``), every
-``test/*`` metric, the paper metric's value (``metric_value``), weights path, git sha.
+Backbone (:mod:`pacx.models.backbones`) → CLS feature [B, D] → ``Linear(D → C)``. Task, outputs and the
+selection metric come from the benchmark's registry spec, losses and metrics from small registries keyed by
+task (docs/datasets.md#metrics). A linear probe trains on cached features by default (``feature_cache``:
+:data:`FEATURE_CACHE_MODES`); ``test`` appends a results row. Details: docs/design.md#classification.
 """
 
 from __future__ import annotations
@@ -121,7 +95,8 @@ def metric_key(spec, split: str, metric: str | None = None) -> str:
 BACKBONE_TRAINS: dict[str, bool] = {"linear_probe": False, "finetune": True}
 # feature_cache value -> the cache used by a linear probe (None: the backbone runs every epoch). ``true`` is
 # the default cache, which is flip-aware; ``false`` turns caching off.
-FEATURE_CACHE_MODES: dict[str | bool, str | None] = {"flip": "flip", "plain": "plain", True: "flip", False: None}
+FEATURE_CACHE_MODES: dict[str | bool, str | None] = {"flip": "flip", "plain": "plain", True: "flip",
+                                                     False: None}
 
 
 class ClassificationModule(BenchmarkEvalModule):
@@ -129,19 +104,21 @@ class ClassificationModule(BenchmarkEvalModule):
 
     Args:
         benchmark: registry name; linked from ``data.benchmark`` by ``Stage3_eval.py``.
-        backbone: :class:`~pacx.models.backbones.BackboneConfig`: ``kind`` (``random | weights | mae | pacx |
-            imagenet``), ``weights`` (file or run directory, every kind but ``random``), ``arch`` (required
-            for ``random``, otherwise forces the file's architecture), ``img_size`` (linked from
-            ``data.img_size``). On the command line: ``--model.backbone.kind pacx --model.backbone.weights …``.
+        backbone: :class:`~pacx.models.backbones.BackboneConfig`: ``kind``
+            (``random | weights | mae | pacx | imagenet``), ``weights`` (file or run directory, every kind but
+            ``random``), ``arch`` (required for ``random``, otherwise forces the file's architecture),
+            ``img_size`` (linked from ``data.img_size``). On the command line:
+            ``--model.backbone.kind pacx --model.backbone.weights …``.
         mode: ``linear_probe`` (frozen backbone, kept in eval mode) or ``finetune``.
-        lr: head lr (docs/datasets.md#stage-3-settings, per benchmark in the configs); backbone at ``backbone_lr_scale`` × lr.
+        lr: head lr (docs/datasets.md#stage-3-settings, per benchmark in the configs); backbone at
+            ``backbone_lr_scale`` × lr.
         weight_decay, betas: AdamW (no decay on biases, norms, tokens).
         warmup_epochs: linear warmup length; cosine to 0 afterwards, stepped per optimizer step.
         feature_cache: in ``linear_probe`` mode, compute each split's frozen features once (deterministic
-            evaluation transform) and train the head on them (:mod:`pacx.data.feature_cache`): ``flip`` (default;
-            ``true`` means the same) also caches the flipped train images and draws the train flip per sample and
-            epoch as the image path does; ``plain`` trains without the flip; ``false`` runs the backbone on every
-            batch of every epoch, as the reference does.
+            evaluation transform) and train the head on them (:mod:`pacx.data.feature_cache`): ``flip``
+            (default; ``true`` means the same) also caches the flipped train images and draws the train flip
+            per sample and epoch as the image path does; ``plain`` trains without the flip; ``false`` runs the
+            backbone on every batch of every epoch, as the reference does.
         feature_cache_dir: where the features are kept (default ``<default_root_dir>/feature_cache``); the
             key covers weights, images, transform and precision, so runs may share one directory.
         feature_batch_size: per-device batch of the one-off feature extraction.
@@ -208,19 +185,20 @@ class ClassificationModule(BenchmarkEvalModule):
             return
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "serve_features"):
-            raise TypeError(f"feature_cache needs a data module with serve_features(), got {type(datamodule).__name__}; "
-                            "set model.feature_cache false")
+            raise TypeError("feature_cache needs a data module with serve_features(), got "
+                            f"{type(datamodule).__name__}; set model.feature_cache false")
         datamodule.serve_features(self.split_features, flip=self.cache_mode == "flip")
         self.features_served = True
 
     def split_features(self, split: str, dataset, with_flip: bool = False) -> torch.Tensor:
-        """Frozen CLS features ``[N, D]`` of one split's images (``[N, 2D]``, image | flipped image, ``with_flip``),
-        from the cache or computed once."""
+        """Frozen CLS features ``[N, D]`` of one split's images (``[N, 2D]``, image | flipped image,
+        ``with_flip``), from the cache or computed once."""
         trainer = self.trainer
         precision = str(trainer.precision)
         layout = (FLIP_PAIR,) if with_flip else ()
         key = feature_key(self.backbone_fingerprint, f"pool={self.backbone.pool}",
-                          images_fingerprint(dataset.image_root, dataset.paths, dataset.transform), precision, *layout)
+                          images_fingerprint(dataset.image_root, dataset.paths, dataset.transform), precision,
+                          *layout)
         root = self.hparams.feature_cache_dir or str(Path(trainer.default_root_dir) / "feature_cache")
         record = {"split": split, "benchmark": self.hparams.benchmark, "source": dataset.source,
                   "backbone_kind": self.backbone_cfg.kind, "backbone_weights": self.backbone_cfg.weights,
@@ -259,9 +237,9 @@ class ClassificationModule(BenchmarkEvalModule):
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        """Metrics over the whole epoch (docs/datasets.md#metrics), logged once per epoch: torchmetrics gathers the states
-        across devices in ``compute``. (Logging the collection per step costs ~1 ms of Lightning
-        bookkeeping per metric per step, most of a cached-feature epoch.)"""
+        """Metrics over the whole epoch (docs/datasets.md#metrics), logged once per epoch: torchmetrics
+        gathers the states across devices in ``compute``. (Logging the collection per step costs ~1 ms of
+        Lightning bookkeeping per metric per step, most of a cached-feature epoch.)"""
         metrics = getattr(self, f"{stage}_metrics")
         self.log_dict(metrics.compute())
         metrics.reset()
@@ -280,10 +258,12 @@ class ClassificationModule(BenchmarkEvalModule):
         return self.backbone(batch[0]).float()
 
     def param_groups(self) -> list[dict]:
-        """Four AdamW groups (docs/datasets.md#stage-3-settings); empty groups (the backbone's in LP) are left out."""
+        """Four AdamW groups (docs/datasets.md#stage-3-settings); empty groups (the backbone's in LP) are left
+        out."""
         h = self.hparams
         groups = []
-        for part, module, lr in (("head", self.head, h.lr), ("backbone", self.backbone, h.lr * h.backbone_lr_scale)):
+        for part, module, lr in (("head", self.head, h.lr),
+                                 ("backbone", self.backbone, h.lr * h.backbone_lr_scale)):
             for group in param_groups(module.named_parameters(), h.weight_decay):
                 suffix = "decay" if group["weight_decay"] else "no_decay"
                 groups.append({**group, "lr": lr, "name": f"{part}_{suffix}"})

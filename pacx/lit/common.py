@@ -1,5 +1,5 @@
-"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, debug marks, global batch, the AdamW +
-warmup-cosine optimizer (with a :meth:`StagedModule.param_groups` hook) and stage-aware logging."""
+"""Pieces every pacx LightningModule shares: stage stamps in checkpoints, debug marks, global batch, the
+AdamW + warmup-cosine optimizer (with a :meth:`StagedModule.param_groups` hook) and stage-aware logging."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from pacx.checkpoint import CheckpointError, state_fingerprint
 from pacx.debug import debug_flags, describe, merge_flags
 from pacx.models.backbones import as_backbone_config, build_backbone
 from pacx.models.tuning import count_parameters
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
 from pacx.utils import git_sha
+from pacx.weights.checkpoint import CheckpointError, state_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class StagedModule(pl.LightningModule):
 
     Subclasses set ``stage`` and ``monitor`` (metric, mode) and implement :meth:`_shared_step` (train,
     validation and test all go through it; it logs with :meth:`log_stage`) and :meth:`pacx_metadata`. The
-    optimizer (:meth:`configure_optimizers`) reads the optimisation hyperparameters; subclasses that need other
-    groups than decay / no-decay override :meth:`param_groups`.
+    optimizer (:meth:`configure_optimizers`) reads the optimisation hyperparameters; subclasses that need
+    other groups than decay / no-decay override :meth:`param_groups`.
     """
 
     stage: str = "unknown"
@@ -82,8 +82,8 @@ class StagedModule(pl.LightningModule):
         self._shared_step(batch, "test", batch_idx)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["pacx"] = {"stage": self.stage, "version": CHECKPOINT_FORMAT_VERSION, **self.pacx_metadata(),
-                              "debug": self.debug_flags}
+        checkpoint["pacx"] = {"stage": self.stage, "version": CHECKPOINT_FORMAT_VERSION,
+                              **self.pacx_metadata(), "debug": self.debug_flags}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_stage(checkpoint, self.stage, "<checkpoint>")
@@ -105,10 +105,10 @@ class StagedModule(pl.LightningModule):
         return param_groups(self.named_parameters(), self.hparams.weight_decay)
 
     def configure_optimizers(self) -> dict:
-        """AdamW over :meth:`param_groups` with a warmup + cosine schedule, from the hyperparameters: ``lr`` or
-        ``base_lr`` (:func:`pacx.optim.resolve_lr`), ``betas``, and warmup over ``warmup_epochs`` epochs or
-        exactly ``warmup_steps`` optimizer steps, cosine down to ``min_lr_ratio`` (default 0). The lr follows the
-        curve per optimizer step, or per epoch with ``lr_interval: epoch``
+        """AdamW over :meth:`param_groups` with a warmup + cosine schedule, from the hyperparameters: ``lr``
+        or ``base_lr`` (:func:`pacx.optim.resolve_lr`), ``betas``, and warmup over ``warmup_epochs`` epochs or
+        exactly ``warmup_steps`` optimizer steps, cosine down to ``min_lr_ratio`` (default 0). The lr follows
+        the curve per optimizer step, or per epoch with ``lr_interval: epoch``
         (:func:`pacx.optim.warmup_cosine_scheduler`)."""
         h, trainer = self.hparams, self.trainer
         total = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
@@ -121,8 +121,9 @@ class StagedModule(pl.LightningModule):
         groups = self.param_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.effective_lr, betas=tuple(h.betas))
         trainable, all_params = count_parameters(self)
-        log.info("AdamW lr %.4g (global batch %d) over %s of %s parameters%s, warmup %d of %d steps, floor %.3g, "
-                 "updated per %s", self.effective_lr, global_batch_size(trainer), f"{trainable:,}", f"{all_params:,}",
+        log.info("AdamW lr %.4g (global batch %d) over %s of %s parameters%s, warmup %d of %d steps, "
+                 "floor %.3g, updated per %s", self.effective_lr, global_batch_size(trainer),
+                 f"{trainable:,}", f"{all_params:,}",
                  "".join(f"; {g['name']} lr {g['lr']:.4g}" for g in groups if "name" in g and "lr" in g),
                  warmup, total, min_lr_ratio, interval)
         scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio, interval, steps_per_epoch)
@@ -130,8 +131,9 @@ class StagedModule(pl.LightningModule):
 
 
 class TeacherModule(StagedModule):
-    """Base of the teachers pacx trains itself (the Labs DAE, the demo ECG teacher): ``python -m pacx.teachers``
-    takes any subclass as ``model.class_path`` (:mod:`pacx.teachers.train`); ``Stage2_PACX.py`` trains PaCX only."""
+    """Base of the teachers pacx trains itself (the Labs DAE, the demo ECG teacher):
+    ``python -m pacx.teachers`` takes any subclass as ``model.class_path`` (:mod:`pacx.teacher_cli`);
+    ``Stage2_PACX.py`` trains PaCX only."""
 
 
 class BenchmarkEvalModule(StagedModule):
@@ -192,8 +194,9 @@ class BenchmarkEvalModule(StagedModule):
             return
         if expected != self.backbone_fingerprint:
             raise CheckpointError(
-                f"this checkpoint was trained on a frozen backbone with other weights than {self.backbone_cfg.kind} "
-                f"{self.backbone_cfg.weights}: build the module with the backbone it was trained on"
+                "this checkpoint was trained on a frozen backbone with other weights than "
+                f"{self.backbone_cfg.kind} {self.backbone_cfg.weights}: build the module with the backbone "
+                "it was trained on"
             )
         checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
 
@@ -261,6 +264,6 @@ def check_checkpoint_stage(checkpoint: dict, stage: str, source: str) -> None:
         )
     if meta.get("stage") != stage:
         raise CheckpointError(
-            f"{source} is a {meta.get('stage')!r} checkpoint, but this run is {stage!r}: --ckpt_path resumes the "
-            "same stage only; to initialise from another stage's output use its init option"
+            f"{source} is a {meta.get('stage')!r} checkpoint, but this run is {stage!r}: --ckpt_path resumes "
+            "the same stage only; to initialise from another stage's output use its init option"
         )

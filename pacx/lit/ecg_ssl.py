@@ -1,25 +1,9 @@
-"""ECG SSL LightningModule: the demo's ECG teacher, trained by ``python -m pacx.teachers`` (docs/method.md#teachers).
+"""ECG SSL LightningModule: the demo's ECG teacher (docs/method.md#teachers), trained by ``pacx.teachers``:
 
     python -m pacx.teachers fit --config configs/demo/ecg_teacher.yaml --data.root <data_npy>
     python scripts/export_ecg_teacher.py <run_dir> ecg_teacher.safetensors
 
-Trains :class:`~pacx.models.ecg_ssl.ECGContrastive` (an ECGFounder network by config name, view-contrastive
-objective; see that module for why) on Symile-MIMIC items of kind ``ecg`` (the raw stored rows
-``[B, 1, 5000, 12]``, Symile lead order, and the row index). Each batch is turned into the teacher's
-input with the very function feature extraction uses (:func:`~pacx.models.ecgfounder.preprocess_ecg`,
-as the ``ecg`` teacher of ``pacx.teachers``), then moved to the module's device, so training and extraction see
-the same input distribution. (That function is scipy on CPU; the augmentations run on the device.)
-
-Logged per split (``train/``, ``val/``):
-
-* ``loss`` — symmetric InfoNCE between the two views;
-* ``pos_cos`` / ``neg_cos`` — mean cosine of matching / non-matching projected views;
-* ``view_top1`` — share of records whose nearest other view in the batch is their own (retrieval);
-* ``feature_std`` — mean over dimensions of the batch std of the backbone features (a collapse alarm).
-
-Validation draws its views from a generator seeded by the batch index, so ``val/*`` are comparable
-across epochs. ``scripts/export_ecg_teacher.py`` (:func:`~pacx.models.ecg_ssl.export_ecg_teacher`) writes
-the backbone as an ECGFounder safetensors file for ``pacx.teachers``.
+Trains :class:`~pacx.models.ecg_ssl.ECGContrastive` on ``ecg`` items (docs/design.md#demo-ecg-teacher).
 """
 
 from __future__ import annotations
@@ -61,8 +45,9 @@ class ECGSSLModule(TeacherModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        augment = ECGAugmentConfig(crop_samples=crop_samples, scale_range=tuple(scale_range), noise_std=noise_std,
-                                   wander_amp=wander_amp, wander_hz=tuple(wander_hz), lead_mask_prob=lead_mask_prob)
+        augment = ECGAugmentConfig(crop_samples=crop_samples, scale_range=tuple(scale_range),
+                                   noise_std=noise_std, wander_amp=wander_amp, wander_hz=tuple(wander_hz),
+                                   lead_mask_prob=lead_mask_prob)
         self.model = ECGContrastive(arch, augment, proj_hidden_dim, proj_dim, temperature)
 
     def pacx_metadata(self) -> dict:
@@ -73,7 +58,8 @@ class ECGSSLModule(TeacherModule):
         return self.model(x)
 
     def preprocess(self, raw: torch.Tensor) -> torch.Tensor:
-        """Stored rows [B, 1, 5000, 12] -> the teacher's input [B, 12, 5000] float32 on the module's device."""
+        """Stored rows [B, 1, 5000, 12] -> the teacher's input [B, 12, 5000] float32 on the module's
+        device."""
         x = preprocess_ecg(raw.detach().float().cpu().numpy())  # the extraction's preprocessing, exactly
         return torch.from_numpy(x).to(self.device)
 

@@ -1,13 +1,9 @@
 """Learning-health callbacks: collapse alarms for Stage 2 and an online linear probe for any stage.
 
-- :class:`LearningHealth` reads the module's ``health_inputs()`` at each validation epoch end, logs
-  ``val/infonce_frac_<pair>``, ``val/effective_rank`` (RankMe) and ``val/emb_std``, and warns once per
-  reason when the run collapses (:class:`pacx.eval.health.CollapseMonitor`).
-- :class:`OnlineLinearProbe` fits a logistic regression on frozen features of a small labelled set
-  (:mod:`pacx.data.probe`) every few epochs and logs ``<prefix>online_probe_auroc``, as self-supervised
-  libraries monitor representation quality during pretraining. It draws nothing from the training RNGs.
-
-The numbers are computed by :mod:`pacx.eval.health`; these classes only take them from the trainer.
+:class:`LearningHealth` logs ``val/infonce_frac_<pair>``, ``val/effective_rank`` and ``val/emb_std`` each
+validation epoch and warns once per reason on collapse; :class:`OnlineLinearProbe` fits a logistic regression
+on frozen features of a small labelled set (:mod:`pacx.data.probe`) and logs ``<prefix>online_probe_auroc``.
+The numbers come from :mod:`pacx.eval.health`; thresholds: docs/method.md#learning-health.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Run history that survives resumes: a CSV logger that appends instead of deleting.
+"""Run history that survives resumes: a CSV logger that appends instead of deleting (docs/method.md#runs).
 
-Lightning's ``CSVLogger`` removes an existing ``metrics.csv`` when it starts ("Previous log files in this
-directory will be deleted"), so ``--ckpt_path last`` or a SLURM requeue threw away every earlier epoch.
-:class:`HistoryCSVLogger` keeps the file: each attempt appends its rows under the same header (widened and
-rewritten when new metric names appear), and every row carries the ``attempt`` number that ``run.json``
-records (:func:`next_attempt`). So ``<run_dir>/metrics.csv`` holds every logged step and epoch of every
-attempt of a run.
-
-``validate`` / ``test`` / ``predict`` into a run directory log to ``<run_dir>/<subcommand>/metrics.csv``
-(with their own ``hparams.yaml`` and ``config.yaml``), never into the training log
-(:func:`log_location`).
+:class:`HistoryCSVLogger` keeps ``<run_dir>/metrics.csv`` across attempts (Lightning's ``CSVLogger`` deletes
+it when it starts), each row tagged with the ``attempt`` of ``run.json`` (:func:`next_attempt`). ``validate``
+/ ``test`` / ``predict`` into a run directory log under ``<run_dir>/<subcommand>/`` (:func:`log_location`),
+never into the training log. Details: docs/design.md#history.
 """
 
 from __future__ import annotations
@@ -45,7 +39,8 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class HistoryCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``<save_dir>/<version>/metrics.csv`` by appending, each row tagged ``attempt``."""
+    """``CSVLogger`` writing ``<save_dir>/<version>/metrics.csv`` by appending, each row tagged
+    ``attempt``."""
 
     def __init__(self, save_dir: str | Path, version: str = "", attempt: int = 1,
                  flush_logs_every_n_steps: int = 100) -> None:

@@ -1,14 +1,9 @@
-"""Labs DAE LightningModule (docs/method.md#teachers; docs/datasets.md#teacher-features), trained by ``python -m pacx.teachers``.
+"""Labs DAE LightningModule (docs/method.md#teachers), trained by ``python -m pacx.teachers``.
 
-Trains :class:`~pacx.models.labs_dae.LabsDAE` with masked corruption and the MSE over observed entries.
-Logged per split (``train/``, ``val/``):
-
-* ``loss`` / ``denoise_mse`` — MSE over the originally observed entries given the corrupted input;
-* ``clean_mse`` — MSE over observed entries given the uncorrupted input (reconstruction);
-* ``impute_mse`` — MSE on the entries the corruption hid (imputation);
-* ``latent_std`` — mean over latent dimensions of the batch std of z (a collapse alarm).
-
-Validation corrupts with noise seeded by batch index, so ``val/loss`` is comparable across epochs.
+Trains :class:`~pacx.models.labs_dae.LabsDAE` with masked corruption and the MSE over observed entries. Logs
+per split ``loss`` / ``denoise_mse``, ``clean_mse``, ``impute_mse`` and ``latent_std``
+(docs/design.md#labs-teacher); validation noise is seeded by batch index, so ``val/loss`` is comparable across
+epochs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Stage 1 LightningModule: MAE pretraining (docs/method.md#stage-1, docs/datasets.md#chexpert).
 
-Wires the plain :class:`~pacx.models.mae.MaskedAutoencoderViT` to the shared AdamW + per-step warmup/cosine
-schedule (:meth:`pacx.lit.common.StagedModule.configure_optimizers`, decay / no-decay groups). Unlike the
-reference code, the configured ``mask_ratio`` really reaches the model (the reference silently trained at the
-forward's default 0.75; ``configs/stage1/*_ratio075.yaml`` reproduces that). Validation masks with noise
-seeded by batch index so ``val/loss`` is comparable across epochs.
+Wires :class:`~pacx.models.mae.MaskedAutoencoderViT` to the shared AdamW + per-step warmup/cosine schedule
+(:meth:`pacx.lit.common.StagedModule.configure_optimizers`, decay / no-decay groups). The configured
+``mask_ratio`` really reaches the model, unlike the reference (docs/design.md#stage-1); validation masks
+are seeded by batch index, so ``val/loss`` is comparable across epochs.
 """
 
 from __future__ import annotations
@@ -14,11 +13,11 @@ from typing import Literal
 
 import torch
 
-from pacx.checkpoint import load_state_checked
 from pacx.constants import MAE_MASK_RATIO, STAGE_MAE
-from pacx.encoders import read_mae_state
 from pacx.lit.common import StagedModule
 from pacx.models.mae import create_mae, decoder_config_dict, is_decoder_key, patchify, unpatchify
+from pacx.weights.checkpoint import load_state_checked
+from pacx.weights.formats import read_mae_state
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,8 @@ class MAEModule(StagedModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = create_mae(arch, img_size, patch_size, norm_pix_loss=norm_pix_loss, mask_ratio=mask_ratio)
+        self.model = create_mae(arch, img_size, patch_size, norm_pix_loss=norm_pix_loss,
+                                mask_ratio=mask_ratio)
         if init_from:
             self._init_weights(init_from)
 

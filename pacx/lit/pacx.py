@@ -1,22 +1,9 @@
-"""Stage 2 LightningModule: PaCX cross-modal distillation (docs/method.md#stage-2; docs/datasets.md#stage-2-data, docs/datasets.md#stage-2-training).
+"""Stage 2 LightningModule: PaCX cross-modal distillation (docs/method.md#stage-2).
 
-The CXR encoder (initialised from Stage 1, tuned by :func:`pacx.models.tuning.apply_tuning`) is aligned
-with frozen teacher embeddings by :class:`pacx.losses.DistillationLoss`: InfoNCE in a shared 256-d space plus
-cosine regression onto the teachers' own spaces. The teachers are named by ``teachers`` (registered in
-:data:`pacx.teachers.TEACHERS`; the paper's ECGFounder 1024-d and Labs DAE 256-d by default); the heads are
-``nn.ModuleDict``s keyed by teacher (``proj["cxr"]``, ``proj[t]``, ``reg[t]``) and batches are
-``{"cxr": [B, 3, H, W], "teachers": {t: [B, D_t]}}``. At inference only the encoder remains (exports merge LoRA).
-
-Validation adds retrieval top-1/top-5 CXR→teacher within each batch and over the whole split, positive vs
-negative cosine, regression cosine, and the norm and per-dimension std of the embeddings (a collapse
-alarm). Model selection on ``val/loss``.
-
-Configs before teachers were named used ``ablate: ecg | labs`` (now ``teachers: [labs]`` / ``[ecg]``) and
-``ecg_dim`` / ``labs_dim`` (now ``teacher_dims``): both still load, translated with a ``FutureWarning``.
-Checkpoints of that layout (``proj_ecg.*``, ...) load through :func:`pacx.models.heads.upgrade_head_keys`.
-
-A fit records the Symile admissions it trains and validates on in ``<run_dir>/stage2_admissions.npz`` (hash
-in ``run.json`` and the checkpoints; :mod:`pacx.data.leakage`), so Stage 3 can refuse test splits that share them.
+Aligns the CXR encoder (from Stage 1, tuned by :func:`pacx.models.tuning.apply_tuning`) with the frozen
+teachers named by ``teachers`` through :class:`pacx.losses.DistillationLoss`. Heads are ``nn.ModuleDict``s
+keyed by teacher and batches are ``{"cxr": [B, 3, H, W], "teachers": {t: [B, D_t]}}``. Validation metrics,
+old-config translation and the admissions record: docs/design.md#stage-2-module.
 """
 
 from __future__ import annotations
@@ -29,22 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacx.checkpoint import CheckpointError
 from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
-from pacx.encoders import build_encoder, read_encoder_weights
 from pacx.lit.common import StagedModule
 from pacx.lit.health import LearningHealth
 from pacx.losses import DistillationLoss
 from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm, upgrade_head_keys
+from pacx.models.load import build_encoder
 from pacx.models.tuning import apply_tuning
 from pacx.models.vit import ViTEncoder, vit_config
 from pacx.teachers import resolve_teachers, teacher_spec
+from pacx.weights.checkpoint import CheckpointError
+from pacx.weights.formats import read_encoder_weights
 
 log = logging.getLogger(__name__)
 
 
-def retrieval_topk(query: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+def retrieval_topk(query: torch.Tensor, keys: torch.Tensor,
+                   ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
     """Fraction of queries whose own key (same row) ranks within the top k by cosine similarity."""
     sim = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # [N, N]
     rank = (sim > sim.diagonal()[:, None]).sum(dim=1)  # keys scoring strictly higher than the positive
@@ -135,8 +124,8 @@ class PaCXModule(StagedModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher_names, self.teacher_widths = translate_teacher_args(teachers, teacher_dims, ablate, ecg_dim,
-                                                                         labs_dim)
+        self.teacher_names, self.teacher_widths = translate_teacher_args(teachers, teacher_dims, ablate,
+                                                                         ecg_dim, labs_dim)
         self.vit_cfg = vit_config(encoder_arch, img_size, norm_eps=norm_eps)
         encoder = self._initial_encoder(init_encoder).set_pool(pool)
         self.cxr_encoder = apply_tuning(encoder, tuning, lora_r, lora_alpha, lora_dropout, lora_targets,
@@ -154,9 +143,11 @@ class PaCXModule(StagedModule):
         self.proj = nn.ModuleDict({"cxr": ProjectionHead(d, shared_dim, head_dropout)})
         for t in self.teacher_names:
             self.proj[t] = ProjectionHead(head_dims[t], shared_dim, head_dropout)
-        self.reg = nn.ModuleDict({t: ProjectionHead(d, head_dims[t], head_dropout) for t in self.teacher_names})
+        self.reg = nn.ModuleDict({t: ProjectionHead(d, head_dims[t], head_dropout)
+                                  for t in self.teacher_names})
         # teacher_norm maps (identity until setup fits them on the train split)
-        self.teacher_norms = nn.ModuleDict({t: TeacherNorm(widths[t], head_dims[t]) for t in self.teacher_names})
+        self.teacher_norms = nn.ModuleDict({t: TeacherNorm(widths[t], head_dims[t])
+                                            for t in self.teacher_names})
         self.loss_fn = DistillationLoss(clip_weight, regression_weight, temperature, label_smoothing)
         self._val_outputs: list[dict[str, torch.Tensor]] = []
         self._val_clip: list[dict[str, float]] = []  # per validation batch: InfoNCE per pair and batch size
@@ -171,7 +162,8 @@ class PaCXModule(StagedModule):
             return build_encoder(weights, self.vit_cfg)
         except (CheckpointError, KeyError, ValueError) as err:
             raise CheckpointError(f"init_encoder {path}: does not fit the configured encoder "
-                                  f"{self.hparams.encoder_arch} at {self.hparams.img_size} px: {err}") from err
+                                  f"{self.hparams.encoder_arch} at {self.hparams.img_size} px: "
+                                  f"{err}") from err
 
     def pacx_metadata(self) -> dict:
         h = self.hparams
@@ -190,13 +182,14 @@ class PaCXModule(StagedModule):
         for t, (width, path) in widths.items():
             if t in self.teacher_widths and width != self.teacher_widths[t]:
                 raise ValueError(f"{path} holds {width}-wide teacher features but the model expects "
-                                 f"{self.teacher_widths[t]} for teacher {t!r}: set model.init_args.teacher_dims "
-                                 f"{{{t}: {width}}}")
+                                 f"{self.teacher_widths[t]} for teacher {t!r}: set "
+                                 f"model.init_args.teacher_dims {{{t}: {width}}}")
         if stage == "fit" and self.hparams.teacher_norm != "raw":
             # from the train split; a resumed run then restores the same buffers from its checkpoint
             for t, feats in datamodule.teacher_features("train").items():
                 self.teacher_norms[t].fit(torch.from_numpy(feats), self.hparams.teacher_norm)
-        if stage == "fit":  # the admissions trained on, for Stage 3's overlap check (docs/datasets.md#leakage)
+        # the admissions trained on, for Stage 3's overlap check (docs/datasets.md#leakage)
+        if stage == "fit":
             self.stage2_admissions = record_stage2_admissions(self.trainer, datamodule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -211,18 +204,20 @@ class PaCXModule(StagedModule):
         return {"stage2_admissions": self.stage2_admissions} if self.stage2_admissions else {}
 
     def embed(self, batch: dict) -> dict:
-        """A batch ``{"cxr": [B, 3, H, W], "teachers": {t: [B, D_t]}}`` -> ``cxr_feat`` [B, D] (the encoder's),
-        ``cxr_shared`` [B, S], and per teacher ``t``: ``target[t]`` (its embedding after ``teacher_norm``),
-        ``shared[t]`` [B, S] (its projection) and ``pred[t]`` (the CXR regression onto ``target[t]``)."""
+        """A batch ``{"cxr": [B, 3, H, W], "teachers": {t: [B, D_t]}}`` -> ``cxr_feat`` [B, D] (the
+        encoder's), ``cxr_shared`` [B, S], and per teacher ``t``: ``target[t]`` (its embedding after
+        ``teacher_norm``), ``shared[t]`` [B, S] (its projection) and ``pred[t]`` (the CXR regression onto
+        ``target[t]``)."""
         cxr = batch["cxr"]
         feats = {}
         for t in self.teacher_names:
             x = batch["teachers"].get(t)
             if x is None:
-                raise ValueError(f"the batch holds no features of teacher {t!r} (it has {sorted(batch['teachers'])})")
+                raise ValueError(f"the batch holds no features of teacher {t!r} (it has "
+                                 f"{sorted(batch['teachers'])})")
             if x.shape[-1] != self.teacher_widths[t]:
-                raise ValueError(f"{teacher_spec(t).title} teacher features are {x.shape[-1]}-wide but the config "
-                                 f"expects {self.teacher_widths[t]}")
+                raise ValueError(f"{teacher_spec(t).title} teacher features are {x.shape[-1]}-wide but the "
+                                 f"config expects {self.teacher_widths[t]}")
             feats[t] = x.to(cxr.dtype)  # teacher features as the model's inputs
         feat = self(cxr)
         head_in = self.feat_norm(feat)
@@ -268,7 +263,8 @@ class PaCXModule(StagedModule):
         return {"embeddings": emb, "infonce": infonce, "n_global": full * self.trainer.world_size}
 
     def _log_diagnostics(self, e: dict, stage: str, bs: int) -> None:
-        stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean(), "cxr_std": e["cxr_shared"].float().std(0).mean()}
+        stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean(),
+                 "cxr_std": e["cxr_shared"].float().std(0).mean()}
         for t in self.teacher_names:
             shared = e["shared"][t]
             for k, v in retrieval_topk(e["cxr_shared"], shared).items():
@@ -290,7 +286,8 @@ class PaCXModule(StagedModule):
             return
         cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         self._val_outputs.clear()
-        cat = {k: self.all_gather(v).flatten(0, 1) if self.trainer.world_size > 1 else v for k, v in cat.items()}
+        cat = {k: self.all_gather(v).flatten(0, 1) if self.trainer.world_size > 1 else v
+               for k, v in cat.items()}
         for t in self.teacher_names:
             for k, v in retrieval_topk(cat["cxr"], cat[t]).items():
                 self.log(f"val/split_top{k}_cxr_{t}", v, rank_zero_only=True)
@@ -320,7 +317,9 @@ def translate_teacher_args(
         if t not in names:  # the earlier configs set both widths, also when ablating one teacher
             continue
         if dims.setdefault(t, legacy) != legacy:
-            raise ValueError(f"{t}_dim ({legacy}) and teacher_dims[{t!r}] ({dims[t]}) disagree: set teacher_dims only")
-    for t in dims:  # widths of registered teachers not distilled from are kept out (configs stack), typos are not
+            raise ValueError(f"{t}_dim ({legacy}) and teacher_dims[{t!r}] ({dims[t]}) disagree: set "
+                             "teacher_dims only")
+    # widths of registered teachers not distilled from are kept out (configs stack), typos are not
+    for t in dims:
         teacher_spec(t)
     return names, {t: int(dims.get(t, teacher_spec(t).width)) for t in names}

@@ -1,23 +1,9 @@
 """Runs that survive preemption, time limits and ``kill -9`` without changing what they compute.
 
-* :class:`StepSeeds` reseeds the main process before every training batch from
-  ``(seed, epoch, batch, rank)`` (:func:`pacx.data.resumable.seed_step`): random masks, dropout and noise
-  do not depend on what ran before, so a resumed run draws what the uninterrupted one drew. Together
-  with :func:`pacx.data.resumable.train_loader` a resumed run takes the same optimizer steps.
-* :class:`SlurmRequeue` handles SLURM's warning signal (``#SBATCH --signal=USR1@90``): the handler only
-  sets a flag; at the next training-step boundary the ranks agree (all-reduce), every rank takes part in
-  saving ``checkpoints/last.ckpt``, rank 0 runs ``scontrol requeue <job>``, and the process ends with
-  :class:`RunRequeued`. The requeued job restarts the same command and :class:`pacx.cli.PacxCLI` resumes
-  from that checkpoint (``SLURM_RESTART_COUNT > 0``). Lightning's own SLURM handler is switched off: it
-  saves from inside the signal handler, mid-step and possibly mid-collective.
-* :class:`LastCheckpoint` keeps ``checkpoints/last.ckpt`` at the end of every epoch (and every N steps when
-  asked), whatever the monitored metric did: Lightning 2.6's ``ModelCheckpoint(save_last=True)`` writes
-  ``last.ckpt`` only at an epoch whose monitored value entered the top k, so a run whose validation loss
-  rose in its final epochs would resume from an earlier epoch.
-* :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file and renames it, so a kill
-  during a save leaves the previous ``last.ckpt`` intact.
-* :func:`slurm_allocation` reads the allocation srun launched (nodes, tasks per node) so trainer
-  ``num_nodes`` / ``devices`` follow it.
+:class:`StepSeeds` (per-batch reseeding), :class:`SlurmRequeue` (checkpoint and requeue on SLURM's warning
+signal), :class:`LastCheckpoint` (``last.ckpt`` every epoch), :class:`AtomicCheckpointIO` (write, then rename)
+and :func:`slurm_allocation` (trainer nodes and devices from srun's allocation). How each works, and why
+Lightning's own behaviour was not enough: docs/design.md#resilience.
 """
 
 from __future__ import annotations
@@ -82,7 +68,8 @@ def slurm_allocation() -> tuple[int, int]:
     nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
     tasks = int(os.environ["SLURM_NTASKS"])
     if tasks % nodes:
-        raise RuntimeError(f"SLURM_NTASKS={tasks} does not divide over SLURM_NNODES={nodes}: use --ntasks-per-node")
+        raise RuntimeError(f"SLURM_NTASKS={tasks} does not divide over SLURM_NNODES={nodes}: use "
+                           "--ntasks-per-node")
     return nodes, tasks // nodes
 
 
@@ -128,9 +115,10 @@ class SlurmRequeue(Callback):
         if not self._agreed(trainer):
             return
         job = slurm_job_id()
-        log.warning("signal %d: saving %s at global step %d, then requeueing job %s", self.signum, self.ckpt_path,
-                    trainer.global_step, job)
-        trainer.save_checkpoint(str(self.ckpt_path), weights_only=False)  # a full training checkpoint; all ranks
+        log.warning("signal %d: saving %s at global step %d, then requeueing job %s", self.signum,
+                    self.ckpt_path, trainer.global_step, job)
+        # a full training checkpoint; all ranks
+        trainer.save_checkpoint(str(self.ckpt_path), weights_only=False)
         # the requeue makes Slurm SIGTERM the job: the checkpoint is safe, so let the ranks finish exiting
         # instead of running Lightning's SIGTERM handler (a collective inside a signal handler)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -138,8 +126,8 @@ class SlurmRequeue(Callback):
             result = subprocess.run([*self.requeue_command, job], capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"`{' '.join(self.requeue_command)} {job}` failed ({result.returncode}): "
-                                   f"{result.stderr.strip()}; the checkpoint {self.ckpt_path} is saved, resume "
-                                   "with --ckpt_path last")
+                                   f"{result.stderr.strip()}; the checkpoint {self.ckpt_path} is saved, "
+                                   "resume with --ckpt_path last")
         trainer.strategy.barrier("pacx-requeue")
         raise RunRequeued(job)
 

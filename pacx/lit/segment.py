@@ -1,21 +1,9 @@
-"""Stage 3 LightningModule: frozen-backbone segmentation (docs/datasets.md#segmentation, docs/datasets.md#stage-3-settings).
+"""Stage 3 LightningModule: frozen-backbone segmentation (docs/datasets.md#segmentation).
 
-Backbone (:mod:`pacx.models.backbones`, always frozen and kept in eval mode) → patch tokens after the final
-norm, CLS dropped, reshaped to ``[B, D, g, g]`` → :class:`pacx.models.seg_decoder.SegDecoder` → one logit
-channel at the input resolution.
-
-Loss: 1.0 × BCEWithLogits + 1.0 × soft Dice, soft Dice = 1 − mean over channels of
-(2·Σ p·y + 1e-6) / (Σ p + Σ y + 1e-6), sums over batch and pixels, p = sigmoid(logits).
-
-Metrics per batch (docs/datasets.md#segmentation): preds = sigmoid > 0.5; I, |P|, |G| summed over the whole batch and all pixels;
-Dice = (2I + 1e-6) / (|P| + |G| + 1e-6), IoU = (I + 1e-6) / (|P| + |G| − I + 1e-6). They are logged as
-``{split}/dice``, ``{split}/iou`` with the batch size, so the epoch value is Lightning's batch-size-weighted
-mean of the batch scores (not per-image, not pooled). Selection on ``val/dice`` (max).
-
-Optimizer: the shared AdamW (:meth:`pacx.lit.common.StagedModule.configure_optimizers`; lr 1e-4, wd 1e-4,
-betas (0.9, 0.999)) over one group, the decoder. Schedule difference from the
-reference (per-epoch LambdaLR, 5 warmup epochs then cosine): the same shape evaluated per optimizer step
-(:func:`pacx.optim.warmup_cosine_scheduler`). ``test`` appends a results row like the classification module.
+Backbone (always frozen, kept in eval mode) → patch tokens after the final norm, CLS dropped, as
+``[B, D, g, g]`` → :class:`pacx.models.seg_decoder.SegDecoder` → one logit channel at the input resolution.
+Loss 1.0 × BCE + 1.0 × soft Dice; per-batch Dice / IoU, selection on ``val/dice``; ``test`` appends a results
+row. Formulas, optimizer and schedule: docs/design.md#segmentation.
 """
 
 from __future__ import annotations
@@ -47,7 +35,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def dice_iou(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard Dice and IoU of one batch (docs/datasets.md#segmentation): sigmoid > 0.5, counts over the whole batch and all pixels."""
+    """Hard Dice and IoU of one batch (docs/datasets.md#segmentation): sigmoid > 0.5, counts over the whole
+    batch and all pixels."""
     preds = (torch.sigmoid(logits) > 0.5).float()
     target = (target > 0.5).float()
     inter = (preds * target).sum()
@@ -73,11 +62,14 @@ class SegmentationModule(BenchmarkEvalModule):
 
     Args:
         benchmark: registry name of a segmentation entry; linked from ``data.benchmark``.
-        backbone: :class:`~pacx.models.backbones.BackboneConfig`, as for :class:`pacx.lit.classify.ClassificationModule`.
+        backbone: :class:`~pacx.models.backbones.BackboneConfig`, as for
+            :class:`pacx.lit.classify.ClassificationModule`.
         decoder_width: channels after the decoder's 3×3 conv (256 in docs/datasets.md#stage-3-settings).
         bce_weight, dice_weight: loss weights (1.0 and 1.0 in docs/datasets.md#stage-3-settings).
-        lr, weight_decay, betas: AdamW over the decoder (docs/datasets.md#stage-3-settings: 1e-4, 1e-4, (0.9, 0.999)).
-        warmup_epochs: linear warmup length (5 in docs/datasets.md#stage-3-settings); cosine to 0 afterwards, stepped per optimizer step.
+        lr, weight_decay, betas: AdamW over the decoder (docs/datasets.md#stage-3-settings: 1e-4, 1e-4, (0.9,
+            0.999)).
+        warmup_epochs: linear warmup length (5 in docs/datasets.md#stage-3-settings); cosine to 0 afterwards,
+            stepped per optimizer step.
         results_csv: CSV that ``test`` appends a row to (default ``<default_root_dir>/results.csv``).
     """
 
@@ -101,7 +93,8 @@ class SegmentationModule(BenchmarkEvalModule):
         self.spec = get_benchmark(benchmark)
         if self.spec.task != "segmentation":
             raise ValueError(f"{benchmark}: task {self.spec.task!r} is not segmentation")
-        self.monitor = ("val/dice", "max")  # per instance: the CLI's checkpoint callback reads it (docs/datasets.md#segmentation)
+        # per instance: the CLI's checkpoint callback reads it (docs/datasets.md#segmentation)
+        self.monitor = ("val/dice", "max")
         self.init_backbone(backbone)
         apply_tuning(self.backbone, "linear_probe")
         self.backbone.eval()

@@ -1,16 +1,9 @@
-"""Stage 3 backbones by kind (docs/method.md#stage-3; docs/datasets.md#heads-and-losses): a registry, no if/elif on kinds.
+"""Stage 3 backbones by kind (docs/method.md#stage-3): a registry, no if/elif on kinds.
 
-Every kind yields a :class:`~pacx.models.vit.ViTEncoder` whose ``forward(x [B, 3, H, W]) -> [B, D]`` is the
-CLS token after the final LayerNorm (``pool: avg``: the mean of the patch tokens instead):
-
-* ``random``: a freshly initialised encoder of the named ``arch``;
-* ``weights`` / ``mae`` / ``pacx`` / ``imagenet``: weights from a file or run directory, read by
-  :func:`pacx.encoders.read_encoder_weights` (any format ``pacx.load_encoder`` accepts: Stage 1/2 runs,
-  checkpoints, exports, MAE releases, timm weight files) and loaded strictly by
-  :func:`pacx.encoders.build_encoder`. The kinds differ only in name, which is recorded with results.
-  ``arch`` (optional) forces the architecture; otherwise the file's own is used.
-
-A missing path or an architecture / image-size mismatch is an error naming the path.
+Every kind yields a :class:`~pacx.models.vit.ViTEncoder`, ``forward(x [B, 3, H, W]) -> [B, D]`` (the CLS token
+after the final LayerNorm; ``pool: avg``: the patch-token mean). ``random`` builds the named ``arch``;
+``weights`` / ``mae`` / ``pacx`` / ``imagenet`` load, strictly, any file ``pacx.load_encoder`` accepts, and
+differ only in the recorded name (``arch`` forces an architecture). Bad paths and mismatches name the path.
 """
 
 from __future__ import annotations
@@ -20,8 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pacx.checkpoint import CheckpointError
+from pacx.models.load import build_encoder
 from pacx.models.vit import ViTEncoder, vit_config
+from pacx.weights.checkpoint import CheckpointError
+from pacx.weights.formats import read_encoder_weights
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +27,8 @@ class BackboneConfig:
     weights: str | None = None  # file or run directory (every kind but ``random``)
     arch: str | None = None  # named ViT (``pacx.models.vit.VIT_ARCHS``); required for ``random``
     img_size: int = 224
-    pool: str = "cls"  # the feature: "cls" token (the paper) or "avg" of the patch tokens (pacx.models.vit.POOLS)
+    # the feature: "cls" token (the paper) or "avg" of the patch tokens (pacx.models.vit.POOLS)
+    pool: str = "cls"
 
     def __post_init__(self) -> None:
         # ``--model.backbone.weights null`` reaches a dataclass nested in a subclass-mode model as the
@@ -47,12 +43,14 @@ class BackboneConfig:
 
 
 def as_backbone_config(value: BackboneConfig | Mapping) -> BackboneConfig:
-    """A :class:`BackboneConfig` from itself or from its dict (as stored in a checkpoint's hyperparameters)."""
+    """A :class:`BackboneConfig` from itself or from its dict (as stored in a checkpoint's
+    hyperparameters)."""
     if isinstance(value, BackboneConfig):
         return value
     unknown = set(value) - set(BackboneConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"backbone: unknown keys {sorted(unknown)}; expected {sorted(BackboneConfig.__dataclass_fields__)}")
+        raise ValueError(f"backbone: unknown keys {sorted(unknown)}; expected "
+                         f"{sorted(BackboneConfig.__dataclass_fields__)}")
     return BackboneConfig(**value)
 
 
@@ -65,9 +63,6 @@ def _random(cfg: BackboneConfig) -> ViTEncoder:
 
 
 def _from_weights(cfg: BackboneConfig) -> ViTEncoder:
-    # upward import (pacx.encoders builds pacx.models), listed in pyproject's import contracts to remove
-    from pacx.encoders import build_encoder, read_encoder_weights
-
     if not cfg.weights:
         raise ValueError(f"backbone kind {cfg.kind!r} needs weights (a file or run directory)")
     path = Path(cfg.weights)
@@ -78,7 +73,8 @@ def _from_weights(cfg: BackboneConfig) -> ViTEncoder:
     try:
         encoder = build_encoder(weights, arch_cfg)
     except (CheckpointError, KeyError, ValueError) as err:
-        raise CheckpointError(f"backbone {cfg.kind!r}: {path} does not fit the requested encoder: {err}") from err
+        raise CheckpointError(f"backbone {cfg.kind!r}: {path} does not fit the requested encoder: "
+                              f"{err}") from err
     if encoder.cfg.img_size != cfg.img_size:
         raise ValueError(f"backbone {cfg.kind!r}: {path} is an encoder for {encoder.cfg.img_size} px images, "
                          f"but img_size is {cfg.img_size}")

@@ -1,18 +1,9 @@
 """ECGFounder's official ECG preprocessing, vectorised over a whole batch (docs/ecgfounder.md#preprocessing).
 
-The ECGFounder README asks users to follow its ``dataset.py`` strictly; per record that is: NaN → 0,
-lead reorder into the standard order, a 50 Hz IIR notch (Q 30) and a 0.67–40 Hz Butterworth band-pass
-(order parameter 4, (b, a) form), both zero-phase with ``filtfilt``, subtraction of a 201-sample median
-baseline (``scipy.signal.medfilt`` semantics: zero-padded edges), and a *global* z-score (one mean and
-one population std over all leads and samples, so relative lead amplitudes survive).
-
-Here every step runs on the whole batch at once along the last (time) axis, with no Python loop over
-records or leads; the result equals the official per-record, per-lead computation (tested).
-The output is a float32 **numpy** array [N, L, T]; wrap it with ``torch.from_numpy`` for the network.
-
-Input layouts are named by their axes (N records, L leads, T samples, 1 a singleton axis):
-``"N1TL"`` is how Symile-MIMIC stores ECGs ([N, 1, 5000, 12] float32), ``"NTL"`` is [N, T, 12] and
-``"NLT"`` is [N, 12, T]. A batch axis is always required.
+Every step of the official per-record ``dataset.py`` runs on the whole batch along the time axis, with no loop
+over records or leads, and equals it (tested). Output: float32 **numpy** [N, L, T]. Inputs name their axes
+(N records, L leads, T samples, 1 singleton): ``"N1TL"`` as Symile-MIMIC stores ECGs ([N, 1, 5000, 12]),
+``"NTL"`` or ``"NLT"``; a batch axis is always required.
 """
 
 from __future__ import annotations

@@ -1,35 +1,9 @@
 """Self-supervised pretraining of an ECGFounder network: the demo's ECG teacher (docs/method.md#teachers).
 
-The released ECGFounder weights cannot ship, so the built-in demo pretrains our own ECGFounder network
-at reduced width (``demo_small`` in :data:`~pacx.models.ecgfounder.ECGFOUNDER_CONFIGS`) on its phantom
-ECGs. The teacher is then used exactly like the real one: :func:`export_ecg_teacher` writes the backbone
-as an ECGFounder safetensors file that ``load_ecgfounder(path, config="demo_small")`` loads strictly,
-and ``pacx.teachers`` extracts its feature (the time-mean of the last stage, ``[N, 128]``) unchanged.
-
-Objective: contrastive view prediction (SimCLR, Chen et al. 2020; the symmetric in-batch InfoNCE form
-of CLIP / MoCo v3) between two stochastic views of the same preprocessed record. Why this one:
-
-* it is short and cheap: no decoder, one backbone pass over both views, useful in a few hundred steps;
-* its views are two *different random time crops* of the record, as CLOCS's multi-segment coding
-  (Kiyasseh et al., ICML 2021) contrasts segments of one ECG: what two crops share is what stays
-  constant over the record (rate, axis, wave amplitudes and shapes), which is what a teacher
-  embedding should carry; beat phase and position do not survive. Crops are *not* resampled back to
-  the full length: stretching time would change the apparent heart rate and teach invariance to it;
-  the network is fully convolutional with a global time mean, so it runs on a crop as on the record;
-* the other augmentations (amplitude scaling, Gaussian noise, baseline wander, random lead masking)
-  model the nuisance of real recordings (gain, noise, respiration drift, a missing or flat lead);
-* the loss reuses the repository's gather-aware InfoNCE (:func:`pacx.losses.symmetric_clip_loss`),
-  so in-batch negatives are correct under DDP too.
-
-A masked-segment reconstruction objective would need a decoder and mostly learns the waveform's
-local interpolation, not record-level properties. The projection head serves only the loss and is
-discarded on export (SimCLR: the representation before the head transfers better).
-
-Input is the teacher's own input distribution: the stored records through :func:`preprocess_ecg`
-(lead reorder, notch, band-pass, median baseline, global z-score), ``[B, 12, 5000]``; augmentations
-run after it, vectorised in torch over the batch. The backbone keeps ECGFounder's state-dict keys
-(prefix ``backbone.`` here); the BatchNorm modules the release builds but never calls are frozen, so
-they stay at their initial values and do not show up as unused parameters.
+:class:`ECGContrastive` trains ECGFounder at ``demo_small`` width by contrastive view prediction (SimCLR, Chen
+et al. 2020; random time crops as in CLOCS, Kiyasseh et al. 2021) on preprocessed records ``[B, 12, 5000]``.
+:func:`export_ecg_teacher` writes the backbone as an ECGFounder safetensors file that ``pacx.teachers`` uses
+like the real one. Why this objective and these views: docs/design.md#demo-ecg-teacher.
 """
 
 from __future__ import annotations
@@ -42,19 +16,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from pacx.checkpoint import (
+from pacx.debug import check_not_debug
+from pacx.losses import symmetric_clip_loss
+from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, ECGFounder, create_ecgfounder
+from pacx.utils import portable_source
+from pacx.weights.checkpoint import (
     CheckpointError,
     load_state_checked,
     resolve_run_checkpoint,
     safe_torch_load,
     strip_prefix,
 )
-from pacx.debug import check_not_debug
-from pacx.losses import symmetric_clip_loss
-from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, ECGFounder, create_ecgfounder
-from pacx.utils import portable_source
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +49,8 @@ __all__ = [
 class ECGAugmentConfig:
     """Random view of a preprocessed (z-scored) record; defaults are the demo values.
 
-    ``crop_samples``: length of the random time crop (samples; 2048 = 4.1 s at 500 Hz, 3-10 beats at 45-140 bpm);
+    ``crop_samples``: length of the random time crop (samples; 2048 = 4.1 s at 500 Hz, 3-10 beats at 45-140
+        bpm);
     ``scale_range``: amplitude factor, log-uniform in [lo, hi] per record;
     ``noise_std``: white Gaussian noise (z units); ``wander_amp``: peak of a sinusoidal baseline drift,
     uniform in [0, wander_amp] per lead, at a frequency uniform in ``wander_hz`` per record (respiration);
@@ -124,7 +100,8 @@ class ECGViewAugment(nn.Module):
         if c.crop_samples > t:
             raise ValueError(f"crop_samples {c.crop_samples} is longer than the records ({t} samples)")
         dev = x.device
-        start = (_uniform((b,), 0, 1, generator, dev) * (t - c.crop_samples + 1)).long().clamp_(max=t - c.crop_samples)
+        start = (_uniform((b,), 0, 1, generator, dev)
+                 * (t - c.crop_samples + 1)).long().clamp_(max=t - c.crop_samples)
         idx = start[:, None] + torch.arange(c.crop_samples, device=dev)  # [B, C]
         view = x.gather(-1, idx[:, None, :].expand(b, n_leads, c.crop_samples))  # [B, L, C]
 
@@ -227,7 +204,8 @@ class ECGContrastive(nn.Module):
         za, zb = self.projector(features).chunk(2)  # [B, P] each
         return features, za, zb
 
-    def forward_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward_loss(self, x: torch.Tensor,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         features, za, zb = self.forward_views(x, generator)
         out = self.criterion(za, zb)
         out["view_top1"] = view_retrieval_top1(za, zb)
@@ -260,8 +238,6 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
     path, :func:`pacx.utils.portable_source`) and ``global_step``. A debug run is refused
     (:mod:`pacx.debug`).
     """
-    from safetensors.torch import save_file
-
     path = _checkpoint_path(Path(source), which)
     ckpt = safe_torch_load(path)
     meta = ckpt.get("pacx") if isinstance(ckpt, dict) else None
@@ -269,17 +245,19 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
     if isinstance(meta, dict):
         check_not_debug(meta.get("debug"), f"checkpoint {path}")
     if stage != STAGE_ECG_SSL:
-        raise CheckpointError(f"{path} is not an ECG SSL ({STAGE_ECG_SSL!r}) training checkpoint (its stage is "
-                              f"{stage!r}): export_ecg_teacher exports `python -m pacx.teachers` runs of pacx.lit.ecg_ssl")
+        raise CheckpointError(f"{path} is not an ECG SSL ({STAGE_ECG_SSL!r}) training checkpoint (its stage "
+                              f"is {stage!r}): export_ecg_teacher exports `python -m pacx.teachers` runs of "
+                              "pacx.lit.ecg_ssl")
     config = meta.get("ecgfounder_config")
     if config not in ECGFOUNDER_CONFIGS:
-        raise CheckpointError(f"{path}: unknown ECGFounder config {config!r} (known: {sorted(ECGFOUNDER_CONFIGS)})")
+        raise CheckpointError(f"{path}: unknown ECGFounder config {config!r} (known: "
+                              f"{sorted(ECGFOUNDER_CONFIGS)})")
     state = strip_prefix(ckpt["state_dict"], BACKBONE_PREFIX)
     load_state_checked(create_ecgfounder(config, head=False), state, source=str(path))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out),
-              metadata={"format": "ecgfounder", "config": config, "stage": STAGE_ECG_SSL, **portable_source(path),
-                        "global_step": json.dumps(ckpt.get("global_step"))})
+              metadata={"format": "ecgfounder", "config": config, "stage": STAGE_ECG_SSL,
+                        **portable_source(path), "global_step": json.dumps(ckpt.get("global_step"))})
     log.info("wrote the %r ECG teacher of %s to %s (%d tensors)", config, path, out, len(state))
     return out

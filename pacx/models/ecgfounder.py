@@ -1,19 +1,9 @@
 """ECGFounder, the frozen ECG teacher of Stage 2 (docs/method.md#teachers; docs/ecgfounder.md).
 
-ECGFounder (Li et al., "An Electrocardiogram Foundation Model Built on over 10 Million Recordings",
-NEJM AI 2025, arXiv 2410.04133; code MIT, PKUDigitalHealth) is a 1-D pre-activation bottleneck ResNet
-with grouped convolutions and squeeze-excitation ("Net1D"). This file re-implements it from our
-written description in docs/ecgfounder.md; no code is taken from the official repository.
-
-The state-dict keys, shapes and order equal the official release exactly, including BatchNorm modules
-that the released configuration builds but never calls (``use_bn=False``), so
-``12_lead_ECGFounder.pth`` loads strictly. ``forward(x: [B, 12, 5000]) -> [B, 1024]`` returns the
-time-averaged last stage, the teacher embedding; the 150-class head ``dense`` is dropped on load.
-Input must be preprocessed with :func:`preprocess_ecg` (re-exported from ``ecg_preprocess``).
-
-Loading tries ``weights_only=True`` first; a pickle that needs more is opened only with the explicit,
-logged ``trust_pickle=True`` and can be converted once to safetensors
-(:func:`convert_ecgfounder`, ``scripts/convert_ecgfounder.py``).
+ECGFounder (Li et al., NEJM AI 2025, arXiv 2410.04133; code MIT, PKUDigitalHealth), re-implemented from our
+written description in docs/ecgfounder.md; no code is taken from the official repository. Keys equal the
+release, so ``12_lead_ECGFounder.pth`` loads strictly; ``forward(x: [B, 12, 5000]) -> [B, 1024]`` on input
+from :func:`preprocess_ecg`. Pickles and conversion: docs/design.md#ecgfounder-loading.
 """
 
 from __future__ import annotations
@@ -26,22 +16,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from pacx.checkpoint import (
-    CheckpointError,
-    drop_keys,
-    load_safetensors,
-    load_state_checked,
-    safe_torch_load,
-    strip_prefix,
-)
 from pacx.models.ecg_preprocess import (
     ECG_LAYOUTS,
     MIMIC_LEAD_ORDER,
     STANDARD_LEAD_ORDER,
     SYMILE_LAYOUT,
     preprocess_ecg,
+)
+from pacx.weights.checkpoint import (
+    CheckpointError,
+    drop_keys,
+    load_safetensors,
+    load_state_checked,
+    safe_torch_load,
+    strip_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -329,8 +320,6 @@ def convert_ecgfounder(src: str | Path, out: str | Path, config: str = "12_lead"
     The tensors are checked against ``config`` first (strictly, head included when present), so a
     file that would not load is never written.
     """
-    from safetensors.torch import save_file
-
     src, out = Path(src), Path(out)
     state = read_ecgfounder_state(src, trust_pickle=trust_pickle)
     has_head = any(k.startswith(HEAD_PREFIX) for k in state)

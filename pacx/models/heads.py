@@ -1,15 +1,9 @@
-"""Heads.
+"""Heads of Stage 2 and Stage 3 (docs/method.md#stage-2).
 
-Stage 2 (docs/method.md#stage-2): Dropout → Linear → LayerNorm, trunc-normal(0.02) init. Projections map the
-CXR feature (768) and the teacher embeddings (ECG 1024, labs 256) into the shared 256-d space of the
-contrastive term; regression heads map the CXR feature onto the teachers' own embedding spaces. All are
-discarded after training. In a Stage 2 state dict they are ``proj.cxr``, ``proj.<teacher>`` and
-``reg.<teacher>``; :func:`upgrade_head_keys` reads checkpoints of the earlier layout (``proj_ecg``, ...).
-
-:class:`TeacherNorm`: a fixed centring / standardisation / PCA whitening of teacher embeddings (Stage 2's
-``teacher_norm``).
-
-Stage 3 (and Stage 2's ``head_norm``): :class:`FeatureNorm`, the non-affine BatchNorm MAE's linear-probe protocol puts before the head.
+Stage 2: Dropout → Linear → LayerNorm projections into the shared space and regressions onto each teacher's
+space, stored as ``proj.cxr``, ``proj.<teacher>``, ``reg.<teacher>`` (:func:`upgrade_head_keys` reads the
+earlier ``proj_ecg`` layout); :class:`TeacherNorm` is Stage 2's fixed ``teacher_norm``. Stage 3 (and Stage 2's
+``head_norm``): :class:`FeatureNorm`, the non-affine BatchNorm of MAE's linear-probe protocol.
 """
 
 from __future__ import annotations
@@ -33,7 +27,8 @@ class FeatureNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 1:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False,
+                                            eps=self.eps)
         return super().forward(x)
 
 
@@ -92,9 +87,10 @@ class ProjectionHead(nn.Sequential):
         nn.init.zeros_(self[1].bias)
 
 
-# Stage 2 checkpoints written before the heads were keyed by teacher (nn.ModuleDicts) held one attribute per head.
-LEGACY_HEADS = {"proj_cxr": "proj.cxr", "proj_ecg": "proj.ecg", "proj_labs": "proj.labs", "reg_ecg": "reg.ecg",
-                "reg_labs": "reg.labs"}
+# Stage 2 checkpoints written before the heads were keyed by teacher (nn.ModuleDicts) held one attribute per
+# head.
+LEGACY_HEADS = {"proj_cxr": "proj.cxr", "proj_ecg": "proj.ecg", "proj_labs": "proj.labs",
+                "reg_ecg": "reg.ecg", "reg_labs": "reg.labs"}
 PER_TEACHER_PREFIXES = ("proj", "reg", "teacher_norms")  # <prefix>.<teacher>.* in a Stage 2 state dict
 
 

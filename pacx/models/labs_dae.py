@@ -1,19 +1,14 @@
-"""Labs denoising autoencoder: the frozen lab-value teacher of Stage 2 (docs/method.md#teachers, docs/datasets.md#teacher-features).
+"""Labs denoising autoencoder: the frozen lab-value teacher of Stage 2 (docs/method.md#teachers).
 
-Input: 50 lab percentiles and their 50 observed flags (1 = observed), concatenated (100). Encoder
-Linear(100→512) → LayerNorm → GELU → Linear(512→256); its 256-d output is the labs embedding. Decoder
-Linear(256→512) → GELU → Linear(512→50) → Sigmoid reconstructs the percentiles. The ``encoder`` /
-``decoder`` ``Sequential`` layout keeps the authors' key names, so their Lightning checkpoints
-(``model.encoder.*`` / ``model.decoder.*``) load strictly.
-
-Training corrupts the input (:func:`corrupt`): missing placeholders are zeroed, then each observed entry
-is hidden (value and flag set to 0) with probability 0.15; the loss is the MSE over the originally
-observed entries (:func:`masked_mse`). Extraction, as in the reference, encodes the *uncorrupted* raw
-input: mean-imputed placeholders are not zeroed (``zero_missing=False``).
+Input: 50 lab percentiles and their 50 observed flags (100); the 256-d encoder output is the labs embedding,
+the decoder reconstructs the percentiles. The ``encoder`` / ``decoder`` layout keeps the authors' key names,
+so their Lightning checkpoints (``model.encoder.*``) load strictly. :func:`corrupt` / :func:`masked_mse` train
+it; extraction encodes the uncorrupted input (``zero_missing=False``; docs/datasets.md#teacher-features).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -22,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pacx.checkpoint import (
+from pacx.weights.checkpoint import (
     CheckpointError,
     load_any,
     load_state_checked,
@@ -52,26 +47,31 @@ class LabsDAE(nn.Module):
             nn.Linear(cfg.hidden_dim, cfg.latent_dim),
         )
         self.decoder = nn.Sequential(
-            nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, cfg.n_labs), nn.Sigmoid(),
+            nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, cfg.n_labs),
+            nn.Sigmoid(),
         )
 
-    def encode(self, percentiles: torch.Tensor, missingness: torch.Tensor, zero_missing: bool = False) -> torch.Tensor:
-        """[N, L] values and [N, L] observed flags -> [N, latent]. ``zero_missing`` zeroes placeholders first."""
+    def encode(self, percentiles: torch.Tensor, missingness: torch.Tensor,
+               zero_missing: bool = False) -> torch.Tensor:
+        """[N, L] values and [N, L] observed flags -> [N, latent]. ``zero_missing`` zeroes placeholders
+        first."""
         if percentiles.shape != missingness.shape or percentiles.shape[-1] != self.cfg.n_labs:
-            raise ValueError(f"labs DAE expects percentiles and missingness of shape [N, {self.cfg.n_labs}], got "
-                             f"{tuple(percentiles.shape)} and {tuple(missingness.shape)}")
+            raise ValueError(f"labs DAE expects percentiles and missingness of shape [N, {self.cfg.n_labs}], "
+                             f"got {tuple(percentiles.shape)} and {tuple(missingness.shape)}")
         m = missingness.to(percentiles.dtype)
         x = percentiles * m if zero_missing else percentiles
         return self.encoder(torch.cat([x, m], dim=-1))
 
-    def forward(self, percentiles: torch.Tensor, missingness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, percentiles: torch.Tensor,
+                missingness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (reconstruction [N, L], latent [N, latent]) for an (already corrupted) input."""
         z = self.encode(percentiles, missingness)
         return self.decoder(z), z
 
 
 def corrupt(
-    percentiles: torch.Tensor, missingness: torch.Tensor, drop_prob: float, generator: torch.Generator | None = None
+    percentiles: torch.Tensor, missingness: torch.Tensor, drop_prob: float,
+    generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked corruption -> (values, flags, hidden [N, L] bool).
 
@@ -98,7 +98,6 @@ def read_labs_dae_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Labs
         path = resolve_run_checkpoint(path)
     obj, meta = load_any(path)
     if meta:  # safetensors: the DAE's own keys, config in the metadata when we wrote it
-        import json
 
         return dict(obj), LabsDAEConfig(**json.loads(meta.get("labs_dae_config", "{}")))
     state = obj.get("state_dict") if isinstance(obj, Mapping) else None

@@ -1,14 +1,9 @@
-"""Masked autoencoder (Stage 1) on the shared ViT encoder.
+"""Masked autoencoder (Stage 1) on the shared ViT encoder (docs/method.md#stage-1).
 
-Follows He et al., "Masked Autoencoders Are Scalable Vision Learners" (2022) and the public MAE
-reference ``models_mae.py`` (Meta, CC BY-NC 4.0), re-written here. The model *is* a ``ViTEncoder``
-plus a decoder, so its encoder keys sit at the top level and its decoder keys keep the official
-names (``mask_token``, ``decoder_embed``, ``decoder_pos_embed``, ``decoder_blocks.{i}.*``,
-``decoder_norm``, ``decoder_pred``). Official MAE release files with a decoder and the authors'
-Stage 1 Lightning checkpoints (``model.`` prefix) therefore load strictly.
-
-Shapes: ``L`` patches per image, ``K = int(L * (1 - mask_ratio))`` kept, ``P = patch² · C`` pixels
-per patch; ``mask: [B, L]`` with 1 = removed (predicted), 0 = visible.
+Follows He et al., "Masked Autoencoders Are Scalable Vision Learners" (2022) and the public MAE reference
+``models_mae.py`` (Meta, CC BY-NC 4.0), re-written here. Decoder keys keep the official names, so MAE
+releases and the authors' Stage 1 checkpoints load strictly (docs/design.md#mae-keys). Shapes: ``L`` patches,
+``K = int(L * (1 - mask_ratio))`` kept, ``P = patch² · C``; ``mask: [B, L]``, 1 = removed, 0 = visible.
 """
 
 from __future__ import annotations
@@ -22,13 +17,13 @@ from torch import nn
 
 from pacx.constants import MAE_MASK_RATIO
 from pacx.models.vit import (
-    ViTConfig,
     ViTEncoder,
     init_linear_and_norm,
     layer_norm,
     sincos_pos_embed_2d,
     vit_config,
 )
+from pacx.weights.layout import DECODER_KEY_PREFIXES, ViTConfig
 
 # --------------------------------------------------------------------------------------------------
 # Patch <-> pixel layout
@@ -122,7 +117,8 @@ class MaskedAutoencoderViT(ViTEncoder):
             torch.zeros(1, cfg.num_patches + 1, dec.decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(dec.decoder_embed_dim, dec.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(dec.decoder_embed_dim, dec.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True,
+                  norm_layer=norm_layer)
             for _ in range(dec.decoder_depth)
         )
         self.decoder_norm = norm_layer(dec.decoder_embed_dim)
@@ -156,8 +152,10 @@ class MaskedAutoencoderViT(ViTEncoder):
         kept_pixels, mask, ids_restore = random_masking(pixels, mask_ratio, noise)  # [B, K, C*p*p]
         ids_keep = torch.argsort(ids_restore, dim=1)[:, : kept_pixels.shape[1]]  # the shuffle's first K
         proj = self.patch_embed.proj
-        if type(proj) is not nn.Conv2d:  # its weight is applied directly: a wrapper (e.g. LoRA) would be skipped
-            raise TypeError(f"forward_encoder needs a plain Conv2d patch projection, got {type(proj).__name__}")
+        # its weight is applied directly: a wrapper (e.g. LoRA) would be skipped
+        if type(proj) is not nn.Conv2d:
+            raise TypeError("forward_encoder needs a plain Conv2d patch projection, got "
+                            f"{type(proj).__name__}")
         kept = self.patch_embed.norm(F.linear(kept_pixels, proj.weight.flatten(1), proj.bias))  # [B, K, D]
         kept = kept + self.pos_embed[0, 1:][ids_keep]  # their positions, [B, K, D]
         latent = torch.cat([self.cls_with_pos(kept.shape[0]), kept], dim=1)  # [B, 1 + K, D]
@@ -207,9 +205,6 @@ class MaskedAutoencoderViT(ViTEncoder):
         return {k: v for k, v in self.state_dict().items() if not is_decoder_key(k)}
 
 
-DECODER_KEY_PREFIXES = ("mask_token", "decoder_")
-
-
 def is_decoder_key(key: str) -> bool:
     return key.startswith(DECODER_KEY_PREFIXES)
 
@@ -231,7 +226,8 @@ def create_mae(
     mask_ratio: float = MAE_MASK_RATIO,
     **encoder_overrides,
 ) -> MaskedAutoencoderViT:
-    """Factory: ``create_mae("mae_vit_base_patch16")`` is the paper's ViT-B/16 MAE (decoder 512×8, 16 heads)."""
+    """Factory: ``create_mae("mae_vit_base_patch16")`` is the paper's ViT-B/16 MAE (decoder 512×8, 16
+    heads)."""
     if arch not in MAE_ARCHS:
         raise KeyError(f"unknown MAE architecture {arch!r}; known: {sorted(MAE_ARCHS)}")
     vit_arch, dec = MAE_ARCHS[arch]

@@ -1,12 +1,9 @@
-"""Segmentation decoder over frozen ViT patch tokens (docs/datasets.md#stage-3-settings (segmentation)).
+"""Segmentation decoder over frozen ViT patch tokens (docs/datasets.md#stage-3-settings).
 
-The patch tokens after the final norm are reshaped to a ``[B, D, H/p, W/p]`` map; the decoder is a
-Conv 3×3 (D → 256, padding 1) + ReLU followed by ``log2(p)`` ConvTranspose (k 2, s 2) stages that each
-double the resolution, so the logits come back at the input resolution ``[B, 1, H, W]``.
-
-Width rule: the first stage takes ``width`` (256) channels and every stage halves them, the last stage
-mapping to one logit channel; ReLU after every stage but the last. For patch 16 (four stages) this is
-exactly docs/datasets.md#stage-3-settings: 256 → 128 → 64 → 32 → 1. For patch 8 (three stages): 256 → 128 → 64 → 1.
+A Conv 3×3 (D → ``width``, padding 1) + ReLU, then ``log2(p)`` ConvTranspose (k 2, s 2) stages that each
+double the resolution and halve the channels, the last mapping to one logit channel at the input resolution
+(``[B, 1, H, W]``); ReLU after every stage but the last. Patch 16: 256 → 128 → 64 → 32 → 1 (four stages,
+as docs/datasets.md#stage-3-settings); patch 8: 256 → 128 → 64 → 1 (three stages).
 """
 
 from __future__ import annotations
@@ -31,7 +28,8 @@ class SegDecoder(nn.Module):
     Args:
         embed_dim: channels of the token map (the backbone's ``embed_dim``; 768 for ViT-B).
         patch_size: the backbone's patch size, a power of two >= 2; sets the number of ×2 stages.
-        width: channels after the 3×3 conv (256 in docs/datasets.md#stage-3-settings); halved by every ConvTranspose stage.
+        width: channels after the 3×3 conv (256 in docs/datasets.md#stage-3-settings); halved by every
+            ConvTranspose stage.
     """
 
     def __init__(self, embed_dim: int, patch_size: int, width: int = 256) -> None:
@@ -41,7 +39,8 @@ class SegDecoder(nn.Module):
             raise ValueError(f"patch size {patch_size} is not a power of two >= 2")
         if width >> (stages - 1) < 1:
             raise ValueError(f"width {width} cannot be halved {stages - 1} times")
-        layers: list[nn.Module] = [nn.Conv2d(embed_dim, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [nn.Conv2d(embed_dim, width, kernel_size=3, padding=1),
+                                   nn.ReLU(inplace=True)]
         channels = width
         for i in range(stages):
             last = i == stages - 1

@@ -1,42 +1,22 @@
-"""Which encoder parameters train in Stages 2 and 3, parameter counts, and LoRA merging (docs/method.md#stage-2).
+"""Which encoder parameters train in Stages 2 and 3, and their counts (docs/method.md#stage-2).
 
-``apply_tuning(encoder, strategy, ...)`` is the one place that decides trainability (:data:`TUNING_STRATEGIES`):
-
-* ``linear_probe``: everything is frozen (Stage 3 linear probes and the segmentation backbone).
-* ``finetune``: Stage 3's name for ``full``.
-* ``lora`` (default): peft LoRA (rank, alpha, dropout and targets default to the paper's, ``pacx.constants``); the encoder
-  LayerNorms chosen by ``trainable_norms`` train; everything else is frozen. The wrapped encoder is a peft
-  ``PeftModel``, so its state-dict keys (``base_model.model.…qkv.base_layer.weight``,
-  ``…lora_A.default.weight``, ``…lora_B.default.weight``) are those of the authors' Stage 2 files.
-* ``last_n_blocks``: the last ``n`` transformer blocks and the final norm train.
-* ``full``: everything trains (the fixed position embedding stays fixed).
-
-``trainable_norms`` (LoRA only; :data:`TRAINABLE_NORMS`): ``all`` (the paper: every LayerNorm of the
-encoder, the 2 per block and the final one), ``final`` (only the final LayerNorm ``norm``: what the authors'
-LoRA run trained, since their name filter matched ``norm.`` but not ``norm1`` / ``norm2``) or ``none``. The
-other strategies train whole blocks, norms included, and take only ``all``.
-
-It logs trainable vs total parameters, counted by :func:`count_parameters` (the one count every module
-logs). :func:`merge_lora_state` folds LoRA into plain weights as a
-pure function on a state dict, ``W + (alpha / r) · B · A``, which is how exports and the authors'
-checkpoints become plain encoders.
+:func:`apply_tuning` is the one place that decides trainability (:data:`TUNING_STRATEGIES`, and with LoRA the
+LayerNorms of :data:`TRAINABLE_NORMS`) and logs trainable vs total parameters (:func:`count_parameters`).
+Folding LoRA back into plain weights is :func:`pacx.weights.layout.merge_lora_state`. The strategies in
+detail: docs/design.md#tuning.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
-import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
 
 log = logging.getLogger(__name__)
-
-PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
 def _all_norms(encoder: nn.Module) -> list[nn.Module]:
@@ -53,8 +33,6 @@ TRAINABLE_NORMS: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
 
 def _lora(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int,
           norms: str = "all") -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     trained = TRAINABLE_NORMS[norms](encoder)
     model = get_peft_model(encoder, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                target_modules=list(targets), bias="none"))
@@ -84,8 +62,8 @@ def _full(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Seque
     return encoder
 
 
-def _linear_probe(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str], n_blocks: int,
-                  norms: str = "all") -> nn.Module:
+def _linear_probe(encoder: nn.Module, r: int, alpha: int, dropout: float, targets: Sequence[str],
+                  n_blocks: int, norms: str = "all") -> nn.Module:
     return encoder.requires_grad_(False)
 
 
@@ -116,36 +94,11 @@ def apply_tuning(
     if trainable_norms not in TRAINABLE_NORMS:
         raise KeyError(f"unknown trainable_norms {trainable_norms!r}; known: {sorted(TRAINABLE_NORMS)}")
     if strategy != "lora" and trainable_norms != "all":
-        raise ValueError(f"trainable_norms {trainable_norms!r} applies to tuning 'lora'; {strategy!r} trains whole "
-                         "blocks, their norms included (set trainable_norms: all)")
-    model = TUNING_STRATEGIES[strategy](encoder, lora_r, lora_alpha, lora_dropout, lora_targets, last_n_blocks,
-                                        trainable_norms)
+        raise ValueError(f"trainable_norms {trainable_norms!r} applies to tuning 'lora'; {strategy!r} trains "
+                         "whole blocks, their norms included (set trainable_norms: all)")
+    model = TUNING_STRATEGIES[strategy](encoder, lora_r, lora_alpha, lora_dropout, lora_targets,
+                                        last_n_blocks, trainable_norms)
     trainable, total = count_parameters(model)
-    log.info("tuning %s (norms: %s): %s of %s encoder parameters trainable (%.2f %%)", strategy, trainable_norms,
-             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("tuning %s (norms: %s): %s of %s encoder parameters trainable (%.2f %%)", strategy,
+             trainable_norms, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
-
-
-def merge_lora_state(state: Mapping[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A peft-LoRA state dict (``base_model.model.`` prefix) -> plain weights, W + scaling · B · A.
-
-    ``scaling`` is alpha / r. Keys of non-LoRA modules lose the peft prefix; ``base_layer`` disappears.
-    """
-    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        match = _LORA_KEY.match(key)
-        if match:
-            lora.setdefault(match["module"], {})[match["which"]] = value
-        else:
-            out[key.replace(".base_layer.", ".")] = value
-    for module, ab in lora.items():
-        if set(ab) != {"A", "B"}:
-            raise KeyError(f"LoRA module {module} lacks lora_{'B' if 'A' in ab else 'A'}")
-        weight = f"{module}.weight"
-        if weight not in out:
-            raise KeyError(f"LoRA module {module} has no base_layer weight")
-        delta = (ab["B"].double() @ ab["A"].double()) * scaling
-        out[weight] = (out[weight].double() + delta).to(out[weight].dtype)
-    return out

@@ -1,25 +1,22 @@
-"""The shared ViT encoder of every pacx stage.
+"""The shared ViT encoder of every pacx stage (docs/method.md#backbone).
 
-A plain ``nn.Module`` (no Lightning) built from timm ``Block``s with a *fixed* 2-D sin-cos position
-embedding, as in the MAE paper (He et al., 2022) and docs/method.md#backbone. Its state-dict keys are
-exactly those of timm's ``vit_*_patch*_224`` with ``num_classes=0`` (and of the official MAE release
-encoders), so weights move between timm, the MAE release and pacx with ``strict=True``.
-
-The sin-cos construction follows the public MAE reference (``util/pos_embed.py``, Meta, CC BY-NC 4.0),
-re-written here in torch.
+A plain ``nn.Module`` (no Lightning) of timm ``Block``s with a fixed 2-D sin-cos position embedding (He et
+al., 2022). Its state-dict keys are those of timm's ``vit_*_patch*_224`` with ``num_classes=0`` and of the MAE
+release encoders, so weights move between timm, MAE and pacx with ``strict=True``. The sin-cos code follows
+the MAE reference ``util/pos_embed.py`` (Meta, CC BY-NC 4.0), re-written here in torch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from pacx.weights.layout import ViTConfig
 
 # --------------------------------------------------------------------------------------------------
 # Position embedding
@@ -54,60 +51,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 
 
 # --------------------------------------------------------------------------------------------------
-# Architecture description
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Everything that fixes the encoder's tensors; recorded in checkpoints and export metadata."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    norm_eps: float = 1e-6
-    timm_model: str = "vit_base_patch16_224"
-
-    def __post_init__(self) -> None:
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"image size {self.img_size} is not divisible by patch size {self.patch_size}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def timm_kwargs(self) -> dict:
-        """Keyword arguments for ``timm.create_model(self.timm_model, num_classes=0, **kwargs)``.
-
-        timm's ViT fixes LayerNorm eps at 1e-6: an encoder with another eps (the authors' Stage 2 used
-        1e-5) loads strictly with these kwargs, but timm's features then differ slightly; the exact eps
-        is recorded beside them (``norm_eps`` in the export metadata).
-        """
-        return dict(
-            img_size=self.img_size,
-            patch_size=self.patch_size,
-            in_chans=self.in_chans,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-        )
+# Architecture description (the record itself, ViTConfig, is pacx.weights.layout's)
 
 
 # Named size variants. ``test`` is tiny for CPU unit tests; ``demo`` is the
@@ -137,7 +81,8 @@ def vit_config(arch: str, img_size: int = 224, patch_size: int | None = None, **
 
 
 # How the tokens after the final norm [B, 1 + L, D] become the feature [B, D]: the CLS token (the paper's
-# feature), or the mean of the patch tokens (MAE's ``global_pool``; timm ``global_pool="avg", fc_norm=False``).
+# feature), or the mean of the patch tokens (MAE's ``global_pool``; timm
+# ``global_pool="avg", fc_norm=False``).
 POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cls": lambda tokens: tokens[:, 0],
     "avg": lambda tokens: tokens[:, 1:].mean(dim=1),
@@ -218,44 +163,7 @@ def init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def create_vit(arch: str = "vit_base_patch16", img_size: int = 224, patch_size: int | None = None, **overrides):
+def create_vit(arch: str = "vit_base_patch16", img_size: int = 224, patch_size: int | None = None,
+               **overrides):
     """Factory: ``create_vit("vit_base_patch16")`` is the paper's ViT-B/16 at 224 px."""
     return ViTEncoder(vit_config(arch, img_size, patch_size, **overrides))
-
-
-def config_from_state_dict(state: dict[str, torch.Tensor], **overrides) -> ViTConfig:
-    """Infer the architecture of timm-layout encoder weights from tensor shapes.
-
-    Depth, width, patch and image size follow from shapes; the head count does not, so it comes from
-    the standard ViT family (width → heads) unless given.
-    """
-    try:
-        embed_dim = state["cls_token"].shape[-1]
-        patch_size = state["patch_embed.proj.weight"].shape[-1]
-        in_chans = state["patch_embed.proj.weight"].shape[1]
-        num_patches = state["pos_embed"].shape[1] - 1
-        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as err:
-        raise KeyError(f"not a ViT encoder state dict in timm layout: missing key {err}") from None
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ValueError(f"pos_embed holds {num_patches} patch positions, not a square grid")
-    heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-    timm_names = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
-                  1024: "vit_large_patch16_224"}
-    kwargs = dict(
-        img_size=grid * patch_size,
-        patch_size=patch_size,
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        depth=depth,
-        mlp_ratio=mlp_hidden / embed_dim,
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-        timm_model=timm_names.get(embed_dim, "vit_base_patch16_224"),
-    )
-    overrides = dict(overrides)
-    num_heads = overrides.pop("num_heads", None) or heads.get(embed_dim)
-    if num_heads is None:
-        raise ValueError(f"cannot infer the head count of a {embed_dim}-wide ViT; pass num_heads")
-    return ViTConfig(**{**kwargs, "num_heads": num_heads, **overrides})

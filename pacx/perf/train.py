@@ -1,47 +1,9 @@
 """Training-throughput benchmark pieces: analytic MAE FLOPs, the Hugging Face ViTMAE twin, step timing.
 
-``scripts/benchmark_train.py`` uses these to time one MAE training step (forward, backward, AdamW
-step, ``zero_grad(set_to_none=True)``) of pacx's :class:`~pacx.models.mae.MaskedAutoencoderViT` against
-Hugging Face ``transformers``' ``ViTMAEForPreTraining`` built at the *same* configuration and loaded
-with the *same* weights. ``transformers`` is an optional dependency (``pip install -e .[bench]``) and is
-imported only inside the functions that need it.
-
-Analytic FLOPs (MFU)
---------------------
-Counted per sample, matmuls only; one multiply-accumulate (MAC) is 2 FLOPs; bias adds, LayerNorm,
-GELU, softmax, the residual adds, masking/gather and the MSE loss are not counted (they are
-O(n·d), not O(n·d²), and are what ``torch.utils.flop_counter.FlopCounterMode`` leaves out too).
-
-With ``L`` patches, ``K = int(L·(1 − r))`` kept patches (exactly the expression of
-:func:`~pacx.models.mae.random_masking`), encoder width ``D``, MLP width ``F = D·mlp_ratio``, depth
-``N``; decoder width ``Dd``, MLP width ``Fd = Dd·mlp_ratio``, depth ``Nd``; ``P = p²·C`` pixels per
-patch; ``n_e = 1 + K`` encoder tokens and ``n_d = 1 + L`` decoder tokens (CLS included):
-
-    block(n, d, f) = 2·n·(3d² + d² + 2·d·f)      qkv, attention out-projection, MLP fc1 + fc2
-                   + 2·2·n²·d                     attention scores QKᵀ and weighted sum AV
-
-    forward = 2·K·P·D                             patch embedding of the kept patches (a linear map)
-            + N · block(n_e, D, F)                encoder on the kept tokens only
-            + 2·n_e·D·Dd                          decoder_embed
-            + Nd · block(n_d, Dd, Fd)             decoder on all tokens (mask tokens included)
-            + 2·n_d·Dd·P                          decoder_pred (applied to CLS too, then dropped)
-
-    training FLOPs per step = 3 · forward · batch   (backward ≈ 2 × forward)
-    MFU = training FLOPs per step / (seconds per step · peak FLOP/s)
-
-pacx embeds only the kept patches (``MaskedAutoencoderViT.forward_encoder``); the reference MAE
-and Hugging Face embed all ``L`` and then drop ``L − K``, ``2·(L − K)·P·D`` more FLOPs per sample
-that are work, not model FLOPs, and are not counted for either (MFU counts the model's FLOPs).
-
-The forward count equals ``FlopCounterMode``'s count of a forward pass of pacx's MAE exactly, and
-of HF's plus the ``2·(L − K)·P·D`` (tested, with SDPA on its math backend, because the counter has
-no formula for the fused CPU attention kernel). The "3 ×" is the usual convention (Kaplan et al.
-2020; PaLM's MFU, Chowdhery et al. 2022). The true backward is cheaper by one matmul: no gradient
-flows into the input image, so the patch embedding's input-gradient (``2·K·P·D`` per sample) is
-never computed; ``FlopCounterMode`` on a training step counts exactly ``3·forward − 2·K·P·D`` per
-sample (tested), 0.05 % less at ViT-B/16. Fused GPU attention kernels also recompute ``QKᵀ`` in the
-backward, which the convention does not count either. At ViT-B/16, 224 px, r = 0.9 (K = 19):
-14.16 GFLOPs forward and 42.5 GFLOPs per trained sample, 75 % of it in the decoder.
+``scripts/benchmark_train.py`` times one MAE training step of pacx's model against ``transformers``'
+``ViTMAEForPreTraining`` at the same configuration and with the same weights (``transformers`` is the optional
+``bench`` extra, imported only inside the functions that need it). The FLOP count behind MFU, and how it was
+checked: docs/design.md#throughput.
 """
 
 from __future__ import annotations
@@ -160,7 +122,8 @@ _TOP_RENAMES = {
     "patch_embed.proj.": "vit.embeddings.patch_embeddings.projection.",
     "norm.": "vit.layernorm.",
 }
-# Older transformers releases name the same tensors BERT-style (``vit.encoder.layer.{i}.attention.attention.query``).
+# Older transformers releases name the same tensors BERT-style
+# (``vit.encoder.layer.{i}.attention.attention.query``).
 _LEGACY_RENAMES = (
     ("vit.layers.", "vit.encoder.layer."),
     (".attention.q_proj.", ".attention.attention.query."),
@@ -261,7 +224,8 @@ class TrainRunner:
 
 @dataclass
 class ForwardRunner:
-    """One model's inference pass on a fixed rotation of inputs: no gradients, as feature extraction runs it."""
+    """One model's inference pass on a fixed rotation of inputs: no gradients, as feature extraction runs
+    it."""
 
     model: nn.Module
     inputs: list[torch.Tensor]  # imgs [B, C, H, W] per step
@@ -278,7 +242,8 @@ class ForwardRunner:
 def adamw_settings(stage1_config: dict) -> dict:
     """``lr``, ``betas``, ``weight_decay`` of a Stage 1 config's ``model`` section (its single source)."""
     model = stage1_config["model"]
-    return {"lr": float(model["lr"]), "betas": tuple(model["betas"]), "weight_decay": float(model["weight_decay"])}
+    return {"lr": float(model["lr"]), "betas": tuple(model["betas"]),
+            "weight_decay": float(model["weight_decay"])}
 
 
 def make_adamw(model: nn.Module, settings: dict) -> torch.optim.AdamW:

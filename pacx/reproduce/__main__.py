@@ -9,11 +9,10 @@ import logging
 import sys
 
 from pacx.reproduce import main
+from pacx.reproduce.execute import execute
 
 
 def exec_main(argv: list[str]) -> int:
-    from pacx.reproduce.execute import execute
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m pacx.reproduce exec",
                                      description="Run one node (or one grid point) of a plan from its spec.")

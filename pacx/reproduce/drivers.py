@@ -1,25 +1,13 @@
-"""Running a plan's graph: submitted to Slurm (default) or sequentially on this machine (``--local``).
+"""Running a plan's graph: submitted to Slurm, or here in order (one subprocess per point, or in process).
 
-Both drivers walk the nodes in topological order and skip every point whose ``<run_dir>/run.json`` says
-``completed``; a node with nothing left is skipped. They write each node's spec to
-``<out>/.plan/nodes/<node>.json`` and run its points through the same executor
-(``python -m pacx.reproduce exec``, :mod:`pacx.reproduce.execute`).
-
-* **slurm**: one ``sbatch --parsable`` per node with unfinished points, through
-  ``scripts/slurm/node.sbatch``; a grid node is one job array over its unfinished indices (ranges such
-  as ``0-149``; ``%max_parallel`` when set). ``--dependency=afterok:<ids>`` names the jobs of the node's
-  unfinished parents (with ``--kill-on-invalid-dep=yes``, so a failed parent cancels its dependents
-  instead of leaving them pending forever). Resources come from the plan. Job ids are kept in
-  ``<out>/.plan/jobs.json``: on a re-run, a node whose earlier job is still queued or running is not
-  submitted again (its dependents wait on that job).
-* **local**: every unfinished point as a subprocess, one after another. A failed point fails its node;
-  the node's dependents are skipped, independent nodes still run; the exit code is 1.
-* ``dry_run``: print what would be done (a bash script of ``sbatch`` lines with ``$node`` placeholders
-  for the job ids, or the ``exec`` command lines), running and writing nothing.
+Both walk the nodes in topological order, skip every point whose ``run.json`` says ``completed`` and run
+points through the same executor (:mod:`pacx.reproduce.execute`); ``dry_run`` prints what would be done.
+Behaviour of each driver: docs/plans.md#drivers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pacx.reproduce.execute import COMPLETED, run_status, write_specs
+from pacx.reproduce.execute import COMPLETED, execute_point, node_spec, run_status, write_specs
 from pacx.reproduce.plan import REPO, Node, Plan
 from pacx.utils import write_json_atomic
 
@@ -74,6 +62,7 @@ class Outcome:
     status: str  # done | submitted | queued | would submit | completed | failed | blocked | would run
     job_id: str | None = None
     failed: list[int] = field(default_factory=list)
+    seconds: float | None = None  # local runs: the node's wall time
 
 
 def _unfinished(plan: Plan, outcomes: dict[str, Outcome], lines: list[str]):
@@ -136,15 +125,16 @@ def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
         deps = [f"${p}" if dry_run else ids[p] for p in node.after if p in ids]
         cmd = sbatch_command(plan, node, todo, deps)
         if dry_run:
-            lines.append(f"{node.name}=$({' '.join(a if a.startswith('--dependency=') else shlex.quote(a) for a in cmd)})")
+            quoted = " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in cmd)
+            lines.append(f"{node.name}=$({quoted})")
             ids[node.name] = f"${node.name}"
             outcome.status = "would submit"
             continue
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             submitted = {n: o.job_id for n, o in outcomes.items() if o.status == "submitted"}
-            raise RuntimeError(f"sbatch of node {node.name!r} failed (exit {done.returncode}): {done.stderr.strip()}; "
-                               f"already submitted: {submitted or 'nothing'}")
+            raise RuntimeError(f"sbatch of node {node.name!r} failed (exit {done.returncode}): "
+                               f"{done.stderr.strip()}; already submitted: {submitted or 'nothing'}")
         ids[node.name] = outcome.job_id = done.stdout.strip().split(";")[0]
         outcome.status = "submitted"
         jobs[node.name] = {"job_id": outcome.job_id, "indices": todo, "command": cmd,
@@ -160,33 +150,57 @@ def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
 # ---- local ----------------------------------------------------------------------------------------
 
 
-def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Outcome]:
+def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None = None,
+              in_process: bool = False, only: list[str] | None = None) -> dict[str, Outcome]:
+    """Every unfinished point in order, each as ``python -m pacx.reproduce exec`` (``in_process``: in this
+    process, as ``python -m pacx.demo`` runs the demo); ``only``: just these nodes (the others are not
+    looked at)."""
     env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
+    unknown = sorted(set(only or ()) - set(plan.nodes))
+    if unknown:
+        raise ValueError(f"unknown node(s) {', '.join(unknown)}; the plan's nodes: {', '.join(plan.nodes)}")
     outcomes: dict[str, Outcome] = {}
     lines = [f"# plan {plan.name} ({plan.path}) -> {plan.out}, run locally in this order"]
     if not dry_run:
         write_specs(plan)
-    for node, todo, outcome in _unfinished(plan, outcomes, lines):
-        blocked = [p for p in node.after if outcomes[p].status in ("failed", "blocked")]
+    selected = plan if not only else dataclasses.replace(
+        plan, nodes={n: v for n, v in plan.nodes.items() if n in only})
+    for node, todo, outcome in _unfinished(selected, outcomes, lines):
+        blocked = [p for p in node.after if p in outcomes and outcomes[p].status in ("failed", "blocked")]
         if blocked:
             outcome.status = "blocked"
             log.error("%s: not run, its parent(s) %s did not complete", node.name, ", ".join(blocked))
             continue
+        start = time.perf_counter()
         for index in todo:
             point = node.points[index]
             cmd = exec_command(plan, node, index)
+            label = f"{node.name}{f' [{point.name}]' if point.name else ''}"
             if dry_run:
-                lines += [f"# {node.name}{f' [{point.name}]' if point.name else ''}: "
-                          f"{node.target or 'python'} {shlex.join(point.argv)}", shlex.join(cmd)]
+                lines += [f"# {label}: {node.target or 'python'} {shlex.join(point.argv)}", shlex.join(cmd)]
                 continue
-            log.info("%s%s: running", node.name, f" [{point.name}]" if point.name else "")
-            if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0 or run_status(point.run_dir) != COMPLETED:
+            log.info("%s: running", label)
+            returncode = (_in_process(node_spec(plan, node), index, label) if in_process
+                          else subprocess.run(cmd, cwd=REPO, env=env).returncode)
+            if returncode != 0 or run_status(point.run_dir) != COMPLETED:
                 outcome.failed.append(index)
-                log.error("%s%s failed", node.name, f" [{point.name}]" if point.name else "")
+                log.error("%s failed", label)
+        outcome.seconds = None if dry_run else round(time.perf_counter() - start, 1)
         outcome.status = "would run" if dry_run else "failed" if outcome.failed else "completed"
     if dry_run:
         sys.stdout.write("\n".join(lines) + "\n")
     return outcomes
+
+
+def _in_process(spec: dict, index: int, label: str) -> int:
+    """One point in this process; an exception fails the point (logged), as it would end a subprocess."""
+    try:
+        return execute_point(spec, index, in_process=True)
+    except SystemExit as done:  # a CLI's argument error, say
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    except Exception:
+        log.exception("%s raised", label)
+        return 1
 
 
 #: mode -> driver
@@ -195,8 +209,8 @@ DRIVERS: dict[str, Callable[..., dict[str, Outcome]]] = {"slurm": run_slurm, "lo
 
 def summary(plan: Plan, mode: str, dry_run: bool, outcomes: dict[str, Outcome]) -> dict:
     nodes = {name: vars(o) for name, o in outcomes.items()}
-    return {"plan": str(plan.path), "name": plan.name, "profile": plan.profile, "mode": mode, "dry_run": dry_run,
-            "out": str(plan.out),
+    return {"plan": str(plan.path), "name": plan.name, "profile": plan.profile, "mode": mode,
+            "dry_run": dry_run, "out": str(plan.out),
             "nodes": nodes, "job_ids": [o.job_id for o in outcomes.values() if o.status == "submitted"]}
 
 
@@ -204,5 +218,6 @@ def format_table(outcomes: dict[str, Outcome]) -> str:
     width = max(len(n) for n in outcomes)
     lines = [f"{'node':<{width}}  {'kind':<6} {'points':>6} {'pending':>7}  {'status':<12} job"]
     for name, o in outcomes.items():
-        lines.append(f"{name:<{width}}  {o.kind:<6} {o.points:>6} {len(o.pending):>7}  {o.status:<12} {o.job_id or ''}")
+        lines.append(f"{name:<{width}}  {o.kind:<6} {o.points:>6} {len(o.pending):>7}  {o.status:<12} "
+                     f"{o.job_id or ''}")
     return "\n".join(lines)

@@ -1,34 +1,28 @@
-"""Running one node (or one grid point) of a plan: ``python -m pacx.reproduce exec NODE.json [--index I]``.
+"""Running one point of a plan: ``python -m pacx.reproduce exec NODE.json [--index I]`` (docs/plans.md).
 
-Both drivers go through here: ``scripts/slurm/node.sbatch`` runs it under ``srun`` (one process per task;
-``--index $SLURM_ARRAY_TASK_ID`` for a grid), and ``--local`` runs it as a subprocess. ``NODE.json`` is
-the node's spec, written by the driver from the plan (:func:`node_spec`).
-
-* **stage** nodes call the Stage script's ``main(argv)`` in this process with the plan's arguments
-  (``fit --config … --trainer <fragment> --trainer.default_root_dir <run_dir> --seed_everything …``),
-  adding ``--ckpt_path last`` when the run directory holds ``checkpoints/last.ckpt`` from an earlier try —
-  except in a requeued Slurm job (``SLURM_RESTART_COUNT`` > 0), where the Stage CLI resumes by itself.
-  The Stage CLI writes ``run.json``; rank 0 checks that it ends ``completed``.
-* **script** nodes run ``<python> <argv…>`` as a subprocess from the repository root, on rank 0 only,
-  and this executor keeps ``<run_dir>/run.json`` (``running`` → ``completed`` or ``failed: …``).
-  ``stdout`` (optional) sends the script's standard output to a file, written only if it succeeds.
-  SIGTERM (time limit, ``scancel``) reaches the script and its failure is recorded; SIGUSR1 is ignored.
+Stage points call the Stage script's ``main(argv)`` in this process and check the ``run.json`` it writes;
+script points run ``<python> argv…`` (a subprocess, or ``runpy`` in process) on rank 0 only and keep their
+own ``run.json``. SIGTERM reaches a script subprocess and its failure is recorded; SIGUSR1 is ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from pacx.progress import progress_enabled
 from pacx.reproduce.plan import REPO, Node, Plan
 from pacx.utils import git_sha, write_json_atomic
 
@@ -73,42 +67,48 @@ def requeued() -> bool:
 
 
 def stage_argv(point: dict) -> list[str]:
-    """The Stage CLI arguments of ``point``, resuming an interrupted run from its ``last.ckpt``."""
+    """The Stage CLI arguments of ``point``, resuming an interrupted run from its ``last.ckpt``; without a
+    terminal (a Slurm log) or with ``PACX_PROGRESS=0`` the Lightning bars are off, else the config decides."""
     argv = list(point["argv"])
+    if not progress_enabled():
+        argv += ["--trainer.enable_progress_bar", "false"]
     if (Path(point["run_dir"]) / "checkpoints" / "last.ckpt").is_file() and not requeued():
         argv += ["--ckpt_path", "last"]
     return argv
 
 
-def run_stage_point(spec: dict, point: dict) -> int:
+def run_stage_point(spec: dict, point: dict, in_process: bool = True) -> int:
+    """A Stage point, always in this process (``<Stage>.main(argv)``); rank 0 checks its ``run.json``."""
     if spec["repo"] not in sys.path:
         sys.path.insert(0, spec["repo"])  # the Stage scripts live in the repository root
     argv = stage_argv(point)
-    log.info("%s%s: %s %s", spec["node"], f" [{point['name']}]" if point["name"] else "", spec["stage"], " ".join(argv))
+    log.info("%s%s: %s %s", spec["node"], f" [{point['name']}]" if point["name"] else "", spec["stage"],
+             " ".join(argv))
     importlib.import_module(spec["stage"]).main(argv)
     if rank() != 0:
         return 0
     status = run_status(point["run_dir"])
     if status != COMPLETED:
-        log.error("%s: %s/%s says status %r, not %r", spec["node"], point["run_dir"], RUN_RECORD, status, COMPLETED)
+        log.error("%s: %s/%s says status %r, not %r", spec["node"], point["run_dir"], RUN_RECORD, status,
+                  COMPLETED)
         return 1
     return 0
 
 
-def run_script_point(spec: dict, point: dict) -> int:
+def run_script_point(spec: dict, point: dict, in_process: bool = False) -> int:
     if rank() != 0:
         return 0  # a script runs once, whatever the number of tasks
     run_dir = Path(point["run_dir"])
     argv = [spec["python"], *point["argv"]]
     record = {"stage": "script", "node": spec["node"], "point": point["name"], "plan": spec["plan"],
-              "run_dir": str(run_dir), "command": argv, "stdout": point["stdout"], "host": socket.gethostname(),
-              "slurm_job": os.environ.get("SLURM_JOB_ID"), "git_sha": git_sha(),
+              "run_dir": str(run_dir), "command": argv, "stdout": point["stdout"],
+              "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"), "git_sha": git_sha(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json_atomic(run_dir / RUN_RECORD, {**record, "status": "running"})
     log.info("%s%s: %s", spec["node"], f" [{point['name']}]" if point["name"] else "", " ".join(argv))
     start = time.perf_counter()
     try:
-        returncode = _run_script(argv, spec["repo"], point["stdout"])
+        returncode = (_run_in_process if in_process else _run_script)(argv, spec["repo"], point["stdout"])
         status = COMPLETED if returncode == 0 else f"failed: exit code {returncode}" if returncode > 0 \
             else f"failed: killed by {signal.Signals(-returncode).name}"
     except OSError as err:
@@ -135,14 +135,16 @@ def _wait(argv: list[str], cwd: str, stdout=None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_script(argv: list[str], cwd: str, stdout: str | None) -> int:
+def _with_stdout(run: Callable, argv: list[str], cwd: str, stdout: str | None) -> int:
+    """``run(argv, cwd, file)`` with the standard output sent to ``stdout`` (None: left alone), which is
+    written only if it succeeds (exit code 0)."""
     if stdout is None:
-        return _wait(argv, cwd)
+        return run(argv, cwd, None)
     out = Path(stdout)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        returncode = _wait(argv, cwd, f)
+        returncode = run(argv, cwd, f)
     if returncode == 0:
         os.replace(tmp, out)
     else:
@@ -150,18 +152,64 @@ def _run_script(argv: list[str], cwd: str, stdout: str | None) -> int:
     return returncode
 
 
+def _run_script(argv: list[str], cwd: str, stdout: str | None) -> int:
+    return _with_stdout(_wait, argv, cwd, stdout)
+
+
+def _runpy(argv: list[str], cwd: str, stdout=None) -> int:
+    """``<python> argv…`` inside this process (a script path, ``-m module`` or ``-c code``), from ``cwd``; the
+    exit code (an exception is logged and gives 1, as the subprocess would exit)."""
+    option = argv[1] if argv[1] in ("-m", "-c") else None
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    try:
+        os.chdir(cwd)
+        sys.argv = [argv[2] if option == "-m" else "-c", *argv[3:]] if option else argv[1:]
+        with contextlib.redirect_stdout(stdout) if stdout else contextlib.nullcontext():
+            if option == "-m":
+                # a module this process imported before runs afresh, as intended
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                    runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+            elif option == "-c":
+                exec(compile(argv[2], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                runpy.run_path(argv[1], run_name="__main__")
+        return 0
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    except Exception:
+        log.exception("%s failed", " ".join(argv[1:]))
+        return 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+
+
+def _run_in_process(argv: list[str], cwd: str, stdout: str | None) -> int:
+    return _with_stdout(_runpy, argv, cwd, stdout)
+
+
 #: node kind -> how one of its points runs
-RUNNERS: dict[str, Callable[[dict, dict], int]] = {"stage": run_stage_point, "script": run_script_point}
+RUNNERS: dict[str, Callable[[dict, dict, bool], int]] = {"stage": run_stage_point, "script": run_script_point}
+
+
+def execute_point(spec: dict, index: int, in_process: bool = False) -> int:
+    """Run point ``index`` of the node ``spec`` (:func:`node_spec`); ``in_process``: scripts too run in this
+    process (the local driver's in-process mode; Stage points always do)."""
+    return RUNNERS[spec["kind"]](spec, spec["points"][index], in_process)
 
 
 def execute(spec_path: str | Path, index: int | None = None) -> int:
-    """Run point ``index`` of the node in ``spec_path`` (a node without a grid: its only point); the exit code."""
+    """Run point ``index`` of the node in ``spec_path`` (a node without a grid: its only point); the exit
+    code."""
     spec = json.loads(Path(spec_path).read_text())
     points = spec["points"]
     if index is None:
         if len(points) != 1:
-            raise SystemExit(f"{spec_path}: node {spec['node']!r} is a grid of {len(points)} points: pass --index")
+            raise SystemExit(f"{spec_path}: node {spec['node']!r} is a grid of {len(points)} points: "
+                             "pass --index")
         index = 0
     if not 0 <= index < len(points):
-        raise SystemExit(f"{spec_path}: --index {index} out of range (node {spec['node']!r} has {len(points)} points)")
-    return RUNNERS[spec["kind"]](spec, points[index])
+        raise SystemExit(f"{spec_path}: --index {index} out of range "
+                         f"(node {spec['node']!r} has {len(points)} points)")
+    return execute_point(spec, index)

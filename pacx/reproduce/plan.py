@@ -1,13 +1,7 @@
-"""Reading a reproduction plan (YAML) into a validated, expanded dependency graph.
-
-The format is documented in :mod:`pacx.reproduce` and at the top of ``plans/paper.yaml``. Loading
-checks everything that can be checked before a job starts: unknown keys, unknown or cyclic ``after``
-names, unknown ``{name}`` fields, missing Stage scripts, configs and trainer fragments, grid axes, and
-run directories shared by two points. Every error is a :class:`PlanError` naming the plan file and the
-node. The result is a :class:`Plan` whose nodes are in topological order and whose grid nodes are
-expanded into :class:`Point` s (one per combination of axis values, in ``itertools.product`` order; the
-point's index is its Slurm array index).
-"""
+"""Reading a reproduction plan (YAML) into a validated graph: nodes in topological order, grid nodes
+expanded into points (``itertools.product`` order; a point's index is its Slurm array index). Everything
+checkable before a job starts is checked here; each error is a :class:`PlanError` naming the plan file
+and the node. The format: :mod:`pacx.reproduce`."""
 
 from __future__ import annotations
 
@@ -22,21 +16,30 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]  # the Stage scripts, configs/ and scripts/ live here
+from pacx.reproduce.values import (
+    BUILTINS,
+    NAME,
+    REPO,
+    PlanError,
+    Values,
+    check_profile_nodes,
+    choose_profile,
+    expand_args,
+    list_var,
+    read_profiles,
+    repo_path,
+    resolve_vars,
+    substitute,
+    text,
+)
 
-PLAN_KEYS = {"name", "out", "python", "trainer", "seed", "vars", "slurm", "nodes", "profiles"}
+# `anchors` holds YAML anchors of shared argument lists; the loader ignores it
+PLAN_KEYS = {"name", "out", "python", "trainer", "seed", "vars", "slurm", "nodes", "profiles", "anchors"}
 SLURM_KEYS = {"sbatch_args", "defaults"}
-NODE_KEYS = {"name", "after", "stage", "config", "script", "args", "stdout", "seed", "trainer", "grid", "run_dir",
-             "resources", "sbatch_args", "max_parallel"}
-BUILTINS = ("out", "node", "point", "run_dir", "profile")  # names every string may use besides vars and axes
+NODE_KEYS = {"name", "after", "stage", "config", "script", "args", "stdout", "seed", "trainer", "grid",
+             "run_dir", "resources", "sbatch_args", "max_parallel"}
 RUN_DIR = {False: "{out}/runs/{node}", True: "{out}/runs/{node}/{point}"}  # default per "is a grid"
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*$")
 _AXIS_VALUE = re.compile(r"[A-Za-z0-9_.+-]+$")
-_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class PlanError(ValueError):
-    """A plan that cannot run; the message names the plan file and the node."""
 
 
 @dataclass(frozen=True)
@@ -107,42 +110,6 @@ class Plan:
         return self.state_dir / "nodes" / f"{node}.json"
 
 
-# ---- strings --------------------------------------------------------------------------------------
-
-
-def text(value) -> str:
-    """A YAML scalar as a command-line word (booleans as the CLIs spell them)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    raise TypeError(f"expected a string or number, got {type(value).__name__} {value!r}")
-
-
-def substitute(template, values: Mapping[str, str], where: str) -> str:
-    """``{name}`` → ``values[name]``; ``{{`` / ``}}`` are literal braces. Anything else in braces (a Python
-    dict in ``-c`` code, say) is left alone."""
-
-    def field(m: re.Match) -> str:
-        if m.group(0) in ("{{", "}}"):
-            return m.group(0)[0]
-        name = m.group(1)
-        if name not in values:
-            raise PlanError(f"{where}: unknown field {{{name}}} in {template!r}; defined: {', '.join(sorted(values))}")
-        return values[name]
-
-    try:
-        return _FIELD.sub(field, text(template))
-    except TypeError as err:
-        raise PlanError(f"{where}: {err}") from None
-
-
-def repo_path(path: str) -> Path:
-    """A plan path: absolute, or relative to the repository root."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO / p
-
-
 # ---- the plan -------------------------------------------------------------------------------------
 
 
@@ -170,7 +137,8 @@ def _resources(where: str, base: Resources, given) -> Resources:
         if key in ("time", "mem"):
             if value is not None and not isinstance(value, str):
                 raise PlanError(f"{where} resources: {key} must be a string like \"04:00:00\", got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "gpus_per_node" else 1):
+        elif (isinstance(value, bool) or not isinstance(value, int)
+              or value < (0 if key == "gpus_per_node" else 1)):
             raise PlanError(f"{where} resources: {key} must be a positive integer, got {value!r}")
     return dataclasses.replace(base, **given)
 
@@ -180,27 +148,11 @@ def _resolve_python(given) -> str:
     return str(python)
 
 
-def _resolve_vars(where: str, given, out: Path, overrides: Mapping[str, str], profile: str | None) -> dict[str, str]:
-    if not isinstance(given or {}, Mapping):
-        raise PlanError(f"{where}: vars must be a mapping of name -> value")
-    given = dict(given or {})
-    unknown = sorted(set(overrides) - set(given))
-    if unknown:
-        raise PlanError(f"{where}: --set names unknown var(s) {', '.join(unknown)}; vars: {', '.join(given)}")
-    values = {"out": str(out), "profile": profile or ""}
-    for name, value in given.items():
-        if not _NAME.match(str(name)) or name in BUILTINS:
-            raise PlanError(f"{where}: var {name!r} must be an identifier other than {', '.join(BUILTINS)}")
-        values[name] = substitute(overrides.get(name, value), values, f"{where} var {name}")
-    return values
-
-
 def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mapping[str, str] | None = None,
               profile: str | None = None) -> Plan:
     """Read, validate and expand the plan at ``path``; ``out`` overrides the plan's ``out``, ``overrides``
-    (``--set NAME=VALUE``) replace var values and ``profile`` picks one of its profiles (default: the first)."""
-    from pacx.reproduce.profiles import check_profile_nodes, choose_profile, read_profiles
-
+    (``--set NAME=VALUE``) replace var values and ``profile`` picks one of its profiles (default: the
+    first)."""
     path = Path(path).resolve()
     where = str(path)
     try:
@@ -217,15 +169,21 @@ def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mappin
     if not out_given:
         raise PlanError(f"{where}: no output directory: set `out:` in the plan or pass --out")
     out_given = substitute(str(out_given), {"profile": chosen or ""}, f"{where} out")
-    out_dir = Path(out_given).expanduser().resolve() if out is not None else repo_path(str(out_given)).resolve()
-    values = _resolve_vars(where, raw.get("vars"), out_dir, overrides or {}, chosen)
+    out_dir = (Path(out_given).expanduser().resolve() if out is not None
+               else repo_path(str(out_given)).resolve())
+    chosen_profile = profiles[chosen] if chosen else None
+    unknown = sorted(set(chosen_profile.vars if chosen_profile else ()) - set(raw.get("vars") or {}))
+    if unknown:
+        raise PlanError(f"{where}: profile {chosen!r} sets unknown var(s) {', '.join(unknown)}")
+    values = resolve_vars(where, raw.get("vars"), out_dir,
+                          {**(chosen_profile.vars if chosen_profile else {}), **(overrides or {})}, chosen)
     slurm = raw.get("slurm") or {}
     _check_keys(f"{where} slurm", slurm, SLURM_KEYS)
     defaults = _resources(f"{where} slurm.defaults", Resources(), slurm.get("defaults"))
     plan_args = [substitute(a, values, f"{where} slurm.sbatch_args")
                  for a in _str_list(where, slurm.get("sbatch_args"), "slurm.sbatch_args")]
     context = _PlanContext(where, values, raw.get("trainer"), raw.get("seed"), defaults,
-                           profiles.get(chosen, {}) if chosen else {})
+                           chosen_profile.configs if chosen_profile else {})
     nodes_raw = raw.get("nodes")
     if not isinstance(nodes_raw, list) or not nodes_raw:
         raise PlanError(f"{where}: `nodes` must be a non-empty list")
@@ -235,11 +193,11 @@ def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mappin
         if node.name in nodes:
             raise PlanError(f"{where}: two nodes are named {node.name!r}")
         nodes[node.name] = node
-    check_profile_nodes(where, profiles, nodes)
+    check_profile_nodes(where, profiles, {n: node.kind for n, node in nodes.items()})
     ordered = _topological(where, nodes)
     _check_unique_run_dirs(where, ordered)
-    return Plan(path, str(name), out_dir, _resolve_python(raw.get("python")), tuple(plan_args), ordered, chosen,
-                tuple(profiles))
+    return Plan(path, str(name), out_dir, _resolve_python(raw.get("python")), tuple(plan_args), ordered,
+                chosen, tuple(profiles))
 
 
 # ---- nodes ----------------------------------------------------------------------------------------
@@ -248,44 +206,51 @@ def load_plan(path: str | Path, out: str | Path | None = None, overrides: Mappin
 @dataclass(frozen=True)
 class _PlanContext:
     where: str
-    values: dict[str, str]
+    values: Values
     trainer: str | None
     seed: int | str | None
     defaults: Resources
     profile_configs: Mapping[str, tuple[str, ...]]  # stage node -> the chosen profile's override configs
 
 
-def _grid_axes(where: str, grid, values: Mapping[str, str]) -> list[tuple[str, list[tuple[str, list]]]]:
+def _grid_axes(where: str, grid, values: Values) -> list[tuple[str, list[tuple[str, list]]]]:
     """``[(axis, [(value, extra args), ...]), ...]``: a list axis has no extra args, a mapping axis appends
-    its choice's argument list."""
+    its choice's argument list; ``axis: "{name}"`` takes the values of the list var ``name`` (which may be
+    empty: a node whose grid has an empty axis has no points and is skipped)."""
     if grid is None:
         return []
     if not isinstance(grid, Mapping) or not grid:
         raise PlanError(f"{where}: grid must be a non-empty mapping of axis -> values")
     axes = []
     for axis, choices in grid.items():
-        if not _NAME.match(str(axis)) or axis in BUILTINS or axis in values:
+        if not NAME.match(str(axis)) or axis in BUILTINS or axis in values:
             raise PlanError(f"{where}: grid axis {axis!r} must be an identifier that is not a var or one of "
                             f"{', '.join(BUILTINS)}")
-        if isinstance(choices, Mapping):
-            options = [(text(k), _str_list(f"{where} grid.{axis}.{k}", v, "arguments")) for k, v in choices.items()]
+        from_var = list_var(choices, values)
+        if from_var is not None:
+            options = [(v, []) for v in from_var]
+        elif isinstance(choices, Mapping):
+            options = [(text(k), _str_list(f"{where} grid.{axis}.{k}", v, "arguments"))
+                       for k, v in choices.items()]
         elif isinstance(choices, list):
             options = [(text(v), []) for v in choices]
         else:
-            raise PlanError(f"{where}: grid axis {axis!r} must be a list of values or a mapping value -> arguments")
-        if not options:
+            raise PlanError(f"{where}: grid axis {axis!r} must be a list of values or a mapping "
+                            "value -> arguments")
+        if not options and from_var is None:
             raise PlanError(f"{where}: grid axis {axis!r} has no values")
         for value, _ in options:
             if not _AXIS_VALUE.match(value):
-                raise PlanError(f"{where}: grid axis {axis!r} value {value!r} may hold only letters, digits and _.+- "
-                                "(it names run directories)")
+                raise PlanError(f"{where}: grid axis {axis!r} value {value!r} may hold only letters, digits "
+                                "and _.+- (it names run directories)")
         if len({v for v, _ in options}) != len(options):
             raise PlanError(f"{where}: grid axis {axis!r} repeats a value")
         axes.append((str(axis), options))
     return axes
 
 
-def _stage_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, str], extra: list[str]) -> list[str]:
+def _stage_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, str],
+                  extra: list[str]) -> list[str]:
     """The Stage CLI ``fit`` arguments of one point (``--ckpt_path`` is decided when it runs)."""
     trainer = raw["trainer"] if "trainer" in raw else ctx.trainer
     argv = ["fit"]
@@ -309,13 +274,14 @@ def _stage_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, s
         if not re.fullmatch(r"-?\d+", seed_text):
             raise PlanError(f"{where}: seed must be an integer, got {seed_text!r}")
         argv += ["--seed_everything", seed_text]
-    return argv + [substitute(a, base, where) for a in _str_list(where, raw.get("args"), "args")] + extra
+    return argv + expand_args(_str_list(where, raw.get("args"), "args"), base, where) + extra
 
 
-def _script_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, str], extra: list[str]) -> list[str]:
+def _script_points(ctx: _PlanContext, where: str, raw: Mapping, base: dict[str, str],
+                   extra: list[str]) -> list[str]:
     """The interpreter's arguments: ``script`` then ``args`` then the grid's mapping-axis arguments."""
-    argv = [substitute(a, base, where) for a in raw["script"]]
-    return argv + [substitute(a, base, where) for a in _str_list(where, raw.get("args"), "args")] + extra
+    argv = expand_args(raw["script"], base, where)
+    return argv + expand_args(_str_list(where, raw.get("args"), "args"), base, where) + extra
 
 
 #: node kind -> (the key that selects it, keys it requires, keys it refuses, argv builder)
@@ -328,8 +294,9 @@ NODE_KINDS: dict[str, tuple[str, set[str], set[str], Callable]] = {
 def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
     _check_keys(f"{ctx.where} nodes[{i}]", raw, NODE_KEYS)
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise PlanError(f"{ctx.where} nodes[{i}]: name must be an identifier (letters, digits, _), got {name!r}")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise PlanError(f"{ctx.where} nodes[{i}]: name must be an identifier (letters, digits, _), "
+                        f"got {name!r}")
     where = f"{ctx.where} node {name!r}"
     kinds = [k for k, (key, *_rest) in NODE_KINDS.items() if key in raw]
     if len(kinds) != 1:
@@ -346,7 +313,7 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
         if script.suffix != ".py" or not script.is_file():
             raise PlanError(f"{where}: stage script not found: {script} (e.g. Stage1_MAE.py)")
         parts = script.resolve().with_suffix("").parts
-        root = REPO.resolve().parts  # the module to import: Stage1_MAE, pacx.teachers.train
+        root = REPO.resolve().parts  # the module to import: Stage1_MAE, pacx.teacher_cli
         target = ".".join(parts[len(root):]) if parts[:len(root)] == root else script.stem
     else:
         _str_list(where, raw["script"], "script")
@@ -363,14 +330,16 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
         base = {**ctx.values, **values, "node": name, "point": point}
         run_dir = repo_path(substitute(raw.get("run_dir") or RUN_DIR[bool(axes)], base, f"{pwhere} run_dir"))
         base["run_dir"] = str(run_dir)
-        extra = [substitute(a, base, pwhere) for _, (_, args) in zip(axes, combo) for a in args]
+        extra = expand_args([args for _, (_, args) in zip(axes, combo)], base, pwhere)
         argv = build_argv(ctx, pwhere, raw, base, extra)
         stdout = substitute(raw["stdout"], base, pwhere) if raw.get("stdout") else None
         points.append(Point(index, point, str(run_dir), tuple(argv), stdout, values))
     max_parallel = raw.get("max_parallel")
     if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1 or not axes):
-        raise PlanError(f"{where}: max_parallel must be a positive integer on a grid node, got {max_parallel!r}")
-    sbatch_args = tuple(substitute(a, ctx.values, where) for a in _str_list(where, raw.get("sbatch_args"), "sbatch_args"))
+        raise PlanError(f"{where}: max_parallel must be a positive integer on a grid node, "
+                        f"got {max_parallel!r}")
+    sbatch_args = tuple(substitute(a, ctx.values, where)
+                        for a in _str_list(where, raw.get("sbatch_args"), "sbatch_args"))
     return Node(name, kind, target, after, tuple(points), tuple(a for a, _ in axes),
                 _resources(where, ctx.defaults, raw.get("resources")), sbatch_args, max_parallel)
 
@@ -379,8 +348,8 @@ def _topological(where: str, nodes: dict[str, Node]) -> dict[str, Node]:
     for node in nodes.values():
         unknown = [a for a in node.after if a not in nodes]
         if unknown:
-            raise PlanError(f"{where} node {node.name!r}: `after` names unknown node(s) {', '.join(unknown)}; "
-                            f"nodes: {', '.join(nodes)}")
+            raise PlanError(f"{where} node {node.name!r}: `after` names unknown node(s) "
+                            f"{', '.join(unknown)}; nodes: {', '.join(nodes)}")
         if node.name in node.after:
             raise PlanError(f"{where} node {node.name!r}: a node cannot run after itself")
     ordered: dict[str, Node] = {}
@@ -409,5 +378,6 @@ def _check_unique_run_dirs(where: str, nodes: dict[str, Node]) -> None:
         for point in node.points:
             label = f"{node.name} {point.name}".strip()
             if point.run_dir in seen:
-                raise PlanError(f"{where}: {seen[point.run_dir]} and {label} share the run directory {point.run_dir}")
+                raise PlanError(f"{where}: {seen[point.run_dir]} and {label} share the run directory "
+                                f"{point.run_dir}")
             seen[point.run_dir] = label

@@ -1,97 +1,32 @@
-"""Named profiles of a plan: the same graph under another set of config overrides (docs/method.md#profiles).
-
-A plan may declare, at the top level::
-
-    profiles:
-      paper: {}                      # the configs as they are
-      authors:                       # stage node -> override configs, stacked after the node's own config
-        stage1: [configs/stage1/mae_vitb_chexpert_ratio075.yaml]
-        stage2: [configs/stage2/pacx_vitb_symile_bs500.yaml, ...]
-
-``scripts/reproduce_paper.py PLAN --profile NAME`` picks one (default: the first). Each override file adds one
-``--config`` to the node's Stage command, after its own config, so one file carries one difference.
-``{profile}`` is defined in every string of the plan, ``out`` included, so that each profile's runs land in
-their own directory; ``<out>/.plan/profile`` records which profile a directory belongs to, and running
-another profile into it is an error (:func:`claim_out_dir`).
-
-:func:`profile_differences` resolves every overridden node's configs under each profile (the YAML files
-merged in order: mappings key by key, anything else replaced, as the Stage CLIs merge several ``--config``)
-and lists the settings whose values differ; ``--dry-run`` prints them side by side (:func:`format_differences`).
-``trainer.default_root_dir`` is left out: the plan sets every run directory itself.
-"""
+"""Named profiles of a plan: the same graph under other override configs and vars (docs/method.md#profiles).
+A profile maps stage nodes to config files stacked after each node's own (and may set ``vars``); reading
+them is :mod:`pacx.reproduce.values`. Here: an output directory belongs to one profile
+(:func:`claim_out_dir`), and the settings that differ between profiles, resolved from the configs
+(:func:`profile_differences`; ``--dry-run`` prints them)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
-from pacx.reproduce.plan import Node, Plan, PlanError, repo_path
+from pacx.reproduce.plan import Plan, PlanError
 
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*$")
 PLAN_SET = ("trainer.default_root_dir",)  # settings the plan gives every run itself
 MARKER = "profile"
 
 
-def read_profiles(where: str, raw) -> dict[str, dict[str, tuple[str, ...]]]:
-    """``{profile: {stage node: (override config, ...)}}`` in plan order; ``{}`` for a plan without profiles."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping) or not raw:
-        raise PlanError(f"{where}: profiles must be a non-empty mapping of name -> {{stage node: [config, ...]}}")
-    out: dict[str, dict[str, tuple[str, ...]]] = {}
-    for name, nodes in raw.items():
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise PlanError(f"{where}: profile name {name!r} must be an identifier")
-        if not isinstance(nodes or {}, Mapping):
-            raise PlanError(f"{where}: profile {name!r} must map stage nodes to lists of config files")
-        out[name] = {}
-        for node, files in (nodes or {}).items():
-            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-                raise PlanError(f"{where}: profile {name!r} node {node!r}: expected a list of config files")
-            out[name][str(node)] = tuple(files)
-    return out
-
-
-def choose_profile(where: str, profiles: Mapping, name: str | None) -> str | None:
-    """The profile to use: ``name``, or the plan's first; None for a plan without profiles."""
-    if not profiles:
-        if name is not None:
-            raise PlanError(f"{where}: --profile {name} given, but the plan declares no profiles")
-        return None
-    if name is None:
-        return next(iter(profiles))
-    if name not in profiles:
-        raise PlanError(f"{where}: unknown profile {name!r}; the plan's profiles: {', '.join(profiles)}")
-    return name
-
-
-def check_profile_nodes(where: str, profiles: Mapping[str, Mapping[str, tuple[str, ...]]],
-                        nodes: Mapping[str, Node]) -> None:
-    """Every profile names existing stage nodes and existing files (a node's fields like ``{benchmark}``
-    are left to the node's points, which check their files when the plan expands them)."""
-    for profile, overrides in profiles.items():
-        for node, files in overrides.items():
-            if node not in nodes or nodes[node].kind != "stage":
-                stages = [n for n, v in nodes.items() if v.kind == "stage"]
-                raise PlanError(f"{where}: profile {profile!r} names {node!r}, which is not a stage node of the plan "
-                                f"({', '.join(stages)})")
-            for file in files:
-                if "{" not in file and not repo_path(file).is_file():
-                    raise PlanError(f"{where}: profile {profile!r} node {node!r}: config file not found: "
-                                    f"{repo_path(file)}")
-
-
 def claim_out_dir(plan: Plan) -> None:
-    """Record the plan's profile in ``<out>/.plan/profile``; an output directory of another profile is an error."""
+    """Record the plan's profile in ``<out>/.plan/profile``; an output directory of another profile is an
+    error."""
     if plan.profile is None:
         return
     marker = plan.state_dir / MARKER
     if marker.is_file() and marker.read_text().strip() != plan.profile:
-        raise PlanError(f"{plan.out} holds the runs of profile {marker.read_text().strip()!r}, not {plan.profile!r}: "
-                        "give each profile its own --out (the default out uses {profile})")
+        raise PlanError(f"{plan.out} holds the runs of profile {marker.read_text().strip()!r}, "
+                        f"not {plan.profile!r}: give each profile its own --out "
+                        "(the default out uses {profile})")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(plan.profile + "\n")
 
@@ -103,7 +38,8 @@ def merge(base: dict, override: Mapping) -> dict:
     """``override`` merged into a copy of ``base``: mappings key by key, anything else replaced."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, Mapping) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if nested else value
     return out
 
 
@@ -162,6 +98,7 @@ def format_differences(rows: list[tuple[str, str, dict[str, object]]], profiles:
     header = ("node", "setting", *profiles)
     cells = [header] + [(node, key, *(str(values[p]) for p in profiles)) for node, key, values in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [f"# profile {chosen}: settings that differ between the plan's profiles (resolved from the configs)"]
+    lines = [f"# profile {chosen}: settings that differ between the plan's profiles "
+             "(resolved from the configs)"]
     lines += ["# " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines) + "\n"

@@ -1,18 +1,9 @@
 """The frozen teachers of Stage 2, by name (docs/method.md#teachers; docs/method.md#adding-a-teacher).
 
-``TEACHERS`` maps a lowercase name to a :class:`TeacherSpec`: the teacher's feature file
-(``<name>_features.npy`` per split), its width, the raw Symile-MIMIC files it reads, and three functions:
-``load`` (weights file -> the frozen network, loaded strictly), ``preprocess`` (raw rows as numpy -> the
-network's inputs) and ``encode`` (network + input tensors -> features ``[B, D]``). Everything that handles
-teachers reads the spec: feature extraction (:mod:`pacx.teachers.extract`), the Stage 2 data items and
-on-the-fly teachers (:mod:`pacx.data.symile`, :mod:`pacx.data.teacher_features`), the Stage 2 heads and
-loss (:class:`pacx.lit.pacx.PaCXModule`: one head pair per teacher), and the alignment evaluation
-(:mod:`pacx.eval.alignment`).
-
-The registry holds the two release teachers, ``ecg`` (ECGFounder, 1024-d) and ``labs`` (the labs denoising
-autoencoder, 256-d). Another teacher is one :func:`register_teacher` call with its spec (and, if it reads a
-raw file the release does not have, that file's :class:`~pacx.data.symile_files.FileSpec`); no other module
-changes. ``tests/test_teacher_registry.py`` does that with a toy third teacher.
+``TEACHERS`` maps a lowercase name to a :class:`TeacherSpec`: feature file, width, the raw Symile-MIMIC files
+it reads, and ``load`` / ``preprocess`` / ``encode``. Everything that handles teachers reads the spec
+(docs/design.md#teacher-registry). It holds the release teachers ``ecg`` (ECGFounder, 1024-d) and ``labs``
+(the labs denoising autoencoder, 256-d); another teacher is one :func:`register_teacher` call.
 """
 
 from __future__ import annotations
@@ -82,14 +73,16 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name != self.name.lower() or self.name in RESERVED_NAMES:
-            raise ValueError(f"teacher name {self.name!r}: a lowercase identifier other than {RESERVED_NAMES}")
+            raise ValueError(f"teacher name {self.name!r}: a lowercase identifier other than "
+                             f"{RESERVED_NAMES}")
         if self.width < 1 or not self.inputs:
             raise ValueError(f"teacher {self.name!r}: needs a positive width and at least one input file")
         object.__setattr__(self, "title", self.title or self.name)
         object.__setattr__(self, "feature_file", self.feature_file or f"{self.name}_features.npy")
         # the feature file as a row of the file table: float32 [N, D] in the feature splits, D any width
-        object.__setattr__(self, "feature_spec", FileSpec(self.feature_key, self.feature_file, (f"{self.name}_dim",),
-                                                          ("float32",), frozenset(FEATURE_SPLITS), frozenset()))
+        object.__setattr__(self, "feature_spec",
+                           FileSpec(self.feature_key, self.feature_file, (f"{self.name}_dim",),
+                                    ("float32",), frozenset(FEATURE_SPLITS), frozenset()))
 
     @property
     def feature_key(self) -> str:
@@ -105,8 +98,8 @@ def _load_ecgfounder(weights, config: str = "12_lead", trust_pickle: bool = Fals
 
 
 def _preprocess_ecg(ecg: np.ndarray) -> tuple[np.ndarray]:
-    """Raw Symile ECGs [B, 1, 5000, 12] -> ECGFounder input [B, 12, 5000] float32 (lead order, filters, z-score).
-    A non-finite row is refused: ``preprocess_ecg`` would silently zero it."""
+    """Raw Symile ECGs [B, 1, 5000, 12] -> ECGFounder input [B, 12, 5000] float32 (lead order, filters,
+    z-score). A non-finite row is refused: ``preprocess_ecg`` would silently zero it."""
     check_finite("ecg", ecg)
     return (preprocess_ecg(ecg),)
 
@@ -121,7 +114,8 @@ def _preprocess_labs(percentiles: np.ndarray, missingness: np.ndarray) -> tuple[
 
 
 def _encode_labs(network: nn.Module, percentiles: torch.Tensor, missingness: torch.Tensor) -> torch.Tensor:
-    # the uncorrupted raw percentiles: the mean-imputed placeholders are not zeroed (docs/datasets.md#teacher-features)
+    # the uncorrupted raw percentiles: the mean-imputed placeholders are not zeroed
+    # (docs/datasets.md#teacher-features)
     return network.encode(percentiles, missingness, zero_missing=False)  # [B, D]
 
 
@@ -148,7 +142,8 @@ def register_teacher(spec: TeacherSpec) -> TeacherSpec:
 
 def teacher_spec(name: str) -> TeacherSpec:
     if name not in TEACHERS:
-        raise KeyError(f"unknown teacher {name!r}; registered: {sorted(TEACHERS)} (pacx.teachers.register_teacher)")
+        raise KeyError(f"unknown teacher {name!r}; registered: {sorted(TEACHERS)} "
+                       "(pacx.teachers.register_teacher)")
     return TEACHERS[name]
 
 
@@ -185,7 +180,8 @@ from pacx.teachers.extract import (  # noqa: E402  (the extraction reads the spe
 )
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "DEFAULT_TEACHERS", "DERIVED_SPLIT", "FEATURE_SPLITS", "TEACHERS", "BadRow", "FeatureFile",
+    "DEFAULT_BATCH_SIZE", "DEFAULT_TEACHERS", "DERIVED_SPLIT", "FEATURE_SPLITS", "TEACHERS", "BadRow",
+    "FeatureFile",
     "Teacher", "TeacherSpec", "check_finite", "extract_split", "extract_teacher_features", "feature_path",
     "load_teachers", "read_rows", "register_teacher", "resolve_teachers", "teacher_spec",
 ]

@@ -1,27 +1,9 @@
 """Teacher feature extraction for Stage 2: ``<teacher>_features.npy`` per split, for any registered teacher.
 
-Runs frozen teachers (docs/method.md#teachers; their specs in :data:`pacx.teachers.TEACHERS`) over a
-Symile-MIMIC ``data_npy`` tree and writes, next to each split's release files, the arrays Stage 2 distils
-from (docs/datasets.md#teacher-features). For the release teachers:
-
-- ``<root>/<split>/ecg_features.npy`` float32 [N, 1024]: ECGFounder on ``preprocess_ecg`` of each
-  stored record, the time-averaged last stage;
-- ``<root>/<split>/labs_features.npy`` float32 [N, 256]: the labs DAE encoder on the **uncorrupted**
-  raw percentiles (mean-imputed placeholders *not* zeroed, ``zero_missing=False``) and the
-  missingness flags, as the reference does.
-
-A :class:`Teacher` (a spec with its loaded network) reads a batch of rows of each of the spec's input files
-and runs the spec's ``preprocess``, then its ``encode``. As the reference: eval mode, no gradients, batch 64,
-rows in file order. Features are made for train, val and test (not val_retrieval); ``test_uni``'s are the
-first ``n`` test rows, which must be exactly the test positives (``label == 1``) with ``label_hadm_id`` equal
-to ``test_uni``'s ``hadm_id_test.npy`` (checked).
-
-Memory: the ECG array is 2.4 GB on train. It is never held whole nor kept mapped (:func:`read_rows`), and a
-spec with ``check_inputs=False`` (the ECG) skips the release-wide value scan of ``validate_split``: its
-``preprocess`` checks each batch instead. Outputs are written atomically (:mod:`pacx.teachers.files`); a
-split whose output already exists with the right shape [N, D] and dtype is skipped unless ``overwrite``.
-``scripts/extract_teacher_features.py`` is the command-line entry point; ``scripts/benchmark_teachers.py``
-measures throughput and peak RSS.
+Runs frozen teachers (:data:`pacx.teachers.TEACHERS`) over a Symile-MIMIC ``data_npy`` tree and writes the
+arrays Stage 2 distils from next to each split's files (docs/datasets.md#teacher-features): as the reference,
+eval mode, no gradients, batch 64, rows in file order. ``scripts/extract_teacher_features.py`` is the
+command line; splits, ``test_uni`` checks and memory: docs/design.md#teacher-extraction.
 """
 
 from __future__ import annotations
@@ -107,7 +89,8 @@ class Teacher:
         return self._run(*inputs)
 
     def describe(self) -> str:
-        return f"{self.spec.name}: {type(self.model).__name__} -> {self.key} [N, {self.embed_dim}] on {self.device}"
+        return (f"{self.spec.name}: {type(self.model).__name__} -> {self.key} [N, {self.embed_dim}] "
+                f"on {self.device}")
 
 
 def load_teachers(
@@ -161,8 +144,9 @@ def extract_split(
     the small labs arrays); an output already holding float32 [N, D] is skipped unless ``overwrite``.
     """
     if split == DERIVED_SPLIT or split not in FEATURE_SPLITS:
-        raise ValueError(f"teacher features are computed for {[s for s in FEATURE_SPLITS if s != DERIVED_SPLIT]} "
-                         f"(and derived for {DERIVED_SPLIT}), not {split!r} (docs/datasets.md#teacher-features)")
+        raise ValueError("teacher features are computed for "
+                         f"{[s for s in FEATURE_SPLITS if s != DERIVED_SPLIT]} (and derived for "
+                         f"{DERIVED_SPLIT}), not {split!r} (docs/datasets.md#teacher-features)")
     results = []
     for teacher in teachers:
         paths = validate_split(root, split, None, check_values=teacher.spec.check_inputs, cache=cache,
@@ -179,7 +163,8 @@ def extract_split(
         write_features_atomic(out, n, teacher.embed_dim, lambda a, b, t=teacher, p=paths: t.features(p, a, b),
                               batch_size, desc=f"{split} {teacher.key}", progress=progress)
         seconds = time.perf_counter() - start
-        log.info("%s: wrote %s %s in %.1f s (%.1f rows/s)", split, out, list(shape), seconds, n / max(seconds, 1e-9))
+        log.info("%s: wrote %s %s in %.1f s (%.1f rows/s)", split, out, list(shape), seconds,
+                 n / max(seconds, 1e-9))
         results.append(FeatureFile(split, teacher.key, out, shape, "written", seconds))
     return results
 
@@ -206,8 +191,9 @@ def leading_positive_rows(root: str | Path) -> int:
         )
     if not np.array_equal(label_hadm[:n], hadm):
         row = int(np.argmax(label_hadm[:n] != hadm))
-        raise SymileFileError(f"{root / DERIVED_SPLIT}: hadm_id row {row} is {hadm[row]}, but {label_hadm_path} "
-                              f"row {row} is {label_hadm[row]} (test_uni holds the test queries' label_hadm_id)")
+        raise SymileFileError(f"{root / DERIVED_SPLIT}: hadm_id row {row} is {hadm[row]}, but "
+                              f"{label_hadm_path} row {row} is {label_hadm[row]} (test_uni holds the test "
+                              "queries' label_hadm_id)")
     return n
 
 
@@ -243,7 +229,8 @@ def derive_test_uni(
         write_features_atomic(out, n, teacher.embed_dim, lambda a, b, s=src: read_rows(s, a, b), batch_size,
                               desc=f"{DERIVED_SPLIT} {teacher.key}", progress=progress)
         log.info("%s: wrote %s %s (the first %d rows of %s)", DERIVED_SPLIT, out, list(shape), n, src)
-        results.append(FeatureFile(DERIVED_SPLIT, teacher.key, out, shape, "written", time.perf_counter() - start))
+        results.append(FeatureFile(DERIVED_SPLIT, teacher.key, out, shape, "written",
+                                   time.perf_counter() - start))
     return results
 
 

@@ -1,11 +1,9 @@
-"""Teacher feature files on disk (:mod:`pacx.teachers.extract`): rows read through short-lived memory maps, and
-float32 [N, D] outputs written atomically.
+"""Teacher feature files on disk (:mod:`pacx.teachers.extract`): rows read through short-lived memory
+maps, and float32 [N, D] outputs written atomically.
 
-``read_rows`` maps a file, copies the rows asked for and unmaps again, so the pages read do not stay
-resident in the process (a 2.4 GB ECG array would otherwise grow peak RSS to its size).
-``write_features_atomic`` fills a memory-mapped temporary file next to the output (``.<name>.tmp<pid>``) and
-renames it onto the final name only when every row is in (after an ``fsync``): an interrupted run never
-leaves a truncated file at the final name, and temporaries of killed runs are removed on the next start.
+``read_rows`` unmaps after copying, so the pages read do not stay resident (a 2.4 GB ECG array would otherwise
+grow peak RSS to its size). ``write_features_atomic`` fills ``.<name>.tmp<pid>`` next to the output and
+renames it after an ``fsync``: never a truncated file at the final name (stale temporaries go on restart).
 """
 
 from __future__ import annotations

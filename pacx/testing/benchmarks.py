@@ -1,18 +1,9 @@
 """Tiny synthetic releases of the classification benchmarks, in the layouts their converters read.
 
-Each writer ``write_<name>(out, seed) -> raw root`` writes the official metadata files (names and
-columns as in docs/datasets.md (one section per benchmark)) with a few dozen rows, plus 32x32 grayscale images where the
-benchmark's spec (``pacx.data.registry``) expects them under the returned root, i.e. the release after
-the reference's documented rename/flatten steps (for example NIH's flat ``images/``, CheXchoNet's
-``cxrs/`` renamed ``images/``). Folder-labelled releases (COVID-QU-Ex, pediatric pneumonia) get both
-their official class folders, which the converter lists, and the flat ``images/`` copy. Output is
-deterministic for a seed, with enough positives per label for every stratified split.
-
-``write_chexchonet`` and ``write_tb`` also take ``content`` from a caller (the physiology phantom,
-``pacx.demo.phantom``): per image a dict of release columns plus ``image`` (uint8 [H, W]), written
-through the same layout in place of the random rows and ``simple_cxr`` pixels.
-
-``RELEASE_WRITERS`` maps benchmark names to writers; segmentation writers register elsewhere.
+``write_<name>(out, seed) -> raw root`` writes the official metadata files with a few dozen rows, plus 32x32
+grey images where the registry spec expects them, deterministically for a seed; ``RELEASE_WRITERS`` maps
+benchmark names to writers. ``write_chexchonet`` and ``write_tb`` also take ``content`` from a caller (the
+physiology phantom). Details: docs/design.md#test-releases.
 """
 
 from __future__ import annotations
@@ -37,7 +28,8 @@ from pacx.testing.images import simple_cxr
 SIZE = 32
 
 VINDR_ALL_LABELS = [
-    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture", "Consolidation",
+    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture",
+    "Consolidation",
     "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity", "Lung cyst",
     "Mediastinal shift", "Nodule/Mass", "Pleural effusion", "Pleural thickening", "Pneumothorax",
     "Pulmonary fibrosis", "Rib fracture", "Other lesion", "COPD", "Lung tumor", "Pneumonia", "Tuberculosis",
@@ -72,10 +64,12 @@ def _balanced(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
     return rng.permutation(y)
 
 
-def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30, content: Iterable[dict] | None = None) -> Path:
+def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30,
+                     content: Iterable[dict] | None = None) -> Path:
     """``metadata.csv`` (all release columns) and ``images/<cxr_filename>`` (the renamed ``cxrs/``).
 
-    ``content``: per CXR a dict of release columns and ``image``; ``cxr_filename`` / ``cxr_path`` are set here.
+    ``content``: per CXR a dict of release columns and ``image``; ``cxr_filename`` / ``cxr_path`` are set
+    here.
     """
     rng = np.random.default_rng(seed)
     out = Path(out)
@@ -93,7 +87,8 @@ def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30, content: It
     for p in range(n_patients):
         for k in range(int(rng.integers(1, 4))):
             name = f"{len(rows) + 1:06d}.jpg"
-            slvh, dlv = (int(rng.random() < 0.7), int(rng.random() < 0.7)) if patient_y[p] and k == 0 else (0, 0)
+            positive = patient_y[p] and k == 0
+            slvh, dlv = (int(rng.random() < 0.7), int(rng.random() < 0.7)) if positive else (0, 0)
             if patient_y[p] and k == 0 and not (slvh or dlv):
                 slvh = 1
             if patient_y[p] and k > 0:
@@ -103,7 +98,8 @@ def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30, content: It
                 "cxr_year": int(rng.integers(2013, 2019)), "cxr_path": f"./cxrs/{name}",
                 "cxr_pixel_spacing_x": 0.139, "cxr_pixel_spacing_y": 0.139, "age": int(rng.integers(20, 90)),
                 "sex": rng.choice(["M", "F"]), "ivsd": round(float(rng.uniform(0.6, 1.6)), 2),
-                "lvpwd": round(float(rng.uniform(0.6, 1.6)), 2), "lvidd": round(float(rng.uniform(3.5, 7)), 2),
+                "lvpwd": round(float(rng.uniform(0.6, 1.6)), 2),
+                "lvidd": round(float(rng.uniform(3.5, 7)), 2),
                 "slvh": slvh, "dlv": dlv, "composite_slvh_dlv": int(slvh or dlv),
                 **{c: int(rng.random() < 0.3) for c in ECHO_LABELS[2:]},
             })
@@ -155,11 +151,14 @@ def write_medmod(out: Path, seed: int = 0, n_stays: int = 40) -> Path:
         cxr_path = f"p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg"
         rows.append({
             "subject_id": subject, "hadm_id": 20000000 + i, "stay_id": 30000000 + i,
-            "intime": intime, "outtime": intime + pd.Timedelta(days=2), "admittime": intime - pd.Timedelta(hours=6),
-            "dischtime": intime + pd.Timedelta(days=5), "deathtime": intime + pd.Timedelta(days=4) if died else None,
-            "anchor_age": int(rng.integers(18, 91)), "dod": (intime + pd.Timedelta(days=4)).date() if died else None,
-            "mortality_inunit": int(died and rng.random() < 0.5), "mortality": died, "mortality_inhospital": died,
-            **pheno, "cxr_path": cxr_path,
+            "intime": intime, "outtime": intime + pd.Timedelta(days=2),
+            "admittime": intime - pd.Timedelta(hours=6),
+            "dischtime": intime + pd.Timedelta(days=5),
+            "deathtime": intime + pd.Timedelta(days=4) if died else None,
+            "anchor_age": int(rng.integers(18, 91)),
+            "dod": (intime + pd.Timedelta(days=4)).date() if died else None,
+            "mortality_inunit": int(died and rng.random() < 0.5), "mortality": died,
+            "mortality_inhospital": died, **pheno, "cxr_path": cxr_path,
         })
         save_image(out / cxr_path, rng)
     columns = [*MEDMOD_META, *MEDMOD_MORTALITY, *MEDMOD_PHENOTYPES, "cxr_path"]
@@ -182,7 +181,8 @@ def write_medmod_pipeline(out: Path, seed: int = 0, n_stays: int = 44) -> Path:
     def add_image(subject: int, when: pd.Timestamp) -> None:
         study, dicom = 50000000 + len(meta), rng.bytes(8).hex()
         meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study,
-                     "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": rng.choice(["PA", "AP"]),
+                     "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                     "ViewPosition": rng.choice(["PA", "AP"]),
                      "Rows": 3056, "Columns": 2544, "StudyDate": int(when.strftime("%Y%m%d")),
                      "StudyTime": float(when.strftime("%H%M%S")) + 0.5})
         save_image(out / f"p{str(subject)[:2]}/p{subject}/s{study}/{dicom}.jpg", rng)
@@ -214,7 +214,8 @@ def write_medmod_pipeline(out: Path, seed: int = 0, n_stays: int = 44) -> Path:
 
 
 def write_covidqu(out: Path, seed: int = 0, per_folder: tuple[int, int, int] = (6, 2, 3)) -> Path:
-    """``Lung Segmentation Data/Lung Segmentation Data/<Split>/<Class>/images/*.png`` plus flat ``images/``."""
+    """``Lung Segmentation Data/Lung Segmentation Data/<Split>/<Class>/images/*.png`` plus flat
+    ``images/``."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     base = out / "Lung Segmentation Data" / "Lung Segmentation Data"
@@ -242,19 +243,25 @@ def write_tb(out: Path, seed: int = 0, n: int = 40, content: Iterable[dict] | No
             name = f"CHNCXR_{i:04d}_{int(item['findings'] != 'normal')}.png"
             rows.append({"study_id": name, **{k: item[k] for k in ("sex", "age", "findings")}})
             save_image(out / "images" / "images" / name, rng, image=item["image"])
-        pd.DataFrame(rows, columns=["study_id", "sex", "age", "findings"]).to_csv(out / "shenzhen_metadata.csv", index=False)
+        pd.DataFrame(rows,
+                     columns=["study_id", "sex", "age", "findings"]).to_csv(out / "shenzhen_metadata.csv",
+                                                                            index=False)
         return out
     for i, tb in enumerate(_balanced(rng, n, 0.5), start=1):
         name = f"CHNCXR_{i:04d}_{tb}.png"
-        rows.append({"study_id": name, "sex": rng.choice(["male", "female"]), "age": f"{int(rng.integers(10, 80))}yrs",
-                     "findings": rng.choice(["PTB in the left upper field", "STB,ATB", "1yr post TB"]) if tb else "normal"})
+        rows.append({"study_id": name, "sex": rng.choice(["male", "female"]),
+                     "age": f"{int(rng.integers(10, 80))}yrs",
+                     "findings": rng.choice(["PTB in the left upper field", "STB,ATB",
+                                             "1yr post TB"]) if tb else "normal"})
         save_image(out / "images" / "images" / name, rng)
-    pd.DataFrame(rows, columns=["study_id", "sex", "age", "findings"]).to_csv(out / "shenzhen_metadata.csv", index=False)
+    pd.DataFrame(rows, columns=["study_id", "sex", "age", "findings"]).to_csv(out / "shenzhen_metadata.csv",
+                                                                              index=False)
     return out
 
 
 def write_chestx6(out: Path, seed: int = 0, per_class: tuple[int, int, int] = (4, 2, 2)) -> Path:
-    """``chest-xray/{train,val,test}/<class>/*.jpg`` (with some ``augmented_`` files); returns ``chest-xray``."""
+    """``chest-xray/{train,val,test}/<class>/*.jpg`` (with some ``augmented_`` files); returns
+    ``chest-xray``."""
     rng = np.random.default_rng(seed)
     root = Path(out) / "chest-xray"
     for split, n in zip(SPLITS, per_class):
@@ -266,7 +273,8 @@ def write_chestx6(out: Path, seed: int = 0, per_class: tuple[int, int, int] = (4
 
 
 def write_nih(out: Path, seed: int = 0, n_patients: int = 24) -> Path:
-    """``Data_Entry_2017.csv``, patient-disjoint ``train_val_list.txt`` / ``test_list.txt``, flat ``images/``."""
+    """``Data_Entry_2017.csv``, patient-disjoint ``train_val_list.txt`` / ``test_list.txt``, flat
+    ``images/``."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     rows, train_val, test = [], [], []
@@ -277,8 +285,10 @@ def write_nih(out: Path, seed: int = 0, n_patients: int = 24) -> Path:
             i = len(rows)
             labels = [] if i % 5 == 4 else sorted({NIH_LABELS[i % 14], NIH_LABELS[(3 * i + 5) % 14]})
             rows.append({
-                "Image Index": name, "Finding Labels": "|".join(labels) or "No Finding", "Follow-up #": follow,
-                "Patient ID": p, "Patient Age": int(rng.integers(1, 90)), "Patient Gender": rng.choice(["M", "F"]),
+                "Image Index": name, "Finding Labels": "|".join(labels) or "No Finding",
+                "Follow-up #": follow,
+                "Patient ID": p, "Patient Age": int(rng.integers(1, 90)),
+                "Patient Gender": rng.choice(["M", "F"]),
                 "View Position": rng.choice(["PA", "AP"]), "OriginalImage[Width": 2500, "Height]": 2048,
                 "OriginalImagePixelSpacing[x": 0.143, "y]": 0.143,
             })
@@ -299,7 +309,8 @@ def write_covidx(out: Path, seed: int = 0, sizes: tuple[int, int, int] = (30, 8,
         for positive in _balanced(rng, n, 0.75):
             image = f"{rng.bytes(6).hex()}.png"
             source = rng.choice(["cohen", "rsna", "bimcv", "sirm"])
-            lines.append(f"{int(rng.integers(1, 10**6))} {image} {'positive' if positive else 'negative'} {source}")
+            lines.append(f"{int(rng.integers(1, 10**6))} {image} "
+                         f"{'positive' if positive else 'negative'} {source}")
             save_image(out / "images" / image, rng)
         (out / name).write_text("\n".join(lines) + "\n")
     return out
@@ -315,7 +326,8 @@ def write_pneumonia(out: Path, seed: int = 0, per_folder: tuple[int, int, int] =
         for cls in ("NORMAL", "PNEUMONIA"):
             for _ in range(n if cls == "PNEUMONIA" else max(2, n // 2)):
                 i += 1
-                name = f"IM-{i:04d}-0001.jpeg" if cls == "NORMAL" else f"person{i}_{rng.choice(['bacteria', 'virus'])}_{i}.jpeg"
+                name = (f"IM-{i:04d}-0001.jpeg" if cls == "NORMAL"
+                        else f"person{i}_{rng.choice(['bacteria', 'virus'])}_{i}.jpeg")
                 save_image(base / split / cls / name, rng, out / "images" / name)
     return out
 

@@ -1,14 +1,9 @@
-"""Writer of a CheXpert-v1.0-small release in its real layout, for tests, benchmarks and the demo.
+"""Writer of a CheXpert-v1.0-small release in its real layout (docs/datasets.md#chexpert), for tests,
+benchmarks and the demo.
 
-Layout (as released, docs/datasets.md#chexpert)::
-
-    <out>/train.csv, <out>/valid.csv
-    <out>/train/patient00001/study1/view1_frontal.jpg
-    <out>/valid/patient64541/study1/view1_frontal.jpg
-
-CSV columns ``Path, Sex, Age, Frontal/Lateral, AP/PA`` then the 14 observations in the release order,
-with ``Path`` values like ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``; train
-labels take 1.0 / 0.0 / -1.0 / empty, valid labels 1.0 / 0.0. The pixels come from ``image_fn``.
+``train.csv`` / ``valid.csv`` (``Path, Sex, Age, Frontal/Lateral, AP/PA``, then the 14 observations in release
+order) and ``train|valid/patientNNNNN/studyN/viewN_frontal.jpg``. Train labels take 1.0 / 0.0 / -1.0 / empty,
+valid labels 1.0 / 0.0; the pixels come from ``image_fn``.
 """
 
 from __future__ import annotations
@@ -54,7 +49,8 @@ def write_chexpert_release(
         patient, study, view = first_patient, 1, 1
         for _ in range(n):
             frontal = rng.random() >= lateral_fraction
-            rel = f"{split}/patient{patient:05d}/study{study}/view{view}_{'frontal' if frontal else 'lateral'}.jpg"
+            rel = (f"{split}/patient{patient:05d}/study{study}/"
+                   f"view{view}_{'frontal' if frontal else 'lateral'}.jpg")
             img = image_fn(rng, width, height, frontal)
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,5 +72,6 @@ def write_chexpert_release(
                 view, study = 1, study + 1
                 if study > 3 or rng.random() < 0.5:
                     study, patient = 1, patient + 1
-        pd.DataFrame(rows, columns=RELEASE_META_COLUMNS + RELEASE_LABELS).to_csv(out / f"{split}.csv", index=False)
+        pd.DataFrame(rows, columns=RELEASE_META_COLUMNS + RELEASE_LABELS).to_csv(out / f"{split}.csv",
+                                                                                 index=False)
     return out

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def simple_cxr(rng: np.random.Generator, width: int = 390, height: int = 320, frontal: bool = True) -> np.ndarray:
+def simple_cxr(rng: np.random.Generator, width: int = 390, height: int = 320,
+               frontal: bool = True) -> np.ndarray:
     """A grayscale uint8 [height, width] image: body, two dark lung fields, rib stripes, a heart blob.
 
     Lateral views are a single lung field. Enough structure for MAE losses to fall; no physiology.

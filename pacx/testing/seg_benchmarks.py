@@ -1,18 +1,9 @@
-"""Writers of tiny segmentation releases in their official layouts (docs/datasets.md#cxlseg, #covidqu, #qata), for tests.
+"""Writers of tiny segmentation releases in their official layouts (docs/datasets.md#segmentation), for tests.
 
-Each writer puts 32x32 grayscale images and binary (0/255) masks at the release's exact paths, about
-10-20 images per split, deterministically for a seed, and leaves one image without its mask so the
-converters' reporting of unpaired images is exercised. ``SEG_RELEASE_WRITERS[name](out, seed)`` returns
-the folder to pass as ``raw`` to the converter of the same name.
-
-- ``cxlseg``: ``<out>/CXLSeg-split.csv`` + ``<out>/files/p<xx>/p<subject>/s<study>/<dicom>{.jpg,-mask.jpg}``
-- ``covidqu_seg``: ``<out>/Lung Segmentation Data/Lung Segmentation Data/{Train,Val,Test}/
-  {COVID-19,Non-COVID,Normal}/{images,lung masks}/<name>.png``
-- ``qata``: ``<out>/QaTa-COV19-v2/{Train Set,Test Set}/{Images/<f>.png, Ground-truths/mask_<f>.png}``
-
-``write_covidqu_seg_release`` also takes ``content`` from a caller (the physiology phantom,
-``pacx.demo.phantom``): images and masks per official split and category, written through the same
-layout in place of the random pairs (and then with every image paired).
+32x32 grey images and binary (0/255) masks at the release's exact paths, about 10-20 images per split,
+deterministic for a seed, with one image left without its mask. ``SEG_RELEASE_WRITERS[name](out, seed)``
+returns the converter's ``raw`` folder; ``write_covidqu_seg_release`` also takes ``content`` from the phantom.
+Paths per release: docs/design.md#test-releases.
 """
 
 from __future__ import annotations
@@ -60,7 +51,8 @@ def write_cxlseg_release(out: Path, seed: int = 0) -> Path:
             rows.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "split": split})
             stem = out / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / dicom
             unpaired = split == "train" and i == n - 1
-            _save_pair(rng, stem.with_name(dicom + ".jpg"), None if unpaired else stem.with_name(dicom + "-mask.jpg"))
+            _save_pair(rng, stem.with_name(dicom + ".jpg"),
+                       None if unpaired else stem.with_name(dicom + "-mask.jpg"))
     pd.DataFrame(rows).to_csv(out / "CXLSeg-split.csv", index=False)
     return out
 

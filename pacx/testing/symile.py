@@ -1,24 +1,9 @@
-"""Writer of a Symile-MIMIC ``data_npy/`` tree in its real layout (docs/datasets.md#symile), for tests and the demo.
+"""Writer of a Symile-MIMIC ``data_npy/`` tree in its real layout (docs/datasets.md#symile), for tests, demo.
 
-Two halves, kept apart so a physiology phantom can replace the generators without touching the layout:
-
-- **Generators** make one admission from a per-patient latent and an rng (``RecordFn``):
-  a grayscale CXR (``simple_cxr``), a 12-lead ECG in millivolts from a P-QRS-T beat model
-  (``ecg_beat_model``: Gaussian waves with 3-D heart-vector directions projected onto the lead axes,
-  plus heart-rate variability, baseline wander, mains hum and noise), and 50 lab percentiles with NaN
-  where a lab was not measured (~70 % observed).
-- **Layout** (``write_symile_release``) turns records into the release's files exactly as Symile's
-  ``process_and_save_tensors`` does: CXR replicated to 3 channels and ImageNet-normalised; ECG min-max
-  scaled per record jointly over all leads to [-1, 1], stored [N, 1, 5000, 12] in Symile lead order;
-  missing labs filled with the mean train percentile (``labs_means.json``, "<itemid>_percentile" keys)
-  with missingness 1 = observed (int64). ``val_retrieval`` / ``test`` follow Symile's
-  ``sample_negative_candidates``: all queries first (label 1, ``label_hadm_id`` = own ``hadm_id``),
-  then per query, in query order, ``n_candidates - 1`` whole rows of other admissions of the same
-  split with label 0 and the query's ``label_hadm_id``. ``write_teacher_features`` adds
-  ``ecg_features.npy`` / ``labs_features.npy`` (a fixed random map of the latent plus noise, so
-  consumers have something learnable) and the ``test_uni`` split of docs/datasets.md#teacher-features.
-
-Everything is determined by ``seed``.
+Generators (``RecordFn``: a CXR, a 12-lead ECG from a P-QRS-T beat model, 50 lab percentiles) are kept apart
+from the layout (:func:`write_symile_release`, :func:`write_teacher_features`), which writes the files as
+Symile's ``process_and_save_tensors`` does, so a physiology phantom can replace the generators. Everything is
+determined by ``seed``. Details: docs/design.md#test-releases.
 """
 
 from __future__ import annotations
@@ -162,7 +147,8 @@ class SymileRecord:
 
     cxr: np.ndarray  # uint8 [S, S] grayscale
     ecg: np.ndarray  # float [5000, 12] millivolts, Symile lead order
-    labs: np.ndarray  # float [50] percentiles in [0, 1] (raw values with fit_lab_percentiles), NaN = not measured
+    # float [50] percentiles in [0, 1] (raw values with fit_lab_percentiles), NaN = not measured
+    labs: np.ndarray
 
 
 # record_fn(rng, latent [LATENT_DIM], cxr_size) -> SymileRecord
@@ -198,7 +184,8 @@ def synthetic_record(rng: np.random.Generator, latent: np.ndarray, cxr_size: int
 
 def train_percentiles(train: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Percentiles of ``values`` [N, L] under each lab's NaN-aware empirical CDF fitted on ``train`` [M, L]
-    (the share of observed train values <= x, as Symile); NaN stays NaN; a lab never observed in train -> 0.5."""
+    (the share of observed train values <= x, as Symile); NaN stays NaN; a lab never observed in train ->
+    0.5."""
     out = np.full(values.shape, np.nan)
     for j in range(values.shape[1]):
         ref = np.sort(train[:, j][~np.isnan(train[:, j])])
@@ -340,7 +327,8 @@ def write_symile_release(
         if query is not None:
             np.save(_path(out, split, "label"), (source == query).astype(np.int64))
             np.save(_path(out, split, "label_hadm_id"), hadm_all[first[source_of[split]] + query])
-        if write_teacher_features and split != "val_retrieval":  # docs/datasets.md#teacher-features: no features for val_retrieval
+        # docs/datasets.md#teacher-features: no features for val_retrieval
+        if write_teacher_features and split != "val_retrieval":
             np.save(_path(out, split, "ecg_features"), ecg_feat[idx])
             np.save(_path(out, split, "labs_features"), labs_feat[idx])
 

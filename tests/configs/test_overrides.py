@@ -1,5 +1,5 @@
-"""Override configs (ablations, the authors' profile, per-benchmark Stage 3 files) state only what differs from the
-base they stack on: no value is restated."""
+"""Override configs (ablations, the authors' profile, per-benchmark Stage 3 files) state only what differs
+from the base they stack on: no value is restated."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ STACKS = {
     "configs/demo/stage3_tb.yaml": "configs/demo/stage3_linear_probe.yaml",
     "configs/demo/stage3_chexchonet.yaml": "configs/demo/stage3_linear_probe.yaml",
 }
-PAIRS = sorted((str(p.relative_to(REPO)), base) for pattern, base in STACKS.items() for p in REPO.glob(pattern))
+PAIRS = sorted((str(p.relative_to(REPO)), base)
+               for pattern, base in STACKS.items() for p in REPO.glob(pattern))
 
 
 def flat(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -1,8 +1,8 @@
-"""The Stage 3 configs: a base per mode (``configs/stage3/linear_probe.yaml``, ``segmentation.yaml``, the demo's
-``configs/demo/stage3_linear_probe.yaml``) plus one short override per benchmark, stacked with a second
+"""The Stage 3 configs: a base per mode (``configs/stage3/linear_probe.yaml``, ``segmentation.yaml``, the
+demo's ``configs/demo/stage3_linear_probe.yaml``) plus one short override per benchmark, stacked with a second
 ``--config``. Each stack, resolved by the real Stage 3 CLI, equals what the one-file-per-benchmark configs
-resolved to before the split (``stage3_resolved.json``); ``test_overrides.py`` checks that no override restates
-a value of its base."""
+resolved to before the split (``stage3_resolved.json``); ``test_overrides.py`` checks that no override
+restates a value of its base."""
 
 from __future__ import annotations
 

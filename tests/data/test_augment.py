@@ -1,4 +1,5 @@
-"""Stage 2 train augmentation (pacx.data.augment, docs/datasets.md#stage-2-data): order, parameters, firing rates.
+"""Stage 2 train augmentation (pacx.data.augment,
+docs/datasets.md#stage-2-data): order, parameters, firing rates.
 
 The firing rates are measured with seeded draws on inputs that make each step detectable:
 - a constant normalised image stays free of exact zeros through crop, affine (fill is 0 in *pixel*
@@ -37,20 +38,23 @@ def rate(fired: list[bool]) -> float:
 
 def assert_rate(fired: list[bool], p: float) -> None:
     tol = 4.5 * math.sqrt(p * (1 - p) / len(fired))
-    assert abs(rate(fired) - p) < tol, f"fired {rate(fired):.3f} of {len(fired)} draws, expected {p} ± {tol:.3f}"
+    assert abs(rate(fired) - p) < tol, (f"fired {rate(fired):.3f} of {len(fired)} draws, "
+                                        f"expected {p} ± {tol:.3f}")
 
 
 def test_registered_and_defaults_are_the_reference_values():
     assert CXR_TRANSFORMS["robust_train"] is RobustTrainTransforms
     t = build_cxr_transform("robust_train", 224)
-    assert (tuple(t.crop.size), t.crop.scale, t.crop.ratio, t.crop.antialias) == ((224, 224), (0.75, 1.0), (0.85, 1.15), True)
+    assert (tuple(t.crop.size), t.crop.scale, t.crop.ratio, t.crop.antialias) == ((224, 224), (0.75, 1.0),
+                                                                                  (0.85, 1.15), True)
     assert t.affine.p == 0.6
     affine = t.affine.transforms[0]
     assert (affine.degrees, affine.translate, affine.scale) == ([-10.0, 10.0], (0.1, 0.1), (0.9, 1.1))
     assert affine.fill == 0
     assert t.jitter.p == 0.3
     jitter = t.jitter.transforms[0]
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.8, 1.2), (0.8, 1.2), None, None)
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.8, 1.2), (0.8, 1.2),
+                                                                                   None, None)
     assert t.blur.p == 0.15
     blur = t.blur.transforms[0]
     assert (blur.kernel_size, blur.sigma) == ((5, 5), [0.1, 2.0])
@@ -62,7 +66,8 @@ def test_registered_and_defaults_are_the_reference_values():
 
 def test_arguments_reach_the_steps():
     t = RobustTrainTransforms(96, crop_scale=(0.5, 0.9), affine_p=0.1, affine_degrees=(-3, 5), jitter_p=0.2,
-                              brightness=0.4, blur_p=0.05, blur_sigma=(1.0, 1.5), erase_p=0.5, erase_value=-1.0)
+                              brightness=0.4, blur_p=0.05, blur_sigma=(1.0, 1.5), erase_p=0.5,
+                              erase_value=-1.0)
     assert tuple(t.crop.size) == (96, 96) and t.crop.scale == (0.5, 0.9)
     assert t.affine.p == 0.1 and t.affine.transforms[0].degrees == [-3.0, 5.0]
     assert t.jitter.p == 0.2 and t.jitter.transforms[0].brightness == (0.6, 1.4)

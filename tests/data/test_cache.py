@@ -1,4 +1,5 @@
-"""The decoded-image cache (pacx.data.cache) and its batched augmentation (pacx.data.batched) vs the PIL path."""
+"""The decoded-image cache (pacx.data.cache) and its batched augmentation
+(pacx.data.batched) vs the PIL path."""
 
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def test_eval_collate_at_other_size_is_close(release, cache_dir):
     root, df = release
     out = 48
     pil = collate_all(ImageManifestDataset(df, root, "rel", transform=resize_eval(out)))[0]
-    cached = collate_all(CachedImageDataset(cache_dir, df["Path"].tolist()), BatchedResize(out, normalize=True))[0]
+    cached = collate_all(CachedImageDataset(cache_dir, df["Path"].tolist()),
+                         BatchedResize(out, normalize=True))[0]
     diff = (to_grey_levels(cached) - to_grey_levels(pil)).abs().mean((1, 2, 3))
     mirrored = (to_grey_levels(cached) - to_grey_levels(pil.flip(-1))).abs().mean()
     # Two resamplings (390 -> 64 -> 48) instead of one: ~1.5 grey levels on the CheXpert-like images
@@ -123,7 +125,8 @@ def test_cache_from_the_old_decoder_must_be_rebuilt(tmp_path, cache_dir):
     old = tmp_path / "old"
     shutil.copytree(cache_dir, old)
     meta = json.loads((old / "meta.json").read_text())
-    (old / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "decoder"} | {"version": 1}))
+    (old / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "decoder"}
+                                              | {"version": 1}))
     with pytest.raises(CacheError, match=r"cache version 1 / decoder None.*rebuild it"):
         ImageCache(old)
 

@@ -38,13 +38,14 @@ def test_parent_of_release_is_accepted(chexpert_release):
 
 def test_prepare_cli_writes_manifests_and_lists(tmp_path, chexpert_release, repo):
     out = tmp_path / "manifests"
-    res = subprocess.run([sys.executable, str(repo / "scripts/prepare.py"), "chexpert", "--raw", str(chexpert_release),
-                          "--out", str(out)], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, str(repo / "scripts/prepare.py"), "chexpert", "--raw",
+                          str(chexpert_release), "--out", str(out)],
+                         capture_output=True, text=True, check=True)
     train = pd.read_csv(out / "chexpert_train_split.csv")
     assert len(train) == 48 and (out / "chexpert_val_split.csv").is_file()
     assert '"rows": 48' in res.stdout and '"lateral"' in res.stdout
-    listing = subprocess.run([sys.executable, str(repo / "scripts/prepare.py"), "--list"], capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run([sys.executable, str(repo / "scripts/prepare.py"), "--list"],
+                             capture_output=True, text=True, check=True).stdout
     assert "chexpert" in listing and "mae" in listing
 
 
@@ -53,13 +54,15 @@ def test_missing_column_names_file_and_column(tmp_path, chexpert_release):
     """CheXpert CSV without a required column → ManifestError naming the CSV and the column."""
     bad = tmp_path / "train.csv"
     pd.read_csv(chexpert_release / "train.csv").drop(columns=["Frontal/Lateral"]).to_csv(bad, index=False)
-    with pytest.raises(ManifestError, match=r"train\.csv.*missing required column\(s\) \['Frontal/Lateral'\]"):
+    with pytest.raises(ManifestError,
+                       match=r"train\.csv.*missing required column\(s\) \['Frontal/Lateral'\]"):
         convert_split(bad)
 
 
 @pytest.mark.bad_input
 def test_path_without_release_prefix_names_row(tmp_path, chexpert_release):
-    """CheXpert CSV Path without its '<release>/<split>/' prefix → ManifestError naming the row and its line."""
+    """CheXpert CSV Path without its '<release>/<split>/' prefix → ManifestError
+    naming the row and its line."""
     df = pd.read_csv(chexpert_release / "train.csv")
     df.loc[3, "Path"] = "view1_frontal.jpg"
     df.to_csv(tmp_path / "train.csv", index=False)
@@ -85,7 +88,9 @@ def test_missing_image_names_row_and_path(broken_release):
     csv = root / "train.csv"
     assert pd.read_csv(csv)["Path"].iloc[2].endswith(paths.iloc[2])  # line 4 of the file holds row 2
     for given in (root, root.parent):  # the release folder or its parent
-        with pytest.raises(ManifestError, match=rf"^{re.escape(str(csv))}: 1 image\(s\) not found .*row 2 \(line 4\): .*{paths.iloc[2]}"):
+        with pytest.raises(ManifestError,
+                           match=rf"^{re.escape(str(csv))}: 1 image\(s\) not found .*row 2 \(line 4\): "
+                                 rf".*{paths.iloc[2]}"):
             CheXpertDataModule(str(given), num_workers=0, img_size=32).setup("fit")
 
 
@@ -95,7 +100,8 @@ def test_corrupt_image_names_row_and_path(broken_release):
     root, paths = broken_release
     df = convert_release(root)["train"].drop(index=2)
     ds = ImageManifestDataset(df, root / "train", "Path", transform=resize_eval(32), source="train.csv")
-    with pytest.raises(ManifestError, match=rf"train\.csv: row 5 \(line 7\): cannot read image .*{paths.iloc[5]}"):
+    with pytest.raises(ManifestError,
+                       match=rf"train\.csv: row 5 \(line 7\): cannot read image .*{paths.iloc[5]}"):
         ds[4]  # position 4 is original row 5 after dropping row 2
 
 
@@ -110,8 +116,8 @@ def test_skip_unreadable_drops_and_logs(broken_release, caplog):
 
 
 def test_datamodule_manifests_equal_in_memory_conversion(tmp_path, chexpert_release, repo):
-    subprocess.run([sys.executable, str(repo / "scripts/prepare.py"), "chexpert", "--raw", str(chexpert_release),
-                    "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(repo / "scripts/prepare.py"), "chexpert", "--raw",
+                    str(chexpert_release), "--out", str(tmp_path)], check=True, capture_output=True)
     a = CheXpertDataModule(str(chexpert_release), num_workers=0, img_size=32)
     b = CheXpertDataModule(str(chexpert_release), manifest_dir=str(tmp_path), num_workers=0, img_size=32)
     a.setup("fit"), b.setup("fit")
@@ -145,7 +151,8 @@ def test_train_transform_is_mae_augmentation(chexpert_release):
     torch.manual_seed(1)
     b = ds[0][0]
     assert a.shape == (3, 32, 32) and not torch.allclose(a, b)  # random crops differ
-    torch.testing.assert_close(a[0] * 0.229 + 0.485, a[1] * 0.224 + 0.456, atol=1e-5, rtol=0)  # grey -> 3 equal
+    # grey -> 3 equal
+    torch.testing.assert_close(a[0] * 0.229 + 0.485, a[1] * 0.224 + 0.456, atol=1e-5, rtol=0)
 
 
 def test_release_root_must_exist(tmp_path):
@@ -164,9 +171,11 @@ def test_cached_datamodule_matches_pil_path(tmp_path, chexpert_release):
                       progress=False)
     build_image_cache(frames["val"]["Path"], chexpert_release / "valid", tmp_path / "val", 32, workers=0,
                       progress=False)
-    pil = CheXpertDataModule(str(chexpert_release), num_workers=0, img_size=32, batch_size=16, pin_memory=False)
-    cached = CheXpertDataModule(str(chexpert_release), num_workers=0, img_size=32, batch_size=16, pin_memory=False,
-                                train_cache=str(tmp_path / "train"), val_cache=str(tmp_path / "val"))
+    pil = CheXpertDataModule(str(chexpert_release), num_workers=0, img_size=32, batch_size=16,
+                             pin_memory=False)
+    cached = CheXpertDataModule(str(chexpert_release), num_workers=0, img_size=32, batch_size=16,
+                                pin_memory=False, train_cache=str(tmp_path / "train"),
+                                val_cache=str(tmp_path / "val"))
     pil.setup("fit"), cached.setup("fit")
     x_pil, _ = next(iter(pil.val_dataloader()))
     raw, labels = next(iter(cached.val_dataloader()))

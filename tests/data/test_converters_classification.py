@@ -171,7 +171,8 @@ def test_two_step_stratified_sizes(name, converted):
 
 
 def test_official_and_random_split_sizes(releases, converted):
-    sizes = {name: {s: len(converted(name)[1][s]) for s in SPLITS} for name in ("vindr", "chestx6", "covidqu", "nih")}
+    sizes = {name: {s: len(converted(name)[1][s]) for s in SPLITS}
+             for name in ("vindr", "chestx6", "covidqu", "nih")}
     vindr_train = pd.read_csv(releases("vindr") / "annotations/image_labels_train.csv")["image_id"].nunique()
     assert sizes["vindr"]["val"] == ceil_share(vindr_train, 0.1)
     assert sizes["vindr"]["train"] + sizes["vindr"]["val"] == vindr_train and sizes["vindr"]["test"] == 12
@@ -203,7 +204,8 @@ def test_echo_split_is_patient_level(converted):
     assert not patients["val"] & patients["test"]
     n_patients = sum(len(p) for p in patients.values())
     n_held = ceil_share(n_patients, 0.2)
-    assert (len(patients["test"]), len(patients["val"])) == (ceil_share(n_held, 0.5), n_held - ceil_share(n_held, 0.5))
+    assert (len(patients["test"]), len(patients["val"])) == (ceil_share(n_held, 0.5),
+                                                             n_held - ceil_share(n_held, 0.5))
     assert (frames["val"]["split"] == "val").all() and "cxr_path" in frames["val"].columns
     assert summary["test"]["patients"] == len(patients["test"])
 
@@ -230,14 +232,16 @@ def test_converters_are_deterministic(name, releases, converted, tmp_path):
     _, _, out = converted(name)
     CONVERTERS[name].fn(releases(name), tmp_path, seed=42, **OPTIONS.get(name, {}))
     for split in SPLITS:
-        assert (tmp_path / spec.manifest_files[split]).read_bytes() == (out / spec.manifest_files[split]).read_bytes()
+        assert ((tmp_path / spec.manifest_files[split]).read_bytes()
+                == (out / spec.manifest_files[split]).read_bytes())
 
 
 def test_seed_changes_random_split(releases, tmp_path):
     a = CONVERTERS["tb"].fn(releases("tb"), tmp_path / "a", seed=42)
     b = CONVERTERS["tb"].fn(releases("tb"), tmp_path / "b", seed=7)
     assert a["test"]["rows"] == b["test"]["rows"]
-    assert not pd.read_csv(tmp_path / "a/tb_test_split.csv").equals(pd.read_csv(tmp_path / "b/tb_test_split.csv"))
+    assert not pd.read_csv(tmp_path / "a/tb_test_split.csv").equals(
+        pd.read_csv(tmp_path / "b/tb_test_split.csv"))
 
 
 def test_vindr_majority_vote_by_hand():
@@ -284,7 +288,8 @@ def test_missing_column_names_file_and_column(name, rel, column, releases, tmp_p
             (raw / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, raw / f.relative_to(src))
     pd.read_csv(raw / rel).drop(columns=[column]).to_csv(raw / rel, index=False)
-    with pytest.raises(ManifestError, match=rf"{rel.split('/')[-1]}.*missing required column\(s\) \[.{column}.\]"):
+    with pytest.raises(ManifestError,
+                       match=rf"{rel.split('/')[-1]}.*missing required column\(s\) \[.{column}.\]"):
         CONVERTERS[name].fn(raw, tmp_path / "out", **OPTIONS.get(name, {}))
 
 

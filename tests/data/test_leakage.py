@@ -64,7 +64,8 @@ def pair(tmp_path_factory) -> dict[str, Path]:
         ids[split] = (subjects, hadm)
     ids["val"][0][-1] = 10000000 + 7 * 3  # stay 3's patient, under another admission
     for split, (subjects, hadm) in ids.items():
-        pd.DataFrame({"subject_id": subjects, "hadm_id": hadm}).to_csv(base / "symile" / f"{split}.csv", index=False)
+        pd.DataFrame({"subject_id": subjects, "hadm_id": hadm}).to_csv(base / "symile" / f"{split}.csv",
+                                                                       index=False)
     return {"medmod": medmod, "symile": base / "symile", "data_npy": data_npy}
 
 
@@ -80,9 +81,11 @@ def test_a_crafted_pickle_id_file_is_refused_and_never_runs(tmp_path, pair, capl
     marker = tmp_path / "ran"
     evil = tmp_path / "hadm_id_train.npy"
     np.save(evil, np.array([Payload(marker)], dtype=object), allow_pickle=True)
-    with pytest.raises(LeakageError, match=rf"{re.escape(str(evil))}: refused, it holds pickled Python objects"):
+    with pytest.raises(LeakageError,
+                       match=rf"{re.escape(str(evil))}: refused, it holds pickled Python objects"):
         load_id_file(evil)
-    assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "out", "--exclude-hadm", evil) == 2
+    assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "out", "--exclude-hadm",
+                   evil) == 2
     assert "refused" in caplog.text and not marker.exists()
     np.save(tmp_path / "floats.npy", np.zeros(3))
     with pytest.raises(LeakageError, match="1-D integer array"):
@@ -93,8 +96,10 @@ def test_a_crafted_pickle_id_file_is_refused_and_never_runs(tmp_path, pair, capl
 def test_medmod_needs_exclude_hadm_or_allow_overlap(tmp_path, pair, caplog):
     """MedMod built without --exclude-hadm or --allow-overlap → OverlapPolicyError naming --exclude-hadm
 
-    --allow-overlap is loud and recorded in prepare.json; --exclude-hadm records the ids' hash and the count."""
-    with pytest.raises(OverlapPolicyError, match="needs --exclude-hadm .*hadm_id_train.npy.*or --allow-overlap"):
+    --allow-overlap is loud and recorded in prepare.json; --exclude-hadm records
+    the ids' hash and the count."""
+    with pytest.raises(OverlapPolicyError,
+                       match="needs --exclude-hadm .*hadm_id_train.npy.*or --allow-overlap"):
         prepare_medmod_phys(pair["medmod"], tmp_path / "a")
     assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "b") == 2
     assert "--exclude-hadm" in caplog.text and not (tmp_path / "b" / TEST_CSV).exists()
@@ -103,11 +108,13 @@ def test_medmod_needs_exclude_hadm_or_allow_overlap(tmp_path, pair, caplog):
         prepare_medmod_phys(pair["medmod"], tmp_path / "c", exclude_hadm=str(train_ids), allow_overlap=True)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "d", "--allow-overlap") == 0
+        assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "d",
+                       "--allow-overlap") == 0
     assert "MEDMOD_PHYS: --allow-overlap" in caplog.text
     sidecar = json.loads((tmp_path / "d" / "prepare.json").read_text())
     assert sidecar["summary"]["leakage"] == {"allow_overlap": True}
-    assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "e", "--exclude-hadm", train_ids) == 0
+    assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", tmp_path / "e", "--exclude-hadm",
+                   train_ids) == 0
     leakage = json.loads((tmp_path / "e" / "prepare.json").read_text())["summary"]["leakage"]
     assert leakage["allow_overlap"] is False and leakage["stays_dropped"] == len(PLANTED_TRAIN)
     assert leakage["exclude_hadm_sha256"] == ids_sha256({"hadm_id": np.load(train_ids)})
@@ -117,7 +124,8 @@ def test_medmod_needs_exclude_hadm_or_allow_overlap(tmp_path, pair, caplog):
 
 def test_check_overlap_counts_a_planted_overlap(tmp_path, pair, capsys):
     manifests = tmp_path / "manifests"
-    assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", manifests / "medmod_phys", "--allow-overlap") == 0
+    assert prepare("medmod_phys", "--raw", pair["medmod"], "--out", manifests / "medmod_phys",
+                   "--allow-overlap") == 0
     assert prepare("tb", "--raw", load_script_release("tb", tmp_path), "--out", manifests / "tb") == 0
     test = pd.read_csv(manifests / "medmod_phys" / TEST_CSV)
     expected = {"admissions_train": int(test["hadm_id"].isin(PLANTED_TRAIN).sum()),
@@ -130,10 +138,12 @@ def test_check_overlap_counts_a_planted_overlap(tmp_path, pair, capsys):
                    "--json", tmp_path / "overlap.json") == 1
     report = {e["benchmark"]: e for e in json.loads((tmp_path / "overlap.json").read_text())}
     assert {k: report["medmod_phys"][k] for k in expected} == expected
-    assert report["medmod_phys"]["rows"] == len(test) and report["medmod_phys"]["ids"] == ["hadm_id", "subject_id"]
+    assert (report["medmod_phys"]["rows"] == len(test)
+            and report["medmod_phys"]["ids"] == ["hadm_id", "subject_id"])
     assert report["tb"]["ids"] == []  # no MIMIC ids: listed, not counted
     out = capsys.readouterr().out
-    assert re.search(rf"medmod_phys\s+{len(test)}\s+{expected['admissions_train']}\s", out) and "no MIMIC ids" in out
+    assert (re.search(rf"medmod_phys\s+{len(test)}\s+{expected['admissions_train']}\s", out)
+            and "no MIMIC ids" in out)
     # data_npy alone: admissions only (the patients need the release CSVs beside it)
     alone = tmp_path / "alone" / "data_npy"
     shutil.copytree(pair["data_npy"], alone)
@@ -161,30 +171,38 @@ def test_the_paper_plans_medmod_has_no_overlap(tmp_path, pair):
     assert prepare("check-overlap", "--symile", pair["symile"], "--manifests", tmp_path / "out/manifests",
                    "--json", tmp_path / "overlap.json") == 0
     entry = json.loads((tmp_path / "overlap.json").read_text())[0]
-    assert entry["benchmark"] == "medmod_phys" and entry["admissions_train"] == 0 and entry["patients_train"] == 0
+    assert (entry["benchmark"] == "medmod_phys" and entry["admissions_train"] == 0
+            and entry["patients_train"] == 0)
 
 
 def test_manifest_ids_from_columns_or_mimic_cxr_paths():
     df = pd.DataFrame({"img_path": ["p10/p10000032/s50414267/a.jpg", "files/p11/p11000011/s1/b.jpg"],
                        "mask_path": ["x", "y"]})
-    assert manifest_ids(df)["subject_id"].tolist() == [10000032, 11000011] and "hadm_id" not in manifest_ids(df)
+    assert (manifest_ids(df)["subject_id"].tolist() == [10000032, 11000011]
+            and "hadm_id" not in manifest_ids(df))
     assert manifest_ids(pd.DataFrame({"Path": ["CHNCXR_0001_0.png"]})) == {}
-    ids = manifest_ids(pd.DataFrame({"hadm_id": [1, None], "subject_id": [5, 6], "cxr_path": ["p10/p7/s1/a.jpg"] * 2}))
+    ids = manifest_ids(pd.DataFrame({"hadm_id": [1, None], "subject_id": [5, 6],
+                                     "cxr_path": ["p10/p7/s1/a.jpg"] * 2}))
     assert ids["hadm_id"].tolist() == [1, -1] and ids["subject_id"].tolist() == [5, 6]
 
 
 @pytest.mark.bad_input
 def test_stage3_guard_against_a_recorded_run(tmp_path, caplog):
-    """Stage 3 test split sharing admissions with the backbone's Stage 2 training split → LeakageError naming the count
+    """Stage 3 test split sharing admissions with the backbone's Stage 2
+    training split → LeakageError naming the count
 
-    --allow_overlap true evaluates with a warning and the counts as results-row fields; an altered record is refused."""
+    --allow_overlap true evaluates with a warning and the counts as results-row
+    fields; an altered record is refused."""
     run = tmp_path / "stage2"
-    ids = {"train_hadm_id": np.array([1, 2, 3]), "val_hadm_id": np.array([4]), "train_subject_id": np.array([7])}
+    ids = {"train_hadm_id": np.array([1, 2, 3]), "val_hadm_id": np.array([4]),
+           "train_subject_id": np.array([7])}
     sha = write_admissions(run / "stage2_admissions.npz", ids)
-    (run / "run.json").write_text(json.dumps({"stage2_admissions": {"file": "stage2_admissions.npz", "sha256": sha}}))
+    (run / "run.json").write_text(json.dumps({"stage2_admissions": {"file": "stage2_admissions.npz",
+                                                                    "sha256": sha}}))
     manifest = tmp_path / "test.csv"
     pd.DataFrame({"hadm_id": [1, 2, 4, 9], "subject_id": [7, 8, 8, 8]}).to_csv(manifest, index=False)
-    with pytest.raises(LeakageError, match=r"2 of 4 test rows of .*test\.csv share an admission .*--allow_overlap"):
+    with pytest.raises(LeakageError,
+                       match=r"2 of 4 test rows of .*test\.csv share an admission .*--allow_overlap"):
         check_stage3_overlap("pacx", str(run), manifest)
     with caplog.at_level(logging.WARNING):
         fields = check_stage3_overlap("pacx", str(run / "checkpoints" / "last.ckpt"), manifest, allow=True)
@@ -205,7 +223,7 @@ def test_stage2_records_admissions_and_stage3_refuses_an_overlapping_medmod(tmp_
     """Stage 2 (2 steps) on the planted Symile → run.json + npz → export with its sidecar → Stage 3 with the
     PaCX export on MedMod: built with --allow-overlap it stops naming the count (or records it with
     --allow_overlap true); built with the exclusion it runs, with 0 recorded."""
-    from pacx.encoders import export_encoder
+    from pacx.share import export_encoder
     from Stage2_PACX import main as stage2
     from Stage3_eval import main as stage3
     from tests.lit.test_classify import stage3_args
@@ -228,8 +246,9 @@ def test_stage2_records_admissions_and_stage3_refuses_an_overlapping_medmod(tmp_
     n = int(test["hadm_id"].isin(PLANTED_TRAIN).sum())
 
     def args(manifests: str, *extra: str) -> list[str]:
-        return stage3_args("medmod_phys", pair["medmod"], tmp_path / manifests, tmp_path / f"s3_{manifests}{len(extra)}",
-                           export, "--model.backbone.kind", "pacx", *extra)
+        return stage3_args("medmod_phys", pair["medmod"], tmp_path / manifests,
+                           tmp_path / f"s3_{manifests}{len(extra)}", export, "--model.backbone.kind", "pacx",
+                           *extra)
 
     with pytest.raises(LeakageError, match=rf"{n} of {len(test)} test rows .* share an admission"):
         stage3(args("leaky"))

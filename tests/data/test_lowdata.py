@@ -73,7 +73,8 @@ def test_global_rng_state_untouched(table):
 
 def test_non_range_index_is_positional(table):
     shifted = table.set_index(table.index + 1000)
-    pd.testing.assert_frame_equal(low_data_subset(shifted, LABELS, 0.1, 5), low_data_subset(table, LABELS, 0.1, 5))
+    pd.testing.assert_frame_equal(low_data_subset(shifted, LABELS, 0.1, 5),
+                                  low_data_subset(table, LABELS, 0.1, 5))
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])

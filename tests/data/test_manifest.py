@@ -42,7 +42,8 @@ def test_blank_and_nan_labels_name_the_rows(tmp_path):
         ImageManifestDataset(df, tmp_path, "Path", ["a", "b"], source="labels.csv")
     msg = str(err.value)
     assert "labels.csv: 6 blank or non-numeric label cell(s) in 6 row(s)" in msg
-    assert "row 1 (line 3): ['a']" in msg and "row 2 (line 4): ['b']" in msg and "row 3 (line 5): ['a']" in msg
+    assert ("row 1 (line 3): ['a']" in msg and "row 2 (line 4): ['b']" in msg
+            and "row 3 (line 5): ['a']" in msg)
     assert "row 7" not in msg  # the first five rows only
 
 
@@ -70,7 +71,8 @@ def test_spec_fill_policy_reaches_the_dataset(tb, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         dm = BenchmarkDataModule("tb", str(raw), str(blank), batch_size=4, num_workers=0)
         dm.setup("fit")
-    assert len(dm.datasets["train"]) == len(df) and "2 blank or non-numeric label cells filled with 0" in caplog.text
+    assert (len(dm.datasets["train"]) == len(df)
+            and "2 blank or non-numeric label cells filled with 0" in caplog.text)
 
 
 @pytest.mark.bad_input
@@ -89,7 +91,8 @@ def test_stage3_header_only_manifest_fails_before_any_work(tb, stage1_run, tmp_p
         (df.iloc[:0] if split == "train" else df).to_csv(empty / name, index=False)
     run = tmp_path / "run"
     with pytest.raises(ManifestError, match=rf"{empty / spec.manifest_files['train']}: no rows"):
-        main(stage3_args("tb", raw, empty, run, stage1_run, "--model.feature_cache_dir", str(tmp_path / "fc")))
+        main(stage3_args("tb", raw, empty, run, stage1_run, "--model.feature_cache_dir",
+                         str(tmp_path / "fc")))
     assert not list((tmp_path / "fc").glob("*.npy"))
     assert not (run / "checkpoints").exists()
 
@@ -110,7 +113,8 @@ def test_stage1_empty_train_csv_fails_naming_it(chexpert_release, tmp_path):
     with pytest.raises(ManifestError, match=rf"{release / 'train.csv'}: no rows"):
         main(stage1_args(run, release, "--trainer.max_steps", "1"))
     assert not (run / "checkpoints").exists()
-    assert not (run / "run.json").exists() or json.loads((run / "run.json").read_text())["status"] != "completed"
+    assert (not (run / "run.json").exists()
+            or json.loads((run / "run.json").read_text())["status"] != "completed")
 
 
 @pytest.mark.bad_input

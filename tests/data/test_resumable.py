@@ -44,7 +44,8 @@ def test_epoch_order_rank_shares_and_per_sample_seeds():
         s.set_epoch(2)
         shares.append(list(s))
     assert shares[0] + shares[1] != full and sorted(shares[0] + shares[1]) == sorted(full)
-    assert shares[0] == full[0::2] and shares[1] == full[1::2]  # same (index, seed) pairs whatever the world size
+    # same (index, seed) pairs whatever the world size
+    assert shares[0] == full[0::2] and shares[1] == full[1::2]
 
 
 def test_skip_starts_after_consumed_batches_and_keeps_the_length():
@@ -84,4 +85,5 @@ def test_unaugmented_loader_serves_plain_indices():
     loader = train_loader(Noisy(), 5, None, augmented=False, drop_last=False)
     assert not isinstance(loader.dataset, SeededDataset) and not loader.sampler.seed_samples
     first = next(iter(loader))
-    assert first[0].shape == (5,) and sorted(i for i, _ in ResumableSampler(Noisy(), seed=0)) == list(range(20))
+    assert (first[0].shape == (5,)
+            and sorted(i for i, _ in ResumableSampler(Noisy(), seed=0)) == list(range(20)))

@@ -74,9 +74,9 @@ def test_writer_names_shapes_dtypes(symile_root):
         assert {p.name for p in (symile_root / split).iterdir()} == names
     expected = {  # trailing shape, dtype
         "cxr": ((3, CXR, CXR), "float32"), "ecg": ((1, 5000, 12), "float32"),
-        "labs_percentiles": ((50,), "float32"), "labs_missingness": ((50,), "int64"), "hadm_id": ((), "int64"),
-        "label": ((), "int64"), "label_hadm_id": ((), "int64"), "ecg_features": ((1024,), "float32"),
-        "labs_features": ((256,), "float32"),
+        "labs_percentiles": ((50,), "float32"), "labs_missingness": ((50,), "int64"),
+        "hadm_id": ((), "int64"), "label": ((), "int64"), "label_hadm_id": ((), "int64"),
+        "ecg_features": ((1024,), "float32"), "labs_features": ((256,), "float32"),
     }
     for split in EXPECTED_FILES:
         for spec in FILES:
@@ -88,7 +88,8 @@ def test_writer_names_shapes_dtypes(symile_root):
         for name in ("ecg", "labs"):
             spec = TEACHERS[name].feature_spec
             arr = np.load(symile_root / split / spec.filename(split), mmap_mode="r")
-            assert (arr.shape, arr.dtype.name) == ((ROWS[split], *expected[spec.key][0]), expected[spec.key][1])
+            assert (arr.shape, arr.dtype.name) == ((ROWS[split], *expected[spec.key][0]),
+                                                   expected[spec.key][1])
     for item in ITEMS:  # the writer's tree passes validation wherever the split holds the item's files
         for split in EXPECTED_FILES:
             if all(split in spec.splits for spec in FILES if spec.items and item in spec.items):
@@ -98,8 +99,9 @@ def test_writer_names_shapes_dtypes(symile_root):
 def test_writer_is_deterministic(tmp_path):
     kw = dict(n_train=10, n_val=10, n_test_queries=10, cxr_size=8, seed=3)
     a, b = write_symile_release(tmp_path / "a", **kw), write_symile_release(tmp_path / "b", **kw)
-    for name in ("test/ecg_test.npy", "test/hadm_id_test.npy", "val_retrieval/label_hadm_id_val_retrieval.npy",
-                 "train/labs_percentiles_train.npy", "train/cxr_train.npy"):
+    for name in ("test/ecg_test.npy", "test/hadm_id_test.npy",
+                 "val_retrieval/label_hadm_id_val_retrieval.npy", "train/labs_percentiles_train.npy",
+                 "train/cxr_train.npy"):
         np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
     assert (a / "labs_means.json").read_text() == (b / "labs_means.json").read_text()
 
@@ -132,8 +134,10 @@ def test_labs_missingness_and_means(symile_root):
     means = json.loads((symile_root / "labs_means.json").read_text())
     assert list(means) == sorted(means) == [f"{itemid}_percentile" for itemid, _ in SYMILE_LABS]
     mean = np.array(list(means.values()), dtype=np.float32)
-    pct = np.concatenate([load(symile_root, s, f"labs_percentiles_{s}.npy") for s in ("train", "val", "test")])
-    obs = np.concatenate([load(symile_root, s, f"labs_missingness_{s}.npy") for s in ("train", "val", "test")])
+    pct = np.concatenate([load(symile_root, s, f"labs_percentiles_{s}.npy")
+                          for s in ("train", "val", "test")])
+    obs = np.concatenate([load(symile_root, s, f"labs_missingness_{s}.npy")
+                          for s in ("train", "val", "test")])
     assert set(np.unique(obs)) == {0, 1} and 0.6 < obs.mean() < 0.8 and (obs.sum(axis=1) >= 1).all()
     assert ((pct >= 0) & (pct <= 1)).all()
     np.testing.assert_allclose(pct[obs == 0], np.broadcast_to(mean, pct.shape)[obs == 0])
@@ -161,20 +165,22 @@ def test_stored_ecg_spans_exactly_minus_one_to_one(symile_root):
 
 # ------------------------------------------------------------------------------------------ DataModule
 
-# item kind -> [(trailing shape, dtype)] of each batch element (dict items: in key order, nested dicts flattened)
+# item kind -> [(trailing shape, dtype)] of each batch element (dict items: in
+# key order, nested dicts flattened)
 ITEM_SHAPES = {
     "labs": [((50,), torch.float32), ((50,), torch.float32)],
     "labs_raw": [((50,), torch.float32), ((50,), torch.float32), ((), torch.int64)],
     "ecg": [((1, 5000, 12), torch.float32), ((), torch.int64)],
     "cxr": [((3, 224, 224), torch.float32), ((), torch.int64)],
     "cxr_teachers": [((3, 224, 224), torch.float32), ((1024,), torch.float32), ((256,), torch.float32)],
-    "cxr_raw_teachers": [((3, 224, 224), torch.float32), ((1, 5000, 12), torch.float32), ((50,), torch.float32),
-                         ((50,), torch.int64)],  # raw teacher inputs as stored
+    "cxr_raw_teachers": [((3, 224, 224), torch.float32), ((1, 5000, 12), torch.float32),
+                         ((50,), torch.float32), ((50,), torch.int64)],  # raw teacher inputs as stored
 }
 
 
 def flat(batch) -> list[torch.Tensor]:
-    """A batch's (or item's) elements in order: tuples as they are, dicts in key order, nested ones flattened."""
+    """A batch's (or item's) elements in order: tuples as they are, dicts in key
+    order, nested ones flattened."""
     if not isinstance(batch, (dict, tuple, list)):
         return [batch]
     parts = batch.values() if isinstance(batch, dict) else batch
@@ -203,14 +209,15 @@ def test_datamodule_serves_item_kind(symile_root, item):
         row = torch.from_numpy(load(symile_root, "val", "cxr_val.npy")[0])
         torch.testing.assert_close(first[0], TF.resize(row, [224, 224], antialias=True))
     if item == "labs":  # int64 missingness arrives as float32
-        np.testing.assert_array_equal(first[1].numpy(), load(symile_root, "val", "labs_missingness_val.npy")[0])
+        np.testing.assert_array_equal(first[1].numpy(),
+                                      load(symile_root, "val", "labs_missingness_val.npy")[0])
     if item == "cxr_teachers":
         np.testing.assert_array_equal(first[1].numpy(), load(symile_root, "val", "ecg_features.npy")[0])
 
 
 def test_test_uni_and_predict_loaders(symile_root):
-    dm = SymileMIMICDataModule(str(symile_root), "cxr_teachers", batch_size=5, num_workers=0, train_split=None,
-                               val_split=None, test_split="test_uni", pin_memory=False)
+    dm = SymileMIMICDataModule(str(symile_root), "cxr_teachers", batch_size=5, num_workers=0,
+                               train_split=None, val_split=None, test_split="test_uni", pin_memory=False)
     dm.setup("test")
     assert len(dm.datasets["test"]) == N_TEST and dm.val_dataloader() == []
     queries = load(symile_root, "test", "label_hadm_id_test.npy")[:N_TEST]
@@ -250,9 +257,11 @@ def test_unknown_names_and_unset_transform(symile_root):
     with pytest.raises(ValueError, match=re.escape(f"train_transform is not set; registered: {registered}")):
         dm.setup("fit")
     bad = SymileMIMICDataModule(str(symile_root), "cxr", num_workers=0, train_transform="robust")
-    with pytest.raises(KeyError, match=re.escape(f"unknown CXR transform 'robust'; registered: {registered}")):
+    with pytest.raises(KeyError,
+                       match=re.escape(f"unknown CXR transform 'robust'; registered: {registered}")):
         bad.setup("fit")
-    with pytest.raises(SymileFileError, match="needs ecg_features.npy, which split 'val_retrieval' does not have"):
+    with pytest.raises(SymileFileError,
+                       match="needs ecg_features.npy, which split 'val_retrieval' does not have"):
         SymileDataset(symile_root, "val_retrieval", "cxr_teachers")
     with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
         SymileMIMICDataModule(str(symile_root), "cxr_teachers", serve_teachers=["ekg"])
@@ -303,8 +312,9 @@ def test_nan_in_labs_names_file_and_row(train_copy):
         setup_train(train_copy, "labs")
 
 
-@pytest.mark.parametrize("name, value, what", [("labs_missingness_train.npy", 2, "a value other than 0 and 1"),
-                                                ("labs_percentiles_train.npy", 1.5, r"a value outside \[0, 1\]")])
+@pytest.mark.parametrize("name, value, what",
+                         [("labs_missingness_train.npy", 2, "a value other than 0 and 1"),
+                           ("labs_percentiles_train.npy", 1.5, r"a value outside \[0, 1\]")])
 def test_out_of_range_labs(train_copy, name, value, what):
     path = train_copy / "train" / name
     arr = np.load(path)
@@ -373,15 +383,16 @@ def test_teacher_widths_follow_the_files_and_must_agree_across_splits(symile_roo
     for split in ("train", "val"):
         n = len(np.load(root / split / "ecg_features.npy", mmap_mode="r"))
         np.save(root / split / "ecg_features.npy", np.zeros((n, 128), np.float32))
-    dm = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0, train_transform="resize",
-                               img_size=32, pin_memory=False)
+    dm = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0,
+                               train_transform="resize", img_size=32, pin_memory=False)
     dm.setup("fit")
     widths = dm.feature_widths()
     assert widths["ecg"][0] == 128 and widths["labs"][0] == 256
     assert next(iter(dm.train_dataloader()))["teachers"]["ecg"].shape == (4, 128)
     n = len(np.load(root / "val" / "ecg_features.npy", mmap_mode="r"))
     np.save(root / "val" / "ecg_features.npy", np.zeros((n, 64), np.float32))
-    other = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0, train_transform="resize",
-                                  img_size=32, pin_memory=False)
-    with pytest.raises(ValueError, match=r"val/ecg_features\.npy holds 64-wide .*/train/ecg_features\.npy holds 128"):
+    other = SymileMIMICDataModule(str(root), "cxr_teachers", batch_size=4, num_workers=0,
+                                  train_transform="resize", img_size=32, pin_memory=False)
+    with pytest.raises(ValueError,
+                       match=r"val/ecg_features\.npy holds 64-wide .*/train/ecg_features\.npy holds 128"):
         other.setup("fit")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from pacx.checkpoint import CheckpointError
 from pacx.data.symile import ITEMS, RAW_TEACHERS_ITEM, SymileMIMICDataModule, build_cxr_transform, uses_cxr
 from pacx.data.symile_files import ValidationCache
 from pacx.data.teacher_features import OnTheFlyTeachers
@@ -21,6 +20,7 @@ from pacx.models.ecgfounder import create_ecgfounder
 from pacx.models.labs_dae import LabsDAE, LabsDAEConfig
 from pacx.teachers import extract_teacher_features, load_teachers
 from pacx.testing.symile import write_symile_release
+from pacx.weights.checkpoint import CheckpointError
 
 ECG_DIM, LABS_DIM = 128, 16  # demo_small's last width; the small DAE's latent
 SPLITS = ("train", "val")
@@ -133,9 +133,11 @@ def test_item_kind_registered():
 
 
 def test_data_path_matches_precomputed_files(root, weights):
-    """The data module's on-the-fly teachers give what ``cxr_teachers`` serves: the CXR and the file features."""
+    """The data module's on-the-fly teachers give what ``cxr_teachers`` serves:
+    the CXR and the file features."""
     kw = dict(batch_size=2, num_workers=0, train_transform="resize", img_size=16, pin_memory=False)
-    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, teacher_weights={k: str(v) for k, v in weights.items()},
+    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM,
+                               teacher_weights={k: str(v) for k, v in weights.items()},
                                teacher_options=OPTIONS, **kw)
     dm.setup("fit")
     item = dm.datasets["train"][0]
@@ -146,10 +148,12 @@ def test_data_path_matches_precomputed_files(root, weights):
     want_cxr = build_cxr_transform("resize", 16)(torch.from_numpy(np.load(root / "val" / "cxr_val.npy")))
     torch.testing.assert_close(torch.cat([b["cxr"] for b in batches]), want_cxr, rtol=0, atol=0)
     for name in ("ecg", "labs"):
-        assert_features_close(torch.cat([b["teachers"][name] for b in batches]), root / "val" / f"{name}_features.npy")
+        assert_features_close(torch.cat([b["teachers"][name] for b in batches]),
+                              root / "val" / f"{name}_features.npy")
     with pytest.raises(ValueError, match="go with item 'cxr_raw_teachers'"):
         SymileMIMICDataModule(str(root), "cxr_teachers", teacher_weights={"ecg": str(weights["ecg"])})
-    one = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, teacher_weights={"ecg": str(weights["ecg"])}, **kw)
+    one = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, teacher_weights={"ecg": str(weights["ecg"])},
+                                **kw)
     with pytest.raises(ValueError, match=r"must name exactly the teachers served.*missing \['labs'\]"):
         one.setup("fit")
 
@@ -163,5 +167,6 @@ def test_runs_on_the_ecg_device(root, weights):
     assert out["ecg"].device.type == out["labs"].device.type == "cuda"
     assert next(otf.parameters()).device.type == "cuda"
     for name in ("ecg", "labs"):
-        torch.testing.assert_close(out[name].cpu(), torch.from_numpy(np.load(root / "train" / f"{name}_features.npy")),
+        torch.testing.assert_close(out[name].cpu(),
+                                   torch.from_numpy(np.load(root / "train" / f"{name}_features.npy")),
                                    rtol=1e-4, atol=1e-4)

@@ -153,7 +153,8 @@ def test_latent_recoverable_from_ecg_and_labs(phantom):
     """A linear probe on the written ECG summaries and lab percentiles recovers the latent."""
     root, t = phantom["symile"], truth(phantom, "symile")
     counts = t["split"].value_counts()
-    ecg = np.concatenate([np.load(root / s / f"ecg_{s}.npy", mmap_mode="r")[:counts[s], 0] for s in ADMISSION_SPLITS])
+    ecg = np.concatenate([np.load(root / s / f"ecg_{s}.npy", mmap_mode="r")[:counts[s], 0]
+                          for s in ADMISSION_SPLITS])
     labs = np.concatenate([
         np.hstack([np.load(root / s / f"labs_percentiles_{s}.npy")[:counts[s]],
                    np.load(root / s / f"labs_missingness_{s}.npy")[:counts[s]]]) for s in ADMISSION_SPLITS])
@@ -162,7 +163,8 @@ def test_latent_recoverable_from_ecg_and_labs(phantom):
     feats = {"ecg": ecg_features(ecg), "labs": labs}
     feats["both"] = np.hstack([feats["ecg"], feats["labs"]])
     r2 = {(src, name): probe_r2(f, t[name].to_numpy()) for src, f in feats.items() for name in LATENT_NAMES}
-    print("\nprobe R² (ecg / labs / both):", {n: tuple(round(r2[s, n], 2) for s in feats) for n in LATENT_NAMES})
+    print("\nprobe R² (ecg / labs / both):",
+          {n: tuple(round(r2[s, n], 2) for s in feats) for n in LATENT_NAMES})
     rate_bpm = feats["ecg"][:, 0]
     assert np.corrcoef(rate_bpm, t["heart_rate"])[0, 1] > 0.8
     for name in ("cardiac_size", "heart_rate", "renal"):
@@ -178,11 +180,12 @@ def test_silhouette_width_tracks_cardiac_size(phantom):
     ok = ~np.isnan(measured).any(axis=1)
     ctr = measured[ok, 0] / measured[ok, 1]
     rho = spearmanr(ctr, t["cardiac_size"][ok])[0]
-    print(f"\nCTR vs cardiac_size: Spearman {rho:.3f}, Pearson {np.corrcoef(ctr, t['cardiac_size'][ok])[0, 1]:.3f} "
-          f"({ok.sum()} of {len(ok)} measured)")
+    print(f"\nCTR vs cardiac_size: Spearman {rho:.3f}, Pearson "
+          f"{np.corrcoef(ctr, t['cardiac_size'][ok])[0, 1]:.3f} ({ok.sum()} of {len(ok)} measured)")
     assert ok.mean() > 0.95
     assert rho > 0.7
-    assert spearmanr(measured[ok, 0], t["silhouette_px"][ok])[0] > 0.7  # the measurement finds the drawn heart
+    # the measurement finds the drawn heart
+    assert spearmanr(measured[ok, 0], t["silhouette_px"][ok])[0] > 0.7
 
 
 def test_fluid_shows_as_basal_haze():
@@ -273,8 +276,10 @@ def test_releases_pass_the_converters(phantom, tmp_path):
     summary = run_converter("chexpert", phantom["chexpert"], tmp_path / "chexpert")
     assert summary["train"]["rows"] + summary["val"]["rows"] == len(truth(phantom, "chexpert"))
 
-    for name, key, label, truth_label in (("chexchonet", "cxr_filename", "composite_slvh_dlv", "composite_slvh_dlv"),
-                                          ("chexchonet_echo", "cxr_filename", "composite_slvh_dlv", "composite_slvh_dlv"),
+    for name, key, label, truth_label in (("chexchonet", "cxr_filename", "composite_slvh_dlv",
+                                           "composite_slvh_dlv"),
+                                          ("chexchonet_echo", "cxr_filename", "composite_slvh_dlv",
+                                           "composite_slvh_dlv"),
                                           ("tb", "Path", "Label", "nodule")):
         spec = get_benchmark(name)
         run_converter(name, phantom[name.split("_")[0]], tmp_path / name)
@@ -335,7 +340,8 @@ def test_deterministic_for_a_seed_and_cli(phantom, tmp_path):
 
 def test_patients_disjoint_across_releases(phantom):
     """No patient id, latent or image is shared between releases (hence between stages)."""
-    tables = {name: truth(phantom, name) for name in ("chexpert", "symile", "chexchonet", "covidqu_seg", "tb")}
+    tables = {name: truth(phantom, name)
+              for name in ("chexpert", "symile", "chexchonet", "covidqu_seg", "tb")}
     ids = [set(t["phantom_patient"]) for t in tables.values()]
     assert sum(map(len, ids)) == len(set().union(*ids))
     latents = [{tuple(np.round(r, 9)) for r in t[list(LATENT_NAMES)].to_numpy()} for t in tables.values()]
@@ -344,7 +350,8 @@ def test_patients_disjoint_across_releases(phantom):
     def pixels(paths) -> set[str]:
         return {hashlib.sha256(np.asarray(Image.open(p)).tobytes()).hexdigest() for p in paths}
 
-    sets = [pixels(phantom["chexpert"].rglob("*.jpg")), pixels((phantom["chexchonet"] / "images").glob("*.jpg")),
+    sets = [pixels(phantom["chexpert"].rglob("*.jpg")),
+            pixels((phantom["chexchonet"] / "images").glob("*.jpg")),
             pixels(phantom["covidqu_seg"].rglob("images/*.png")), pixels(phantom["tb"].rglob("*.png"))]
     assert sum(map(len, sets)) == len(set().union(*sets))
 

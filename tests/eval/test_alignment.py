@@ -13,7 +13,6 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pacx.checkpoint import CheckpointError
 from pacx.data.symile_files import SymileFileError
 from pacx.eval.alignment import (
     alignment_metrics,
@@ -23,16 +22,19 @@ from pacx.eval.alignment import (
     extract_cxr_features,
     fit_indices,
     load_split,
-    load_stage2_heads,
     permutation_baseline,
     recall_at_k,
-    retrieval_groups,
     ridge_probe,
+)
+from pacx.eval.zero_shot import (
+    load_stage2_heads,
+    retrieval_groups,
     zero_shot_accuracy,
     zero_shot_retrieval,
 )
 from pacx.models.heads import ProjectionHead
 from pacx.models.vit import create_vit
+from pacx.weights.checkpoint import CheckpointError
 from tests.helpers import PAPER_STAGE2, load_script, stage2_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +55,8 @@ def stage2_run(tmp_path_factory, release, stage1_run) -> Path:
     from Stage2_PACX import main
 
     run = tmp_path_factory.mktemp("runs") / "stage2"
-    main(stage2_args(run, release, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                     *PAPER_STAGE2))
+    main(stage2_args(run, release, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval",
+                     "2", *PAPER_STAGE2))
     return run
 
 
@@ -64,7 +66,8 @@ def stage2_run(tmp_path_factory, release, stage1_run) -> Path:
 def test_metrics_against_explicit_loops():
     pred, y = RNG.normal(size=(9, 4)), RNG.normal(size=(9, 4)) + 0.5
     m = alignment_metrics(pred, y)
-    r2_cols = [1 - ((y[:, j] - pred[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum() for j in range(4)]
+    r2_cols = [1 - ((y[:, j] - pred[:, j]) ** 2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum()
+               for j in range(4)]
     assert m["r2"] == pytest.approx(np.mean(r2_cols))
 
     def cos(a, b):
@@ -72,7 +75,8 @@ def test_metrics_against_explicit_loops():
 
     assert m["cos"] == pytest.approx(np.mean([cos(pred[i], y[i]) for i in range(9)]))
     mu = [sum(y[i, j] for i in range(9)) / 9 for j in range(4)]
-    centred = [cos([pred[i, j] - mu[j] for j in range(4)], [y[i, j] - mu[j] for j in range(4)]) for i in range(9)]
+    centred = [cos([pred[i, j] - mu[j] for j in range(4)], [y[i, j] - mu[j] for j in range(4)])
+               for i in range(9)]
     assert m["cos_centred"] == pytest.approx(np.mean(centred)) == pytest.approx(centred_cosine(pred, y))
     for k in (1, 5, 10):  # rank of the own target among all targets, by cosine
         hits = [sorted(range(9), key=lambda j, i=i: -cos(pred[i], y[j])).index(i) < k for i in range(9)]
@@ -84,7 +88,8 @@ def test_recall_is_100_and_cosine_1_when_prediction_equals_target():
     y = RNG.normal(size=(30, 6))
     assert recall_at_k(y, y) == {1: 100.0, 5: 100.0, 10: 100.0}
     m = alignment_metrics(y.copy(), y)
-    assert m["r2"] == pytest.approx(1.0) and m["cos"] == pytest.approx(1.0) and m["cos_centred"] == pytest.approx(1.0)
+    assert (m["r2"] == pytest.approx(1.0) and m["cos"] == pytest.approx(1.0)
+            and m["cos_centred"] == pytest.approx(1.0))
     # predicting each row's neighbour puts the neighbour, not the own row, first
     shuffled = y[np.roll(np.arange(30), 1)]
     assert recall_at_k(shuffled, y)[1] == 0.0
@@ -93,9 +98,11 @@ def test_recall_is_100_and_cosine_1_when_prediction_equals_target():
 def test_permutation_baseline_and_duplicates_by_hand():
     y = RNG.normal(size=(12, 5)) + 1.0
     perm = np.random.default_rng(0).permutation(12)
-    raw = np.mean([y[i] @ y[perm[i]] / (np.linalg.norm(y[i]) * np.linalg.norm(y[perm[i]])) for i in range(12)])
+    raw = np.mean([y[i] @ y[perm[i]] / (np.linalg.norm(y[i]) * np.linalg.norm(y[perm[i]]))
+                   for i in range(12)])
     yc = y - y.mean(axis=0)
-    cen = np.mean([yc[i] @ yc[perm[i]] / (np.linalg.norm(yc[i]) * np.linalg.norm(yc[perm[i]])) for i in range(12)])
+    cen = np.mean([yc[i] @ yc[perm[i]] / (np.linalg.norm(yc[i]) * np.linalg.norm(yc[perm[i]]))
+                   for i in range(12)])
     assert permutation_baseline(y) == pytest.approx({"baseline_cos": raw, "baseline_cos_centred": cen})
     assert cosine_rows(y, y) == pytest.approx(np.ones(12))
     dup = np.concatenate([y, y[[0, 0, 3]]])  # row 0 three times, row 3 twice
@@ -105,7 +112,8 @@ def test_permutation_baseline_and_duplicates_by_hand():
 def test_fit_indices_reproduce_the_drop_last_count():
     rows = fit_indices(10_000)
     assert len(rows) == 9_984 and len(np.unique(rows)) == 9_984 and (np.diff(rows) > 0).all()
-    assert np.array_equal(rows, fit_indices(10_000, seed=0)) and not np.array_equal(rows, fit_indices(10_000, seed=1))
+    assert (np.array_equal(rows, fit_indices(10_000, seed=0))
+            and not np.array_equal(rows, fit_indices(10_000, seed=1)))
     assert np.array_equal(fit_indices(7, None), np.arange(7)) and len(fit_indices(30, 8)) == 24
     with pytest.raises(ValueError, match="keeps no rows"):
         fit_indices(100)
@@ -154,8 +162,8 @@ def test_retrieval_groups_and_accuracy_on_a_hand_built_layout():
     query = torch.eye(4)[:3] + 0.05
     cands = feats[torch.from_numpy(groups)]  # [3, 4, 4]
     assert zero_shot_accuracy(query, cands) == pytest.approx(2 / 3)
-    expected = np.mean([int(torch.argmax(torch.nn.functional.cosine_similarity(query[q][None], cands[q])) == 0)
-                        for q in range(3)])
+    similarity = torch.nn.functional.cosine_similarity
+    expected = np.mean([int(torch.argmax(similarity(query[q][None], cands[q])) == 0) for q in range(3)])
     assert zero_shot_accuracy(query, cands) == pytest.approx(expected)
 
 
@@ -178,7 +186,8 @@ def test_zero_shot_width_mismatches_name_what_differs(release):
     with pytest.raises(ValueError, match="32-wide but the Stage 2 head expects 64"):
         zero_shot_retrieval(enc, heads, test, img_size=32)
     heads["cxr"], heads["ecg"] = ProjectionHead(32, 16), ProjectionHead(512, 16)
-    with pytest.raises(ValueError, match=r"test/ecg_features\.npy \(shape \[100, 1024\]\) is 1024-wide.*expects 512"):
+    with pytest.raises(ValueError,
+                       match=r"test/ecg_features\.npy \(shape \[100, 1024\]\) is 1024-wide.*expects 512"):
         zero_shot_retrieval(enc, heads, test, img_size=32)
     with pytest.raises(SymileFileError, match="no label file"):
         zero_shot_retrieval(enc, heads, load_split(release, "test_uni"), img_size=32)
@@ -192,7 +201,8 @@ def test_feature_extraction_is_a_plain_resize_then_the_cls_token():
     cxr = RNG.normal(size=(5, 3, 40, 40)).astype(np.float32)
     feats = extract_cxr_features(enc, cxr, img_size=32, batch_size=2, rows=np.array([4, 0, 2]))
     with torch.no_grad():
-        ref = torch.cat([enc(TF.resize(torch.from_numpy(cxr[i])[None], [32, 32], antialias=True)) for i in (4, 0, 2)])
+        ref = torch.cat([enc(TF.resize(torch.from_numpy(cxr[i])[None], [32, 32], antialias=True))
+                         for i in (4, 0, 2)])
     assert feats.dtype == np.float32 and feats.shape == (3, 32)
     np.testing.assert_allclose(feats, ref.numpy(), atol=1e-5)
     with pytest.raises(SymileFileError, match=r"my\.npy.*\[5, 40, 40\]"):
@@ -214,7 +224,8 @@ def test_split_layout_errors_name_the_files(tmp_path):
     with pytest.raises(SymileFileError, match=r"ecg_features\.npy has N=3 but .*hadm_id_test\.npy has N=4"):
         load_split(_mini_test_uni(tmp_path / "n", n_ecg=3), "test_uni")
     # any teacher width loads (the demo's small teachers); probing checks train against test widths
-    assert load_split(_mini_test_uni(tmp_path / "w", ecg_width=768), "test_uni").arrays["ecg_features"].shape == (4, 768)
+    wide = load_split(_mini_test_uni(tmp_path / "w", ecg_width=768), "test_uni")
+    assert wide.arrays["ecg_features"].shape == (4, 768)
     (tmp_path / "ok" / "test_uni" / "labs_features.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"test_uni/labs_features\.npy"):
         load_split(tmp_path / "ok", "test_uni")
@@ -226,8 +237,10 @@ def test_split_layout_errors_name_the_files(tmp_path):
 def test_backbone_specs():
     parse = load_script("eval_alignment").parse_backbone
     assert (parse("mae=runs/s1/run").name, parse("mae=runs/s1/run").source) == ("mae", "runs/s1/run")
-    assert (parse("runs/s1/last.ckpt").name, parse("runs/s1/last.ckpt").source) == ("last", "runs/s1/last.ckpt")
-    assert parse("random=random:vit_test").random_arch == "vit_test" and parse("random:vit_test").name == "random:vit_test"
+    assert (parse("runs/s1/last.ckpt").name, parse("runs/s1/last.ckpt").source) == ("last",
+                                                                                    "runs/s1/last.ckpt")
+    assert (parse("random=random:vit_test").random_arch == "vit_test"
+            and parse("random:vit_test").name == "random:vit_test")
     assert parse("runs/a=b/x.ckpt").source == "runs/a=b/x.ckpt"  # '=' inside a path is not a name
 
 
@@ -237,7 +250,8 @@ def _finite(tree) -> bool:
 
 def test_script_random_and_stage1_backbones(tmp_path, release, stage1_run, capsys):
     out = tmp_path / "alignment.json"
-    assert load_script("eval_alignment").main(["--data-root", str(release), "--backbone", "random=random:vit_test",
+    assert load_script("eval_alignment").main(["--data-root", str(release), "--backbone",
+                                               "random=random:vit_test",
                            "--backbone", str(stage1_run), "--img-size", "32", "--batch-size", "7",
                            "--drop-last-batch", "8", "--device", "cpu", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -257,7 +271,8 @@ def test_script_zero_shot_matches_the_stage2_module(tmp_path, release, stage2_ru
     from pacx.lit.pacx import PaCXModule
 
     out = tmp_path / "zs.json"
-    load_script("eval_alignment").main(["--data-root", str(release), "--backbone", f"pacx={stage2_run}", "--img-size", "32",
+    load_script("eval_alignment").main(["--data-root", str(release), "--backbone", f"pacx={stage2_run}",
+                                        "--img-size", "32",
                     "--drop-last-batch", "0", "--device", "cpu", "--zero-shot", "--json", str(out)])
     zs = json.loads(out.read_text())["pacx"]["zero_shot"]
     assert zs["chance"] == pytest.approx(0.1) and zs["n_queries"] == 10 and zs["group_size"] == 10
@@ -282,7 +297,8 @@ def test_script_zero_shot_matches_the_stage2_module(tmp_path, release, stage2_ru
     # the heads themselves: strict, eval mode, right shapes
     heads = load_stage2_heads(stage2_run)
     assert {k: (type(h[0]).__name__, h[1][1].in_features, h[1][1].out_features, h.training)
-            for k, h in heads.items()} == {"cxr": ("Identity", 32, 16, False), "ecg": ("TeacherNorm", 1024, 16, False),
+            for k, h in heads.items()} == {"cxr": ("Identity", 32, 16, False),
+                                           "ecg": ("TeacherNorm", 1024, 16, False),
                                            "labs": ("TeacherNorm", 256, 16, False)}
     x = torch.randn(4, 256)  # teacher_norm raw: the teacher norms stay the identity
     torch.testing.assert_close(heads["labs"][0](x), x)

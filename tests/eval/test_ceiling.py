@@ -25,8 +25,8 @@ def chexchonet(tmp_path_factory):
 
 
 def _dm(raw, manifests):
-    return BenchmarkDataModule("chexchonet", root=str(raw), manifest_dir=str(manifests), img_size=32, num_workers=0,
-                               pin_memory=False)
+    return BenchmarkDataModule("chexchonet", root=str(raw), manifest_dir=str(manifests), img_size=32,
+                               num_workers=0, pin_memory=False)
 
 
 def test_ceiling_equals_an_independent_fit_and_is_reproducible(chexchonet):

@@ -40,7 +40,8 @@ def grid_rows(tmp_path: Path) -> pd.DataFrame:
                    "backbone_weights": f"exports/{kind}.safetensors"}
             if spec.task != "segmentation":
                 full = main if spec.metric == "auroc" else 0.7 + 0.002 * (seed - 2)
-                row.update({"train_fraction": fraction, spec.metric_column("auroc"): auroc if fraction < 1 else full})
+                row.update({"train_fraction": fraction,
+                            spec.metric_column("auroc"): auroc if fraction < 1 else full})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -60,14 +61,16 @@ def test_comparison_md_from_the_paper_grid(tmp_path, capsys):
     for p in (p for p in PUBLISHED if p.backbone != DELTA):  # every published number, ours + OFFSET beside it
         name = {"imagenet": "ImageNet", "mae": "MAE", "pacx": "PaCX-MAE"}[p.backbone]
         metric = {"auroc": "AUROC", "f1": "F1", "iou": "IoU"}[p.metric]
-        assert (f"| {p.benchmark} | {metric} | {name} | {p.value:.3f} | {p.value + OFFSET:.3f} ± {std:.3f} (n=5) | "
-                f"+{OFFSET:.3f} ± {std:.3f} |") in text, p
+        assert (f"| {p.benchmark} | {metric} | {name} | {p.value:.3f} | {p.value + OFFSET:.3f} ± {std:.3f} "
+                f"(n=5) | +{OFFSET:.3f} ± {std:.3f} |") in text, p
     gain = np.array([LOW_DATA_GAIN + 0.001 * s for s in range(5)])
     for p in (p for p in PUBLISHED if p.backbone == DELTA):
-        assert (f"| {p.benchmark} | AUROC | ≈ +{p.value:.3f} | +{gain.mean():.3f} ± {gain.std(ddof=1):.3f} (paired, n=5) | "
-                f"{gain.mean() - p.value:+.3f} ± {gain.std(ddof=1):.3f} |").replace("-0", "−0") in text, p
+        assert (f"| {p.benchmark} | AUROC | ≈ +{p.value:.3f} | +{gain.mean():.3f} ± {gain.std(ddof=1):.3f} "
+                f"(paired, n=5) | {gain.mean() - p.value:+.3f} ± {gain.std(ddof=1):.3f} "
+                "|").replace("-0", "−0") in text, p
     out = capsys.readouterr().out
-    # the tables in the paper's metrics: VinDr and CheXchoNet in F1 at full data, in AUROC in the low-data table
+    # the tables in the paper's metrics: VinDr and CheXchoNet in F1 at full
+    # data, in AUROC in the low-data table
     assert "| vindr | F1 |" in out.split("\\begin{tabular}")[0]
     low = out.split("PaCX-MAE 1 %", 1)[1]
     assert "| vindr | AUROC |" in low and "| chexchonet | AUROC |" in low and "| nih | AUROC |" in low
@@ -77,7 +80,8 @@ def test_table_metrics_switches_only_what_differs_and_names_a_missing_column(tmp
     grid = grid_rows(tmp_path)
     low = table_metrics(grid, "low_data")
     vindr = low[low["benchmark"] == "vindr"]
-    assert set(vindr["metric"]) == {"auroc"} and vindr["metric_value"].tolist() == vindr["test/auroc_macro"].tolist()
+    assert (set(vindr["metric"]) == {"auroc"}
+            and vindr["metric_value"].tolist() == vindr["test/auroc_macro"].tolist())
     assert table_metrics(grid, "main")["metric_value"].tolist() == grid["metric_value"].tolist()
     with pytest.raises(ValueError, match=r"low-data table reports chexchonet in AUROC"):
         table_metrics(grid.drop(columns="test/auroc"), "low_data")

@@ -1,7 +1,7 @@
 """pacx/eval/report.py and scripts/make_report.py on a results directory written by the library's own writers
-(results rows -> scripts/make_tables.py; HistoryCSVLogger metrics with a resumed attempt; the rollout grid; the
-ReconstructionGrid callback), then rendered in real headless Chromium: the screenshot is not blank, and every
-table number in the DOM equals table.json."""
+(results rows -> scripts/make_tables.py; HistoryCSVLogger metrics with a resumed attempt; the rollout grid;
+the ReconstructionGrid callback), then rendered in real headless Chromium: the screenshot is not blank, and
+every table number in the DOM equals table.json."""
 
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ def _results_rows() -> list[dict]:
         for seed, value in enumerate(values):
             upstream = seed if kind == "pacx" else 0  # PaCX-MAE: one encoder per Stage 2 seed
             row = {"benchmark": bench, "task": task, "metric": metric, "backbone_kind": kind,
-                   "mode": "frozen" if task == "segmentation" else "linear_probe", "seed": seed, column: value,
-                   "metric_value": value, "backbone_weights": f"exports/{kind}_encoder_s{upstream}.safetensors",
-                   "git_sha": "abc123", "run_dir": f"stage3/{bench}/{kind}_f{fraction}_s{seed}", "debug": ""}
+                   "mode": "frozen" if task == "segmentation" else "linear_probe", "seed": seed,
+                   column: value, "metric_value": value,
+                   "backbone_weights": f"exports/{kind}_encoder_s{upstream}.safetensors", "git_sha": "abc123",
+                   "run_dir": f"stage3/{bench}/{kind}_f{fraction}_s{seed}", "debug": ""}
             if fraction is not None:
                 row.update(train_fraction=fraction, subset_seed=seed)
             if column == "test/f1":
@@ -66,7 +67,8 @@ def _run_record(run_dir: Path, stage: str) -> None:
 
 
 def _log_epochs(run_dir: Path, attempt: int, epochs: range, extra: dict[str, float]) -> None:
-    """Two training steps and one validation row per epoch, as Lightning logs them (``attempt`` > 1 resumes)."""
+    """Two training steps and one validation row per epoch, as Lightning logs
+    them (``attempt`` > 1 resumes)."""
     logger = HistoryCSVLogger(run_dir, attempt=attempt)
     for epoch in epochs:
         loss = 1.0 / (epoch + 1) + 0.1 * attempt
@@ -105,7 +107,8 @@ def results_dir(tmp_path_factory) -> Path:
     grid, gen = ReconstructionGrid(num_images=4), torch.Generator().manual_seed(0)
     grid._images = torch.rand(4, 3, 32, 32, generator=gen)
     for epoch in (0, 5):
-        grid.save(SimpleNamespace(loggers=[], global_step=0), _Reconstructor(), epoch, stage1 / "reconstructions")
+        grid.save(SimpleNamespace(loggers=[], global_step=0), _Reconstructor(), epoch,
+                  stage1 / "reconstructions")
 
     stage2 = root / "stage2_pacx_s0"
     _run_record(stage2, "stage2_pacx")
@@ -117,7 +120,8 @@ def results_dir(tmp_path_factory) -> Path:
 
     rng = np.random.default_rng(0)
     images = [(rng.random((48, 40)) * 255).astype(np.uint8) for _ in range(2)]
-    render_grid(images, {"mae": rng.random((2, 4, 4)), "pacx": rng.random((2, 4, 4))}, root / "figures" / "rollout.png")
+    render_grid(images, {"mae": rng.random((2, 4, 4)), "pacx": rng.random((2, 4, 4))},
+                root / "figures" / "rollout.png")
     return root
 
 
@@ -175,8 +179,10 @@ def _check_cells(cells: dict[tuple[str, str], dict[str, str]], table: dict) -> N
     assert set(cells) == {(bench, kind) for bench, row in table.items() for kind in row}
     for (bench, kind), cell in cells.items():
         stat = table[bench][kind]
-        assert float(cell["data-mean"]) == stat["mean"] and float(cell["data-std"]) == stat["std"], (bench, kind)
-        assert int(cell["data-n"]) == stat["n"] and int(cell["data-n-upstream"]) == stat["n_upstream"], (bench, kind)
+        assert (float(cell["data-mean"]) == stat["mean"]
+                and float(cell["data-std"]) == stat["std"]), (bench, kind)
+        assert (int(cell["data-n"]) == stat["n"]
+                and int(cell["data-n-upstream"]) == stat["n_upstream"]), (bench, kind)
         assert cell["data-metric"] == stat["metric"] and cell["id"] == f"cell-{bench}-{kind}"
         assert cell["shown"] == f"{stat['mean']:.3f} ± {stat['std']:.3f}", (bench, kind)
 
@@ -188,7 +194,8 @@ def test_finds_the_inputs_and_leaves_out_stage3_runs(results_dir):
     assert found.low_data_png == results_dir / "figures" / "low_data.png"
     assert found.rollouts == [results_dir / "figures" / "rollout.png"]
     assert found.reconstructions == [results_dir / "stage1_mae" / "reconstructions" / "epoch0005.png"]
-    assert [(p.name, s) for p, s in found.training_runs] == [("stage1_mae", "stage1_mae"), ("stage2_pacx_s0", "stage2_pacx")]
+    assert [(p.name, s) for p, s in found.training_runs] == [("stage1_mae", "stage1_mae"),
+                                                             ("stage2_pacx_s0", "stage2_pacx")]
 
 
 def test_learning_curves_take_the_latest_attempt(results_dir):
@@ -196,7 +203,8 @@ def test_learning_curves_take_the_latest_attempt(results_dir):
     assert set(metrics["attempt"]) == {1, 2}
     val = epoch_series(metrics, "val/loss")
     assert list(val.index) == [0, 1, 2, 3, 4, 5]
-    assert val[3] == pytest.approx(1 / 4 + 0.2 + 0.2) and val[2] == pytest.approx(1 / 3 + 0.1 + 0.2)  # attempt 2, 1
+    # attempt 2, 1
+    assert val[3] == pytest.approx(1 / 4 + 0.2 + 0.2) and val[2] == pytest.approx(1 / 3 + 0.1 + 0.2)
     steps = epoch_series(metrics, "train/loss_step")
     assert steps[3] == pytest.approx(1 / 4 + 0.2 + 0.025)  # the mean of attempt 2's two steps
     assert epoch_series(metrics, "val/infonce_frac_labs").empty
@@ -221,9 +229,9 @@ def test_missing_inputs_say_what_is_missing(tmp_path):
     load_script("make_report").main([str(tmp_path), "--out", str(tmp_path / "empty.html")])
     page = _parse((tmp_path / "empty.html").read_text())
     assert not page.cells and not page.images
-    for section, missing in (("table", "table.json"), ("comparison", "comparison.md"), ("low-data", "low_data.png"),
-                             ("rollout", "rollout*.png"), ("reconstructions", "reconstructions/epoch*.png"),
-                             ("curves", "metrics.csv")):
+    for section, missing in (("table", "table.json"), ("comparison", "comparison.md"),
+                             ("low-data", "low_data.png"), ("rollout", "rollout*.png"),
+                             ("reconstructions", "reconstructions/epoch*.png"), ("curves", "metrics.csv")):
         assert f"not available: {missing}" in page.sections[section], section
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(tmp_path / "nowhere")

@@ -143,7 +143,8 @@ def test_rollout_of_identity_and_uniform_attention():
         torch.testing.assert_close(attention_rollout([eye, eye, eye], residual=residual), torch.eye(t)[None])
     uniform = torch.full((1, 2, t, t), 1.0 / t)
     # Without the residual, uniform attention mixes everything at once and stays uniform.
-    torch.testing.assert_close(attention_rollout([uniform, uniform], residual=False), torch.full((1, t, t), 1 / t))
+    torch.testing.assert_close(attention_rollout([uniform, uniform], residual=False),
+                               torch.full((1, t, t), 1 / t))
     heat = cls_heatmap(attention_rollout([uniform, uniform], residual=False), grid=2)
     assert torch.equal(heat, torch.zeros(1, 2, 2))  # a flat map scales to zeros, not NaN
 
@@ -181,7 +182,8 @@ def test_cls_heatmap_shape_and_range(encoder, images):
     heat = cls_heatmap(attention_rollout(attention_maps(encoder, images)), grid=4)
     assert heat.shape == (2, 4, 4)
     assert heat.min() >= 0 and heat.max() <= 1
-    assert torch.allclose(heat.amax(dim=(1, 2)), torch.ones(2)) and torch.allclose(heat.amin(dim=(1, 2)), torch.zeros(2))
+    assert (torch.allclose(heat.amax(dim=(1, 2)), torch.ones(2))
+            and torch.allclose(heat.amin(dim=(1, 2)), torch.zeros(2)))
     with pytest.raises(ValueError):
         cls_heatmap(torch.rand(1, 17, 17), grid=3)
 
@@ -192,7 +194,8 @@ def test_overlay_and_render_grid(tmp_path):
     out = overlay(img, heat, alpha=0.4)
     assert out.shape == (40, 30, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(overlay(img, heat, alpha=0.0), np.repeat(img[..., None], 3, 2))
-    png = render_grid([img, img], {"a": torch.rand(2, 4, 4), "b": np.random.rand(2, 4, 4)}, tmp_path / "g.png")
+    png = render_grid([img, img], {"a": torch.rand(2, 4, 4), "b": np.random.rand(2, 4, 4)},
+                      tmp_path / "g.png")
     with Image.open(png) as im:
         assert im.width > im.height  # 3 panels wide, 2 rows high
     assert not list(tmp_path.glob(".*tmp*"))  # no leftover temporary file
@@ -236,7 +239,8 @@ def test_script_csv_manifest_and_errors(stage1_run, tmp_path, capsys):
     csv.write_text("Path,label\n" + "".join(f"imgs/{p.name},0\n" for p in paths))
     script = load_script("attention_rollout")
     out = tmp_path / "m.png"
-    script.main(["--backbones", "rnd=random:vit_test", "--img-size", "32", "--images", str(csv), "--out", str(out)])
+    script.main(["--backbones", "rnd=random:vit_test", "--img-size", "32", "--images", str(csv), "--out",
+                 str(out)])
     assert np.load(out.with_suffix(".npz"))["rnd"].shape == (2, 4, 4)
 
     bad = tmp_path / "broken.png"
@@ -246,5 +250,6 @@ def test_script_csv_manifest_and_errors(stage1_run, tmp_path, capsys):
                      "--out", str(out)])
     assert str(bad) in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the run's encoder is a 32 px one
-        script.main(["--backbones", f"mae={stage1_run}", "--img-size", "64", "--images", str(csv), "--out", str(out)])
+        script.main(["--backbones", f"mae={stage1_run}", "--img-size", "64", "--images", str(csv), "--out",
+                     str(out)])
     assert "all backbones must share one image size" in capsys.readouterr().err

@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pacx.eval.results import aggregate, load_results
 from pacx.eval.tables import (
-    aggregate,
-    load_results,
     low_data_figure,
     low_data_table,
     main_table,
@@ -23,8 +22,8 @@ from pacx.eval.tables import (
     to_markdown,
 )
 
-# (benchmark, task, metric column, backbone, mode, train fraction) -> metric per seed 0..4 (fewer = fewer seeds).
-# Segmentation rows have mode "frozen" and no train fraction, as pacx/lit/segment.py writes them.
+# (benchmark, task, metric column, backbone, mode, train fraction) -> metric per seed 0..4 (fewer = fewer
+# seeds). Segmentation rows have mode "frozen" and no train fraction, as pacx/lit/segment.py writes them.
 RUNS: dict[tuple[str, str, str, str, str, float | None], list[float]] = {
     ("chexchonet", "binary", "test/f1", "imagenet", "linear_probe", 1.0): [0.70, 0.72, 0.74, 0.76, 0.78],
     ("chexchonet", "binary", "test/f1", "mae", "linear_probe", 1.0): [0.75, 0.75, 0.76, 0.77, 0.77],
@@ -109,7 +108,7 @@ def _stat(agg: pd.DataFrame, bench: str, kind: str, fraction: float = 1.0, mode:
 
 
 def test_load_results_supersedes_rerun_and_fills_defaults(results_csv, caplog):
-    with caplog.at_level(logging.WARNING, logger="pacx.eval.tables"):
+    with caplog.at_level(logging.WARNING, logger="pacx.eval.results"):
         df = load_results([results_csv])
     assert "1 results row(s) superseded" in caplog.text
     assert len(df) == sum(len(v) for v in RUNS.values())
@@ -171,7 +170,8 @@ def test_main_table_percent_mode_and_other_backbones(results):
     finetune = to_markdown(main_table(results, mode="finetune", backbones=("pacx", "random")))
     assert finetune.splitlines()[0] == "| Benchmark | Metric | PaCX-MAE | Random init |"
     # segmentation (single-mode) rows appear in every mode; a lone cell is not bold
-    assert finetune.splitlines()[2:] == ["| cxlseg | IoU | 0.900 ± 0.000 | – |", "| nih | AUROC | 0.850 ± 0.000 | – |"]
+    assert finetune.splitlines()[2:] == ["| cxlseg | IoU | 0.900 ± 0.000 | – |",
+                                         "| nih | AUROC | 0.850 ± 0.000 | – |"]
 
 
 def test_to_json_structure_and_values(results):
@@ -181,8 +181,8 @@ def test_to_json_structure_and_values(results):
     assert data["tb"]["imagenet"] == {"metric": "auroc", "mean": pytest.approx(0.90), "std": 0.0, "n": 1,
                                       "n_upstream": 1}
     pacx = data["chexchonet"]["pacx"]
-    assert pacx == {"metric": "f1", "mean": pytest.approx(0.82), "std": pytest.approx(math.sqrt(0.00025)), "n": 5,
-                    "n_upstream": 1}
+    assert pacx == {"metric": "f1", "mean": pytest.approx(0.82), "std": pytest.approx(math.sqrt(0.00025)),
+                    "n": 5, "n_upstream": 1}
     json.dumps(data)  # plain Python types
 
 
@@ -191,8 +191,8 @@ def test_n_upstream_counts_distinct_upstream_encoders():
     rows = [_row("tb", "binary", "test/auroc", "pacx", "linear_probe", 1.0, s, 0.7 + 0.01 * u + 0.001 * s)
             | {"backbone_weights": f"exports/pacx_encoder_s{u}.safetensors", "run_dir": f"r/u{u}s{s}"}
             for u in range(3) for s in range(2)]
-    rows += [_row("tb", "binary", "test/auroc", "mae", "linear_probe", 1.0, s, 0.5) | {"backbone_weights": None}
-             for s in range(2)]
+    rows += [_row("tb", "binary", "test/auroc", "mae", "linear_probe", 1.0, s, 0.5)
+             | {"backbone_weights": None} for s in range(2)]
     data = to_json(main_table(pd.DataFrame(rows)))["tb"]
     values = [r["metric_value"] for r in rows[:6]]
     assert data["pacx"]["n"] == 6 and data["pacx"]["n_upstream"] == 3
@@ -203,8 +203,8 @@ def test_n_upstream_counts_distinct_upstream_encoders():
 def test_low_data_table(results):
     table = low_data_table(results)
     md = to_markdown(table).splitlines()
-    assert md[0] == ("| Benchmark | Metric | ImageNet 1 % | ImageNet 10 % | ImageNet 100 % | MAE 1 % | MAE 10 % "
-                     "| MAE 100 % | PaCX-MAE 1 % | PaCX-MAE 10 % | PaCX-MAE 100 % |")
+    assert md[0] == ("| Benchmark | Metric | ImageNet 1 % | ImageNet 10 % | ImageNet 100 % | MAE 1 % | MAE "
+                     "10 % | MAE 100 % | PaCX-MAE 1 % | PaCX-MAE 10 % | PaCX-MAE 100 % |")
     assert md[2:] == ["| chexchonet | F1 | – | 0.600 ± 0.000 | 0.740 ± 0.032 | 0.550 ± 0.000 | 0.640 ± 0.007 "
                       "| 0.760 ± 0.010 | **0.600 ± 0.016** | **0.700 ± 0.000** | **0.820 ± 0.016** |"]
     latex = to_latex(table)
@@ -242,14 +242,15 @@ def test_script_prints_tables_and_writes_figure(results_csv, tmp_path, capsys):
 
 
 def test_use_metric_tabulates_a_benchmark_by_another_logged_metric(results):
-    from pacx.eval.tables import use_metric
+    from pacx.eval.results import use_metric
 
     df = results.copy()
     df["test/auroc"] = float("nan")
     rows = df["benchmark"] == "chexchonet"
     df.loc[rows, "test/auroc"] = df.loc[rows, "metric_value"] / 2  # a distinct, known value per row
     out = use_metric(df, "chexchonet", "test/auroc")
-    assert (out.loc[rows, "metric"] == "auroc").all() and (out.loc[~rows, "metric"] == df.loc[~rows, "metric"]).all()
+    assert ((out.loc[rows, "metric"] == "auroc").all()
+            and (out.loc[~rows, "metric"] == df.loc[~rows, "metric"]).all())
     assert out.loc[rows, "metric_value"].tolist() == (df.loc[rows, "metric_value"] / 2).tolist()
     assert out.loc[~rows, "metric_value"].tolist() == df.loc[~rows, "metric_value"].tolist()
     with pytest.raises(ValueError, match="no tb row has a value in column 'test/auroc'"):
@@ -264,10 +265,11 @@ def test_script_takes_each_tables_metric_from_the_registry(results_csv, tmp_path
     assert main([str(results_csv), "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert MAIN_MARKDOWN in out
-    assert ("| chexchonet | AUROC | – | 0.500 ± 0.000 | 0.640 ± 0.032 | 0.450 ± 0.000 | 0.540 ± 0.007 | 0.660 ± 0.010 "
-            "| **0.500 ± 0.016** | **0.600 ± 0.000** | **0.720 ± 0.016** |") in out
+    assert ("| chexchonet | AUROC | – | 0.500 ± 0.000 | 0.640 ± 0.032 | 0.450 ± 0.000 | 0.540 ± 0.007 | "
+            "0.660 ± 0.010 | **0.500 ± 0.016** | **0.600 ± 0.000** | **0.720 ± 0.016** |") in out
     assert main([str(results_csv), "--out-dir", str(tmp_path), "--metric", "chexchonet=test/auroc"]) == 0
-    assert "| chexchonet | AUROC | 0.640 ± 0.032 | 0.660 ± 0.010 | **0.720 ± 0.016** |" in capsys.readouterr().out
+    assert ("| chexchonet | AUROC | 0.640 ± 0.032 | 0.660 ± 0.010 | **0.720 ± 0.016** |"
+            in capsys.readouterr().out)
     rows = pd.read_csv(results_csv).drop(columns="test/auroc")
     rows.to_csv(tmp_path / "no_auroc.csv", index=False)
     with pytest.raises(ValueError, match=r"low-data table reports chexchonet in AUROC: .*'test/auroc'"):

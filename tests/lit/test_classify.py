@@ -1,4 +1,5 @@
-"""Stage 3 classification: synthetic release -> converter -> manifests -> fit + test, and the module's rules."""
+"""Stage 3 classification: synthetic release -> converter -> manifests -> fit +
+test, and the module's rules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pacx.checkpoint import CheckpointError
 from pacx.data.manifest import ManifestError
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS, INDEX_COLUMN
@@ -18,6 +18,7 @@ from pacx.data.stage3 import BenchmarkDataModule
 from pacx.lit.classify import ClassificationModule, metric_key
 from pacx.models.backbones import BackboneConfig, build_backbone
 from pacx.testing.benchmarks import RELEASE_WRITERS
+from pacx.weights.checkpoint import CheckpointError
 
 CLASSIFICATION = sorted(n for n, s in BENCHMARKS.items() if s.task != "segmentation" and n in RELEASE_WRITERS)
 MULTICLASS = sorted(n for n in CLASSIFICATION if BENCHMARKS[n].task == "multiclass")
@@ -46,12 +47,14 @@ def stage3_configs(name: str) -> list[str]:
     """``--config`` arguments of a benchmark: its mode's base, then its override where it has one (the
     benchmarks without a paper config run the base with ``--data.benchmark``)."""
     stage3 = Path(__file__).resolve().parents[2] / "configs/stage3"
-    base, folder = ("segmentation", "seg") if BENCHMARKS[name].task == "segmentation" else ("linear_probe", "lp")
+    base, folder = (("segmentation", "seg") if BENCHMARKS[name].task == "segmentation"
+                    else ("linear_probe", "lp"))
     configs = [stage3 / f"{base}.yaml", stage3 / folder / f"{name}.yaml"]
     return [arg for path in configs if path.is_file() for arg in ("--config", str(path))]
 
 
-def stage3_args(name: str, raw: Path, manifests: Path, run_dir: Path, weights: Path, *extra: str) -> list[str]:
+def stage3_args(name: str, raw: Path, manifests: Path, run_dir: Path, weights: Path,
+                *extra: str) -> list[str]:
     return [
         "fit", *stage3_configs(name),
         "--data.benchmark", name,
@@ -60,8 +63,8 @@ def stage3_args(name: str, raw: Path, manifests: Path, run_dir: Path, weights: P
         "--data.root", str(raw), "--data.manifest_dir", str(manifests), "--data.batch_size", "8",
         "--data.num_workers", "0", "--data.pin_memory", "false", "--trainer.max_epochs", "1",
         "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir), "--wandb", "disabled",
-        *extra,
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir), "--wandb",
+        "disabled", *extra,
     ]
 
 
@@ -101,8 +104,8 @@ def _fit(module: ClassificationModule, dm: BenchmarkDataModule, root: Path) -> N
 
 def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run, tmp_path):
     # the per-epoch path: the backbone runs inside every training step and must stay in eval mode there
-    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="linear_probe",
-                                  feature_cache=False)
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32),
+                                  mode="linear_probe", feature_cache=False)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     head_before = module.head.weight.detach().clone()
     modes: list[bool] = []  # backbone.training at every forward, training batches included
@@ -115,12 +118,14 @@ def test_linear_probe_keeps_backbone_fixed_and_in_eval_mode(prepared, stage1_run
 
 
 def test_finetune_trains_backbone_at_a_tenth_of_the_lr(prepared, stage1_run, tmp_path):
-    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), mode="finetune", lr=1e-2)
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32),
+                                  mode="finetune", lr=1e-2)
     groups = {g["name"]: g for g in module.param_groups()}
     assert set(groups) == {"head_decay", "head_no_decay", "backbone_decay", "backbone_no_decay"}
     assert groups["head_decay"]["lr"] == pytest.approx(1e-2)
     assert groups["backbone_decay"]["lr"] == pytest.approx(1e-3)
-    assert groups["backbone_no_decay"]["lr"] == pytest.approx(1e-3) and groups["backbone_no_decay"]["weight_decay"] == 0
+    assert (groups["backbone_no_decay"]["lr"] == pytest.approx(1e-3)
+            and groups["backbone_no_decay"]["weight_decay"] == 0)
     assert groups["head_decay"]["weight_decay"] == 0.01
     before = module.backbone.blocks[0].attn.qkv.weight.detach().clone()
     _fit(module, _datamodule("tb", prepared), tmp_path)
@@ -184,7 +189,8 @@ def test_backbone_errors_name_the_path(stage1_run, tmp_path):
 
 
 def test_head_norm_standardises_features_before_the_linear_head(stage1_run):
-    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32), head_norm=True)
+    module = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32),
+                                  head_norm=True)
     norm, linear = module.head
     assert isinstance(norm, torch.nn.BatchNorm1d) and not norm.affine and not list(norm.parameters())
     assert {g["name"] for g in module.param_groups()} == {"head_decay", "head_no_decay"}

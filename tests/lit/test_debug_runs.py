@@ -16,14 +16,15 @@ from safetensors import safe_open
 import pacx
 from pacx.data.resumable import ResumableSampler, SeededDataset, derive_seed, train_loader
 from pacx.debug import DebugRunError, debug_flags
-from pacx.encoders import export_encoder
+from pacx.share import export_encoder
 from tests.conftest import stage1_args
 from tests.helpers import stage2_args
 from tests.lit.test_classify import stage3_args
 
 # flag arguments -> the debug flags run.json records
 FLAGS = {
-    "overfit_batches": (["--trainer.overfit_batches", "1", "--trainer.max_epochs", "2"], {"overfit_batches": 1}),
+    "overfit_batches": (["--trainer.overfit_batches", "1", "--trainer.max_epochs", "2"],
+                        {"overfit_batches": 1}),
     "fast_dev_run": (["--trainer.fast_dev_run", "true"], {"fast_dev_run": 1}),
     "limit_batches": (["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
                        "--trainer.max_epochs", "1"], {"limit_train_batches": 2, "limit_val_batches": 1}),
@@ -49,7 +50,8 @@ def debug_stage1(tmp_path_factory, chexpert_release):
     from Stage1_MAE import main
 
     run = tmp_path_factory.mktemp("runs") / "debug_stage1"
-    main(stage1_args(run, chexpert_release, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"))
+    main(stage1_args(run, chexpert_release, "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                     "2"))
     return run
 
 
@@ -115,7 +117,8 @@ def test_a_normal_stage3_row_has_a_blank_debug_cell(tmp_path, tb, stage1_run):
 def test_debug_flags_read_from_a_trainer():
     class T:
         fast_dev_run, overfit_batches = False, 0.0
-        limit_train_batches, limit_val_batches, limit_test_batches, limit_predict_batches = 1.0, 0.25, 1.0, 1.0
+        limit_train_batches, limit_val_batches = 1.0, 0.25
+        limit_test_batches, limit_predict_batches = 1.0, 1.0
 
     assert debug_flags(T()) == {"limit_val_batches": 0.25}
     T.fast_dev_run, T.limit_val_batches = 3, 3  # fast_dev_run sets the limits itself: not repeated
@@ -180,14 +183,16 @@ def test_load_encoder_and_exports_refuse_debug_runs(tmp_path, debug_stage1):
 @pytest.mark.bad_input
 def test_make_tables_refuses_debug_rows(tmp_path, repo):
     """make_tables.py on results rows of debug runs → error listing them, unless --allow-debug."""
-    rows = [{"benchmark": "tb", "task": "binary", "metric": "auroc", "backbone_kind": kind, "mode": "linear_probe",
-             "train_fraction": 1.0, "seed": 0, "test/auroc": 0.7, "metric_value": 0.7, "run_dir": f"runs/{kind}",
+    rows = [{"benchmark": "tb", "task": "binary", "metric": "auroc", "backbone_kind": kind,
+             "mode": "linear_probe", "train_fraction": 1.0, "seed": 0, "test/auroc": 0.7, "metric_value": 0.7,
+             "run_dir": f"runs/{kind}",
              "debug": debug} for kind, debug in (("mae", ""), ("pacx", "limit_test_batches=1"))]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     cmd = [sys.executable, str(repo / "scripts/make_tables.py"), str(tmp_path / "results.csv"),
            "--backbones", "mae", "pacx"]
     refused = subprocess.run(cmd, capture_output=True, text=True)
     assert refused.returncode != 0
-    assert "1 results row(s) come from debug runs" in refused.stderr and "limit_test_batches=1" in refused.stderr
+    assert ("1 results row(s) come from debug runs" in refused.stderr
+            and "limit_test_batches=1" in refused.stderr)
     allowed = subprocess.run([*cmd, "--allow-debug"], capture_output=True, text=True, check=True)
     assert "tb" in allowed.stdout

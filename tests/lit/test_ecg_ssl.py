@@ -1,5 +1,6 @@
-"""The demo ECG teacher: view augmentation, the InfoNCE objective, a ``python -m pacx.teachers`` fit with resume, the
-ECGFounder export (strict load, same features, refusal of other stages) and feature extraction with it."""
+"""The demo ECG teacher: view augmentation, the InfoNCE objective, a
+``python -m pacx.teachers`` fit with resume, the ECGFounder export (strict load,
+same features, refusal of other stages) and feature extraction with it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pacx.checkpoint import CheckpointError, load_safetensors
 from pacx.lit.ecg_ssl import ECGSSLModule
 from pacx.models.ecg_ssl import (
     ECGAugmentConfig,
@@ -23,7 +23,8 @@ from pacx.models.ecg_ssl import (
     view_retrieval_top1,
 )
 from pacx.models.ecgfounder import create_ecgfounder, load_ecgfounder, preprocess_ecg
-from pacx.teachers.train import main
+from pacx.teacher_cli import main
+from pacx.weights.checkpoint import CheckpointError, load_safetensors
 from tests.helpers import load_script
 
 CROP = 1024  # short views keep the CLI runs fast
@@ -107,7 +108,8 @@ def test_infonce_equals_a_manual_loop():
     out = ViewInfoNCE(tau)(za, zb)
     assert out["loss"].item() == pytest.approx(np.mean(terms), rel=1e-6)
     assert out["pos_cos"].item() == pytest.approx(float((a * b).sum(1).mean()), rel=1e-6)
-    hits = [int((b @ a[i]).argmax() == i) for i in range(6)] + [int((a @ b[i]).argmax() == i) for i in range(6)]
+    hits = [int((b @ a[i]).argmax() == i) for i in range(6)] + [int((a @ b[i]).argmax() == i)
+                                                                for i in range(6)]
     assert view_retrieval_top1(za, zb).item() == pytest.approx(np.mean(hits))
     assert view_retrieval_top1(za, za).item() == 1.0
 
@@ -152,8 +154,8 @@ def test_fit_logs_metrics_writes_run_files_and_resumes(ssl_run):
     assert ckpt["pacx"]["stage"] == "ecg_ssl" and ckpt["pacx"]["ecgfounder_config"] == "demo_small"
     assert ckpt["hyper_parameters"]["crop_samples"] == CROP
     header = (run / "metrics.csv").read_text().splitlines()[0]
-    for name in ("train/loss_step", "train/view_top1_step", "train/lr", "val/loss", "val/view_top1", "val/pos_cos",
-                 "val/neg_cos", "val/feature_std"):
+    for name in ("train/loss_step", "train/view_top1_step", "train/lr", "val/loss", "val/view_top1",
+                 "val/pos_cos", "val/neg_cos", "val/feature_std"):
         assert name in header, name
 
 

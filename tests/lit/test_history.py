@@ -21,8 +21,8 @@ STEPS_PER_ATTEMPT = 2
 
 
 def _args(run, release, max_steps, *extra):
-    return stage1_args(run, release, "--trainer.max_steps", str(max_steps), "--trainer.log_every_n_steps", "1",
-                       "--trainer.val_check_interval", "2", *extra)
+    return stage1_args(run, release, "--trainer.max_steps", str(max_steps), "--trainer.log_every_n_steps",
+                       "1", "--trainer.val_check_interval", "2", *extra)
 
 
 def test_resuming_twice_keeps_every_row_with_its_attempt(tmp_path, chexpert_release, recwarn):
@@ -45,7 +45,8 @@ def test_resuming_twice_keeps_every_row_with_its_attempt(tmp_path, chexpert_rele
 def test_validate_into_a_run_directory_leaves_training_logs_alone(tmp_path, chexpert_release):
     run = tmp_path / "run"
     main(_args(run, chexpert_release, 2))
-    before = {name: (run / name).read_bytes() for name in ("metrics.csv", "run.json", "config.yaml", "hparams.yaml")}
+    before = {name: (run / name).read_bytes()
+              for name in ("metrics.csv", "run.json", "config.yaml", "hparams.yaml")}
     grids = sorted(p.name for p in (run / "reconstructions").glob("*.png"))
     argv = _args(run, chexpert_release, 2, "--ckpt_path", "last")
     main(["validate", *argv[1:]])

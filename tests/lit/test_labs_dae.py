@@ -1,12 +1,13 @@
-"""The Labs DAE through ``python -m pacx.teachers``: a short fit logs every metric; its run loads as the teacher."""
+"""The Labs DAE through ``python -m pacx.teachers``: a short fit logs every
+metric; its run loads as the teacher."""
 
 import pandas as pd
 import pytest
 import torch
 
-from pacx.checkpoint import CheckpointError
 from pacx.models.labs_dae import load_labs_dae
-from pacx.teachers.train import main
+from pacx.teacher_cli import main
+from pacx.weights.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,8 @@ def symile_root(tmp_path_factory):
 
 def _args(repo, run, root, *extra):
     return ["fit", "--config", str(repo / "configs/teachers/labs_dae.yaml"), "--data.root", str(root),
-            "--trainer.default_root_dir", str(run), "--trainer.precision", "32", "--trainer.accelerator", "cpu",
-            "--data.batch_size", "16", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1",
+            "--trainer.default_root_dir", str(run), "--trainer.precision", "32", "--trainer.accelerator",
+            "cpu", "--data.batch_size", "16", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--wandb", "disabled", *extra]
 
 
@@ -46,4 +47,5 @@ def test_two_step_fit_logs_all_metrics_and_exports_the_teacher(tmp_path, repo, s
 
 def test_resuming_a_labs_run_from_a_stage1_checkpoint_is_refused(tmp_path, repo, symile_root, stage1_run):
     with pytest.raises(CheckpointError, match="'stage1_mae' checkpoint, but this run is 'labs_dae'"):
-        main(_args(repo, tmp_path / "dae", symile_root, "--ckpt_path", str(stage1_run / "checkpoints/last.ckpt")))
+        main(_args(repo, tmp_path / "dae", symile_root, "--ckpt_path",
+                   str(stage1_run / "checkpoints/last.ckpt")))

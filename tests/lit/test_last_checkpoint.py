@@ -1,8 +1,9 @@
 """``last.ckpt`` follows the run, not the monitored metric.
 
-Lightning 2.6's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` at an epoch end only when that epoch's
-monitored value entered the top k: a run whose validation loss rises keeps the ``last.ckpt`` of its best epoch,
-and a resume would silently repeat epochs. :class:`pacx.lit.resilience.LastCheckpoint` writes it every epoch.
+Lightning 2.6's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` at an epoch
+end only when that epoch's monitored value entered the top k: a run whose validation
+loss rises keeps the ``last.ckpt`` of its best epoch, and a resume would silently
+repeat epochs. :class:`pacx.lit.resilience.LastCheckpoint` writes it every epoch.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ def _step(path) -> int:
 
 
 def _best(tmp_path):
-    return ModelCheckpoint(dirpath=tmp_path, filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1,
-                           save_last=False)
+    return ModelCheckpoint(dirpath=tmp_path, filename="best-{step}", monitor="val/loss", mode="min",
+                           save_top_k=1, save_last=False)
 
 
 def test_last_checkpoint_is_written_every_epoch_whatever_the_monitor(tmp_path):
     _fit(tmp_path, [_best(tmp_path), LastCheckpoint(tmp_path)])
     assert _step(tmp_path / "last.ckpt") == 12  # the end of the run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step=4.ckpt", "last.ckpt"]  # epoch 0 stays best
+    # epoch 0 stays best
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step=4.ckpt", "last.ckpt"]
 
 
 def test_lightning_save_last_alone_would_keep_the_best_epoch(tmp_path):

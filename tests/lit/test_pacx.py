@@ -8,11 +8,13 @@ import pytest
 import torch
 
 import pacx
-from pacx.checkpoint import CheckpointError
-from pacx.encoders import export_encoder, read_encoder_weights
 from pacx.lit.pacx import PaCXModule, retrieval_topk
-from pacx.models.tuning import apply_tuning, merge_lora_state
+from pacx.models.tuning import apply_tuning
 from pacx.models.vit import create_vit
+from pacx.share import export_encoder
+from pacx.weights.checkpoint import CheckpointError
+from pacx.weights.formats import read_encoder_weights
+from pacx.weights.layout import merge_lora_state
 from Stage2_PACX import main
 from tests.helpers import PAPER_STAGE2, stage2_args
 
@@ -37,11 +39,12 @@ def _module(**kw):
 
 def test_fit_from_stage1_then_resume_and_export(tmp_path, repo, symile_root, stage1_run):
     run = tmp_path / "pacx"
-    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-               *PAPER_STAGE2))
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval",
+               "2", *PAPER_STAGE2))
     info = json.loads((run / "run.json").read_text())
     assert info["stage"] == "stage2_pacx" and info["global_step"] == 2 and info["debug"] == {}
-    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "4", "--ckpt_path", "last", *PAPER_STAGE2))
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "4", "--ckpt_path", "last",
+               *PAPER_STAGE2))
     ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["pacx"]["tuning"] == "lora"
     assert any("lora_A.default" in k for k in ckpt["state_dict"])
@@ -55,8 +58,9 @@ def test_fit_from_stage1_then_resume_and_export(tmp_path, repo, symile_root, sta
     stage1_keys = set(read_encoder_weights(stage1_run).state)
     assert set(read_encoder_weights(out).state) == stage1_keys
     metrics = open(run / "metrics.csv").readline()
-    for name in ("val/loss", "val/clip_ecg", "val/reg_labs", "val/batch_top1_cxr_ecg", "val/split_top5_cxr_labs",
-                 "val/pos_cos_ecg", "val/neg_cos_labs", "val/reg_cos_ecg", "val/cxr_std", "train/logit_scale"):
+    for name in ("val/loss", "val/clip_ecg", "val/reg_labs", "val/batch_top1_cxr_ecg",
+                 "val/split_top5_cxr_labs", "val/pos_cos_ecg", "val/neg_cos_labs", "val/reg_cos_ecg",
+                 "val/cxr_std", "train/logit_scale"):
         assert name in metrics, name
 
 
@@ -99,7 +103,8 @@ def test_teachers_by_name_and_the_earlier_keys():
     assert legacy.teacher_names == ("labs",) and set(legacy.state_dict()) == set(one.state_dict())
     with pytest.warns(FutureWarning, match="ecg_dim is deprecated"):
         assert _module(ecg_dim=128).teacher_widths == {"ecg": 128, "labs": 256}
-    assert _module(teachers=["labs"], teacher_dims={"ecg": 128}).teacher_widths == {"labs": 256}  # configs stack
+    # configs stack
+    assert _module(teachers=["labs"], teacher_dims={"ecg": 128}).teacher_widths == {"labs": 256}
     with pytest.raises(KeyError, match="unknown teacher 'ekg'"):
         _module(teacher_dims={"ekg": 128})
     with pytest.raises(ValueError, match="each once"):
@@ -121,11 +126,11 @@ def earlier_layout(ckpt: dict, ablate: str | None = None) -> dict:
 
 
 def test_checkpoint_of_the_earlier_layout_loads_resumes_and_exports(tmp_path, repo, symile_root, stage1_run):
-    from pacx.eval.alignment import load_stage2_heads
+    from pacx.eval.zero_shot import load_stage2_heads
 
     run = tmp_path / "pacx"
-    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-               *PAPER_STAGE2))
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "2", "--trainer.val_check_interval",
+               "2", *PAPER_STAGE2))
     last = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     old = earlier_layout(ckpt)
@@ -142,7 +147,8 @@ def test_checkpoint_of_the_earlier_layout_loads_resumes_and_exports(tmp_path, re
     torch.testing.assert_close(heads["ecg"][1][1].weight, ckpt["state_dict"]["proj.ecg.1.weight"])
     with torch.no_grad():
         torch.testing.assert_close(pacx.load_encoder(run)(X), module.eval()(X), atol=1e-5, rtol=0)
-    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "3", "--ckpt_path", "last", *PAPER_STAGE2))
+    main(_args(repo, run, symile_root, stage1_run, "--trainer.max_steps", "3", "--ckpt_path", "last",
+               *PAPER_STAGE2))
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 3 and "proj.cxr.1.weight" in resumed["state_dict"]
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pacx.eval.alignment import load_stage2_heads, stage2_pool
+from pacx.eval.zero_shot import load_stage2_heads, stage2_pool
 from pacx.lit.pacx import PaCXModule
 from pacx.models.heads import TeacherNorm
 from pacx.models.vit import create_vit
@@ -52,7 +52,8 @@ def test_teacher_norm_against_numpy(mode):
         np.testing.assert_allclose(np.cov(out.T), np.eye(3), atol=1e-4)
         evecs = np.linalg.eigh(np.cov(centred.T))[1][:, ::-1][:, :3]
         proj = norm.proj.double().numpy()
-        np.testing.assert_allclose(np.abs(evecs.T @ proj / np.linalg.norm(proj, axis=0)), np.eye(3), atol=1e-6)
+        np.testing.assert_allclose(np.abs(evecs.T @ proj / np.linalg.norm(proj, axis=0)), np.eye(3),
+                                   atol=1e-6)
 
 
 def test_teacher_components_only_with_whiten():
@@ -71,12 +72,13 @@ def test_stage2_options_reach_checkpoint_zero_shot_and_health(tmp_path, symile_r
     state = ckpt["state_dict"]
     labs = np.load(symile_root / "train" / "labs_features.npy").astype(np.float64)
     np.testing.assert_allclose(state["teacher_norms.labs.mean"].double().numpy(), labs.mean(0), atol=1e-5)
-    assert state["teacher_norms.labs.proj"].shape == (labs.shape[1], 4) and state["proj.labs.1.weight"].shape[1] == 4
+    assert (state["teacher_norms.labs.proj"].shape == (labs.shape[1], 4)
+            and state["proj.labs.1.weight"].shape[1] == 4)
     assert state["reg.labs.1.weight"].shape[0] == 4 and "feat_norm.running_mean" in state
 
     # zero-shot rebuilds the same embeddings: heads with their norms, the run's pool
-    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="full", teacher_norm="whiten",
-                        teacher_components=4, head_norm=True, pool="avg").eval()
+    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="full",
+                        teacher_norm="whiten", teacher_components=4, head_norm=True, pool="avg").eval()
     module.load_state_dict(state, strict=True)
     heads, x = load_stage2_heads(run), torch.from_numpy(labs[:5]).float()
     assert stage2_pool(run) == "avg"

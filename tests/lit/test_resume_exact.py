@@ -56,8 +56,8 @@ def test_checkpoint_every_n_steps_and_exact_mid_epoch_resume(tmp_path, chexpert_
 
 
 def test_kill_9_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path, chexpert_release, repo):
-    """A real SIGKILL at step 7 (data loader workers running): last.ckpt holds step 6 (every 3 steps); the resumed
-    run finishes identical to an uninterrupted one."""
+    """A real SIGKILL at step 7 (data loader workers running): last.ckpt holds step 6 (every 3 steps); the
+    resumed run finishes identical to an uninterrupted one."""
     common = ("--checkpoint_every_n_steps", "3", "--data.num_workers", "2")
     reference = tmp_path / "reference"
     main(_args(reference, chexpert_release, *common))

@@ -41,8 +41,10 @@ def test_decoder_returns_logits_at_input_resolution(patch, grid, dim):
 
 
 def test_decoder_widths_for_patch16_follow_the_paper():
-    convs = [m for m in SegDecoder(768, 16).modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
-    assert [(m.in_channels, m.out_channels) for m in convs] == [(768, 256), (256, 128), (128, 64), (64, 32), (32, 1)]
+    convs = [m for m in SegDecoder(768, 16).modules()
+             if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(768, 256), (256, 128), (128, 64), (64, 32),
+                                                                (32, 1)]
     with pytest.raises(ValueError, match="power of two"):
         SegDecoder(768, 12)
 
@@ -63,7 +65,8 @@ def test_decoder_reads_the_normed_patch_tokens_without_cls():
     from pacx.lit.segment import SegmentationModule
 
     torch.manual_seed(0)
-    module = SegmentationModule("covidqu_seg", BackboneConfig("random", None, "vit_test", 32), decoder_width=8).eval()
+    module = SegmentationModule("covidqu_seg", BackboneConfig("random", None, "vit_test", 32),
+                                decoder_width=8).eval()
     seen = []
     module.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     x = torch.randn(2, 3, 32, 32)
@@ -130,7 +133,8 @@ def test_dataset_outputs_binary_masks_and_names_bad_rows(tmp_path):
     ManifestError naming the CSV, the row and its line, and the file."""
     _write_pair(tmp_path, "a")
     _write_pair(tmp_path, "b", mask_size=(12, 16))
-    df = pd.DataFrame({"img_path": ["a.png", "a.png", "b.png"], "mask_path": ["a_mask.png", "gone.png", "b_mask.png"]})
+    df = pd.DataFrame({"img_path": ["a.png", "a.png", "b.png"],
+                       "mask_path": ["a_mask.png", "gone.png", "b_mask.png"]})
     ds = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 32, train=True, source="train.csv")
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y.shape == (1, 32, 32)
@@ -148,9 +152,11 @@ def test_masks_resize_with_the_configured_interpolation_then_binarise(tmp_path, 
     mask = (rng.random((10, 10)) > 0.5).astype(np.uint8) * 255
     Image.fromarray(mask, mode="L").save(tmp_path / "m.png")
     df = pd.DataFrame({"img_path": ["i.png"], "mask_path": ["m.png"]})
-    _, y = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 16, train=False, mask_interpolation=mode)[0]
+    _, y = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 16, train=False,
+                               mask_interpolation=mode)[0]
     resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR}[mode]
-    expected = np.asarray(Image.fromarray(mask, mode="L").resize((16, 16), resample), dtype=np.float32) / 255 > 0.5
+    expected = np.asarray(Image.fromarray(mask, mode="L").resize((16, 16), resample),
+                          dtype=np.float32) / 255 > 0.5
     np.testing.assert_array_equal(y[0].numpy(), expected.astype(np.float32))
     if mode == "nearest":  # nearest-neighbour: every output pixel is one source pixel
         src = ((np.arange(16) + 0.5) * 10 / 16).astype(int)  # pixel centres
@@ -162,8 +168,9 @@ def test_a_listed_mask_missing_from_the_release_names_its_row(tmp_path):
 
     raw = SEG_RELEASE_WRITERS["cxlseg"](tmp_path / "raw", 0)
     run_converter("cxlseg", raw, tmp_path / "manifests")  # without check_files the unpaired row stays
-    dm = SegmentationDataModule("cxlseg", str(_image_root(raw, tmp_path / "manifests")), str(tmp_path / "manifests"),
-                                batch_size=4, num_workers=0, img_size=32, pin_memory=False)
+    dm = SegmentationDataModule("cxlseg", str(_image_root(raw, tmp_path / "manifests")),
+                                str(tmp_path / "manifests"), batch_size=4, num_workers=0, img_size=32,
+                                pin_memory=False)
     errors = []
     for split in ("train", "val", "test"):
         ds = dm.build_dataset(split)
@@ -197,10 +204,11 @@ def test_fit_then_test_appends_results(name, stage1_run, tmp_path, repo):
         "--config", str(repo / "configs/stage3/seg" / f"{name}.yaml"),
         "--model.backbone.kind", "weights", "--model.backbone.weights", str(stage1_run),
         "--model.backbone.arch", "vit_test", "--data.img_size", "32",
-        "--data.root", str(root), "--data.manifest_dir", str(tmp_path / "manifests"), "--data.batch_size", "8",
-        "--data.num_workers", "0", "--data.pin_memory", "false", "--trainer.max_epochs", "1",
-        "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir), "--wandb", "disabled",
+        "--data.root", str(root), "--data.manifest_dir", str(tmp_path / "manifests"),
+        "--data.batch_size", "8", "--data.num_workers", "0", "--data.pin_memory", "false",
+        "--trainer.max_epochs", "1", "--trainer.precision", "32", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(run_dir), "--wandb", "disabled",
     ])
     assert cli.model.monitor == ("val/dice", "max") and cli.model.hparams.benchmark == name
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -219,18 +227,22 @@ def test_backbone_stays_unchanged_and_in_eval_mode(stage1_run, tmp_path):
 
     raw = SEG_RELEASE_WRITERS["qata"](tmp_path / "raw", 0)
     run_converter("qata", raw, tmp_path / "manifests")
-    dm = SegmentationDataModule("qata", str(_image_root(raw, tmp_path / "manifests")), str(tmp_path / "manifests"),
-                                batch_size=4, num_workers=0, img_size=32, pin_memory=False)
-    module = SegmentationModule("qata", BackboneConfig("mae", str(stage1_run), "vit_test", 32), warmup_epochs=0)
+    dm = SegmentationDataModule("qata", str(_image_root(raw, tmp_path / "manifests")),
+                                str(tmp_path / "manifests"), batch_size=4, num_workers=0, img_size=32,
+                                pin_memory=False)
+    module = SegmentationModule("qata", BackboneConfig("mae", str(stage1_run), "vit_test", 32),
+                                warmup_epochs=0)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     decoder_before = [p.detach().clone() for p in module.decoder.parameters()]
     modes: list[bool] = []
     backbone = module.backbone  # forward_features, not __call__: hook the patch embedding, read every mode
     backbone.patch_embed.register_forward_pre_hook(
         lambda m, args: modes.append(any(sub.training for sub in backbone.modules())))
-    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+               default_root_dir=tmp_path).fit(module, datamodule=dm)
     assert len(modes) > 2 and not any(modes)
     assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
-    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, module.decoder.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, module.decoder.parameters(),
+                                                     strict=True))
     assert all(not p.requires_grad for p in module.backbone.parameters())

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pacx.checkpoint import CheckpointError
 from pacx.models.mae import create_mae
 from pacx.optim import param_groups, resolve_lr, warmup_cosine, warmup_cosine_scheduler
+from pacx.weights.checkpoint import CheckpointError
 from Stage1_MAE import main
 from tests.conftest import stage1_args
 
@@ -73,13 +73,15 @@ def test_ckpt_path_of_another_stage_is_a_clear_error(tmp_path, stage1_run, chexp
 
 def test_print_config_shows_the_resolved_config(repo, chexpert_release, tmp_path):
     res = subprocess.run(
-        [sys.executable, str(repo / "Stage1_MAE.py"), "fit", "--config", str(repo / "configs/stage1/mae_vitb_chexpert.yaml"),
-         "--data.root", str(chexpert_release), "--print_config"], capture_output=True, text=True, check=True)
+        [sys.executable, str(repo / "Stage1_MAE.py"), "fit", "--config",
+         str(repo / "configs/stage1/mae_vitb_chexpert.yaml"), "--data.root", str(chexpert_release),
+         "--print_config"], capture_output=True, text=True, check=True)
     assert "mask_ratio: 0.9" in res.stdout and "arch: mae_vit_base_patch16" in res.stdout
     assert "default_root_dir: runs/stage1/mae_vitb_chexpert" in res.stdout and "batch_size: 512" in res.stdout
     res075 = subprocess.run(
-        [sys.executable, str(repo / "Stage1_MAE.py"), "fit", "--config", str(repo / "configs/stage1/mae_vitb_chexpert.yaml"),
-         "--config", str(repo / "configs/stage1/mae_vitb_chexpert_ratio075.yaml"), "--data.root", str(chexpert_release),
+        [sys.executable, str(repo / "Stage1_MAE.py"), "fit", "--config",
+         str(repo / "configs/stage1/mae_vitb_chexpert.yaml"), "--config",
+         str(repo / "configs/stage1/mae_vitb_chexpert_ratio075.yaml"), "--data.root", str(chexpert_release),
          "--print_config"], capture_output=True, text=True, check=True)
     assert "mask_ratio: 0.75" in res075.stdout
 
@@ -111,7 +113,8 @@ def test_warmup_cosine_closed_form():
     assert warmup_cosine(10, warm, total) == pytest.approx(1.0)
     assert warmup_cosine(60, warm, total) == pytest.approx(0.5)
     assert warmup_cosine(110, warm, total) == pytest.approx(0.0)
-    assert warmup_cosine(35, warm, total, 0.01) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert warmup_cosine(35, warm, total, 0.01) == pytest.approx(
+        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.25)))
 
 
 def _lrs_per_step(scheduler, steps: int) -> list[float]:
@@ -125,7 +128,8 @@ def _lrs_per_step(scheduler, steps: int) -> list[float]:
 
 @pytest.mark.parametrize("floor", [0.0, 0.01])
 def test_epoch_interval_matches_a_scheduler_stepped_at_epoch_ends(floor):
-    """lr_interval epoch (the authors' stepping): a per-epoch LambdaLR stepped once per epoch, written out here."""
+    """lr_interval epoch (the authors' stepping): a per-epoch LambdaLR stepped
+    once per epoch, written out here."""
     warm, epochs, per_epoch = 2, 8, 3
 
     def authors(e: int) -> float:  # linear warmup over epochs, then cosine to the floor
@@ -134,8 +138,8 @@ def test_epoch_interval_matches_a_scheduler_stepped_at_epoch_ends(floor):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (e - warm) / (epochs - warm)))
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    ours = _lrs_per_step(warmup_cosine_scheduler(opt, warm * per_epoch, epochs * per_epoch, floor, "epoch", per_epoch),
-                         epochs * per_epoch)
+    scheduler = warmup_cosine_scheduler(opt, warm * per_epoch, epochs * per_epoch, floor, "epoch", per_epoch)
+    ours = _lrs_per_step(scheduler, epochs * per_epoch)
     expected = [0.1 * authors(step // per_epoch) for step in range(epochs * per_epoch)]
     assert ours == pytest.approx(expected, abs=1e-12)
     assert len(set(ours[3:6])) == 1 and ours[2] != ours[3]  # held within an epoch, changed at its end
@@ -156,7 +160,8 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
     decay = {names[id(p)] for p in groups[0]["params"]}
     no_decay = {names[id(p)] for p in groups[1]["params"]}
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
-    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias"} <= no_decay
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
+            "norm.bias"} <= no_decay
     assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decay
     assert all(model.get_parameter(n).ndim >= 2 for n in decay)
     assert "pos_embed" not in decay | no_decay and "decoder_pos_embed" not in decay | no_decay  # fixed
@@ -169,8 +174,8 @@ def test_ddp_two_processes_keep_the_global_batch(tmp_path, chexpert_release, rep
     run = tmp_path / "ddp"
     args = stage1_args(run, chexpert_release, "--trainer.max_epochs", "1", "--trainer.devices", "2",
                        "--trainer.strategy", "ddp", "--trainer.limit_val_batches", "1")
-    subprocess.run([sys.executable, str(repo / "Stage1_MAE.py"), *args], check=True, capture_output=True, timeout=600,
-                   cwd=tmp_path)
+    subprocess.run([sys.executable, str(repo / "Stage1_MAE.py"), *args], check=True, capture_output=True,
+                   timeout=600, cwd=tmp_path)
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "completed"
     assert info["global_step"] == 48 // 8  # 24 samples per rank / per-device batch 4

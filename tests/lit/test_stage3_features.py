@@ -1,4 +1,5 @@
-"""Cached-feature linear probing, embedding export (``predict``) and the low-data seed, through Stage3_eval.py."""
+"""Cached-feature linear probing, embedding export (``predict``) and the
+low-data seed, through Stage3_eval.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 import pacx
-from pacx.checkpoint import safe_torch_load
 from pacx.data.feature_cache import (
     FeatureCache,
     FeatureDataset,
@@ -24,6 +24,7 @@ from pacx.data.feature_cache import (
 )
 from pacx.data.registry import BENCHMARKS
 from pacx.data.transforms import resize_eval
+from pacx.weights.checkpoint import safe_torch_load
 from tests.lit.test_classify import stage3_args
 
 
@@ -64,13 +65,15 @@ def test_cached_and_per_epoch_probes_give_the_same_head(tb, stage1_run, tmp_path
     rb = pd.read_csv(tmp_path / "cached" / "results.csv").iloc[0]
     assert not ra["feature_cache"] and rb["feature_cache"]
     assert rb["metric_value"] == pytest.approx(ra["metric_value"], abs=1e-5)
-    assert len(list(cache_dir.glob("*.npy"))) == 3 and len(list(cache_dir.glob("*.json"))) == 3  # one per split
+    # one per split
+    assert len(list(cache_dir.glob("*.npy"))) == 3 and len(list(cache_dir.glob("*.json"))) == 3
 
 
 def test_flip_cache_and_per_epoch_probes_train_the_same_head(tb, stage1_run, tmp_path):
-    """Two epochs with the train flip: the head trained on the flip-aware cache equals the head trained with a
-    backbone forward per batch of flipped images (to 1e-5), because both draw every sample's flip from the same
-    seeded stream; the plain cache (no flip) trains another head. Results rows say which runs saw the flip."""
+    """Two epochs with the train flip: the head trained on the flip-aware cache equals
+    the head trained with a backbone forward per batch of flipped images (to 1e-5),
+    because both draw every sample's flip from the same seeded stream; the plain cache
+    (no flip) trains another head. Results rows say which runs saw the flip."""
     epochs = ("--trainer.max_epochs", "2")
     per_epoch = _fit(tb, tmp_path / "per_epoch", stage1_run, "--model.feature_cache", "false", *epochs)
     flip = _fit(tb, tmp_path / "flip", stage1_run, "--model.feature_cache", "flip", *epochs,
@@ -83,7 +86,8 @@ def test_flip_cache_and_per_epoch_probes_train_the_same_head(tb, stage1_run, tmp
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
     assert max((c[k] - a[k]).abs().max().item() for k in a) > 1e-4  # the flips mattered
-    rows = {name: pd.read_csv(tmp_path / name / "results.csv").iloc[0] for name in ("per_epoch", "flip", "plain")}
+    rows = {name: pd.read_csv(tmp_path / name / "results.csv").iloc[0]
+            for name in ("per_epoch", "flip", "plain")}
     assert [bool(rows[n]["train_flip"]) for n in rows] == [True, True, False]
     assert [bool(rows[n]["feature_cache"]) for n in rows] == [False, True, True]
     records = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
@@ -97,10 +101,12 @@ def test_feature_cache_values_and_the_true_alias(stage1_run):
     from pacx.models.backbones import BackboneConfig
 
     cfg = BackboneConfig("weights", str(stage1_run), "vit_test", 32)
-    modes = {str(v): ClassificationModule("tb", cfg, feature_cache=v).cache_mode for v in ("flip", "plain", True, False)}
+    modes = {str(v): ClassificationModule("tb", cfg, feature_cache=v).cache_mode
+             for v in ("flip", "plain", True, False)}
     assert modes == {"flip": "flip", "plain": "plain", "True": "flip", "False": None}
     assert ClassificationModule("tb", cfg).cache_mode == "flip"
-    assert ClassificationModule("tb", cfg, mode="finetune").cache_mode is None  # the backbone trains: no cache
+    # the backbone trains: no cache
+    assert ClassificationModule("tb", cfg, mode="finetune").cache_mode is None
     with pytest.raises(ValueError, match=r"feature_cache 'flop' not in flip \| plain \| true \| false"):
         ClassificationModule("tb", cfg, feature_cache="flop")
 
@@ -157,7 +163,8 @@ def test_feature_cache_is_reused_and_keyed_by_weights_and_images(tb, stage1_run,
     img = root / ds_paths[0]
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     assert images_fingerprint(root, ds_paths, resize_eval(32)) != before
-    assert images_fingerprint(root, ds_paths, resize_eval(48)) != images_fingerprint(root, ds_paths, resize_eval(32))
+    assert images_fingerprint(root, ds_paths, resize_eval(48)) != images_fingerprint(root, ds_paths,
+                                                                                     resize_eval(32))
 
 
 def test_unusable_cache_file_is_recomputed_with_a_warning(tmp_path, caplog):
@@ -198,9 +205,10 @@ def _worker_cached_features() -> None:
 
 
 def test_cached_features_shard_over_two_real_processes(tmp_path, repo):
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 500),
-           "CACHE_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-c", "from tests.lit.test_stage3_features import _worker_cached_features as w; w()"]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29500 + os.getpid() % 500), "CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-c",
+           "from tests.lit.test_stage3_features import _worker_cached_features as w; w()"]
     procs = [subprocess.Popen(cmd, cwd=repo, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -245,7 +253,8 @@ def test_predict_writes_embeddings_in_manifest_order(tb, stage1_run, tmp_path):
     assert emb.shape == (len(paths), 32) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, _reference_embeddings(stage1_run, paths), atol=1e-5)
     listing = pd.read_csv(out.with_suffix(".csv"))
-    assert listing["image"].tolist() == [str(p) for p in paths] and listing["row"].tolist() == list(range(len(paths)))
+    assert (listing["image"].tolist() == [str(p) for p in paths]
+            and listing["row"].tolist() == list(range(len(paths))))
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["rows"] == len(paths) and meta["dim"] == 32 and meta["backbone_weights"] == stage1_run.name
 
@@ -285,9 +294,9 @@ def test_low_data_subset_follows_seed_everything(tb, stage1_run, tmp_path):
 
 
 def test_frozen_backbone_is_left_out_of_checkpoints_and_checked_on_load(tb, stage1_run, tmp_path):
-    from pacx.checkpoint import CheckpointError
     from pacx.lit.classify import ClassificationModule
     from pacx.models.backbones import BackboneConfig
+    from pacx.weights.checkpoint import CheckpointError
 
     _fit(tb, tmp_path / "run", stage1_run)
     ckpt = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from scipy import signal
 
-from pacx.checkpoint import CheckpointError, load_safetensors
 from pacx.constants import ECG_EMBED_DIM
 from pacx.models.ecg_preprocess import lead_indices, median_baseline
 from pacx.models.ecgfounder import (
@@ -34,21 +33,26 @@ from pacx.models.ecgfounder import (
     same_padding,
     strip_dataparallel_prefix,
 )
+from pacx.weights.checkpoint import CheckpointError, load_safetensors
 from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 FS = 500.0
 
-# docs/ecgfounder.md#configuration (12-lead release) and our demo_small / 1_lead entries, written out independently.
+# docs/ecgfounder.md#configuration (12-lead release) and our demo_small / 1_lead
+# entries, written out independently.
 REFERENCE_ARCHS: dict[str, dict] = {
-    "12_lead": dict(in_ch=12, base=64, filters=(64, 160, 160, 400, 400, 1024, 1024), blocks=(2, 2, 2, 3, 3, 4, 4)),
-    "1_lead": dict(in_ch=1, base=64, filters=(64, 160, 160, 400, 400, 1024, 1024), blocks=(2, 2, 2, 3, 3, 4, 4)),
+    "12_lead": dict(in_ch=12, base=64, filters=(64, 160, 160, 400, 400, 1024, 1024),
+                    blocks=(2, 2, 2, 3, 3, 4, 4)),
+    "1_lead": dict(in_ch=1, base=64, filters=(64, 160, 160, 400, 400, 1024, 1024),
+                   blocks=(2, 2, 2, 3, 3, 4, 4)),
     "demo_small": dict(in_ch=12, base=16, filters=(16, 32, 32, 64, 64, 128, 128), blocks=(1,) * 7),
 }
 
 
 def reference_shapes(in_ch: int, base: int, filters: tuple[int, ...], blocks: tuple[int, ...],
-                     n_classes: int = 150, kernel: int = 16, group_width: int = 16) -> list[tuple[str, tuple]]:
+                     n_classes: int = 150, kernel: int = 16,
+                     group_width: int = 16) -> list[tuple[str, tuple]]:
     """(key, shape) in the official order, from docs/ecgfounder.md#keys."""
     def bn(prefix: str, c: int) -> list[tuple[str, tuple]]:
         return [(f"{prefix}.weight", (c,)), (f"{prefix}.bias", (c,)), (f"{prefix}.running_mean", (c,)),
@@ -63,7 +67,8 @@ def reference_shapes(in_ch: int, base: int, filters: tuple[int, ...], blocks: tu
         for b in range(m):
             p = f"stage_list.{s}.block_list.{b}."
             keys += (bn(p + "bn1", cin) + conv(p + "conv1", c, cin, 1) + bn(p + "bn2", c)
-                     + conv(p + "conv2", c, group_width, kernel) + bn(p + "bn3", c) + conv(p + "conv3", c, c, 1)
+                     + conv(p + "conv2", c, group_width, kernel) + bn(p + "bn3", c)
+                     + conv(p + "conv3", c, c, 1)
                      + [(p + "se_fc1.weight", (c // 2, c)), (p + "se_fc1.bias", (c // 2,)),
                         (p + "se_fc2.weight", (c, c // 2)), (p + "se_fc2.bias", (c,))])
             cin = c
@@ -114,7 +119,8 @@ def test_release_key_count_and_parameter_counts():
     bn = sum(p.numel() for n, p in model.named_parameters() if ".bn" in n or n.startswith("first_bn"))
     assert bn == 66_368 and sum(p.numel() for p in model.dense.parameters()) == 153_750
     assert sum(p.numel() for p in model.first_conv.parameters()) == 12_352
-    used = [sum(p.numel() for n, p in stage.named_parameters() if ".bn" not in n) for stage in model.stage_list]
+    used = [sum(p.numel() for n, p in stage.named_parameters() if ".bn" not in n)
+            for stage in model.stage_list]
     assert used == [57_920, 221_600, 236_960, 1_656_600, 1_752_600, 13_010_944, 13_649_920]
     assert 30_819_014 - bn == 30_752_646
 
@@ -259,7 +265,8 @@ def test_dataparallel_prefix_and_head(tmp_path):
 
 
 @pytest.mark.parametrize(("edit", "named"), [
-    (lambda s: s.pop("stage_list.3.block_list.0.bn2.running_var"), "stage_list.3.block_list.0.bn2.running_var"),
+    (lambda s: s.pop("stage_list.3.block_list.0.bn2.running_var"),
+     "stage_list.3.block_list.0.bn2.running_var"),
     (lambda s: s.__setitem__("stage_list.0.block_list.0.extra.weight", torch.zeros(1)),
      "stage_list.0.block_list.0.extra.weight"),
     (lambda s: s.__setitem__("first_conv.conv.weight", torch.zeros(16, 8, 16)), "first_conv.conv.weight"),
@@ -328,7 +335,8 @@ def test_convert_script_writes_safetensors_that_load_identically(tmp_path):
         ref = load_ecgfounder(src, config="demo_small")(x)
         assert torch.equal(load_ecgfounder(out, config="demo_small")(x), ref)
     with pytest.raises(CheckpointError):  # the wrong architecture is caught before writing
-        load_script("convert_ecgfounder").main([str(src), str(tmp_path / "wrong.safetensors"), "--config", "1_lead"])
+        load_script("convert_ecgfounder").main([str(src), str(tmp_path / "wrong.safetensors"), "--config",
+                                                "1_lead"])
     assert not (tmp_path / "wrong.safetensors").exists()
 
 

@@ -20,7 +20,8 @@ def test_earlier_keys_are_renamed_and_values_kept():
 def test_current_layout_passes_unchanged_whatever_the_teachers():
     state = {k: 0 for k in CURRENT}
     assert upgrade_head_keys(state) == state
-    assert upgrade_head_keys(state, ["labs"]) == state  # a wrong teacher set stays an error of the strict load
+    # a wrong teacher set stays an error of the strict load
+    assert upgrade_head_keys(state, ["labs"]) == state
 
 
 def test_an_earlier_ablation_loses_the_ablated_teachers_heads_and_norm():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pacx.checkpoint import CheckpointError
 from pacx.models.labs_dae import LabsDAE, corrupt, load_labs_dae, masked_mse
+from pacx.weights.checkpoint import CheckpointError
 
 
 def _batch(n=512, seed=0):
@@ -17,8 +17,9 @@ def _batch(n=512, seed=0):
 def test_architecture_and_keys():
     model = LabsDAE()
     keys = list(model.state_dict())
-    assert keys == ["encoder.0.weight", "encoder.0.bias", "encoder.1.weight", "encoder.1.bias", "encoder.3.weight",
-                    "encoder.3.bias", "decoder.0.weight", "decoder.0.bias", "decoder.2.weight", "decoder.2.bias"]
+    assert keys == ["encoder.0.weight", "encoder.0.bias", "encoder.1.weight", "encoder.1.bias",
+                    "encoder.3.weight", "encoder.3.bias", "decoder.0.weight", "decoder.0.bias",
+                    "decoder.2.weight", "decoder.2.bias"]
     assert model.encoder[0].weight.shape == (512, 100) and model.encoder[3].weight.shape == (256, 512)
     assert model.decoder[2].weight.shape == (50, 512) and isinstance(model.decoder[3], torch.nn.Sigmoid)
     assert sum(p.numel() for p in model.parameters()) == 100 * 512 + 512 + 2 * 512 + 512 * 256 + 256 + \
@@ -65,7 +66,8 @@ def test_encode_uses_raw_placeholders_unless_asked():
 def test_authors_lightning_checkpoint_loads_strictly(tmp_path):
     model = LabsDAE().eval()
     torch.save({"epoch": 49, "global_step": 1950,
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "dae.ckpt")
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "dae.ckpt")
     loaded = load_labs_dae(tmp_path / "dae.ckpt")
     values, observed = _batch(4)
     torch.testing.assert_close(loaded.encode(values, observed), model.encode(values, observed))

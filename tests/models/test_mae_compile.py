@@ -75,4 +75,5 @@ def test_compiled_step_matches_eager_loss_and_gradients(norm_pix_loss):
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
         assert grads_c.keys() == grads_e.keys() and grads_e
         for name, grad in grads_e.items():
-            torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, n=name: f"{n}: {m}")

@@ -1,6 +1,6 @@
-"""``apply_tuning``: exactly which encoder parameters train under each strategy (``linear_probe``, ``finetune``,
-``lora``, ``last_n_blocks``, ``full``) and, for LoRA, each ``trainable_norms`` (all / final / none), in
-``apply_tuning`` and in the Stage 2 module, and the configs that choose it."""
+"""``apply_tuning``: exactly which encoder parameters train under each strategy (``linear_probe``,
+``finetune``, ``lora``, ``last_n_blocks``, ``full``) and, for LoRA, each ``trainable_norms`` (all / final /
+none), in ``apply_tuning`` and in the Stage 2 module, and the configs that choose it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def expected_trainable(norms: str) -> set[str]:
     lora = {f"{prefix}blocks.{i}.{module}.lora_{ab}.default.weight"
             for i in range(DEPTH) for module in ("attn.qkv", "mlp.fc1", "mlp.fc2") for ab in "AB"}
     final = {f"{prefix}norm.weight", f"{prefix}norm.bias"}
-    blocks = {f"{prefix}blocks.{i}.{n}.{w}" for i in range(DEPTH) for n in ("norm1", "norm2") for w in ("weight", "bias")}
+    blocks = {f"{prefix}blocks.{i}.{n}.{w}"
+              for i in range(DEPTH) for n in ("norm1", "norm2") for w in ("weight", "bias")}
     return lora | {"all": final | blocks, "final": final, "none": set()}[norms]
 
 
@@ -72,7 +73,8 @@ def test_stage2_module_passes_trainable_norms_and_records_it(norms):
 
 def test_trainable_norms_is_a_lora_option():
     with pytest.raises(ValueError, match="trainable_norms 'final' applies to tuning 'lora'"):
-        apply_tuning(create_vit("vit_test", img_size=32), "last_n_blocks", last_n_blocks=1, trainable_norms="final")
+        apply_tuning(create_vit("vit_test", img_size=32), "last_n_blocks", last_n_blocks=1,
+                     trainable_norms="final")
     with pytest.raises(KeyError, match="unknown trainable_norms 'some'"):
         apply_tuning(create_vit("vit_test", img_size=32), "lora", trainable_norms="some")
     full = apply_tuning(create_vit("vit_test", img_size=32), "full")  # "all" (the default) is fine anywhere

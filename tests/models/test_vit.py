@@ -7,14 +7,8 @@ import pytest
 import timm
 import torch
 
-from pacx.models.vit import (
-    VIT_ARCHS,
-    ViTConfig,
-    ViTEncoder,
-    config_from_state_dict,
-    create_vit,
-    sincos_pos_embed_2d,
-)
+from pacx.models.vit import VIT_ARCHS, ViTEncoder, create_vit, sincos_pos_embed_2d
+from pacx.weights.layout import ViTConfig, config_from_state_dict
 
 
 def _timm_twin(enc: ViTEncoder):

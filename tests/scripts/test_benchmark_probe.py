@@ -1,4 +1,5 @@
-"""scripts/benchmark_probe.py on a tiny setting: the three protocols run and the JSON holds what it promises."""
+"""scripts/benchmark_probe.py on a tiny setting: the three protocols run and the
+JSON holds what it promises."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def test_benchmark_probe_writes_ratio_and_both_aurocs(tmp_path, capsys):
     sizes = result["splits"]
     assert sum(sizes.values()) == 60
     assert result["bound"] == (2 * (sizes["train"] + sizes["val"]) + sizes["test"]) / 60
-    assert result["bound_flip"] == (2 * (sizes["train"] + sizes["val"]) + sizes["test"]) / (60 + sizes["train"])
+    assert result["bound_flip"] == ((2 * (sizes["train"] + sizes["val"]) + sizes["test"])
+                                    / (60 + sizes["train"]))
     assert "ratio_flip" in capsys.readouterr().out
-    rows = {name: pd.read_csv(tmp_path / "work" / name / "results.csv").iloc[0] for name in ("cached", "flip")}
+    rows = {name: pd.read_csv(tmp_path / "work" / name / "results.csv").iloc[0]
+            for name in ("cached", "flip")}
     assert not rows["cached"]["train_flip"] and rows["flip"]["train_flip"] and rows["flip"]["feature_cache"]

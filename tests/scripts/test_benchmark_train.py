@@ -1,4 +1,5 @@
-"""scripts/benchmark_train.py and pacx/perf/train.py: same-configuration HF twin, analytic FLOPs, CLI smoke run."""
+"""scripts/benchmark_train.py and pacx/perf/train.py: same-configuration HF
+twin, analytic FLOPs, CLI smoke run."""
 
 from __future__ import annotations
 
@@ -138,8 +139,8 @@ def test_stage2_lora_vs_full_writes_json(tmp_path):
     """--stage2: LoRA trains fewer parameters than full fine-tuning; both speeds are reported."""
     from scripts.benchmark_train import main
 
-    result = main(["--stage2", "--stage2-arch", "vit_test", "--img-size", "32", "--batch-size", "4", "--steps", "2",
-                   "--json", str(tmp_path / "s2.json")])
+    result = main(["--stage2", "--stage2-arch", "vit_test", "--img-size", "32", "--batch-size", "4",
+                   "--steps", "2", "--json", str(tmp_path / "s2.json")])
     saved = json.loads((tmp_path / "s2.json").read_text())
     assert saved["lora_images_per_s"] > 0 and saved["full_images_per_s"] > 0
     assert saved["ratio"] == pytest.approx(saved["lora_images_per_s"] / saved["full_images_per_s"])
@@ -147,8 +148,8 @@ def test_stage2_lora_vs_full_writes_json(tmp_path):
 
 
 def test_rates_from_every_mode_merge_into_one_file(tmp_path):
-    """--rates: Stage 1, Stage 2 (LoRA, full) and Stage 3 (segmentation, probe features) runs fill one rates file,
-    each run keeping the others' keys; the estimate reads it (pacx.reproduce.estimate)."""
+    """--rates: Stage 1, Stage 2 (LoRA, full) and Stage 3 (segmentation, probe features) runs fill one rates
+    file, each run keeping the others' keys; the estimate reads it (pacx.reproduce.estimate)."""
     from pacx.reproduce.estimate import RATE_COMMANDS, read_rates
     from scripts.benchmark_train import main
 
@@ -163,7 +164,8 @@ def test_rates_from_every_mode_merge_into_one_file(tmp_path):
     assert got["seg"]["img_per_s"] == s3["seg_images_per_s"] > 0
     assert got["probe_features"]["img_per_s"] == s3["probe_features_images_per_s"] > 0
     assert s3["seg_trainable_params"] > 0  # the decoder trains, the backbone does not
-    assert (got["stage1"]["arch"], got["stage1"]["img_size"], got["stage1"]["mask_ratio"]) == ("mae_vit_test", 32, 0.9)
+    assert (got["stage1"]["arch"], got["stage1"]["img_size"], got["stage1"]["mask_ratio"]) == ("mae_vit_test",
+                                                                                               32, 0.9)
     for entry in got.values():
         assert (entry["device"], entry["precision"], entry["batch"]) == ("cpu", "fp32", 4)
     with pytest.raises(SystemExit):  # one mode per run

@@ -1,5 +1,6 @@
-"""``scripts/reproduce_paper.py PLAN --estimate RATES``: GPU-hours per node of the paper plan from a synthetic rates
-file (pacx.reproduce.estimate), the rates file's merging and checks, point settings, documented split sizes."""
+"""``scripts/reproduce_paper.py PLAN --estimate RATES``: GPU-hours per node of
+the paper plan from a synthetic rates file (pacx.reproduce.estimate), the rates
+file's merging and checks, point settings, documented split sizes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from pacx.data.lowdata import subset_size
 from pacx.data.registry import BENCHMARKS, SPLITS, BenchmarkSpec
 from pacx.reproduce import main
-from pacx.reproduce.estimate import format_hours, merge_rates, point_settings, read_rates
+from pacx.reproduce.costs import point_settings
+from pacx.reproduce.estimate import format_hours, merge_rates, read_rates
 from pacx.reproduce.plan import load_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +24,8 @@ RATES = {
     "stage2_lora": {"img_per_s": 2000.0},
     "probe_features": {"img_per_s": 4000.0},
 }  # no "seg": the segmentation node must say how to measure it
-# docs/performance.md#split-sizes (train, val, test), written out here so the registry's numbers are checked too
+# docs/performance.md#split-sizes (train, val, test), written out here so the
+# registry's numbers are checked too
 SIZES = {"chexchonet": (51543, 5728, 14318), "vindr": (13500, 1500, 3000), "chestx6": (14551, 1748, 1737),
          "nih": (73545, 12979, 25596), "tb": (449, 80, 133)}
 SEEDS, BACKBONES = 5, 3
@@ -105,9 +108,10 @@ def test_rates_of_another_configuration_are_flagged(tmp_path, capsys):
     rates = {**RATES, "stage1": {**RATES["stage1"], "arch": "mae_vit_test", "img_size": 32},
              "stage2_lora": {"img_per_s": 2000.0, "arch": "vit_test", "img_size": 32}}
     table, est = _estimate(tmp_path, capsys, rates)
-    assert "rate measured at another configuration (arch vit_test -> vit_base_patch16, img_size 32 -> 224), " \
-           "not rescaled" in _row(table, "stage2")
-    assert est["nodes"]["stage2"]["gpu_hours"] == 50 * 10_000 / 2000.0 / 3600 and not est["nodes"]["stage2"]["complete"]
+    assert "rate measured at another configuration (arch vit_test -> vit_base_patch16, img_size 32 -> " \
+           "224), not rescaled" in _row(table, "stage2")
+    assert (est["nodes"]["stage2"]["gpu_hours"] == 50 * 10_000 / 2000.0 / 3600
+            and not est["nodes"]["stage2"]["complete"])
     assert "arch mae_vit_test -> mae_vit_base_patch16, img_size 32 -> 224), scaled by analytic FLOPs" in \
            _row(table, "stage1")
     assert not est["nodes"]["stage1"]["complete"]
@@ -150,10 +154,12 @@ def test_point_settings_follow_the_command_line():
     point = next(p for p in plan.nodes["stage3_lowdata"].points
                  if p.values == {"benchmark": "nih", "backbone": "imagenet", "fraction": "0.01", "seed": "3"})
     s = point_settings(point.argv)
-    assert s["data.benchmark"] == "nih" and s["data.train_fraction"] == 0.01  # the grid's argument over the config
+    # the grid's argument over the config
+    assert s["data.benchmark"] == "nih" and s["data.train_fraction"] == 0.01
     assert s["model.backbone.kind"] == "imagenet" and s["model.mode"] == "linear_probe"  # init_args lifted
     assert s["model.class_path"] == "pacx.lit.classify.ClassificationModule"
-    assert s["trainer.max_epochs"] == 40 and s["trainer.strategy"] == "ddp"  # config, then the trainer fragment
+    # config, then the trainer fragment
+    assert s["trainer.max_epochs"] == 40 and s["trainer.strategy"] == "ddp"
     assert s["seed_everything"] == 3
 
 

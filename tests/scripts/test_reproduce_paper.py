@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "plans" / "paper.yaml"
 DEMO = REPO / "plans" / "demo.yaml"
 
-# The paper's Stage 3 grid, from docs/method.md / docs/datasets.md rather than from the plan: the nine benchmarks, the
-# low-data tasks of docs/datasets.md#low-data among them (COVIDx is a low-data task but not one of the nine), backbones, seeds 0-4.
+# The paper's Stage 3 grid, from docs/method.md / docs/datasets.md rather than from the plan: the nine
+# benchmarks, the low-data tasks of docs/datasets.md#low-data among them (COVIDx is a low-data task but not
+# one of the nine), backbones, seeds 0-4.
 BENCHMARKS = {"chexchonet", "vindr", "medmod_phys", "cxlseg", "covidqu_seg", "tb", "chestx6", "nih", "qata"}
 LOW_DATA = {"chexchonet", "nih", "vindr", "chestx6", "medmod_phys"}
 SEGMENTATION = {"cxlseg", "covidqu_seg", "qata"}
@@ -50,17 +51,23 @@ def write_plan(tmp_path: Path, body: str, name: str = "plan.yaml") -> Path:
 # ---- validation -------------------------------------------------------------------------------------
 
 BAD_PLANS = {
-    "unknown top-level key": ("nodes: [{name: a, script: [-c, pass]}]\ncolour: red\n", "unknown key(s) colour"),
-    "unknown node key": ("nodes: [{name: a, script: [-c, pass], colour: red}]\n", "nodes[0]: unknown key(s) colour"),
-    "unknown after": ("nodes: [{name: a, script: [-c, pass], after: [b]}]\n", "node 'a': `after` names unknown node(s) b"),
-    "cycle": ("nodes:\n  - {name: a, script: [-c, pass], after: [c]}\n  - {name: b, script: [-c, pass], after: [a]}\n"
-              "  - {name: c, script: [-c, pass], after: [b]}\n", "dependency cycle a -> b -> c -> a"),
-    "self dependency": ("nodes: [{name: a, script: [-c, pass], after: [a]}]\n", "node 'a': a node cannot run after"),
+    "unknown top-level key": ("nodes: [{name: a, script: [-c, pass]}]\ncolour: red\n",
+                              "unknown key(s) colour"),
+    "unknown node key": ("nodes: [{name: a, script: [-c, pass], colour: red}]\n",
+                         "nodes[0]: unknown key(s) colour"),
+    "unknown after": ("nodes: [{name: a, script: [-c, pass], after: [b]}]\n",
+                      "node 'a': `after` names unknown node(s) b"),
+    "cycle": ("nodes:\n  - {name: a, script: [-c, pass], after: [c]}\n  - {name: b, script: [-c, pass], "
+              "after: [a]}\n  - {name: c, script: [-c, pass], after: "
+              "[b]}\n", "dependency cycle a -> b -> c -> a"),
+    "self dependency": ("nodes: [{name: a, script: [-c, pass], after: [a]}]\n",
+                        "node 'a': a node cannot run after"),
     "missing config": ("nodes: [{name: s1, stage: Stage1_MAE.py, config: configs/stage1/nope.yaml}]\n",
                        "node 's1': config file not found"),
     "missing stage script": ("nodes: [{name: s1, stage: Stage9.py, config: configs/demo/stage1_mae.yaml}]\n",
                              "node 's1': stage script not found"),
-    "stage without config": ("nodes: [{name: s1, stage: Stage1_MAE.py}]\n", "node 's1': a stage node needs config"),
+    "stage without config": ("nodes: [{name: s1, stage: Stage1_MAE.py}]\n",
+                             "node 's1': a stage node needs config"),
     "stage and script": ("nodes: [{name: a, stage: Stage1_MAE.py, script: [-c, pass]}]\n",
                          "node 'a': give exactly one of stage, script"),
     "unknown field": ("nodes: [{name: a, script: [-c, pass, '{nope}']}]\n", "node 'a': unknown field {nope}"),
@@ -72,17 +79,19 @@ BAD_PLANS = {
                        "share the run directory"),
     "axis shadows a var": ("vars: {n: 1}\nnodes: [{name: a, script: [-c, pass], grid: {n: [1, 2]}}]\n",
                            "grid axis 'n' must be an identifier that is not a var"),
-    "bad axis value": ("nodes: [{name: a, script: [-c, pass], grid: {n: [a/b]}}]\n", "value 'a/b' may hold only"),
+    "bad axis value": ("nodes: [{name: a, script: [-c, pass], grid: {n: [a/b]}}]\n",
+                       "value 'a/b' may hold only"),
     "missing trainer fragment": ("trainer: configs/trainer/nope.yaml\n"
-                                 "nodes: [{name: s1, stage: Stage1_MAE.py, config: configs/demo/stage1_mae.yaml}]\n",
-                                 "node 's1': trainer fragment not found"),
+                                 "nodes: [{name: s1, stage: Stage1_MAE.py, config: "
+                                 "configs/demo/stage1_mae.yaml}]\n", "node 's1': trainer fragment not found"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PLANS))
 def test_invalid_plans_raise_naming_file_and_node(tmp_path, case):
     body, message = BAD_PLANS[case]
-    path = write_plan(tmp_path, "out: " + str(tmp_path / "out") + "\n" + body, f"bad_{case.replace(' ', '_')}.yaml")
+    path = write_plan(tmp_path, "out: " + str(tmp_path / "out") + "\n" + body,
+                      f"bad_{case.replace(' ', '_')}.yaml")
     with pytest.raises(PlanError) as err:
         load_plan(path)
     assert str(path) in str(err.value) and message in str(err.value)
@@ -110,8 +119,8 @@ def test_vars_resolve_in_order_and_set_overrides(tmp_path):
 
 # The paper's graph, written out here (not read from the plan): node -> the nodes it waits for.
 PAPER_EDGES = {
-    "manifests": set(), "stage1": set(), "export_mae": {"stage1"}, "labs_dae": set(), "features": {"labs_dae"},
-    "stage2": {"export_mae", "features"}, "export_pacx": {"stage2"},
+    "manifests": set(), "stage1": set(), "export_mae": {"stage1"}, "labs_dae": set(),
+    "features": {"labs_dae"}, "stage2": {"export_mae", "features"}, "export_pacx": {"stage2"},
     "stage3_lowdata": {"manifests", "export_mae", "export_pacx"},
     "stage3_lp": {"manifests", "export_mae", "export_pacx"},
     "stage3_seg": {"manifests", "export_mae", "export_pacx"},
@@ -172,13 +181,15 @@ def test_paper_grid_covers_benchmarks_backbones_fractions_seeds(tmp_path):
         for point in node.points:
             argv = list(point.argv)
             bench, kind = point.values["benchmark"], point.values["backbone"]
-            fraction = float(argv[argv.index("--data.train_fraction") + 1]) if "--data.train_fraction" in argv else 1.0
+            fraction = (float(argv[argv.index("--data.train_fraction") + 1])
+                        if "--data.train_fraction" in argv else 1.0)
             seed = int(argv[argv.index("--seed_everything") + 1])
             assert seed == int(point.values["seed"])
             assert argv[argv.index("--model.backbone.kind") + 1] == kind
             configs = [Path(argv[i + 1]) for i, a in enumerate(argv) if a == "--config"]
             base, folder = ("segmentation", "seg") if bench in SEGMENTATION else ("linear_probe", "lp")
-            assert configs == [REPO / "configs/stage3" / f"{base}.yaml", REPO / "configs/stage3" / folder / f"{bench}.yaml"]
+            assert configs == [REPO / "configs/stage3" / f"{base}.yaml",
+                               REPO / "configs/stage3" / folder / f"{bench}.yaml"]
             assert argv[argv.index("--trainer.default_root_dir") + 1] == point.run_dir
             seen.add((bench, kind, fraction, seed))
     expected = {(b, k, f, s) for b in BENCHMARKS for k in BACKBONES for s in SEEDS
@@ -186,7 +197,8 @@ def test_paper_grid_covers_benchmarks_backbones_fractions_seeds(tmp_path):
     assert seen == expected
 
 
-# The authors' effective settings (docs/method.md#profiles), written out here: node -> setting -> (paper, authors).
+# The authors' effective settings (docs/method.md#profiles), written out here:
+# node -> setting -> (paper, authors).
 AUTHORS = {
     ("stage1", "model.mask_ratio"): (0.9, 0.75),
     ("stage1", "model.lr_interval"): ("step", "epoch"),
@@ -209,7 +221,8 @@ def _value(text: str):
 def test_profile_dry_runs_print_the_resolved_differences_side_by_side(tmp_path, capsys):
     tables = {}
     for profile in ("paper", "authors"):
-        assert main([str(PAPER), "--dry-run", "--profile", profile, "--out", str(tmp_path / "{profile}")]) == 0
+        assert main([str(PAPER), "--dry-run", "--profile", profile,
+                     "--out", str(tmp_path / "{profile}")]) == 0
         lines = [ln[2:].split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("# stage")]
         tables[profile] = {(node, key): (_value(a), _value(b)) for node, key, a, b in lines}
     assert tables["paper"] == tables["authors"] == AUTHORS
@@ -229,13 +242,14 @@ def _resolved(module, argv: tuple[str, ...], out: Path) -> dict:
 
 
 def test_authors_profile_differs_from_paper_exactly_in_the_listed_settings(tmp_path):
-    """Resolved by the Stage CLIs themselves: Stage 1 and Stage 2 differ in exactly the AUTHORS settings; every
-    other node runs the same command (up to the profile's output directory)."""
+    """Resolved by the Stage CLIs themselves: Stage 1 and Stage 2 differ in exactly the AUTHORS settings;
+    every other node runs the same command (up to the profile's output directory)."""
     import Stage1_MAE
     import Stage2_PACX
 
     plans = {p: load_plan(PAPER, out=tmp_path / "{profile}", profile=p) for p in ("paper", "authors")}
-    assert {p: plan.out for p, plan in plans.items()} == {"paper": tmp_path / "paper", "authors": tmp_path / "authors"}
+    assert {p: plan.out for p, plan in plans.items()} == {"paper": tmp_path / "paper",
+                                                          "authors": tmp_path / "authors"}
     found = {}
     for node, module in (("stage1", Stage1_MAE), ("stage2", Stage2_PACX)):
         paper, authors = (_resolved(module, plans[p].nodes[node].points[0].argv, plans[p].out) for p in plans)
@@ -271,8 +285,9 @@ def test_profiles_keep_their_own_output_directory(tmp_path, caplog):
     assert read_lines(tmp_path / "two" / "order.txt") == ["two"]
     with pytest.raises(PlanError, match="unknown profile 'three'; the plan's profiles: one, two"):
         load_plan(local, out=out, profile="three")
+    plain = write_plan(tmp_path, "nodes: [{name: a, script: [-c, pass]}]\n", "plain.yaml")
     with pytest.raises(PlanError, match="--profile one given, but the plan declares no profiles"):
-        load_plan(DEMO, out=out, profile="one")
+        load_plan(plain, out=out, profile="one")
     bad = write_plan(tmp_path, "profiles: {x: {a: [configs/stage1/mae_vitb_chexpert_ratio075.yaml]}}\n"
                                "nodes: [{name: a, script: [-c, pass]}]\n", "bad.yaml")
     with pytest.raises(PlanError, match="profile 'x' names 'a', which is not a stage node"):
@@ -288,23 +303,91 @@ def test_paper_plan_builds_medmod_without_symiles_training_admissions(tmp_path, 
 
 def test_demo_plan_stage_argv_layout(tmp_path):
     plan = load_plan(DEMO, out=tmp_path / "demo")
+    assert plan.profile == "full" and plan.profiles == ("full", "quick", "smoke")
     stage1 = plan.nodes["stage1"].points[0]
-    assert stage1.argv[:9] == ("fit", "--config", str(REPO / "configs/demo/stage1_mae.yaml"),
-                               "--trainer", str(REPO / "configs/trainer/cpu.yaml"),
-                               "--trainer.default_root_dir", str(tmp_path / "demo/runs/stage1"), "--seed_everything", "0")
+    assert stage1.argv[:7] == ("fit", "--config", str(REPO / "configs/demo/stage1_mae.yaml"),
+                               "--trainer.default_root_dir", str(tmp_path / "demo/stage1_mae"),
+                               "--seed_everything", "0")
     assert plan.nodes["stage2"].resources.tasks_per_node == 2
-    stage3 = plan.nodes["stage3"]
-    assert len(stage3.points) == 1 * 3 * 2 and stage3.axes == ("task", "backbone", "seed")
+    assert [p.run_dir for p in plan.nodes["stage2"].points] == [str(tmp_path / f"demo/stage2_pacx_s{s}")
+                                                                for s in range(3)]
+    stage3 = plan.nodes["stage3"]  # 2 tasks x 2 fractions x random | MAE x 2 probe seeds
+    assert len(stage3.points) == 2 * 2 * 2 * 2 and stage3.axes == ("task", "fraction", "backbone", "seed")
     point = stage3.points[-1]
-    assert point.name == "task=chexchonet_backbone=pacx_seed=1"
-    assert point.run_dir == str(tmp_path / "demo/runs/stage3/task=chexchonet_backbone=pacx_seed=1")
-    assert point.argv[-4:] == ("--model.backbone.kind", "pacx", "--model.backbone.weights",
-                               str(tmp_path / "demo/exports/pacx_encoder.safetensors"))
+    assert point.name == "task=tb_fraction=0.01_backbone=mae_seed=1"
+    assert point.run_dir == str(tmp_path / "demo/stage3/tb/mae_f0.01_s1")
+    assert point.argv[-4:] == ("--model.backbone.kind", "mae", "--model.backbone.weights",
+                               str(tmp_path / "demo/exports/mae_encoder.safetensors"))
+    pacx = plan.nodes["stage3_pacx"].points[-1]  # one probe seed per Stage 2 seed
+    assert pacx.run_dir == str(tmp_path / "demo/stage3/tb/pacx_u2_f0.01_s0")
+    assert pacx.argv[-1] == str(tmp_path / "demo/exports/pacx_encoder_s2.safetensors")
+    backbones = plan.nodes["alignment"].points[0].argv
+    assert [a for a in backbones if a.startswith("pacx_u")] == [
+        f"pacx_u{s}={tmp_path}/demo/exports/pacx_encoder_s{s}.safetensors" for s in range(3)]
     assert list(plan.nodes).index("stage2") > list(plan.nodes).index("features")
+    smoke = load_plan(DEMO, out=tmp_path / "smoke", profile="smoke")
+    assert smoke.nodes["seg"].points == () and len(smoke.nodes["stage3"].points) == 4
+    assert smoke.nodes["stage2"].points[0].argv[3:5] == ("--config",
+                                                         str(REPO / "configs/demo/smoke/stage2.yaml"))
+
+
+LIST_PLAN = """\
+    vars:
+      root: /d
+      seeds: [0, 1]
+      names: [a, b]
+      empty: []
+    profiles:
+      base: {}
+      more: {vars: {seeds: [0, 1, 2]}}
+    anchors:
+      shared: &shared [--root, "{root}"]
+    nodes:
+      - name: g
+        script: [-c, pass, *shared, {for: n, in: "{names}", args: [--name, "{n}-{seed}"]}]
+        grid: {seed: "{seeds}"}
+      - name: none
+        script: [-c, pass]
+        grid: {x: "{empty}"}
+"""
+
+
+def test_list_vars_for_groups_splices_and_profile_vars(tmp_path):
+    path = write_plan(tmp_path, LIST_PLAN)
+    plan = load_plan(path, out=tmp_path / "o")
+    assert [p.argv for p in plan.nodes["g"].points] == [
+        ("-c", "pass", "--root", "/d", "--name", f"a-{s}", "--name", f"b-{s}") for s in ("0", "1")]
+    assert plan.nodes["none"].points == ()  # an empty list var: a node without points
+    assert [p.name for p in load_plan(path, out=tmp_path / "o2", profile="more").nodes["g"].points] == [
+        "seed=0", "seed=1", "seed=2"]
+    over = load_plan(path, out=tmp_path / "o3", profile="more", overrides={"seeds": "5,6"})  # --set wins
+    assert [p.name for p in over.nodes["g"].points] == ["seed=5", "seed=6"]
+
+
+LIST_ERRORS = {
+    "a list var inside a string": ("vars: {s: [1]}\nnodes: [{name: a, script: [-c, 'x{s}']}]\n",
+                                   "{s} is a list var"),
+    "a for group without a list": ("vars: {s: 1}\nnodes: [{name: a, script: [-c, {for: n, in: "
+                                   "'{s}', args: []}]}]\n", "`for: n` needs `in:"),
+    "a for group with other keys": ("nodes: [{name: a, script: [-c, {for: n, over: x}]}]\n",
+                                    "takes exactly the keys for, in, args"),
+    "a profile setting an unknown var": ("profiles: {p: {vars: {nope: 1}}}\nnodes: [{name: a, "
+                                         "script: [-c, pass]}]\n", "profile 'p' sets unknown var(s) nope"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIST_ERRORS))
+def test_list_var_and_group_errors_name_the_plan(tmp_path, case):
+    body, message = LIST_ERRORS[case]
+    path = write_plan(tmp_path, "out: " + str(tmp_path / "out") + "\n" + body)
+    with pytest.raises(PlanError) as err:
+        load_plan(path)
+    assert str(path) in str(err.value) and message in str(err.value)
 
 
 def test_stage_argv_resumes_from_last_ckpt_except_on_requeue(tmp_path, monkeypatch):
     point = {"argv": ["fit", "--config", "c.yaml"], "run_dir": str(tmp_path / "run")}
+    monkeypatch.setattr("pacx.reproduce.execute.progress_enabled", lambda: True)  # bars: the config decides
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert stage_argv(point) == ["fit", "--config", "c.yaml"]
     (tmp_path / "run/checkpoints").mkdir(parents=True)
@@ -314,6 +397,8 @@ def test_stage_argv_resumes_from_last_ckpt_except_on_requeue(tmp_path, monkeypat
     assert stage_argv(point)[-2:] == ["--ckpt_path", "last"]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued: the Stage CLI resumes by itself
     assert stage_argv(point) == ["fit", "--config", "c.yaml"]
+    monkeypatch.setattr("pacx.reproduce.execute.progress_enabled", lambda: False)  # no terminal: no bars
+    assert stage_argv(point) == ["fit", "--config", "c.yaml", "--trainer.enable_progress_bar", "false"]
 
 
 FAKE_STAGE = """
@@ -329,6 +414,7 @@ def main(argv):
 @pytest.mark.parametrize("status, code", [("completed", 0), ("interrupted", 1)])
 def test_exec_calls_the_stage_main_in_process_and_checks_run_json(tmp_path, monkeypatch, status, code):
     (tmp_path / "FakeStage.py").write_text(FAKE_STAGE)
+    monkeypatch.setattr("pacx.reproduce.execute.progress_enabled", lambda: True)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     monkeypatch.delitem(sys.modules, "FakeStage", raising=False)
     monkeypatch.setattr(sys, "path", list(sys.path))  # exec puts the spec's repo on it
@@ -336,8 +422,10 @@ def test_exec_calls_the_stage_main_in_process_and_checks_run_json(tmp_path, monk
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")  # an earlier, interrupted try
     argv = ["fit", "--trainer.default_root_dir", str(run_dir), "--status", status]
-    spec = {"node": "s", "kind": "stage", "stage": "FakeStage", "repo": str(tmp_path), "python": sys.executable,
-            "points": [{"index": 0, "name": "", "run_dir": str(run_dir), "argv": argv, "stdout": None, "values": {}}]}
+    spec = {"node": "s", "kind": "stage", "stage": "FakeStage", "repo": str(tmp_path),
+            "python": sys.executable,
+            "points": [{"index": 0, "name": "", "run_dir": str(run_dir), "argv": argv, "stdout": None,
+                        "values": {}}]}
     (tmp_path / "s.json").write_text(json.dumps(spec))
     assert execute(tmp_path / "s.json") == code
     assert json.loads((run_dir / "argv.json").read_text()) == [*argv, "--ckpt_path", "last"]
@@ -367,7 +455,8 @@ nodes:
     grid:
       n: [1, 2]
       w: {{x: [--flag, x], y: [--flag, y]}}
-  - {{name: d, after: [b, g], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"], stdout: "{{out}}/d.txt"}}
+  - {{name: d, after: [b, g], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"],
+      stdout: "{{out}}/d.txt"}}
 """
 
 
@@ -375,10 +464,15 @@ def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
 
-def test_local_runs_in_topological_order_and_skips_finished(tmp_path):
+LOCAL_MODES = {"subprocess": ["--local"], "in process": ["--local", "--in-process"]}
+
+
+@pytest.mark.parametrize("mode", sorted(LOCAL_MODES))
+def test_local_runs_in_topological_order_and_skips_finished(tmp_path, mode):
     out = tmp_path / "out"
     plan_path = write_plan(tmp_path, LOCAL_PLAN)
-    assert main([str(plan_path), "--local", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    local = LOCAL_MODES[mode]
+    assert main([str(plan_path), *local, "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
     lines = read_lines(out / "order.txt")
     grid = [f"g n={n}_w={w} --flag {w}" for n, w in itertools.product("12", "xy")]
     assert lines == ["a", "b", "c", *grid, "d"]  # plan order among ready nodes, grid in product order
@@ -393,17 +487,18 @@ def test_local_runs_in_topological_order_and_skips_finished(tmp_path):
     assert {n: s["status"] for n, s in summary["nodes"].items()} == dict.fromkeys("abcgd", "completed")
     assert json.loads((out / ".plan/nodes/g.json").read_text())["points"][3]["name"] == "n=2_w=y"
 
-    assert main([str(plan_path), "--local", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    assert main([str(plan_path), *local, "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
     assert read_lines(out / "order.txt") == lines  # nothing ran again
     summary = json.loads((tmp_path / "s.json").read_text())
     assert {n: s["status"] for n, s in summary["nodes"].items()} == dict.fromkeys("abcgd", "done")
 
     (out / "runs/g/n=1_w=y/run.json").unlink()  # one grid point unfinished: only it (and nothing else) runs
-    assert main([str(plan_path), "--local", "--out", str(out)]) == 0
+    assert main([str(plan_path), *local, "--out", str(out)]) == 0
     assert read_lines(out / "order.txt") == [*lines, "g n=1_w=y --flag y"]
 
 
-def test_local_failure_stops_dependents_only(tmp_path):
+@pytest.mark.parametrize("mode", sorted(LOCAL_MODES))
+def test_local_failure_stops_dependents_only(tmp_path, mode):
     out = tmp_path / "out"
     plan_path = write_plan(tmp_path, f"""\
         python: {sys.executable}
@@ -411,17 +506,21 @@ def test_local_failure_stops_dependents_only(tmp_path):
           - {{name: bad, script: [-c, "raise SystemExit(3)"]}}
           - {{name: child, after: [bad], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
           - {{name: grandchild, after: [child], script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
-          - {{name: other, script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"], stdout: "{{out}}/other.txt"}}
-          - {{name: failing_out, script: [-c, "print('partial'); raise SystemExit(1)"], stdout: "{{out}}/f.txt"}}
+          - {{name: other, script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"],
+              stdout: "{{out}}/other.txt"}}
+          - {{name: failing_out, script: [-c, "print('partial'); raise SystemExit(1)"],
+              stdout: "{{out}}/f.txt"}}
     """)
-    assert main([str(plan_path), "--local", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 1
+    assert main([str(plan_path), *LOCAL_MODES[mode], "--out", str(out),
+                 "--json", str(tmp_path / "s.json")]) == 1
     assert read_lines(out / "order.txt") == ["other"]
     assert json.loads((out / "runs/bad/run.json").read_text())["status"] == "failed: exit code 3"
     assert not (out / "runs/child/run.json").exists() and not (out / "runs/grandchild").exists()
     assert not (out / "f.txt").exists()  # a failed script's stdout file is not left behind
     nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
     assert {n: s["status"] for n, s in nodes.items()} == {
-        "bad": "failed", "child": "blocked", "grandchild": "blocked", "other": "completed", "failing_out": "failed"}
+        "bad": "failed", "child": "blocked", "grandchild": "blocked", "other": "completed",
+        "failing_out": "failed"}
 
 
 def test_script_node_records_sigterm_and_ignores_usr1(tmp_path):
@@ -432,7 +531,8 @@ def test_script_node_records_sigterm_and_ignores_usr1(tmp_path):
         nodes: [{{name: slow, script: [-c, "{code}", "{{out}}/up"]}}]
     """), out=out)
     write_specs(plan)
-    proc = subprocess.Popen([sys.executable, "-m", "pacx.reproduce", "exec", str(plan.spec_path("slow"))], cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "pacx.reproduce", "exec", str(plan.spec_path("slow"))],
+                            cwd=REPO)
     deadline = time.monotonic() + 60
     while not (out / "up").is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -458,7 +558,9 @@ def test_local_dry_run_prints_exec_lines_only(tmp_path, capsys):
 
 FAKE_SBATCH = """#!/usr/bin/env bash
 for spec in "$@"; do :; done
-if [[ -n "${FAKE_FAIL:-}" && "$spec" == */"$FAKE_FAIL".json ]]; then echo "sbatch: error: Invalid account" >&2; exit 1; fi
+if [[ -n "${FAKE_FAIL:-}" && "$spec" == */"$FAKE_FAIL".json ]]; then
+  echo "sbatch: error: Invalid account" >&2; exit 1
+fi
 n=$(( $(cat "$FAKE_DIR/n" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE_DIR/n"
 printf '%s\\n' "$n $*" >> "$FAKE_DIR/calls"; echo "$n;cluster"
 """
@@ -490,7 +592,9 @@ def calls(fake: Path) -> dict[str, list[str]]:
 
 def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm):
     out = tmp_path / "out"
-    plan_path = write_plan(tmp_path, LOCAL_PLAN.replace("name: tiny", "name: tiny\nslurm: {sbatch_args: [--partition=p]}"))
+    plan_path = write_plan(tmp_path,
+                           LOCAL_PLAN.replace("name: tiny",
+                                              "name: tiny\nslurm: {sbatch_args: [--partition=p]}"))
     plan = load_plan(plan_path, out=out)
     finished = [plan.nodes["a"].points[0], plan.nodes["g"].points[0], plan.nodes["g"].points[2]]
     for point in finished:  # a and two grid points completed earlier
@@ -506,7 +610,8 @@ def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm
     assert option(sub["g"], "--array") == "1,3"  # the unfinished points only
     assert option(sub["g"], "--output") == f"{out}/logs/%x-%A_%a.out" and (out / "logs").is_dir()
     assert option(sub["d"], "--output") == f"{out}/logs/%x-%j.out"
-    assert "--partition=p" in sub["d"] and "--parsable" in sub["d"] and "--kill-on-invalid-dep=yes" in sub["d"]
+    assert ("--partition=p" in sub["d"] and "--parsable" in sub["d"]
+            and "--kill-on-invalid-dep=yes" in sub["d"])
     assert option(sub["b"], "--ntasks-per-node") == "1" and option(sub["b"], "--gpus-per-node") is None
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["job_ids"] == [ids[n] for n in "bcgd"]
@@ -525,7 +630,8 @@ def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm
     assert list(again) == ["b", "d"]
     assert option(again["d"], "--dependency") == f"afterok:{again['b'][0]}:{ids['g']}"
     nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
-    assert nodes["g"]["status"] == "queued" and nodes["g"]["job_id"] == ids["g"] and nodes["c"]["status"] == "done"
+    assert (nodes["g"]["status"] == "queued" and nodes["g"]["job_id"] == ids["g"]
+            and nodes["c"]["status"] == "done")
 
 
 def test_slurm_driver_reports_a_refused_submission(tmp_path, fake_slurm, monkeypatch, caplog):
@@ -561,4 +667,5 @@ def test_results_csv_appends_are_safe_with_concurrent_writers(tmp_path):
     assert sorted(table.groupby("worker")["i"].max()) == [24] * 4
     append_results_row(path, {"worker": 9, "i": 0, "extra": "x"})  # a new column joins the union
     table = pd.read_csv(path)
-    assert list(table.columns) == ["worker", "i", "metric_value", "extra"] and table["extra"].notna().sum() == 1
+    assert (list(table.columns) == ["worker", "i", "metric_value", "extra"]
+            and table["extra"].notna().sum() == 1)

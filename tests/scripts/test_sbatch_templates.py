@@ -11,8 +11,8 @@ import pytest
 from pacx.lit.resilience import slurm_allocation, slurm_job_id, slurm_restart_count
 from tests.helpers import REPO
 
-TEMPLATES = {"stage1.sbatch": "Stage1_MAE.py", "stage2.sbatch": "Stage2_PACX.py", "stage3.sbatch": "Stage3_eval.py",
-             "node.sbatch": "-m pacx.reproduce exec"}
+TEMPLATES = {"stage1.sbatch": "Stage1_MAE.py", "stage2.sbatch": "Stage2_PACX.py",
+             "stage3.sbatch": "Stage3_eval.py", "node.sbatch": "-m pacx.reproduce exec"}
 
 
 def _directives(text: str) -> dict[str, str]:
@@ -32,7 +32,8 @@ def test_template_header_and_command(name, runs):
     assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0]
     assert runs in "\n".join(text.splitlines()[text.splitlines().index(srun[0]):])
     for key in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--time", "--signal", "--output"):
-        assert f"#   {key}" in text or f"{key} " in text.split("#SBATCH")[0], (name, key)  # documented in the header
+        # documented in the header
+        assert f"#   {key}" in text or f"{key} " in text.split("#SBATCH")[0], (name, key)
 
 
 def test_allocation_job_id_and_restart_count(monkeypatch):

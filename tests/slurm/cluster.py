@@ -24,14 +24,16 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 
 
 def _which(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None)
+    candidates = (f"/usr/sbin/{name}", f"/sbin/{name}")
+    return shutil.which(name) or next((p for p in candidates if os.path.exists(p)), None)
 
 
 def unavailable() -> str | None:
     """Why a local Slurm cluster cannot start on this machine, or None."""
     missing = [n for n in DAEMONS + CLIENTS if _which(n) is None]
     if missing:
-        return f"Slurm/munge not installed (missing {', '.join(missing)}); run `make slurm-deps` (apt, as root)"
+        return (f"Slurm/munge not installed (missing {', '.join(missing)}); run `make slurm-deps` "
+                "(apt, as root)")
     if os.geteuid() != 0:
         return "slurmd must run as root to start job steps; these tests need a root sandbox"
     return None
@@ -145,8 +147,8 @@ class LocalSlurm:
     # ---- client helpers --------------------------------------------------------------------------
 
     def run(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env=kwargs.pop("env", self.env), capture_output=True, text=True, check=check,
-                              **kwargs)
+        return subprocess.run(argv, env=kwargs.pop("env", self.env), capture_output=True, text=True,
+                              check=check, **kwargs)
 
     def sbatch(self, argv: list[str], cwd: str | Path | None = None, env: dict | None = None) -> str:
         """Submit; returns the job id."""
@@ -167,8 +169,9 @@ class LocalSlurm:
             raise
 
     def release_requeued(self, job_id: str, timeout: float = 60.0) -> dict[str, str]:
-        """Slurm holds a requeued batch job back for 120 s (``Reason=BeginTime``) before it is eligible again;
-        once it is pending, make it eligible now (``scontrol update StartTime=now``). Returns the pending record."""
+        """Slurm holds a requeued batch job back for 120 s (``Reason=BeginTime``) before it is
+        eligible again; once it is pending, make it eligible now
+        (``scontrol update StartTime=now``). Returns the pending record."""
         info = self.wait_state(job_id, {"PENDING"}, timeout)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         return info

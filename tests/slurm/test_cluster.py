@@ -8,7 +8,8 @@ pytestmark = pytest.mark.slurm
 
 
 def test_srun_two_tasks_see_slurm_environment(slurm_cluster):
-    out = slurm_cluster.run(["srun", "-N1", "-n2", "bash", "-c", "echo $SLURM_PROCID/$SLURM_NTASKS/$SLURM_JOB_ID"],
+    out = slurm_cluster.run(["srun", "-N1", "-n2", "bash", "-c",
+                             "echo $SLURM_PROCID/$SLURM_NTASKS/$SLURM_JOB_ID"],
                             timeout=60).stdout.split()
     ranks = sorted(line.split("/")[0] for line in out)
     assert ranks == ["0", "1"]

@@ -24,8 +24,8 @@ CPU_TASKS = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "-
 
 
 def _env() -> dict[str, str]:
-    return {"PACX_PYTHON": sys.executable, "PACX_TRAINER": "configs/trainer/cpu.yaml", "WANDB_MODE": "disabled",
-            "OMP_NUM_THREADS": "1"}
+    return {"PACX_PYTHON": sys.executable, "PACX_TRAINER": "configs/trainer/cpu.yaml",
+            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def _log(tmp_path, job_name: str) -> list[str]:
@@ -47,9 +47,11 @@ def symile_root(tmp_path_factory):
 
 def test_stage2_sbatch_two_task_ddp(slurm_cluster, tmp_path, symile_root, stage1_run):
     run = tmp_path / "stage2"
-    args = stage2_args(run, symile_root, stage1_run, "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1")
+    args = stage2_args(run, symile_root, stage1_run, "--trainer.max_epochs", "2",
+                       "--trainer.limit_val_batches", "1")
     assert args[:3] == ["fit", "--config", str(REPO / "configs/demo/stage2_pacx.yaml")]
-    job = slurm_cluster.sbatch([*CPU_TASKS, *_log(tmp_path, "stage2"), "scripts/slurm/stage2.sbatch", *args[2:]],
+    job = slurm_cluster.sbatch([*CPU_TASKS, *_log(tmp_path, "stage2"), "scripts/slurm/stage2.sbatch",
+                                *args[2:]],
                                cwd=REPO, env=_env())
     info = slurm_cluster.wait(job, timeout=600)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _job_log(tmp_path, "stage2", job)
@@ -68,8 +70,8 @@ def _stage1_job(slurm_cluster, tmp_path, release, name: str, progress=None):
     extra = ["--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1", "--seed_everything", "11",
              "--data.num_workers", "1"]
     if progress is not None:  # reports each step and slows it (0.4 s) so the test can signal mid-run
-        extra += ["--trainer.callbacks+=tests.callbacks.StepProgress", "--trainer.callbacks.path", str(progress),
-                  "--trainer.callbacks.sleep", "0.4"]
+        extra += ["--trainer.callbacks+=tests.callbacks.StepProgress", "--trainer.callbacks.path",
+                  str(progress), "--trainer.callbacks.sleep", "0.4"]
     args = stage1_args(run, release, *extra)
     job = slurm_cluster.sbatch([*CPU_TASKS, *_log(tmp_path, name), "scripts/slurm/stage1.sbatch", *args[2:]],
                                cwd=REPO, env=_env())
@@ -84,7 +86,8 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path, 
         state = json.loads(progress.read_text()) if progress.is_file() else {"global_step": 0}
         if state["global_step"] >= 3:
             break
-        assert slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), _job_log(tmp_path, "signalled", job)
+        assert slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            _job_log(tmp_path, "signalled", job)
         time.sleep(0.2)
     else:
         pytest.fail(f"job {job} never reached step 3: {slurm_cluster.job(job)}")

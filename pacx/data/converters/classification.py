@@ -1,21 +1,9 @@
-"""Classification benchmarks: official release metadata -> split manifests (docs/datasets.md, one section per benchmark).
+"""Classification benchmarks: official release metadata -> split manifests (docs/datasets.md).
 
-One converter per entry of ``pacx.data.registry.BENCHMARKS`` with a classification task, registered with
-``pacx.data.prepare.register_converter`` when this module is imported. Each reads the release's own
-metadata (or, for the folder-labelled Kaggle sets, lists its folders), reproduces the reference's split
-recipe (scikit-learn ``train_test_split``, seed 42, test share rounded up) and writes the manifests the
-spec names. Converters never open or move images; the image root is the release folder as the reference
-arranged it:
-
-* CheXchoNet: the release's ``cxrs/`` renamed (or symlinked) to ``images/``, as the reference reads it.
-  ``chexchonet_echo`` deviates from the reference by **not** moving images into ``train/ val/ test/``:
-  its spec points all splits at the same flat ``images/`` folder, and it drops no rows for missing images
-  (the dataset checks existence when it loads).
-* NIH, COVIDx, COVID-QU-Ex (classification) and pediatric pneumonia: all images copied flat into
-  ``images/`` (the reference's move), beside the official metadata / folders the converter reads.
-
-MedMod's converters live in :mod:`pacx.data.converters.medmod` (they also guard against Stage 2 leakage);
-the helpers here (``find_file``, ``split_two_step``, ``write_manifests``, ``_register``) are shared with it.
+One converter per classification entry of ``pacx.data.registry.BENCHMARKS``, in this module's
+``CONVERTERS`` (gathered by :mod:`pacx.data.prepare`). Each reproduces the reference's split recipe from
+the release's metadata and never opens or moves images (the image roots: docs/design.md#converters). Its
+helpers (``find_file``, ``split_two_step``, ``write_manifests``, ``benchmark_converter``) serve MedMod's too.
 """
 
 from __future__ import annotations
@@ -27,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from pacx.data.converters.base import Converter, ConverterOption, converter
 from pacx.data.manifest import ManifestError, read_manifest
-from pacx.data.prepare import ConverterOption, register_converter
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
 from pacx.progress import progress
 
@@ -69,7 +57,8 @@ def split_two_step(df: pd.DataFrame, test_size: float, val_size: float, seed: in
     return {"train": train, "val": val, "test": test}
 
 
-def write_manifests(spec: BenchmarkSpec, frames: Frames, out: Path, patient_column: str | None = None) -> dict:
+def write_manifests(spec: BenchmarkSpec, frames: Frames, out: Path,
+                    patient_column: str | None = None) -> dict:
     """Write one CSV per split under ``out`` and return the summary (rows, positives, patients)."""
     summary: dict = {"files": []}
     for split in SPLITS:
@@ -93,17 +82,27 @@ def write_manifests(spec: BenchmarkSpec, frames: Frames, out: Path, patient_colu
 def require_columns(df: pd.DataFrame, columns: Sequence[str], source: Path | str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ManifestError(f"{source}: missing required column(s) {missing}; columns present: {list(df.columns)}")
+        raise ManifestError(f"{source}: missing required column(s) {missing}; columns present: "
+                            f"{list(df.columns)}")
 
 
 SEED_HELP = "split seed (default 42, the reference's)"
 _SEED = ConverterOption("--seed", SEED_HELP, is_flag=False, default=42)
 
 
-def _register(name: str, *options: ConverterOption):
+def benchmark_converter(table: list[Converter], name: str, *options: ConverterOption):
+    """:func:`~pacx.data.converters.base.converter` for the benchmark ``name``: its task, metric and
+    description come from its spec, and ``--seed`` precedes ``options``."""
     spec = get_benchmark(name)
-    return register_converter(name, task=spec.task, metric=spec.metric, description=spec.description,
-                              options=(_SEED, *options))
+    return converter(table, name, task=spec.task, metric=spec.metric, description=spec.description,
+                     options=(_SEED, *options))
+
+
+CONVERTERS: list[Converter] = []  # this module's converters (pacx.data.prepare gathers them)
+
+
+def _register(name: str, *options: ConverterOption):
+    return benchmark_converter(CONVERTERS, name, *options)
 
 
 # ---------------------------------------------------------------- CheXchoNet (docs/datasets.md#chexchonet)
@@ -174,7 +173,8 @@ def prepare_vindr(raw: Path, out: Path, seed: int = 42, min_positives: int = 50)
     return write_manifests(spec, {"train": train, "val": val, "test": test}, out)
 
 
-# ---------------------------------------------------------------- COVID-QU-Ex classification (docs/datasets.md#covidqu)
+# ---------------------------------------------------------------- COVID-QU-Ex classification
+# (docs/datasets.md#covidqu)
 
 COVIDQU_LUNG = ("Lung Segmentation Data/Lung Segmentation Data", "Lung Segmentation Data")
 COVIDQU_SPLITS = {"train": "Train", "val": "Val", "test": "Test"}
@@ -199,7 +199,8 @@ def prepare_covidqu(raw: Path, out: Path, seed: int = 42) -> dict:
             for f in sorted(img_dir.glob("*.png")):
                 rows.pop(f.name, None)
                 rows[f.name] = (spec.labels.index(category), split)
-    df = pd.DataFrame([(k, lab, s) for k, (lab, s) in rows.items()], columns=[spec.path_column, INDEX_COLUMN, "Split"])
+    df = pd.DataFrame([(k, lab, s) for k, (lab, s) in rows.items()],
+                      columns=[spec.path_column, INDEX_COLUMN, "Split"])
     return write_manifests(spec, {s: df[df["Split"] == s] for s in SPLITS}, out)
 
 
@@ -214,7 +215,8 @@ def prepare_tb(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("tb")
     path = find_file(raw, [TB_METADATA])
     meta = read_manifest(path, ["study_id", "findings"])
-    df = pd.DataFrame({spec.path_column: meta["study_id"], "Label": (meta["findings"] != "normal").astype(int)})
+    df = pd.DataFrame({spec.path_column: meta["study_id"],
+                       "Label": (meta["findings"] != "normal").astype(int)})
     return write_manifests(spec, split_two_step(df, 0.2, 0.15, int(seed), stratify="Label"), out)
 
 
@@ -238,7 +240,8 @@ def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
             if not folder.is_dir():
                 raise FileNotFoundError(f"ChestX6: missing folder {folder}")
             for f in sorted(p for p in folder.iterdir() if p.is_file()):
-                rows.append({spec.path_column: f"{split}/{cls}/{f.name}", **{c: int(c == cls) for c in spec.labels}})
+                rows.append({spec.path_column: f"{split}/{cls}/{f.name}",
+                             **{c: int(c == cls) for c in spec.labels}})
         frames[split] = pd.DataFrame(rows, columns=[spec.path_column, *spec.labels]).sample(
             frac=1.0, random_state=int(seed))
     return write_manifests(spec, frames, out)
@@ -268,13 +271,15 @@ def prepare_nih(raw: Path, out: Path, seed: int = 42) -> dict:
     test_ids = set(_read_list(find_file(raw, [NIH_TEST])))
     unknown = (train_val | test_ids) - set(df[spec.path_column])
     if unknown:
-        raise ManifestError(f"{entry_path}: {len(unknown)} listed image(s) missing, e.g. {sorted(unknown)[:3]}")
+        raise ManifestError(f"{entry_path}: {len(unknown)} listed image(s) missing, e.g. "
+                            f"{sorted(unknown)[:3]}")
     train, val = split_rest(df[df[spec.path_column].isin(train_val)], 0.15, int(seed))
     test = df[df[spec.path_column].isin(test_ids)]
     return write_manifests(spec, {"train": train, "val": val, "test": test}, out, patient_column="Patient ID")
 
 
-# ---------------------------------------------------------------- COVIDx and pediatric pneumonia (docs/datasets.md#extra-benchmarks)
+# ---------------------------------------------------------------- COVIDx and pediatric pneumonia
+# (docs/datasets.md#extra-benchmarks)
 
 COVIDX_FILES = ("train.txt", "val.txt", "test.txt")
 COVIDX_COLUMNS = ["Patient ID", "Path", "Label", "Data Source"]
@@ -309,7 +314,8 @@ def prepare_pneumonia(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("pneumonia")
     base = next((raw / c for c in PNE_ROOT if (raw / c / "train" / "NORMAL").is_dir()), None)
     if base is None:
-        raise FileNotFoundError(f"pneumonia: no train/NORMAL folder under {raw} (or chest_xray/[chest_xray/])")
+        raise FileNotFoundError(f"pneumonia: no train/NORMAL folder under {raw} (or "
+                                "chest_xray/[chest_xray/])")
     rows: dict[str, int] = {}
     for split in progress(SPLITS, desc="pneumonia", unit="split"):
         for cls, label in PNE_CLASSES.items():

@@ -1,20 +1,9 @@
-"""MedMod converters (``medmod_phys``, ``medmod_mort``): pipeline outputs -> split manifests (docs/datasets.md#medmod).
+"""MedMod converters (phenotypes, mortality): pipeline outputs -> split manifests (docs/datasets.md#medmod).
 
-The converter reads ``medmod_final.csv`` if the raw folder has it (stays already linked to their CXR).
-Otherwise it builds that table from the MedMod pipeline's ``all_stays.csv`` and row-aligned
-``phenotype_labels.csv`` plus MIMIC-CXR-JPG's ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (docs/datasets.md#medmod
-step 2) and saves it beside the manifests. ``cxr_path`` keeps its MIMIC-CXR-JPG relative path
-(``p10/p10000032/s<study>/<dicom>.jpg``) under the image root instead of images being moved into
-``train/ val/ test/`` and the path rewritten to the basename.
-
-**No leakage by construction** (docs/datasets.md#leakage): Stage 2 distils on the X-rays of Symile-MIMIC's
-training admissions, and MedMod comes from the same MIMIC-IV records. Building MedMod therefore needs
-``exclude_hadm`` (``--exclude-hadm <data_npy>/train/hadm_id_train.npy``: those admissions are dropped, as the
-reference does, before the stays are linked to images) or an explicit ``allow_overlap`` (logged as a
-warning). Either choice goes into the summary's ``leakage`` entry, which ``scripts/prepare.py`` keeps in the
-manifests' ``prepare.json``. The id file is read without unpickling (:func:`pacx.data.leakage.load_id_file`).
-From a ready ``medmod_final.csv`` the exclusion applies to its rows (the reference excluded before linking,
-which can change which image a later stay of the same patient gets).
+Reads ``medmod_final.csv`` if the raw folder has it, else builds it from the MedMod pipeline's outputs and
+MIMIC-CXR-JPG's metadata; ``cxr_path`` keeps its MIMIC-CXR-JPG relative path. Building needs ``exclude_hadm``
+(Symile's training admissions) or an explicit ``allow_overlap``, recorded in the summary's ``leakage`` entry
+(docs/datasets.md#leakage; docs/design.md#converters).
 """
 
 from __future__ import annotations
@@ -25,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pacx.data.converters.classification import _register, find_file, split_two_step, write_manifests
+from pacx.data.converters.base import Converter, ConverterOption
+from pacx.data.converters.classification import (
+    benchmark_converter,
+    find_file,
+    split_two_step,
+    write_manifests,
+)
 from pacx.data.leakage import ids_sha256, load_id_file
 from pacx.data.manifest import ManifestError, read_manifest
-from pacx.data.prepare import ConverterOption
 from pacx.data.registry import get_benchmark
 from pacx.progress import progress
 
@@ -57,9 +51,10 @@ def cxr_study_times(meta: pd.DataFrame) -> pd.Series:
 
 
 def link_stays_to_cxr(stays: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
-    """docs/datasets.md#medmod step 2: each stay (in table order) takes the earliest of its subject's still-unused
-    images whose study time lies in [min(intime, admittime), max(outtime, dischtime)]; the image then leaves
-    the pool. Stays without a match are dropped. Adds ``cxr_path = p<xx>/p<subject>/s<study>/<dicom>.jpg``."""
+    """docs/datasets.md#medmod step 2: each stay (in table order) takes the earliest of its subject's
+    still-unused images whose study time lies in [min(intime, admittime), max(outtime, dischtime)]; the image
+    then leaves the pool. Stays without a match are dropped. Adds
+    ``cxr_path = p<xx>/p<subject>/s<study>/<dicom>.jpg``."""
     meta = meta.assign(_t=cxr_study_times(meta)).sort_values("_t", kind="stable")
     pool: dict[int, list[tuple[pd.Timestamp, str, int]]] = {}
     columns = zip(meta["subject_id"], meta["dicom_id"], meta["study_id"], meta["_t"])
@@ -69,7 +64,8 @@ def link_stays_to_cxr(stays: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
     start = pd.concat([times["intime"], times["admittime"]], axis=1).min(axis=1)
     stop = pd.concat([times["outtime"], times["dischtime"]], axis=1).max(axis=1)
     keep, paths = [], []
-    for i, subject in enumerate(progress(stays["subject_id"].astype("int64"), desc="medmod link", unit="stay")):
+    subjects = progress(stays["subject_id"].astype("int64"), desc="medmod link", unit="stay")
+    for i, subject in enumerate(subjects):
         images = pool.get(int(subject), [])
         for j, (t, dicom, study) in enumerate(images):  # sorted by time: the first hit is the earliest
             if start.iat[i] <= t <= stop.iat[i]:
@@ -89,13 +85,14 @@ def exclude_admissions(df: pd.DataFrame, exclude_hadm: str | Path) -> tuple[pd.D
     drop = df["hadm_id"].astype("int64").isin(excluded)
     log.info("MedMod: dropped %d of %d stays whose admission is in %s (%d ids)", int(drop.sum()), len(df),
              exclude_hadm, len(excluded))
-    return df[~drop], {"exclude_hadm": str(exclude_hadm), "exclude_hadm_sha256": ids_sha256({"hadm_id": excluded}),
+    return df[~drop], {"exclude_hadm": str(exclude_hadm),
+                       "exclude_hadm_sha256": ids_sha256({"hadm_id": excluded}),
                        "excluded_ids": int(len(np.unique(excluded))), "stays_dropped": int(drop.sum())}
 
 
 def build_medmod_final(raw: Path, exclude_hadm: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
-    """``all_stays.csv`` + row-aligned ``phenotype_labels.csv`` (minus the ``exclude_hadm`` admissions) linked to
-    ``mimic-cxr-2.0.0-metadata.csv``; columns in the reference's ``medmod_final.csv`` order."""
+    """``all_stays.csv`` + row-aligned ``phenotype_labels.csv`` (minus the ``exclude_hadm`` admissions) linked
+    to ``mimic-cxr-2.0.0-metadata.csv``; columns in the reference's ``medmod_final.csv`` order."""
     stays_path, pheno_path = find_file(raw, [MEDMOD_STAYS]), find_file(raw, [MEDMOD_PHENOTYPE_FILE])
     stays = read_manifest(stays_path, [*MEDMOD_META, *get_benchmark("medmod_mort").labels])
     phenotypes = read_manifest(pheno_path, get_benchmark("medmod_phys").labels)
@@ -119,13 +116,14 @@ def overlap_policy(name: str, exclude_hadm: str | None, allow_overlap: bool) -> 
         raise OverlapPolicyError(f"{name}: give either --exclude-hadm or --allow-overlap, not both")
     if not exclude_hadm and not allow_overlap:
         raise OverlapPolicyError(
-            f"{name}: building MedMod needs --exclude-hadm <Symile data_npy>/train/hadm_id_train.npy (drops the "
-            "admissions Stage 2 distils on, as the paper does), or --allow-overlap to keep them knowingly "
-            "(docs/datasets.md#leakage)")
+            f"{name}: building MedMod needs --exclude-hadm <Symile data_npy>/train/hadm_id_train.npy (drops "
+            "the admissions Stage 2 distils on, as the paper does), or --allow-overlap to keep them "
+            "knowingly (docs/datasets.md#leakage)")
     if allow_overlap:
-        log.warning("%s: --allow-overlap: MedMod keeps Symile-MIMIC's training admissions; a PaCX-MAE encoder "
-                    "distilled on them is then tested on admissions it has seen (recorded in prepare.json, and "
-                    "Stage 3 refuses such a backbone unless --allow_overlap true)", name.upper())
+        log.warning("%s: --allow-overlap: MedMod keeps Symile-MIMIC's training admissions; a PaCX-MAE "
+                    "encoder distilled on them is then tested on admissions it has seen (recorded in "
+                    "prepare.json, and Stage 3 refuses such a backbone unless --allow_overlap true)",
+                    name.upper())
 
 
 def _prepare_medmod(name: str, raw: Path, out: Path, seed: int, exclude_hadm: str | None,
@@ -151,14 +149,17 @@ def _prepare_medmod(name: str, raw: Path, out: Path, seed: int, exclude_hadm: st
 
 
 _EXCLUDE = ConverterOption(
-    "--exclude-hadm", "Symile-MIMIC data_npy/train/hadm_id_train.npy: drop these admissions (the ones Stage 2 "
-                      "distils on) before linking stays to images; this or --allow-overlap is required",
+    "--exclude-hadm", "Symile-MIMIC data_npy/train/hadm_id_train.npy: drop these admissions (the ones Stage "
+                      "2 distils on) before linking stays to images; this or --allow-overlap is required",
     is_flag=False, default=None)
 _ALLOW = ConverterOption(
     "--allow-overlap", "keep Symile's training admissions in MedMod (logged as a warning and recorded)")
 
 
-@_register("medmod_phys", _EXCLUDE, _ALLOW)
+CONVERTERS: list[Converter] = []  # this module's converters (pacx.data.prepare gathers them)
+
+
+@benchmark_converter(CONVERTERS, "medmod_phys", _EXCLUDE, _ALLOW)
 def prepare_medmod_phys(raw: Path, out: Path, seed: int = 42, exclude_hadm: str | None = None,
                         allow_overlap: bool = False) -> dict:
     """``medmod_final.csv`` if present, else built from the pipeline outputs and the MIMIC-CXR metadata;
@@ -166,7 +167,7 @@ def prepare_medmod_phys(raw: Path, out: Path, seed: int = 42, exclude_hadm: str 
     return _prepare_medmod("medmod_phys", raw, out, seed, exclude_hadm, allow_overlap)
 
 
-@_register("medmod_mort", _EXCLUDE, _ALLOW)
+@benchmark_converter(CONVERTERS, "medmod_mort", _EXCLUDE, _ALLOW)
 def prepare_medmod_mort(raw: Path, out: Path, seed: int = 42, exclude_hadm: str | None = None,
                         allow_overlap: bool = False) -> dict:
     """The same split CSVs as ``medmod_phys``; the task reads the three mortality columns."""

@@ -1,22 +1,9 @@
-"""Segmentation benchmarks (docs/datasets.md#cxlseg, #covidqu, #qata): official release -> ``img_path, mask_path`` manifests.
+"""Segmentation benchmarks (docs/datasets.md#cxlseg, #covidqu, #qata): release -> image / mask manifests.
 
-Each converter writes ``train.csv``, ``val.csv`` and ``test.csv`` into ``out``, with the columns
-``img_path`` and ``mask_path`` relative to the dataset's image root, and returns a summary (rows per
-split; patients per split for CXL-Seg). Images are never opened; listing folders is allowed. An image
-without its mask is never skipped silently: the count and the first few paths are logged and reported
-in the summary under ``images_without_mask``.
-
-- ``cxlseg``: PhysioNet CXLSeg v1.0.0. Rows come from the official ``CXLSeg-split.csv`` (or ``.tsv``);
-  paths ``p<subject_id[:2]>/p<subject_id>/s<study_id>/<dicom_id>.jpg`` and ``...-mask.jpg`` relative to
-  ``files/``; ``validate`` -> val. The reference's own CSV builder is not public; this is the recipe of
-  its earlier version (commit ``ca3d32a``).
-- ``covidqu_seg``: Kaggle COVID-QU-Ex, ``Lung Segmentation Data/Lung Segmentation Data/{Train,Val,Test}/
-  {COVID-19,Non-COVID,Normal}/{images,lung masks}/*.png``; official splits; files sorted by name within a
-  folder (as ``Data/covidqu_seg_data.ipynb``). Root: the inner ``Lung Segmentation Data``.
-- ``qata``: QaTa-COV19-v2, ``{Train Set,Test Set}/Images/<f>`` with ``Ground-truths/mask_<f>``; the Train
-  Set splits 90/10 into train/val with scikit-learn's ``train_test_split`` (seed 42, shuffled, not
-  stratified, test share rounded up) as ``Data/qata_data.ipynb``; the Test Set is the test split.
-  Root: ``QaTa-COV19-v2``.
+Each converter writes ``train.csv``, ``val.csv`` and ``test.csv`` into ``out``, with paths relative to the
+dataset's image root, and returns a summary. Images are never opened (listing folders is allowed). An image
+without its mask is never skipped silently: it is logged and reported under ``images_without_mask``. Release
+layouts and split recipes: docs/design.md#converters.
 """
 
 from __future__ import annotations
@@ -29,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from pacx.data.converters.base import Converter, ConverterOption, converter
 from pacx.data.manifest import ManifestError, read_manifest
-from pacx.data.prepare import ConverterOption, register_converter
 from pacx.progress import progress
 
 log = logging.getLogger(__name__)
@@ -98,8 +85,10 @@ def list_names(folder: Path) -> set[str]:
     return {e.name for e in os.scandir(folder) if e.is_file()}
 
 
-def paired_rows(root: Path, image_dir: str, mask_dir: str, mask_prefix: str = "") -> tuple[pd.DataFrame, list[str]]:
-    """Rows for the sorted ``*.png`` of ``root/image_dir`` whose ``mask_prefix + name`` is in ``root/mask_dir``.
+def paired_rows(root: Path, image_dir: str, mask_dir: str,
+                mask_prefix: str = "") -> tuple[pd.DataFrame, list[str]]:
+    """Rows for the sorted ``*.png`` of ``root/image_dir`` whose ``mask_prefix + name`` is in
+    ``root/mask_dir``.
 
     Both folders and all paths are relative to the image root ``root``. Returns the rows and the
     paths of the images without a mask.
@@ -166,13 +155,18 @@ def existing_files(root: Path) -> set[str]:
     return found
 
 
-@register_converter(
-    "cxlseg", task="segmentation", metric="iou",
+CONVERTERS: list[Converter] = []  # this module's converters (pacx.data.prepare gathers them)
+
+
+@converter(
+    CONVERTERS, "cxlseg", task="segmentation", metric="iou",
     description="CXLSeg lung masks on MIMIC-CXR (PhysioNet), official CXLSeg-split.csv",
-    options=(ConverterOption("--check-files", "drop (and report) rows whose image or mask is not under files/"),),
+    options=(ConverterOption("--check-files",
+                             "drop (and report) rows whose image or mask is not under files/"),),
 )
 def prepare_cxlseg(raw: Path, out: Path, seed: int = 42, check_files: bool = False) -> dict:
-    """``raw``: the release folder holding ``CXLSeg-split.csv`` (or ``.tsv``) and ``files/``, or the split file.
+    """``raw``: the release folder holding ``CXLSeg-split.csv`` (or ``.tsv``) and ``files/``, or the split
+    file.
 
     ``seed`` is unused (official splits); it keeps the converter signature uniform.
     """
@@ -224,8 +218,8 @@ def convert_covidqu_seg(root: Path) -> tuple[dict[str, pd.DataFrame], list[str]]
     return frames, unpaired
 
 
-@register_converter(
-    "covidqu_seg", task="segmentation", metric="iou",
+@converter(
+    CONVERTERS, "covidqu_seg", task="segmentation", metric="iou",
     description="COVID-QU-Ex lung segmentation (Kaggle anasmohammedtahir/covidqu), official splits",
 )
 def prepare_covidqu_seg(raw: Path, out: Path, seed: int = 42) -> dict:
@@ -251,14 +245,17 @@ def convert_qata(root: Path, seed: int = 42) -> tuple[dict[str, pd.DataFrame], l
         tables[part] = rows
         unpaired += missing
     if len(tables[QATA_TRAIN]) < 2:
-        raise ManifestError(f"{root / QATA_TRAIN}: {len(tables[QATA_TRAIN])} paired image(s), too few to split")
-    train, val = train_test_split(tables[QATA_TRAIN], test_size=QATA_VAL_SHARE, random_state=seed, shuffle=True)
-    frames = {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True), "test": tables[QATA_TEST]}
+        raise ManifestError(f"{root / QATA_TRAIN}: {len(tables[QATA_TRAIN])} paired image(s), "
+                            "too few to split")
+    train, val = train_test_split(tables[QATA_TRAIN], test_size=QATA_VAL_SHARE, random_state=seed,
+                                  shuffle=True)
+    frames = {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
+              "test": tables[QATA_TEST]}
     return frames, unpaired
 
 
-@register_converter(
-    "qata", task="segmentation", metric="iou",
+@converter(
+    CONVERTERS, "qata", task="segmentation", metric="iou",
     description="QaTa-COV19-v2 infection masks; Train Set split 90/10 (seed), official Test Set",
     options=(ConverterOption("--seed", "seed of the 90/10 train/val split (reference: 42)", is_flag=False,
                              default=42),),

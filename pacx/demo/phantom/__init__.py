@@ -1,14 +1,9 @@
 """PaCX physiology phantom: synthetic patients whose physiology shows subtly on the chest radiograph and
 clearly in the ECG and labs, written in the real release layouts for every stage of the demo.
 
-- ``latent``: the named physiological latent (cardiac size, LV hypertrophy, fluid, heart rate, renal
-  function), its correlations and the echo-style labels derived from it.
-- ``anatomy`` / ``cxr``: the radiograph renderer (bones, lungs, heart, diaphragm, devices; pose,
-  exposure and noise) with lung masks and drawn geometry.
-- ``physio``: ECG (the beat model of ``pacx.testing.symile``) and labs driven by the latent.
-- ``releases`` / ``generate``: the releases (CheXpert, Symile-MIMIC, CheXchoNet, COVID-QU-Ex lungs,
-  Shenzhen-layout nodules) through the existing writers, with size presets; ``python -m
-  pacx.demo.phantom`` is the command line, ``grid`` renders the picture in ``docs/phantom_grid.png``.
+``latent`` (the physiological latent, echo labels), ``anatomy`` / ``cxr`` (the radiograph renderer),
+``physio`` (ECG and labs), ``releases`` / ``generate`` (the releases, size presets; ``python -m
+pacx.demo.phantom``), ``grid`` (``docs/phantom_grid.png``). The model: docs/design.md#demo-phantom.
 """
 
 from pacx.demo.phantom.cxr import CXRBatch, render_cxr, sample_cxr_params

@@ -11,16 +11,19 @@ import logging
 import sys
 
 from pacx.demo.phantom.generate import PRESETS, generate_phantom
+from pacx.demo.phantom.grid import save_grid
 from pacx.progress import NO_PROGRESS_HELP, set_progress
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the physiology phantom in the real release layouts.")
+    parser = argparse.ArgumentParser(
+        description="Generate the physiology phantom in the real release layouts.")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--quick", action="store_true", help="the tiny preset (tests, smoke runs)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="size preset (default full)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--img-size", type=int, default=None, help="CXR size in pixels (default: the preset's)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="CXR size in pixels (default: the preset's)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing release folders")
     parser.add_argument("--workers", type=int, default=2, help="processes writing releases (default 2)")
     parser.add_argument("--grid", default=None, help="only render the picture grid to this PNG")
@@ -30,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         set_progress(False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.grid:
-        from pacx.demo.phantom.grid import save_grid
-
         save_grid(args.grid, seed=args.seed, size=args.img_size or 96)
         sys.stdout.write(f"grid\t{args.grid}\n")
         return 0

@@ -1,23 +1,8 @@
 """Anatomy of the phantom chest radiograph: soft shapes and the attenuation layers drawn from them.
 
-Coordinates. ``u, v`` are image coordinates in [-1, 1] (``u`` to the image right = the patient's left,
-``v`` down). ``x, y`` are anatomical coordinates, the image coordinates through the inverse of the
-image's pose (rotation, scale, shift), so anatomy is defined once and posed per image. ``xi = |x|`` is
-the distance from the midline, which lets both hemithoraces share one description.
-
-Shapes (:class:`Shapes`) are soft masks in [0, 1] with edges about one pixel wide: body, lung fields,
-diaphragm, heart, aortic knob, pleural effusion. Each entry of ``LAYERS`` turns them into a
-non-negative or negative attenuation map [N, H, W]; :func:`pacx.demo.phantom.cxr.render_cxr` sums the
-layers a caller keeps and maps attenuation to brightness. Layer names carry their group before the dot
-(``bones.ribs``, ``physiology.haze``, ``devices.pacemaker``, ...) so a caller can drop a whole group, e.g.
-to measure how much pixel variance the bones carry.
-
-Physiology enters in three places only, and subtly: the heart's transverse half-axis scales by
-``1 + HEART_WIDTH_PER_SD * cardiac_size`` (±12 % per SD, the size that showed the PaCX effect at demo
-scale in docs/method.md#demo-scale), a faint basal/perihilar haze grows with ``fluid``, and
-above ~+1 SD of ``fluid`` a meniscus of pleural fluid blunts the costophrenic angles. The bones
-(``BONE``) are dense enough to carry most of the pixel variance inside the lung fields, where those
-signs are; over whole images the layout of lungs, heart and abdomen under pose and exposure carries more.
+Owns the coordinates (image ``u, v``; anatomical ``x, y`` through the inverse pose), the soft masks
+(:class:`Shapes`) and ``LAYERS`` (``group.name`` -> attenuation map [N, H, W]). Where physiology enters
+and why: docs/design.md#phantom-anatomy.
 """
 
 from __future__ import annotations
@@ -207,7 +192,8 @@ def spine(f: Frame, s: Shapes) -> np.ndarray:
     period = 0.095 * f.p["rib_spacing"]
     ph = (y - f.p["rib_phase"]) / period
     within = (ph - np.round(ph)) * period  # distance to the vertebra centre
-    column = soft(0.075 - np.abs(x), eps) * (1 - 0.45 * np.exp(-0.5 * ((np.abs(within) - period / 2) / 0.008) ** 2))
+    column = soft(0.075 - np.abs(x), eps) * (
+        1 - 0.45 * np.exp(-0.5 * ((np.abs(within) - period / 2) / 0.008) ** 2))
     pedicles = soft(ellipse_depth(np.abs(x), within, 0.05, 0.0, 0.018, 0.026), eps)
     return (BONE["spine"] * column + BONE["pedicles"] * pedicles) * soft(y + 1.1, eps)
 
@@ -257,7 +243,8 @@ def where_flagged(flag: str, draw: Callable[[Frame], np.ndarray]) -> Layer:
         out = np.zeros_like(f.x)
         idx = np.flatnonzero(f.p[flag].reshape(-1) > 0)
         if len(idx):
-            sub = Frame(f.u[idx], f.v[idx], f.x[idx], f.y[idx], f.eps[idx], {k: a[idx] for k, a in f.p.items()})
+            sub = Frame(f.u[idx], f.v[idx], f.x[idx], f.y[idx], f.eps[idx],
+                        {k: a[idx] for k, a in f.p.items()})
             out[idx] = draw(sub)
         return out
 

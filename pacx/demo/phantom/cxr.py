@@ -1,17 +1,8 @@
 """Phantom chest radiographs: per-image parameters from the latent and nuisance draws, and the renderer.
 
-Two steps, so a render is a pure function of its parameters (the tests re-render the same images
-without bones, noise or physiology):
-
-- :func:`sample_cxr_params` draws, per image, the nuisance (pose, scale, body habitus, inspiration,
-  rib spacing/phase, exposure, contrast, gamma, noise level, devices, side marker, gastric bubble,
-  texture seed) and places a nodule where asked, and copies the physiology from the latent
-  (``cardiac_size``; ``fluid`` -> basal haze and effusion height). Arrays are [N] (electrodes [N, K]).
-- :func:`render_cxr` evaluates the ``anatomy.LAYERS`` on an ``size`` x ``size`` grid, vectorised over
-  images in chunks, maps attenuation to brightness (``1 - exp(-kappa * A)``, then contrast, brightness
-  and gamma), adds quantum noise and returns uint8 images [N, S, S], binary lung masks [N, S, S]
-  (the aerated lung fields: inside the lung outlines, above the diaphragm, outside the heart, aortic
-  knob and pleural fluid) and the drawn geometry in pixels (silhouette width, thoracic width, ...).
+:func:`sample_cxr_params` draws the nuisance and copies the physiology from the latent; :func:`render_cxr`,
+a pure function of those parameters, returns uint8 images, lung masks and the drawn geometry. The
+model: docs/design.md#phantom-render.
 """
 
 from __future__ import annotations
@@ -87,7 +78,8 @@ def sample_cxr_params(
         "electrode_v": ELECTRODE_SITES[:, 1] + g(0.06, N_ELECTRODES),
         "pacemaker": (rng.random(n) < device_rate).astype(float),
         "sternal_wires": (rng.random(n) < device_rate).astype(float),
-        "marker_on": (rng.random(n) < 0.8).astype(float), "marker_u": np.where(rng.random(n) < 0.5, -0.82, 0.82),
+        "marker_on": (rng.random(n) < 0.8).astype(float),
+        "marker_u": np.where(rng.random(n) < 0.5, -0.82, 0.82),
     }
     present = rng.random(n) < nodule if np.ndim(nodule) == 0 else np.asarray(nodule, bool)
     p.update(place_nodules(rng, p, present))
@@ -153,7 +145,8 @@ def _keep(name: str, exclude: Collection[str]) -> bool:
 def _frame(p: Mapping[str, np.ndarray], size: int, texture: np.ndarray) -> Frame:
     grid = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1)
     v, u = np.meshgrid(grid, grid, indexing="ij")  # [S, S]
-    b = {k: np.asarray(a, np.float32).reshape(len(a), *np.shape(a)[1:], 1, 1) for k, a in p.items() if k != "seed"}
+    b = {k: np.asarray(a, np.float32).reshape(len(a), *np.shape(a)[1:], 1, 1)
+         for k, a in p.items() if k != "seed"}
     du, dv = u[None] - b["shift_u"], v[None] - b["shift_v"]  # [N, S, S]
     c, s = np.cos(b["rotation"]), np.sin(b["rotation"])
     x = (c * du + s * dv) / b["scale"]
@@ -199,4 +192,5 @@ def geometry(p: Mapping[str, np.ndarray], size: int, lungs: np.ndarray) -> dict[
     nv = np.where(has, (s * nx + c * ny + p["shift_v"] + 1) * size / 2 - 0.5, np.nan)
     return {"silhouette_px": silhouette, "thorax_px": thorax, "ctr": silhouette / thorax,
             "lung_area_px": lungs.reshape(len(lungs), -1).sum(axis=1).astype(float),
-            "nodule_col": nu, "nodule_row": nv, "nodule_radius_px": np.where(has, 2 * p["nodule_sigma"] * px, np.nan)}
+            "nodule_col": nu, "nodule_row": nv,
+            "nodule_radius_px": np.where(has, 2 * p["nodule_sigma"] * px, np.nan)}

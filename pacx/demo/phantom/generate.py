@@ -1,16 +1,7 @@
 """``generate_phantom``: every phantom release of the demo, from one seed, with size presets.
 
-Output layout (``<out>``)::
-
-    chexpert/CheXpert-v1.0-small/     Stage 1  (converter ``chexpert``)
-    symile/data_npy/                  Stage 2  (``pacx.data.symile`` / ``pacx.teachers``)
-    chexchonet/  covidqu_seg/  tb/    Stage 3  (converters ``chexchonet``/``chexchonet_echo``, ``covidqu_seg``, ``tb``)
-    truth/<release>.csv               ground truth per image / admission (latent, findings, geometry)
-    phantom.json                      seed, sizes, rows and seconds per release
-
-Each release draws from its own child of ``SeedSequence(seed)`` (patients disjoint across releases and
-stages), so the output is determined by the seed and the sizes alone, whatever ``workers`` (releases
-are written in parallel processes). The generator knows nothing about models.
+Each release draws from its own child of ``SeedSequence(seed)``, so the output is determined by the seed
+and the sizes alone, whatever ``workers``. The output layout: docs/design.md#phantom-layout.
 """
 
 from __future__ import annotations
@@ -32,14 +23,15 @@ from pacx.utils import write_json_atomic
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, PhantomSizes] = {
-    # The demo: ~8.7k 64 px CXRs in Stages 1 and 3; 2,300 Symile admissions (5,200 rows with retrieval copies).
-    "full": PhantomSizes(img_size=64, chexpert_train=4000, chexpert_valid=200, symile_train=2000, symile_val=200,
-                         symile_test_queries=100, symile_candidates=10, chexchonet_patients=1500,
-                         covidqu_seg=(600, 100, 200), tb_images=1000),
+    # The demo: ~8.7k 64 px CXRs in Stages 1 and 3; 2,300 Symile admissions (5,200 rows with retrieval
+    # copies).
+    "full": PhantomSizes(img_size=64, chexpert_train=4000, chexpert_valid=200, symile_train=2000,
+                         symile_val=200, symile_test_queries=100, symile_candidates=10,
+                         chexchonet_patients=1500, covidqu_seg=(600, 100, 200), tb_images=1000),
     # `python -m pacx.demo --quick`: every stage has a few batches per epoch.
-    "demo_quick": PhantomSizes(img_size=64, chexpert_train=512, chexpert_valid=64, symile_train=384, symile_val=64,
-                               symile_test_queries=24, symile_candidates=10, chexchonet_patients=300,
-                               covidqu_seg=(96, 24, 48), tb_images=200),
+    "demo_quick": PhantomSizes(img_size=64, chexpert_train=512, chexpert_valid=64, symile_train=384,
+                               symile_val=64, symile_test_queries=24, symile_candidates=10,
+                               chexchonet_patients=300, covidqu_seg=(96, 24, 48), tb_images=200),
     # Tests and smoke runs: seconds.
     "quick": PhantomSizes(img_size=64, chexpert_train=48, chexpert_valid=16, symile_train=160, symile_val=16,
                           symile_test_queries=12, symile_candidates=10, chexchonet_patients=100,
@@ -69,8 +61,10 @@ def _write_release(name: str, raw: Path, seq: np.random.SeedSequence, sizes: Pha
 
 
 def generate_phantom(out: str | Path, seed: int = 0, sizes: str | PhantomSizes = "full",
-                     img_size: int | None = None, overwrite: bool = False, workers: int = 2) -> dict[str, Path]:
-    """Write every release under ``out``; returns ``{release name: raw folder}`` plus ``truth`` and ``summary``.
+                     img_size: int | None = None, overwrite: bool = False,
+                     workers: int = 2) -> dict[str, Path]:
+    """Write every release under ``out``; returns ``{release name: raw folder}`` plus ``truth`` and
+    ``summary``.
 
     A release folder that already exists is an error unless ``overwrite`` (then it is replaced).
     ``workers`` processes write releases concurrently (1: in this process).
@@ -85,7 +79,8 @@ def generate_phantom(out: str | Path, seed: int = 0, sizes: str | PhantomSizes =
                 raise FileExistsError(f"{raw} exists; pass overwrite=True to replace it")
             shutil.rmtree(raw)
         raw.mkdir(parents=True)
-    jobs = {name: (name, paths[name], children[name], sizes, out / TRUTH_DIR / f"{name}.csv") for name in RELEASES}
+    jobs = {name: (name, paths[name], children[name], sizes, out / TRUTH_DIR / f"{name}.csv")
+            for name in RELEASES}
     start = time.perf_counter()
     bar = dict(desc="phantom", unit="release")
     if workers > 1:
@@ -98,9 +93,11 @@ def generate_phantom(out: str | Path, seed: int = 0, sizes: str | PhantomSizes =
                      "seconds": round(time.perf_counter() - start, 2), "releases": {}}
     for name, (rows, seconds) in done.items():
         release = RELEASES[name]
-        log.info("phantom %s (stage %d): %d rows at %s in %.1f s", name, release.stage, rows, paths[name], seconds)
+        log.info("phantom %s (stage %d): %d rows at %s in %.1f s", name, release.stage, rows, paths[name],
+                 seconds)
         summary["releases"][name] = {"stage": release.stage, "path": str(paths[name]), "rows": rows,
                                      "seconds": round(seconds, 2)}
     write_json_atomic(out / SUMMARY_FILE, summary)
-    log.info("phantom written at %s in %.1f s (seed %d, %d px)", out, summary["seconds"], seed, sizes.img_size)
+    log.info("phantom written at %s in %.1f s (seed %d, %d px)", out, summary["seconds"], seed,
+             sizes.img_size)
     return {**paths, "truth": out / TRUTH_DIR, "summary": out / SUMMARY_FILE}

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure  # Agg canvas; no pyplot state
+from matplotlib.patches import Circle
 
 from pacx.demo.phantom.cxr import CXRBatch, fluid_signs, render_cxr, sample_cxr_params
 from pacx.demo.phantom.latent import LATENT_DIM, sample_latent
@@ -28,11 +30,6 @@ def sweep(rng: np.random.Generator, name: str, values: tuple[float, ...], size: 
 
 def save_grid(path: str | Path, seed: int = 0, size: int = 64) -> Path:
     """Render the grid to ``path`` (PNG) and return it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rng = np.random.default_rng(seed)
     random = render_cxr(sample_cxr_params(rng, sample_latent(rng, COLUMNS), nodule=0.0), size)
     nodules_params = sample_cxr_params(rng, sample_latent(rng, COLUMNS), nodule=np.ones(COLUMNS, bool))
@@ -42,7 +39,8 @@ def save_grid(path: str | Path, seed: int = 0, size: int = 64) -> Path:
         batch = sweep(rng, name, values, size)
         rows.append((f"{name} only", batch, [f"{name} {v:+.0f} SD" for v in values]))
     rows.append(("nodule (circled)", nodules, ["nodule"] * COLUMNS))
-    fig, axes = plt.subplots(len(rows), COLUMNS, figsize=(2.2 * COLUMNS, 2.45 * len(rows)))
+    fig = Figure(figsize=(2.2 * COLUMNS, 2.45 * len(rows)))
+    axes = fig.subplots(len(rows), COLUMNS)
     for r, (title, batch, labels) in enumerate(rows):
         for c in range(COLUMNS):
             ax = axes[r, c]
@@ -52,13 +50,12 @@ def save_grid(path: str | Path, seed: int = 0, size: int = 64) -> Path:
             ax.set_yticks([])
             if batch is nodules:
                 g = batch.geometry
-                ax.add_patch(plt.Circle((g["nodule_col"][c], g["nodule_row"][c]), 2.2 * g["nodule_radius_px"][c],
-                                        fill=False, color="red", lw=1.2))
+                ax.add_patch(Circle((g["nodule_col"][c], g["nodule_row"][c]), 2.2 * g["nodule_radius_px"][c],
+                                    fill=False, color="red", lw=1.2))
         axes[r, 0].set_ylabel(title, fontsize=10)
     fig.suptitle(f"PaCX phantom chest radiographs ({size} px, seed {seed})", fontsize=12)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -1,25 +1,8 @@
 """The physiological latent state of a phantom patient, and the echo-style labels derived from it.
 
-Every phantom patient has five named latent variables, each standard normal (a z-score against the
-phantom population), drawn jointly from ``N(0, CORRELATION)``:
-
-- ``cardiac_size``: left-ventricular dilation; drives the cardiac silhouette width on the CXR and LVIDd.
-- ``lv_hypertrophy``: wall thickness; drives QRS voltage on the ECG and IVSd / LVPWd.
-- ``fluid``: volume status / congestion; drives basal lung haze and costophrenic blunting on the CXR,
-  lower QRS voltage, dilutional labs (sodium, albumin) and hypoxaemia.
-- ``heart_rate``: sinus rate; drives the ECG RR interval and stress labs (lactate, white cells).
-- ``renal``: renal dysfunction (higher = worse); drives creatinine, urea, potassium (peaked T waves).
-
-The correlations (``CORRELATION``, rows/columns in ``LATENT_NAMES`` order) encode textbook links, not
-fitted values: dilated hearts go with congestion (0.5); hypertension drives both hypertrophy and
-kidney disease (0.3 each); kidney disease retains fluid (0.4); congestion raises the rate (0.3);
-dilation and hypertrophy co-occur (0.4). Everything else is small.
-
-The physiology-dense label follows CheXchoNet (docs/datasets.md#chexchonet): echo measurements in cm from the latent
-plus measurement noise, severe LV hypertrophy (``slvh``: IVSd or LVPWd >= ``SLVH_CM``), dilated LV
-(``dlv``: LVIDd >= ``DLV_CM``) and ``composite_slvh_dlv``. The cut-offs are phantom values chosen for
-a demo-scale prevalence (~30 % composite, mostly DLV, i.e. cardiac size above ~+0.6 SD), not the
-clinical ones.
+Five named standard-normal variables (``LATENT_NAMES``) drawn from ``N(0, CORRELATION)``, and
+CheXchoNet-style echo measurements and labels (``echo_labels``). What each variable drives, the
+correlations and the cut-offs: docs/design.md#phantom-latent.
 """
 
 from __future__ import annotations

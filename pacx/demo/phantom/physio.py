@@ -1,21 +1,8 @@
 """The phantom's ECG and blood labs, driven by the latent, and its Symile record function.
 
-ECG: the existing P-QRS-T beat model (``pacx.testing.symile.ecg_beat_model``, 12 leads, 10 s at
-500 Hz) with its arguments taken from the latent (``ECG_LINKS``): the rate from ``heart_rate``; QRS
-voltage up with ``lv_hypertrophy`` (and a little with ``cardiac_size``), down with ``fluid``
-(low voltage of congestion/effusions); T amplitude up with ``renal`` (peaked T of hyperkalaemia) and
-down with hypertrophy (strain); P amplitude with ``cardiac_size`` (atrial enlargement); the frontal
-electrical axis turns left with hypertrophy. Nuisance: axis jitter, per-lead gains (electrode
-placement), baseline wander, mains hum, noise and rate variability.
-
-Labs: 50 values in Symile's order (``SYMILE_LABS``), each ``sum(loading * latent) + noise``
-(``LAB_LINKS``: hand-set signs and sizes from textbook physiology, e.g. creatinine/urea/potassium up
-and bicarbonate down with ``renal``, sodium/albumin/pO2 down with ``fluid``, RDW/bilirubin/AST/INR
-up with ``cardiac_size``, lactate/white cells up with ``heart_rate``); labs without a link are
-noise. The values are in z units, not clinical units: only their train-fitted percentiles reach the
-release (``write_symile_release(fit_lab_percentiles=True)``). A lab is missing with a per-panel
-probability (``LAB_PANELS``; ~70 % observed overall, as Symile), blood gases and lactate more often
-measured in congested patients.
+ECG: ``pacx.testing.symile.ecg_beat_model`` with its arguments from the latent (``ECG_LINKS``); labs: 50
+values in Symile's order from hand-set loadings (``LAB_LINKS``) with per-panel missingness
+(``LAB_PANELS``). The links and why: docs/design.md#phantom-physio.
 """
 
 from __future__ import annotations
@@ -84,8 +71,8 @@ LAB_NOISE = (0.6, 1.0)  # noise SD of a linked / an unlinked lab
 LAB_PANELS: dict[str, tuple[float, tuple[str, ...]]] = {
     "chemistry": (0.93, ("Creatinine", "Urea Nitrogen", "Potassium", "Sodium", "Chloride", "Bicarbonate",
                          "Anion Gap", "Glucose", "Calcium, Total", "Magnesium", "Phosphate")),
-    "blood count": (0.92, ("Hemoglobin", "Hematocrit", "Red Blood Cells", "White Blood Cells", "Platelet Count",
-                           "MCH", "MCHC", "MCV", "RDW", "RDW-SD")),
+    "blood count": (0.92, ("Hemoglobin", "Hematocrit", "Red Blood Cells", "White Blood Cells",
+                           "Platelet Count", "MCH", "MCHC", "MCV", "RDW", "RDW-SD")),
     "blood gas": (0.3, ("Base Excess", "Calculated Total CO2", "Lactate", "pCO2", "pH", "pO2")),
     "rare": (0.3, ("Creatine Kinase (CK)", "Immature Granulocytes", "Absolute Basophil Count",
                    "Absolute Eosinophil Count", "Absolute Monocyte Count", "Absolute Neutrophil Count",
@@ -140,15 +127,17 @@ def phantom_ecg(rng: np.random.Generator, latent: np.ndarray) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
     return ecg_beat_model(
-        rng, heart_rate=a["heart_rate"], qrs_amp=float(np.exp(a["qrs_amp"])), t_amp=a["t_amp"], p_amp=a["p_amp"],
-        hrv=rng.uniform(0.01, 0.05), lead_gains=rng.uniform(0.85, 1.15, size=len(SYMILE_ECG_LEADS)),
+        rng, heart_rate=a["heart_rate"], qrs_amp=float(np.exp(a["qrs_amp"])), t_amp=a["t_amp"],
+        p_amp=a["p_amp"], hrv=rng.uniform(0.01, 0.05),
+        lead_gains=rng.uniform(0.85, 1.15, size=len(SYMILE_ECG_LEADS)),
         lead_vectors=default_lead_vectors() @ rotation, wander_amp=rng.uniform(0.03, 0.2),
         mains_amp=rng.uniform(0.0, 0.02), noise_std=rng.uniform(0.005, 0.03),
     )
 
 
 def phantom_record(rng: np.random.Generator, latent: np.ndarray, cxr_size: int) -> SymileRecord:
-    """One Symile admission (``RecordFn``): phantom CXR, ECG and raw labs (NaN = missing) of ``latent`` [D]."""
+    """One Symile admission (``RecordFn``): phantom CXR, ECG and raw labs (NaN = missing) of ``latent``
+    [D]."""
     params = sample_cxr_params(rng, latent[None], nodule=NODULE_RATE)
     image = render_cxr(params, cxr_size).images[0]
     return SymileRecord(image, phantom_ecg(rng, latent), lab_values(rng, latent[None])[0])

@@ -1,25 +1,8 @@
 """The phantom's releases, one registry entry each, written through the existing layout writers.
 
-Each entry draws its own patients from its own ``SeedSequence`` child, so patients are disjoint across
-releases (and stages), renders them, hands the content to the writer of the real layout and returns a
-ground-truth table (one row per image or admission: its key in the release, a phantom patient id, the
-latent and what was drawn), which ``generate_phantom`` saves under ``truth/`` beside the releases:
-
-- ``chexpert`` (Stage 1): ``write_chexpert_release`` (docs/datasets.md#chexpert), frontal views only; its CSV
-  labels stay the writer's random ones (the MAE ignores them).
-- ``symile`` (Stage 2): ``write_symile_release`` (docs/datasets.md#symile) with the phantom latents and record function,
-  lab percentiles fitted on train, and ``test_uni``'s CXR and ids (teacher features come later, from
-  ``pacx.teachers`` on this tree).
-- ``chexchonet`` (Stage 3, physiology-dense): ``write_chexchonet`` (docs/datasets.md#chexchonet); 1-3 CXRs per patient, echo
-  measurements and labels from the latent (``latent.echo_labels``), ``pacemaker_or_icd`` = the device
-  drawn on that CXR, heart/lung transplant rare and unseen.
-- ``covidqu_seg`` (Stage 3, structural): ``write_covidqu_seg_release`` (docs/datasets.md#covidqu): PNG images and lossless
-  PNG lung masks from the geometry; official Train/Val/Test folders; ``Non-COVID`` holds the images
-  with a nodule or a pleural effusion, ``Normal`` the rest, ``COVID-19`` is empty.
-- ``tb`` (Stage 3, plain finding): ``write_tb`` (docs/datasets.md#tb), half the images with a nodule; ``findings`` names it
-  ("nodule in the left lower field") or reads "normal", which is the label rule of the layout.
-  Chosen over the other binary layouts because its label comes from a findings text (so a finding other
-  than TB reads naturally), its images are lossless PNG (a 2-4 px nodule survives) and its size matches.
+``RELEASES``: ``chexpert`` (Stage 1), ``symile`` (Stage 2), ``chexchonet``, ``covidqu_seg`` and ``tb``
+(Stage 3); each draws its own patients and returns a ground-truth table, which ``generate_phantom``
+saves under ``truth/``. What each release holds and why: docs/design.md#phantom-releases.
 """
 
 from __future__ import annotations
@@ -118,7 +101,8 @@ def write_symile(out: Path, seq: np.random.SeedSequence, sizes: PhantomSizes) ->
     latent = sample_latent(rng, sum(counts.values()))
     write_symile_release(out, n_train=counts["train"], n_val=counts["val"], n_test_queries=counts["test"],
                          n_candidates=sizes.symile_candidates, cxr_size=sizes.img_size, seed=seed_of(seq),
-                         record_fn=phantom_record, latents=latent, fit_lab_percentiles=True, write_test_uni=True)
+                         record_fn=phantom_record, latents=latent, fit_lab_percentiles=True,
+                         write_test_uni=True)
     # Admissions are the leading rows of train, val and test, in the order of ``latent``.
     hadm = np.concatenate([np.load(out / s / f"hadm_id_{s}.npy")[:n] for s, n in counts.items()])
     split = np.repeat(list(counts), list(counts.values()))

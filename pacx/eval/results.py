@@ -1,0 +1,137 @@
+"""Stage 3 results CSVs (one row per ``test`` run, :meth:`pacx.lit.common.BenchmarkEvalModule.results_row`):
+loaded and checked (:func:`load_results`; a re-run test supersedes its earlier row), re-scored in another
+logged metric (:func:`use_metric`) and aggregated over seeds (:func:`aggregate`: mean, sample std, n;
+docs/method.md#stage-3). :mod:`pacx.eval.tables` lays the aggregates out as tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("benchmark", "task", "metric", "backbone_kind", "seed", "metric_value", "run_dir")
+# Columns a row may lack: segmentation rows carry no train fraction, older CSVs may lack the rest.
+OPTIONAL_COLUMNS = ("mode", "train_fraction", "subset_seed", "backbone_weights", "git_sha")
+STRING_COLUMNS = ("benchmark", "task", "metric", "backbone_kind", "mode", "backbone_weights", "git_sha",
+                  "run_dir")
+INT_COLUMNS = ("seed", "subset_seed")
+# One test run = one row; a re-run of the same test appends another row that supersedes the earlier one.
+RUN_KEY = ("run_dir", "benchmark", "backbone_kind", "mode", "train_fraction", "seed")
+GROUP_KEY = ("benchmark", "backbone_kind", "mode", "train_fraction")
+
+# Tasks evaluated in one mode only (pacx/lit/segment.py ``eval_mode``: frozen backbone + decoder). Their rows
+# fill a missing mode with it and appear in the table of every mode.
+SINGLE_MODE_TASKS: dict[str, str] = {"segmentation": "frozen"}
+UNKNOWN_MODE = "unknown"
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    """One results CSV with its columns checked and typed."""
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty results file") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: results CSV lacks required column(s) {missing}; has {list(df.columns)}")
+    for column in OPTIONAL_COLUMNS:
+        if column not in df.columns:
+            df[column] = pd.NA
+    tests = (c for c in df.columns if c.startswith("test/"))
+    numeric = ["metric_value", "train_fraction", *INT_COLUMNS, *tests]
+    for column in numeric:
+        try:
+            df[column] = pd.to_numeric(df[column])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: column {column!r} is not numeric ({err})") from None
+    df["source_csv"] = str(path)
+    return df
+
+
+def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Concatenate results CSVs, check and coerce their columns, and keep the last row of each run.
+
+    A missing train fraction (segmentation rows) is 1.0; a missing mode is the task's only mode
+    (:data:`SINGLE_MODE_TASKS`) or ``"unknown"``. Rows are superseded when a later row (later in the file,
+    or in a later file) has the same :data:`RUN_KEY` — a re-run ``test`` appends a second row; the count is
+    logged. Rows without a ``metric_value`` are dropped with a warning.
+
+    Raises:
+        ValueError: no paths, an empty file, a missing required column or a non-numeric value (the message
+            names the file and the column), or no rows at all.
+    """
+    paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no results CSV given")
+    df = pd.concat([_read_one(p) for p in paths], ignore_index=True)
+    if df.empty:
+        raise ValueError(f"no results rows in {[str(p) for p in paths]}")
+    for column in INT_COLUMNS:
+        df[column] = df[column].astype("Int64")
+    df["train_fraction"] = df["train_fraction"].astype(float).fillna(1.0)
+    df["mode"] = df["mode"].fillna(df["task"].map(SINGLE_MODE_TASKS)).fillna(UNKNOWN_MODE)
+    for column in STRING_COLUMNS:
+        df[column] = df[column].astype("string")
+
+    before = len(df)
+    df = df.drop_duplicates(subset=list(RUN_KEY), keep="last")
+    if len(df) < before:
+        log.warning("%d results row(s) superseded by a later row of the same run (re-run test)",
+                    before - len(df))
+    unscored = df["metric_value"].isna()
+    if unscored.any():
+        log.warning("dropping %d row(s) without a metric_value: %s", int(unscored.sum()),
+                    sorted(set(df.loc[unscored, "benchmark"])))
+        df = df[~unscored]
+    return df.reset_index(drop=True)
+
+
+def use_metric(df: pd.DataFrame, benchmark: str, column: str) -> pd.DataFrame:
+    """Tabulate ``benchmark`` by another logged test metric: ``column`` (e.g. ``test/auroc`` or
+    ``test/auroc_macro``) replaces its ``metric_value`` and names its ``metric`` (``auroc``). Error naming the
+    column when no row has it."""
+    rows = df["benchmark"] == benchmark
+    if column not in df.columns or df.loc[rows, column].isna().all():
+        raise ValueError(f"no {benchmark} row has a value in column {column!r}")
+    df = df.copy()
+    df.loc[rows, "metric_value"] = df.loc[rows, column].astype(float)
+    df["metric"] = df["metric"].astype(object)
+    df.loc[rows, "metric"] = column.split("/", 1)[-1].removesuffix("_macro")  # test/auroc_macro -> auroc
+    df["metric"] = df["metric"].astype("string")
+    return df
+
+
+def aggregate(df: pd.DataFrame, percent: bool = False) -> pd.DataFrame:
+    """Mean, sample std (ddof=1) and n of ``metric_value`` per benchmark × backbone × mode × train
+    fraction.
+
+    With a single seed the std is 0 (n = 1 says so). ``percent`` scales mean and std by 100. Columns:
+    :data:`GROUP_KEY` + ``task, metric, mean, std, n, n_upstream``; ``n_upstream`` counts the distinct
+    upstream encoders (``backbone_weights``, e.g. one per Stage 2 seed) behind the n rows (1 when none).
+
+    Raises:
+        ValueError: one benchmark reports different metrics (results from different registry versions).
+    """
+    metrics = df.groupby("benchmark")["metric"].unique()
+    mixed = {b: sorted(m) for b, m in metrics.items() if len(m) > 1}
+    if mixed:
+        raise ValueError(f"benchmarks with more than one paper metric in the results: {mixed}")
+    scale = 100.0 if percent else 1.0
+    if "backbone_weights" not in df:
+        df = df.assign(backbone_weights=None)
+    grouped = df.groupby(list(GROUP_KEY), dropna=False, sort=False)
+    out = grouped.agg(task=("task", "first"), metric=("metric", "first"),
+                      mean=("metric_value", "mean"), std=("metric_value", "std"), n=("metric_value", "size"),
+                      n_upstream=("backbone_weights", lambda w: max(1, w.nunique(dropna=True))))
+    out = out.reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    out["mean"] *= scale
+    out["std"] *= scale
+    out["n"] = out["n"].astype(int)
+    out["n_upstream"] = out["n_upstream"].astype(int)
+    return out

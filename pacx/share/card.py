@@ -1,0 +1,157 @@
+"""The model card of a shared encoder and what is known about its source run: the ``README.md`` of a timm
+model folder (:func:`pacx.share.export_timm_folder`). Licence terms: docs/design.md#sharing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import yaml
+
+from pacx.constants import STAGE_MAE, STAGE_PACX
+from pacx.run_record import RUN_JSON, read_run_record
+from pacx.utils import file_sha256
+from pacx.weights.formats import MODEL_FOLDER_WEIGHTS
+
+TIMM_WEIGHTS = MODEL_FOLDER_WEIGHTS
+TIMM_NORM_EPS = 1e-6  # the LayerNorm eps of every timm ViT
+
+# What the weights of each stage were trained on (the model card; they inherit these terms).
+TRAINING_DATA: dict[str, str] = {
+    STAGE_MAE: "CheXpert (Stanford; CheXpert Dataset Research Use Agreement): MAE pretraining on chest "
+    "radiographs (docs/datasets.md#chexpert).",
+    STAGE_PACX: "Symile-MIMIC v1.0.0 (PhysioNet, credentialed access; built from MIMIC-IV, MIMIC-IV-ECG and "
+    "MIMIC-CXR-JPG under the PhysioNet Credentialed Health Data License): cross-modal distillation from ECG "
+    "and laboratory teachers (docs/datasets.md#symile), starting from a Stage 1 encoder pretrained on "
+    "CheXpert.",
+    "mae_release": "ImageNet-1k (the official MAE release weights; CC BY-NC 4.0).",
+}
+LICENCE_NOTE = (
+    "These weights were learned from chest X-ray data released under credentialed or research-use licences "
+    "(CheXpert: Stanford's research use agreement; MIMIC-derived data such as Symile-MIMIC: the PhysioNet "
+    "Credentialed Health Data License and data use agreement). The weights inherit the terms of the data "
+    "they were trained on: share them only as those terms allow (for example in a private or gated "
+    "repository whose users hold the same access), and do not use them to identify individuals."
+)
+
+
+# ---- what is known about the source ----------------------------------------------------------------------
+
+
+def find_run_dir(src: str | Path) -> Path | None:
+    """The run directory ``src`` is or lies in (the nearest one holding ``run.json``), else None."""
+    path = Path(src).resolve()
+    return next((p for p in (path, *path.parents) if (p / RUN_JSON).is_file()), None)
+
+
+def _is_absolute(value: str) -> bool:
+    return value.startswith("~") or PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()
+
+
+def portable_settings(block: Mapping) -> dict:
+    """The set scalar (and list-of-scalar) settings of a config block, without absolute paths."""
+    out = {}
+    for key, value in block.items():
+        items = value if isinstance(value, list) else [value]
+        if all(v is None or isinstance(v, bool | int | float | str) for v in items) and not any(
+            isinstance(v, str) and _is_absolute(v) for v in items
+        ):
+            out[key] = value
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def run_provenance(src: str | Path) -> dict:
+    """What the run behind ``src`` recorded: its config's hash, training commit, steps, data settings."""
+    run_dir = find_run_dir(src)
+    if run_dir is None:
+        return {}
+    record = read_run_record(run_dir)
+    out = {"run": run_dir.name, "training_git_sha": record.get("git_sha"),
+           "global_step": record.get("global_step"),
+           "epoch": record.get("epoch"), "world_size": record.get("world_size"),
+           "status": record.get("status")}
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        out["config_sha256"] = file_sha256(config)
+        out["data_settings"] = portable_settings((yaml.safe_load(config.read_text()) or {}).get("data") or {})
+    return out
+
+
+# ---- model card --------------------------------------------------------------------------------------------
+
+
+def model_card(meta: Mapping[str, str], provenance: Mapping, config: Mapping, parity: float,
+               folder: str) -> str:
+    """The folder's ``README.md``: provenance, training data, licence, and how to load and upload it."""
+    stage = meta.get("stage", "unknown")
+    cfg = json.loads(meta["pacx_vit_config"])
+    repo_id = f"my-lab/{folder}"
+    pre = config["pretrained_cfg"]
+    lines = [
+        "---",
+        "library_name: timm",
+        "license: other",
+        "pipeline_tag: image-feature-extraction",
+        "tags: [timm, image-feature-extraction, chest-x-ray, pacx]",
+        "---",
+        "",
+        f"# PaCX-MAE encoder ({stage})",
+        "",
+        f"A ViT encoder for chest X-rays (`{config['architecture']}` layout: {cfg['embed_dim']}-wide, depth "
+        f"{cfg['depth']}, {cfg['num_heads']} heads, patch {cfg['patch_size']}, {cfg['img_size']} px), "
+        f"exported by pacx (PaCX-MAE). `model(x)` returns one {cfg['embed_dim']}-dimensional feature per "
+        f"image ({config['global_pool']} pooling: "
+        + ("the CLS token after the final LayerNorm" if config["global_pool"] == "token"
+           else "the mean of the patch tokens after the final LayerNorm") + ").",
+        "",
+    ]
+    if meta.get("debug"):
+        lines += [f"**Debug run** (`{meta['debug']}`): these weights come from a shortened run, "
+                  "not a trained model.", ""]
+    lines += ["## Provenance", "", "| field | value |", "|---|---|",
+              f"| stage | `{stage}` |",
+              f"| source | `{meta.get('source')}`"
+              + (f" of run `{meta['source_run']}`" if meta.get("source_run") else "")
+              + f" (format `{meta.get('source_format')}`) |",
+              f"| source SHA-256 | `{meta.get('source_sha256')}` |",
+              f"| exported by pacx commit | `{meta.get('git_sha')}` |"]
+    if provenance.get("training_git_sha"):
+        lines.append(f"| trained by pacx commit | `{provenance['training_git_sha']}` |")
+    if provenance.get("config_sha256"):
+        lines.append(f"| run config (`config.yaml`) SHA-256 | `{provenance['config_sha256']}` |")
+    for key in ("global_step", "epoch", "world_size", "status"):
+        if provenance.get(key) is not None:
+            lines.append(f"| {key.replace('_', ' ')} | {provenance[key]} |")
+    if meta.get("stage2_admissions_sha256"):
+        lines.append(f"| Stage 2 admissions SHA-256 | `{meta['stage2_admissions_sha256']}` (the id file is "
+                     "not included: it lists MIMIC admissions) |")
+    lines += ["", "## Training data", "", TRAINING_DATA.get(stage, "Not recorded in the source file."), ""]
+    if provenance.get("data_settings"):
+        settings = ", ".join(f"`{k}={v}`" for k, v in sorted(provenance["data_settings"].items()))
+        lines += [f"Data settings of the run: {settings}.", ""]
+    lines += ["## Licence", "", LICENCE_NOTE, "",
+              "## Preprocessing", "",
+              f"RGB, resized to {pre['input_size'][1]} x {pre['input_size'][2]} without keeping the aspect "
+              f"({pre['interpolation']}), scaled to [0, 1], normalised with mean {pre['mean']} and std "
+              f"{pre['std']} (timm: `crop_pct 1.0`, `crop_mode squash`; `timm.data.resolve_data_config` "
+              "returns it).", "",
+              "## Use with timm", "", "```python", "import timm", "import torch", "from PIL import Image", "",
+              f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()   # uploaded: '
+              f'"hf-hub:{repo_id}"',
+              "data_config = timm.data.resolve_data_config({}, model=model)",
+              "transform = timm.data.create_transform(**data_config)   # PIL image -> normalised tensor",
+              'image = Image.open("chest_xray.png").convert("RGB")',
+              "with torch.no_grad():",
+              f"    features = model(transform(image).unsqueeze(0))   # [1, {cfg['embed_dim']}]", "```", "",
+              f"timm's features equal pacx's to {parity:.1e} (largest absolute difference on a random batch "
+              "at export).", ""]
+    if cfg["norm_eps"] != TIMM_NORM_EPS:
+        lines += [f"This encoder was trained with LayerNorm eps {cfg['norm_eps']:g}; timm builds eps "
+                  f"{TIMM_NORM_EPS:g}, hence that difference. `pacx.load_encoder(\"{TIMM_WEIGHTS}\")` gives "
+                  "the exact features.", ""]
+    lines += ["## Upload", "", "```python", "from huggingface_hub import create_repo, upload_folder", "",
+              f'repo_id = "{repo_id}"   # an organisation or user name you control, then a model name',
+              "create_repo(repo_id, private=True, exist_ok=True)   # private or gated: see the licence above",
+              f'upload_folder(repo_id=repo_id, folder_path="{folder}")', "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Safe, loud checkpoint loading (docs/method.md#conventions): pickles only with ``weights_only=True``
+(:func:`safe_torch_load`), safetensors by :mod:`safetensors`, prefixes stripped by a pure function
+(:func:`strip_prefix`), and :func:`load_state_checked`, which raises unless the missing / unexpected keys are
+exactly the expected sets and every shape matches. :func:`resolve_run_checkpoint` turns a run directory into
+the checkpoint its ``run.json`` names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from pacx.debug import check_not_debug
+from pacx.run_record import RUN_JSON, read_run_record
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unsafe, of the wrong kind, or does not fit the model; the message says which."""
+
+
+def safe_torch_load(path: str | Path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+            f"(torch.load weights_only=True rejected it: {str(err).splitlines()[0]}). Only load pickles you "
+            "trust, and convert them to safetensors once."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and the string metadata of a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    return tensors, meta
+
+
+def load_any(path: str | Path) -> tuple[object, dict[str, str]]:
+    """Load a weights file by extension: (tensors dict, metadata) for safetensors, (object, {}) for
+    pickles."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    return safe_torch_load(path), {}
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """Hash of every tensor in ``module.state_dict()`` (name, dtype, shape and bytes): equal iff the weights
+    are."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys starting with ``prefix``, with it removed; other keys are dropped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def drop_keys(state: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> tuple[dict, list[str]]:
+    """Split off keys starting with any of ``prefixes``; returns (kept state, dropped key names)."""
+    prefixes = tuple(prefixes)
+    kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    return kept, sorted(k for k in state if k.startswith(prefixes))
+
+
+def load_state_checked(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    expected_missing: Iterable[str] = (),
+    expected_unexpected: Iterable[str] = (),
+) -> None:
+    """Load ``state`` into ``module``; raise unless key sets are exactly as expected and shapes match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:20]))
+    for kind, found, expected in (("missing", missing, expected_missing), ("unexpected", unexpected,
+                                                                        expected_unexpected)):
+        found, expected = set(found), set(expected)
+        if found - expected:
+            problems.append(f"{kind} keys {_short(found - expected)}")
+        if expected - found:
+            problems.append(f"expected {kind} keys that are not {kind} {_short(expected - found)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {module.__class__.__name__}"
+            f"{_arch_hint(module)}: " + " | ".join(problems)
+        )
+    module.load_state_dict(state, strict=False)  # key sets asserted exactly above
+    if expected_missing or expected_unexpected:
+        log.info("%s: loaded; left out as expected: %d missing, %d unexpected keys", source,
+                 len(missing), len(unexpected))
+
+
+def _short(keys: set[str], n: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" … (+{len(keys) - n} more)" if len(keys) > n else ""
+    return "[" + ", ".join(keys[:n]) + more + "]"
+
+
+def _arch_hint(module: nn.Module) -> str:
+    cfg = getattr(module, "cfg", None)
+    return f" ({cfg})" if cfg is not None else ""
+
+
+def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool | None = None) -> Path:
+    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses); a debug
+    run is refused unless allowed (:func:`pacx.debug.check_not_debug`)."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / RUN_JSON
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is a directory without run.json; pass a checkpoint or weights "
+                                "file")
+    info = read_run_record(run_dir)
+    check_not_debug(info.get("debug"), f"run directory {run_dir}", allow_debug)
+    ckpt = (info.get("checkpoints") or {}).get(which)
+    if not ckpt:
+        raise CheckpointError(f"{info_path}: names no {which!r} checkpoint (status {info.get('status')!r})")
+    path = Path(ckpt)
+    if not path.is_absolute():
+        path = run_dir / path
+    return path
