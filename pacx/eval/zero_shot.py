@@ -22,8 +22,8 @@ from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm, upgrade_
 from pacx.teachers import resolve_teachers
 from pacx.weights.checkpoint import (
     CheckpointError,
+    checkpoint_file,
     load_state_checked,
-    resolve_run_checkpoint,
     safe_torch_load,
     strip_prefix,
 )
@@ -31,12 +31,6 @@ from pacx.weights.checkpoint import (
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ Stage 2 heads
-
-
-def stage2_checkpoint(path: str | Path, which: str = "last") -> Path:
-    """The Lightning checkpoint of a Stage 2 run directory (via its ``run.json``), or ``path`` itself."""
-    path = Path(path)
-    return resolve_run_checkpoint(path, which) if path.is_dir() else path
 
 
 def load_stage2_heads(path: str | Path, which: str = "last") -> dict[str, nn.Sequential]:
@@ -79,7 +73,7 @@ def stage2_pool(path: str | Path, which: str = "last") -> str:
 
 
 def _stage2_object(path: str | Path, which: str) -> tuple[Mapping, Path]:
-    ckpt = stage2_checkpoint(path, which)
+    ckpt = checkpoint_file(path, which)
     obj = safe_torch_load(ckpt)
     meta = obj.get("pacx") if isinstance(obj, Mapping) else None
     stage = meta.get("stage") if isinstance(meta, Mapping) else None

@@ -25,8 +25,8 @@ from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, ECGFounder, create_ecgfou
 from pacx.utils import portable_source
 from pacx.weights.checkpoint import (
     CheckpointError,
+    checkpoint_file,
     load_state_checked,
-    resolve_run_checkpoint,
     safe_torch_load,
     strip_prefix,
 )
@@ -221,12 +221,6 @@ class ECGContrastive(nn.Module):
 # Export
 
 
-def _checkpoint_path(source: Path, which: str) -> Path:
-    if source.is_dir():
-        return resolve_run_checkpoint(source, which)
-    return source
-
-
 def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last") -> Path:
     """Write the backbone of an ECG SSL run (directory) or checkpoint as ECGFounder safetensors at ``out``.
 
@@ -238,7 +232,7 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
     path, :func:`pacx.utils.portable_source`) and ``global_step``. A debug run is refused
     (:mod:`pacx.debug`).
     """
-    path = _checkpoint_path(Path(source), which)
+    path = checkpoint_file(source, which)
     ckpt = safe_torch_load(path)
     meta = ckpt.get("pacx") if isinstance(ckpt, dict) else None
     stage = meta.get("stage") if isinstance(meta, dict) else None

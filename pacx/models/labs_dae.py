@@ -19,9 +19,9 @@ from torch import nn
 
 from pacx.weights.checkpoint import (
     CheckpointError,
+    checkpoint_file,
     load_any,
     load_state_checked,
-    resolve_run_checkpoint,
     strip_prefix,
 )
 
@@ -93,9 +93,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 def read_labs_dae_state(path: str | Path) -> tuple[dict[str, torch.Tensor], LabsDAEConfig]:
     """DAE tensors of a pacx run/checkpoint/export or an authors' Lightning checkpoint, plus its config."""
-    path = Path(path)
-    if path.is_dir():
-        path = resolve_run_checkpoint(path)
+    path = checkpoint_file(path)
     obj, meta = load_any(path)
     if meta:  # safetensors: the DAE's own keys, config in the metadata when we wrote it
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from pacx.reproduce.execute import COMPLETED, execute_point, node_spec, run_status, write_specs
+from pacx.reproduce.execute import COMPLETED, execute_point, exit_code, node_spec, run_status, write_specs
 from pacx.reproduce.plan import REPO, Node, Plan
 from pacx.utils import write_json_atomic
 
@@ -172,6 +172,7 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
             log.error("%s: not run, its parent(s) %s did not complete", node.name, ", ".join(blocked))
             continue
         start = time.perf_counter()
+        spec = node_spec(plan, node) if in_process else None
         for index in todo:
             point = node.points[index]
             cmd = exec_command(plan, node, index)
@@ -180,7 +181,7 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
                 lines += [f"# {label}: {node.target or 'python'} {shlex.join(point.argv)}", shlex.join(cmd)]
                 continue
             log.info("%s: running", label)
-            returncode = (_in_process(node_spec(plan, node), index, label) if in_process
+            returncode = (_in_process(spec, index, label) if in_process
                           else subprocess.run(cmd, cwd=REPO, env=env).returncode)
             if returncode != 0 or run_status(point.run_dir) != COMPLETED:
                 outcome.failed.append(index)
@@ -197,7 +198,7 @@ def _in_process(spec: dict, index: int, label: str) -> int:
     try:
         return execute_point(spec, index, in_process=True)
     except SystemExit as done:  # a CLI's argument error, say
-        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        return exit_code(done)
     except Exception:
         log.exception("%s raised", label)
         return 1

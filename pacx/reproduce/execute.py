@@ -152,6 +152,11 @@ def _with_stdout(run: Callable, argv: list[str], cwd: str, stdout: str | None) -
     return returncode
 
 
+def exit_code(done: SystemExit) -> int:
+    """The process exit status ``raise SystemExit(code)`` stands for (None: 0, a message: 1)."""
+    return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+
+
 def _run_script(argv: list[str], cwd: str, stdout: str | None) -> int:
     return _with_stdout(_wait, argv, cwd, stdout)
 
@@ -176,7 +181,7 @@ def _runpy(argv: list[str], cwd: str, stdout=None) -> int:
                 runpy.run_path(argv[1], run_name="__main__")
         return 0
     except SystemExit as done:
-        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        return exit_code(done)
     except Exception:
         log.exception("%s failed", " ".join(argv[1:]))
         return 1

@@ -155,3 +155,10 @@ def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool
     if not path.is_absolute():
         path = run_dir / path
     return path
+
+
+def checkpoint_file(path: str | Path, which: str = "last") -> Path:
+    """``path`` itself, or for a run directory the checkpoint its ``run.json`` names
+    (:func:`resolve_run_checkpoint`)."""
+    path = Path(path)
+    return resolve_run_checkpoint(path, which) if path.is_dir() else path

@@ -20,6 +20,7 @@ from pacx.run_record import RUN_JSON
 from pacx.utils import git_sha, portable_source
 from pacx.weights.checkpoint import (
     CheckpointError,
+    checkpoint_file,
     drop_keys,
     load_any,
     resolve_run_checkpoint,
@@ -207,9 +208,7 @@ def read_mae_state(path: str | Path, which: str = "last") -> tuple[dict[str, tor
     Accepts our Stage 1 checkpoints and run directories, the authors' Stage 1 files and official MAE
     release files; any encoder-only format yields the encoder alone. Returns (state, format name).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = resolve_run_checkpoint(path, which)
+    path = checkpoint_file(path, which)
     obj, meta = load_any(path)
     if isinstance(obj, Mapping) and obj.get("pacx", {}).get("stage") == "stage1_mae":
         check_not_debug(obj["pacx"].get("debug"), f"checkpoint {path}")
