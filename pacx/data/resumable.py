@@ -40,9 +40,13 @@ def derive_seed(*parts: int) -> int:
 
 
 def seed_all(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy's legacy global RNG and ``random`` (about 150 µs: per
-    step)."""
-    torch.manual_seed(seed)
+    """Seed torch (CPU; CUDA once initialised; MPS), numpy's legacy global RNG and ``random``: per step.
+    Not ``torch.manual_seed``, which costs ~0.8 ms here (docs/performance.md#per-step-seeding)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
     np.random.seed(seed % (1 << 32))
     random.seed(seed)
 

@@ -71,14 +71,18 @@ def config_files(argv: tuple[str, ...]) -> list[str]:
 def profile_differences(plans: Mapping[str, Plan]) -> list[tuple[str, str, dict[str, object]]]:
     """``[(node, setting, {profile: value}), ...]`` for every setting of a stage node whose resolved value
     differs between the profiles (``plans``: the same plan loaded once per profile); grid nodes are read
-    at every point and listed once per distinct difference."""
+    at every point they have in all profiles and listed once per distinct difference, and a node whose
+    number of points differs gets a ``(points)`` row."""
     first = next(iter(plans.values()))
     rows: list[tuple[str, str, dict[str, object]]] = []
     for name, node in first.nodes.items():
         if node.kind != "stage":
             continue
+        counts = {p: len(plan.nodes[name].points) for p, plan in plans.items()}
+        if len(set(counts.values())) > 1:
+            rows.append((name, "(points)", counts))
         seen = set()
-        for index in range(len(node.points)):
+        for index in range(min(counts.values())):
             resolved = {p: resolved_config(config_files(plan.nodes[name].points[index].argv))
                         for p, plan in plans.items()}
             for key in sorted(set().union(*resolved.values()) - set(PLAN_SET)):

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import random
+import traceback
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pacx.data.resumable import ResumableLoader, ResumableSampler, SeededDataset, derive_seed, train_loader
+from pacx.data.resumable import (
+    ResumableLoader,
+    ResumableSampler,
+    SeededDataset,
+    derive_seed,
+    seed_all,
+    train_loader,
+)
 
 
 class Noisy(Dataset):
@@ -87,3 +98,22 @@ def test_unaugmented_loader_serves_plain_indices():
     first = next(iter(loader))
     assert (first[0].shape == (5,)
             and sorted(i for i, _ in ResumableSampler(Noisy(), seed=0)) == list(range(20)))
+
+
+def _draws():
+    return torch.rand(3).tolist(), np.random.rand(2).tolist(), random.random()
+
+
+def test_seed_all_seeds_like_manual_seed_without_queueing_device_seeds(monkeypatch):
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    expected = _draws()
+
+    # torch.manual_seed on a build whose CUDA/XPU/MTIA is not initialised formats a stack trace per call
+    # to queue the device seed (~0.8 ms at a training step's depth); seed_all, run every step, must not
+    def no_stacks(*args, **kwargs):
+        raise AssertionError("seed_all formatted a stack trace")
+
+    monkeypatch.setattr(traceback, "format_stack", no_stacks)
+    if not torch.cuda.is_initialized():
+        seed_all(123)
+        assert _draws() == expected

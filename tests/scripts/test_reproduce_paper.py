@@ -228,6 +228,15 @@ def test_profile_dry_runs_print_the_resolved_differences_side_by_side(tmp_path, 
     assert tables["paper"] == tables["authors"] == AUTHORS
 
 
+def test_demo_dry_run_lists_nodes_whose_point_count_differs_between_profiles(tmp_path, capsys):
+    # the smoke profile has no segmentation task, so its seg nodes have no points
+    assert main([str(DEMO), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    rows = {tuple(ln[2:].split()[:2]): ln[2:].split()[2:]
+            for ln in capsys.readouterr().out.splitlines() if ln.startswith("# seg")}
+    assert rows[("seg", "(points)")] == ["4", "4", "0"]          # full, quick, smoke
+    assert rows[("seg_pacx", "(points)")] == ["3", "2", "0"]
+
+
 def _resolved(module, argv: tuple[str, ...], out: Path) -> dict:
     """The Stage CLI's own resolved config (``--print_config``), flattened, with the run's out dir masked."""
     import contextlib
