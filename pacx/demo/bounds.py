@@ -29,6 +29,7 @@ from pacx.demo.phantom.releases import RELEASES
 from pacx.eval.alignment import extract_cxr_features, load_split, ridge_probe
 from pacx.eval.zero_shot import retrieval_groups
 from pacx.models.load import load_encoder
+from pacx.utils import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = phantom_bounds(args.data, dict(args.encoder), args.img_size, args.batch, args.draws, args.seed)
-    text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+        write_json_atomic(args.json, result)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 
 
