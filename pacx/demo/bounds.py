@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,6 @@ SHARED = ("cardiac_size", "fluid")  # the latent factors both the phantom CXR an
 READOUT_ALPHAS = np.logspace(-2, 4, 13)
 
 
-@dataclass(frozen=True)
-class Split:
-    """One Symile split for the bounds: admissions [N], labs features [N, 256], CXRs [N, 3, H, W] (memmap)."""
-
-    hadm_id: np.ndarray
-    labs: np.ndarray
-    cxr: np.ndarray
-
-
 def load_truth(path: str | Path) -> pd.DataFrame:
     """The phantom's Symile ground truth indexed by ``hadm_id``; an error names a missing file or column."""
     path = Path(path)
@@ -64,12 +54,6 @@ def latent(truth: pd.DataFrame, hadm_id: np.ndarray, source: str) -> np.ndarray:
     if absent.size:
         raise KeyError(f"{source}: {absent.size} admission(s) have no ground truth, e.g. hadm_id {absent[0]}")
     return truth.loc[hadm_id, list(SHARED)].to_numpy(np.float64)
-
-
-def _split(root: Path, split: str) -> Split:
-    s = load_split(root, split, teachers=["labs"])
-    labs = np.asarray(s.arrays[s.targets["labs"]], np.float64)
-    return Split(np.asarray(s.arrays["hadm_id"]), labs, s.arrays["cxr"])
 
 
 def readout_r2(x_fit: np.ndarray, t_fit: np.ndarray, x_eval: np.ndarray, t_eval: np.ndarray) -> np.ndarray:
@@ -96,8 +80,8 @@ def view_bounds(r2: np.ndarray, z: dict[str, np.ndarray], labs: dict[str, np.nda
     for _ in range(draws):
         view = {k: v + scale * rng.standard_normal(v.shape) for k, v in z.items()}
         model = Ridge(alpha=10.0).fit(labs["train"], view["train"])
-        a, b = CCA(len(r2)).fit(model.predict(labs["val"]), view["val"]).transform(
-            model.predict(labs["val"]), view["val"])
+        pred_val = model.predict(labs["val"])
+        a, b = CCA(len(r2)).fit(pred_val, view["val"]).transform(pred_val, view["val"])
         rho = np.array([abs(np.corrcoef(a[:, i], b[:, i])[0, 1]) for i in range(len(r2))])
         mis.append(-0.5 * np.log1p(-np.minimum(rho, 0.999) ** 2).sum())
         precision = np.linalg.inv(np.atleast_2d(np.cov(view["train"] - model.predict(labs["train"]),
@@ -132,16 +116,18 @@ def phantom_bounds(data: str | Path, encoders: dict[str, str] | None = None, img
     the raw pixels reveal, and for each of ``encoders`` (name -> anything ``pacx.load_encoder`` reads)."""
     root = Path(data) / RELEASES["symile"].subdir
     truth = load_truth(Path(data) / TRUTH_DIR / "symile.csv")
-    splits = {name: _split(root, name) for name in ("train", "val", "test", "test_uni")}
-    test = load_split(root, "test", teachers=["labs"])
+    splits = {k: load_split(root, k, teachers=["labs"]) for k in ("train", "val", "test", "test_uni")}
+    hadm = {k: np.asarray(s.arrays["hadm_id"]) for k, s in splits.items()}
+    labs = {k: np.asarray(s.arrays[s.targets["labs"]], np.float64) for k, s in splits.items()}
+    test = splits["test"]
     if "label" not in test.arrays or "label_hadm_id" not in test.arrays:
         raise SymileFileError(f"{root / 'test'}: no label / label_hadm_id file; the bounds need the "
                               "retrieval split")
     groups = retrieval_groups(np.asarray(test.arrays["label"]), np.asarray(test.arrays["label_hadm_id"]),
                               source=f"{test.paths['label']}")
-    z = {k: latent(truth, splits[k].hadm_id, str(root / k)) for k in ("train", "val", "test_uni")}
-    z["query"] = latent(truth, splits["test"].hadm_id[groups[:, 0]], str(root / "test"))
-    labs = {k: splits[k].labs for k in ("train", "val", "test")}
+    z = {k: latent(truth, hadm[k], str(root / k)) for k in ("train", "val", "test_uni")}
+    z["query"] = latent(truth, hadm["test"][groups[:, 0]], str(root / "test"))
+    cxr = {k: splits[k].arrays["cxr"] for k in ("train", "val")}
 
     def bounds(r2: np.ndarray) -> dict[str, float]:
         return view_bounds(r2, z, labs, groups, batch, draws, seed)
@@ -149,17 +135,15 @@ def phantom_bounds(data: str | Path, encoders: dict[str, str] | None = None, img
     def readout(features: dict[str, np.ndarray]) -> np.ndarray:
         return readout_r2(features["train"], z["train"], features["val"], z["val"])
 
-    pixels = {k: np.asarray(splits[k].cxr[:, 0], np.float32).reshape(len(splits[k].cxr), -1)
-              for k in ("train", "val")}
+    pixels = {k: np.asarray(v[:, 0], np.float32).reshape(len(v), -1) for k, v in cxr.items()}
     result = {"shared_factors": list(SHARED), "batch": batch, "n_queries": int(groups.shape[0]),
               "true_factors": bounds(np.ones(len(SHARED))), "raw_pixels": bounds(readout(pixels)),
-              "ridge_r2_oracle": oracle_ridge_r2(z["train"], labs["train"], z["test_uni"],
-                                                 splits["test_uni"].labs, seed=seed),
+              "ridge_r2_oracle": oracle_ridge_r2(z["train"], labs["train"], z["test_uni"], labs["test_uni"],
+                                                 seed=seed),
               "encoders": {}}
     for name, path in (encoders or {}).items():
         enc = load_encoder(path)
-        feats = {k: extract_cxr_features(enc, splits[k].cxr, img_size, source=str(root / k))
-                 for k in ("train", "val")}
+        feats = {k: extract_cxr_features(enc, v, img_size, source=str(root / k)) for k, v in cxr.items()}
         r2 = readout(feats)
         log.info("%s: R² of %s from its features: %s", name, " / ".join(SHARED), np.round(r2, 3))
         result["encoders"][name] = bounds(r2)
