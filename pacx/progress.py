@@ -25,6 +25,11 @@ def set_progress(enabled: bool) -> None:
     _switched_on = bool(enabled)
 
 
+def progress_switched_on() -> bool:
+    """What :func:`set_progress` last set (True unless switched off): handed on to worker processes."""
+    return _switched_on
+
+
 def progress_enabled() -> bool:
     """Whether a bar shows now: switched on, ``PACX_PROGRESS`` is not ``0`` and stderr is a terminal."""
     isatty = getattr(sys.stderr, "isatty", None)  # sys.stderr may be None (pythonw) or a capture object

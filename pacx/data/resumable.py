@@ -39,6 +39,24 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_splitmix64` elementwise on uint64 (numpy's array arithmetic wraps modulo 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def derive_seeds(*parts: int, last: np.ndarray) -> list[int]:
+    """``[derive_seed(*parts, i) for i in last]`` for non-negative integers ``last``, in one vectorised pass
+    (a sampler's per-sample seeds)."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ _splitmix64(int(p) & _MASK64))
+    x = np.asarray(last, dtype=np.int64).astype(np.uint64)
+    return (_splitmix64_array(np.uint64(h) ^ _splitmix64_array(x)) >> np.uint64(1)).tolist()
+
+
 def seed_all(seed: int) -> None:
     """Seed torch (CPU; CUDA once initialised; MPS), numpy's legacy global RNG and ``random``: per step.
     Not ``torch.manual_seed``, which costs ~0.8 ms here (docs/performance.md#per-step-seeding)."""
@@ -82,13 +100,36 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key):
+    def key(self, key) -> tuple[int, int]:
+        """``(index, sample seed)`` of a sampler key."""
         if isinstance(key, tuple):
-            index, seed = key
-        else:
-            index, seed = int(key), derive_seed(self.seed, 2, int(key))
+            return key
+        return int(key), derive_seed(self.seed, 2, int(key))
+
+    def __getitem__(self, key):
+        index, seed = self.key(key)
         seed_sample(seed)
         return self.dataset[index]
+
+
+class SeededBatchDataset(SeededDataset):
+    """A :class:`SeededDataset` over a dataset that serves a whole batch in one call.
+
+    ``dataset.seeded_batch(indices, seeds)`` returns the collated batch whose sample ``k`` is what
+    ``dataset[indices[k]]`` returns after :func:`seed_sample` ``(seeds[k])``: the same draws, without a
+    Python call, a global re-seeding and a collation per sample (a cached-feature probe's train split,
+    :class:`pacx.data.feature_cache.FlipFeatureDataset`). The DataLoader calls ``__getitems__`` with the
+    batch's keys; :func:`train_loader` pairs it with the pass-through :func:`collated`.
+    """
+
+    def __getitems__(self, keys: list) -> object:
+        indices, seeds = zip(*(self.key(k) for k in keys))
+        return self.dataset.seeded_batch(list(indices), list(seeds))
+
+
+def collated(batch):
+    """The ``collate_fn`` of a dataset whose ``__getitems__`` already returns the batch."""
+    return batch
 
 
 class ResumableSampler(DistributedSampler):
@@ -126,7 +167,7 @@ class ResumableSampler(DistributedSampler):
         indices = indices[done * self.batch_size:]
         if not self.seed_samples:
             return iter(indices)
-        return iter([(i, derive_seed(self.seed, 0, self.epoch, i)) for i in indices])
+        return iter(zip(indices, derive_seeds(self.seed, 0, self.epoch, last=np.asarray(indices))))
 
 
 class ResumableLoader(DataLoader):
@@ -160,7 +201,8 @@ def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool 
                  drop_last: bool = True,
                  seed: int | None = None, augmented: bool = True, **loader_kwargs) -> DataLoader:
     """A training loader that resumes exactly (see the module docstring); ``batch_size`` per device.
-    ``augmented=False`` (a dataset that draws nothing, e.g. cached features) skips the per-sample seeding."""
+    ``augmented=False`` (a dataset that draws nothing, e.g. cached features) skips the per-sample seeding; a
+    dataset with ``seeded_batch`` draws each batch in one call (:class:`SeededBatchDataset`)."""
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
     fit_loop = getattr(trainer, "fit_loop", None)
@@ -168,5 +210,12 @@ def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool 
     sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed,
                                batch_size=batch_size, seed_samples=augmented,
                                consumed=(lambda: consumed_batches(trainer)) if fit_loop is not None else None)
-    return ResumableLoader(SeededDataset(dataset, seed) if augmented else dataset, batch_size=batch_size,
-                           sampler=sampler, drop_last=drop_last, **loader_kwargs)
+    if not augmented:
+        wrapped = dataset
+    elif hasattr(dataset, "seeded_batch"):  # draws a whole batch at once (SeededBatchDataset)
+        wrapped = SeededBatchDataset(dataset, seed)
+        loader_kwargs = {**loader_kwargs, "collate_fn": collated}
+    else:
+        wrapped = SeededDataset(dataset, seed)
+    return ResumableLoader(wrapped, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                           **loader_kwargs)

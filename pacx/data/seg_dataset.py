@@ -45,7 +45,8 @@ class SegmentationDataset(Dataset):
     """Rows of a segmentation manifest -> (image ``[3, S, S]``, mask ``[1, S, S]`` in {0, 1})."""
 
     def __init__(self, df: pd.DataFrame, root: str | Path, path_column: str, mask_column: str, img_size: int,
-                 train: bool, source: str = "<manifest>", mask_interpolation: str = "nearest") -> None:
+                 train: bool, source: str = "<manifest>", mask_interpolation: str = "nearest",
+                 cache_decoded: bool = False) -> None:
         if mask_interpolation not in MASK_INTERPOLATIONS:
             raise ValueError(f"mask_interpolation {mask_interpolation!r} not in "
                              f"{sorted(MASK_INTERPOLATIONS)}")
@@ -56,6 +57,8 @@ class SegmentationDataset(Dataset):
         self.root = Path(root)
         self.path_column, self.mask_column = path_column, mask_column
         self.img_size, self.train, self.source = img_size, train, source
+        # idx -> the decoded, resized (image, mask), kept after the first read (cache_decoded)
+        self.decoded: dict[int, tuple[Image.Image, Image.Image]] | None = {} if cache_decoded else None
 
     def __len__(self) -> int:
         return len(self.df)
@@ -70,7 +73,11 @@ class SegmentationDataset(Dataset):
             raise ManifestError(f"{self.source}: {row_ref(self.rows[idx])}: cannot read {column} {path}: "
                                 f"{err}") from err
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def resized(self, idx: int) -> tuple[Image.Image, Image.Image]:
+        """Row ``idx``'s image (RGB) and mask (L), decoded and resized to ``img_size``: deterministic, so
+        with ``cache_decoded`` they are read once and kept."""
+        if self.decoded is not None and idx in self.decoded:
+            return self.decoded[idx]
         image = self._open(idx, self.path_column, "RGB")
         mask = self._open(idx, self.mask_column, "L")
         if mask.size != image.size:
@@ -82,6 +89,12 @@ class SegmentationDataset(Dataset):
         size = [self.img_size, self.img_size]
         image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR)
         mask = TF.resize(mask, size, interpolation=self.mask_mode)
+        if self.decoded is not None:
+            self.decoded[idx] = image, mask
+        return image, mask
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.resized(idx)
         if self.train:
             image, mask = paired_train_augment(image, mask)
         x = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)  # [3, S, S]
@@ -100,11 +113,15 @@ class SegmentationDataModule(SplitsDataModule):
         num_workers, pin_memory: DataLoader settings.
         img_size: square resize size of image and mask.
         mask_interpolation: ``nearest`` (default) or ``bilinear`` (the reference) for resizing masks.
+        cache_decoded: keep every image and mask in memory once decoded and resized (per loader process;
+            the same tensors, without decoding each file every epoch). For splits that fit in RAM: about
+            ``4 * img_size**2`` bytes a pair (0.2 MB at 224 px, 16 KB at the demo's 64 px).
     """
 
     def __init__(self, benchmark: str, root: str, manifest_dir: str, batch_size: int, num_workers: int = 16,
                  img_size: int = 224, pin_memory: bool = True,
-                 mask_interpolation: Literal["nearest", "bilinear"] = "nearest") -> None:
+                 mask_interpolation: Literal["nearest", "bilinear"] = "nearest",
+                 cache_decoded: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.spec = get_benchmark(benchmark)
@@ -122,7 +139,7 @@ class SegmentationDataModule(SplitsDataModule):
         root = Path(self.required("root")) / spec.image_dirs[split]
         ds = SegmentationDataset(df, root, spec.path_column, spec.mask_column, h.img_size,
                                  train=split == "train", source=str(path),
-                                 mask_interpolation=h.mask_interpolation)
+                                 mask_interpolation=h.mask_interpolation, cache_decoded=h.cache_decoded)
         log.info("%s %s: %d image/mask pairs (%s)", spec.name, split, len(ds), path)
         return ds
 

@@ -1,7 +1,8 @@
 """The built-in demo (``make demo``): ``python -m pacx.demo --out demo_runs [--quick] [--only NODE ...]``.
 
 Runs ``plans/demo.yaml`` (profile ``full``, or ``quick``) in this process through the reproduction executor
-(:mod:`pacx.reproduce`), skipping finished points, so an interrupted demo continues where it stopped. Writes
+(:mod:`pacx.reproduce`), skipping finished points, so an interrupted demo continues where it stopped; the
+Stage 3 runs go two at a time in two worker processes (``--jobs``). Writes
 ``demo_summary.json`` (seconds and outputs per node) and prints the steps, the table and its story.
 """
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pacx.progress import NO_PROGRESS_HELP, set_progress
-from pacx.reproduce.drivers import Outcome, run_local
+from pacx.reproduce.drivers import Outcome, cores, run_local
 from pacx.reproduce.plan import REPO, PlanError, load_plan
 from pacx.reproduce.profiles import claim_out_dir
 from pacx.utils import write_json_atomic
@@ -49,15 +50,22 @@ def node_lines(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def default_jobs() -> int:
+    """Two at a time where there are two cores (the Stage 3 runs are mostly single-threaded Python)."""
+    return min(2, cores())
+
+
 def run_demo(out: str | Path, quick: bool = False, wandb: str = "offline", only: list[str] | None = None,
-             plan: str | Path = PLAN) -> dict:
+             plan: str | Path = PLAN, jobs: int = 1) -> dict:
     """Run the demo plan into ``out``; returns the summary (``nodes``: status, points and seconds per node,
-    ``outputs``: the main files). A node that finished in an earlier call keeps its recorded seconds."""
+    ``outputs``: the main files). A node that finished in an earlier call keeps its recorded seconds.
+    ``jobs``: how many points of a ``local_parallel`` node (the Stage 3 runs) run at once
+    (:class:`pacx.reproduce.drivers.PointPool`)."""
     loaded = load_plan(plan, out=out, overrides={"wandb": wandb}, profile="quick" if quick else "full")
     claim_out_dir(loaded)
     summary_path = loaded.out / SUMMARY
     previous = json.loads(summary_path.read_text())["nodes"] if summary_path.is_file() else {}
-    outcomes: dict[str, Outcome] = run_local(loaded, in_process=True, only=only)
+    outcomes: dict[str, Outcome] = run_local(loaded, in_process=True, only=only, jobs=jobs)
     nodes = {}
     for name in loaded.nodes:  # plan order (the JSON file's keys are sorted)
         if name not in outcomes:  # not selected by `only`
@@ -87,12 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*",
                         help="run only these nodes of the plan (e.g. stage3 story report)")
     parser.add_argument("--plan", default=str(PLAN), help="the demo plan (default plans/demo.yaml)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="Stage 3 runs at once, each with cores / jobs threads (default: 2 on two or "
+                             "more cores, else 1; the numbers may differ in the last digits between values)")
     parser.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.no_progress:
         set_progress(False)
     try:
-        summary = run_demo(args.out, args.quick, args.wandb, args.only, args.plan)
+        summary = run_demo(args.out, args.quick, args.wandb, args.only, args.plan, args.jobs)
     except (PlanError, ValueError) as err:
         log.error("%s", err)
         return 2

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="with --local: run every point in this process (as the demo does) instead of "
                              "one subprocess each")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --local: run up to this many points of a `local_parallel` node at once, "
+                             "each with cores / jobs CPU threads (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
     parser.add_argument("--out", default=None, help="output directory (overrides the plan's `out`)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.in_process and not args.local:
         parser.error("--in-process goes with --local")
+    if args.jobs != 1 and not args.local:
+        parser.error("--jobs goes with --local")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.estimate is not None:
         return _estimate(args)
     try:
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
              sum(len(n.points) for n in plan.nodes.values()), plan.out, mode,
              ", dry run" if args.dry_run else "")
     try:
-        driver = functools.partial(run_local, in_process=True) if args.in_process else DRIVERS[mode]
+        driver = (functools.partial(run_local, in_process=args.in_process, jobs=args.jobs) if args.local
+                  else DRIVERS[mode])
         outcomes = driver(plan, dry_run=args.dry_run)
     except RuntimeError as err:  # sbatch missing or refusing a job: what was submitted is in the message
         log.error("%s", err)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -17,8 +18,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pacx.progress import progress_switched_on, set_progress
 from pacx.reproduce.execute import COMPLETED, execute_point, exit_code, node_spec, run_status, write_specs
 from pacx.reproduce.plan import REPO, Node, Plan
 from pacx.utils import write_json_atomic
@@ -150,11 +153,93 @@ def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
 # ---- local ----------------------------------------------------------------------------------------
 
 
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _start_worker(threads: int, level: int, fmt: str | None, progress: bool) -> None:
+    """A pool worker: ``threads`` torch threads, the parent's log format and progress switch."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
+    set_progress(progress)
+
+
+def _run_subprocess(cmd: list[str], env: Mapping[str, str]) -> int:
+    return subprocess.run(cmd, cwd=REPO, env=env).returncode
+
+
+class PointPool:
+    """Runs the points of a ``local_parallel`` node ``jobs`` at a time, each with ``cores // jobs`` CPU
+    threads (``--jobs N``): in worker processes started once for the whole plan (``in_process``: each
+    imports torch and Lightning once, as the demo's single process does), or as subprocesses with
+    ``OMP_NUM_THREADS`` set.
+
+    The thread count changes the order of floating-point sums, so a point's numbers may differ in the last
+    digits from a run with other ``--jobs``.
+    """
+
+    def __init__(self, jobs: int, in_process: bool, env: Mapping[str, str]) -> None:
+        self.jobs, self.in_process = jobs, in_process
+        self.threads = max(1, cores() // jobs)
+        self.env = {**env, "OMP_NUM_THREADS": str(self.threads)}
+        self._executor: Executor | None = None
+
+    def executor(self) -> Executor:
+        if self._executor is None:
+            if self.in_process:  # spawn: a forked child would inherit the parent's torch thread pools
+                root = logging.getLogger()
+                handler = root.handlers[0] if root.handlers else None
+                fmt = handler.formatter._fmt if handler is not None and handler.formatter else None
+                self._executor = ProcessPoolExecutor(
+                    self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                    initargs=(self.threads, root.level, fmt, progress_switched_on()))
+            else:
+                self._executor = ThreadPoolExecutor(self.jobs)
+        return self._executor
+
+    def run(self, plan: Plan, node: Node, spec: dict | None, todo: list[int]) -> dict[int, int]:
+        """Point index -> exit code, for the points ``todo`` of ``node``."""
+        log.info("%s: %d points, %d at a time with %d thread(s) each", node.name, len(todo), self.jobs,
+                 self.threads)
+        futures: dict[int, Future] = {}
+        for index in todo:
+            label = _label(node, index)
+            log.info("%s: queued", label)
+            futures[index] = (self.executor().submit(_in_process, spec, index, label) if self.in_process
+                              else self.executor().submit(_run_subprocess, exec_command(plan, node, index),
+                                                          self.env))
+        codes = {}
+        for index, future in futures.items():
+            try:
+                codes[index] = future.result()
+            except Exception:  # a worker that died (killed, out of memory) breaks the pool
+                log.exception("%s: its worker process failed", _label(node, index))
+                codes[index] = 1
+                self.close()
+        return codes
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
+
+
+def _label(node: Node, index: int) -> str:
+    point = node.points[index]
+    return f"{node.name}{f' [{point.name}]' if point.name else ''}"
+
+
 def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None = None,
-              in_process: bool = False, only: list[str] | None = None) -> dict[str, Outcome]:
+              in_process: bool = False, only: list[str] | None = None, jobs: int = 1) -> dict[str, Outcome]:
     """Every unfinished point in order, each as ``python -m pacx.reproduce exec`` (``in_process``: in this
     process, as ``python -m pacx.demo`` runs the demo); ``only``: just these nodes (the others are not
-    looked at)."""
+    looked at); ``jobs`` > 1: the points of ``local_parallel`` nodes run that many at a time
+    (:class:`PointPool`)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
     unknown = sorted(set(only or ()) - set(plan.nodes))
     if unknown:
@@ -165,29 +250,38 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
         write_specs(plan)
     selected = plan if not only else dataclasses.replace(
         plan, nodes={n: v for n, v in plan.nodes.items() if n in only})
-    for node, todo, outcome in _unfinished(selected, outcomes, lines):
-        blocked = [p for p in node.after if p in outcomes and outcomes[p].status in ("failed", "blocked")]
-        if blocked:
-            outcome.status = "blocked"
-            log.error("%s: not run, its parent(s) %s did not complete", node.name, ", ".join(blocked))
-            continue
-        start = time.perf_counter()
-        spec = node_spec(plan, node) if in_process else None
-        for index in todo:
-            point = node.points[index]
-            cmd = exec_command(plan, node, index)
-            label = f"{node.name}{f' [{point.name}]' if point.name else ''}"
-            if dry_run:
-                lines += [f"# {label}: {node.target or 'python'} {shlex.join(point.argv)}", shlex.join(cmd)]
+    pool = PointPool(jobs, in_process, env) if jobs > 1 and not dry_run else None
+    try:
+        for node, todo, outcome in _unfinished(selected, outcomes, lines):
+            blocked = [p for p in node.after if p in outcomes and outcomes[p].status in ("failed", "blocked")]
+            if blocked:
+                outcome.status = "blocked"
+                log.error("%s: not run, its parent(s) %s did not complete", node.name, ", ".join(blocked))
                 continue
-            log.info("%s: running", label)
-            returncode = (_in_process(spec, index, label) if in_process
-                          else subprocess.run(cmd, cwd=REPO, env=env).returncode)
-            if returncode != 0 or run_status(point.run_dir) != COMPLETED:
-                outcome.failed.append(index)
-                log.error("%s failed", label)
-        outcome.seconds = None if dry_run else round(time.perf_counter() - start, 1)
-        outcome.status = "would run" if dry_run else "failed" if outcome.failed else "completed"
+            start = time.perf_counter()
+            spec = node_spec(plan, node) if in_process else None
+            if pool is not None and node.local_parallel and len(todo) > 1:
+                codes = pool.run(plan, node, spec, todo)
+            else:
+                codes = {}
+                for index in todo:
+                    cmd, label = exec_command(plan, node, index), _label(node, index)
+                    argv = node.points[index].argv
+                    if dry_run:
+                        lines += [f"# {label}: {node.target or 'python'} {shlex.join(argv)}", shlex.join(cmd)]
+                        continue
+                    log.info("%s: running", label)
+                    codes[index] = (_in_process(spec, index, label) if in_process
+                                    else subprocess.run(cmd, cwd=REPO, env=env).returncode)
+            for index, returncode in codes.items():
+                if returncode != 0 or run_status(node.points[index].run_dir) != COMPLETED:
+                    outcome.failed.append(index)
+                    log.error("%s failed", _label(node, index))
+            outcome.seconds = None if dry_run else round(time.perf_counter() - start, 1)
+            outcome.status = "would run" if dry_run else "failed" if outcome.failed else "completed"
+    finally:
+        if pool is not None:
+            pool.close()
     if dry_run:
         sys.stdout.write("\n".join(lines) + "\n")
     return outcomes

@@ -37,7 +37,7 @@ from pacx.reproduce.values import (
 PLAN_KEYS = {"name", "out", "python", "trainer", "seed", "vars", "slurm", "nodes", "profiles", "anchors"}
 SLURM_KEYS = {"sbatch_args", "defaults"}
 NODE_KEYS = {"name", "after", "stage", "config", "script", "args", "stdout", "seed", "trainer", "grid",
-             "run_dir", "resources", "sbatch_args", "max_parallel"}
+             "run_dir", "resources", "sbatch_args", "max_parallel", "local_parallel"}
 RUN_DIR = {False: "{out}/runs/{node}", True: "{out}/runs/{node}/{point}"}  # default per "is a grid"
 _AXIS_VALUE = re.compile(r"[A-Za-z0-9_.+-]+$")
 
@@ -81,6 +81,7 @@ class Node:
     resources: Resources
     sbatch_args: tuple[str, ...] = ()
     max_parallel: int | None = None
+    local_parallel: bool = False  # its points may run side by side under --local --jobs N
 
     @property
     def is_grid(self) -> bool:
@@ -338,10 +339,15 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
     if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1 or not axes):
         raise PlanError(f"{where}: max_parallel must be a positive integer on a grid node, "
                         f"got {max_parallel!r}")
+    local_parallel = raw.get("local_parallel", False)
+    if not isinstance(local_parallel, bool) or (local_parallel and not axes):
+        raise PlanError(f"{where}: local_parallel must be true or false, and true only on a grid node, "
+                        f"got {local_parallel!r}")
     sbatch_args = tuple(substitute(a, ctx.values, where)
                         for a in _str_list(where, raw.get("sbatch_args"), "sbatch_args"))
     return Node(name, kind, target, after, tuple(points), tuple(a for a, _ in axes),
-                _resources(where, ctx.defaults, raw.get("resources")), sbatch_args, max_parallel)
+                _resources(where, ctx.defaults, raw.get("resources")), sbatch_args, max_parallel,
+                local_parallel)
 
 
 def _topological(where: str, nodes: dict[str, Node]) -> dict[str, Node]:

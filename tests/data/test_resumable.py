@@ -12,8 +12,10 @@ from torch.utils.data import Dataset
 from pacx.data.resumable import (
     ResumableLoader,
     ResumableSampler,
+    SeededBatchDataset,
     SeededDataset,
     derive_seed,
+    derive_seeds,
     seed_all,
     train_loader,
 )
@@ -37,6 +39,44 @@ def test_derive_seed_is_stable_and_sensitive():
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3)
     assert len({derive_seed(0, 0, e, i) for e in range(5) for i in range(50)}) == 250
     assert 0 <= derive_seed(2**40, 7) < 2**63
+
+
+def test_vectorised_seeds_equal_derive_seed():
+    rng = np.random.default_rng(0)
+    last = np.concatenate([np.arange(50), rng.integers(0, 2**62, 200)])
+    for parts in [(0, 0, 0), (5, 0, 3), (2**40, 0, 7), (1,)]:
+        assert derive_seeds(*parts, last=last) == [derive_seed(*parts, int(i)) for i in last]
+    assert derive_seeds(3, 0, 1, last=np.array([], dtype=np.int64)) == []
+
+
+class NoisyBatches(Noisy):
+    """:class:`Noisy` that also serves a whole batch, drawing each item from a generator seeded with its
+    seed, as :class:`SeededDataset` seeds the global one before ``self[i]``."""
+
+    def seeded_batch(self, indices, seeds):
+        gen = torch.Generator()
+        draws = [torch.rand((), generator=gen.manual_seed(s)) for s in seeds]
+        return torch.tensor(indices), torch.stack(draws)
+
+
+def test_batch_fetch_equals_the_per_item_path():
+    """A dataset with ``seeded_batch`` gets whole batches (one call each, no per-item collation) that equal
+    the per-item seeded path's, in every epoch, for a resumed epoch and for overfit_batches' plain keys."""
+    per_item = train_loader(Noisy(), 6, None, seed=4, drop_last=False)
+    batched = train_loader(NoisyBatches(), 6, None, seed=4, drop_last=False)
+    assert isinstance(batched.dataset, SeededBatchDataset) and not isinstance(per_item.dataset,
+                                                                               SeededBatchDataset)
+    for epoch in range(3):
+        per_item.sampler.set_epoch(epoch)
+        batched.sampler.set_epoch(epoch)
+        a, b = list(per_item), list(batched)
+        assert len(a) == len(b) == 4
+        for (ia, xa), (ib, xb) in zip(a, b):
+            assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    keys = [3, 7, 11]  # Lightning's sequential sampler under overfit_batches
+    ia, xa = torch.utils.data.default_collate([SeededDataset(Noisy(), 4)[k] for k in keys])
+    ib, xb = SeededBatchDataset(NoisyBatches(), 4).__getitems__(keys)
+    assert torch.equal(ia, ib) and torch.equal(xa, xb)
 
 
 def test_epoch_order_rank_shares_and_per_sample_seeds():

@@ -145,6 +145,35 @@ def test_dataset_outputs_binary_masks_and_names_bad_rows(tmp_path):
         ds[2]
 
 
+def test_cache_decoded_serves_the_same_pairs_without_reading_files_again(tmp_path):
+    """With ``cache_decoded`` each pair is decoded once: later epochs give the same tensors (and the same
+    augmentation for the same draws) with the files gone."""
+    for name in ("a", "b"):
+        _write_pair(tmp_path, name)
+    df = pd.DataFrame({"img_path": ["a.png", "b.png"], "mask_path": ["a_mask.png", "b_mask.png"]})
+    for train in (False, True):
+        plain = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 24, train=train)
+        cached = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 24, train=train,
+                                     cache_decoded=True)
+        for idx in (0, 1):
+            random.seed(idx)
+            want = plain[idx]
+            random.seed(idx)
+            got = cached[idx]
+            assert all(torch.equal(w, g) for w, g in zip(want, got))
+        assert sorted(cached.decoded) == [0, 1]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in tmp_path.glob("*.png"):
+        f.rename(moved / f.name)
+    random.seed(1)
+    again = cached[1]
+    random.seed(1)
+    assert all(torch.equal(a, g) for a, g in zip(again, got))
+    with pytest.raises(ManifestError, match="not found"):  # without the cache the files are read again
+        plain[1]
+
+
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
 def test_masks_resize_with_the_configured_interpolation_then_binarise(tmp_path, mode):
     rng = np.random.default_rng(0)

@@ -132,6 +132,13 @@ def test_flip_features_follow_the_image_paths_draws(tb, stage1_run):
             flips.append(flipped)
             assert features[key][0].item() == float(flipped)
     assert 0 < sum(flips) < len(flips)
+    # the batched fetch the training loader uses draws the same flips
+    flip_ds = FlipFeatureDataset(pairs, plain.labels, 0.5)
+    for epoch in range(2):
+        seeds = [derive_seed(3, 0, epoch, i) for i in range(n)]
+        x, y = flip_ds.seeded_batch(list(range(n)), seeds)
+        assert x[:, 0].tolist() == [float(f) for f in flips[epoch * n:(epoch + 1) * n]]
+        assert torch.equal(y, plain.labels)
 
 
 def test_feature_cache_is_reused_and_keyed_by_weights_and_images(tb, stage1_run, tmp_path, monkeypatch):

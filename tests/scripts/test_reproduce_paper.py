@@ -532,6 +532,62 @@ def test_local_failure_stops_dependents_only(tmp_path, mode):
         "failing_out": "failed"}
 
 
+# each point records its process, its torch threads and when it ran; point 3 of the grid fails
+WHO = ("import os, sys, time, torch; t0 = time.time(); time.sleep(1.5); "
+       "open(sys.argv[1] + '/' + sys.argv[2], 'w').write(' '.join(map(str, [os.getpid(), "
+       "torch.get_num_threads(), t0, time.time()]))); sys.exit(3 if sys.argv[2] == '3' else 0)")
+
+
+@pytest.mark.parametrize("mode", sorted(LOCAL_MODES))
+def test_local_jobs_run_parallel_nodes_side_by_side(tmp_path, mode, monkeypatch):
+    """``--jobs 2``: the points of a ``local_parallel`` node run two at a time in other processes with
+    cores // 2 torch threads each (in process: two workers started once for the plan); a failing point
+    fails only itself; a node without the flag still runs in order in this process."""
+    from pacx.reproduce import drivers
+
+    monkeypatch.setattr(drivers, "cores", lambda: 4)
+    out = tmp_path / "out"
+    plan_path = write_plan(tmp_path, f"""\
+        python: {sys.executable}
+        nodes:
+          - {{name: mk, script: [-c, "import os, sys; os.makedirs(sys.argv[1])", "{{out}}/who"]}}
+          - {{name: par, after: [mk], local_parallel: true, grid: {{n: [1, 2, 3, 4, 5]}},
+              script: [-c, "{WHO}", "{{out}}/who", "{{n}}"]}}
+          - {{name: again, after: [mk], local_parallel: true, grid: {{n: [6, 7]}},
+              script: [-c, "{WHO}", "{{out}}/who", "{{n}}"]}}
+          - {{name: seq, after: [mk], grid: {{n: [8, 9]}}, script: [-c, "{WHO}", "{{out}}/who", "{{n}}"]}}
+    """)
+    assert main([str(plan_path), *LOCAL_MODES[mode], "--jobs", "2", "--out", str(out),
+                 "--json", str(tmp_path / "s.json")]) == 1
+    who = {int(f.name): f.read_text().split() for f in (out / "who").iterdir()}
+    assert sorted(who) == list(range(1, 10))
+    pids = {n: int(w[0]) for n, w in who.items()}
+    threads = {n: int(w[1]) for n, w in who.items()}
+    spans = {n: (float(w[2]), float(w[3])) for n, w in who.items()}
+    parallel = range(1, 8)
+    assert {threads[n] for n in parallel} == {2}
+    assert os.getpid() not in {pids[n] for n in parallel}
+    if mode == "in process":  # two workers, started once and shared by both nodes; seq ran here
+        assert len({pids[n] for n in parallel}) == 2 and {pids[8], pids[9]} == {os.getpid()}
+    else:  # a subprocess per point
+        assert len({pids[n] for n in parallel}) == 7 and pids[8] != pids[9]
+    assert spans[1][0] < spans[2][1] and spans[2][0] < spans[1][1]  # 1 and 2 overlapped
+    assert spans[8][1] <= spans[9][0]  # the node without the flag ran one point after the other
+    nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
+    assert nodes["par"]["status"] == "failed" and nodes["par"]["failed"] == [2]  # n=3 is index 2
+    assert nodes["again"]["status"] == nodes["seq"]["status"] == "completed"
+    assert json.loads((out / "runs/par/n=3/run.json").read_text())["status"] == "failed: exit code 3"
+
+
+def test_local_parallel_is_a_grid_flag(tmp_path):
+    for bad in ("local_parallel: yes-please, grid: {n: [1, 2]}", "local_parallel: true"):
+        path = write_plan(tmp_path, f"nodes: [{{name: a, script: [-c, pass], {bad}}}]\n")
+        with pytest.raises(PlanError, match="local_parallel must be true or false, and true only on a grid"):
+            load_plan(path, out=tmp_path / "out")
+    with pytest.raises(SystemExit):
+        main([str(path), "--jobs", "2"])  # --jobs goes with --local
+
+
 def test_script_node_records_sigterm_and_ignores_usr1(tmp_path):
     out = tmp_path / "out"
     code = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text('up'); time.sleep(60)"
