@@ -16,7 +16,7 @@ from pacx.reproduce.plan import load_plan
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    summary = run_demo(tmp_path, quick=True, wandb="disabled", jobs=2)  # as `make demo`: Stage 3 two at a time
+    summary = run_demo(tmp_path, quick=True, wandb="disabled", jobs=2)  # as make demo: Stage 3 two at a time
     nodes = summary["nodes"]
     assert list(nodes) == list(load_plan(PLAN, out=tmp_path, profile="quick").nodes)
     assert {n["status"] for n in nodes.values()} == {"completed"}, nodes

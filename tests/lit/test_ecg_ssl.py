@@ -201,3 +201,28 @@ def test_exported_teacher_extracts_features_through_the_script(ssl_run, symile_r
             expected = teacher(_records(root, split, n)).numpy()
         np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
         assert F.cosine_similarity(torch.from_numpy(feats)[:1], torch.from_numpy(feats)).min() < 0.9999
+
+
+def test_cached_preprocessing_equals_the_batch_preprocessing_and_filters_each_row_once(symile_root,
+                                                                                       monkeypatch):
+    """``cache_preprocessed``: a batch mixing cached and new rows gives exactly the per-batch preprocessing,
+    each stored row of a split is filtered once, and splits with the same row numbers are kept apart."""
+    import pacx.lit.ecg_ssl as lit
+
+    raw = {s: torch.from_numpy(np.load(symile_root / s / f"ecg_{s}.npy")[:6]) for s in ("train", "val")}
+    plain, cached = ECGSSLModule(crop_samples=CROP), ECGSSLModule(crop_samples=CROP, cache_preprocessed=True)
+    filtered = []
+
+    def counting(x):
+        filtered.append(len(x))
+        return preprocess_ecg(x)
+
+    monkeypatch.setattr(lit, "preprocess_ecg", counting)
+    for split, order in (("train", [0, 1, 2]), ("train", [2, 3, 0, 4]), ("val", [0, 1]), ("train", [4, 1])):
+        rows = torch.tensor(order)
+        got = cached.cached_preprocess(raw[split][rows], rows, split)
+        assert torch.equal(got, plain.preprocess(raw[split][rows])), (split, order)
+    # (cached, plain) per batch: the cache filters 3 rows, then rows 3 and 4 only, then val 0 and 1, then none
+    assert filtered == [3, 3, 2, 4, 2, 2, 2]
+    assert sorted(cached.preprocessed["train"]) == [0, 1, 2, 3, 4]
+    assert sorted(cached.preprocessed["val"]) == [0, 1]
