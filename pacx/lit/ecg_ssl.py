@@ -24,7 +24,7 @@ class ECGSSLModule(TeacherModule):
     ``warmup_steps`` of linear warmup, then cosine to 0 per optimizer step. Defaults are the demo values.
 
     ``cache_preprocessed``: keep each record's preprocessed signal (a deterministic function of the stored
-    row, computed row by row) in memory after its first epoch, keyed by split and row, so later epochs only
+    row, computed row by row) in memory after its first read, keyed by split and row, so later epochs only
     augment: the same inputs without re-filtering (the notch, band-pass and median filters cost about twice
     the demo network's training step). About 240 KB a record (12 × 5,000 float32)."""
 
