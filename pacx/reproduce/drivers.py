@@ -272,7 +272,7 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
                         continue
                     log.info("%s: running", label)
                     codes[index] = (_in_process(spec, index, label) if in_process
-                                    else subprocess.run(cmd, cwd=REPO, env=env).returncode)
+                                    else _run_subprocess(cmd, env))
             for index, returncode in codes.items():
                 if returncode != 0 or run_status(node.points[index].run_dir) != COMPLETED:
                     outcome.failed.append(index)
