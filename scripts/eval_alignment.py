@@ -98,14 +98,16 @@ def markdown_table(results: dict[str, dict], n_test: int) -> str:
 
 
 def zero_shot_table(results: dict[str, dict]) -> str:
-    teachers = [k.removeprefix("cxr_").removesuffix("_acc") for k in next(iter(results.values()))["zero_shot"]
-                if k.endswith("_acc")]
+    """One row per backbone, one column per teacher that any backbone's Stage 2 heads cover (in order of first
+    appearance); "–" where a run has no head for that teacher (e.g. ``teachers: [labs]`` beside a full run)."""
+    teachers = list(dict.fromkeys(k.removeprefix("cxr_").removesuffix("_acc") for res in results.values()
+                                  for k in res["zero_shot"] if k.endswith("_acc")))
     lines = ["| backbone | " + " | ".join(f"CXR→{teacher_spec(t).title}" for t in teachers)
              + " | chance | queries |",
              "|---|" + "---|" * len(teachers) + "---|---|"]
     for name, res in results.items():
         z = res["zero_shot"]
-        accs = " | ".join(f"{z[f'cxr_{t}_acc']:.4f}" for t in teachers)
+        accs = " | ".join(_fmt(z.get(f"cxr_{t}_acc"), 4) for t in teachers)
         lines.append(f"| {name} | {accs} | {z['chance']:.4f} | {z['n_queries']} |")
     return "\n".join(lines) + "\n"
 
