@@ -98,8 +98,8 @@ def markdown_table(results: dict[str, dict], n_test: int) -> str:
 
 
 def zero_shot_table(results: dict[str, dict]) -> str:
-    """One row per backbone, one column per teacher that any backbone's Stage 2 heads cover (in order of first
-    appearance); "–" where a run has no head for that teacher (e.g. ``teachers: [labs]`` beside a full run)."""
+    """One row per backbone, one column per teacher that any backbone's Stage 2 heads cover (in order of
+    first appearance); "–" where a run has no head for it (a ``teachers: [labs]`` run beside a full one)."""
     teachers = list(dict.fromkeys(k.removeprefix("cxr_").removesuffix("_acc") for res in results.values()
                                   for k in res["zero_shot"] if k.endswith("_acc")))
     lines = ["| backbone | " + " | ".join(f"CXR→{teacher_spec(t).title}" for t in teachers)

@@ -109,9 +109,17 @@ class StagedModule(pl.LightningModule):
         or ``base_lr`` (:func:`pacx.optim.resolve_lr`), ``betas``, and warmup over ``warmup_epochs`` epochs or
         exactly ``warmup_steps`` optimizer steps, cosine down to ``min_lr_ratio`` (default 0). The lr follows
         the curve per optimizer step, or per epoch with ``lr_interval: epoch``
-        (:func:`pacx.optim.warmup_cosine_scheduler`)."""
+        (:func:`pacx.optim.warmup_cosine_scheduler`). ``fused_adamw`` (where a module takes it) picks
+        ``AdamW(fused=True)``; unset, every stage fuses when all its parameters are on CUDA (the same update
+        up to floating-point rounding, ``tests/lit/test_stage1.py``)."""
         h, trainer = self.hparams, self.trainer
-        total = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        total = trainer.estimated_stepping_batches  # sets up the train dataloader, unless max_epochs is -1
+        if not math.isfinite(total):
+            raise ValueError("trainer.max_epochs is -1 and trainer.max_steps is -1: the warmup + cosine "
+                             "schedule needs a finite length; set trainer.max_steps or trainer.max_epochs")
+        total = int(total)
+        if trainer.train_dataloader is None:  # max_epochs -1: Lightning returned max_steps without loading it
+            trainer.fit_loop.setup_data()
         self.effective_lr = resolve_lr(h.get("lr"), h.get("base_lr"), global_batch_size(trainer))
         steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         warmup, total = schedule_lengths(total, steps_per_epoch, h.get("warmup_epochs", 0.0))
@@ -119,11 +127,15 @@ class StagedModule(pl.LightningModule):
             warmup = h.warmup_steps
         min_lr_ratio, interval = h.get("min_lr_ratio", 0.0), h.get("lr_interval", "step")
         groups = self.param_groups()
-        optimizer = torch.optim.AdamW(groups, lr=self.effective_lr, betas=tuple(h.betas))
+        fused = h.get("fused_adamw")
+        if fused is None:  # the fused kernel where it exists and is the faster path: every parameter on CUDA
+            fused = all(p.is_cuda for g in groups for p in g["params"])
+        # fused=None, not False, otherwise: False would also turn off the default multi-tensor path
+        optimizer = torch.optim.AdamW(groups, lr=self.effective_lr, betas=tuple(h.betas), fused=fused or None)
         trainable, all_params = count_parameters(self)
-        log.info("AdamW lr %.4g (global batch %d) over %s of %s parameters%s, warmup %d of %d steps, "
-                 "floor %.3g, updated per %s", self.effective_lr, global_batch_size(trainer),
-                 f"{trainable:,}", f"{all_params:,}",
+        log.info("AdamW%s lr %.4g (global batch %d) over %s of %s parameters%s, warmup %d of %d steps, "
+                 "floor %.3g, updated per %s", " (fused)" if fused else "", self.effective_lr,
+                 global_batch_size(trainer), f"{trainable:,}", f"{all_params:,}",
                  "".join(f"; {g['name']} lr {g['lr']:.4g}" for g in groups if "name" in g and "lr" in g),
                  warmup, total, min_lr_ratio, interval)
         scheduler = warmup_cosine_scheduler(optimizer, warmup, total, min_lr_ratio, interval, steps_per_epoch)

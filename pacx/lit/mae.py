@@ -12,9 +12,11 @@ import logging
 from typing import Literal
 
 import torch
+from torch import nn
 
 from pacx.constants import MAE_MASK_RATIO, STAGE_MAE
 from pacx.lit.common import StagedModule
+from pacx.models.flops import mae_train_flops
 from pacx.models.mae import create_mae, decoder_config_dict, is_decoder_key, patchify, unpatchify
 from pacx.weights.checkpoint import load_state_checked
 from pacx.weights.formats import read_mae_state
@@ -36,6 +38,13 @@ class MAEModule(StagedModule):
         lr_interval: ``step`` (the lr follows the curve per optimizer step) or ``epoch`` (held within each
             epoch, as the authors' scheduler stepped; ``configs/stage1/mae_vitb_chexpert_epoch_lr.yaml``).
         init_from: optional weights to start from (MAE release, a Stage 1 run/checkpoint, an encoder).
+        compile: run the training step's model call (masking, encoder, decoder, loss) through
+            ``torch.compile``: one graph without breaks (``tests/models/test_mae_compile.py``), the same loss
+            and gradients up to floating-point rounding. The parameters stay those of ``model``, so
+            checkpoints and exports are unchanged. Validation, reconstructions and ``encode`` stay eager.
+        compile_options: keyword arguments for ``torch.compile``, e.g. ``{mode: max-autotune-no-cudagraphs}``.
+        fused_adamw: ``AdamW(fused=True)``; ``None`` (default) fuses when every parameter is on a CUDA device
+            (:meth:`pacx.lit.common.StagedModule.configure_optimizers`).
     """
 
     stage = STAGE_MAE
@@ -55,6 +64,9 @@ class MAEModule(StagedModule):
         warmup_epochs: float = 10,
         init_from: str | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
+        compile: bool = False,
+        compile_options: dict | None = None,
+        fused_adamw: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -73,16 +85,38 @@ class MAEModule(StagedModule):
         return {"vit_config": self.model.cfg.to_dict(), "decoder": decoder_config_dict(self.model),
                 "mask_ratio": self.hparams.mask_ratio}
 
+    def train_flops_per_image(self) -> int:
+        """Analytic matmul FLOPs of one training image, forward and backward (:mod:`pacx.models.flops`);
+        read by :class:`pacx.perf.fit.StepThroughput` for MFU."""
+        return mae_train_flops(self.model.cfg, self.model.dec, self.hparams.mask_ratio, 1)
+
+    def train_model(self) -> nn.Module:
+        """What the training step calls: ``model``, or with ``compile`` its ``torch.compile`` wrapper, built
+        on first use and kept outside the module tree (no ``_orig_mod.`` keys in the state dict)."""
+        if not self.hparams.get("compile"):
+            return self.model
+        compiled = self.__dict__.get("_compiled_model")
+        if compiled is None:
+            options = dict(self.hparams.get("compile_options") or {})
+            compiled = torch.compile(self.model, **options)
+            object.__setattr__(self, "_compiled_model", compiled)
+            log.info("Stage 1 training step compiled with torch.compile(%s)",
+                     ", ".join(f"{k}={v!r}" for k, v in options.items()))
+        return compiled
+
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.model.encode(imgs)
 
     def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:
         imgs = batch[0]
         noise = None
-        if stage != "train":  # fixed masks per batch index: a comparable val loss across epochs
+        model = self.model
+        if stage == "train":
+            model = self.train_model()
+        else:  # fixed masks per batch index: a comparable val loss across epochs
             gen = torch.Generator().manual_seed(batch_idx)
             noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=gen).to(imgs.device)
-        loss, _, _ = self.model(imgs, mask_ratio=self.hparams.mask_ratio, noise=noise)
+        loss, _, _ = model(imgs, mask_ratio=self.hparams.mask_ratio, noise=noise)
         self.log_stage(stage, {"loss": loss}, imgs.shape[0])
         return loss
 

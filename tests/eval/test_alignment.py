@@ -313,7 +313,7 @@ def test_zero_shot_refuses_backbones_without_stage2_heads(release, stage1_run):
 
 
 def test_zero_shot_table_covers_runs_with_different_teachers():
-    """A labs-only Stage 2 run beside a two-teacher run: every teacher gets a column, the missing head a dash."""
+    """A labs-only Stage 2 run beside a two-teacher run: each teacher gets a column, a missing head a dash."""
     table = load_script("eval_alignment").zero_shot_table({
         "labs_only": {"zero_shot": {"cxr_labs_acc": 0.25, "chance": 0.1, "n_queries": 100, "group_size": 10}},
         "both": {"zero_shot": {"cxr_ecg_acc": 0.125, "cxr_labs_acc": 0.5, "chance": 0.1, "n_queries": 100,
@@ -321,4 +321,5 @@ def test_zero_shot_table_covers_runs_with_different_teachers():
     })
     rows = table.splitlines()
     assert rows[0] == "| backbone | CXR→labs | CXR→ECG | chance | queries |"
-    assert rows[2:] == ["| labs_only | 0.2500 | – | 0.1000 | 100 |", "| both | 0.5000 | 0.1250 | 0.1000 | 100 |"]
+    assert rows[2:] == ["| labs_only | 0.2500 | – | 0.1000 | 100 |",
+                        "| both | 0.5000 | 0.1250 | 0.1000 | 100 |"]

@@ -181,3 +181,44 @@ def test_ddp_two_processes_keep_the_global_batch(tmp_path, chexpert_release, rep
     assert info["global_step"] == 48 // 8  # 24 samples per rank / per-device batch 4
     ckpt = _ckpt(run)
     assert ckpt["global_step"] == 6
+
+
+def _fit_losses_and_state(run, chexpert_release, *extra):
+    main(stage1_args(run, chexpert_release, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                     "--trainer.log_every_n_steps", "1", *extra))
+    losses = pd.read_csv(run / "metrics.csv")["train/loss_step"].dropna().tolist()
+    return losses, _ckpt(run)
+
+
+def test_compiled_and_fused_fit_equals_the_eager_fit(tmp_path, chexpert_release):
+    """``model.compile`` (Dynamo + AOTAutograd's joint graph; the aot_eager backend keeps it fast on a CPU)
+    and ``model.fused_adamw`` change how the step runs, not what it computes: the same losses and weights
+    after 3 steps, and the same checkpoint keys (the compiled wrapper is not part of the module tree)."""
+    eager_losses, eager = _fit_losses_and_state(tmp_path / "eager", chexpert_release)
+    fast_losses, fast = _fit_losses_and_state(
+        tmp_path / "fast", chexpert_release, "--model.compile", "true",
+        "--model.compile_options", "{backend: aot_eager}", "--model.fused_adamw", "true")
+    assert len(eager_losses) == 3 and fast_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+    assert fast["state_dict"].keys() == eager["state_dict"].keys()
+    for key, value in eager["state_dict"].items():
+        got, atol = fast["state_dict"][key], torch.full_like(value, 1e-6)
+        if key.endswith("attn.qkv.bias"):  # the key bias: its true gradient is 0 (softmax is shift-
+            dim = value.numel() // 3  # invariant), so rounding noise sets its sign and Adam turns that into
+            atol[dim:2 * dim] = 1e-4  # a step of up to ~lr (1.5e-3); measured differences are <= 2.5e-5
+        assert ((got - value).abs() <= atol + 1e-4 * value.abs()).all(), key
+    assert fast["optimizer_states"][0]["param_groups"][0]["fused"] is True
+    assert not eager["optimizer_states"][0]["param_groups"][0]["fused"]  # auto: not fused off CUDA
+
+
+def test_max_epochs_minus_one_trains_by_steps(tmp_path, chexpert_release):
+    """``max_epochs: -1`` + ``max_steps``: the schedule spans max_steps (Lightning returns it without loading
+    the data, which the optimizer's global batch needs); with no max_steps either, a clear error."""
+    run = tmp_path / "run"
+    main(stage1_args(run, chexpert_release, "--trainer.max_epochs", "-1", "--trainer.max_steps", "4",
+                     "--trainer.limit_val_batches", "0", "--model.warmup_epochs", "0"))
+    ckpt = _ckpt(run)
+    assert ckpt["global_step"] == 4
+    lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1.5e-3 * warmup_cosine(4, 0, 4))  # the cosine ends at step 4 = max_steps
+    with pytest.raises(ValueError, match="max_epochs is -1 and trainer.max_steps is -1"):
+        main(stage1_args(tmp_path / "inf", chexpert_release, "--trainer.max_epochs", "-1"))

@@ -119,9 +119,11 @@ def test_rates_of_another_configuration_are_flagged(tmp_path, capsys):
 
 def test_empty_rates_name_every_missing_key(tmp_path, capsys):
     table, est = _estimate(tmp_path, capsys, {})
-    for node, key in (("stage1", "stage1"), ("stage2", "stage2_lora"), ("stage3_lp", "probe_features"),
-                      ("stage3_seg", "seg")):
-        assert f"no rate for {key}: run scripts/benchmark_train.py" in _row(table, node)
+    for node, key, script in (("stage1", "stage1", "benchmark_fit.py --device cuda --compile"),
+                              ("stage2", "stage2_lora", "benchmark_train.py"),
+                              ("stage3_lp", "probe_features", "benchmark_train.py"),
+                              ("stage3_seg", "seg", "benchmark_train.py")):
+        assert f"no rate for {key}: run scripts/{script}" in _row(table, node)
         assert est["nodes"][node]["gpu_hours"] is None
     assert "total: 0 GPU-hours" in table
 
