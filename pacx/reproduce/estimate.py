@@ -22,7 +22,7 @@ from pacx.utils import write_json_atomic
 _ON_GPU = "--device cuda --precision bf16 --fused-adamw"  # on the kind of GPU the plan will run on
 #: rate key -> the command that measures it
 RATE_COMMANDS: dict[str, str] = {
-    "stage1": "scripts/benchmark_fit.py --device cuda --compile",  # the real fit path (the bare step: below)
+    "stage1": "scripts/benchmark_fit.py --device cuda --compile",  # a real fit, not the bare step
     "stage2_lora": f"scripts/benchmark_train.py --stage2 {_ON_GPU} --batch-size 128",
     "stage2_full": f"scripts/benchmark_train.py --stage2 {_ON_GPU} --batch-size 128",
     "seg": f"scripts/benchmark_train.py --stage3 {_ON_GPU} --batch-size 256",
