@@ -36,6 +36,7 @@ from pacx.models.load import load_encoder
 from pacx.models.vit import ViTEncoder
 from pacx.progress import NO_PROGRESS_HELP
 from pacx.progress import progress as progress_bar
+from pacx.utils import cores
 from pacx.weights.checkpoint import CheckpointError, state_fingerprint
 
 log = logging.getLogger("pacx.embed")  # also under `python -m pacx.embed`
@@ -160,7 +161,7 @@ def resolve_device(device: str) -> torch.device:
 
 def default_workers() -> int:
     """Decoding processes when not given: the CPUs this process may use, at most 8."""
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return min(8, cores())
 
 
 def embed_images(

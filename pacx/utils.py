@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @functools.cache
 def git_sha() -> str:
     """The commit of the pacx checkout in use ("unknown" outside a git checkout)."""

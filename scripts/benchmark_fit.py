@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from pacx.data.chexpert import IMAGE_DIRS, MANIFESTS, convert_release  # noqa: E
 from pacx.perf.fit import read_throughput  # noqa: E402
 from pacx.reproduce.estimate import merge_rates  # noqa: E402
 from pacx.testing.chexpert import write_chexpert_release  # noqa: E402
-from pacx.utils import git_sha  # noqa: E402
+from pacx.utils import cores, git_sha  # noqa: E402
 
 log = logging.getLogger("benchmark_fit")
 
@@ -100,7 +99,7 @@ def prepare_data(workdir: Path, num_images: int, cache_size: int, seed: int,
     frames = convert_release(release)
     cache = build_image_cache(frames["train"]["Path"].astype(str).tolist(), release / IMAGE_DIRS["train"],
                               workdir / f"cache{cache_size}", cache_size, channels=1,
-                              workers=os.cpu_count() or 1, progress=False)
+                              workers=cores(), progress=False)
     manifests = workdir / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
     train = pd.concat([frames["train"]] * math.ceil(rows / num_images), ignore_index=True)

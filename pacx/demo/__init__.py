@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from pacx.progress import NO_PROGRESS_HELP, set_progress
-from pacx.reproduce.drivers import Outcome, cores, run_local
+from pacx.reproduce.drivers import Outcome, run_local
 from pacx.reproduce.plan import REPO, PlanError, load_plan
 from pacx.reproduce.profiles import claim_out_dir
-from pacx.utils import write_json_atomic
+from pacx.utils import cores, write_json_atomic
 
 log = logging.getLogger("pacx.demo")
 

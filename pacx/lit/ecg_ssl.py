@@ -17,6 +17,12 @@ from pacx.models.ecgfounder import preprocess_ecg
 _AUG = ECGAugmentConfig()  # the demo augmentation values, the defaults of the args below
 
 
+def _filtered(raw: torch.Tensor) -> torch.Tensor:
+    """Stored rows [B, 1, 5000, 12] -> the teacher's input [B, 12, 5000] float32 on the CPU, by the
+    extraction's preprocessing, exactly."""
+    return torch.from_numpy(preprocess_ecg(raw.detach().float().cpu().numpy()))
+
+
 class ECGSSLModule(TeacherModule):
     """Args: ``arch``, an ECGFounder config name; the view augmentation (:class:`ECGAugmentConfig`:
     ``crop_samples``, ``scale_range``, ``noise_std``, ``wander_amp``, ``wander_hz``, ``lead_mask_prob``);
@@ -68,8 +74,7 @@ class ECGSSLModule(TeacherModule):
     def preprocess(self, raw: torch.Tensor) -> torch.Tensor:
         """Stored rows [B, 1, 5000, 12] -> the teacher's input [B, 12, 5000] float32 on the module's
         device."""
-        x = preprocess_ecg(raw.detach().float().cpu().numpy())  # the extraction's preprocessing, exactly
-        return torch.from_numpy(x).to(self.device)
+        return _filtered(raw).to(self.device)
 
     def cached_preprocess(self, raw: torch.Tensor, rows: torch.Tensor, split: str) -> torch.Tensor:
         """:meth:`preprocess` of a batch of ``split``'s stored ``rows``, each row computed once
@@ -81,8 +86,7 @@ class ECGSSLModule(TeacherModule):
         keys = rows.tolist()
         missing = [k for k, row in enumerate(keys) if row not in store]
         if missing:
-            fresh = preprocess_ecg(raw[missing].detach().float().cpu().numpy())  # [M, 12, T]
-            store.update({keys[k]: torch.from_numpy(x) for k, x in zip(missing, fresh)})
+            store.update({keys[k]: x for k, x in zip(missing, _filtered(raw[missing]))})
         return torch.stack([store[row] for row in keys]).to(self.device)
 
     def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pacx.progress import progress_switched_on, set_progress
 from pacx.reproduce.execute import COMPLETED, execute_point, exit_code, node_spec, run_status, write_specs
 from pacx.reproduce.plan import REPO, Node, Plan
-from pacx.utils import write_json_atomic
+from pacx.utils import cores, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,6 @@ def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
 
 
 # ---- local ----------------------------------------------------------------------------------------
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _start_worker(threads: int, level: int, fmt: str | None, progress: bool) -> None:
