@@ -9,7 +9,7 @@ from pacx.lit.mae import MAEModule
 
 
 def main(args: list[str] | None = None):
-    return cli_main(MAEModule, CheXpertDataModule, args=args)
+    return cli_main(MAEModule, CheXpertDataModule, args=args, program=__file__)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def main(args: list[str] | None = None):
         warnings.warn("Stage2_PACX.py trains PaCX only: train teachers with `python -m pacx.teachers fit "
                       "--config ...` (configs/teachers/); running it there", FutureWarning, stacklevel=2)
         return teachers.main(args)
-    return cli_main(PaCXModule, SymileMIMICDataModule, args=args, subclass_mode_model=True)
+    return cli_main(PaCXModule, SymileMIMICDataModule, args=args, program=__file__, subclass_mode_model=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pacx.lit.common import BenchmarkEvalModule
 
 
 def main(args: list[str] | None = None):
-    return cli_main(BenchmarkEvalModule, SplitsDataModule, args=args, cli_class=EvalCLI)
+    return cli_main(BenchmarkEvalModule, SplitsDataModule, args=args, cli_class=EvalCLI, program=__file__)
 
 
 if __name__ == "__main__":

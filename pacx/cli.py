@@ -8,9 +8,12 @@ once as ``data.img_size``. Each point in detail: docs/design.md#cli.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -116,10 +119,11 @@ class PacxCLI(LightningCLI):
         metric, mode = self.model.monitor
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         every = self._get(self.config_init, "checkpoint_every_n_steps") or 0
+        self.best_checkpoint = ModelCheckpoint(
+            dirpath=str(ckpt_dir), filename="best-{epoch:03d}-{step}", monitor=metric, mode=mode,
+            save_last=False, save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
         callbacks += [
-            ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-{epoch:03d}-{step}", monitor=metric,
-                            mode=mode, save_last=False, save_top_k=1, auto_insert_metric_name=False,
-                            enable_version_counter=False),
+            self.best_checkpoint,
             LastCheckpoint(ckpt_dir, every_n_train_steps=every),
             RunRecord(run_dir, self.model.stage, config_path=str(run_dir / "config.yaml"), command=sys.argv,
                       final_status=self.fit_status, attempt=attempt, subcommand=self.subcommand),
@@ -264,23 +268,53 @@ class EvalCLI(PacxCLI):
             backbone.kind, backbone.weights, Path(manifest_dir) / spec.manifest_files["test"], allow)
 
     def after_fit(self) -> None:
-        ckpt = None if self.trainer.fast_dev_run else "best"  # fast_dev_run writes no checkpoint to test
+        # The best checkpoint on the module's monitor metric, named rather than "best": Lightning's "best" is
+        # the first ModelCheckpoint among the callbacks, which a config's own trainer.callbacks could be.
+        # fast_dev_run writes no checkpoint to test.
+        ckpt = None if self.trainer.fast_dev_run else (self.best_checkpoint.best_model_path or "best")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunRecord):
                 cb.write(self.trainer, "completed")
 
 
+@contextlib.contextmanager
+def as_script(script: str | Path, args: list[str]) -> Iterator[None]:
+    """Within the block, this process looks as if started by ``python <script> <args...>``: ``sys.argv`` is
+    ``[script, *args]`` and ``__main__`` has no module spec. Lightning's DDP launcher starts ranks > 0 by
+    re-running that command line, and ``run.json`` records it. Without this, a Stage run called in process
+    (the plan executor, the demo, a notebook) would record its caller's command line and, with
+    ``trainer.devices`` > 1 outside Slurm, start its other ranks by re-running the caller: the demo or the
+    whole plan driver. Both are restored on exit."""
+    main = sys.modules.get("__main__")
+    saved_argv, saved_spec = sys.argv, getattr(main, "__spec__", None)
+    sys.argv = [os.path.abspath(script), *args]
+    if main is not None:
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        if main is not None:
+            main.__spec__ = saved_spec
+
+
 def cli_main(model_class, datamodule_class, args: list[str] | None = None, cli_class: type[PacxCLI] = PacxCLI,
-             **kwargs) -> PacxCLI:
-    """Entry point of every Stage script."""
+             program: str | Path | None = None, **kwargs) -> PacxCLI:
+    """Entry point of every Stage script. ``program``: the script file that runs this entry point from a
+    shell (the Stage scripts pass their ``__file__``); with ``args`` given, the run then behaves exactly as
+    ``python <program> <args...>`` would (:func:`as_script`)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scope = contextlib.nullcontext()
+    if args is not None and program is not None:
+        scope, args = as_script(program, list(args)), None  # LightningCLI then parses sys.argv[1:] = args
     try:
-        return cli_class(model_class, datamodule_class, args=args, **kwargs)
+        with scope:
+            return cli_class(model_class, datamodule_class, args=args, **kwargs)
     except RunRequeued as stop:  # checkpoint saved and job requeued: a clean exit, not a crash
         log.info("%s; the requeued job resumes from last.ckpt", stop)
         raise SystemExit(0) from None
 
 
-__all__ = ["CheckpointError", "EvalCLI", "PacxCLI", "cli_main"]
+__all__ = ["CheckpointError", "EvalCLI", "PacxCLI", "as_script", "cli_main"]

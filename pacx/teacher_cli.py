@@ -23,7 +23,8 @@ TEACHER_LIT_MODULES = ("pacx.lit.labs_dae", "pacx.lit.ecg_ssl")
 
 
 def main(args: list[str] | None = None):
-    return cli_main(TeacherModule, SymileMIMICDataModule, args=args, subclass_mode_model=True)
+    return cli_main(TeacherModule, SymileMIMICDataModule, args=args, program=__file__,
+                    subclass_mode_model=True)
 
 
 def _model_class_paths(args: Sequence[str]) -> list[str]:

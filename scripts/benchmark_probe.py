@@ -95,7 +95,8 @@ def run_protocol(args, raw: Path, manifests: Path, work: Path, name: str) -> dic
     start = time.perf_counter()
     # exactly what Stage3_eval.py's main() runs
     cli_main(BenchmarkEvalModule, SplitsDataModule,
-             protocol_args(args, raw, manifests, run_dir, work / f"{name}_cache", name), cli_class=EvalCLI)
+             protocol_args(args, raw, manifests, run_dir, work / f"{name}_cache", name), cli_class=EvalCLI,
+             program=REPO / "Stage3_eval.py")
     seconds = time.perf_counter() - start
     row = pd.read_csv(run_dir / "results.csv").iloc[-1]
     log.info("%s: %.1f s, test AUROC %.4f", name, seconds, row["test/auroc"])

@@ -1,14 +1,15 @@
 """The shared Stage CLI (:mod:`pacx.cli`): the image size is set once, as
-``data.img_size``, in every stage."""
+``data.img_size``, in every stage; a Stage run called in process looks like its own command line."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pacx.cli import EvalCLI, PacxCLI
+from pacx.cli import EvalCLI, PacxCLI, as_script
 from pacx.data.chexpert import CheXpertDataModule
 from pacx.data.stage3 import SplitsDataModule
 from pacx.data.symile import SymileMIMICDataModule
@@ -65,3 +66,15 @@ def test_teachers_command_runs_as_a_module(repo):
     out = subprocess.run([sys.executable, "-m", "pacx.teachers", "fit", "--help"], cwd=repo,
                          capture_output=True, text=True, check=True).stdout
     assert "subclass of TeacherModule" in out and "--data.root" in out
+
+
+def test_as_script_sets_and_restores_argv_and_the_main_spec(tmp_path):
+    main = sys.modules["__main__"]
+    argv, spec = list(sys.argv), getattr(main, "__spec__", None)
+    with as_script("Stage1_MAE.py", ["fit", "--config", "c.yaml"]):
+        assert sys.argv[1:] == ["fit", "--config", "c.yaml"] and Path(sys.argv[0]).is_absolute()
+        assert Path(sys.argv[0]).name == "Stage1_MAE.py" and main.__spec__ is None
+    assert sys.argv == argv and main.__spec__ is spec
+    with pytest.raises(RuntimeError, match="inside"), as_script("x.py", ["a"]):
+        raise RuntimeError("inside")
+    assert sys.argv == argv and main.__spec__ is spec

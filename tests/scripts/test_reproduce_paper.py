@@ -532,6 +532,39 @@ def test_local_failure_stops_dependents_only(tmp_path, mode):
         "failing_out": "failed"}
 
 
+@pytest.mark.parametrize("mode", sorted(LOCAL_MODES))
+def test_a_two_rank_stage_outside_slurm_restarts_the_stage_not_the_driver(tmp_path, mode, chexpert_release):
+    """``trainer.devices 2`` without Slurm: Lightning starts rank 1 by re-running this process's command
+    line. That must be the Stage script's command, which run.json records too. Before pacx.cli.as_script, an
+    in-process Stage re-ran the driver, so its rank 1 also ran the plan's later nodes (here ``later``, twice),
+    and a rank-1 copy of the executor logged that the run was unfinished."""
+    out = tmp_path / "out"
+    plan_path = write_plan(tmp_path, f"""\
+        python: {sys.executable}
+        nodes:
+          - {{name: first, script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+          - name: stage1
+            after: [first]
+            stage: Stage1_MAE.py
+            config: [configs/demo/stage1_mae.yaml, configs/demo/smoke/stage1.yaml]
+            run_dir: "{{out}}/stage1"
+            args: [--data.root, "{chexpert_release}", --wandb, disabled, --trainer.devices, "2",
+                   --trainer.strategy, ddp, --trainer.max_epochs, "1", --trainer.limit_val_batches, "1"]
+          - {{name: later, script: [-c, "{LOG}", "{{out}}/order.txt", "{{node}}"]}}
+    """)
+    # a child process: this test's own process stays out of the gloo process group
+    done = subprocess.run([sys.executable, "scripts/reproduce_paper.py", str(plan_path), *LOCAL_MODES[mode],
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert read_lines(out / "order.txt") == ["first", "later"]  # each node ran once
+    record = json.loads((out / "stage1" / "run.json").read_text())
+    assert record["status"] == "completed" and record["world_size"] == 2
+    assert record["command"][:3] == [str(REPO / "Stage1_MAE.py"), "fit", "--config"]
+    assert " ERROR " not in done.stdout + done.stderr
+    assert "LightningCLI's args parameter" not in done.stderr
+
+
 # each point records its process, its torch threads and when it ran; point 3 of the grid fails
 WHO = ("import os, sys, time, torch; t0 = time.time(); time.sleep(1.5); "
        "open(sys.argv[1] + '/' + sys.argv[2], 'w').write(' '.join(map(str, [os.getpid(), "
