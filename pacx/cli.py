@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,17 @@ from pacx.weights.checkpoint import CheckpointError, safe_torch_load
 log = logging.getLogger(__name__)
 
 WandbMode = Literal["offline", "online", "disabled"]
+
+# Third-party warnings that say nothing about a pacx run; cli_main silences them (by message, for its run).
+QUIET_WARNINGS = (
+    # Lightning's hint to prepend srun, given wherever srun is installed: pacx submits its own Slurm jobs
+    # (scripts/slurm, the plan driver) and runs outside a Slurm job by design when started from a shell.
+    r"The `srun` command is available on your system but is not used",
+    # torch 2.14 deprecates an isinstance check inside Lightning's own pytree helper: nothing to change here.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # frozen backbones and teachers stay in eval mode on purpose (docs/design.md#cli)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
 
 
 class PacxCLI(LightningCLI):
@@ -235,6 +247,9 @@ class EvalCLI(PacxCLI):
         super().add_arguments_to_parser(parser)
         parser.add_argument("--embeddings_out", type=str | None, default=None,
                             help="predict: output .npy (default <trainer.default_root_dir>/embeddings.npy)")
+        parser.add_argument("--test_table", type=bool, default=True,
+                            help="fit: print Lightning's table of the test metrics at the end (false: one "
+                                 "log line; the metrics go to metrics.csv and results.csv either way)")
         parser.add_argument("--allow_overlap", type=bool, default=False,
                             help="evaluate even when the test split shares admissions with the backbone's "
                                  "Stage 2 training admissions (warned about and recorded in the results row)")
@@ -272,7 +287,12 @@ class EvalCLI(PacxCLI):
         # the first ModelCheckpoint among the callbacks, which a config's own trainer.callbacks could be.
         # fast_dev_run writes no checkpoint to test.
         ckpt = None if self.trainer.fast_dev_run else (self.best_checkpoint.best_model_path or "best")
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
+        table = bool(self._get(self.config, "test_table", default=True))
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True,
+                                    verbose=table)
+        if not table and self.trainer.is_global_zero:
+            log.info("%s: %s", self.run_dir, ", ".join(
+                f"{k} {v:.4f}" for metrics in results for k, v in sorted(metrics.items())))
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunRecord):
                 cb.write(self.trainer, "completed")
@@ -310,7 +330,9 @@ def cli_main(model_class, datamodule_class, args: list[str] | None = None, cli_c
     if args is not None and program is not None:
         scope, args = as_script(program, list(args)), None  # LightningCLI then parses sys.argv[1:] = args
     try:
-        with scope:
+        with scope, warnings.catch_warnings():
+            for message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
             return cli_class(model_class, datamodule_class, args=args, **kwargs)
     except RunRequeued as stop:  # checkpoint saved and job requeued: a clean exit, not a crash
         log.info("%s; the requeued job resumes from last.ckpt", stop)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from pacx.cli import EvalCLI, PacxCLI, as_script
+from pacx.cli import QUIET_WARNINGS, EvalCLI, PacxCLI, as_script, cli_main
 from pacx.data.chexpert import CheXpertDataModule
 from pacx.data.stage3 import SplitsDataModule
 from pacx.data.symile import SymileMIMICDataModule
@@ -78,3 +79,26 @@ def test_as_script_sets_and_restores_argv_and_the_main_spec(tmp_path):
     with pytest.raises(RuntimeError, match="inside"), as_script("x.py", ["a"]):
         raise RuntimeError("inside")
     assert sys.argv == argv and main.__spec__ is spec
+
+
+def test_cli_main_silences_only_the_listed_third_party_warnings():
+    """The warnings of pacx.cli.QUIET_WARNINGS, as Lightning and torch word them, are silenced for the run;
+    any other warning still reaches the user, and the filters end with the run."""
+    emitted = [
+        "The `srun` command is available on your system but is not used. HINT: If your intention is ...",
+        "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and ...`",
+        "Found 94 module(s) in eval mode at the start of training. This may lead to unexpected behavior ...",
+        "something a user should see",
+    ]
+
+    class Emitter:
+        def __init__(self, model_class, datamodule_class, args=None, **kwargs) -> None:
+            for message in emitted:
+                warnings.warn(message, UserWarning, stacklevel=1)
+
+    assert len(QUIET_WARNINGS) == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(None, None, args=[], cli_class=Emitter)
+        warnings.warn(emitted[0], UserWarning, stacklevel=1)  # after the run: shown again
+    assert [str(w.message) for w in caught] == [emitted[3], emitted[0]]

@@ -3,6 +3,7 @@ test, and the module's rules."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -89,25 +90,32 @@ def test_fit_then_test_appends_results(name, prepared, stage1_run, tmp_path, rep
     assert row["train_fraction"] == 1.0 and str(row["backbone_weights"]) == str(stage1_run)
 
 
-def test_test_loads_the_best_checkpoint_on_the_monitor_beside_a_configs_own(prepared, stage1_run, tmp_path):
+def test_test_loads_the_best_checkpoint_on_the_monitor_beside_a_configs_own(prepared, stage1_run, tmp_path,
+                                                                            capsys, caplog):
     """Lightning's ``ckpt_path="best"`` means the first ModelCheckpoint among the callbacks, which a config's
     ``trainer.callbacks`` may supply (here one keeping the *worst* epoch); the test must still load pacx's own
-    best checkpoint on the module's monitor metric."""
+    best checkpoint on the module's monitor metric. ``--test_table false``: one log line, no table."""
     from Stage3_eval import main
 
     raw, manifests = prepared("tb")
     run_dir, monitor = tmp_path / "run", metric_key(BENCHMARKS["tb"], "val", "auroc")
+    caplog.set_level(logging.INFO, logger="pacx.cli")
     cli = main(stage3_args("tb", raw, manifests, run_dir, stage1_run, "--trainer.max_epochs", "3",
                            "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
                            "--trainer.callbacks.dirpath", str(tmp_path / "own"),
                            "--trainer.callbacks.monitor", monitor,
-                           "--trainer.callbacks.mode", "min"))
+                           "--trainer.callbacks.mode", "min", "--test_table", "false"))
     own = [cb for cb in cli.trainer.checkpoint_callbacks if cb is not cli.best_checkpoint]
     assert len(own) == 2 and own[0].monitor == monitor  # the config's, then LastCheckpoint
     assert cli.best_checkpoint.best_model_path != own[0].best_model_path  # the two disagree here
     assert cli.trainer.ckpt_path == cli.best_checkpoint.best_model_path
     val = pd.read_csv(run_dir / "metrics.csv")[monitor].dropna()
     assert len(val) == 3 and float(cli.best_checkpoint.best_model_score) == pytest.approx(val.max())
+    test_auroc = pd.read_csv(run_dir / "results.csv").iloc[-1]["metric_value"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pacx.cli"]
+    lines = [line for line in lines if line.startswith(f"{run_dir}: ")]
+    assert len(lines) == 1 and f"{metric_key(BENCHMARKS['tb'], 'test')} {test_auroc:.4f}" in lines[0]
+    assert "Test metric" not in capsys.readouterr().out
 
 
 def _datamodule(name, prepared, **kwargs) -> BenchmarkDataModule:
