@@ -69,7 +69,7 @@ def test_teachers_command_runs_as_a_module(repo):
     assert "subclass of TeacherModule" in out and "--data.root" in out
 
 
-def test_as_script_sets_and_restores_argv_and_the_main_spec(tmp_path):
+def test_as_script_sets_and_restores_argv_and_the_main_spec():
     main = sys.modules["__main__"]
     argv, spec = list(sys.argv), getattr(main, "__spec__", None)
     with as_script("Stage1_MAE.py", ["fit", "--config", "c.yaml"]):
