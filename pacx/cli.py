@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -299,18 +300,29 @@ class EvalCLI(PacxCLI):
 
 
 @contextlib.contextmanager
-def as_script(script: str | Path, args: list[str]) -> Iterator[None]:
-    """Within the block, this process looks as if started by ``python <script> <args...>``: ``sys.argv`` is
-    ``[script, *args]`` and ``__main__`` has no module spec. Lightning's DDP launcher starts ranks > 0 by
-    re-running that command line, and ``run.json`` records it. Without this, a Stage run called in process
-    (the plan executor, the demo, a notebook) would record its caller's command line and, with
+def as_script(program: str | Path, args: list[str]) -> Iterator[None]:
+    """Within the block, this process looks as if started by ``python <program> <args...>`` (a ``.py``
+    file) or ``python -m <program> <args...>`` (a module name): ``sys.argv[1:]`` is ``args``, and
+    ``__main__``'s module spec is none or the module's. Lightning's DDP launcher starts ranks > 0 by
+    re-running that command line, and ``run.json`` records ``sys.argv``. Without this, a Stage run called in
+    process (the plan executor, the demo, a notebook) would record its caller's command line and, with
     ``trainer.devices`` > 1 outside Slurm, start its other ranks by re-running the caller: the demo or the
     whole plan driver. Both are restored on exit."""
+    if str(program).endswith(".py"):
+        argv0, spec = os.path.abspath(program), None
+    else:
+        try:
+            spec = importlib.util.find_spec(f"{program}.__main__")
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None or spec.origin is None:
+            raise ValueError(f"{program!r} is neither a .py script nor a module runnable with python -m")
+        argv0 = spec.origin
     main = sys.modules.get("__main__")
     saved_argv, saved_spec = sys.argv, getattr(main, "__spec__", None)
-    sys.argv = [os.path.abspath(script), *args]
+    sys.argv = [argv0, *args]
     if main is not None:
-        main.__spec__ = None
+        main.__spec__ = spec
     try:
         yield
     finally:
@@ -321,9 +333,9 @@ def as_script(script: str | Path, args: list[str]) -> Iterator[None]:
 
 def cli_main(model_class, datamodule_class, args: list[str] | None = None, cli_class: type[PacxCLI] = PacxCLI,
              program: str | Path | None = None, **kwargs) -> PacxCLI:
-    """Entry point of every Stage script. ``program``: the script file that runs this entry point from a
-    shell (the Stage scripts pass their ``__file__``); with ``args`` given, the run then behaves exactly as
-    ``python <program> <args...>`` would (:func:`as_script`)."""
+    """Entry point of every Stage script. ``program``: what runs this entry point from a shell, a script file
+    (the Stage scripts pass their ``__file__``) or a module for ``python -m`` (``pacx.teachers``); with
+    ``args`` given, the run then behaves exactly as that command line would (:func:`as_script`)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scope = contextlib.nullcontext()

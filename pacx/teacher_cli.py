@@ -23,7 +23,7 @@ TEACHER_LIT_MODULES = ("pacx.lit.labs_dae", "pacx.lit.ecg_ssl")
 
 
 def main(args: list[str] | None = None):
-    return cli_main(TeacherModule, SymileMIMICDataModule, args=args, program=__file__,
+    return cli_main(TeacherModule, SymileMIMICDataModule, args=args, program="pacx.teachers",
                     subclass_mode_model=True)
 
 

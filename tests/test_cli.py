@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -69,13 +68,25 @@ def test_teachers_command_runs_as_a_module(repo):
     assert "subclass of TeacherModule" in out and "--data.root" in out
 
 
-def test_as_script_sets_and_restores_argv_and_the_main_spec():
+def test_as_script_makes_lightning_relaunch_the_program_and_restores_argv_and_the_main_spec(repo):
+    """Inside ``as_script``, Lightning's DDP launcher would start ranks > 0 with the program's own command
+    line (a script, or ``-m`` for a module); ``sys.argv`` and ``__main__.__spec__`` come back afterwards."""
+    from lightning_fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+
     main = sys.modules["__main__"]
     argv, spec = list(sys.argv), getattr(main, "__spec__", None)
-    with as_script("Stage1_MAE.py", ["fit", "--config", "c.yaml"]):
-        assert sys.argv[1:] == ["fit", "--config", "c.yaml"] and Path(sys.argv[0]).is_absolute()
-        assert Path(sys.argv[0]).name == "Stage1_MAE.py" and main.__spec__ is None
+    with as_script(repo / "Stage1_MAE.py", ["fit", "--config", "c.yaml"]):
+        assert sys.argv == [str(repo / "Stage1_MAE.py"), "fit", "--config", "c.yaml"]
+        assert list(_basic_subprocess_cmd()) == [sys.executable, *sys.argv]
     assert sys.argv == argv and main.__spec__ is spec
+    with as_script("pacx.teachers", ["fit", "--config", "t.yaml"]):
+        assert sys.argv[0] == str(repo / "pacx" / "teachers" / "__main__.py")
+        assert list(_basic_subprocess_cmd()) == [sys.executable, "-m", "pacx.teachers.__main__", "fit",
+                                                 "--config", "t.yaml"]
+    assert sys.argv == argv and main.__spec__ is spec
+    with pytest.raises(ValueError, match="neither a .py script nor a module"):
+        with as_script("pacx.no_such_module", []):
+            pass
     with pytest.raises(RuntimeError, match="inside"), as_script("x.py", ["a"]):
         raise RuntimeError("inside")
     assert sys.argv == argv and main.__spec__ is spec
