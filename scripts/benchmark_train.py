@@ -48,6 +48,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pacx.models.flops import mae_forward_flops, mae_train_flops  # noqa: E402
 from pacx.models.mae import MAE_ARCHS, create_mae  # noqa: E402
 from pacx.perf.train import (  # noqa: E402
     ForwardRunner,
@@ -56,8 +57,6 @@ from pacx.perf.train import (  # noqa: E402
     create_hf_twin,
     frozen_parameter_names,
     hf_loss,
-    mae_forward_flops,
-    mae_train_flops,
     make_adamw,
     mfu,
     pacx_loss,

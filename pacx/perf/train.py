@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pacx.models.flops import mae_forward_flops, mae_train_flops  # noqa: F401  (re-exported)
+from pacx.models.flops import mae_forward_flops, mae_train_flops  # noqa: F401  (the public names of old)
 from pacx.models.mae import MaskedAutoencoderViT
 from pacx.models.tuning import count_parameters
 

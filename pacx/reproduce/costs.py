@@ -128,9 +128,9 @@ def _mae_flops_scale(arch: str, img_size: int, mask_ratio: float) -> Callable[[M
         if measured == wanted:
             return 1.0, ""
         # torch-heavy imports; only a rate measured at another MAE configuration needs them
+        from pacx.models.flops import mae_forward_flops
         from pacx.models.mae import MAE_ARCHS
         from pacx.models.vit import vit_config
-        from pacx.perf.train import mae_forward_flops
 
         def flops(arch: str, img_size: int, mask_ratio: float) -> int:
             vit_arch, dec = MAE_ARCHS[arch]
