@@ -196,6 +196,7 @@ class PaCXModule(StagedModule):
         """Checkpoints written before the heads were keyed by teacher load renamed (``proj_ecg.*`` ->
         ``proj.ecg.*``; an ``ablate`` run's untrained heads of the ablated teacher dropped):
         :func:`~pacx.models.heads.upgrade_head_keys`."""
+        super().on_load_checkpoint(checkpoint)  # the stage check and the debug flags
         checkpoint["state_dict"] = upgrade_head_keys(checkpoint["state_dict"], self.teacher_names)
 
     @property
@@ -260,19 +261,29 @@ class PaCXModule(StagedModule):
         full = max(c["n"] for c in self._val_clip)
         kept = [c for c in self._val_clip if c["n"] == full]
         infonce = {t: sum(c[t] for c in kept) / len(kept) for t in self.teacher_names}
+        if self.trainer.world_size > 1:  # this rank's queries only: the split's is the mean over the ranks
+            reduce = self.trainer.strategy.reduce
+            infonce = {t: float(reduce(torch.tensor(v, device=self.device), reduce_op="mean"))
+                       for t, v in infonce.items()}
         return {"embeddings": emb, "infonce": infonce, "n_global": full * self.trainer.world_size}
 
     def _log_diagnostics(self, e: dict, stage: str, bs: int) -> None:
-        stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean(),
-                 "cxr_std": e["cxr_shared"].float().std(0).mean()}
+        spread = bs > 1  # a one-row batch (the last one can be) has no std over rows and no negatives
+        stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean()}
+        if spread:
+            stats["cxr_std"] = e["cxr_shared"].float().std(0).mean()
         for t in self.teacher_names:
             shared = e["shared"][t]
             for k, v in retrieval_topk(e["cxr_shared"], shared).items():
                 stats[f"batch_top{k}_cxr_{t}"] = v
-            stats[f"pos_cos_{t}"], stats[f"neg_cos_{t}"] = pair_cosines(e["cxr_shared"], shared)
+            pos, neg = pair_cosines(e["cxr_shared"], shared)
+            stats[f"pos_cos_{t}"] = pos
+            if spread:
+                stats[f"neg_cos_{t}"] = neg
             stats[f"reg_cos_{t}"] = F.cosine_similarity(e["pred"][t].float(), e["target"][t].float()).mean()
             stats[f"{t}_norm"] = shared.norm(dim=-1).mean()
-            stats[f"{t}_std"] = shared.float().std(0).mean()
+            if spread:
+                stats[f"{t}_std"] = shared.float().std(0).mean()
         self.log_stage(stage, stats, bs, prog_bar=())  # validation and test only: per epoch, synchronised
 
     def on_validation_epoch_start(self) -> None:

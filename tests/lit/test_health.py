@@ -175,3 +175,48 @@ callbacks:
     assert isinstance(probe, OnlineLinearProbe) and probe.every_n_epochs == 5
     assert isinstance(probe.data, ArrayProbeData) and probe.data.index_column == "row"
     assert isinstance(health, LearningHealth) and health.thresholds["warmup_epochs"] == 3
+
+
+def _ddp_pacx_validate_worker() -> None:
+    """One rank of a 2-process CPU (gloo) Lightning DDP ``validate`` of a tiny PaCXModule (env as torchrun
+    sets it; PACX_TEST_OUT): saves the rank's per-batch InfoNCE and rank zero's logged readings."""
+    import json
+    import os
+    from pathlib import Path
+
+    from pacx.lit.pacx import PaCXModule
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)  # the same weights on both ranks
+    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="full")
+    g = torch.Generator().manual_seed(1)
+    rows = [{"cxr": torch.randn(3, 32, 32, generator=g),
+             "teachers": {"ecg": torch.randn(1024, generator=g), "labs": torch.randn(256, generator=g)}}
+            for _ in range(16)]
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=os.environ["PACX_TEST_OUT"])
+    trainer.validate(module, DataLoader(rows, batch_size=4))  # 8 rows per rank: two batches of 4 (N = 8)
+    out = {"local": [c["labs"] for c in module._val_clip],
+           "logged": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+    (Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def test_pacx_health_infonce_under_ddp_is_the_mean_over_all_ranks(tmp_path):
+    """Under DDP each rank's validation InfoNCE covers its own queries only; the logged chance fraction must
+    be that of the whole split (the mean over ranks, as ``val/clip_*``), not rank zero's half."""
+    import json
+
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.lit.test_health:_ddp_pacx_validate_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(len(r["local"]) == 2 for r in ranks)
+    split_mean = np.mean([v for r in ranks for v in r["local"]])
+    rank0_mean = np.mean(ranks[0]["local"])
+    assert abs(split_mean - rank0_mean) > 1e-4  # the ranks' halves differ: the check can tell them apart
+    logged = ranks[0]["logged"]
+    assert logged["val/infonce_frac_labs"] * math.log(8) == pytest.approx(split_mean, rel=1e-5)
+    assert logged["val/clip_labs"] == pytest.approx(split_mean, rel=1e-5)

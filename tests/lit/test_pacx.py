@@ -211,3 +211,43 @@ def test_retrieval_topk_against_explicit_ranking():
     expected5 = np.mean([int(i in order[i, :5].tolist()) for i in range(20)])
     assert top[1].item() == pytest.approx(expected1) and top[5].item() == pytest.approx(expected5)
     assert top[1] >= 0.25
+
+
+def test_loading_a_checkpoint_checks_its_stage_and_keeps_its_debug_flags():
+    """The head-key upgrade on load must not replace StagedModule's: a resumed or tested Stage 2 debug run
+    stays one (its checkpoint's ``pacx.debug`` flags), and another stage's checkpoint is refused."""
+    module = _module()
+    state = module.state_dict()
+    module.on_load_checkpoint({"state_dict": dict(state),
+                               "pacx": {"stage": "stage2_pacx", "debug": {"limit_train_batches": 2}}})
+    assert module.debug_flags == {"limit_train_batches": 2}
+    with pytest.raises(CheckpointError, match="stage1_mae"):
+        _module().on_load_checkpoint({"state_dict": dict(state),
+                                      "pacx": {"stage": "stage1_mae", "debug": {}}})
+
+
+def test_validation_diagnostics_of_a_one_row_batch_are_finite():
+    """The last validation batch can hold one row: its within-batch spread (std over rows) and negative
+    cosine do not exist and must not be logged as NaN / 0 (a NaN makes the whole epoch's value NaN); larger
+    batches log the numbers as before."""
+    module = _module().eval()
+    logged: dict = {}
+    module.log_stage = lambda stage, metrics, bs, prog_bar=(): logged.update(metrics)
+    g = torch.Generator().manual_seed(1)
+    teachers = {"ecg": torch.randn(3, 1024, generator=g), "labs": torch.randn(3, 256, generator=g)}
+    with torch.no_grad():
+        e = module.embed({"cxr": X, "teachers": teachers})
+        module._log_diagnostics(e, "val", 3)
+        shared = e["cxr_shared"].double().numpy()
+        assert float(logged["cxr_std"]) == pytest.approx(shared.std(0, ddof=1).mean(), rel=1e-5)
+        n = np.linalg.norm
+        sims = (shared / n(shared, axis=1, keepdims=True)) @ (
+            (s := e["shared"]["labs"].double().numpy()) / n(s, axis=1, keepdims=True)).T
+        assert float(logged["neg_cos_labs"]) == pytest.approx(sims[~np.eye(3, dtype=bool)].mean(), rel=1e-5)
+        logged.clear()
+        one = module.embed({"cxr": X[:1], "teachers": {t: v[:1] for t, v in teachers.items()}})
+        module._log_diagnostics(one, "val", 1)
+    assert logged and all(torch.isfinite(torch.as_tensor(v)) for v in logged.values()), logged
+    assert not {"cxr_std", "ecg_std", "labs_std", "neg_cos_ecg", "neg_cos_labs"} & set(logged)
+    assert float(logged["pos_cos_labs"]) == pytest.approx(
+        torch.nn.functional.cosine_similarity(one["cxr_shared"], one["shared"]["labs"]).item(), rel=1e-5)
