@@ -120,7 +120,8 @@ class ClassificationModule(BenchmarkEvalModule):
             per sample and epoch as the image path does; ``plain`` trains without the flip; ``false`` runs the
             backbone on every batch of every epoch, as the reference does.
         feature_cache_dir: where the features are kept (default ``<default_root_dir>/feature_cache``); the
-            key covers weights, images, transform and precision, so runs may share one directory.
+            key covers weights, architecture, images, transform and precision, so runs may share one
+            directory.
         feature_batch_size: per-device batch of the one-off feature extraction.
         head_norm: put a non-affine BatchNorm (:class:`~pacx.models.heads.FeatureNorm`) before the linear
             head, as MAE's linear-probe protocol does (He et al. 2022); the reference's head (default) is
@@ -196,7 +197,9 @@ class ClassificationModule(BenchmarkEvalModule):
         trainer = self.trainer
         precision = str(trainer.precision)
         layout = (FLIP_PAIR,) if with_flip else ()
-        key = feature_key(self.backbone_fingerprint, f"pool={self.backbone.pool}",
+        # the weights do not fix the features alone: the architecture (e.g. LayerNorm eps) is keyed too
+        key = feature_key(self.backbone_fingerprint, f"vit={sorted(self.backbone.cfg.to_dict().items())}",
+                          f"pool={self.backbone.pool}",
                           images_fingerprint(dataset.image_root, dataset.paths, dataset.transform), precision,
                           *layout)
         root = self.hparams.feature_cache_dir or str(Path(trainer.default_root_dir) / "feature_cache")

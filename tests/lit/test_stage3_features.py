@@ -25,6 +25,7 @@ from pacx.data.feature_cache import (
 from pacx.data.registry import BENCHMARKS
 from pacx.data.transforms import resize_eval
 from pacx.weights.checkpoint import safe_torch_load
+from tests.helpers import run_ranks
 from tests.lit.test_classify import stage3_args
 
 
@@ -174,6 +175,31 @@ def test_feature_cache_is_reused_and_keyed_by_weights_and_images(tb, stage1_run,
                                                                                      resize_eval(32))
 
 
+def test_feature_cache_key_covers_the_encoder_architecture(tb, stage1_run, tmp_path):
+    """The same weights under another architecture (LayerNorm eps: the file's own vs a forced ``arch``) give
+    other features, so they must not share cache entries: every split's served features equal the run's own
+    backbone applied to its images."""
+    from dataclasses import replace
+
+    from pacx.data.images import open_image
+    from pacx.weights.formats import export_metadata, read_encoder_weights, write_export
+
+    weights = read_encoder_weights(stage1_run)
+    export = write_export(weights.state, export_metadata(weights, replace(weights.cfg, norm_eps=0.5)),
+                          tmp_path / "eps.safetensors")
+    cache = ("--model.feature_cache_dir", str(tmp_path / "cache"))
+    own = _fit(tb, tmp_path / "own", export, "--model.backbone.arch", "null", *cache)  # eps 0.5
+    forced = _fit(tb, tmp_path / "forced", export, *cache)  # arch vit_test: eps 1e-6, same tensors
+    assert own.model.backbone.cfg.norm_eps == 0.5 and forced.model.backbone.cfg.norm_eps == 1e-6
+    root, paths = _test_images(tb)
+    images = torch.stack([resize_eval(32)(open_image(root / p, "RGB")) for p in paths])
+    for cli in (own, forced):
+        with torch.no_grad():
+            expected = cli.model.backbone.eval()(images)
+        torch.testing.assert_close(cli.datamodule.datasets["test"].features, expected, atol=1e-5, rtol=0)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 6
+
+
 def test_unusable_cache_file_is_recomputed_with_a_warning(tmp_path, caplog):
     cache = FeatureCache(tmp_path)
     cache.save("k", torch.ones(4, 3), {"split": "val"})
@@ -211,15 +237,8 @@ def _worker_cached_features() -> None:
     dist.destroy_process_group()
 
 
-def test_cached_features_shard_over_two_real_processes(tmp_path, repo):
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(29500 + os.getpid() % 500), "CACHE_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-c",
-           "from tests.lit.test_stage3_features import _worker_cached_features as w; w()"]
-    procs = [subprocess.Popen(cmd, cwd=repo, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+def test_cached_features_shard_over_two_real_processes(tmp_path):
+    run_ranks("tests.lit.test_stage3_features:_worker_cached_features", env={"CACHE_DIR": str(tmp_path)})
     expected = np.array([[i, i**2] for i in range(7)], dtype=np.float32)
     for rank in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"out{rank}.npy"), expected)
