@@ -23,12 +23,14 @@ from pacx.data.common import per_device_batch_size
 from pacx.data.feature_cache import FeatureDataset, FlipFeatureDataset
 from pacx.data.images import find_images
 from pacx.data.lowdata import indicator_columns, low_data_subset
-from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest
+from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest, row_ref
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
 from pacx.data.resumable import train_loader
 from pacx.data.transforms import CLASSIFY_HFLIP, resize_eval, resize_flip_train
 
 log = logging.getLogger(__name__)
+
+_CSV_ROW = "_csv_row"  # a low-data subset's column holding the manifest row numbers
 
 
 def _index_targets(df: pd.DataFrame, spec: BenchmarkSpec, source: str) -> torch.Tensor:
@@ -44,7 +46,8 @@ def _onehot_targets(df: pd.DataFrame, spec: BenchmarkSpec, source: str) -> torch
     bad = (values.sum(axis=1) != 1) | ~np.isin(values, (0, 1)).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ManifestError(f"{source}: row {row}: one-hot columns {list(spec.labels)} hold "
+        csv_row = df["_row"].iat[row] if "_row" in df.columns else row  # ImageManifestDataset: the CSV row
+        raise ManifestError(f"{source}: {row_ref(csv_row)}: one-hot columns {list(spec.labels)} hold "
                             f"{values[row].tolist()}, not exactly one 1")
     return torch.as_tensor(values.argmax(axis=1), dtype=torch.long)
 
@@ -183,7 +186,10 @@ class BenchmarkDataModule(SplitsDataModule):
         df = read_manifest(path, [self.spec.path_column, *self.spec.label_columns])
         if split == "train" and self.hparams.train_fraction < 1.0:
             table, columns = subset_columns(df, self.spec)
-            df = low_data_subset(table, columns, self.hparams.train_fraction, self.subset_seed)[df.columns]
+            # the subset keeps the CSV's row numbers as its index, so errors name the manifest's rows
+            subset = low_data_subset(table.reset_index(names=_CSV_ROW), columns, self.hparams.train_fraction,
+                                     self.subset_seed)
+            df = subset.set_index(_CSV_ROW).rename_axis(None)[df.columns]
         return df, str(path)
 
     def build_dataset(self, split: str, augment: bool | None = None) -> ImageManifestDataset:

@@ -127,3 +127,51 @@ def test_empty_symile_split_is_an_error_naming_the_file(tmp_path):
         np.save(path, np.load(path)[:0])
     with pytest.raises(SymileFileError, match=r"train/\w+_train\.npy: no rows \(N=0\)"):
         validate_split(root, "train", "labs")
+
+
+def _benchmark_release(tmp_path: Path, name: str, table: pd.DataFrame) -> tuple[Path, Path]:
+    """``table`` as every split manifest of benchmark ``name``, each path a tiny PNG: (root, manifests)."""
+    spec = BENCHMARKS[name]
+    root, manifests = tmp_path / "raw", tmp_path / "manifests"
+    images = root / spec.image_dirs["train"]
+    images.mkdir(parents=True)
+    manifests.mkdir()
+    for path in table[spec.path_column]:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / path)
+    for file in spec.manifest_files.values():
+        table.to_csv(manifests / file, index=False)
+    return root, manifests
+
+
+def test_low_data_subset_errors_name_the_manifest_rows(tmp_path):
+    """A low-data train subset keeps the manifest's row numbers: a missing image among the picked rows is
+    named by its row and line in the CSV, not by its position in the subset."""
+    paths = [f"{i}.png" for i in range(20)]
+    root, manifests = _benchmark_release(tmp_path, "tb", pd.DataFrame({"Path": paths,
+                                                                       "Label": [i % 2 for i in range(20)]}))
+    dm = BenchmarkDataModule("tb", str(root), str(manifests), batch_size=2, num_workers=0,
+                             train_fraction=0.25, subset_seed=0)
+    subset, _ = dm.manifest_table("train")
+    assert len(subset) == 5
+    assert subset.index.tolist() == [paths.index(p) for p in subset["Path"]]  # the CSV's rows
+    victim = subset["Path"].iat[-1]
+    row = paths.index(victim)
+    assert row != len(subset) - 1  # its position in the subset differs from its row in the CSV
+    (root / BENCHMARKS["tb"].image_dirs["train"] / victim).unlink()
+    with pytest.raises(ManifestError, match=rf"row {row} \(line {row + 2}\): .*/{victim}"):
+        dm.build_dataset("train")
+
+
+def test_low_data_onehot_error_names_the_manifest_row(tmp_path):
+    """A picked one-hot row without exactly one 1 is named by its row and line in the CSV."""
+    classes = list(BENCHMARKS["chestx6"].labels)
+    onehot = np.zeros((20, len(classes)), np.int64)
+    onehot[np.arange(20), np.arange(20) % 5] = 1  # classes 0-4 only
+    onehot[13, 5] = 1  # row 13: the only Tuberculosis positive (always picked), and a second 1
+    table = pd.DataFrame({"Path": [f"{i}.png" for i in range(20)], **dict(zip(classes, onehot.T))})
+    root, manifests = _benchmark_release(tmp_path, "chestx6", table)
+    dm = BenchmarkDataModule("chestx6", str(root), str(manifests), batch_size=2, num_workers=0,
+                             train_fraction=0.3, subset_seed=0)
+    assert "13.png" in dm.manifest_table("train")[0]["Path"].tolist()
+    with pytest.raises(ManifestError, match=r"chestx6_train_split\.csv: row 13 \(line 15\): one-hot"):
+        dm.build_dataset("train")
