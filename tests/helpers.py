@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +41,39 @@ def stage2_args(run: Path, root: Path, init: Path, *extra: str) -> list[str]:
             "--data.img_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
             "--trainer.enable_progress_bar", "false", "--wandb", "disabled", "--trainer.log_every_n_steps",
             "1", *extra]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: str, world: int = 2, timeout: float = 120.0,
+              env: Mapping[str, str] | None = None) -> None:
+    """Start ``world`` real processes that each call ``worker`` (``"module:function"``, importable from the
+    repository root) with a torchrun-style environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT on a free local port, one CPU thread, gloo on the loopback device) plus ``env``; wait for
+    all. A rank that fails or outlives ``timeout`` s fails the test with every rank's output."""
+    module, function = worker.split(":")
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(world), "NODE_RANK": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            **(env or {})}
+    if "GLOO_SOCKET_IFNAME" not in base and Path("/sys/class/net/lo").exists():
+        base["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "-c", f"from {module} import {function}; {function}()"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    for rank, p in enumerate(procs):
+        try:
+            log, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            log = p.communicate()[0] + f"\n[rank {rank} timed out after {timeout} s]"
+        logs.append(log)
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("DDP ranks failed:\n" + "\n".join(
+            f"--- rank {r} (exit {p.returncode}) ---\n{log}" for r, (p, log) in enumerate(zip(procs, logs))))

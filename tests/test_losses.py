@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from unittest import mock
@@ -20,6 +17,7 @@ from torch import nn
 
 from pacx.dist import gather_batch_sizes, gather_with_grad, get_rank, get_world_size, rank_offset_targets
 from pacx.losses import DistillationLoss, cosine_regression, info_nce, symmetric_clip_loss
+from tests.helpers import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_KEYS = {"loss", "clip_ecg", "clip_labs", "reg_ecg", "reg_labs", "logit_scale"}
@@ -347,33 +345,9 @@ def _ddp_worker() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(out_dir: Path, timeout: float = 120.0, model: str = "tiny") -> list[dict]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(WORLD), "PACX_TEST_OUT": str(out_dir), "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "PACX_TEST_MODEL": model}
-    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    cmd = [sys.executable, "-c", "from tests.test_losses import _ddp_worker; _ddp_worker()"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    for rank, p in enumerate(procs):
-        try:
-            log, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            log = p.communicate()[0] + f"\n[rank {rank} timed out after {timeout} s]"
-        logs.append(log)
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("DDP ranks failed:\n" + "\n".join(
-            f"--- rank {r} (exit {p.returncode}) ---\n{log}" for r, (p, log) in enumerate(zip(procs, logs))))
+    run_ranks("tests.test_losses:_ddp_worker", WORLD, timeout,
+              {"PACX_TEST_OUT": str(out_dir), "PACX_TEST_MODEL": model})
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
