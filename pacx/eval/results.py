@@ -23,6 +23,8 @@ INT_COLUMNS = ("seed", "subset_seed")
 # One test run = one row; a re-run of the same test appends another row that supersedes the earlier one.
 RUN_KEY = ("run_dir", "benchmark", "backbone_kind", "mode", "train_fraction", "seed")
 GROUP_KEY = ("benchmark", "backbone_kind", "mode", "train_fraction")
+# What makes two runs the same test: rows that share it from different run directories count twice in a group.
+TEST_KEY = ("benchmark", "backbone_kind", "backbone_weights", "mode", "train_fraction", "subset_seed", "seed")
 
 # Tasks evaluated in one mode only (pacx/lit/segment.py ``eval_mode``: frozen backbone + decoder). Their rows
 # fill a missing mode with it and appear in the table of every mode.
@@ -59,7 +61,8 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     A missing train fraction (segmentation rows) is 1.0; a missing mode is the task's only mode
     (:data:`SINGLE_MODE_TASKS`) or ``"unknown"``. Rows are superseded when a later row (later in the file,
     or in a later file) has the same :data:`RUN_KEY` — a re-run ``test`` appends a second row; the count is
-    logged. Rows without a ``metric_value`` are dropped with a warning.
+    logged. Rows of the same test (:data:`TEST_KEY`) from different run directories are kept and warned
+    about, naming them: each counts as a seed. Rows without a ``metric_value`` are dropped with a warning.
 
     Raises:
         ValueError: no paths, an empty file, a missing required column or a non-numeric value (the message
@@ -83,6 +86,13 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     if len(df) < before:
         log.warning("%d results row(s) superseded by a later row of the same run (re-run test)",
                     before - len(df))
+    repeated = df[df.duplicated(subset=list(TEST_KEY), keep=False)]
+    if not repeated.empty:
+        first = repeated.groupby(list(TEST_KEY), dropna=False, sort=False)["run_dir"].apply(list).iloc[0]
+        log.warning("%d results row(s) repeat the same test (benchmark, backbone and its weights, mode, "
+                    "train fraction, subset seed and seed) from different run directories; each counts as a "
+                    "seed in the tables, which inflates n and shrinks the std (first: %s)", len(repeated),
+                    ", ".join(map(str, first)))
     unscored = df["metric_value"].isna()
     if unscored.any():
         log.warning("dropping %d row(s) without a metric_value: %s", int(unscored.sum()),

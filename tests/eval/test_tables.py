@@ -111,6 +111,7 @@ def test_load_results_supersedes_rerun_and_fills_defaults(results_csv, caplog):
     with caplog.at_level(logging.WARNING, logger="pacx.eval.results"):
         df = load_results([results_csv])
     assert "1 results row(s) superseded" in caplog.text
+    assert "repeat the same test" not in caplog.text  # one row per test once the re-run supersedes
     assert len(df) == sum(len(v) for v in RUNS.values())
     rerun = df[(df.benchmark == "chexchonet") & (df.backbone_kind == "pacx") & (df.train_fraction == 1.0)
                & (df.seed == 0)]
@@ -127,6 +128,20 @@ def test_load_results_concatenates_files_later_file_wins(results_csv, tmp_path):
     df = load_results([results_csv, later])
     tb = df[(df.benchmark == "tb") & (df.backbone_kind == "imagenet")]
     assert tb["metric_value"].tolist() == [0.70] and tb["source_csv"].tolist() == [str(later)]
+
+
+def test_the_same_test_from_another_run_directory_is_kept_and_warned_about(results_csv, tmp_path, caplog):
+    """tb / imagenet seed 0 tested again from a new run directory: not a re-run of the same run (both rows
+    stay, n becomes 2), but the warning names both directories, since the copy counts as a second seed."""
+    again = _row("tb", "binary", "test/auroc", "imagenet", "linear_probe", 1.0, 0, 0.70,
+                 run_dir="elsewhere/tb")
+    later = tmp_path / "later.csv"
+    pd.DataFrame([again]).to_csv(later, index=False)
+    with caplog.at_level(logging.WARNING, logger="pacx.eval.results"):
+        df = load_results([results_csv, later])
+    assert "2 results row(s) repeat the same test" in caplog.text
+    assert "runs/tb/imagenet/linear_probe/f1.0/s0, elsewhere/tb" in caplog.text
+    assert _stat(aggregate(df), "tb", "imagenet")["n"] == 2
 
 
 def test_missing_column_error_names_file_and_column(tmp_path):
