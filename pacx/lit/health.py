@@ -53,7 +53,8 @@ class LearningHealth(Callback):
 
     The readings are logged under ``val/`` (rank zero), kept in :attr:`history` and checked by a
     :class:`~pacx.eval.health.CollapseMonitor` named after ``trainer.default_root_dir`` (warnings on rank
-    zero only); the threshold arguments are the monitor's.
+    zero only); the threshold arguments are the monitor's. The history and the reasons already warned about
+    are saved in checkpoints, so a resumed run keeps its history and does not warn again.
     """
 
     def __init__(self, warmup_epochs: int = 2, chance_fraction: float = 0.98, std_factor: float = 0.1,
@@ -62,10 +63,22 @@ class LearningHealth(Callback):
                                std_factor=std_factor, rank_fraction=rank_fraction, min_rank=min_rank)
         self.monitor: CollapseMonitor | None = None
         self.history: list[dict] = []
+        self._warned: set[str] = set()  # restored from a checkpoint before or after setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor is None:
             self.monitor = CollapseMonitor(str(trainer.default_root_dir), **self.thresholds)
+            self.monitor.warned |= self._warned
+
+    def state_dict(self) -> dict:
+        warned = self.monitor.warned if self.monitor is not None else self._warned
+        return {"history": [dict(h) for h in self.history], "warned": sorted(warned)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._warned = set(state_dict.get("warned", []))
+        if self.monitor is not None:
+            self.monitor.warned |= self._warned
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not hasattr(pl_module, "health_inputs"):

@@ -176,8 +176,13 @@ class PaCXModule(StagedModule):
         return self.cxr_encoder(cxr)
 
     def setup(self, stage: str) -> None:
-        """The heads must fit the teacher features on disk: an error naming the file otherwise."""
+        """The heads must fit the teacher features on disk: an error naming the file otherwise. InfoNCE needs
+        at least 2 pairs per global batch: a smaller ``data.batch_size`` is an error before training."""
         datamodule = getattr(self.trainer, "datamodule", None)
+        batch = getattr(getattr(datamodule, "hparams", None), "batch_size", None)
+        if stage == "fit" and batch is not None and batch < 2:
+            raise ValueError(f"data.batch_size is {batch}: the contrastive loss needs at least 2 pairs per "
+                             "global batch (each query's key and at least one negative)")
         widths = datamodule.feature_widths() if hasattr(datamodule, "feature_widths") else {}
         for t, (width, path) in widths.items():
             if t in self.teacher_widths and width != self.teacher_widths[t]:

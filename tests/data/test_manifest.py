@@ -143,9 +143,12 @@ def _benchmark_release(tmp_path: Path, name: str, table: pd.DataFrame) -> tuple[
     return root, manifests
 
 
+@pytest.mark.bad_input
 def test_low_data_subset_errors_name_the_manifest_rows(tmp_path):
-    """A low-data train subset keeps the manifest's row numbers: a missing image among the picked rows is
-    named by its row and line in the CSV, not by its position in the subset."""
+    """Missing image in a low-data (train_fraction < 1) subset → ManifestError naming its row and line in
+    the manifest CSV, not its position in the subset.
+
+    A low-data train subset keeps the manifest's row numbers."""
     paths = [f"{i}.png" for i in range(20)]
     root, manifests = _benchmark_release(tmp_path, "tb", pd.DataFrame({"Path": paths,
                                                                        "Label": [i % 2 for i in range(20)]}))
@@ -162,8 +165,10 @@ def test_low_data_subset_errors_name_the_manifest_rows(tmp_path):
         dm.build_dataset("train")
 
 
+@pytest.mark.bad_input
 def test_low_data_onehot_error_names_the_manifest_row(tmp_path):
-    """A picked one-hot row without exactly one 1 is named by its row and line in the CSV."""
+    """One-hot row without exactly one 1 in a low-data subset → ManifestError naming its row and line in the
+    manifest CSV."""
     classes = list(BENCHMARKS["chestx6"].labels)
     onehot = np.zeros((20, len(classes)), np.int64)
     onehot[np.arange(20), np.arange(20) % 5] = 1  # classes 0-4 only

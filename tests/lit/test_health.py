@@ -83,6 +83,30 @@ def test_collapsed_run_warns_once_per_reason(tmp_path, caplog):
     assert float(m["val/emb_std"]) < 1e-4
 
 
+def test_a_resumed_run_keeps_its_health_history_and_does_not_warn_again(tmp_path, caplog):
+    """The callback's history and warned reasons travel in the checkpoint (loaded with weights_only): a run
+    that warned at epoch 2 and is resumed from its epoch-3 checkpoint keeps epochs 0-3 and stays silent."""
+    from pacx.weights.checkpoint import safe_torch_load
+
+    caplog.set_level(logging.WARNING, logger="pacx.eval.health")
+    health = LearningHealth(warmup_epochs=2)
+    trainer = fit(Toy(collapsed=True), [health], tmp_path)
+    ckpt = tmp_path / "epoch3.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert len(caplog.records) == 4
+    saved = next(v for k, v in safe_torch_load(ckpt)["callbacks"].items() if k.startswith("LearningHealth"))
+    assert saved["warned"] == sorted(health.monitor.warned) and len(saved["history"]) == 4
+    caplog.clear()
+    resumed = LearningHealth(warmup_epochs=2)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(x), batch_size=8)
+    pl.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+               callbacks=[resumed]).fit(Toy(collapsed=True), data, data, ckpt_path=str(ckpt))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4, 5]
+    assert caplog.records == []  # still collapsed at epochs 4-5, but every reason was already reported
+
+
 def test_healthy_run_stays_silent(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="pacx.eval.health")
     health = LearningHealth(warmup_epochs=0)

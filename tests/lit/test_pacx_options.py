@@ -63,6 +63,18 @@ def test_teacher_components_only_with_whiten():
         PaCXModule(encoder_arch="vit_test", img_size=32, teacher_norm="whiten")
 
 
+@pytest.mark.bad_input
+def test_a_global_batch_of_one_is_an_error_before_training(tmp_path, symile_root, stage1_run):
+    """Stage 2 with a global batch of 1 (`--data.batch_size 1`) → ValueError "data.batch_size is 1: the
+    contrastive loss needs at least 2 pairs per global batch", before any checkpoint is written.
+
+    One pair per batch leaves InfoNCE no negative (its loss is 0 and its chance value log 1)."""
+    run = tmp_path / "pacx"
+    with pytest.raises(ValueError, match="data.batch_size is 1: the contrastive loss needs at least 2"):
+        main(stage2_args(run, symile_root, stage1_run, "--trainer.max_epochs", "1", "--data.batch_size", "1"))
+    assert not (run / "checkpoints").exists()
+
+
 def test_stage2_options_reach_checkpoint_zero_shot_and_health(tmp_path, symile_root, stage1_run):
     run = tmp_path / "pacx"
     main(stage2_args(run, symile_root, stage1_run, "--trainer.max_epochs", "2",
