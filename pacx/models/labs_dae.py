@@ -87,7 +87,7 @@ def corrupt(
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the entries where ``mask`` is true (sum / count; 0 when empty)."""
-    mask = mask.to(pred.dtype)
+    mask = mask.to(torch.promote_types(pred.dtype, torch.float32))  # a bf16 count would be rounded
     return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1)
 
 

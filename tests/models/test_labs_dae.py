@@ -52,6 +52,17 @@ def test_masked_mse_counts_only_masked_entries():
     assert masked_mse(pred, target, torch.zeros_like(mask)) == 0
 
 
+def test_masked_mse_counts_exactly_under_bf16_autocast():
+    """Under bf16-mixed the decoder's output is bf16; the observed count (9,014 here, a full batch of 256)
+    must not be rounded to bf16 (9,024), so the loss is sum / count exactly."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(256, 50, generator=g).bfloat16(), torch.rand(256, 50, generator=g)
+    mask = torch.rand(256, 50, generator=g) < 0.706
+    assert mask.sum() == 9014
+    expected = ((pred.double() - target.double()) ** 2)[mask].sum() / 9014
+    assert masked_mse(pred, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_encode_uses_raw_placeholders_unless_asked():
     model = LabsDAE().eval()
     values, observed = _batch(8)
