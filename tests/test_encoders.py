@@ -1,5 +1,6 @@
 """pacx.load_encoder / export: every accepted format, strictness, unsafe pickles, mismatched shapes."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -157,3 +158,40 @@ def test_vit_encoder_round_trip_via_plain_state_dict(tmp_path):
     torch.save(enc.state_dict(), tmp_path / "plain.pth")
     loaded = pacx.load_encoder(tmp_path / "plain.pth", cfg=enc.cfg)
     torch.testing.assert_close(_features(loaded), _features(enc))
+
+
+def test_export_under_any_file_name_loads_back_as_safetensors(tmp_path, stage1_run):
+    """The export writes safetensors whatever OUT is called (scripts/export_encoder.py takes any name); the
+    loader must read it by content, not hand it to torch.load (which called it an unsafe pickle)."""
+    ref = export_encoder(stage1_run, tmp_path / "enc.safetensors")
+    for name in ("enc.bin", "encoder"):
+        out = export_encoder(stage1_run, tmp_path / name)
+        weights = read_encoder_weights(out)
+        assert weights.fmt == "pacx_export" and weights.stage == "stage1_mae"
+        with safe_open(str(ref), "pt") as f:
+            expected = {k: f.get_tensor(k) for k in f.keys()}
+        assert set(weights.state) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(weights.state[k], v), k
+        torch.testing.assert_close(_features(pacx.load_encoder(out)), _features(pacx.load_encoder(ref)),
+                                   atol=0, rtol=0)
+    # a pickle is still only ever opened with weights_only=True, whatever its name
+    pickled = tmp_path / "release.safetensors.pth"
+    torch.save({"model": create_vit("vit_test", img_size=32).state_dict()}, pickled)
+    assert read_encoder_weights(pickled).fmt == "mae_release"
+
+
+def test_state_fingerprint_covers_zero_dim_tensors():
+    from pacx.weights.checkpoint import state_fingerprint
+
+    a, b = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    assert state_fingerprint(a) == state_fingerprint(b)  # num_batches_tracked: a 0-dim int64 buffer
+    b.num_batches_tracked += 1
+    assert state_fingerprint(a) != state_fingerprint(b)
+    # the hash of tensors with dimensions is unchanged: each one's bytes in memory order
+    enc = create_vit("vit_test", img_size=32)
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(enc.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    assert state_fingerprint(enc) == h.hexdigest()

@@ -122,6 +122,19 @@ def test_other_norm_eps_is_exported_with_its_difference_stated(tmp_path, caplog)
     assert any("eps" in r.message and "differ" in r.message for r in caplog.records)
 
 
+def test_a_folder_that_fails_its_parity_check_is_not_left_loadable(stage1_run, tmp_path, monkeypatch):
+    """timm's features off by more than the tolerance: an error, and no weights or config left in the folder
+    (a half-written folder would still load with timm or pacx.load_encoder)."""
+    import pacx.share as share
+
+    monkeypatch.setattr(share, "timm_folder_parity", lambda folder, encoder: 1.0)
+    out = tmp_path / "bad"
+    with pytest.raises(RuntimeError, match="differ from pacx's by 1.00e\\+00 .*model.safetensors and "
+                                           "config.json were removed"):
+        export_timm_folder(stage1_run, out)
+    assert list(out.iterdir()) == []
+
+
 def test_onnx_matches_pytorch_at_batch_1_and_3(stage1_run, tmp_path):
     out = export_onnx(stage1_run, tmp_path / "enc.onnx")
     model = onnx.load(str(out))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from pacx.debug import check_not_debug
@@ -28,6 +27,7 @@ from pacx.weights.checkpoint import (
     checkpoint_file,
     load_state_checked,
     safe_torch_load,
+    save_safetensors,
     strip_prefix,
 )
 
@@ -248,10 +248,8 @@ def export_ecg_teacher(source: str | Path, out: str | Path, which: str = "last")
                               f"{sorted(ECGFOUNDER_CONFIGS)})")
     state = strip_prefix(ckpt["state_dict"], BACKBONE_PREFIX)
     load_state_checked(create_ecgfounder(config, head=False), state, source=str(path))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out),
-              metadata={"format": "ecgfounder", "config": config, "stage": STAGE_ECG_SSL,
-                        **portable_source(path), "global_step": json.dumps(ckpt.get("global_step"))})
+    meta = {"format": "ecgfounder", "config": config, "stage": STAGE_ECG_SSL, **portable_source(path),
+            "global_step": json.dumps(ckpt.get("global_step"))}
+    out = save_safetensors(state, out, meta)
     log.info("wrote the %r ECG teacher of %s to %s (%d tensors)", config, path, out, len(state))
     return out

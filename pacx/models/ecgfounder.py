@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from pacx.models.ecg_preprocess import (
@@ -29,9 +28,11 @@ from pacx.models.ecg_preprocess import (
 from pacx.weights.checkpoint import (
     CheckpointError,
     drop_keys,
+    is_safetensors_file,
     load_safetensors,
     load_state_checked,
     safe_torch_load,
+    save_safetensors,
     strip_prefix,
 )
 
@@ -287,7 +288,7 @@ def read_ecgfounder_state(path: str | Path, trust_pickle: bool = False) -> dict[
     """The state dict of an official ``.pth`` (weights under ``'state_dict'``) or of a ``.safetensors``
     file, with a DataParallel ``module.`` prefix removed."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors_file(path):  # by content too, whatever the name
         state, _ = load_safetensors(path)
     else:
         state = _unwrap_state_dict(_load_pickle(path, trust_pickle), path)
@@ -324,8 +325,6 @@ def convert_ecgfounder(src: str | Path, out: str | Path, config: str = "12_lead"
     state = read_ecgfounder_state(src, trust_pickle=trust_pickle)
     has_head = any(k.startswith(HEAD_PREFIX) for k in state)
     load_state_checked(create_ecgfounder(config, head=has_head), state, source=str(src))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out),
-              metadata={"format": "ecgfounder", "config": config, "source": src.name})
+    save_safetensors(state, out, {"format": "ecgfounder", "config": config, "source": src.name})
     log.info("wrote %s (%d tensors from %s)", out, len(state), src)
     return out

@@ -159,8 +159,10 @@ def export_timm_folder(src: str | Path, out_dir: str | Path, which: str = "last"
     (out_dir / TIMM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     parity = timm_folder_parity(out_dir, encoder)
     if encoder.cfg.norm_eps == TIMM_NORM_EPS and parity > PARITY_ATOL:
+        for name in (TIMM_WEIGHTS, TIMM_CONFIG):  # no folder that loads is left behind
+            (out_dir / name).unlink(missing_ok=True)
         raise RuntimeError(f"{out_dir}: timm's features differ from pacx's by {parity:.2e} (> "
-                           f"{PARITY_ATOL:g})")
+                           f"{PARITY_ATOL:g}); its {TIMM_WEIGHTS} and {TIMM_CONFIG} were removed")
     if encoder.cfg.norm_eps != TIMM_NORM_EPS:
         log.warning("%s: LayerNorm eps %g, timm builds %g: timm's features differ from pacx's by up to %.2e",
                     src, encoder.cfg.norm_eps, TIMM_NORM_EPS, parity)

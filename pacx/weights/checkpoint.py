@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from pacx.debug import check_not_debug
@@ -58,11 +59,40 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def load_any(path: str | Path) -> tuple[object, dict[str, str]]:
-    """Load a weights file by extension: (tensors dict, metadata) for safetensors, (object, {}) for
-    pickles."""
+def is_safetensors_file(path: str | Path) -> bool:
+    """Whether ``path`` holds safetensors by content (an 8-byte little-endian header size, then the JSON
+    header), whatever its name: an export written as ``encoder.bin`` is no pickle."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(9)
+    return (len(head) == 9 and head[8:9] == b"{"
+            and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size)
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], out: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``state`` (with string ``metadata``) to the safetensors file ``out`` atomically: a temporary file
+    beside it, then a rename, so a crash never leaves a truncated file under the final name. Its folder is
+    created; tensors are stored contiguous (shared storage is copied)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def load_any(path: str | Path) -> tuple[object, dict[str, str]]:
+    """Load a weights file: (tensors dict, metadata) for safetensors (by extension or content), (object, {})
+    for pickles."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or is_safetensors_file(path):
         return load_safetensors(path)
     return safe_torch_load(path), {}
 
@@ -74,7 +104,7 @@ def state_fingerprint(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from pacx.debug import check_not_debug
 from pacx.run_record import RUN_JSON
@@ -24,6 +23,7 @@ from pacx.weights.checkpoint import (
     drop_keys,
     load_any,
     resolve_run_checkpoint,
+    save_safetensors,
     strip_prefix,
 )
 from pacx.weights.layout import (
@@ -256,10 +256,4 @@ def export_metadata(weights: EncoderWeights, cfg: ViTConfig) -> dict[str, str]:
 def write_export(state: Mapping[str, torch.Tensor], meta: Mapping[str, str], out: str | Path) -> Path:
     """Write ``state`` with ``meta`` to the safetensors file ``out`` atomically (a temporary file, then a
     rename); its folder is created."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=dict(meta))
-    tmp.replace(out)
-    return out
+    return save_safetensors(state, out, meta)

@@ -340,6 +340,33 @@ def test_convert_script_writes_safetensors_that_load_identically(tmp_path):
     assert not (tmp_path / "wrong.safetensors").exists()
 
 
+def test_a_converted_teacher_under_any_name_loads_by_content_and_a_failed_write_leaves_nothing(
+        tmp_path, monkeypatch):
+    """The converter writes safetensors whatever OUT is called; the loader reads it by content (a ``.bin``
+    name used to go to torch.load, which called it an unsafe pickle). The write is atomic: a failure inside
+    it leaves no file under the final name."""
+    import pacx.weights.checkpoint as checkpoint
+
+    src = tmp_path / "release.pth"
+    torch.save({"state_dict": fake_release_state("demo_small")}, src)
+    out = tmp_path / "teacher.bin"
+    load_script("convert_ecgfounder").main([str(src), str(out), "--config", "demo_small"])
+    x = torch.randn(2, 12, 5000)
+    with torch.no_grad():
+        assert torch.equal(load_ecgfounder(out, config="demo_small")(x),
+                           load_ecgfounder(src, config="demo_small")(x))
+
+    def half_written(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        load_script("convert_ecgfounder").main([str(src), str(tmp_path / "t.safetensors"), "--config",
+                                                "demo_small"])
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / ".t.safetensors.tmp").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Preprocessing (docs/ecgfounder.md#preprocessing)
 
