@@ -140,7 +140,9 @@ class ReconstructionGrid(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
-        last_epoch = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        # max_epochs is -1 when only max_steps bounds the run
+        last_epoch = (0 < (trainer.max_epochs or 0) <= epoch + 1
+                      or 0 < trainer.max_steps <= trainer.global_step)
         due = epoch % self.every_n_epochs == 0 or last_epoch
         if self._images is None or trainer.sanity_checking or not due:
             return

@@ -113,6 +113,8 @@ class MAEModule(StagedModule):
         model = self.model
         if stage == "train":
             model = self.train_model()
+            # random_masking's own draw, made eagerly: in a compiled graph inductor draws other masks
+            noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, device=imgs.device)
         else:  # fixed masks per batch index: a comparable val loss across epochs
             gen = torch.Generator().manual_seed(batch_idx)
             noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=gen).to(imgs.device)

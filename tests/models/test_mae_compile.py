@@ -1,8 +1,8 @@
 """The MAE training computation under ``torch.compile``: one graph without breaks, and the same numbers.
 
 What is traced is what :class:`pacx.lit.mae.MAEModule` runs per step: ``module.model(imgs,
-mask_ratio=hparams.mask_ratio, noise=noise)`` and its masked loss, with the training step's drawn masks
-(``noise=None``) and the validation step's given noise, plain and ``norm_pix_loss`` targets. A graph break
+mask_ratio=hparams.mask_ratio, noise=noise)`` and its masked loss, with masks drawn inside (``noise=None``)
+and given noise (what both steps pass), plain and ``norm_pix_loss`` targets. A graph break
 would split the compiled step and stop whole-step optimisations (CUDA graphs, cross-op fusion) on the GPU
 (issue 17), so the count is pinned at 0. The compiled-vs-eager comparison uses the ``aot_eager`` backend:
 it runs Dynamo's graph capture and AOTAutograd's joint forward/backward graph, the parts that could change
@@ -10,6 +10,8 @@ the computation, while the kernels stay eager, which keeps the test fast on a CP
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -77,3 +79,20 @@ def test_compiled_step_matches_eager_loss_and_gradients(norm_pix_loss):
         for name, grad in grads_e.items():
             torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on the CPU needs a C++ compiler")
+def test_training_step_masks_are_the_eager_masks_under_inductor():
+    """With the default backend (inductor), ``torch.rand`` inside the compiled graph draws from inductor's own
+    generator: other masks than eager for the same seed. The training step draws its masks eagerly, so
+    ``model.compile`` gives the eager step's loss up to rounding (``MAEModule``'s ``compile`` contract)."""
+    eager, compiled = _module(False), _module(False)
+    compiled.hparams.compile = True
+    imgs, _ = _batch(eager)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    loss_e = eager._shared_step((imgs,), "train", 0)
+    torch.manual_seed(3)
+    loss_c = compiled._shared_step((imgs,), "train", 0)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
