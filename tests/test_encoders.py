@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import pacx
 from pacx.lit.mae import MAEModule
-from pacx.models.mae import create_mae
+from pacx.models.mae import create_mae, is_decoder_key
 from pacx.models.vit import create_vit, vit_config
 from pacx.share import export_encoder
 from pacx.weights.checkpoint import CheckpointError
@@ -50,6 +50,21 @@ def test_mae_release_with_decoder_loads_strictly(tmp_path, mae):
     # the whole MAE (decoder too) initialises a Stage 1 module strictly
     module = MAEModule(arch="mae_vit_test", img_size=32, init_from=str(tmp_path / "mae_visualize.pth"))
     for k, v in mae.state_dict().items():
+        torch.testing.assert_close(module.model.state_dict()[k], v)
+
+
+@pytest.mark.bad_input
+def test_a_release_with_part_of_the_decoder_is_refused_by_stage1_init(tmp_path, mae):
+    """Stage 1 `init_from` a file that holds only part of the MAE decoder (one decoder block missing) →
+    CheckpointError naming the missing decoder keys (only a file without any decoder starts it at random)."""
+    state = {k: v for k, v in mae.state_dict().items() if not k.startswith("decoder_blocks.0.")}
+    torch.save({"model": state}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"missing.*decoder_blocks\.0\."):
+        MAEModule(arch="mae_vit_test", img_size=32, init_from=str(tmp_path / "partial.pth"))
+    encoder_only = {k: v for k, v in mae.state_dict().items() if not is_decoder_key(k)}
+    torch.save({"model": encoder_only}, tmp_path / "encoder.pth")
+    module = MAEModule(arch="mae_vit_test", img_size=32, init_from=str(tmp_path / "encoder.pth"))
+    for k, v in encoder_only.items():
         torch.testing.assert_close(module.model.state_dict()[k], v)
 
 

@@ -77,7 +77,10 @@ class MAEModule(StagedModule):
 
     def _init_weights(self, path: str) -> None:
         state, fmt = read_mae_state(path)
-        missing_decoder = sorted(k for k in self.model.state_dict() if is_decoder_key(k) and k not in state)
+        # an encoder-only file leaves the whole decoder random; a file with part of a decoder is an error
+        has_decoder = any(is_decoder_key(k) for k in state)
+        missing_decoder = [] if has_decoder else sorted(
+            k for k in self.model.state_dict() if is_decoder_key(k))
         load_state_checked(self.model, state, f"{path} ({fmt})", expected_missing=missing_decoder)
         log.info("initialised MAE from %s (%s)%s", path, fmt, "; decoder random" if missing_decoder else "")
 
