@@ -1,7 +1,8 @@
 """The paper's qualitative claim, checked on the demo's results: stated, not tuned for.
 
-* physiology-dense task: PaCX-MAE beats MAE by more than the std (the larger of the two), in the mean and
-  for each upstream (Stage 2) seed;
+* physiology-dense task: PaCX-MAE beats MAE by more than the std (the larger of the two) in the mean (the
+  line says held / did NOT hold); a second line gives each upstream (Stage 2) seed's gap to MAE and how many
+  of the seeds are above it;
 * structural task (segmentation): PaCX-MAE and MAE at parity (means within the larger std, or within
   0.01 when both stds are ~0), and MAE at or above random init.
 """
