@@ -59,12 +59,22 @@ def point_settings(argv: Sequence[str]) -> dict[str, object]:
     levels lifted."""
     args = list(argv[1:] if argv and not str(argv[0]).startswith("--") else argv)
     tree: dict = {}
-    for i in range(0, len(args), 2):
+    i = 0
+    while i < len(args):
         flag = str(args[i])
-        if not flag.startswith("--") or i + 1 >= len(args):
+        if not flag.startswith("--") or ("=" not in flag and i + 1 >= len(args)):
             raise ValueError(f"expected --key value pairs after the subcommand, got {args[i:]}")
-        name, value = flag[2:], str(args[i + 1])
-        if name == "config":
+        if "=" in flag:  # --key=value, and jsonargparse's append --key+=value
+            name, value = flag[2:].split("=", 1)
+            i += 1
+        else:
+            name, value = flag[2:], str(args[i + 1])
+            i += 2
+        if name.endswith("+"):
+            name = name[:-1]
+            current = flatten(tree).get(name)
+            update = _nested(name, [*(current if isinstance(current, list) else []), _cli_value(value)])
+        elif name == "config":
             update = yaml.safe_load(Path(value).read_text()) or {}
         elif name == "trainer" and value.endswith((".yaml", ".yml")):
             update = {"trainer": yaml.safe_load(Path(value).read_text()) or {}}

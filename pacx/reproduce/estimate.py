@@ -130,11 +130,15 @@ def estimate_node(node: Node, rates: Mapping[str, Mapping],
     if counted:
         est.gpu_hours = hours
         est.wall_hours = hours / est.gpus if est.gpus else None
+    node_notes = []  # the node's own (its allocation), not one point's
     if counted and not est.gpus:
-        notes["no GPU asked (resources.gpus_per_node 0): wall-hours not computed"] += 1
-    est.complete = counted and not missing and not any(_is_gap(n) for n in notes)
+        node_notes.append("no GPU asked (resources.gpus_per_node 0): wall-hours not computed")
+    # a node without points (an empty grid axis) costs nothing and lacks nothing
+    est.complete = ((counted or not node.points) and not missing
+                    and not any(_is_gap(n) for n in [*notes, *node_notes]))
     est.notes = [n if count == est.points or est.points == 1 else f"{n} ({count} of {est.points} points)"
-                 for n, count in notes.items()] + [missing_rate_note(key, rates_path) for key in missing]
+                 for n, count in notes.items()]
+    est.notes += node_notes + [missing_rate_note(key, rates_path) for key in missing]
     return est
 
 

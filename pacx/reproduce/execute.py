@@ -143,18 +143,22 @@ def _with_stdout(run: Callable, argv: list[str], cwd: str, stdout: str | None) -
     out = Path(stdout)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        returncode = run(argv, cwd, f)
-    if returncode == 0:
-        os.replace(tmp, out)
-    else:
-        tmp.unlink()
+    returncode = 1  # an interpreter that cannot start raises: its file goes too
+    try:
+        with open(tmp, "w") as f:
+            returncode = run(argv, cwd, f)
+    finally:
+        if returncode == 0:
+            os.replace(tmp, out)
+        else:
+            tmp.unlink(missing_ok=True)
     return returncode
 
 
 def exit_code(done: SystemExit) -> int:
     """The process exit status ``raise SystemExit(code)`` stands for (None: 0, a message: 1)."""
-    return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    # as the operating system keeps it: SystemExit(-1) is 255, not a signal
+    return done.code % 256 if isinstance(done.code, int) else 0 if done.code is None else 1
 
 
 def _run_script(argv: list[str], cwd: str, stdout: str | None) -> int:

@@ -343,7 +343,7 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
     if not isinstance(local_parallel, bool) or (local_parallel and not axes):
         raise PlanError(f"{where}: local_parallel must be true or false, and true only on a grid node, "
                         f"got {local_parallel!r}")
-    sbatch_args = tuple(substitute(a, ctx.values, where)
+    sbatch_args = tuple(substitute(a, {**ctx.values, "node": name}, where)
                         for a in _str_list(where, raw.get("sbatch_args"), "sbatch_args"))
     return Node(name, kind, target, after, tuple(points), tuple(a for a, _ in axes),
                 _resources(where, ctx.defaults, raw.get("resources")), sbatch_args, max_parallel,

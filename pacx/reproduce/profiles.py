@@ -82,9 +82,12 @@ def profile_differences(plans: Mapping[str, Plan]) -> list[tuple[str, str, dict[
         if len(set(counts.values())) > 1:
             rows.append((name, "(points)", counts))
         seen = set()
-        for index in range(min(counts.values())):
-            resolved = {p: resolved_config(config_files(plan.nodes[name].points[index].argv))
-                        for p, plan in plans.items()}
+        # a point is matched by name: with other axis values an index names another combination
+        points = {p: {point.name: point for point in plan.nodes[name].points} for p, plan in plans.items()}
+        for point in node.points:
+            if not all(point.name in named for named in points.values()):
+                continue
+            resolved = {p: resolved_config(config_files(points[p][point.name].argv)) for p in plans}
             for key in sorted(set().union(*resolved.values()) - set(PLAN_SET)):
                 values = {p: r.get(key, "(default)") for p, r in resolved.items()}
                 marker = (key, repr(values))

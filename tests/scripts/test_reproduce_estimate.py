@@ -178,3 +178,44 @@ def test_split_sizes_are_checked():
     fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
     with pytest.raises(ValueError, match="split_sizes"):
         BenchmarkSpec(**{**fields, "split_sizes": {"training": 10}})
+
+
+def test_point_settings_read_key_equals_value_and_appends(tmp_path, capsys):
+    """``--key=value`` and jsonargparse's ``--key+=value`` (plans/demo.yaml's online probe callback) are one
+    word each; the demo plan's estimate used to stop on them with a ValueError."""
+    s = point_settings(["fit", "--config", str(REPO / "configs/stage3/linear_probe.yaml"),
+                        "--data.train_fraction=0.01", "--trainer.callbacks+=a.B", "--trainer.callbacks+=c.D",
+                        "--trainer.max_epochs", "3"])
+    assert s["data.train_fraction"] == 0.01 and s["trainer.max_epochs"] == 3
+    assert s["trainer.callbacks"] == ["a.B", "c.D"]
+    path = tmp_path / "rates.json"
+    path.write_text(json.dumps(RATES))
+    assert main([str(REPO / "plans/demo.yaml"), "--estimate", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert _row(capsys.readouterr().out, "stage1").split()[1:3] == ["1", "-"]
+
+
+def test_cpu_stage_node_is_noted_once_and_an_empty_grid_lacks_nothing(tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""\
+out: {tmp_path / "o"}
+trainer: configs/trainer/ddp.yaml
+vars: {{none: []}}
+anchors: {{configs: &configs [configs/stage3/linear_probe.yaml, configs/stage3/lp/tb.yaml]}}
+slurm: {{defaults: {{gpus_per_node: 0}}}}
+nodes:
+  - {{name: probe, stage: Stage3_eval.py, config: *configs,
+      grid: {{seed: [0, 1, 2]}}, seed: "{{seed}}"}}
+  - {{name: empty, stage: Stage3_eval.py, config: *configs,
+      grid: {{seed: "{{none}}"}}, seed: "{{seed}}"}}
+""")
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps(RATES))
+    out = tmp_path / "estimate.json"
+    assert main([str(plan), "--estimate", str(rates), "--json", str(out)]) == 0
+    table, nodes = capsys.readouterr().out, json.loads(out.read_text())["nodes"]
+    assert nodes["probe"]["images"] == 3 * 1111 and nodes["probe"]["gpu_hours"] == 3 * 1111 / 4000.0 / 3600
+    # the allocation's note is the node's: not "(1 of 3 points)"
+    assert nodes["probe"]["notes"] == ["no GPU asked (resources.gpus_per_node 0): wall-hours not computed"]
+    assert nodes["empty"]["points"] == 0 and nodes["empty"]["notes"] == [] and nodes["empty"]["complete"]
+    assert table.splitlines()[-1] == f"total: {format_hours(3 * 1111 / 4000.0 / 3600)} GPU-hours " \
+                                     "(without what is missing for probe)"

@@ -767,3 +767,61 @@ def test_results_csv_appends_are_safe_with_concurrent_writers(tmp_path):
     table = pd.read_csv(path)
     assert (list(table.columns) == ["worker", "i", "metric_value", "extra"]
             and table["extra"].notna().sum() == 1)
+
+
+# ---- found in review ------------------------------------------------------------------------------------
+
+
+def test_profile_differences_match_grid_points_by_name(tmp_path, capsys):
+    """A profile with fewer tasks: index 0 is task=chexchonet in one profile and task=tb in the other, whose
+    configs differ by the task and not by the profile; only the point count differs."""
+    path = write_plan(tmp_path, """\
+        vars: {tasks: [chexchonet, tb]}
+        profiles: {a: {}, b: {vars: {tasks: [tb]}}}
+        nodes:
+          - name: probe
+            stage: Stage3_eval.py
+            config: [configs/demo/stage3_linear_probe.yaml, "configs/demo/stage3_{task}.yaml"]
+            grid: {task: "{tasks}"}
+    """)
+    assert main([str(path), "--dry-run", "--out", str(tmp_path / "{profile}")]) == 0
+    table = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("# probe")]
+    assert table == [["#", "probe", "(points)", "2", "1"]]
+
+
+@pytest.mark.parametrize("mode", sorted(LOCAL_MODES))
+def test_negative_exit_codes_are_exit_statuses_in_both_modes(tmp_path, mode):
+    """``SystemExit(-1)`` exits with status 255, not "killed by SIGHUP"; -100 with 156 (there is no signal
+    100: in process this raised and left run.json at "running")."""
+    out = tmp_path / "out"
+    path = write_plan(tmp_path, f"""\
+        python: {sys.executable}
+        nodes:
+          - {{name: neg, script: [-c, "raise SystemExit(-1)"]}}
+          - {{name: big, script: [-c, "raise SystemExit(-100)"]}}
+    """)
+    assert main([str(path), *LOCAL_MODES[mode], "--out", str(out)]) == 1
+    records = {n: json.loads((out / "runs" / n / "run.json").read_text()) for n in ("neg", "big")}
+    assert {n: (r["status"], r["returncode"]) for n, r in records.items()} == {
+        "neg": ("failed: exit code 255", 255), "big": ("failed: exit code 156", 156)}
+
+
+def test_node_sbatch_args_may_use_node(tmp_path):
+    path = write_plan(tmp_path, "vars: {acct: lab}\nnodes: [{name: a, script: [-c, pass], "
+                                "sbatch_args: ['--comment={node}-{acct}']}]\n")
+    assert load_plan(path, out=tmp_path / "o").nodes["a"].sbatch_args == ("--comment=a-lab",)
+
+
+def test_script_whose_interpreter_cannot_start_leaves_no_stdout_file(tmp_path):
+    out = tmp_path / "out"
+    path = write_plan(tmp_path, "python: /nonexistent/python\n"
+                                "nodes: [{name: t, script: [-c, pass], stdout: '{out}/t.txt'}]\n")
+    write_specs(plan := load_plan(path, out=out))
+    usr1 = signal.getsignal(signal.SIGUSR1)  # the executor ignores it for good, as its own process
+    try:
+        assert execute(plan.spec_path("t")) == 1
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
+    record = json.loads((out / "runs/t/run.json").read_text())
+    assert record["status"].startswith("failed: [Errno 2]") and record["returncode"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [".plan", "runs"]  # no .t.txt.tmp<pid>
