@@ -1,9 +1,11 @@
 """CheXpert for Stage 1 (docs/datasets.md#chexpert): release -> manifests, and the MAE DataModule.
 
-Reads CheXpert-v1.0-small (``train.csv`` / ``valid.csv``); the manifests drop the first two components of
-``Path``, order the columns as docs/datasets.md#chexpert lists them and keep lateral views unless
-``frontal_only``. Labels are unused by the MAE. Rows keep their index in the release CSV, so errors name the
-row and line of the file they came from; a split without rows is an error naming its CSV.
+Reads CheXpert-v1.0-small (``train.csv`` / ``valid.csv``), with the train rows and labels taken from
+Stanford's ``train_visualCheXbert.csv`` (0/1 labels, as the reference) when it lies in the release folder or
+is given; the manifests drop the first two components of ``Path``, order the columns as
+docs/datasets.md#chexpert lists them and keep lateral views unless ``frontal_only``. Labels are unused by
+the MAE. Rows keep their index in the source CSV, so errors name the row and line of the file they came
+from; a split without rows is an error naming its CSV.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ LABELS = [
     "Support Devices", "No Finding",
 ]
 RELEASE_CSVS = {"train": "train.csv", "val": "valid.csv"}
+VISUALCHEXBERT_CSV = "train_visualCheXbert.csv"  # Stanford AIMI's train labels (downloaded separately)
 MANIFESTS = {"train": "chexpert_train_split.csv", "val": "chexpert_val_split.csv"}
 IMAGE_DIRS = {"train": "train", "val": "valid"}
 RELEASE_SUBDIR = "CheXpert-v1.0-small"
@@ -66,9 +69,35 @@ def convert_split(csv_path: Path, frontal_only: bool = False) -> pd.DataFrame:
     return df  # the index stays the release CSV's row (error messages name it)
 
 
-def convert_release(root: str | Path, frontal_only: bool = False) -> dict[str, pd.DataFrame]:
+def train_labels_csv(release: Path, train_labels: str | Path | None = None) -> Path:
+    """The CSV the train manifest is built from: ``train_labels`` if given (an error naming it when it does
+    not exist), else ``train_visualCheXbert.csv`` in the release folder, else the release's ``train.csv``
+    (its labels are 1 / 0 / -1 / blank, not the reference's 0 / 1; the MAE does not read them)."""
+    if train_labels is not None:
+        path = Path(train_labels)
+        if not path.is_file():
+            raise FileNotFoundError(f"train labels CSV not found: {path}")
+        return path
+    visual = release / VISUALCHEXBERT_CSV
+    return visual if visual.is_file() else release / RELEASE_CSVS["train"]
+
+
+def convert_release(root: str | Path, frontal_only: bool = False,
+                    train_labels: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """``{"train", "val"}`` manifests of the release at ``root``; the train rows come from
+    :func:`train_labels_csv`."""
     release = find_release_root(root)
-    return {split: convert_split(release / name, frontal_only) for split, name in RELEASE_CSVS.items()}
+    sources = release_sources(release, train_labels)
+    return {split: convert_split(path, frontal_only) for split, path in sources.items()}
+
+
+def release_sources(release: Path, train_labels: str | Path | None = None) -> dict[str, Path]:
+    """The CSV each split's manifest comes from (logged)."""
+    sources = {"train": train_labels_csv(release, train_labels), "val": release / RELEASE_CSVS["val"]}
+    log.info("CheXpert train rows and labels from %s%s", sources["train"],
+             "" if sources["train"].name != RELEASE_CSVS["train"] else
+             f" (no {VISUALCHEXBERT_CSV} there: the release's labels, unused by the MAE)")
+    return sources
 
 
 def summarize(manifests: dict[str, pd.DataFrame]) -> dict:
@@ -84,10 +113,13 @@ CONVERTERS: list[Converter] = []  # this module's converters (pacx.data.prepare 
 @converter(
     CONVERTERS, "chexpert", task="mae", metric="val/loss",
     description="CheXpert-v1.0-small (Stage 1 MAE pretraining)",
-    options=(ConverterOption("--frontal-only", "keep frontal views only (default: all views)"),),
+    options=(ConverterOption("--frontal-only", "keep frontal views only (default: all views)"),
+             ConverterOption("--train-labels", f"the train CSV (default: {VISUALCHEXBERT_CSV} in the release "
+                             "folder if there, else train.csv)", is_flag=False, default=None)),
 )
-def prepare_chexpert(raw: Path, out: Path, frontal_only: bool = False) -> dict:
-    manifests = convert_release(raw, frontal_only)
+def prepare_chexpert(raw: Path, out: Path, frontal_only: bool = False,
+                     train_labels: str | None = None) -> dict:
+    manifests = convert_release(raw, frontal_only, train_labels)
     for split, df in manifests.items():
         df.to_csv(out / MANIFESTS[split], index=False)
     return {"files": [str(out / MANIFESTS[s]) for s in manifests], **summarize(manifests)}
@@ -138,8 +170,9 @@ class CheXpertDataModule(pl.LightningDataModule):
         h = self.hparams
         if h.manifest_dir is None:
             release = find_release_root(h.root)  # the CSVs' real folder (``CheXpert-v1.0-small/`` included)
-            frames = convert_release(release, h.frontal_only)
-            return {split: (df, str(release / RELEASE_CSVS[split])) for split, df in frames.items()}
+            sources = release_sources(release)
+            return {split: (convert_split(path, h.frontal_only), str(path))
+                    for split, path in sources.items()}
         out = {}
         for split, name in MANIFESTS.items():
             path = Path(h.manifest_dir) / name

@@ -3,7 +3,9 @@ benchmarks and the demo.
 
 ``train.csv`` / ``valid.csv`` (``Path, Sex, Age, Frontal/Lateral, AP/PA``, then the 14 observations in release
 order) and ``train|valid/patientNNNNN/studyN/viewN_frontal.jpg``. Train labels take 1.0 / 0.0 / -1.0 / empty,
-valid labels 1.0 / 0.0; the pixels come from ``image_fn``.
+valid labels 1.0 / 0.0; the pixels come from ``image_fn``. With ``visualchexbert`` also Stanford's separately
+downloaded ``train_visualCheXbert.csv`` (paths under the full-size ``CheXpert-v1.0/`` folder, the observations
+in visualCheXbert order, labels 0 / 1).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image
 from pacx.testing.images import simple_cxr
 
 RELEASE_NAME = "CheXpert-v1.0-small"
+VISUALCHEXBERT_RELEASE_NAME = "CheXpert-v1.0"  # the full-size release the visualCheXbert file describes
 RELEASE_META_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
 # Label order of the release's train.csv / valid.csv.
 RELEASE_LABELS = [
@@ -25,6 +28,9 @@ RELEASE_LABELS = [
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
     "Fracture", "Support Devices",
 ]
+
+# Label order of train_visualCheXbert.csv (docs/datasets.md#chexpert).
+VISUALCHEXBERT_LABELS = [*RELEASE_LABELS[1:], RELEASE_LABELS[0]]
 
 # image_fn(rng, width, height, frontal) -> uint8 [height, width]
 ImageFn = Callable[..., np.ndarray]
@@ -40,6 +46,7 @@ def write_chexpert_release(
     lateral_fraction: float = 0.15,
     image_fn: ImageFn = simple_cxr,
     jpeg_quality: int = 90,
+    visualchexbert: bool = False,
 ) -> Path:
     """Write ``n_train`` / ``n_valid`` images with their CSVs under ``out``; returns ``out``."""
     out = Path(out)
@@ -74,4 +81,12 @@ def write_chexpert_release(
                     study, patient = 1, patient + 1
         pd.DataFrame(rows, columns=RELEASE_META_COLUMNS + RELEASE_LABELS).to_csv(out / f"{split}.csv",
                                                                                  index=False)
+        if split == "train" and visualchexbert:
+            visual = pd.DataFrame(rows)[RELEASE_META_COLUMNS]
+            visual["Path"] = visual["Path"].str.replace(RELEASE_NAME, VISUALCHEXBERT_RELEASE_NAME, n=1,
+                                                        regex=False)
+            labels_rng = np.random.default_rng([seed, 1])  # the valid split stays as without the file
+            for label in VISUALCHEXBERT_LABELS:
+                visual[label] = labels_rng.integers(0, 2, len(visual)).astype(float)
+            visual.to_csv(out / "train_visualCheXbert.csv", index=False)
     return out

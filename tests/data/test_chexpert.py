@@ -32,6 +32,40 @@ def test_conversion_rewrites_paths_and_orders_columns(chexpert_release):
     assert (frontal["Frontal/Lateral"] == "Frontal").all()
 
 
+def test_train_rows_and_labels_come_from_visualchexbert_when_there(tmp_path):
+    """Stanford's train_visualCheXbert.csv (full-size release paths, 0/1 labels in its own order) beside the
+    release: the train manifest takes its rows and labels, paths rewritten to the small release's images; the
+    val manifest and an explicit --train-labels file behave as documented."""
+    from pacx.data.prepare import run_converter
+    from pacx.testing.chexpert import write_chexpert_release
+
+    root = write_chexpert_release(tmp_path / "CheXpert-v1.0-small", n_train=20, n_valid=6, width=32,
+                                  height=32, visualchexbert=True)
+    visual = pd.read_csv(root / "train_visualCheXbert.csv")
+    assert visual["Path"].str.startswith("CheXpert-v1.0/train/").all()
+    frames = convert_release(root)
+    train = frames["train"]
+    assert list(train.columns) == META_COLUMNS + LABELS
+    assert train["Path"].tolist() == ["/".join(p.split("/")[2:]) for p in visual["Path"]]
+    assert all((root / "train" / p).is_file() for p in train["Path"])
+    for label in LABELS:
+        assert train[label].tolist() == visual[label].tolist(), label
+    assert set(train[LABELS].to_numpy().ravel()) <= {0.0, 1.0}
+    pd.testing.assert_frame_equal(frames["val"], convert_split(root / "valid.csv"))
+
+    # an explicit file wins; the release's own train.csv when neither exists
+    other = tmp_path / "labels.csv"
+    visual.iloc[:5].to_csv(other, index=False)
+    assert len(convert_release(root, train_labels=other)["train"]) == 5
+    summary = run_converter("chexpert", root, tmp_path / "manifests", train_labels=str(other))
+    assert summary["train"]["rows"] == 5
+    assert len(pd.read_csv(tmp_path / "manifests" / "chexpert_train_split.csv")) == 5
+    with pytest.raises(FileNotFoundError, match="train labels CSV not found: .*missing.csv"):
+        convert_release(root, train_labels=tmp_path / "missing.csv")
+    (root / "train_visualCheXbert.csv").unlink()
+    pd.testing.assert_frame_equal(convert_release(root)["train"], convert_split(root / "train.csv"))
+
+
 def test_parent_of_release_is_accepted(chexpert_release):
     assert len(convert_release(chexpert_release.parent)["val"]) == 16
 
