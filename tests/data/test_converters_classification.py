@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -216,6 +217,22 @@ def test_chestx6_onehot_matches_folder(converted):
     classes = list(BENCHMARKS["chestx6"].labels)
     assert (df["Path"].str.split("/").str[1] == df[classes].idxmax(axis=1)).all()
     assert df["Path"].str.startswith("test/").all()
+
+
+def test_chestx6_leaves_out_files_that_are_not_images_and_says_so(releases, tmp_path, caplog):
+    """A stray .DS_Store in a class folder is no manifest row (it would fail at load); the warning names
+    it."""
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(releases("chestx6"), raw)
+    folder = next(p for p in raw.rglob("*") if p.is_dir() and p.parent.name == "train")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING, logger="pacx.data.converters.classification"):
+        CONVERTERS["chestx6"].fn(raw, tmp_path / "out")
+    train = pd.read_csv(tmp_path / "out" / get_benchmark("chestx6").manifest_files["train"])
+    assert len(train) == 24 and not train["Path"].str.contains("DS_Store").any()
+    assert f"{folder}: 1 file(s) that are not images left out: .DS_Store" in caplog.text
 
 
 def test_covidqu_label_order(releases, converted):

@@ -16,6 +16,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from pacx.data.converters.base import Converter, ConverterOption, converter
+from pacx.data.images import IMAGE_SUFFIXES
 from pacx.data.manifest import ManifestError, read_manifest
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
 from pacx.progress import progress
@@ -239,9 +240,15 @@ def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
             folder = base / split / cls
             if not folder.is_dir():
                 raise FileNotFoundError(f"ChestX6: missing folder {folder}")
-            for f in sorted(p for p in folder.iterdir() if p.is_file()):
-                rows.append({spec.path_column: f"{split}/{cls}/{f.name}",
-                             **{c: int(c == cls) for c in spec.labels}})
+            files = sorted(p for p in folder.iterdir() if p.is_file())
+            others = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+            if others:  # e.g. a .DS_Store from the archive: not an image row
+                log.warning("ChestX6: %s: %d file(s) that are not images left out: %s", folder, len(others),
+                            ", ".join(others[:5]))
+            for f in files:
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    rows.append({spec.path_column: f"{split}/{cls}/{f.name}",
+                                 **{c: int(c == cls) for c in spec.labels}})
         frames[split] = pd.DataFrame(rows, columns=[spec.path_column, *spec.labels]).sample(
             frac=1.0, random_state=int(seed))
     return write_manifests(spec, frames, out)
