@@ -28,7 +28,8 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # Linux: a zombie has exited already
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+        # the name in parentheses may hold ") " itself: the state follows the last one
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
 

@@ -336,7 +336,8 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
         stdout = substitute(raw["stdout"], base, pwhere) if raw.get("stdout") else None
         points.append(Point(index, point, str(run_dir), tuple(argv), stdout, values))
     max_parallel = raw.get("max_parallel")
-    if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1 or not axes):
+    if max_parallel is not None and (not isinstance(max_parallel, int) or isinstance(max_parallel, bool)
+                                     or max_parallel < 1 or not axes):
         raise PlanError(f"{where}: max_parallel must be a positive integer on a grid node, "
                         f"got {max_parallel!r}")
     local_parallel = raw.get("local_parallel", False)

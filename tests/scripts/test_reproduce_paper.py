@@ -81,6 +81,8 @@ BAD_PLANS = {
                            "grid axis 'n' must be an identifier that is not a var"),
     "bad axis value": ("nodes: [{name: a, script: [-c, pass], grid: {n: [a/b]}}]\n",
                        "value 'a/b' may hold only"),
+    "max_parallel true": ("nodes: [{name: a, script: [-c, pass], grid: {n: [1, 2]}, max_parallel: true}]\n",
+                          "max_parallel must be a positive integer on a grid node, got True"),
     "missing trainer fragment": ("trainer: configs/trainer/nope.yaml\n"
                                  "nodes: [{name: s1, stage: Stage1_MAE.py, config: "
                                  "configs/demo/stage1_mae.yaml}]\n", "node 's1': trainer fragment not found"),
