@@ -24,6 +24,8 @@ from pacx.weights.checkpoint import CheckpointError, state_fingerprint
 
 log = logging.getLogger(__name__)
 
+GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"  # set by Lightning's seed_everything
+
 CHECKPOINT_FORMAT_VERSION = 1
 
 
@@ -201,6 +203,7 @@ class BenchmarkEvalModule(StagedModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        self._trained_seed = checkpoint["pacx"].get("seed")  # the results row names the training's seed
         expected = checkpoint["pacx"].get("frozen_backbone_fingerprint")
         if expected is None:
             return
@@ -215,7 +218,7 @@ class BenchmarkEvalModule(StagedModule):
     def pacx_metadata(self) -> dict:
         return {"vit_config": self.backbone.cfg.to_dict(), "benchmark": self.hparams.benchmark,
                 "mode": self.eval_mode, "backbone_kind": self.backbone_cfg.kind,
-                "backbone_weights": self.backbone_cfg.weights}
+                "backbone_weights": self.backbone_cfg.weights, "seed": os.environ.get(GLOBAL_SEED_ENV)}
 
     def row_fields(self) -> dict:
         return {}
@@ -228,11 +231,20 @@ class BenchmarkEvalModule(StagedModule):
             return Path(self.hparams.results_csv)
         return Path(self.trainer.default_root_dir) / "results.csv"
 
+    def results_seed(self) -> str | None:
+        """The seed the tested head was trained with: the checkpoint's (``Stage3_eval.py test`` under another
+        ``--seed_everything`` is warned about), else this process's."""
+        trained, now = getattr(self, "_trained_seed", None), os.environ.get(GLOBAL_SEED_ENV)
+        if trained is not None and now is not None and str(trained) != str(now):
+            log.warning("testing a checkpoint trained with seed %s under seed %s: the results row records %s",
+                        trained, now, trained)
+        return trained if trained is not None else now
+
     def results_row(self) -> dict:
         h = self.hparams
         row = {"benchmark": h.benchmark, "task": self.spec.task, "metric": self.spec.metric,
                "backbone_kind": self.backbone_cfg.kind, "pool": self.backbone_cfg.pool,
-               "mode": self.eval_mode, **self.row_fields(), "seed": os.environ.get("PL_GLOBAL_SEED"),
+               "mode": self.eval_mode, **self.row_fields(), "seed": self.results_seed(),
                **self.leakage_fields}
         for key, value in sorted(self.trainer.callback_metrics.items()):
             if key.startswith("test/"):

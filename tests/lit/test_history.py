@@ -69,17 +69,19 @@ def test_stage3_test_into_a_run_directory_keeps_the_training_metrics(tmp_path, s
     raw = RELEASE_WRITERS["tb"](tmp_path / "raw", 0)
     run_converter("tb", raw, tmp_path / "manifests")
     run = tmp_path / "run"
-    args = stage3_args("tb", raw, tmp_path / "manifests", run, stage1_run)
+    args = stage3_args("tb", raw, tmp_path / "manifests", run, stage1_run, "--seed_everything", "3")
     stage3(args)
     training = (run / "metrics.csv").read_bytes()
     record = (run / "run.json").read_bytes()
-    stage3(["test", *args[1:], "--ckpt_path", "last"])
+    stage3(["test", *args[1:], "--ckpt_path", "last", "--seed_everything", "7"])
     assert (run / "metrics.csv").read_bytes() == training and (run / "run.json").read_bytes() == record
     trained = pd.read_csv(run / "metrics.csv")
     assert trained["val/auroc"].notna().any() and trained["test/auroc"].notna().any()  # fit + its own test
     tested = pd.read_csv(run / "test" / "metrics.csv")
     assert len(tested) == 1 and tested["test/auroc"].notna().all()
-    assert len(pd.read_csv(run / "results.csv")) == 2  # one row per test, as before
+    rows = pd.read_csv(run / "results.csv")
+    assert len(rows) == 2  # one row per test, as before
+    assert rows["seed"].tolist() == [3, 3]  # the head's training seed, not the test process's 7
 
 
 def test_sigterm_is_recorded_by_the_run(tmp_path, chexpert_release):
