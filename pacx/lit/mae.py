@@ -69,6 +69,9 @@ class MAEModule(StagedModule):
         fused_adamw: bool | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}: the loss is the mean over the "
+                             "masked patches, so training needs at least one masked and one visible patch")
         self.save_hyperparameters()
         self.model = create_mae(arch, img_size, patch_size, norm_pix_loss=norm_pix_loss,
                                 mask_ratio=mask_ratio)

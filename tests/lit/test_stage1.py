@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pacx.lit.mae import MAEModule
 from pacx.models.mae import create_mae
 from pacx.optim import param_groups, resolve_lr, warmup_cosine, warmup_cosine_scheduler
 from pacx.weights.checkpoint import CheckpointError
@@ -97,6 +98,15 @@ def test_base_lr_is_scaled_by_global_batch_and_logged(tmp_path, chexpert_release
     # 6 optimizer steps per epoch: warmup 0.5 epoch = 3 steps, then cosine over the remaining 2 of 5 steps
     expected = [effective * f for f in (1 / 3, 2 / 3, 1.0, 1.0, 0.5)]
     assert lrs == pytest.approx(expected)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1])
+def test_a_mask_ratio_outside_the_open_interval_is_refused(ratio):
+    """Stage 1 `--model.mask_ratio` 0 or 1 (or outside [0, 1]) → ValueError "mask_ratio must be in (0, 1)":
+    with no masked patch the loss (a mean over them) is 0 / 0."""
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\), got"):
+        MAEModule(arch="mae_vit_test", img_size=32, mask_ratio=ratio)
 
 
 def test_resolve_lr_rule():
