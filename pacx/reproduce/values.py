@@ -110,8 +110,8 @@ def _var_value(where: str, name: str, value, values: Values):
 def resolve_vars(where: str, given, out: Path, overrides: Mapping[str, object],
                  profile: str | None) -> dict[str, str | list[str]]:
     """The plan's vars in order, each allowed to use ``{out}`` and the vars above it. ``overrides`` (the
-    profile's vars updated by ``--set NAME=VALUE``) replace values; a string for a list var splits on
-    commas."""
+    profile's vars updated by ``--set NAME=VALUE``) replace values; a string or a number for a list var is
+    a list (a string splits on commas; ``seeds: 0`` is ``[0]``)."""
     if not isinstance(given or {}, Mapping):
         raise PlanError(f"{where}: vars must be a mapping of name -> value")
     given = dict(given or {})
@@ -127,6 +127,9 @@ def resolve_vars(where: str, given, out: Path, overrides: Mapping[str, object],
             value = overrides[name]
             if isinstance(given[name], list) and isinstance(value, str):
                 value = [v for v in value.split(",") if v]
+            elif isinstance(given[name], list) and isinstance(value, int | float) and value is not True \
+                    and value is not False:
+                value = [value]
         values[name] = _var_value(where, name, value, values)
     return values
 

@@ -351,6 +351,7 @@ LIST_PLAN = """\
     profiles:
       base: {}
       more: {vars: {seeds: [0, 1, 2]}}
+      one: {vars: {seeds: 7}}
     anchors:
       shared: &shared [--root, "{root}"]
     nodes:
@@ -373,6 +374,9 @@ def test_list_vars_for_groups_splices_and_profile_vars(tmp_path):
         "seed=0", "seed=1", "seed=2"]
     over = load_plan(path, out=tmp_path / "o3", profile="more", overrides={"seeds": "5,6"})  # --set wins
     assert [p.name for p in over.nodes["g"].points] == ["seed=5", "seed=6"]
+    # a number for a list var is a list of one (it used to become a text var and fail as a grid axis)
+    one = load_plan(path, out=tmp_path / "o4", profile="one")
+    assert [p.name for p in one.nodes["g"].points] == ["seed=7"]
 
 
 LIST_ERRORS = {
