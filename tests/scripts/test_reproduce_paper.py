@@ -126,9 +126,28 @@ PAPER_EDGES = {
     "stage3_lowdata": {"manifests", "export_mae", "export_pacx"},
     "stage3_lp": {"manifests", "export_mae", "export_pacx"},
     "stage3_seg": {"manifests", "export_mae", "export_pacx"},
-    "alignment": {"export_mae", "export_pacx", "features"},
+    "alignment": {"export_mae", "export_pacx", "features"}, "zero_shot": {"stage2", "features"},
     "tables": {"stage3_lowdata", "stage3_lp", "stage3_seg"},
 }
+
+
+@pytest.mark.parametrize("path", [PAPER, DEMO])
+def test_zero_shot_points_name_stage2_runs_only(tmp_path, path):
+    """``eval_alignment.py --zero-shot`` refuses any backbone without Stage 2 heads (random init, a Stage 1
+    export, ImageNet weights) before doing anything, so a plan point that mixes them would fail its job."""
+    plan = load_plan(path, out=tmp_path / "o")
+    checked = 0
+    for node in plan.nodes.values():
+        for point in node.points:
+            if "--zero-shot" not in point.argv:
+                continue
+            backbones = [point.argv[i + 1] for i, a in enumerate(point.argv) if a == "--backbone"]
+            assert backbones, node.name
+            for spec in backbones:
+                source = spec.split("=", 1)[1]
+                assert "stage2" in source and not source.endswith(".safetensors"), (node.name, spec)
+            checked += 1
+    assert checked == 1
 
 
 def parse_dry_run(text: str) -> dict[str, list[str]]:
