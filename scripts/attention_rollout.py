@@ -48,11 +48,13 @@ def parse_backbones(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def load_backbones(sources: dict[str, str], img_size: int | None) -> tuple[dict[str, nn.Module], int]:
+def load_backbones(sources: dict[str, str], img_size: int | None,
+                   seed: int = 0) -> tuple[dict[str, nn.Module], int]:
     """Load every encoder (eval mode) and check that all take the same image size.
 
     The size is ``img_size`` if given, else the first file encoder's own; random encoders are built
-    at that size (224 if there are only random ones).
+    at that size (224 if there are only random ones), after ``torch.manual_seed(seed)``, so that their weights
+    do not depend on the file encoders loaded before them (loading one draws random numbers).
     """
     from pacx import load_encoder
     from pacx.models.backbones import BackboneConfig, build_backbone
@@ -68,6 +70,7 @@ def load_backbones(sources: dict[str, str], img_size: int | None) -> tuple[dict[
                                  "all backbones must share one image size")
             log.info("%s: %s (%d px)", name, source, own)
     img_size = img_size or 224
+    torch.manual_seed(seed)
     for name, source in sources.items():
         if source.startswith(RANDOM_PREFIX):
             arch = source[len(RANDOM_PREFIX):]
@@ -103,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="rollout.png", help="output PNG (default rollout.png)")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
     try:
-        encoders, img_size = load_backbones(parse_backbones(args.backbones), args.img_size)
+        encoders, img_size = load_backbones(parse_backbones(args.backbones), args.img_size, args.seed)
         paths = collect_image_paths(args.images, args.path_column, args.image_root)[: args.max_images]
         if not paths:
             raise ValueError(f"no images found in {args.images}")

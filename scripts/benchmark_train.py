@@ -268,12 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     batch = args.batch_size or (8 if device.type == "cpu" else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.stage2:
         return run_stage2(args, device, batch)
     if args.stage3:
         return run_stage3(args, device, batch)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     stage1 = yaml.safe_load(args.config.read_text())
     optim = adamw_settings(stage1)

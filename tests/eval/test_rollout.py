@@ -233,6 +233,20 @@ def test_script_end_to_end(stage1_run, tmp_path, capsys):
         assert np.isfinite(maps[name]).all() and maps[name].min() >= 0 and maps[name].max() <= 1
 
 
+def test_script_random_backbone_depends_only_on_the_seed(stage1_run, tmp_path):
+    """A random-init backbone is fixed by --seed: a file backbone listed before it (whose loading draws random
+    numbers) leaves its heatmaps exactly as they are alone."""
+    write_images(tmp_path / "imgs", n=2)
+    script = load_script("attention_rollout")
+    alone, both = tmp_path / "alone.png", tmp_path / "both.png"
+    common = ["--images", str(tmp_path / "imgs"), "--img-size", "32", "--seed", "3"]
+    assert script.main(["--backbones", "rnd=random:vit_test", *common, "--out", str(alone)]) == 0
+    assert script.main(["--backbones", f"mae={stage1_run}", "rnd=random:vit_test", *common, "--out",
+                        str(both)]) == 0
+    np.testing.assert_array_equal(np.load(alone.with_suffix(".npz"))["rnd"],
+                                  np.load(both.with_suffix(".npz"))["rnd"])
+
+
 def test_script_csv_manifest_and_errors(stage1_run, tmp_path, capsys):
     paths = write_images(tmp_path / "data" / "imgs", n=2)
     csv = tmp_path / "data" / "manifest.csv"

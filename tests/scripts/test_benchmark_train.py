@@ -147,6 +147,23 @@ def test_stage2_lora_vs_full_writes_json(tmp_path):
     assert result["lora_trainable_params"] < result["full_trainable_params"]
 
 
+@pytest.mark.parametrize("mode", [["--stage2", "--stage2-arch", "vit_test"],
+                                  ["--stage3", "--stage3-arch", "vit_test"]])
+def test_threads_apply_to_stage2_and_stage3(mode, capsys):
+    """--threads sets torch's intra-op threads in every mode, not only for the Stage 1 step."""
+    from scripts.benchmark_train import main
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        main([*mode, "--img-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+              "--threads", "1"])
+        assert torch.get_num_threads() == 1
+        assert "), 1 threads, fp32)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rates_from_every_mode_merge_into_one_file(tmp_path):
     """--rates: Stage 1, Stage 2 (LoRA, full) and Stage 3 (segmentation, probe features) runs fill one rates
     file, each run keeping the others' keys; the estimate reads it (pacx.reproduce.estimate)."""
