@@ -27,8 +27,13 @@ DEBUG_FLAGS: dict[str, float] = {
     "limit_test_batches": 1.0,
     "limit_predict_batches": 1.0,
 }
-# fast_dev_run and overfit_batches set the limits themselves; recording those too would only repeat them.
-_IMPLIES_LIMITS = ("fast_dev_run", "overfit_batches")
+# The limits fast_dev_run and overfit_batches set themselves; recording those too would only repeat them
+# (overfit_batches sets only the train and val limits: a test or predict limit beside it is the user's own).
+_IMPLIES_LIMITS: dict[str, tuple[str, ...]] = {
+    "fast_dev_run": ("limit_train_batches", "limit_val_batches", "limit_test_batches",
+                     "limit_predict_batches"),
+    "overfit_batches": ("limit_train_batches", "limit_val_batches"),
+}
 
 ALLOW_ENV = "PACX_ALLOW_DEBUG"
 #: Set by the run that was allowed a debug input (:func:`allow_debug_runs` + :func:`check_not_debug`).
@@ -67,8 +72,8 @@ def debug_flags(trainer) -> dict[str, float | int]:
             found[name] = value
         elif isinstance(value, (int, float)) and float(value) != float(normal):
             found[name] = value
-    if any(k in found for k in _IMPLIES_LIMITS):
-        found = {k: v for k, v in found.items() if not k.startswith("limit_")}
+    implied = {limit for flag, limits in _IMPLIES_LIMITS.items() if flag in found for limit in limits}
+    found = {k: v for k, v in found.items() if k not in implied}
     return found
 
 

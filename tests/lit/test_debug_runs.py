@@ -125,6 +125,22 @@ def test_debug_flags_read_from_a_trainer():
     assert debug_flags(T()) == {"fast_dev_run": 3}
 
 
+def test_overfit_batches_keeps_the_test_and_predict_limits_it_does_not_set():
+    """Lightning's overfit_batches sets only the train and val limits: a test / predict limit beside it is
+    still recorded (it shortens the test that writes the results row)."""
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, overfit_batches=2, limit_test_batches=5,
+                         limit_predict_batches=0.5)
+    assert (trainer.limit_train_batches, trainer.limit_val_batches) == (2, 2)  # what overfit_batches sets
+    assert debug_flags(trainer) == {"overfit_batches": 2, "limit_test_batches": 5,
+                                    "limit_predict_batches": 0.5}
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, fast_dev_run=2, limit_test_batches=5)
+    assert debug_flags(trainer) == {"fast_dev_run": 2}  # fast_dev_run sets all four limits
+
+
 def test_sampler_with_lightnings_overfit_indices():
     """overfit_batches replaces the sampler by a sequential one: plain int keys, seeded from (seed, index)."""
     data = list(range(10))
