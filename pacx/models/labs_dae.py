@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pacx.debug import check_not_debug
 from pacx.weights.checkpoint import (
     CheckpointError,
     checkpoint_file,
@@ -96,7 +97,6 @@ def read_labs_dae_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Labs
     path = checkpoint_file(path)
     obj, meta = load_any(path)
     if meta:  # safetensors: the DAE's own keys, config in the metadata when we wrote it
-
         return dict(obj), LabsDAEConfig(**json.loads(meta.get("labs_dae_config", "{}")))
     state = obj.get("state_dict") if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping):
@@ -106,6 +106,7 @@ def read_labs_dae_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Labs
     if any(k.startswith("model.") for k in state):
         state = strip_prefix(state, "model.")
     pacx_meta = obj.get("pacx", {}) if isinstance(obj, Mapping) else {}
+    check_not_debug(pacx_meta.get("debug"), f"labs DAE checkpoint {path}")  # as the ECG teacher's export
     if "labs_dae_config" in pacx_meta:
         return dict(state), LabsDAEConfig(**pacx_meta["labs_dae_config"])
     try:  # third-party file: the widths follow from the shapes

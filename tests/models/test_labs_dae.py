@@ -91,3 +91,22 @@ def test_authors_lightning_checkpoint_loads_strictly(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "missing.ckpt")
     with pytest.raises(CheckpointError, match="missing keys.*decoder.0.bias"):
         load_labs_dae(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.bad_input
+def test_a_debug_run_checkpoint_is_refused_as_a_teacher(tmp_path, monkeypatch):
+    """Labs DAE checkpoint of a debug run (`pacx.debug` flags set) given as the teacher → DebugRunError naming
+    the file, unless debug inputs are allowed (PACX_ALLOW_DEBUG=1)."""
+    from pacx.debug import ALLOW_ENV, DebugRunError
+
+    model = LabsDAE()
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "pacx": {"stage": "labs_dae", "debug": {"limit_train_batches": 2}}}, ckpt)
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    with pytest.raises(DebugRunError, match=r"labs DAE checkpoint .*last\.ckpt comes from a debug run"):
+        load_labs_dae(ckpt)
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    loaded = load_labs_dae(ckpt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
