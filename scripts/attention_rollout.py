@@ -2,7 +2,7 @@
 """Attention rollout heatmaps of several encoders side by side (docs/method.md#stage-3).
 
     python scripts/attention_rollout.py --backbones mae=runs/stage1/mae pacx=encoder_pacx.safetensors \\
-        --images data/chexpert/valid.csv --image-root data --out rollout.png
+        --images manifests/chexpert/chexpert_val_split.csv --image-root data/chexpert/valid --out rollout.png
 
 One row per image: the image, then one rollout overlay per backbone (Abnar & Zuidema 2020; see
 ``pacx.eval.rollout``). A backbone is ``name=PATH`` with anything ``pacx.load_encoder`` accepts, or

@@ -2,7 +2,7 @@
 """Write the Stage 2 teacher features (<teacher>_features.npy) into a Symile-MIMIC tree.
 
     python scripts/extract_teacher_features.py --data-root /data/symile/data_npy \\
-        --ecgfounder /weights/12_lead_ECGFounder.pth --labs-dae runs/labs_dae/<run>/checkpoints/last.ckpt
+        --ecgfounder /weights/12_lead_ECGFounder.pth --labs-dae runs/teachers/labs_dae/checkpoints/last.ckpt
     python scripts/extract_teacher_features.py --data-root /data/symile/data_npy --teacher NAME=WEIGHTS
 
 For each split (default: train, val, test, and test_uni when that folder exists) it writes

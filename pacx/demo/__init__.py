@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the pacx demo (plans/demo.yaml) on the generated phantom.")
     parser.add_argument("--out", default="demo_runs", help="output directory (default demo_runs)")
     parser.add_argument("--quick", action="store_true",
-                        help="profile quick: a reduced, faster version (~3 min)")
+                        help="profile quick: a reduced, faster version (about 1.5 min on 2 cores)")
     parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     parser.add_argument("--only", nargs="*",
                         help="run only these nodes of the plan (e.g. stage3 story report)")
