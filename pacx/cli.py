@@ -101,7 +101,9 @@ class PacxCLI(LightningCLI):
             self.model.inherited_debug_flags = {FROM_DEBUG_RUN: 1}
 
     def _run_subcommand(self, subcommand: str) -> None:
-        with allow_debug_runs(self._allow_debug()):
+        with allow_debug_runs(self._allow_debug()) as seen:
+            if hasattr(self.model, "debug_inputs"):  # inputs loaded in setup mark the run as well
+                self.model.debug_inputs = seen
             super()._run_subcommand(subcommand)
 
     # ---- run directory, loggers, checkpoints --------------------------------------------------

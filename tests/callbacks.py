@@ -1,6 +1,7 @@
 """Callbacks the resume tests add to real runs from the command line (``--trainer.callbacks+=...``).
 
-They change nothing a run computes: they only stop the process or slow and report its steps.
+They change nothing a run computes: they only stop the process, slow and report its steps, or stand in for
+an input the run loads while it runs.
 """
 
 from __future__ import annotations
@@ -67,3 +68,13 @@ class SignalAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class LoadsADebugInput(Callback):
+    """Stands in for an input a run loads in ``setup`` (as on-the-fly teachers are): one whose record says it
+    comes from a debug run."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        from pacx.debug import check_not_debug
+
+        check_not_debug({"limit_train_batches": 2}, "a teacher loaded in setup")

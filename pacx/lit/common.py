@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from pacx.debug import debug_flags, describe, merge_flags
+from pacx.debug import FROM_DEBUG_RUN, DebugInputs, debug_flags, describe, merge_flags
 from pacx.models.backbones import as_backbone_config, build_backbone
 from pacx.models.tuning import count_parameters
 from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine_scheduler
@@ -59,13 +59,19 @@ class StagedModule(pl.LightningModule):
     #: Debug flags this module inherits from its inputs (set by the CLI when ``--allow_debug`` let a debug
     #: run in as init weights or backbone: ``{"from_debug_run": 1}``).
     inherited_debug_flags: dict | None = None
+    #: What the CLI's ``--allow_debug`` block sees while the subcommand runs (inputs loaded in ``setup``,
+    #: such as on-the-fly teachers); any debug input let through there marks this run too.
+    debug_inputs: DebugInputs | None = None
 
     @property
     def debug_flags(self) -> dict:
-        """Debug flags of this run: inherited from debug inputs, from the loaded checkpoint (a resumed or
-        tested debug run stays one) and the attached trainer's; ``{}`` for a normal run."""
+        """Debug flags of this run: inherited from debug inputs (at construction or while the subcommand
+        runs), from the loaded checkpoint (a resumed or tested debug run stays one) and the attached
+        trainer's; ``{}`` for a normal run."""
         trainer = self._trainer
-        return merge_flags(self.inherited_debug_flags, getattr(self, "_loaded_debug_flags", None),
+        seen = self.debug_inputs
+        later = {FROM_DEBUG_RUN: 1} if seen is not None and seen.let_through else None
+        return merge_flags(self.inherited_debug_flags, later, getattr(self, "_loaded_debug_flags", None),
                            debug_flags(trainer) if trainer else None)
 
     def _shared_step(self, batch, stage: str, batch_idx: int) -> torch.Tensor:

@@ -154,6 +154,23 @@ def test_sampler_with_lightnings_overfit_indices():
 # ---- refusal downstream ----------------------------------------------------------------------------
 
 
+def test_a_debug_input_loaded_while_the_run_runs_marks_the_run(tmp_path, chexpert_release):
+    """An input checked during the subcommand (in setup, as on-the-fly teachers are), not at construction:
+    refused without --allow_debug; let through with it, the run records from_debug_run in run.json and in
+    its checkpoints, as one built on debug init weights does."""
+    from pacx.weights.checkpoint import safe_torch_load
+    from Stage1_MAE import main
+    from tests.conftest import stage1_args
+
+    args = ("--trainer.max_steps", "1", "--trainer.callbacks+=tests.callbacks.LoadsADebugInput")
+    with pytest.raises(DebugRunError, match="a teacher loaded in setup comes from a debug run"):
+        main(stage1_args(tmp_path / "refused", chexpert_release, *args))
+    run = tmp_path / "allowed"
+    main(stage1_args(run, chexpert_release, *args, "--allow_debug", "true"))
+    assert _record(run)["debug"] == {"from_debug_run": 1}
+    assert safe_torch_load(run / "checkpoints" / "last.ckpt")["pacx"]["debug"] == {"from_debug_run": 1}
+
+
 @pytest.mark.bad_input
 def test_stage2_refuses_a_debug_run_as_init_encoder(tmp_path, symile_root, debug_stage1):
     """Stage 2 init_encoder = a debug run (fast_dev_run / overfit_batches / limit_*) → DebugRunError naming
