@@ -103,7 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", type=Path, default=None,
                    help="merge the measured per-GPU images/s into this rates file "
                         "(scripts/reproduce_paper.py --estimate reads it)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 1:  # the medians of zero timed steps would fail later with a cryptic error
+        p.error("--steps must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    return args
 
 
 def device_name(device: torch.device) -> str:

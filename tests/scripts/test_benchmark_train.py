@@ -187,3 +187,13 @@ def test_rates_from_every_mode_merge_into_one_file(tmp_path):
         assert (entry["device"], entry["precision"], entry["batch"]) == ("cpu", "fp32", 4)
     with pytest.raises(SystemExit):  # one mode per run
         main(["--stage2", "--stage3"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps must be >= 1"),
+                                           (["--warmup", "-1"], "--warmup must be >= 0")])
+def test_step_counts_are_checked_at_parse_time(argv, message, capsys):
+    from scripts.benchmark_train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
