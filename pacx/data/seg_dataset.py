@@ -9,7 +9,6 @@ mask ``[1, S, S]`` in {0, 1}. Bad rows are errors naming the CSV; ``batch_size``
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +33,12 @@ MASK_INTERPOLATIONS = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.I
 
 
 def paired_train_augment(image: Image.Image, mask: Image.Image) -> tuple[Image.Image, Image.Image]:
-    """The same random horizontal flip (p 0.5) then rotation in [−10°, 10°] (nearest, fill 0) on both."""
-    if random.random() < FLIP_P:
+    """The same random horizontal flip (p 0.5) then rotation in [−10°, 10°] (nearest, fill 0) on both.
+
+    Drawn from torch's generator, which :func:`pacx.data.resumable.seed_sample` seeds per sample."""
+    if torch.rand(()).item() < FLIP_P:
         image, mask = TF.hflip(image), TF.hflip(mask)
-    angle = random.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
+    angle = torch.empty(()).uniform_(-MAX_ROTATION_DEG, MAX_ROTATION_DEG).item()
     return TF.rotate(image, angle, fill=0), TF.rotate(mask, angle, fill=0)
 
 

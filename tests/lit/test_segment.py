@@ -112,12 +112,32 @@ def _asymmetric_pair(size: int = 32) -> tuple[Image.Image, Image.Image]:
 def test_paired_augmentation_moves_image_and_mask_together():
     flipped = 0
     for seed in range(12):
-        random.seed(seed)
+        torch.manual_seed(seed)
         image, mask = paired_train_augment(*_asymmetric_pair())
         red, m = np.asarray(image)[..., 0].astype(int), np.asarray(mask).astype(int)
         assert np.array_equal(red, m)
         flipped += int(m[:, 16:].sum() > m[:, :16].sum())
     assert 0 < flipped < 12  # flips happen sometimes, not always
+
+
+def test_train_augmentation_is_set_by_the_resumable_sample_seed(tmp_path):
+    """The resumable loader seeds each sample's draws (pacx.data.resumable.seed_sample: torch and numpy):
+    the same (index, seed) key gives the same flip and angle every time."""
+    from pacx.data.resumable import SeededDataset
+
+    image, mask = _asymmetric_pair()
+    image.save(tmp_path / "a.png")
+    mask.save(tmp_path / "a_mask.png")
+    df = pd.DataFrame({"img_path": ["a.png"], "mask_path": ["a_mask.png"]})
+    ds = SeededDataset(SegmentationDataset(df, tmp_path, "img_path", "mask_path", 32, train=True), seed=0)
+    for sample_seed in (1, 123, 2**40 + 7):
+        first = ds[(0, sample_seed)]
+        random.seed(sample_seed + 1)  # Python's generator is not part of the sample seed
+        for _ in range(4):
+            again = ds[(0, sample_seed)]
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    masks = [ds[(0, s)][1] for s in range(16)]
+    assert len({m.numpy().tobytes() for m in masks}) > 1  # different seeds, different draws
 
 
 def _write_pair(root: Path, name: str, size=(16, 16), mask_size=None) -> None:
@@ -156,9 +176,9 @@ def test_cache_decoded_serves_the_same_pairs_without_reading_files_again(tmp_pat
         cached = SegmentationDataset(df, tmp_path, "img_path", "mask_path", 24, train=train,
                                      cache_decoded=True)
         for idx in (0, 1):
-            random.seed(idx)
+            torch.manual_seed(idx)
             want = plain[idx]
-            random.seed(idx)
+            torch.manual_seed(idx)
             got = cached[idx]
             assert all(torch.equal(w, g) for w, g in zip(want, got))
         assert sorted(cached.decoded) == [0, 1]
@@ -166,9 +186,9 @@ def test_cache_decoded_serves_the_same_pairs_without_reading_files_again(tmp_pat
     moved.mkdir()
     for f in tmp_path.glob("*.png"):
         f.rename(moved / f.name)
-    random.seed(1)
+    torch.manual_seed(1)
     again = cached[1]
-    random.seed(1)
+    torch.manual_seed(1)
     assert all(torch.equal(a, g) for a, g in zip(again, got))
     with pytest.raises(ManifestError, match="not found"):  # without the cache the files are read again
         plain[1]
