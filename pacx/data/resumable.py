@@ -76,9 +76,12 @@ def seed_sample(seed: int) -> None:
     np.random.seed(seed % (1 << 32))
 
 
+GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"  # where Lightning's seed_everything exports the run's seed
+
+
 def run_seed(default: int = 0) -> int:
     """The run's seed: ``seed_everything`` exports it as ``PL_GLOBAL_SEED``."""
-    value = os.environ.get("PL_GLOBAL_SEED")
+    value = os.environ.get(GLOBAL_SEED_ENV)
     return int(value) if value not in (None, "") else default
 
 

@@ -25,7 +25,7 @@ from pacx.data.images import find_images
 from pacx.data.lowdata import indicator_columns, low_data_subset
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest, row_ref
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
-from pacx.data.resumable import train_loader
+from pacx.data.resumable import GLOBAL_SEED_ENV, train_loader
 from pacx.data.transforms import CLASSIFY_HFLIP, resize_eval, resize_flip_train
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class BenchmarkDataModule(SplitsDataModule):
     def subset_seed(self) -> int:
         if self.hparams.subset_seed is not None:
             return self.hparams.subset_seed
-        seed = os.environ.get("PL_GLOBAL_SEED")
+        seed = os.environ.get(GLOBAL_SEED_ENV)
         if seed is None:
             raise ValueError("set data.subset_seed or seed_everything: the low-data subset needs a seed")
         return int(seed)

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from pacx.data.resumable import GLOBAL_SEED_ENV
 from pacx.debug import FROM_DEBUG_RUN, DebugInputs, debug_flags, describe, merge_flags
 from pacx.models.backbones import as_backbone_config, build_backbone
 from pacx.models.tuning import count_parameters
@@ -23,8 +24,6 @@ from pacx.utils import git_sha
 from pacx.weights.checkpoint import CheckpointError, state_fingerprint
 
 log = logging.getLogger(__name__)
-
-GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"  # set by Lightning's seed_everything
 
 CHECKPOINT_FORMAT_VERSION = 1
 

@@ -241,14 +241,13 @@ def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
             if not folder.is_dir():
                 raise FileNotFoundError(f"ChestX6: missing folder {folder}")
             files = sorted(p for p in folder.iterdir() if p.is_file())
+            images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
             others = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
             if others:  # e.g. a .DS_Store from the archive: not an image row
                 log.warning("ChestX6: %s: %d file(s) that are not images left out: %s", folder, len(others),
                             ", ".join(others[:5]))
-            for f in files:
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    rows.append({spec.path_column: f"{split}/{cls}/{f.name}",
-                                 **{c: int(c == cls) for c in spec.labels}})
+            rows += [{spec.path_column: f"{split}/{cls}/{f.name}", **{c: int(c == cls) for c in spec.labels}}
+                     for f in images]
         frames[split] = pd.DataFrame(rows, columns=[spec.path_column, *spec.labels]).sample(
             frac=1.0, random_state=int(seed))
     return write_manifests(spec, frames, out)
