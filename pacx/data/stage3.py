@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pacx.data.common import per_device_batch_size
+from pacx.data.common import eval_loader, per_device_batch_size
 from pacx.data.feature_cache import FeatureDataset, FlipFeatureDataset
 from pacx.data.images import find_images
 from pacx.data.lowdata import indicator_columns, low_data_subset
@@ -100,7 +100,7 @@ class SplitsDataModule(pl.LightningDataModule):
         if shuffle:
             return train_loader(dataset, self.per_device_batch, self.trainer, drop_last=False,
                                 augmented=getattr(dataset, "augmented", True), **kwargs)
-        return DataLoader(dataset, batch_size=self.per_device_batch, shuffle=False, drop_last=False, **kwargs)
+        return eval_loader(dataset, self.per_device_batch, self.trainer, **kwargs)  # each row once under DDP
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["train"], shuffle=True)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
@@ -260,9 +261,7 @@ class PaCXModule(StagedModule):
         whose chance value is exactly ``log(n_global)`` (the last, smaller batch would pull it lower)."""
         if not self._val_outputs or not self._val_clip:
             return None
-        emb = torch.cat([o["cxr"] for o in self._val_outputs])
-        if self.trainer.world_size > 1:
-            emb = self.all_gather(emb).flatten(0, 1)
+        emb = self._split_rows(torch.cat([o["cxr"] for o in self._val_outputs]))
         full = max(c["n"] for c in self._val_clip)
         kept = [c for c in self._val_clip if c["n"] == full]
         infonce = {t: sum(c[t] for c in kept) / len(kept) for t in self.teacher_names}
@@ -271,6 +270,21 @@ class PaCXModule(StagedModule):
             infonce = {t: float(reduce(torch.tensor(v, device=self.device), reduce_op="mean"))
                        for t, v in infonce.items()}
         return {"embeddings": emb, "infonce": infonce, "n_global": full * self.trainer.world_size}
+
+    def _split_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's validation rows ``[n_local, ...]`` -> the whole split's, each row once, in split order.
+
+        Under DDP, Lightning's ``DistributedSampler`` (no shuffle) pads the split to a multiple of the world
+        size W by repeating its first rows and gives rank r the positions r, r + W, ...: the gathered
+        ``[W, n_local, ...]`` is interleaved back and the padding cut, so that whole-split retrieval and the
+        health readings see no duplicated pair."""
+        if self.trainer.world_size == 1:
+            return local
+        rows = self.all_gather(local).transpose(0, 1).flatten(0, 1)
+        sampler = getattr(self.trainer.val_dataloaders, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            rows = rows[: len(sampler.dataset)]
+        return rows
 
     def _log_diagnostics(self, e: dict, stage: str, bs: int) -> None:
         spread = bs > 1  # a one-row batch (the last one can be) has no std over rows and no negatives
@@ -302,8 +316,7 @@ class PaCXModule(StagedModule):
             return
         cat = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         self._val_outputs.clear()
-        cat = {k: self.all_gather(v).flatten(0, 1) if self.trainer.world_size > 1 else v
-               for k, v in cat.items()}
+        cat = {k: self._split_rows(v) for k, v in cat.items()}
         for t in self.teacher_names:
             for k, v in retrieval_topk(cat["cxr"], cat[t]).items():
                 self.log(f"val/split_top{k}_cxr_{t}", v, rank_zero_only=True)

@@ -201,30 +201,60 @@ callbacks:
     assert isinstance(health, LearningHealth) and health.thresholds["warmup_epochs"] == 3
 
 
-def _ddp_pacx_validate_worker() -> None:
-    """One rank of a 2-process CPU (gloo) Lightning DDP ``validate`` of a tiny PaCXModule (env as torchrun
-    sets it; PACX_TEST_OUT): saves the rank's per-batch InfoNCE and rank zero's logged readings."""
-    import json
-    import os
-    from pathlib import Path
-
+def _tiny_pacx_validation(n_rows: int):
+    """(a tiny PaCXModule, ``n_rows`` validation pairs), the same in every process."""
     from pacx.lit.pacx import PaCXModule
 
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
-    torch.manual_seed(0)  # the same weights on both ranks
+    torch.manual_seed(0)  # the same weights on every rank
     module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="full")
     g = torch.Generator().manual_seed(1)
     rows = [{"cxr": torch.randn(3, 32, 32, generator=g),
              "teachers": {"ecg": torch.randn(1024, generator=g), "labs": torch.randn(256, generator=g)}}
-            for _ in range(16)]
+            for _ in range(n_rows)]
+    return module, rows
+
+
+def _ddp_pacx_validate_worker() -> None:
+    """One rank of a 2-process CPU (gloo) Lightning DDP ``validate`` of a tiny PaCXModule (env as torchrun
+    sets it; PACX_TEST_OUT, PACX_TEST_ROWS): saves the rank's per-batch InfoNCE and rank zero's logged
+    readings."""
+    import json
+    import os
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    module, rows = _tiny_pacx_validation(int(os.environ.get("PACX_TEST_ROWS", "16")))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=os.environ["PACX_TEST_OUT"])
-    trainer.validate(module, DataLoader(rows, batch_size=4))  # 8 rows per rank: two batches of 4 (N = 8)
+    trainer.validate(module, DataLoader(rows, batch_size=4))  # 16 rows: 8 per rank, two batches of 4 (N = 8)
     out = {"local": [c["labs"] for c in module._val_clip],
            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     (Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def test_pacx_split_readings_under_ddp_count_each_pair_once(tmp_path):
+    """15 validation pairs on 2 ranks: Lightning's sampler pads rank 1 with a copy of pair 0. The whole-split
+    retrieval and the embedding health readings must be those of the 15 pairs (one process), not of 16 with
+    a duplicate."""
+    import json
+
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.lit.test_health:_ddp_pacx_validate_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path), "PACX_TEST_ROWS": "15"})
+    logged = json.loads((tmp_path / "rank0.json").read_text())["logged"]
+    module, rows = _tiny_pacx_validation(15)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path / "one")
+    trainer.validate(module, DataLoader(rows, batch_size=4))
+    one = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    keys = ["val/split_top1_cxr_ecg", "val/split_top5_cxr_ecg", "val/split_top5_cxr_labs",
+            "val/effective_rank", "val/emb_std"]
+    for key in keys:
+        assert logged[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert one["val/split_top5_cxr_ecg"] * 15 == pytest.approx(round(one["val/split_top5_cxr_ecg"] * 15))
 
 
 def test_pacx_health_infonce_under_ddp_is_the_mean_over_all_ranks(tmp_path):

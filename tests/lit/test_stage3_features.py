@@ -337,3 +337,46 @@ def test_frozen_backbone_is_left_out_of_checkpoints_and_checked_on_load(tb, stag
     finetune = _fit(tb, tmp_path / "ft", stage1_run, "--model.mode", "finetune")
     state = safe_torch_load(tmp_path / "ft" / "checkpoints" / "last.ckpt")["state_dict"]
     assert set(finetune.model.state_dict()) == set(state)  # a trained backbone stays in
+
+
+def test_ddp_test_counts_every_test_image_once(stage1_run, tmp_path, repo):
+    """9 test images on 2 real gloo processes, where Lightning's default sampler would hand rank 1 a copy of
+    image 0: the results row of the DDP ``test`` equals that of the one-process test of the same checkpoint."""
+    from pacx.data.prepare import run_converter
+    from pacx.testing.benchmarks import write_tb
+    from Stage3_eval import main
+
+    raw = write_tb(tmp_path / "raw", 0, n=41)
+    manifests = tmp_path / "manifests"
+    run_converter("tb", raw, manifests)
+    assert len(pd.read_csv(manifests / BENCHMARKS["tb"].manifest_files["test"])) == 9
+    run = tmp_path / "run"
+    args = stage3_args("tb", raw, manifests, run, stage1_run, "--seed_everything", "3",
+                       "--model.feature_cache", "false")
+    main(args)
+    res = subprocess.run([sys.executable, str(repo / "Stage3_eval.py"), "test", *args[1:], "--ckpt_path", "last",
+                          "--data.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+                         cwd=repo, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "WANDB_MODE": "disabled"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = pd.read_csv(run / "results.csv")
+    assert len(rows) == 2
+    one, ddp = rows["metric_value"].tolist()
+    assert 0.0 < one < 1.0 and ddp == pytest.approx(one, abs=1e-6)
+
+
+def test_shard_sampler_gives_each_row_to_one_rank_once():
+    from pacx.data.common import ShardSampler, eval_loader
+
+    data = list(range(9))
+    shards = [list(ShardSampler(data, 2, r)) for r in range(2)]
+    assert shards == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    assert [len(ShardSampler(data, 2, r)) for r in range(2)] == [5, 4]
+    assert sorted(i for s in (list(ShardSampler(data, 4, r)) for r in range(4)) for i in s) == data
+
+    class Trainer:
+        world_size, global_rank = 2, 1
+
+    batches = [b.tolist() for b in eval_loader(data, 3, Trainer())]
+    assert batches == [[1, 3, 5], [7]]
+    assert [b.tolist() for b in eval_loader(data, 4, None)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
