@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from pacx.models.ecg_preprocess import (
 )
 from pacx.weights.checkpoint import (
     CheckpointError,
+    PickleRefused,
     drop_keys,
     is_safetensors_file,
     load_safetensors,
@@ -261,17 +263,23 @@ def strip_dataparallel_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def _load_pickle(path: Path, trust_pickle: bool) -> object:
+    """``weights_only=True``; when that refuses the file and ``trust_pickle`` is set, a full unpickle. A file
+    that is unreadable either way (truncated, not a checkpoint) is a :class:`CheckpointError` naming it."""
     try:
         return safe_torch_load(path)
-    except CheckpointError as err:
+    except PickleRefused as err:
         if not trust_pickle:
-            raise CheckpointError(
+            raise PickleRefused(
                 f"{err} If this is the official ECGFounder release, pass trust_pickle=True once, or "
                 "convert it to safetensors with scripts/convert_ecgfounder.py --trust-pickle."
             ) from None
     log.warning("%s: weights_only=True refused this file; trust_pickle=True, so it is unpickled in full "
                 "(this can run code the file carries). Convert it to safetensors once.", path)
-    return torch.load(path, map_location="cpu", weights_only=False)  # the one opt-in (trust_pickle)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # the one opt-in (trust_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, also when unpickled in full "
+                              f"({type(err).__name__}: {err})") from err
 
 
 def _unwrap_state_dict(obj: object, path: Path) -> Mapping[str, torch.Tensor]:

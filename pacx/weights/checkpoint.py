@@ -28,6 +28,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is unsafe, of the wrong kind, or does not fit the model; the message says which."""
 
 
+class PickleRefused(CheckpointError):
+    """``weights_only=True`` refused a pickle: it holds objects other than tensors and plain containers (or
+    is not a pickle at all). Only this error may be answered by an explicit opt-in to a full unpickle."""
+
+
 def safe_torch_load(path: str | Path) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with clear errors."""
     path = Path(path)
@@ -36,7 +41,7 @@ def safe_torch_load(path: str | Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
+        raise PickleRefused(
             f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
             f"(torch.load weights_only=True rejected it: {str(err).splitlines()[0]}). Only load pickles you "
             "trust, and convert them to safetensors once."

@@ -322,6 +322,22 @@ def test_trust_pickle_opt_in_is_logged(tmp_path, caplog):
     torch.testing.assert_close(model.first_conv.conv.weight, state["first_conv.conv.weight"])
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_unreadable_release_with_trust_pickle_names_the_file(tmp_path, caplog, damage):
+    """A truncated or non-checkpoint ECGFounder file, with trust_pickle → CheckpointError naming the file
+    ("not a readable torch checkpoint"), not a bare torch error from the full unpickle."""
+    path = tmp_path / "release.pth"
+    torch.save({"state_dict": fake_release_state("demo_small")}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(range(256)) * 4)
+    with caplog.at_level(logging.WARNING, logger="pacx.models.ecgfounder"):
+        with pytest.raises(CheckpointError, match=f"{path}: not a readable torch checkpoint"):
+            load_ecgfounder(path, config="demo_small", trust_pickle=True)
+    unpickled = any("unpickled in full" in r.getMessage() for r in caplog.records)
+    assert unpickled == (damage == "random bytes")  # a truncated zip is not a refusal: no full unpickle
+
+
 def test_convert_script_writes_safetensors_that_load_identically(tmp_path):
     src, out = tmp_path / "release.pth", tmp_path / "ecgfounder.safetensors"
     optimizer = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}
