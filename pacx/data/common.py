@@ -18,9 +18,10 @@ class ShardSampler(DistributedSampler):
     """Evaluation rows over ``num_replicas`` ranks, each row exactly once: rank r reads rows r, r + W, r + 2W,
     ... in order (the ranks' counts differ by at most one).
 
-    Lightning's default ``DistributedSampler`` evens the ranks out by repeating the first rows, which whole-split
-    metrics (AUROC, Dice) would then count twice. Lightning keeps a loader's own ``DistributedSampler`` (this
-    subclass) as it is. Only for loops without per-step collectives: a rank may run one batch fewer.
+    Lightning's default ``DistributedSampler`` evens the ranks out by repeating the first rows, which
+    whole-split metrics (AUROC, Dice) would then count twice. Lightning keeps a loader's own
+    ``DistributedSampler`` (this subclass) as it is. Only for loops without per-step collectives: a rank may
+    run one batch fewer.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:

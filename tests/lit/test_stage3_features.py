@@ -341,7 +341,7 @@ def test_frozen_backbone_is_left_out_of_checkpoints_and_checked_on_load(tb, stag
 
 def test_ddp_test_counts_every_test_image_once(stage1_run, tmp_path, repo):
     """9 test images on 2 real gloo processes, where Lightning's default sampler would hand rank 1 a copy of
-    image 0: the results row of the DDP ``test`` equals that of the one-process test of the same checkpoint."""
+    image 0: the results row of the DDP ``test`` equals that of the one-process test of the checkpoint."""
     from pacx.data.prepare import run_converter
     from pacx.testing.benchmarks import write_tb
     from Stage3_eval import main
@@ -354,8 +354,9 @@ def test_ddp_test_counts_every_test_image_once(stage1_run, tmp_path, repo):
     args = stage3_args("tb", raw, manifests, run, stage1_run, "--seed_everything", "3",
                        "--model.feature_cache", "false")
     main(args)
-    res = subprocess.run([sys.executable, str(repo / "Stage3_eval.py"), "test", *args[1:], "--ckpt_path", "last",
-                          "--data.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2"],
+    res = subprocess.run([sys.executable, str(repo / "Stage3_eval.py"), "test", *args[1:],
+                          "--ckpt_path", "last", "--data.batch_size", "4", "--trainer.strategy", "ddp",
+                          "--trainer.devices", "2"],
                          cwd=repo, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "WANDB_MODE": "disabled"})
     assert res.returncode == 0, res.stderr[-3000:]
