@@ -39,6 +39,7 @@ from pacx.data.cache import CachedImageDataset, ImageCache, build_image_cache
 from pacx.data.manifest import ImageManifestDataset
 from pacx.data.transforms import mae_train
 from pacx.testing.chexpert import RELEASE_LABELS, write_chexpert_release
+from pacx.utils import write_text_atomic
 
 log = logging.getLogger("benchmark_data")
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines.append(f"ratio cache / pil: {result['ratio']:.1f}x")
     sys.stdout.write("\n".join(lines) + "\n")
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_text_atomic(args.json, json.dumps(result, indent=1))
     return result
 
 

@@ -50,7 +50,7 @@ from pacx.data.chexpert import IMAGE_DIRS, MANIFESTS, convert_release  # noqa: E
 from pacx.perf.fit import read_throughput  # noqa: E402
 from pacx.reproduce.estimate import merge_rates  # noqa: E402
 from pacx.testing.chexpert import write_chexpert_release  # noqa: E402
-from pacx.utils import cores, git_sha  # noqa: E402
+from pacx.utils import cores, git_sha, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("benchmark_fit")
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"MFU {mfu}, peak memory {memory}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.rates is not None:
         keep = ("device", "device_name", "precision", "batch", "compile", "fused_adamw", "arch", "img_size",

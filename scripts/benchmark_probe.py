@@ -45,6 +45,7 @@ from pacx.data.stage3 import SplitsDataModule
 from pacx.lit.common import BenchmarkEvalModule
 from pacx.testing.benchmarks import write_tb
 from pacx.testing.images import simple_cxr
+from pacx.utils import write_text_atomic
 
 log = logging.getLogger("benchmark_probe")
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"|AUROC diff| {result['auroc_flip_diff']:.4f}\n"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

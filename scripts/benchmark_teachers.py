@@ -43,6 +43,7 @@ from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, create_ecgfounder, load_e
 from pacx.models.labs_dae import LabsDAE
 from pacx.teachers import DEFAULT_BATCH_SIZE, TEACHERS, Teacher, feature_path
 from pacx.testing.symile import write_symile_release
+from pacx.utils import write_text_atomic
 
 log = logging.getLogger("benchmark_teachers")
 EXTRACT = Path(__file__).resolve().parent / "extract_teacher_features.py"
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.stdout.write(table(result) + "\n")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_text_atomic(args.json, json.dumps(result, indent=1))
     return result
 
 

@@ -66,7 +66,7 @@ from pacx.perf.train import (  # noqa: E402
     time_interleaved,
 )
 from pacx.reproduce.estimate import merge_rates  # noqa: E402
-from pacx.utils import git_sha  # noqa: E402
+from pacx.utils import git_sha, write_text_atomic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,7 +195,7 @@ def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> di
               "arch": args.stage2_arch, "img_size": args.img_size, "steps": args.steps}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     write_rates(args, {f"stage2_{name}": rate_entry(args, device, batch, stats[name]["steps_per_s"] * batch,
                                                     arch=args.stage2_arch, img_size=args.img_size,
@@ -255,7 +255,7 @@ def run_stage3(args: argparse.Namespace, device: torch.device, batch: int) -> di
               "img_size": args.img_size, "steps": args.steps}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     what = {"seg": "segmentation step (frozen backbone forward, decoder forward + backward, AdamW)",
             "probe_features": "frozen encoder forward without gradients (the linear probe's feature "
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     stage1 = rate_entry(args, device, batch, stats["pacx"]["steps_per_s"] * batch, arch=args.arch,
                         img_size=cfg.img_size, mask_ratio=ours.mask_ratio, mfu=stats["pacx"]["mfu"],

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_writes_json(tmp_path, capsys):
-    out = tmp_path / "out.json"
+    out = tmp_path / "results" / "out.json"  # a folder not there yet: created, not a crash at the end
     load_script("benchmark_data").main(["--num-images", "32", "--batch-size", "8", "--num-workers", "0",
                                         "--repeats", "2",
                         "--cache-size", "64", "--img-size", "56", "--workdir", str(tmp_path / "work"),
