@@ -8,6 +8,7 @@ Behaviour of each driver: docs/plans.md#drivers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pacx.progress import progress_switched_on, set_progress
 from pacx.reproduce.execute import COMPLETED, execute_point, exit_code, node_spec, run_status, write_specs
@@ -83,7 +85,10 @@ def _unfinished(plan: Plan, outcomes: dict[str, Outcome], lines: list[str]):
 # ---- Slurm ----------------------------------------------------------------------------------------
 
 
-def sbatch_command(plan: Plan, node: Node, indices: list[int], dependencies: list[str]) -> list[str]:
+def sbatch_command(plan: Plan, node: Node, indices: list[int], dependencies: list[str],
+                   spec: Path | None = None) -> list[str]:
+    """The ``sbatch`` argv of ``indices`` of ``node`` (an array job for a grid), after ``dependencies``,
+    reading ``spec`` (default ``nodes/<node>.json``)."""
     r = node.resources
     cmd = ["sbatch", "--parsable", f"--job-name={plan.name}-{node.name}", f"--nodes={r.nodes}",
            f"--ntasks-per-node={r.tasks_per_node}", f"--cpus-per-task={r.cpus_per_task}", f"--time={r.time}"]
@@ -98,7 +103,8 @@ def sbatch_command(plan: Plan, node: Node, indices: list[int], dependencies: lis
         cmd.append(f"--output={plan.logs}/%x-%j.out")
     if dependencies:
         cmd += ["--dependency=afterok:" + ":".join(dependencies), "--kill-on-invalid-dep=yes"]
-    return [*cmd, *plan.sbatch_args, *node.sbatch_args, str(SBATCH_TEMPLATE), str(plan.spec_path(node.name))]
+    spec = spec if spec is not None else plan.spec_path(node.name)
+    return [*cmd, *plan.sbatch_args, *node.sbatch_args, str(SBATCH_TEMPLATE), str(spec)]
 
 
 def _job_active(job_id: str, env: Mapping[str, str]) -> bool:
@@ -106,11 +112,46 @@ def _job_active(job_id: str, env: Mapping[str, str]) -> bool:
     return out.returncode == 0 and bool(set(out.stdout.split()) & ACTIVE_STATES)
 
 
+def spec_snapshot(plan: Plan, node: Node) -> Path:
+    """The node's spec as submitted, under a name fixed by its content (``nodes/<sha>/<node>.json``): a job
+    that waits in the queue runs the points it was submitted with, even after the plan is edited and
+    ``nodes/<node>.json`` rewritten (a new benchmark in a list can renumber a grid's points)."""
+    spec = node_spec(plan, node)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    path = plan.spec_path(node.name).parent / digest / f"{node.name}.json"
+    if not path.is_file():
+        write_json_atomic(path, spec)
+    return path
+
+
+def _submissions(jobs: dict, node: str) -> list[dict]:
+    """The node's submissions recorded in ``jobs.json`` (a list; a file from before a node could hold several
+    jobs has one dict)."""
+    subs = jobs.get(node, [])
+    return [subs] if isinstance(subs, dict) else list(subs)
+
+
+def _covered(node: Node, running: list[dict]) -> set[str]:
+    """Run directories of ``node`` that its queued or running jobs will run (by index for records without
+    ``run_dirs``)."""
+    by_index = {p.index: str(p.run_dir) for p in node.points}
+    covered = set()
+    for sub in running:
+        dirs = sub.get("run_dirs")
+        if dirs is None:
+            dirs = [by_index[i] for i in sub.get("indices", []) if i in by_index]
+        covered |= set(dirs)
+    return covered
+
+
 def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None = None) -> dict[str, Outcome]:
+    """Submit every node with unfinished points, in plan order, each after its upstream jobs (``afterok``).
+    A node's earlier jobs that are still queued or running (``<out>/.plan/jobs.json``) are not submitted
+    again; only its pending points that none of them covers go into a new job."""
     env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
     jobs_file = plan.state_dir / "jobs.json"
     jobs = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}
-    ids: dict[str, str] = {}
+    ids: dict[str, list[str]] = {}
     outcomes: dict[str, Outcome] = {}
     lines = [f"# plan {plan.name} ({plan.path}) -> {plan.out}", f"mkdir -p {shlex.quote(str(plan.logs))}"]
     if not dry_run:
@@ -119,32 +160,43 @@ def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
         plan.logs.mkdir(parents=True, exist_ok=True)
         write_specs(plan)
     for node, todo, outcome in _unfinished(plan, outcomes, lines):
-        earlier = jobs.get(node.name, {}).get("job_id")
-        if not dry_run and earlier and _job_active(earlier, env):
-            ids[node.name] = outcome.job_id = earlier
+        running = [] if dry_run else [s for s in _submissions(jobs, node.name)
+                                      if _job_active(s["job_id"], env)]
+        ids[node.name] = [s["job_id"] for s in running]
+        covered = _covered(node, running)
+        points = {p.index: p for p in node.points}
+        todo = [i for i in todo if str(points[i].run_dir) not in covered]
+        if not todo:
+            outcome.job_id = ids[node.name][-1]
             outcome.status = "queued"
-            log.info("%s: job %s from an earlier submission is still queued or running", node.name, earlier)
+            log.info("%s: job(s) %s from an earlier submission are still queued or running", node.name,
+                     ", ".join(ids[node.name]))
             continue
-        deps = [f"${p}" if dry_run else ids[p] for p in node.after if p in ids]
-        cmd = sbatch_command(plan, node, todo, deps)
+        deps = [f"${p}" if dry_run else job for p in node.after for job in ids.get(p, [])]
         if dry_run:
+            cmd = sbatch_command(plan, node, todo, deps)
             quoted = " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in cmd)
             lines.append(f"{node.name}=$({quoted})")
-            ids[node.name] = f"${node.name}"
+            ids[node.name] = [f"${node.name}"]
             outcome.status = "would submit"
             continue
+        cmd = sbatch_command(plan, node, todo, deps, spec_snapshot(plan, node))
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             submitted = {n: o.job_id for n, o in outcomes.items() if o.status == "submitted"}
             raise RuntimeError(f"sbatch of node {node.name!r} failed (exit {done.returncode}): "
                                f"{done.stderr.strip()}; already submitted: {submitted or 'nothing'}")
-        ids[node.name] = outcome.job_id = done.stdout.strip().split(";")[0]
+        outcome.job_id = done.stdout.strip().split(";")[0]
+        ids[node.name].append(outcome.job_id)
         outcome.status = "submitted"
-        jobs[node.name] = {"job_id": outcome.job_id, "indices": todo, "command": cmd,
-                           "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        jobs[node.name] = [*running, {"job_id": outcome.job_id, "indices": todo,
+                                      "run_dirs": [str(points[i].run_dir) for i in todo], "command": cmd,
+                                      "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}]
         write_json_atomic(jobs_file, jobs)
-        log.info("%s: submitted job %s (%d point(s)%s)", node.name, outcome.job_id, len(todo),
-                 f", after {':'.join(deps)}" if deps else "")
+        others = ", ".join(s["job_id"] for s in running)
+        log.info("%s: submitted job %s (%d point(s)%s%s)", node.name, outcome.job_id, len(todo),
+                 f", after {':'.join(deps)}" if deps else "",
+                 f"; job(s) {others} run the others" if others else "")
     if dry_run:
         sys.stdout.write("\n".join(lines) + "\n")
     return outcomes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -738,7 +739,7 @@ def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm
     assert option(sub["b"], "--ntasks-per-node") == "1" and option(sub["b"], "--gpus-per-node") is None
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["job_ids"] == [ids[n] for n in "bcgd"]
-    assert json.loads((out / ".plan/jobs.json").read_text())["g"]["indices"] == [1, 3]
+    assert json.loads((out / ".plan/jobs.json").read_text())["g"][-1]["indices"] == [1, 3]
     spec = json.loads((out / ".plan/nodes/g.json").read_text())
     assert spec["kind"] == "script" and len(spec["points"]) == 4 and spec["python"] == sys.executable
 
@@ -757,6 +758,36 @@ def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm
             and nodes["c"]["status"] == "done")
 
 
+def test_slurm_rerun_after_a_plan_edit_submits_only_the_points_queued_jobs_miss(tmp_path, fake_slurm, caplog):
+    """g's job (points n=1, n=2) is queued when the plan grows a grid value n=0 that comes first: the re-run
+    submits one job for n=0's two points only (not the queued ones again, renumbered), d waits on both g
+    jobs, and the queued job still reads the spec it was submitted with."""
+    out = tmp_path / "out"
+    plan_path = write_plan(tmp_path, LOCAL_PLAN)
+    assert main([str(plan_path), "--out", str(out)]) == 0
+    first = calls(fake_slurm)
+    queued_spec = Path(first["g"][-1])
+    submitted = json.loads(queued_spec.read_text())
+    assert [p["name"] for p in submitted["points"]] == ["n=1_w=x", "n=1_w=y", "n=2_w=x", "n=2_w=y"]
+    (fake_slurm / "active").write_text("\n".join(first[n][0] for n in "abcgd") + "\n")
+    (fake_slurm / "calls").unlink()
+    write_plan(tmp_path, LOCAL_PLAN.replace("n: [1, 2]", "n: [0, 1, 2]"))
+    caplog.set_level(logging.INFO, logger="pacx.reproduce.drivers")
+    assert main([str(plan_path), "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    again = calls(fake_slurm)
+    assert list(again) == ["g"]  # a, b, c, d: queued as they were
+    assert option(again["g"], "--array") == "0-1"  # n=0_w=x, n=0_w=y: indices 0 and 1 of the new grid
+    assert option(again["g"], "--dependency") == f"afterok:{first['c'][0]}"
+    assert json.loads(queued_spec.read_text()) == submitted  # the queued job's points did not move
+    new_spec = json.loads(Path(again["g"][-1]).read_text())
+    assert [p["name"] for p in new_spec["points"]][:2] == ["n=0_w=x", "n=0_w=y"]
+    jobs = json.loads((out / ".plan/jobs.json").read_text())
+    assert [j["job_id"] for j in jobs["g"]] == [first["g"][0], again["g"][0]]
+    assert f"job(s) {first['g'][0]} run the others" in caplog.text
+    nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
+    assert nodes["g"]["status"] == "submitted" and nodes["d"]["status"] == "queued"
+
+
 def test_slurm_driver_reports_a_refused_submission(tmp_path, fake_slurm, monkeypatch, caplog):
     monkeypatch.setenv("FAKE_FAIL", "g")
     out = tmp_path / "out"
@@ -765,7 +796,7 @@ def test_slurm_driver_reports_a_refused_submission(tmp_path, fake_slurm, monkeyp
     assert list(ids) == ["a", "b", "c"]  # submitted before g was refused; d never
     assert "sbatch of node 'g' failed (exit 1): sbatch: error: Invalid account" in caplog.text
     assert str(ids) in caplog.text  # the message names what is already queued
-    assert {n: j["job_id"] for n, j in json.loads((out / ".plan/jobs.json").read_text()).items()} == ids
+    assert {n: j[-1]["job_id"] for n, j in json.loads((out / ".plan/jobs.json").read_text()).items()} == ids
 
 
 # ---- the shared results CSV ---------------------------------------------------------------------------
