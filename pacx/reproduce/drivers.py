@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacx.progress import progress_switched_on, set_progress
-from pacx.reproduce.execute import COMPLETED, execute_point, exit_code, node_spec, run_status, write_specs
+from pacx.reproduce.execute import (
+    COMPLETED,
+    RUN_RECORD,
+    execute_point,
+    exit_code,
+    node_spec,
+    run_status,
+    write_specs,
+)
 from pacx.reproduce.plan import REPO, Node, Plan
 from pacx.utils import cores, write_json_atomic
 
@@ -35,9 +43,34 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", 
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 
 
-def pending(node: Node) -> list[int]:
-    """Indices of the node's points whose run.json does not say completed."""
-    return [p.index for p in node.points if run_status(p.run_dir) != COMPLETED]
+def _record_time(run_dir: str, key: str) -> str:
+    """``run.json``'s ``key`` timestamp (``YYYY-MM-DDTHH:MM:SS``, which sorts as text; ``""`` if none)."""
+    try:
+        return str(json.loads((Path(run_dir) / RUN_RECORD).read_text()).get(key) or "")
+    except (OSError, ValueError):
+        return ""
+
+
+def pending(node: Node, plan: Plan | None = None, upstream_todo: Mapping[str, list[int]] | None = None
+            ) -> list[int]:
+    """Indices of the node's points to run: those whose run.json does not say completed, and, for a script
+    node (tables, reports, probes: cheap, and they read what their ``after`` nodes wrote), every point when
+    an upstream node has points to run (``upstream_todo``) or a completed point that started before an
+    upstream point last finished (a benchmark added to the plan, a seed re-run). Stage runs, once
+    completed, never run again."""
+    todo = [p.index for p in node.points if run_status(p.run_dir) != COMPLETED]
+    if node.kind != "script" or plan is None or len(todo) == len(node.points):
+        return todo
+    upstream = [plan.nodes[name] for name in node.after if name in plan.nodes]
+    if any((upstream_todo or {}).get(up.name) for up in upstream):
+        return [p.index for p in node.points]
+    finished = max((_record_time(p.run_dir, "updated") for up in upstream for p in up.points), default="")
+    stale = [p.index for p in node.points
+             if p.index not in todo and _record_time(p.run_dir, "started") < finished]
+    if stale:
+        log.info("%s: %d completed point(s) started before an upstream run last finished: run again",
+                 node.name, len(stale))
+    return sorted(set(todo) | set(stale))
 
 
 def array_ranges(indices: list[int]) -> str:
@@ -73,8 +106,9 @@ class Outcome:
 def _unfinished(plan: Plan, outcomes: dict[str, Outcome], lines: list[str]):
     """``(node, pending indices, outcome)`` of each node with points left, in plan order; a finished node
     gets a ``done`` outcome and a comment line instead."""
+    todos: dict[str, list[int]] = {}
     for node in plan.nodes.values():
-        todo = pending(node)
+        todo = todos[node.name] = pending(node, plan, todos)
         outcome = outcomes[node.name] = Outcome(node.kind, len(node.points), todo, "done")
         if not todo:
             lines.append(f"# {node.name}: all {len(node.points)} point(s) completed, skipped")
@@ -171,6 +205,11 @@ def run_slurm(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
             outcome.status = "queued"
             log.info("%s: job(s) %s from an earlier submission are still queued or running", node.name,
                      ", ".join(ids[node.name]))
+            fresh = [up for up in node.after if outcomes.get(up) and outcomes[up].status == "submitted"]
+            if fresh and node.kind == "script":
+                log.warning("%s: its queued job(s) %s do not wait for the new job(s) of %s: run the plan "
+                            "again once those are done to bring %s up to date", node.name,
+                            ", ".join(ids[node.name]), ", ".join(fresh), node.name)
             continue
         deps = [f"${p}" if dry_run else job for p in node.after for job in ids.get(p, [])]
         if dry_run:

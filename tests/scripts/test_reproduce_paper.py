@@ -527,9 +527,22 @@ def test_local_runs_in_topological_order_and_skips_finished(tmp_path, mode):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert {n: s["status"] for n, s in summary["nodes"].items()} == dict.fromkeys("abcgd", "done")
 
-    (out / "runs/g/n=1_w=y/run.json").unlink()  # one grid point unfinished: only it (and nothing else) runs
+    (out / "runs/g/n=1_w=y/run.json").unlink()  # one grid point unfinished: it runs, then the script d that
+    assert main([str(plan_path), *local, "--out", str(out)]) == 0  # reads g (not a, b, c, g's other points)
+    lines += ["g n=1_w=y --flag y", "d"]
+    assert read_lines(out / "order.txt") == lines
+
+    # the plan grows a grid value: its two new points run, and d again; nothing else
+    write_plan(tmp_path, LOCAL_PLAN.replace("n: [1, 2]", "n: [0, 1, 2]"))
     assert main([str(plan_path), *local, "--out", str(out)]) == 0
-    assert read_lines(out / "order.txt") == [*lines, "g n=1_w=y --flag y"]
+    lines += ["g n=0_w=x --flag x", "g n=0_w=y --flag y", "d"]
+    assert read_lines(out / "order.txt") == lines
+
+    # an upstream point that finished after d started (run again by hand, say) makes d stale
+    record = out / "runs/g/n=2_w=x/run.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "updated": "2999-01-01T00:00:00"}))
+    assert main([str(plan_path), *local, "--out", str(out)]) == 0
+    assert read_lines(out / "order.txt") == [*lines, "d"]
 
 
 @pytest.mark.parametrize("mode", sorted(LOCAL_MODES))
@@ -731,7 +744,7 @@ def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm
     assert option(sub["b"], "--dependency") is None and option(sub["c"], "--dependency") is None
     assert option(sub["g"], "--dependency") == f"afterok:{ids['c']}"
     assert option(sub["d"], "--dependency") == f"afterok:{ids['b']}:{ids['g']}"
-    assert option(sub["g"], "--array") == "1,3"  # the unfinished points only
+    assert option(sub["g"], "--array") == "0-3"  # c runs, so all of script g runs after it, finished or not
     assert option(sub["g"], "--output") == f"{out}/logs/%x-%A_%a.out" and (out / "logs").is_dir()
     assert option(sub["d"], "--output") == f"{out}/logs/%x-%j.out"
     assert ("--partition=p" in sub["d"] and "--parsable" in sub["d"]
@@ -739,7 +752,7 @@ def test_slurm_driver_submits_unfinished_nodes_with_afterok(tmp_path, fake_slurm
     assert option(sub["b"], "--ntasks-per-node") == "1" and option(sub["b"], "--gpus-per-node") is None
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["job_ids"] == [ids[n] for n in "bcgd"]
-    assert json.loads((out / ".plan/jobs.json").read_text())["g"][-1]["indices"] == [1, 3]
+    assert json.loads((out / ".plan/jobs.json").read_text())["g"][-1]["indices"] == [0, 1, 2, 3]
     spec = json.loads((out / ".plan/nodes/g.json").read_text())
     assert spec["kind"] == "script" and len(spec["points"]) == 4 and spec["python"] == sys.executable
 
@@ -784,6 +797,7 @@ def test_slurm_rerun_after_a_plan_edit_submits_only_the_points_queued_jobs_miss(
     jobs = json.loads((out / ".plan/jobs.json").read_text())
     assert [j["job_id"] for j in jobs["g"]] == [first["g"][0], again["g"][0]]
     assert f"job(s) {first['g'][0]} run the others" in caplog.text
+    assert f"d: its queued job(s) {first['d'][0]} do not wait for the new job(s) of g" in caplog.text
     nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
     assert nodes["g"]["status"] == "submitted" and nodes["d"]["status"] == "queued"
 
