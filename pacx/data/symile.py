@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 
 from pacx.data.augment import RobustTrainTransforms
 from pacx.data.common import per_device_batch_size
 from pacx.data.resumable import train_loader
 from pacx.data.symile_files import FILES, FileSpec, ValidationCache, validate_split
-from pacx.data.teacher_features import OnTheFlyTeachers
+from pacx.data.teacher_features import OnTheFlyTeachers, RawRows
 from pacx.teachers import DEFAULT_TEACHERS, TeacherSpec, resolve_teachers, teacher_spec
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,13 @@ def _cxr_raw_teachers(ds: SymileDataset, i: int) -> dict:
     raw = {name: tuple(torch.from_numpy(np.array(ds.arrays[k][i])) for k in keys)  # rows as stored
            for name, keys in ds.teacher_files.items()}
     return {"cxr": _cxr(ds, i), "raw": raw}
+
+
+def collate_raw_teachers(items: list[dict]) -> dict:
+    """``cxr_raw_teachers`` items -> a batch whose ``raw`` part is :class:`RawRows`, which Lightning neither
+    casts to the trainer's precision nor moves: the loader's collate when the teachers run on the fly."""
+    return {"cxr": default_collate([item["cxr"] for item in items]),
+            "raw": RawRows(default_collate([item["raw"] for item in items]))}
 
 
 RAW_TEACHERS_ITEM = "cxr_raw_teachers"
@@ -299,6 +306,11 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"Symile-MIMIC root is not a directory: {h.root}")
         cache = ValidationCache(h.validation_cache)
         self.teacher_names = self._resolve_teacher_names()
+        if h.item == RAW_TEACHERS_ITEM and not h.teacher_weights and self._model_teacher_names() is not None:
+            raise ValueError(f"item {RAW_TEACHERS_ITEM!r} serves raw teacher inputs, but the model distils "
+                             "from teacher features: set data.teacher_weights {teacher: weights file} for "
+                             f"{list(self.teacher_names)} to run them on the fly, or use item 'cxr_teachers' "
+                             "(docs/design.md#on-the-fly-teachers)")
         if h.teacher_weights and self.teachers is None:
             missing = sorted(set(self.teacher_names) - set(h.teacher_weights))
             extra = sorted(set(h.teacher_weights) - set(self.teacher_names))
@@ -319,12 +331,16 @@ class SymileMIMICDataModule(pl.LightningDataModule):
                      role, split, len(self.datasets[role]), h.item, self.per_device_batch)
         self.feature_widths()  # the loaders agree on the teacher feature widths
 
+    def _model_teacher_names(self) -> tuple[str, ...] | None:
+        """``teacher_names`` of the LightningModule this data module is trained with, if any."""
+        trainer = getattr(self, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        return getattr(model, "teacher_names", None)
+
     def _resolve_teacher_names(self) -> tuple[str, ...]:
         """``serve_teachers``, else the model's, else the defaults; an explicit list must match the
         model's."""
-        trainer = getattr(self, "trainer", None)
-        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-        from_model = getattr(model, "teacher_names", None)
+        from_model = self._model_teacher_names()
         given = self.hparams.serve_teachers
         if given is not None and from_model is not None and tuple(given) != tuple(from_model):
             raise ValueError(f"data.serve_teachers {list(given)} differs from the model's teachers "
@@ -368,6 +384,8 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             raise RuntimeError(f"no {role} loader: {role}_split is not set or setup() has not run for it")
         kwargs = dict(num_workers=h.num_workers, pin_memory=h.pin_memory,
                       persistent_workers=h.num_workers > 0)
+        if self.teachers is not None:  # raw rows as stored, whatever the trainer's precision
+            kwargs["collate_fn"] = collate_raw_teachers
         if role == "train":  # exactly resumable order (pacx.data.resumable)
             return train_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
         return DataLoader(self.datasets[role], batch_size=self.per_device_batch, shuffle=False, **kwargs)

@@ -21,6 +21,22 @@ from pacx.teachers import load_teachers
 log = logging.getLogger(__name__)
 
 
+class RawRows:
+    """The ``raw`` part of a collated ``cxr_raw_teachers`` batch when the teachers run on the fly: ``rows`` is
+    ``{teacher: (its input rows [B, ...] as stored)}``, on the CPU.
+
+    Deliberately not a mapping, sequence or dataclass and without ``.to``: Lightning then neither casts it
+    (``precision: 16-true`` / ``bf16-true`` convert every float tensor of a batch before
+    ``on_after_batch_transfer``) nor moves it, so the teachers see the rows as extraction reads them.
+    """
+
+    def __init__(self, rows: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        return f"RawRows({sorted(self.rows)})"
+
+
 class OnTheFlyTeachers(nn.Module):
     """Frozen teachers: ``forward({teacher: raw input tensors}) -> {teacher: features [B, D]}``.
 
@@ -79,5 +95,8 @@ class OnTheFlyTeachers(nn.Module):
         return out
 
     def encode_batch(self, batch: Mapping) -> dict:
-        """A ``cxr_raw_teachers`` batch -> the ``cxr_teachers`` layout ``{"cxr": ..., "teachers": {...}}``."""
-        return {"cxr": batch["cxr"], "teachers": self(batch["raw"], device=batch["cxr"].device)}
+        """A ``cxr_raw_teachers`` batch (``raw`` a mapping or :class:`RawRows`) -> the ``cxr_teachers`` layout
+        ``{"cxr": ..., "teachers": {...}}``."""
+        raw = batch["raw"]
+        rows = raw.rows if isinstance(raw, RawRows) else raw
+        return {"cxr": batch["cxr"], "teachers": self(rows, device=batch["cxr"].device)}

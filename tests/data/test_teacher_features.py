@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from pacx.data.symile import ITEMS, RAW_TEACHERS_ITEM, SymileMIMICDataModule, build_cxr_transform, uses_cxr
 from pacx.data.symile_files import ValidationCache
@@ -156,6 +158,53 @@ def test_data_path_matches_precomputed_files(root, weights):
                                 **kw)
     with pytest.raises(ValueError, match=r"must name exactly the teachers served.*missing \['labs'\]"):
         one.setup("fit")
+
+
+LOADER = dict(batch_size=2, num_workers=0, train_transform="resize", img_size=16, pin_memory=False)
+TRAINER = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False)
+
+
+class _Recorder(pl.LightningModule):
+    """Keeps the teacher features of each validation batch, as Stage 2's model receives them."""
+
+    teacher_names = ("ecg", "labs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Linear(1, 1)
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.batches.append({t: f.detach().cpu() for t, f in batch["teachers"].items()})
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_true_half_precision_does_not_touch_the_raw_inputs(root, weights, tmp_path, precision):
+    """Lightning casts every float tensor of a batch to the precision's dtype *before*
+    ``on_after_batch_transfer``; the teachers must still see the rows as stored (16-true rounded the raw ECG
+    and labs to float16, bf16-true failed in numpy with "unsupported ScalarType BFloat16")."""
+    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER, teacher_options=OPTIONS,
+                               teacher_weights={k: str(v) for k, v in weights.items()})
+    model = _Recorder()
+    trainer = pl.Trainer(precision=precision, default_root_dir=tmp_path, **TRAINER)
+    trainer.validate(model, datamodule=dm, verbose=False)
+    for name in ("ecg", "labs"):
+        got = torch.cat([b[name] for b in model.batches])
+        assert_features_close(got, root / "val" / f"{name}_features.npy")
+
+
+@pytest.mark.bad_input
+def test_raw_teacher_item_without_teacher_weights_is_refused_at_setup(root, tmp_path):
+    """Stage 2 with `data.item: cxr_raw_teachers` but no `data.teacher_weights` → ValueError at setup naming
+    teacher_weights (the raw rows reached the model, which failed with KeyError 'teachers')."""
+    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER)
+    trainer = pl.Trainer(default_root_dir=tmp_path, **TRAINER)
+    with pytest.raises(ValueError, match=r"cxr_raw_teachers.*data\.teacher_weights.*\['ecg', 'labs'\]"):
+        trainer.validate(_Recorder(), datamodule=dm, verbose=False)
+    alone = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER)
+    alone.setup("fit")  # without a model (e.g. to read the raw rows) it serves them as before
+    assert sorted(next(iter(alone.val_dataloader()))["raw"]) == ["ecg", "labs"]
 
 
 @pytest.mark.gpu
