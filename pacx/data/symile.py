@@ -348,9 +348,11 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         return resolve_teachers(given if given is not None else from_model)
 
     def feature_widths(self) -> dict[str, tuple[int, Path]]:
-        """``{teacher: (width, path)}`` of the teacher feature files the set-up loaders read; loaders that
-        disagree are an error naming both files."""
+        """``{teacher: (width, path)}`` of the teacher feature files the set-up loaders read (loaders that
+        disagree are an error naming both files), or of the weights of the teachers run on the fly."""
         widths: dict[str, tuple[int, Path]] = {}
+        if self.teachers is not None:
+            return {t: (int(d), Path(self.hparams.teacher_weights[t])) for t, d in self.teachers.dims.items()}
         for ds in self.datasets.values():
             if ds.item != "cxr_teachers":
                 continue

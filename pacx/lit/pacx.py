@@ -187,7 +187,7 @@ class PaCXModule(StagedModule):
         widths = datamodule.feature_widths() if hasattr(datamodule, "feature_widths") else {}
         for t, (width, path) in widths.items():
             if t in self.teacher_widths and width != self.teacher_widths[t]:
-                raise ValueError(f"{path} holds {width}-wide teacher features but the model expects "
+                raise ValueError(f"{path}: {width}-wide teacher features, but the model expects "
                                  f"{self.teacher_widths[t]} for teacher {t!r}: set "
                                  f"model.init_args.teacher_dims {{{t}: {width}}}")
         if stage == "fit" and self.hparams.teacher_norm != "raw":

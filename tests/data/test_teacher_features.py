@@ -207,6 +207,26 @@ def test_raw_teacher_item_without_teacher_weights_is_refused_at_setup(root, tmp_
     assert sorted(next(iter(alone.val_dataloader()))["raw"]) == ["ecg", "labs"]
 
 
+@pytest.mark.bad_input
+def test_on_the_fly_teacher_width_is_checked_at_setup(root, weights, tmp_path):
+    """On-the-fly teachers whose width differs from the model's teacher_dims → ValueError at setup naming the
+    weights file and teacher_dims (it surfaced only at the first batch, naming neither)."""
+    from pacx.lit.pacx import PaCXModule
+
+    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER, teacher_options=OPTIONS,
+                               teacher_weights={k: str(v) for k, v in weights.items()})
+    dm.setup("validate")
+    widths = dm.feature_widths()
+    assert widths == {t: (np.load(root / "val" / f"{t}_features.npy", mmap_mode="r").shape[1], weights[t])
+                      for t in ("ecg", "labs")}
+    model = PaCXModule(encoder_arch="vit_test", img_size=16, shared_dim=8, tuning="full",
+                       teacher_dims={"ecg": widths["ecg"][0] + 1})
+    dm = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER, teacher_options=OPTIONS,
+                               teacher_weights={k: str(v) for k, v in weights.items()})
+    with pytest.raises(ValueError, match=rf"{weights['ecg']}: {widths['ecg'][0]}-wide .*teacher_dims"):
+        pl.Trainer(default_root_dir=tmp_path, **TRAINER).validate(model, datamodule=dm, verbose=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_the_ecg_device(root, weights):
