@@ -4,6 +4,7 @@ a missing ``onnx`` names the extra), and the serving benchmark."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,26 @@ def test_benchmark_serve_reports_both_runtimes(tmp_path):
         assert row["torch_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["max_abs_diff"] < 1e-4
         assert row["torch_over_onnxruntime"] == pytest.approx(row["torch_ms"] / row["onnxruntime_ms"],
                                                               rel=1e-9)
+
+
+def test_model_card_snippet_gives_pacx_features_of_a_16_bit_xray(timm_folder, tmp_path):
+    """The card's "Use with timm" code, run by timm alone on a 12-bit X-ray in a 16-bit PNG, gives the
+    features ``pacx.embed`` computes (pacx windows high-bit images; ``convert("RGB")`` alone clips them)."""
+    from PIL import Image
+
+    from pacx.data.images import open_image
+    from pacx.data.transforms import resize_eval
+
+    shutil.copytree(timm_folder, tmp_path / timm_folder.name)
+    xray = np.random.default_rng(0).integers(0, 4096, (48, 40), dtype=np.uint16)
+    Image.fromarray(xray).save(tmp_path / "chest_xray.png")
+    card = (timm_folder / "README.md").read_text()
+    code = re.search(r"## Use with timm\n\n```python\n(.*?)```", card, re.S).group(1)
+    res = subprocess.run([sys.executable, "-c", code + "torch.save(features, 'features.pt')\n"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with torch.no_grad():
+        ours = pacx.load_encoder(timm_folder)(resize_eval(32)(open_image(tmp_path / "chest_xray.png"))[None])
+    theirs = torch.load(tmp_path / "features.pt")
+    assert theirs.shape == ours.shape == (1, 32)
+    assert (theirs - ours).abs().max().item() <= 1e-5

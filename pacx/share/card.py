@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import yaml
 
 from pacx.constants import STAGE_MAE, STAGE_PACX
+from pacx.data.images import HIGH_BIT_MODES
 from pacx.run_record import RUN_JSON, read_run_record
 from pacx.utils import file_sha256
 from pacx.weights.formats import MODEL_FOLDER_WEIGHTS
@@ -132,16 +133,26 @@ def model_card(meta: Mapping[str, str], provenance: Mapping, config: Mapping, pa
         lines += [f"Data settings of the run: {settings}.", ""]
     lines += ["## Licence", "", LICENCE_NOTE, "",
               "## Preprocessing", "",
+              "Images with more than 8 bits per sample (16-bit PNG or TIFF: PIL modes "
+              f"{', '.join(sorted(HIGH_BIT_MODES))}) are first windowed to 8 bits over the image's own "
+              "range, `round(255 * (v - min) / (max - min))` (a constant image becomes 0), as pacx decodes "
+              "them; PIL's `convert(\"RGB\")` alone would clip them at 255. Then: "
               f"RGB, resized to {pre['input_size'][1]} x {pre['input_size'][2]} without keeping the aspect "
               f"({pre['interpolation']}), scaled to [0, 1], normalised with mean {pre['mean']} and std "
               f"{pre['std']} (timm: `crop_pct 1.0`, `crop_mode squash`; `timm.data.resolve_data_config` "
               "returns it).", "",
-              "## Use with timm", "", "```python", "import timm", "import torch", "from PIL import Image", "",
+              "## Use with timm", "", "```python", "import numpy as np", "import timm", "import torch",
+              "from PIL import Image", "",
               f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()   # uploaded: '
               f'"hf-hub:{repo_id}"',
               "data_config = timm.data.resolve_data_config({}, model=model)",
               "transform = timm.data.create_transform(**data_config)   # PIL image -> normalised tensor",
-              'image = Image.open("chest_xray.png").convert("RGB")',
+              'image = Image.open("chest_xray.png")',
+              f"if image.mode in {tuple(sorted(HIGH_BIT_MODES))!r}:   # > 8 bits: window to its own range",
+              "    v = np.asarray(image, dtype=np.float64)",
+              "    scale = 255.0 / (v.max() - v.min()) if v.max() > v.min() else 0.0",
+              "    image = Image.fromarray(np.rint((v - v.min()) * scale).astype(np.uint8))",
+              'image = image.convert("RGB")',
               "with torch.no_grad():",
               f"    features = model(transform(image).unsqueeze(0))   # [1, {cfg['embed_dim']}]", "```", "",
               f"timm's features equal pacx's to {parity:.1e} (largest absolute difference on a random batch "
