@@ -82,7 +82,13 @@ def list_images(images: str | Path, path_column: str | None = None,
     """A folder (:func:`pacx.data.images.find_images`) or a manifest CSV (row order)."""
     images = Path(images)
     if images.is_dir():
-        return ImageList(find_images(images), images, str(images))
+        paths = find_images(images)
+        bad = [p for p in paths if not _is_utf8(p)]
+        if bad:
+            raise EmbedError(f"{images}: {len(bad)} file name(s) are not UTF-8 (first: {bad[0]!r}); the "
+                             "outputs store paths as UTF-8 text: rename them, or list the others in a "
+                             "manifest CSV")
+        return ImageList(paths, images, str(images))
     df = read_manifest(images)
     require_rows(len(df), str(images))
     if path_column is None:
@@ -102,6 +108,15 @@ def list_images(images: str | Path, path_column: str | None = None,
     if not base.is_dir():
         raise FileNotFoundError(f"{images}: image root is not a directory: {base}")
     return ImageList(column.astype(str).tolist(), base, str(images))
+
+
+def _is_utf8(path: str) -> bool:
+    """False for a file name whose bytes are not UTF-8 (Python lists it with surrogate escapes)."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def images_hash(images: ImageList, transform: object) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,11 @@ class EmbedError(RuntimeError):
 
 
 # ---- shards ------------------------------------------------------------------------------------------
+
+
+# what a shard folder holds: its record, the shards, and the temporary files of atomic writes (tmp_path)
+_OWN = r"(embed\.json|shard-\d{5,}\.(npy|json))"
+OWN_FILE = re.compile(rf"{_OWN}|\.{_OWN}\.tmp\d+")  # matched in full
 
 
 class ShardStore:
@@ -45,9 +51,15 @@ class ShardStore:
     def open(self, overwrite: bool) -> None:
         """Start, or check that the folder was made for the same run (else :class:`EmbedError`)."""
         manifest = self.directory / "embed.json"
-        if self.directory.is_dir() and not manifest.is_file() and any(self.directory.iterdir()):
-            raise EmbedError(f"{self.directory} exists but is not a pacx.embed shard folder (no embed.json); "
-                             "move it away or choose another --out")
+        if self.directory.is_dir() and not manifest.is_file():
+            names = [p.name for p in self.directory.iterdir()]
+            if any(not OWN_FILE.fullmatch(name) for name in names):
+                raise EmbedError(f"{self.directory} exists but is not a pacx.embed shard folder (no "
+                                 "embed.json); move it away or choose another --out")
+            if names:  # a removal (after a merge, or --overwrite) was interrupted: unverifiable shards
+                log.warning("%s holds %d files of an earlier run but no embed.json; discarding them",
+                            self.directory, len(names))
+                shutil.rmtree(self.directory)
         if overwrite and self.directory.exists():
             shutil.rmtree(self.directory)
         if manifest.is_file():
@@ -97,7 +109,6 @@ def write_npy(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
     if bad:
         raise EmbedError(f"{len(bad)} image path(s) hold a line break (first: {bad[0]!r}); use a "
                          ".parquet output")
-    write_text_atomic(sidecar(out, ".paths.txt"), "".join(f"{p}\n" for p in paths))
     tmp = tmp_path(out)
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), dim))
     start = 0
@@ -106,6 +117,9 @@ def write_npy(out: Path, paths: list[str], parts, dim: int, meta: dict) -> None:
         start += len(feats)
     arr.flush()
     del arr
+    # two files, two renames: an old array never stays beside the new paths (a crash between leaves none)
+    out.unlink(missing_ok=True)
+    write_text_atomic(sidecar(out, ".paths.txt"), "".join(f"{p}\n" for p in paths))
     os.replace(tmp, out)
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import pacx.embed as embed
+import pacx.embed_store as embed_store
 from pacx.models.vit import ViTEncoder, vit_config
 from pacx.share import export_encoder
 
@@ -154,6 +155,53 @@ def test_resume_computes_only_the_missing_shards(encoder_file, xrays, tmp_path, 
     np.testing.assert_array_equal(np.load(out), np.load(fresh))
 
 
+def test_overwrite_killed_before_the_rename_leaves_no_array_beside_other_paths(encoder_file, xrays, tmp_path,
+                                                                               monkeypatch):
+    """``.npy`` and ``.paths.txt`` are two files: a run killed between their renames must not leave the old
+    array beside the new path list (row i would name another image)."""
+    out = tmp_path / "emb.npy"
+    assert run(encoder_file, xrays, out) == 0
+    Image.new("L", (8, 8)).save(xrays / "a/0_first.png")  # sorts first: every row moves down by one
+    real_replace = embed_store.os.replace
+
+    def killed_before_the_array(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt("killed before the new array was renamed into place")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(embed_store.os, "replace", killed_before_the_array)
+        with pytest.raises(KeyboardInterrupt):
+            run(encoder_file, xrays, out, "--overwrite")
+    paths = (tmp_path / "emb.npy.paths.txt").read_text().splitlines()
+    assert paths == sorted([*IMAGES, "a/0_first.png"])
+    assert not out.exists() or len(np.load(out)) == len(paths)
+    assert run(encoder_file, xrays, out, "--overwrite") == 0
+    assert np.load(out).shape == (len(paths), 32)
+
+
+def test_a_shard_folder_whose_removal_was_interrupted_is_discarded(encoder_file, xrays, tmp_path, caplog):
+    """The shard folder is removed with ``shutil.rmtree`` (after the merge, or by ``--overwrite``); killed
+    halfway, it may have lost ``embed.json`` but not all shards. Such shards cannot be checked, so a rerun
+    discards them and recomputes; a folder holding anything else is still refused."""
+    out = tmp_path / "emb.npy"
+    shards = tmp_path / "emb.npy.shards"
+    assert run(encoder_file, xrays, out, "--shard-size", "2", "--keep-shards") == 0
+    expected = np.load(out)
+    for name in ("embed.json", "shard-00000.npy", "shard-00000.json"):  # rmtree's first victims
+        (shards / name).unlink()
+    (shards / ".shard-00001.npy.tmp123").write_bytes(b"partial")  # a shard being written when killed
+    assert run(encoder_file, xrays, out, "--shard-size", "2", "--overwrite") == 0
+    np.testing.assert_array_equal(np.load(out), expected)
+    assert not shards.exists()
+    shards.mkdir()
+    (shards / "shard-00001.npy").write_bytes(b"")
+    (shards / "notes.txt").write_text("mine")
+    caplog.clear()
+    assert run(encoder_file, xrays, out, "--overwrite") == 1
+    assert "not a pacx.embed shard folder" in caplog.text and (shards / "notes.txt").exists()
+
+
 @pytest.mark.bad_input
 def test_rerun_with_other_inputs_is_an_error_naming_the_mismatch(encoder_file, xrays, tmp_path, caplog):
     """pacx.embed resumed with another encoder, shard size, precision or image list → EmbedError naming the
@@ -205,6 +253,17 @@ def test_unreadable_images_fail_by_name_then_skip_lists_them(encoder_file, xrays
     listed = pd.read_csv(tmp_path / "emb.parquet.unreadable.csv")
     assert list(listed.columns) == ["path", "reason"] and listed["path"].tolist() == ["a/broken.png"]
     assert "ImageDecodeError" in listed["reason"].iat[0]
+
+
+@pytest.mark.bad_input
+def test_a_file_name_that_is_not_utf8_is_named(encoder_file, xrays, tmp_path, caplog):
+    """pacx.embed on a folder holding a file whose name is not UTF-8 (Latin-1 ``café.png``) → exit 1 before
+    any work, naming the file (the outputs store paths as UTF-8 text)."""
+    name = b"a/caf\xe9.png".decode("utf-8", "surrogateescape")  # how Python lists such a name
+    Image.new("L", (8, 8)).save(xrays / name)
+    assert run(encoder_file, xrays, tmp_path / "emb.npy") == 1
+    assert "1 file name(s) are not UTF-8" in caplog.text and repr(name) in caplog.text
+    assert not (tmp_path / "emb.npy.shards").exists()
 
 
 def test_manifest_csv_in_row_order_with_root_and_absolute_paths(encoder_file, xrays, tmp_path):
