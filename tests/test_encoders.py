@@ -210,3 +210,32 @@ def test_state_fingerprint_covers_zero_dim_tensors():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.detach().contiguous().numpy().tobytes())
     assert state_fingerprint(enc) == h.hexdigest()
+
+
+def _save_in_a_loop(out: str, value: float, rounds: int) -> None:
+    from pacx.weights.checkpoint import save_safetensors
+
+    state = {"w": torch.full((1024, 1024), value)}
+    for _ in range(rounds):
+        save_safetensors(state, out, {"value": str(value)})
+
+
+def test_two_processes_saving_the_same_safetensors_file_never_collide(tmp_path):
+    """Two writers of one export path (two jobs exporting the same run): each write goes through its own
+    temporary file, so neither fails and the file always holds one whole state (a shared temporary name let
+    one writer rename or delete the other's file mid-write)."""
+    import multiprocessing
+
+    from pacx.weights.checkpoint import load_safetensors
+
+    out = tmp_path / "encoder.safetensors"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_in_a_loop, args=(str(out), v, 40)) for v in (1.0, 2.0)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    tensors, meta = load_safetensors(out)
+    assert torch.equal(tensors["w"], torch.full((1024, 1024), float(meta["value"])))
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left behind

@@ -197,7 +197,7 @@ def encoder_to_onnx(encoder: ViTEncoder, out: str | Path, metadata: Mapping[str,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     encoder = encoder.eval()
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # two writers never share it
     with warnings.catch_warnings():
         # TracerWarning: timm's PatchEmbed asserts the input size, which the graph fixes anyway. The
         # exporter's deprecation notice: this exporter is chosen on purpose (module docstring).

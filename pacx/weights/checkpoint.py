@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -84,7 +85,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], out: str | Path,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # two writers never share it
     try:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
         tmp.replace(out)
