@@ -281,8 +281,10 @@ def _merge(store: ShardStore, paths: list[str], out: Path, dim: int, skip_unread
     if failed and not skip_unreadable:
         named = "; ".join(f"{f['path']} ({f['reason']})" for f in failed[:MAX_NAMED])
         more = f" and {len(failed) - MAX_NAMED} more" if len(failed) > MAX_NAMED else ""
+        kept = f" ({out} is an earlier run's, left as it was)" if out.exists() else ""
         raise UnreadableImagesError(
-            f"{len(failed)} of {len(paths)} images could not be read: {named}{more}. No output was written; "
+            f"{len(failed)} of {len(paths)} images could not be read: {named}{more}. No output was "
+            f"written{kept}; "
             f"the shards of the readable images are kept in {store.directory}, so a rerun with "
             "--skip-unreadable (which leaves these images out and lists them) only merges them")
     if len(failed) == len(paths):

@@ -254,6 +254,10 @@ def test_unreadable_images_fail_by_name_then_skip_lists_them(encoder_file, xrays
     assert list(listed.columns) == ["path", "reason"] and listed["path"].tolist() == ["a/broken.png"]
     assert "ImageDecodeError" in listed["reason"].iat[0]
 
+    caplog.clear()  # --overwrite without --skip-unreadable fails again, saying the output is the old one
+    assert run(encoder_file, xrays, out, "--shard-size", "2", "--overwrite") == 1
+    assert f"No output was written ({out} is an earlier run's, left as it was)" in caplog.text
+
 
 @pytest.mark.bad_input
 def test_a_file_name_that_is_not_utf8_is_named(encoder_file, xrays, tmp_path, caplog):
