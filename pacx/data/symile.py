@@ -268,13 +268,19 @@ class SymileMIMICDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         item_kind(item)  # fail at construction on a typo
         legacy = {"ecg": ecgfounder, "labs": labs_dae}
-        if any(legacy.values()):  # ecgfounder_config alone (its old default, 12_lead) configured nothing
+        # ecgfounder_config matters only with weights: alone (its old default, 12_lead) it configured nothing
+        if any(legacy.values()) or (ecgfounder_config and teacher_weights):
             warnings.warn("data.ecgfounder / labs_dae / ecgfounder_config are deprecated: read as "
                           "teacher_weights "
                           "and teacher_options (docs/method.md#stage-2)", FutureWarning, stacklevel=2)
             teacher_weights = {**{t: w for t, w in legacy.items() if w}, **(teacher_weights or {})}
             if ecgfounder_config:
-                teacher_options = {"ecg": {"config": ecgfounder_config}, **(teacher_options or {})}
+                given = (teacher_options or {}).get("ecg", {}).get("config", ecgfounder_config)
+                if given != ecgfounder_config:
+                    raise ValueError(f"data.ecgfounder_config {ecgfounder_config!r} and teacher_options"
+                                     f".ecg.config {given!r} disagree: set teacher_options only")
+                ecg = {"config": ecgfounder_config, **(teacher_options or {}).get("ecg", {})}
+                teacher_options = {**(teacher_options or {}), "ecg": ecg}
             self.hparams.update(teacher_weights=teacher_weights, teacher_options=teacher_options)
         if teacher_weights and item != RAW_TEACHERS_ITEM:
             raise ValueError(f"teacher_weights (teachers run on the fly) go with item {RAW_TEACHERS_ITEM!r}, "

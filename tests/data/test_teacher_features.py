@@ -227,6 +227,27 @@ def test_on_the_fly_teacher_width_is_checked_at_setup(root, weights, tmp_path):
         pl.Trainer(default_root_dir=tmp_path, **TRAINER).validate(model, datamodule=dm, verbose=False)
 
 
+def test_legacy_teacher_keys_are_read_as_teacher_weights_and_options(root, weights):
+    """The earlier ``ecgfounder`` / ``labs_dae`` / ``ecgfounder_config`` keys: translated with a
+    FutureWarning; ``ecgfounder_config`` also beside the new ``teacher_weights`` (it was dropped there, and
+    the 12-lead default then failed to load demo_small weights), merged into ``teacher_options.ecg``."""
+    w = {k: str(v) for k, v in weights.items()}
+    with pytest.warns(FutureWarning, match="deprecated"):
+        old = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER, ecgfounder=w["ecg"],
+                                    labs_dae=w["labs"], ecgfounder_config="demo_small")
+    assert old.hparams.teacher_weights == w and old.hparams.teacher_options == OPTIONS
+    with pytest.warns(FutureWarning, match="deprecated"):
+        mixed = SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER, teacher_weights=w,
+                                      teacher_options={"ecg": {"trust_pickle": False}},
+                                      ecgfounder_config="demo_small")
+    assert mixed.hparams.teacher_options == {"ecg": {"config": "demo_small", "trust_pickle": False}}
+    mixed.setup("validate")
+    assert mixed.feature_widths()["ecg"][0] == np.load(root / "val" / "ecg_features.npy").shape[1]
+    with pytest.raises(ValueError, match=r"ecgfounder_config 'demo_small' and teacher_options\.ecg\.config"):
+        SymileMIMICDataModule(str(root), RAW_TEACHERS_ITEM, **LOADER, teacher_weights=w,
+                              teacher_options={"ecg": {"config": "12_lead"}}, ecgfounder_config="demo_small")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_the_ecg_device(root, weights):
