@@ -37,6 +37,9 @@ def eval_loader(dataset: Dataset, batch_size: int, trainer=None, **loader_kwargs
     """An in-order evaluation loader of ``batch_size`` per device that keeps every row; under DDP a
     :class:`ShardSampler` gives each row to one rank, once."""
     world = trainer.world_size if trainer is not None else 1
+    if 1 < world and len(dataset) < world:  # a rank without a batch would wait forever at the epoch end
+        raise ValueError(f"an evaluation split of {len(dataset)} rows cannot be spread over {world} devices "
+                         "(each needs at least one row): evaluate on fewer devices")
     sampler = ShardSampler(dataset, world, trainer.global_rank) if world > 1 else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=False,
                       **loader_kwargs)

@@ -99,12 +99,28 @@ class StagedModule(pl.LightningModule):
     def log_stage(self, stage: str, metrics: Mapping[str, torch.Tensor | float], batch_size: int,
                   prog_bar: Collection[str] = ("loss",), on_step: bool | None = None) -> None:
         """Log each of ``metrics`` as ``{stage}/{name}``: per step (``on_step``, default: in training) and per
-        epoch, synchronised across devices outside training, weighted by ``batch_size``; the names in
-        ``prog_bar`` also go to the progress bar."""
+        epoch, weighted by ``batch_size``; the names in ``prog_bar`` also go to the progress bar.
+
+        The epoch values are synchronised across devices: the mean over the whole epoch, every rank's rows.
+        Per-step values are this rank's (no collective per training step). Lightning syncs a value logged
+        per step and per epoch at every step or never, so under DDP the two go in as two entries, under the
+        names Lightning gives them (``{stage}/{name}_step``, ``{stage}/{name}_epoch``).
+
+        The batch size goes in as a float: Lightning keeps an integer row count otherwise, and synchronises it
+        as the mean over ranks in integer arithmetic, which truncates whenever the ranks saw different
+        numbers of rows (Stage 3's evaluation loaders: 9 rows on 2 ranks counted 8)."""
+        step = stage == "train" if on_step is None else on_step
+        ranks = self._trainer.world_size if self._trainer is not None else 1
+        batch_size = float(batch_size)
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in prog_bar,
-                     on_step=stage == "train" if on_step is None else on_step, on_epoch=True,
-                     sync_dist=stage != "train", batch_size=batch_size)
+            key, bar = f"{stage}/{name}", name in prog_bar
+            if not (step and ranks > 1):
+                self.log(key, value, prog_bar=bar, on_step=step, on_epoch=True, sync_dist=not step,
+                         batch_size=batch_size)
+                continue
+            self.log(f"{key}_step", value, prog_bar=bar, on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log(f"{key}_epoch", value, on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=batch_size)
 
     def param_groups(self) -> list[dict]:
         """The AdamW parameter groups: by default decay / no-decay over the trainable parameters

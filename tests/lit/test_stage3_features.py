@@ -381,3 +381,5 @@ def test_shard_sampler_gives_each_row_to_one_rank_once():
     batches = [b.tolist() for b in eval_loader(data, 3, Trainer())]
     assert batches == [[1, 3, 5], [7]]
     assert [b.tolist() for b in eval_loader(data, 4, None)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    with pytest.raises(ValueError, match="split of 1 rows cannot be spread over 2 devices"):
+        eval_loader([0], 4, Trainer())
