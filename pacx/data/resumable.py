@@ -205,12 +205,17 @@ def train_loader(dataset: Dataset, batch_size: int, trainer=None, shuffle: bool 
                  seed: int | None = None, augmented: bool = True, **loader_kwargs) -> DataLoader:
     """A training loader that resumes exactly (see the module docstring); ``batch_size`` per device.
     ``augmented=False`` (a dataset that draws nothing, e.g. cached features) skips the per-sample seeding; a
-    dataset with ``seeded_batch`` draws each batch in one call (:class:`SeededBatchDataset`)."""
+    dataset with ``seeded_batch`` draws each batch in one call (:class:`SeededBatchDataset`).
+
+    ``drop_last`` drops, under DDP, also the tail of fewer rows than ranks instead of padding it with copies
+    of the epoch's first rows: each step then trains on the rows of the one-process step, each once
+    (padded, 11 rows at a global batch of 4 on 2 ranks took 3 steps, one row twice, against 2). Without
+    ``drop_last`` the padding stays: every rank needs as many batches."""
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
     fit_loop = getattr(trainer, "fit_loop", None)
     seed = run_seed() if seed is None else seed
-    sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed,
+    sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                batch_size=batch_size, seed_samples=augmented,
                                consumed=(lambda: consumed_batches(trainer)) if fit_loop is not None else None)
     if not augmented:

@@ -157,3 +157,80 @@ def test_seed_all_seeds_like_manual_seed_without_queueing_device_seeds(monkeypat
     if not torch.cuda.is_initialized():
         seed_all(123)
         assert _draws() == expected
+
+
+class _Rows(Dataset):
+    """Item i: (i, a draw from torch's global RNG); ``PACX_TEST_ROWS`` rows (default 11)."""
+
+    def __len__(self) -> int:
+        import os
+
+        return int(os.environ.get("PACX_TEST_ROWS", "11"))
+
+    def __getitem__(self, i):
+        return torch.tensor(i), torch.rand(())
+
+
+def _fit_rows(devices: int, global_batch: int, out=None) -> tuple[list[list[int]], int]:
+    """One epoch of a one-parameter Lightning module on :class:`_Rows` through ``train_loader`` (global batch
+    ``global_batch``, seed 3): (the rows of this process's batches, in order; the optimizer steps)."""
+    import pytorch_lightning as pl
+
+    from pacx.data.common import per_device_batch_size
+
+    class Rows(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.rows: list[list[int]] = []
+
+        def train_dataloader(self):
+            return train_loader(_Rows(), per_device_batch_size(global_batch, self.trainer), self.trainer,
+                                seed=3)
+
+        def training_step(self, batch, batch_idx):
+            self.rows.append(batch[0].tolist())
+            return (self.w - batch[1]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Rows()
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=out)
+    trainer.fit(module)
+    return module.rows, trainer.global_step
+
+
+def _ddp_fit_rows_worker() -> None:
+    """One rank of a 2-process CPU (gloo) DDP fit of :func:`_fit_rows`; writes ``rank<r>.json`` to
+    PACX_TEST_OUT."""
+    import json
+    import os
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    rows, steps = _fit_rows(2, 4, os.environ["PACX_TEST_OUT"])
+    out = Path(os.environ["PACX_TEST_OUT"]) / f"rank{os.environ['RANK']}.json"
+    out.write_text(json.dumps({"rows": rows, "steps": steps}))
+
+
+def test_ddp_epoch_takes_the_one_process_steps_without_repeating_rows(tmp_path):
+    """11 rows, global batch 4 (drop_last), 2 real gloo processes: the epoch is the one-process epoch, 2 steps
+    on the same rows, each row once. DistributedSampler's padding (a copy of one row to even the ranks out)
+    gave 3 steps, one row trained twice."""
+    import json
+
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.data.test_resumable:_ddp_fit_rows_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    one_rows, one_steps = _fit_rows(1, 4, tmp_path / "one")
+    assert one_steps == 2 and [len(b) for b in one_rows] == [4, 4]
+    assert [r["steps"] for r in ranks] == [one_steps, one_steps]
+    ddp_steps = [sorted(a + b) for a, b in zip(ranks[0]["rows"], ranks[1]["rows"])]
+    assert ddp_steps == [sorted(b) for b in one_rows]
+    seen = [i for r in ranks for b in r["rows"] for i in b]
+    assert len(seen) == len(set(seen)) == 8
