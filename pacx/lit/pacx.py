@@ -19,6 +19,7 @@ from torch.utils.data import DistributedSampler
 
 from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
+from pacx.dist import gather_with_grad
 from pacx.lit.common import StagedModule
 from pacx.lit.health import LearningHealth
 from pacx.losses import DistillationLoss
@@ -287,20 +288,25 @@ class PaCXModule(StagedModule):
         return rows
 
     def _log_diagnostics(self, e: dict, stage: str, bs: int) -> None:
-        spread = bs > 1  # a one-row batch (the last one can be) has no std over rows and no negatives
+        """The per-batch readings. Retrieval, cosines of negatives and the per-dimension std are read on the
+        global batch, every rank's rows (the keys the InfoNCE scored), so they do not depend on the number
+        of devices: on one rank's share, top-5 of a 4-row batch would be 1 by construction. Every rank
+        then logs the same value, which the weighted epoch mean keeps."""
+        cxr = gather_with_grad(e["cxr_shared"].detach())  # [W·n, S]; the identity on one device
+        spread = cxr.shape[0] > 1  # a one-row batch (the last one can be) has no std over rows, no negatives
         stats = {"cxr_norm": e["cxr_shared"].norm(dim=-1).mean()}
         if spread:
-            stats["cxr_std"] = e["cxr_shared"].float().std(0).mean()
+            stats["cxr_std"] = cxr.float().std(0).mean()
         for t in self.teacher_names:
-            shared = e["shared"][t]
-            for k, v in retrieval_topk(e["cxr_shared"], shared).items():
+            shared = gather_with_grad(e["shared"][t].detach())  # [W·n, S], rows paired with cxr's
+            for k, v in retrieval_topk(cxr, shared).items():
                 stats[f"batch_top{k}_cxr_{t}"] = v
-            pos, neg = pair_cosines(e["cxr_shared"], shared)
+            pos, neg = pair_cosines(cxr, shared)
             stats[f"pos_cos_{t}"] = pos
             if spread:
                 stats[f"neg_cos_{t}"] = neg
             stats[f"reg_cos_{t}"] = F.cosine_similarity(e["pred"][t].float(), e["target"][t].float()).mean()
-            stats[f"{t}_norm"] = shared.norm(dim=-1).mean()
+            stats[f"{t}_norm"] = e["shared"][t].norm(dim=-1).mean()
             if spread:
                 stats[f"{t}_std"] = shared.float().std(0).mean()
         self.log_stage(stage, stats, bs, prog_bar=())  # validation and test only: per epoch, synchronised

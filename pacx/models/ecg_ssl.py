@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacx.debug import check_not_debug
+from pacx.dist import gather_with_grad
 from pacx.losses import symmetric_clip_loss
 from pacx.models.ecgfounder import ECGFOUNDER_CONFIGS, ECGFounder, create_ecgfounder
 from pacx.utils import portable_source
@@ -163,8 +164,12 @@ class ViewInfoNCE(nn.Module):
 
 @torch.no_grad()
 def view_retrieval_top1(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
-    """Share of rows whose nearest other-view row (cosine) is their own pair, mean of both directions."""
-    sim = F.normalize(za.float(), dim=-1) @ F.normalize(zb.float(), dim=-1).t()  # [B, B]
+    """Share of rows whose nearest other-view row (cosine) is their own pair, mean of both directions.
+
+    Under DDP over the global batch, every rank's rows (the keys the InfoNCE scores against; a collective
+    call), so the reading does not depend on the number of devices; the identity gather on one process."""
+    za, zb = gather_with_grad(za), gather_with_grad(zb)  # [W·B, P]
+    sim = F.normalize(za.float(), dim=-1) @ F.normalize(zb.float(), dim=-1).t()  # [W·B, W·B]
     target = torch.arange(len(sim), device=sim.device)
     return 0.5 * ((sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean())
 

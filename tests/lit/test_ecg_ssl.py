@@ -226,3 +226,52 @@ def test_cached_preprocessing_equals_the_batch_preprocessing_and_filters_each_ro
     assert filtered == [3, 3, 2, 4, 2, 2, 2]
     assert sorted(cached.preprocessed["train"]) == [0, 1, 2, 3, 4]
     assert sorted(cached.preprocessed["val"]) == [0, 1]
+
+
+def _view_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 paired projections [8, 5], the same in every process (float64)."""
+    g = torch.Generator().manual_seed(4)
+    za = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    return za, za + 1.5 * torch.randn(8, 5, generator=g, dtype=torch.float64)
+
+
+def _ddp_view_infonce_worker() -> None:
+    """One rank of 2 (gloo, torchrun-style env; PACX_TEST_OUT): ViewInfoNCE and view_retrieval_top1 on this
+    rank's half of :func:`_view_pairs`; saves the readings."""
+    import os
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        za, zb = (z.chunk(world)[rank] for z in _view_pairs())
+        out = {"loss": float(ViewInfoNCE(0.2)(za, zb)["loss"]),
+               "view_top1": float(view_retrieval_top1(za, zb))}
+        (Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.json").write_text(json.dumps(out))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_view_top1_under_ddp_is_read_on_the_global_batch(tmp_path):
+    """The InfoNCE scores each view against the other views of every rank; ``view_top1`` must be the retrieval
+    over that same global batch: 8 records on 2 processes read the full batch's value, 0.375, on both ranks
+    (not 4 records' each, 0.625 and 0.625, whose chance level is 1/4 instead of 1/8); the mean of the ranks'
+    losses is the full batch's."""
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.lit.test_ecg_ssl:_ddp_view_infonce_worker", timeout=120,
+              env={"PACX_TEST_OUT": str(tmp_path)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    za, zb = _view_pairs()
+    full = ViewInfoNCE(0.2)(za, zb)
+    assert np.mean([r["loss"] for r in ranks]) == pytest.approx(float(full["loss"]), rel=1e-9)
+    top1 = float(view_retrieval_top1(za, zb))
+    assert 0.0 < top1 < 1.0
+    for r in ranks:
+        assert r["view_top1"] == pytest.approx(top1, abs=1e-9)

@@ -274,3 +274,30 @@ def test_pacx_health_infonce_under_ddp_is_the_mean_over_all_ranks(tmp_path):
     logged = ranks[0]["logged"]
     assert logged["val/infonce_frac_labs"] * math.log(8) == pytest.approx(split_mean, rel=1e-5)
     assert logged["val/clip_labs"] == pytest.approx(split_mean, rel=1e-5)
+
+
+def test_pacx_batch_readings_under_ddp_are_those_of_the_global_batch(tmp_path):
+    """Under DDP the validation InfoNCE scores each query against the keys of every rank: the global batch.
+    The per-batch readings (retrieval top-k, negative cosine, embedding spread) must be read on that batch
+    too: 16 pairs at 4 per device on 2 processes equal one process at a batch of 8 (the same 8 pairs per
+    step), not one at a batch of 4 (where top-5 of 4 keys is 1 by construction). Before: top-5 1.0 against
+    0.5625 (ecg), negative cosine (labs) 0.0186 against -0.0097, cxr_std 0.513 against 0.559."""
+    import json
+
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.lit.test_health:_ddp_pacx_validate_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path)})
+    logged = json.loads((tmp_path / "rank0.json").read_text())["logged"]
+    module, rows = _tiny_pacx_validation(16)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path / "one")
+    trainer.validate(module, DataLoader(rows, batch_size=8))
+    one = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    keys = [f"val/{name}" for name in ("loss", "clip_labs", "batch_top1_cxr_ecg", "batch_top5_cxr_ecg",
+                                       "batch_top1_cxr_labs", "batch_top5_cxr_labs", "pos_cos_labs",
+                                       "neg_cos_ecg", "neg_cos_labs", "cxr_std", "ecg_std", "labs_std",
+                                       "reg_cos_ecg", "cxr_norm")]
+    assert one["val/batch_top5_cxr_labs"] < 1.0  # 5 of 8 keys: not 1 by construction
+    for key in keys:
+        assert logged[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
