@@ -84,3 +84,30 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def rank_offset_targets(n_local: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Targets of local row ``i`` among gathered keys: column ``rank·n_local + i``. ``[n_local]`` long."""
     return torch.arange(n_local, device=device) + get_rank() * n_local
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks; backward sums the incoming gradient over ranks too (every rank's loss read the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over all ranks, differentiably; the identity (the same tensor) at world size 1.
+
+    For a batch statistic every rank computes from the same sums (e.g. a soft Dice over the global batch):
+    each rank's loss then equals the full-batch loss, and summing the gradient over ranks in the backward
+    makes DDP's average the full-batch gradient, as for :func:`gather_with_grad`."""
+    if get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)

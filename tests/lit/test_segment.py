@@ -295,3 +295,123 @@ def test_backbone_stays_unchanged_and_in_eval_mode(stage1_run, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(decoder_before, module.decoder.parameters(),
                                                      strict=True))
     assert all(not p.requires_grad for p in module.backbone.parameters())
+
+
+def _seg_split(n: int = 9):
+    """(a tiny SegmentationModule, ``n`` (image, mask) pairs with masks of different sizes), the same in every
+    process."""
+    from pacx.lit.segment import SegmentationModule
+
+    torch.manual_seed(0)
+    module = SegmentationModule("covidqu_seg", BackboneConfig("random", None, "vit_test", 32),
+                                decoder_width=8)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    masks = torch.zeros(n, 1, 32, 32)
+    for i in range(n):  # a square of side 4 + 3i at a random corner
+        side, (y, x) = 4 + 3 * i, torch.randint(0, 4, (2,), generator=g).tolist()
+        masks[i, :, y:y + side, x:x + side] = 1.0
+    return module, torch.utils.data.TensorDataset(images, masks)
+
+
+def _seg_test(devices: int, global_batch: int, out) -> dict[str, float]:
+    """``trainer.test`` of :func:`_seg_split` through Stage 3's evaluation loader (each row once); the logged
+    test metrics."""
+    import pytorch_lightning as pl
+
+    from pacx.data.common import eval_loader, per_device_batch_size
+
+    module, data = _seg_split()
+
+    class Split(pl.LightningDataModule):
+        def test_dataloader(self):
+            return eval_loader(data, per_device_batch_size(global_batch, self.trainer), self.trainer)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=out)
+    trainer.test(module, datamodule=Split(), verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _ddp_seg_test_worker() -> None:
+    """One rank of a 2-process CPU (gloo) DDP test of :func:`_seg_test` at a global batch of 4; rank zero
+    writes the logged metrics to PACX_TEST_OUT."""
+    import json
+    import os
+
+    torch.set_num_threads(1)
+    logged = _seg_test(2, 4, os.environ["PACX_TEST_OUT"])
+    if os.environ["RANK"] == "0":
+        (Path(os.environ["PACX_TEST_OUT"]) / "logged.json").write_text(json.dumps(logged))
+
+
+def test_ddp_dice_and_iou_are_those_of_the_global_batches(tmp_path):
+    """Dice and IoU are per batch (the configured global batch), then averaged weighted by batch size. 9 test
+    pairs at a global batch of 4 on 2 real gloo processes: the global batches are the one-process batches
+    (rows 0-3, 4-7, 8), so test/dice, test/iou and the loss equal the one-process values (IoU 0.12546), not
+    those of each rank's half-batches (0.12454; 0.14011 before the epoch means counted 9 rows as 8)."""
+    import json
+
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.lit.test_segment:_ddp_seg_test_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path)})
+    ddp = json.loads((tmp_path / "logged.json").read_text())
+    one = _seg_test(1, 4, tmp_path / "one")
+    assert 0.0 < one["test/dice"] < 1.0 and 0.0 < one["test/iou"] < 1.0
+    for key in ("test/loss", "test/bce", "test/soft_dice", "test/dice", "test/iou"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-5), key
+
+
+def _seg_first_step_grads(devices: int, out) -> dict[str, torch.Tensor]:
+    """The decoder's gradient at the first optimizer step (after DDP's averaging) of a fit of
+    :func:`_seg_split` on 8 pairs at a global batch of 4 through Stage 3's training loader."""
+    import pytorch_lightning as pl
+
+    from pacx.data.common import per_device_batch_size
+    from pacx.data.resumable import train_loader
+
+    module, data = _seg_split(8)
+    grads: dict[str, torch.Tensor] = {}
+
+    class Split(pl.LightningDataModule):
+        def train_dataloader(self):
+            return train_loader(data, per_device_batch_size(4, self.trainer), self.trainer, drop_last=False,
+                                seed=2)
+
+    class FirstStep(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in pl_module.decoder.named_parameters()})
+
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+                         callbacks=[FirstStep()])
+    trainer.fit(module, datamodule=Split())
+    return grads
+
+
+def _ddp_seg_grads_worker() -> None:
+    import os
+
+    torch.set_num_threads(1)
+    grads = _seg_first_step_grads(2, os.environ["PACX_TEST_OUT"])
+    torch.save(grads, Path(os.environ["PACX_TEST_OUT"]) / f"grads{os.environ['RANK']}.pt")
+
+
+def test_ddp_training_step_takes_the_global_batch_gradient(tmp_path):
+    """The soft Dice is a statistic of the whole batch: 2 real gloo processes at 2 pairs each take the
+    gradient of one process at the global batch of 4 (the ranks' soft Dice reads the sums of both,
+    differentiably), not the mean of two half-batch soft Dices."""
+    from tests.helpers import run_ranks
+
+    run_ranks("tests.lit.test_segment:_ddp_seg_grads_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path)})
+    one = _seg_first_step_grads(1, tmp_path / "one")
+    assert one and max(float(g.abs().max()) for g in one.values()) > 0
+    for rank in range(2):
+        ddp = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        assert ddp.keys() == one.keys()
+        for name, g in one.items():
+            torch.testing.assert_close(ddp[name], g, rtol=1e-4, atol=1e-7, msg=name)
