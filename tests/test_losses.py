@@ -197,9 +197,20 @@ def test_any_teacher_names_and_their_order():
     torch.testing.assert_close(_call(DistillationLoss(), x3, ("vitals", "labs", "ecg"))["loss"], out["loss"])
 
 
+def test_defaults_are_the_papers():
+    """docs/method.md#stage-2: 0.5 · CLIP + 1.0 · regression, temperature 0.07, label smoothing 0.02."""
+    loss = DistillationLoss()
+    assert (loss.clip_weight, loss.regression_weight, loss.label_smoothing) == (0.5, 1.0, 0.02)
+    assert loss.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert loss.scale().item() == pytest.approx(1 / 0.07)
+
+
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="temperature"):
         DistillationLoss(temperature=0.0)
+    for eps in (1.0, -0.01):  # ε = 1 would be a constant loss
+        with pytest.raises(ValueError, match="label_smoothing"):
+            DistillationLoss(label_smoothing=eps)
     x = _inputs()
     with pytest.raises(ValueError, match="the same teachers"):
         DistillationLoss()(x["cxr_shared"], {"ecg": x["ecg_shared"]}, {"labs": x["cxr_to_labs"]},

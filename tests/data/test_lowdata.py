@@ -48,6 +48,24 @@ def test_subset_size_rule():
     assert subset_size(200, 4, 0.01) == 5  # int(2) < 4 labels -> labels + 1
     assert subset_size(199, 4, 0.1) == 19  # floored
     assert subset_size(3, 5, 0.5) == 3  # never more than the table
+    assert subset_size(200, 4, 0.02) == 4  # int(4) is not below 4 labels: kept
+    assert subset_size(200, 4, 0.015) == 5  # int(3) is
+
+
+def test_the_positive_per_label_is_drawn_at_random(table):
+    """Step 2 draws one positive per label at random: over seeds, the first positive of "c" is not always in
+    the subset."""
+    first_c = table["Path"][int(np.flatnonzero(table["c"] == 1)[0])]
+    assert not all(first_c in set(low_data_subset(table, LABELS, 0.01, seed=s)["Path"]) for s in range(20))
+
+
+def test_only_a_value_of_one_is_a_positive(table):
+    """An uncertain (-1) row is not a positive: the only 1 of the column is in every subset."""
+    table["u"] = -1
+    table.loc[[0, 1], "u"] = 0
+    table.loc[42, "u"] = 1
+    for seed in range(5):
+        assert "img042.png" in set(low_data_subset(table, [*LABELS, "u"], 0.01, seed=seed)["Path"])
 
 
 def test_fraction_one_returns_all_rows(table):

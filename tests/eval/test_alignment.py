@@ -23,6 +23,7 @@ from pacx.eval.alignment import (
     fit_indices,
     load_split,
     permutation_baseline,
+    probe_encoder,
     recall_at_k,
     ridge_probe,
 )
@@ -117,6 +118,16 @@ def test_fit_indices_reproduce_the_drop_last_count():
     assert np.array_equal(fit_indices(7, None), np.arange(7)) and len(fit_indices(30, 8)) == 24
     with pytest.raises(ValueError, match="keeps no rows"):
         fit_indices(100)
+    assert len(fit_indices(1000)) == 768  # the default batch is the reference's 256: 3 whole batches
+
+
+def test_probe_defaults_are_the_protocols():
+    """docs/datasets.md#alignment: ridge alpha 10 on the rows of a drop-last loader of batch 256."""
+    import inspect
+
+    for fn in (ridge_probe, probe_encoder):
+        params = inspect.signature(fn).parameters
+        assert params["alpha"].default == 10.0 and params["drop_last_batch"].default == 256, fn.__name__
 
 
 def test_ridge_probe_matches_closed_form_on_the_fit_rows():
@@ -165,6 +176,42 @@ def test_retrieval_groups_and_accuracy_on_a_hand_built_layout():
     similarity = torch.nn.functional.cosine_similarity
     expected = np.mean([int(torch.argmax(similarity(query[q][None], cands[q])) == 0) for q in range(3)])
     assert zero_shot_accuracy(query, cands) == pytest.approx(expected)
+    # a tie with a negative (same direction, another length) counts for the positive
+    tie = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0], [1.0, 1.0]]])
+    assert zero_shot_accuracy(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), tie) == pytest.approx(0.5)
+
+
+def test_zero_shot_retrieval_on_a_hand_built_split():
+    """:func:`zero_shot_retrieval` on a 3-query split of groups of 4 held in memory, against loops over the
+    rows: the positive's cosine through the heads must not be beaten by a negative of its group. The labs
+    head's LayerNorm gains are uneven, so the candidates' norms differ and only cosines rank them (with these
+    seeds a dot product scores 0, cosines 2 / 3)."""
+    from pacx.eval.alignment import SymileSplit
+
+    label, ids = _groups_layout()
+    g = torch.Generator().manual_seed(0)
+    cxr = torch.randn(12, 3, 32, 32, generator=g).numpy()
+    labs = torch.randn(12, 6, generator=g).numpy()
+    names = ("cxr", "label", "label_hadm_id", "labs_features")
+    split = SymileSplit("test", {k: Path(f"{k}.npy") for k in names},
+                        {"cxr": cxr, "label": label, "label_hadm_id": ids, "hadm_id": ids,
+                         "labs_features": labs}, {"labs": "labs_features"})
+    torch.manual_seed(3)
+    enc = create_vit("vit_test", img_size=32).eval()
+    heads = {"cxr": ProjectionHead(32, 8).eval(), "labs": ProjectionHead(6, 8).eval()}
+    with torch.no_grad():
+        heads["labs"][2].weight.copy_(torch.tensor([8.0, 4.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]))
+    out = zero_shot_retrieval(enc, heads, split, img_size=32)
+    hits = []
+    with torch.no_grad():
+        for q in np.flatnonzero(label == 1):
+            query = heads["cxr"](enc(torch.from_numpy(cxr[q:q + 1])))
+            rows = [r for r in range(12) if ids[r] == ids[q]]
+            sims = torch.nn.functional.cosine_similarity(query, heads["labs"](torch.from_numpy(labs[rows])))
+            hits.append(bool((sims[[r != q for r in rows]] <= sims[rows.index(q)]).all()))
+    assert 0 < sum(hits) < len(hits)  # neither all nor none: the count tells cosine from a dot product
+    assert out == pytest.approx({"n_queries": 3, "group_size": 4, "chance": 0.25,
+                                 "cxr_labs_acc": sum(hits) / len(hits)})
 
 
 @pytest.mark.parametrize("change,match", [
@@ -205,6 +252,11 @@ def test_feature_extraction_is_a_plain_resize_then_the_cls_token():
                          for i in (4, 0, 2)])
     assert feats.dtype == np.float32 and feats.shape == (3, 32)
     np.testing.assert_allclose(feats, ref.numpy(), atol=1e-5)
+    # an encoder that returns tokens [B, T, D]: its CLS token (index 0)
+    tokens = torch.nn.Module()
+    tokens.forward = enc.forward_features
+    from_tokens = extract_cxr_features(tokens, cxr, img_size=32, batch_size=2, rows=np.array([4, 0, 2]))
+    np.testing.assert_allclose(from_tokens, ref.numpy(), atol=1e-5)
     with pytest.raises(SymileFileError, match=r"my\.npy.*\[5, 40, 40\]"):
         extract_cxr_features(enc, cxr[:, 0], img_size=32, source="my.npy")
 

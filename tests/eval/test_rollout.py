@@ -19,6 +19,7 @@ from pacx.eval.rollout import (
     fuse_heads,
     overlay,
     render_grid,
+    rollout_heatmaps,
 )
 from pacx.models.vit import create_vit
 from tests.helpers import load_script
@@ -176,6 +177,10 @@ def test_discard_ratio_keeps_cls_column():
         discard_lowest(a, 1.0)
     out = attention_rollout([a[:, None]], discard_ratio=0.9)
     torch.testing.assert_close(out.sum(-1), torch.ones(2, 5))
+    # the lowest half over the whole sample, not per row: row 1 loses both entries, row 0 none
+    small = torch.tensor([[[0.1, 0.9, 0.8], [0.5, 0.1, 0.2], [0.4, 0.3, 0.05]]])
+    expected = torch.tensor([[[0.1, 0.9, 0.8], [0.5, 0.0, 0.0], [0.4, 0.3, 0.0]]])
+    torch.testing.assert_close(discard_lowest(small, 0.5), expected, rtol=0, atol=0)
 
 
 def test_cls_heatmap_shape_and_range(encoder, images):
@@ -186,6 +191,23 @@ def test_cls_heatmap_shape_and_range(encoder, images):
             and torch.allclose(heat.amin(dim=(1, 2)), torch.zeros(2)))
     with pytest.raises(ValueError):
         cls_heatmap(torch.rand(1, 17, 17), grid=3)
+
+
+def test_cls_heatmap_is_the_cls_row_in_patch_order():
+    """Row 0 (CLS attending to patch j) in row-major patch order, min-max scaled; column 0 is not read."""
+    roll = torch.zeros(1, 5, 5)
+    roll[0, 0, 1:] = torch.tensor([1.0, 3.0, 2.0, 5.0])  # patches (0,0) (0,1) (1,0) (1,1)
+    roll[0, 1:, 0] = torch.tensor([9.0, 0.0, 4.0, 7.0])
+    expected = torch.tensor([[[0.0, 0.5], [0.25, 1.0]]])
+    torch.testing.assert_close(cls_heatmap(roll, grid=2), expected, rtol=0, atol=1e-7)
+
+
+def test_rollout_heatmaps_default_to_mean_fusion_and_do_not_depend_on_the_batch(encoder, images):
+    attns = attention_maps(encoder, images)
+    expected = cls_heatmap(attention_rollout(attns, head_fusion="mean"), grid=4)
+    torch.testing.assert_close(rollout_heatmaps(encoder, images), expected)
+    torch.testing.assert_close(rollout_heatmaps(encoder, images, batch_size=1), expected)
+    assert not torch.allclose(cls_heatmap(attention_rollout(attns, head_fusion="max"), grid=4), expected)
 
 
 def test_overlay_and_render_grid(tmp_path):

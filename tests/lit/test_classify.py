@@ -3,20 +3,24 @@ test, and the module's rules."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from sklearn import metrics as skm
+from torchmetrics import MetricCollection
 
 from pacx.data.manifest import ManifestError
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS, INDEX_COLUMN
 from pacx.data.stage3 import BenchmarkDataModule
-from pacx.lit.classify import ClassificationModule, metric_key
+from pacx.lit.classify import LOSSES, METRICS, PREDICTIONS, ClassificationModule, metric_key
 from pacx.models.backbones import BackboneConfig, build_backbone
 from pacx.testing.benchmarks import RELEASE_WRITERS
 from pacx.weights.checkpoint import CheckpointError
@@ -233,3 +237,89 @@ def test_head_norm_standardises_features_before_the_linear_head(stage1_run):
     torch.testing.assert_close(module.head(x[:1]), expected[:1])
     plain = ClassificationModule("tb", BackboneConfig("mae", str(stage1_run), "vit_test", 32))
     assert isinstance(plain.head, torch.nn.Linear)  # the reference's bare head by default
+
+
+def _task_data(task: str, n: int = 60, c: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [n, C] (C = 1 for binary) informative of the targets. For binary / multilabel the second half
+    lies in (0.05, 0.95), where a missing sigmoid would go unnoticed by torchmetrics' own auto-sigmoid."""
+    g = torch.Generator().manual_seed(seed)
+    if task == "multiclass":
+        counts = [n // 2, n // 4, n // 6, n - n // 2 - n // 4 - n // 6]  # unbalanced: macro ≠ weighted
+        y = torch.repeat_interleave(torch.arange(c), torch.tensor(counts))[torch.randperm(n, generator=g)]
+        return torch.randn(n, c, generator=g) + 1.5 * torch.nn.functional.one_hot(y, c), y
+    c = 1 if task == "binary" else c
+    y = (torch.rand(n, c, generator=g) < 0.4).float()
+    y[:2], y[2:4] = 1.0, 0.0  # both classes in every column
+    logits = torch.randn(n, c, generator=g) + 1.5 * (y - 0.5)
+    logits[n // 2:] = 0.05 + 0.9 * torch.rand(n - n // 2, c, generator=g)
+    return logits, y
+
+
+def _sklearn_metrics(task: str, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """docs/datasets.md#metrics by scikit-learn: AUROC on the probabilities, the rest at 0.5 / argmax."""
+    if task == "binary":
+        p, t = 1 / (1 + np.exp(-logits[:, 0])), y[:, 0]
+        pred = p >= 0.5
+        return {"auroc": skm.roc_auc_score(t, p), "acc": skm.accuracy_score(t, pred),
+                "precision": skm.precision_score(t, pred), "recall": skm.recall_score(t, pred),
+                "f1": skm.f1_score(t, pred)}
+    if task == "multilabel":
+        p = 1 / (1 + np.exp(-logits))
+        pred = p >= 0.5
+        acc = np.mean([skm.accuracy_score(y[:, j], pred[:, j]) for j in range(y.shape[1])])
+        auroc = skm.roc_auc_score(y, p, average="macro")
+    else:
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        p = e / e.sum(1, keepdims=True)
+        pred = p.argmax(1)
+        acc = skm.balanced_accuracy_score(y, pred)  # macro accuracy = mean per-class recall
+        auroc = skm.roc_auc_score(y, p, multi_class="ovr", average="macro")
+    kw = {"average": "macro", "zero_division": 0}
+    return {"auroc_macro": auroc, "acc_macro": acc, "precision_macro": skm.precision_score(y, pred, **kw),
+            "recall_macro": skm.recall_score(y, pred, **kw), "f1_macro": skm.f1_score(y, pred, **kw)}
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel", "multiclass"])
+def test_task_losses_and_epoch_metrics_against_numpy_and_sklearn(task):
+    """LOSSES, PREDICTIONS and METRICS of a task (docs/datasets.md#metrics, #heads-and-losses) on two batches
+    accumulated as in an epoch, against a numpy loss and scikit-learn metrics on the whole."""
+    logits, y = _task_data(task)
+    lg, t = logits.double().numpy(), y.numpy()
+    if task == "multiclass":
+        logp = lg - lg.max(1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+        expected_loss = -logp[np.arange(len(t)), t].mean()
+    else:
+        expected_loss = np.mean(np.logaddexp(0, lg) - t * lg)  # BCE with logits, mean over all entries
+    loss = LOSSES[task](logits.double(), y)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    num = logits.shape[1]
+    metrics = MetricCollection(METRICS[task](num))
+    for rows in (slice(0, 30), slice(30, 60)):
+        metrics.update(*PREDICTIONS[task](logits[rows], y[rows]))
+    got = {k: float(v) for k, v in metrics.compute().items()}
+    assert got == pytest.approx(_sklearn_metrics(task, logits.double().numpy(), t), abs=1e-6)
+
+
+def test_epoch_metrics_start_afresh_each_epoch(monkeypatch):
+    """The per-epoch metrics are reset after they are logged: a second epoch's values are its own."""
+    module = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32))
+    logged: list[dict] = []
+    monkeypatch.setattr(module, "log_dict",
+                        lambda values: logged.append({k: float(v) for k, v in values.items()}))
+    for seed in (1, 2):
+        logits, y = _task_data("binary", seed=seed)
+        module.val_metrics.update(*PREDICTIONS["binary"](logits, y))
+        module.on_validation_epoch_end()
+        expected = _sklearn_metrics("binary", logits.double().numpy(), y.numpy())
+        assert logged[-1] == pytest.approx({f"val/{k}": v for k, v in expected.items()}, abs=1e-6)
+
+
+def test_defaults_are_the_stage3_settings():
+    """docs/datasets.md#stage-3-settings: lr 3e-3, weight decay 0.01, betas (0.9, 0.999), no warmup, backbone
+    at 0.1 × lr, the bare linear head, the flip-aware feature cache."""
+    defaults = {k: v.default for k, v in inspect.signature(ClassificationModule).parameters.items()}
+    assert {k: defaults[k] for k in ("mode", "lr", "weight_decay", "betas", "warmup_epochs",
+                                     "backbone_lr_scale", "head_norm", "feature_cache")} == {
+        "mode": "linear_probe", "lr": 3e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_epochs": 0.0,
+        "backbone_lr_scale": 0.1, "head_norm": False, "feature_cache": "flip"}

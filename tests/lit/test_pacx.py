@@ -64,6 +64,26 @@ def test_fit_from_stage1_then_resume_and_export(tmp_path, repo, symile_root, sta
         assert name in metrics, name
 
 
+def test_module_defaults_are_the_papers():
+    """docs/method.md#stage-2: LoRA (r 8, alpha 16, dropout 0.1 on qkv, fc1, fc2) with every LayerNorm,
+    teachers ECG and labs, 256-d shared space, head dropout 0.2, 0.5 · CLIP + 1.0 · regression, temperature
+    0.07, label smoothing 0.02, AdamW lr 1e-4, weight decay 0.05, 5 warmup epochs, cosine floor 1 %."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(PaCXModule).parameters.items()}
+    expected = {"encoder_arch": "vit_base_patch16", "img_size": 224, "norm_eps": 1e-6, "tuning": "lora",
+                "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "lora_targets": ("qkv", "fc1", "fc2"),
+                "trainable_norms": "all", "shared_dim": 256, "head_dropout": 0.2, "clip_weight": 0.5,
+                "regression_weight": 1.0, "temperature": 0.07, "label_smoothing": 0.02, "pool": "cls",
+                "lr": 1e-4, "base_lr": None, "weight_decay": 0.05, "warmup_epochs": 5, "min_lr_ratio": 0.01,
+                "lr_interval": "step"}
+    assert {k: defaults[k] for k in expected} == expected
+    assert tuple(_module().teacher_names) == ("ecg", "labs")
+    loss = _module().loss_fn
+    assert (loss.clip_weight, loss.regression_weight, loss.label_smoothing) == (0.5, 1.0, 0.02)
+    assert loss.scale().item() == pytest.approx(1 / 0.07)
+
+
 def test_encoder_starts_from_stage1_weights(stage1_run):
     module = _module(init_encoder=str(stage1_run), lora_dropout=0.0).eval()
     with torch.no_grad():  # LoRA B starts at zero: the wrapped encoder equals the Stage 1 encoder

@@ -16,7 +16,7 @@ from pacx.data.manifest import ManifestError
 from pacx.data.prepare import run_converter
 from pacx.data.registry import BENCHMARKS
 from pacx.data.seg_dataset import SegmentationDataset, paired_train_augment
-from pacx.lit.segment import dice_iou, soft_dice_loss
+from pacx.lit.segment import SegmentationLoss, SegmentationModule, dice_iou, soft_dice_loss
 from pacx.models.backbones import BackboneConfig
 from pacx.models.seg_decoder import SegDecoder, tokens_to_map
 from pacx.testing.seg_benchmarks import SEG_RELEASE_WRITERS
@@ -99,6 +99,34 @@ def test_soft_dice_and_hard_dice_iou_match_independent_computations():
     assert iou.item() == pytest.approx((inter + 1e-6) / (hard.sum() + y.sum() - inter + 1e-6), rel=1e-6)
     perfect = torch.where(target > 0, 10.0, -10.0)
     assert dice_iou(perfect, target)[0].item() == pytest.approx(1.0)
+    # an empty mask predicted empty: the ε terms make it a perfect score, not 0 / 0 or a loss of 1
+    empty, silent = torch.zeros(2, 1, 8, 8), torch.full((2, 1, 8, 8), -40.0)
+    assert soft_dice_loss(silent, empty).item() == pytest.approx(0.0, abs=1e-4)
+    assert [v.item() for v in dice_iou(silent, empty)] == pytest.approx([1.0, 1.0])
+
+
+def test_segmentation_loss_weights_its_terms():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    target = (torch.rand(2, 1, 8, 8, generator=g) > 0.6).double()
+    x, y = logits.numpy(), target.numpy()
+    bce = np.mean(np.logaddexp(0, x) - y * x)
+    out = SegmentationLoss(bce_weight=2.0, dice_weight=0.5)(logits, target)
+    assert out["bce"].item() == pytest.approx(bce, rel=1e-10)
+    torch.testing.assert_close(out["soft_dice"], soft_dice_loss(logits, target))
+    assert out["loss"].item() == pytest.approx(2.0 * bce + 0.5 * out["soft_dice"].item(), rel=1e-10)
+
+
+def test_defaults_are_the_stage3_settings():
+    """docs/datasets.md#stage-3-settings: decoder width 256, 1.0 · BCE + 1.0 · soft Dice, AdamW lr 1e-4,
+    weight decay 1e-4, betas (0.9, 0.999), 5 warmup epochs."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(SegmentationModule).parameters.items()}
+    assert {k: defaults[k] for k in ("decoder_width", "bce_weight", "dice_weight", "lr", "weight_decay",
+                                     "betas", "warmup_epochs")} == {
+        "decoder_width": 256, "bce_weight": 1.0, "dice_weight": 1.0, "lr": 1e-4, "weight_decay": 1e-4,
+        "betas": (0.9, 0.999), "warmup_epochs": 5.0}
 
 
 def _asymmetric_pair(size: int = 32) -> tuple[Image.Image, Image.Image]:
@@ -332,6 +360,33 @@ def _seg_test(devices: int, global_batch: int, out) -> dict[str, float]:
                          default_root_dir=out)
     trainer.test(module, datamodule=Split(), verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_epoch_metrics_are_row_weighted_means_of_the_batch_scores(tmp_path):
+    """docs/datasets.md#segmentation: each batch's Dice, IoU (hard counts over the batch), BCE and soft Dice,
+    then the mean over batches weighted by their rows (batches of 4, 4 and 1 here), written out in numpy."""
+    logged = _seg_test(1, 4, tmp_path)
+    module, data = _seg_split()
+    module.eval()
+    images, masks = data.tensors
+    scores, rows = [], []
+    for start in (0, 4, 8):
+        with torch.no_grad():
+            x = module(images[start:start + 4]).double().numpy()
+        y = masks[start:start + 4].double().numpy()
+        p, hard = 1 / (1 + np.exp(-x)), (x > 0).astype(np.float64)
+        inter = (hard * y).sum()
+        bce = np.mean(np.logaddexp(0, x) - y * x)
+        soft = 1 - (2 * (p * y).sum() + 1e-6) / (p.sum() + y.sum() + 1e-6)
+        scores.append({"dice": (2 * inter + 1e-6) / (hard.sum() + y.sum() + 1e-6),
+                       "iou": (inter + 1e-6) / (hard.sum() + y.sum() - inter + 1e-6),
+                       "bce": bce, "soft_dice": soft, "loss": bce + soft})
+        rows.append(len(y))
+    assert rows == [4, 4, 1]
+    for key in ("dice", "iou", "bce", "soft_dice", "loss"):
+        expected = sum(r * s[key] for r, s in zip(rows, scores, strict=True)) / sum(rows)
+        assert logged[f"test/{key}"] == pytest.approx(expected, rel=1e-5), key
+    assert len({round(s["dice"], 6) for s in scores}) == 3  # the weighting matters here
 
 
 def _ddp_seg_test_worker() -> None:

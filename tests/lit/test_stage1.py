@@ -12,7 +12,7 @@ from PIL import Image
 
 from pacx.lit.mae import MAEModule
 from pacx.models.mae import create_mae
-from pacx.optim import param_groups, resolve_lr, warmup_cosine, warmup_cosine_scheduler
+from pacx.optim import param_groups, resolve_lr, schedule_lengths, warmup_cosine, warmup_cosine_scheduler
 from pacx.weights.checkpoint import CheckpointError
 from Stage1_MAE import main
 from tests.conftest import stage1_args
@@ -100,6 +100,25 @@ def test_base_lr_is_scaled_by_global_batch_and_logged(tmp_path, chexpert_release
     assert lrs == pytest.approx(expected)
 
 
+def test_gradient_accumulation_scales_the_global_batch_and_the_epoch_length(tmp_path, chexpert_release):
+    """accumulate 4 over 6 batches per epoch: global batch 8 · 4 = 32 and ceil(6 / 4) = 2 optimizer steps per
+    epoch (Lightning steps on the partial group at the epoch end), so warmup 0.5 epoch = 1 step; AdamW gets
+    the module's betas."""
+    run = tmp_path / "run"
+    main(stage1_args(run, chexpert_release, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                     "--trainer.accumulate_grad_batches", "4", "--trainer.log_every_n_steps", "1",
+                     "--model.lr", "null", "--model.base_lr", "0.001", "--model.warmup_epochs", "0.5",
+                     "--model.betas", "[0.8, 0.9]"))
+    effective = 0.001 * 32 / 256
+    assert f"effective_lr: {effective}" in (run / "hparams.yaml").read_text()
+    group = _ckpt(run)["optimizer_states"][0]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.8, 0.9)
+    # warmup 1 step, cosine over the other 2: after step 3 the lr is at the cosine's end
+    assert group["lr"] == pytest.approx(effective * warmup_cosine(3, 1, 3)) and group["lr"] == 0.0
+    lrs = pd.read_csv(run / "metrics.csv")["train/lr"].dropna().tolist()
+    assert lrs == pytest.approx([effective, effective, effective * 0.5])  # one per optimizer step
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1])
 def test_a_mask_ratio_outside_the_open_interval_is_refused(ratio):
@@ -107,6 +126,19 @@ def test_a_mask_ratio_outside_the_open_interval_is_refused(ratio):
     with no masked patch the loss (a mean over them) is 0 / 0."""
     with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\), got"):
         MAEModule(arch="mae_vit_test", img_size=32, mask_ratio=ratio)
+
+
+def test_module_defaults_are_the_papers():
+    """docs/method.md#stage-1: ViT-B/16 MAE, mask ratio 0.9, no norm_pix_loss, AdamW lr 1.5e-4 (absolute),
+    betas (0.9, 0.95), weight decay 0.05, 10 warmup epochs, stepped per optimizer step."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(MAEModule).parameters.items()}
+    assert {k: defaults[k] for k in ("arch", "img_size", "mask_ratio", "norm_pix_loss", "lr", "base_lr",
+                                     "weight_decay", "betas", "warmup_epochs", "lr_interval")} == {
+        "arch": "mae_vit_base_patch16", "img_size": 224, "mask_ratio": 0.9, "norm_pix_loss": False,
+        "lr": 1.5e-4, "base_lr": None, "weight_decay": 0.05, "betas": (0.9, 0.95), "warmup_epochs": 10,
+        "lr_interval": "step"}
 
 
 def test_resolve_lr_rule():
@@ -125,6 +157,14 @@ def test_warmup_cosine_closed_form():
     assert warmup_cosine(110, warm, total) == pytest.approx(0.0)
     assert warmup_cosine(35, warm, total, 0.01) == pytest.approx(
         0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    # past the end it stays at the floor (the cosine does not climb back)
+    assert warmup_cosine(160, warm, total) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(310, warm, total, 0.01) == pytest.approx(0.01)
+
+
+def test_schedule_lengths_round_warmup_epochs_to_steps():
+    assert schedule_lengths(100, 3, 0.9) == (3, 100)  # 2.7 warmup steps round to 3, not down to 2
+    assert schedule_lengths(100, 8, 1.25) == (10, 100) and schedule_lengths(100, 8, 0) == (0, 100)
 
 
 def _lrs_per_step(scheduler, steps: int) -> list[float]:
@@ -153,6 +193,19 @@ def test_epoch_interval_matches_a_scheduler_stepped_at_epoch_ends(floor):
     expected = [0.1 * authors(step // per_epoch) for step in range(epochs * per_epoch)]
     assert ours == pytest.approx(expected, abs=1e-12)
     assert len(set(ours[3:6])) == 1 and ours[2] != ours[3]  # held within an epoch, changed at its end
+
+
+def test_epoch_interval_with_a_partial_last_epoch_counts_it():
+    """A budget of 23 steps at 3 per epoch is 8 epochs, the last one partial: the per-epoch cosine spans 8
+    epochs (it reaches its floor after the last), not 7."""
+    warm, per_epoch, total = 2, 3, 23
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine_scheduler(opt, warm * per_epoch, total, 0.0, "epoch", per_epoch)
+    ours = _lrs_per_step(scheduler, total)
+    expected = [(e + 1) / warm if e < warm else 0.5 * (1 + math.cos(math.pi * (e - warm) / (8 - warm)))
+                for e in (step // per_epoch for step in range(total))]
+    assert ours == pytest.approx(expected, abs=1e-12)
+    assert ours[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))  # epoch 7 of 8: not yet 0
 
 
 def test_epoch_interval_needs_whole_warmup_epochs_and_a_known_interval():

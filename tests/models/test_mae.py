@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pacx.models.mae import MAE_ARCHS, create_mae, patchify, random_masking, unpatchify
+from pacx.models.mae import MAE_ARCHS, DecoderConfig, create_mae, patchify, random_masking, unpatchify
+from pacx.models.vit import sincos_pos_embed_2d
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9, 0.95])
@@ -84,6 +85,40 @@ def test_mask_ratio_reaches_the_model():
     assert latent.shape[1] == 1 + int(16 * 0.1)
     _, _, mask = model(torch.randn(1, 3, 32, 32))  # default: the model's own 0.9
     assert mask.sum() == 16 - int(16 * 0.1)
+    _, _, mask = model(torch.randn(1, 3, 32, 32), mask_ratio=0.5)  # an explicit ratio wins
+    assert mask.sum() == 8
+    default = create_mae("mae_vit_test", img_size=32)
+    assert default.mask_ratio == 0.9  # the paper's (docs/method.md#stage-1), not MAE's 0.75
+    assert default(torch.randn(1, 3, 32, 32))[2].sum() == 15
+
+
+def test_encoder_input_equals_embed_all_then_mask():
+    """The kept-only embedding of ``forward_encoder`` against the reference order written out: conv patch
+    embedding of every patch, its position added, the ``K`` smallest-noise patches kept in noise order, the
+    CLS token with its own position first. Positions and CLS are random here (the CLS position is not 0)."""
+    torch.manual_seed(0)
+    model = create_mae("mae_vit_test", img_size=32).double()
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        model.cls_token.normal_()
+        model.patch_embed.proj.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    noise = torch.rand(2, 16, generator=g, dtype=torch.float64)
+    conv = model.patch_embed.proj
+    tokens = torch.nn.functional.conv2d(imgs, conv.weight, conv.bias, stride=8).flatten(2).transpose(1, 2)
+    tokens = tokens + model.pos_embed[:, 1:]  # [2, 16, D]
+    cls = (model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1)
+    for ratio in (0.0, 0.75):
+        k = int(16 * (1 - ratio))
+        keep = torch.argsort(noise, dim=1)[:, :k]
+        kept = torch.stack([tokens[i, keep[i]] for i in range(2)])
+        expected = model.forward_blocks(torch.cat([cls, kept], dim=1))
+        latent, mask, _ = model.forward_encoder(imgs, ratio, noise)
+        torch.testing.assert_close(latent, expected)
+        assert mask.sum() == 2 * (16 - k)
+    # nothing masked: the CLS feature is the plain encoder's (attention does not see the token order)
+    torch.testing.assert_close(model.forward_encoder(imgs, 0.0, noise)[0][:, 0], model.encode(imgs))
 
 
 def test_official_decoder_key_names():
@@ -94,6 +129,39 @@ def test_official_decoder_key_names():
     base = create_mae("mae_vit_base_patch16")
     assert base.decoder_pred.weight.shape == (16 * 16 * 3, 512)
     assert len(base.decoder_blocks) == 8 and base.decoder_blocks[0].attn.num_heads == 16
+    assert DecoderConfig() == DecoderConfig(512, 8, 16)  # the default decoder is the paper's too
+    assert 0.015 < base.mask_token.std().item() < 0.025  # MAE's normal(0.02) initialisation
+
+
+def test_decoder_puts_each_kept_token_back_at_its_patch_and_drops_cls():
+    """``forward_decoder`` against a loop: token ``j`` of the latent (after CLS) goes to patch ``keep[j]``,
+    mask tokens fill the rest, decoder positions are added, the CLS output is dropped."""
+    torch.manual_seed(0)
+    model = create_mae("mae_vit_test", img_size=32).double()
+    g = torch.Generator().manual_seed(2)
+    imgs = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    noise = torch.rand(2, 16, generator=g, dtype=torch.float64)
+    latent, _, ids_restore = model.forward_encoder(imgs, 0.75, noise)
+    keep = torch.argsort(noise, dim=1)[:, :4]
+    x = model.decoder_embed(latent)
+    tokens = model.mask_token.expand(2, 17, -1).clone()
+    tokens[:, 0] = x[:, 0]
+    for i in range(2):
+        for j in range(4):
+            tokens[i, 1 + int(keep[i, j])] = x[i, 1 + j]
+    tokens = tokens + model.decoder_pos_embed
+    for blk in model.decoder_blocks:
+        tokens = blk(tokens)
+    expected = model.decoder_pred(model.decoder_norm(tokens))[:, 1:]
+    torch.testing.assert_close(model.forward_decoder(latent, ids_restore), expected)
+
+
+def test_decoder_positions_are_fixed_sincos_with_a_zero_cls_row():
+    model = create_mae("mae_vit_test", img_size=32)
+    pos = model.decoder_pos_embed
+    assert pos.shape == (1, 17, 16) and not pos.requires_grad
+    torch.testing.assert_close(pos[0], sincos_pos_embed_2d(16, 4), rtol=0, atol=0)
+    assert torch.all(pos[0, 0] == 0) and pos[0, 1:].abs().sum(-1).min() > 0.5
     assert set(MAE_ARCHS) >= {"mae_vit_base_patch16", "mae_vit_test", "mae_vit_demo"}
 
 

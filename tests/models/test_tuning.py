@@ -5,11 +5,13 @@ none), in ``apply_tuning`` and in the Stage 2 module, and the configs that choos
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from pacx.lit.pacx import PaCXModule
 from pacx.models.tuning import TUNING_STRATEGIES, apply_tuning, count_parameters
 from pacx.models.vit import create_vit
+from pacx.weights.layout import merge_lora_state
 
 DEPTH = 2  # vit_test
 
@@ -69,6 +71,58 @@ def test_stage2_module_passes_trainable_norms_and_records_it(norms):
     trainable = {n for n, p in module.cxr_encoder.named_parameters() if p.requires_grad}
     assert trainable == expected_trainable(norms)
     assert module.pacx_metadata()["trainable_norms"] == norms
+
+
+def test_lora_defaults_rank_alpha_dropout_and_the_adapted_output():
+    """docs/method.md#stage-2: rank 8, alpha 16 (scale 2), dropout 0.1 on qkv, fc1, fc2; in eval mode a
+    wrapped linear gives W x + b + (alpha / r) · B A x, written out here."""
+    model = apply_tuning(create_vit("vit_test", img_size=32), "lora")
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"qkv", "fc1", "fc2"} and len(wrapped) == 3 * DEPTH
+    qkv = model.get_submodule("base_model.model.blocks.0.attn.qkv")
+    a, b = qkv.lora_A["default"].weight, qkv.lora_B["default"].weight
+    assert a.shape == (8, 32) and b.shape == (96, 8)
+    assert qkv.lora_dropout["default"].p == pytest.approx(0.1)
+    torch.nn.init.normal_(b)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    base = qkv.base_layer
+    expected = x @ base.weight.T + base.bias + (16 / 8) * (x @ a.T @ b.T)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qkv(x), expected)
+    custom = apply_tuning(create_vit("vit_test", img_size=32), "lora", lora_r=4, lora_alpha=4,
+                          lora_dropout=0.0)
+    fc1 = custom.get_submodule("base_model.model.blocks.1.mlp.fc1")
+    assert fc1.lora_A["default"].weight.shape[0] == 4 and fc1.scaling["default"] == 1.0
+
+
+def test_merged_lora_is_w_plus_scaled_ba_and_gives_the_adapted_features():
+    """Export merge at rank 4, alpha 12 (scale 3): W + 3 · B A per wrapped linear, written out for one; the
+    merged plain ViT loads strictly and equals the LoRA model (eval)."""
+    torch.manual_seed(0)
+    model = apply_tuning(create_vit("vit_test", img_size=32), "lora", lora_r=4, lora_alpha=12)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    merged = merge_lora_state(model.state_dict(), 12 / 4)
+    fc2 = model.get_submodule("base_model.model.blocks.1.mlp.fc2")
+    expected = fc2.base_layer.weight + 3 * fc2.lora_B["default"].weight @ fc2.lora_A["default"].weight
+    torch.testing.assert_close(merged["blocks.1.mlp.fc2.weight"], expected)
+    plain = create_vit("vit_test", img_size=32).eval()
+    plain.load_state_dict(merged, strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_last_n_blocks_accepts_one_to_depth():
+    model = apply_tuning(create_vit("vit_test", img_size=32), "last_n_blocks", last_n_blocks=DEPTH)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == FINAL_NORM | {
+        f"blocks.{i}.{n}" for i in range(DEPTH) for n in BLOCK_PARAMS}
+    for n in (0, DEPTH + 1):
+        with pytest.raises(ValueError, match="last_n_blocks needs"):
+            apply_tuning(create_vit("vit_test", img_size=32), "last_n_blocks", last_n_blocks=n)
 
 
 def test_trainable_norms_is_a_lora_option():
