@@ -214,6 +214,15 @@ def _tiny_pacx_validation(n_rows: int):
     return module, rows
 
 
+def _one_process_readings(root, n_rows: int, batch_size: int) -> dict[str, float]:
+    """The logged ``validate`` readings of :func:`_tiny_pacx_validation` on one process."""
+    module, rows = _tiny_pacx_validation(n_rows)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root)
+    trainer.validate(module, DataLoader(rows, batch_size=batch_size))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 def _ddp_pacx_validate_worker() -> None:
     """One rank of a 2-process CPU (gloo) Lightning DDP ``validate`` of a tiny PaCXModule (env as torchrun
     sets it; PACX_TEST_OUT, PACX_TEST_ROWS): saves the rank's per-batch InfoNCE and rank zero's logged
@@ -245,11 +254,7 @@ def test_pacx_split_readings_under_ddp_count_each_pair_once(tmp_path):
     run_ranks("tests.lit.test_health:_ddp_pacx_validate_worker", timeout=300,
               env={"PACX_TEST_OUT": str(tmp_path), "PACX_TEST_ROWS": "15"})
     logged = json.loads((tmp_path / "rank0.json").read_text())["logged"]
-    module, rows = _tiny_pacx_validation(15)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path / "one")
-    trainer.validate(module, DataLoader(rows, batch_size=4))
-    one = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    one = _one_process_readings(tmp_path / "one", n_rows=15, batch_size=4)
     keys = ["val/split_top1_cxr_ecg", "val/split_top5_cxr_ecg", "val/split_top5_cxr_labs",
             "val/effective_rank", "val/emb_std"]
     for key in keys:
@@ -289,11 +294,7 @@ def test_pacx_batch_readings_under_ddp_are_those_of_the_global_batch(tmp_path):
     run_ranks("tests.lit.test_health:_ddp_pacx_validate_worker", timeout=300,
               env={"PACX_TEST_OUT": str(tmp_path)})
     logged = json.loads((tmp_path / "rank0.json").read_text())["logged"]
-    module, rows = _tiny_pacx_validation(16)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path / "one")
-    trainer.validate(module, DataLoader(rows, batch_size=8))
-    one = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    one = _one_process_readings(tmp_path / "one", n_rows=16, batch_size=8)
     keys = [f"val/{name}" for name in ("loss", "clip_labs", "batch_top1_cxr_ecg", "batch_top5_cxr_ecg",
                                        "batch_top1_cxr_labs", "batch_top5_cxr_labs", "pos_cos_labs",
                                        "neg_cos_ecg", "neg_cos_labs", "cxr_std", "ecg_std", "labs_std",
