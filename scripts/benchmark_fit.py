@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"(batch {result['batch']}, {result['timed_steps']} steps after {result['warmup_steps']}), "
           f"MFU {mfu}, peak memory {memory}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.rates is not None:

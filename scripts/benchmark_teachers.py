@@ -271,7 +271,6 @@ def main(argv: list[str] | None = None) -> dict:
             result = run(args, Path(tmp))
     sys.stdout.write(table(result) + "\n")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(result, indent=1))
     return result
 

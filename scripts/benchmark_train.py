@@ -194,7 +194,6 @@ def run_stage2(args: argparse.Namespace, device: torch.device, batch: int) -> di
               "batch_size": batch, "device": device.type, "precision": args.precision,
               "arch": args.stage2_arch, "img_size": args.img_size, "steps": args.steps}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     write_rates(args, {f"stage2_{name}": rate_entry(args, device, batch, stats[name]["steps_per_s"] * batch,
@@ -254,7 +253,6 @@ def run_stage3(args: argparse.Namespace, device: torch.device, batch: int) -> di
               "device": device.type, "precision": args.precision, "arch": args.stage3_arch,
               "img_size": args.img_size, "steps": args.steps}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     what = {"seg": "segmentation step (frozen backbone forward, decoder forward + backward, AdamW)",
@@ -429,7 +427,6 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers_version": transformers.__version__,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     stage1 = rate_entry(args, device, batch, stats["pacx"]["steps_per_s"] * batch, arch=args.arch,

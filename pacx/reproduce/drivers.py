@@ -51,18 +51,17 @@ def _record_time(run_dir: str, key: str) -> str:
         return ""
 
 
-def pending(node: Node, plan: Plan | None = None, upstream_todo: Mapping[str, list[int]] | None = None
-            ) -> list[int]:
+def pending(node: Node, plan: Plan, upstream_todo: Mapping[str, list[int]]) -> list[int]:
     """Indices of the node's points to run: those whose run.json does not say completed, and, for a script
     node (tables, reports, probes: cheap, and they read what their ``after`` nodes wrote), every point when
     an upstream node has points to run (``upstream_todo``) or a completed point that started before an
     upstream point last finished (a benchmark added to the plan, a seed re-run). Stage runs, once
     completed, never run again."""
     todo = [p.index for p in node.points if run_status(p.run_dir) != COMPLETED]
-    if node.kind != "script" or plan is None or len(todo) == len(node.points):
+    if node.kind != "script" or len(todo) == len(node.points):
         return todo
     upstream = [plan.nodes[name] for name in node.after if name in plan.nodes]
-    if any((upstream_todo or {}).get(up.name) for up in upstream):
+    if any(upstream_todo.get(up.name) for up in upstream):
         return [p.index for p in node.points]
     finished = max((_record_time(p.run_dir, "updated") for up in upstream for p in up.points), default="")
     stale = [p.index for p in node.points
