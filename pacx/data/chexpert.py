@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from pacx.data.batched import BatchedCropFlip, BatchedResize, normalize_batch
 from pacx.data.cache import CachedImageDataset, ImageCache
-from pacx.data.common import per_device_batch_size
+from pacx.data.common import eval_loader, per_device_batch_size
 from pacx.data.converters.base import Converter, ConverterOption, converter
 from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest, require_rows, row_ref
 from pacx.data.resumable import train_loader
@@ -215,7 +215,8 @@ class CheXpertDataModule(pl.LightningDataModule):
                       persistent_workers=h.num_workers > 0, collate_fn=self.collate_fns.get(split))
         if shuffle:  # training: exactly resumable order and augmentations (pacx.data.resumable)
             return train_loader(self.datasets[split], self.per_device_batch, self.trainer, **kwargs)
-        return DataLoader(self.datasets[split], batch_size=self.per_device_batch, shuffle=False, **kwargs)
+        # validation: each row once under DDP, so val/loss does not depend on the device count
+        return eval_loader(self.datasets[split], self.per_device_batch, self.trainer, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Cached batches arrive as uint8 [B, C, H, W]: normalise them here, on the device."""

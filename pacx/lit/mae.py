@@ -3,7 +3,8 @@
 Wires :class:`~pacx.models.mae.MaskedAutoencoderViT` to the shared AdamW + per-step warmup/cosine schedule
 (:meth:`pacx.lit.common.StagedModule.configure_optimizers`, decay / no-decay groups). The configured
 ``mask_ratio`` really reaches the model, unlike the reference (docs/design.md#stage-1); validation masks
-are seeded by batch index, so ``val/loss`` is comparable across epochs.
+are fixed per row (:meth:`MAEModule._eval_noise`), so ``val/loss`` is comparable across epochs and device
+counts.
 """
 
 from __future__ import annotations
@@ -121,12 +122,29 @@ class MAEModule(StagedModule):
             model = self.train_model()
             # random_masking's own draw, made eagerly: in a compiled graph inductor draws other masks
             noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, device=imgs.device)
-        else:  # fixed masks per batch index: a comparable val loss across epochs
-            gen = torch.Generator().manual_seed(batch_idx)
-            noise = torch.rand(imgs.shape[0], self.model.cfg.num_patches, generator=gen).to(imgs.device)
+        else:
+            noise = self._eval_noise(stage, imgs.shape[0], batch_idx).to(imgs.device)
         loss, _, _ = model(imgs, mask_ratio=self.hparams.mask_ratio, noise=noise)
         self.log_stage(stage, {"loss": loss}, imgs.shape[0])
         return loss
+
+    def _eval_noise(self, stage: str, rows: int, batch_idx: int) -> torch.Tensor:
+        """The masking noise of an evaluation batch: fixed per row, so ``val/loss`` is comparable across
+        epochs and the same on any number of devices.
+
+        The rows of global batch ``b`` draw ``rand(global batch, patches)`` from a generator seeded with
+        ``b``; under DDP the evaluation loader (:class:`pacx.data.common.ShardSampler`) gives rank ``r`` the
+        rows ``r, r + W, ...`` of each global batch, and the rank takes those rows of the draw. On one
+        device this is the draw of the batch itself."""
+        trainer = self._trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        loader = None
+        if trainer is not None:
+            loader = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        per_device = getattr(loader, "batch_size", None) or rows
+        gen = torch.Generator().manual_seed(batch_idx)
+        noise = torch.rand(per_device * world, self.model.cfg.num_patches, generator=gen)
+        return noise[rank::world][:rows]
 
     def on_train_start(self) -> None:
         for logger in self.loggers:

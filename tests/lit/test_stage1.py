@@ -285,3 +285,58 @@ def test_max_epochs_minus_one_trains_by_steps(tmp_path, chexpert_release):
     assert lr == pytest.approx(1.5e-3 * warmup_cosine(4, 0, 4))  # the cosine ends at step 4 = max_steps
     with pytest.raises(ValueError, match="max_epochs is -1 and trainer.max_steps is -1"):
         main(stage1_args(tmp_path / "inf", chexpert_release, "--trainer.max_epochs", "-1"))
+
+
+def _mae_validate(root, devices: int) -> tuple[float, MAEModule, object]:
+    """``validate`` of a seeded test MAE on the release at ``root``, global batch 4 over ``devices``
+    processes; returns ``(val/loss, module, datamodule)``."""
+    import pytorch_lightning as pl
+
+    from pacx.data.chexpert import CheXpertDataModule
+
+    pl.seed_everything(0, verbose=False)
+    module = MAEModule(arch="mae_vit_test", img_size=32)
+    data = CheXpertDataModule(root=str(root), batch_size=4, num_workers=0, img_size=32, pin_memory=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.validate(module, data, verbose=False)
+    return float(trainer.callback_metrics["val/loss"]), module, data
+
+
+def _ddp_mae_validate_worker() -> None:
+    """One rank of a 2-process ``validate`` (PACX_TEST_DATA: the release); rank 0 writes val/loss."""
+    import os
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    loss, module, _ = _mae_validate(Path(os.environ["PACX_TEST_DATA"]), devices=2)
+    if module.global_rank == 0:
+        (Path(os.environ["PACX_TEST_OUT"]) / "val_loss.json").write_text(json.dumps(loss))
+
+
+def test_val_loss_is_the_mean_over_rows_with_fixed_masks_on_any_device_count(tmp_path):
+    """Stage 1 ``val/loss`` is the mean of each validation image's loss under its own fixed mask (row i:
+    row i mod 4 of the draw seeded with i // 4, for global batch 4), on one process and on 2 DDP processes
+    alike. 9 images over 2 ranks: Lightning's padding sampler read row 0 twice, and the masks were drawn
+    per device batch, so the 2-process value differed."""
+    from pacx.testing.chexpert import write_chexpert_release
+    from tests.helpers import run_ranks
+
+    root = write_chexpert_release(tmp_path / "CheXpert-v1.0-small", n_train=4, n_valid=9, seed=1,
+                                  width=40, height=36)
+    single, module, data = _mae_validate(root, devices=1)
+
+    model, patches = module.model.eval(), module.model.cfg.num_patches
+    per_row = []
+    with torch.no_grad():
+        for i in range(len(data.datasets["val"])):
+            noise = torch.rand(4, patches, generator=torch.Generator().manual_seed(i // 4))[i % 4]
+            image = data.datasets["val"][i][0][None]
+            per_row.append(float(model(image, mask_ratio=module.hparams.mask_ratio, noise=noise[None])[0]))
+    assert len(per_row) == 9
+    assert single == pytest.approx(sum(per_row) / 9, rel=1e-5)
+
+    run_ranks("tests.lit.test_stage1:_ddp_mae_validate_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path), "PACX_TEST_DATA": str(root)})
+    assert json.loads((tmp_path / "val_loss.json").read_text()) == pytest.approx(single, rel=1e-5)
