@@ -91,8 +91,9 @@ def _ours(agg: pd.DataFrame, bench: str, kind: str, fraction: float) -> Ours | N
 
 
 def _delta(df: pd.DataFrame, bench: str, fraction: float) -> Ours | None:
-    """PaCX-MAE minus MAE: paired over seeds when each seed has one run of each (the std of the per-seed
-    differences), else the difference of the means with sqrt(std_pacx² + std_mae²)."""
+    """PaCX-MAE minus MAE: paired over seeds when every seed has one run of each (both backbones on the same
+    seeds; the std of the per-seed differences), else the difference of the means over all runs with
+    sqrt(std_pacx² + std_mae²)."""
     rows = df[(df["benchmark"] == bench) & np.isclose(df["train_fraction"], fraction)]
     runs = {k: rows[rows["backbone_kind"] == k] for k in ("pacx", "mae")}
     if any(r.empty for r in runs.values()):
@@ -100,7 +101,8 @@ def _delta(df: pd.DataFrame, bench: str, fraction: float) -> Ours | None:
     seeds = {k: r.groupby("seed")["metric_value"] for k, r in runs.items()}
     one_each = all((g.size() == 1).all() for g in seeds.values())
     common = sorted(set(seeds["pacx"].groups) & set(seeds["mae"].groups))
-    if one_each and len(common) >= 2:
+    same_seeds = set(seeds["pacx"].groups) == set(seeds["mae"].groups)  # else pairing drops runs
+    if one_each and same_seeds and len(common) >= 2:
         diffs = np.array([seeds["pacx"].get_group(s).iloc[0] - seeds["mae"].get_group(s).iloc[0]
                           for s in common])
         return Ours(float(diffs.mean()), float(diffs.std(ddof=1)), len(diffs), paired=True)

@@ -26,6 +26,11 @@ GROUP_KEY = ("benchmark", "backbone_kind", "mode", "train_fraction")
 # What makes two runs the same test: rows that share it from different run directories count twice in a group.
 TEST_KEY = ("benchmark", "backbone_kind", "backbone_weights", "mode", "train_fraction", "subset_seed", "seed")
 
+# Settings that change the evaluation protocol without a column of GROUP_KEY (docs/method.md#stage-3): rows that
+# differ in one are pooled into one table cell, which the load warns about. (``feature_cache`` is not one: the
+# flip cache and the per-epoch path train the same head; the ``plain`` cache shows as ``train_flip`` False.)
+PROTOCOL_COLUMNS = ("pool", "train_flip")
+
 # Tasks evaluated in one mode only (pacx/lit/segment.py ``eval_mode``: frozen backbone + decoder). Their rows
 # fill a missing mode with it and appear in the table of every mode.
 SINGLE_MODE_TASKS: dict[str, str] = {"segmentation": "frozen"}
@@ -38,6 +43,8 @@ def _read_one(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: empty results file") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV ({err})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: results CSV lacks required column(s) {missing}; has {list(df.columns)}")
@@ -51,6 +58,11 @@ def _read_one(path: Path) -> pd.DataFrame:
             df[column] = pd.to_numeric(df[column])
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: column {column!r} is not numeric ({err})") from None
+    for column in INT_COLUMNS:
+        try:
+            df[column] = df[column].astype("Int64")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: column {column!r} must hold integer seeds ({err})") from None
     df["source_csv"] = str(path)
     return df
 
@@ -93,6 +105,7 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
                     "train fraction, subset seed and seed) from different run directories; each counts as a "
                     "seed in the tables, which inflates n and shrinks the std (first: %s)", len(repeated),
                     ", ".join(map(str, first)))
+    _warn_mixed_protocols(df)
     unscored = df["metric_value"].isna()
     if unscored.any():
         log.warning("dropping %d row(s) without a metric_value: %s", int(unscored.sum()),
@@ -101,17 +114,45 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _warn_mixed_protocols(df: pd.DataFrame) -> None:
+    """Warn, naming the cells, when rows of one table cell (:data:`GROUP_KEY`) differ in a
+    :data:`PROTOCOL_COLUMNS` setting (blank cells, from rows that predate the column, are not compared)."""
+    columns = [c for c in PROTOCOL_COLUMNS if c in df.columns]
+    if not columns:
+        return
+    mixed = []
+    for key, group in df.groupby(list(GROUP_KEY), dropna=False, sort=False):
+        values = {c: sorted(map(str, group[c].dropna().unique())) for c in columns}
+        differ = {c: v for c, v in values.items() if len(v) > 1}
+        if differ:
+            mixed.append(" ".join(f"{k:g}" if isinstance(k, float) else str(k) for k in key) + " ("
+                         + ", ".join(f"{c} {v}" for c, v in differ.items()) + ")")
+    if mixed:
+        log.warning("%d table cell(s) pool results rows run under different protocol settings; each such "
+                    "cell averages both (%s)", len(mixed), "; ".join(mixed[:5]))
+
+
 def use_metric(df: pd.DataFrame, benchmark: str, column: str) -> pd.DataFrame:
     """Tabulate ``benchmark`` by another logged test metric: ``column`` (e.g. ``test/auroc`` or
-    ``test/auroc_macro``) replaces its ``metric_value`` and names its ``metric`` (``auroc``). Error naming the
-    column when no row has it."""
+    ``test/auroc_macro``) replaces its ``metric_value`` and names its ``metric`` (``auroc``). A row already in
+    that metric keeps its ``metric_value`` where the column is blank. Error naming the column when no row has
+    it, and naming the rows (their run directories) when some rows have no value in either: dropping them
+    would average fewer runs than the table's n counts."""
     rows = df["benchmark"] == benchmark
     if column not in df.columns or df.loc[rows, column].isna().all():
         raise ValueError(f"no {benchmark} row has a value in column {column!r}")
+    metric = column.split("/", 1)[-1].removesuffix("_macro")  # test/auroc_macro -> auroc
+    values = df.loc[rows, column].astype(float)
+    values = values.fillna(df.loc[rows, "metric_value"].where(df.loc[rows, "metric"] == metric))
+    if values.isna().any():
+        names = df["run_dir"] if "run_dir" in df.columns else df.index.to_series()
+        blank = names[values.index[values.isna()]].astype(str).tolist()
+        raise ValueError(f"{len(blank)} {benchmark} row(s) of {int(rows.sum())} have no value in column "
+                         f"{column!r} (first: {', '.join(blank[:5])})")
     df = df.copy()
-    df.loc[rows, "metric_value"] = df.loc[rows, column].astype(float)
+    df.loc[rows, "metric_value"] = values
     df["metric"] = df["metric"].astype(object)
-    df.loc[rows, "metric"] = column.split("/", 1)[-1].removesuffix("_macro")  # test/auroc_macro -> auroc
+    df.loc[rows, "metric"] = metric
     df["metric"] = df["metric"].astype("string")
     return df
 

@@ -87,3 +87,27 @@ def test_table_metrics_switches_only_what_differs_and_names_a_missing_column(tmp
         table_metrics(grid.drop(columns="test/auroc"), "low_data")
     with pytest.raises(ValueError, match="table 'figure'"):
         table_metrics(grid, "figure")
+
+
+def test_low_data_gain_keeps_every_seed_when_the_seed_sets_differ():
+    """PaCX-MAE at 1 % on seeds 0-4, MAE on seeds 0-1 only: a per-seed (paired) difference would silently
+    drop PaCX-MAE seeds 2-4 (it did: +0.055, paired, n=2). Not every seed has one run of each, so the gain is
+    the difference of the means over all runs, with sqrt(std_pacx² + std_mae²)."""
+    from pacx.eval.paper import _delta
+
+    pacx, mae = [0.70, 0.72, 0.74, 0.76, 0.78], [0.65, 0.66]
+    rows = pd.DataFrame([{"benchmark": "nih", "backbone_kind": kind, "train_fraction": 0.01, "seed": seed,
+                          "metric_value": value}
+                         for kind, values in (("pacx", pacx), ("mae", mae)) for seed, value in enumerate(values)])
+    delta = _delta(rows, "nih", 0.01)
+    assert not delta.paired and delta.n == 2
+    assert delta.mean == pytest.approx(np.mean(pacx) - np.mean(mae))
+    assert delta.std == pytest.approx(np.hypot(np.std(pacx, ddof=1), np.std(mae, ddof=1)))
+    # the same seeds on both sides: paired over all five
+    both = pd.concat([rows, pd.DataFrame([{"benchmark": "nih", "backbone_kind": "mae", "train_fraction": 0.01,
+                                           "seed": s, "metric_value": v} for s, v in ((2, 0.7), (3, 0.7),
+                                                                                      (4, 0.7))])])
+    paired = _delta(both, "nih", 0.01)
+    diffs = np.array(pacx) - np.array([*mae, 0.7, 0.7, 0.7])
+    assert paired.paired and paired.n == 5 and paired.mean == pytest.approx(diffs.mean())
+    assert paired.std == pytest.approx(diffs.std(ddof=1))

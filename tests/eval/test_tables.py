@@ -289,3 +289,70 @@ def test_script_takes_each_tables_metric_from_the_registry(results_csv, tmp_path
     rows.to_csv(tmp_path / "no_auroc.csv", index=False)
     with pytest.raises(ValueError, match=r"low-data table reports chexchonet in AUROC: .*'test/auroc'"):
         main([str(tmp_path / "no_auroc.csv"), "--out-dir", str(tmp_path)])
+
+
+def test_a_metric_column_missing_from_some_rows_does_not_drop_them_from_the_mean(results):
+    """chexchonet pacx at 1 %: seeds 0-4 logged AUROC, but seeds 3 and 4 come from an older CSV without the
+    test/auroc column. Re-scoring in AUROC must not average 3 values and report n=5 (it did: mean of seeds
+    0-2, n=5); those rows are named in an error instead."""
+    from pacx.eval.results import use_metric
+
+    rows = (results["benchmark"] == "chexchonet") & (results["backbone_kind"] == "pacx") & (
+        results["train_fraction"] == 0.01)
+    df = results.copy()
+    df.loc[rows & (df["seed"] >= 3), "test/auroc"] = float("nan")
+    with pytest.raises(ValueError, match=r"2 chexchonet row\(s\) .*no value in column 'test/auroc'.*s3"):
+        use_metric(df, "chexchonet", "test/auroc")
+    # rows already in the metric keep their metric_value where the column is blank: nothing is lost
+    same = results.copy()
+    tb = same["benchmark"] == "tb"
+    same.loc[tb, "test/auroc"] = float("nan")
+    same.loc[tb & (same["seed"] == 0), "test/auroc"] = 0.5  # a distinct value for seed 0 only
+    out = use_metric(same, "tb", "test/auroc")
+    values = [0.5, 0.92, 0.92, 0.92, 0.92]  # tb / pacx seeds 0-4 (RUNS), seed 0 re-scored
+    assert out.loc[tb & (out["backbone_kind"] == "pacx"), "metric_value"].tolist() == values
+    stat = _stat(aggregate(out), "tb", "pacx")
+    assert stat["n"] == 5 and stat["mean"] == pytest.approx(np.mean(values))
+    assert stat["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+HEADER = "benchmark,task,metric,backbone_kind,seed,metric_value,run_dir\n"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name, content, what", [
+    ("ragged.csv", HEADER + "tb,binary,auroc,pacx,0,0.9,r0\ntb,binary,auroc,pacx,1,0.9,r1,x,y\n",
+     r"not a readable CSV"),
+    ("binary.csv", b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 20, r"not a readable CSV"),
+    ("float_seed.csv", HEADER + "tb,binary,auroc,pacx,0.5,0.9,r0\n", r"column 'seed' .*integer"),
+], ids=["ragged", "binary", "float_seed"])
+def test_a_corrupt_results_csv_is_named_in_the_error(tmp_path, name, content, what):
+    """A results CSV that is not a CSV (ragged rows, binary bytes) or holds a non-integer seed → ValueError
+    naming the file (the reader's own error named no file)."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}: {what}"):
+        load_results([path])
+
+
+def test_rows_of_different_protocols_in_one_cell_are_warned_about(results_csv, tmp_path, caplog):
+    """tb / pacx: seeds 0-4 trained with the flip (the protocol), plus seeds 5-6 from an ablation with the
+    plain cache (train_flip False) and pool avg. One cell pools all 7 (mean over both protocols); the load warns, naming
+    the cell and the settings, since nothing else in the table shows it. Blank settings (older rows) do not
+    count as a difference."""
+    base = pd.read_csv(results_csv)
+    base["feature_cache"], base["train_flip"], base["pool"] = True, "True", "cls"  # as read from a CSV
+    base.loc[base["benchmark"] == "nih", ["train_flip", "pool"]] = [np.nan, np.nan]  # older rows
+    base.loc[base["seed"] == 4, "feature_cache"] = False  # the per-epoch path: the same protocol
+    ablation = pd.DataFrame([_row("tb", "binary", "test/auroc", "pacx", "linear_probe", 1.0, s, 0.80)
+                             for s in (5, 6)]).assign(feature_cache=True, train_flip=False, pool="avg")
+    path = tmp_path / "mixed.csv"
+    pd.concat([base, ablation]).to_csv(path, index=False)
+    with caplog.at_level(logging.WARNING, logger="pacx.eval.results"):
+        df = load_results(path)
+    warned = [r.getMessage() for r in caplog.records if "protocol" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert "tb pacx linear_probe 1" in warned[0] and "train_flip ['False', 'True']" in warned[0]
+    assert "pool ['avg', 'cls']" in warned[0] and "nih" not in warned[0] and "feature_cache" not in warned[0]
+    stat = _stat(aggregate(df), "tb", "pacx")
+    assert stat["n"] == 7 and stat["mean"] == pytest.approx(np.mean([0.92] * 5 + [0.80] * 2))
