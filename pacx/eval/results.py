@@ -26,9 +26,10 @@ GROUP_KEY = ("benchmark", "backbone_kind", "mode", "train_fraction")
 # What makes two runs the same test: rows that share it from different run directories count twice in a group.
 TEST_KEY = ("benchmark", "backbone_kind", "backbone_weights", "mode", "train_fraction", "subset_seed", "seed")
 
-# Settings that change the evaluation protocol without a column of GROUP_KEY (docs/method.md#stage-3): rows that
-# differ in one are pooled into one table cell, which the load warns about. (``feature_cache`` is not one: the
-# flip cache and the per-epoch path train the same head; the ``plain`` cache shows as ``train_flip`` False.)
+# Settings that change the evaluation protocol without a column of GROUP_KEY (docs/method.md#stage-3): rows
+# that differ in one are pooled into one table cell, which the load warns about. (``feature_cache`` is not
+# one: the flip cache and the per-epoch path train the same head; the ``plain`` cache shows as ``train_flip``
+# False.)
 PROTOCOL_COLUMNS = ("pool", "train_flip")
 
 # Tasks evaluated in one mode only (pacx/lit/segment.py ``eval_mode``: frozen backbone + decoder). Their rows

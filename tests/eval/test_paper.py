@@ -98,7 +98,8 @@ def test_low_data_gain_keeps_every_seed_when_the_seed_sets_differ():
     pacx, mae = [0.70, 0.72, 0.74, 0.76, 0.78], [0.65, 0.66]
     rows = pd.DataFrame([{"benchmark": "nih", "backbone_kind": kind, "train_fraction": 0.01, "seed": seed,
                           "metric_value": value}
-                         for kind, values in (("pacx", pacx), ("mae", mae)) for seed, value in enumerate(values)])
+                         for kind, values in (("pacx", pacx), ("mae", mae))
+                         for seed, value in enumerate(values)])
     delta = _delta(rows, "nih", 0.01)
     assert not delta.paired and delta.n == 2
     assert delta.mean == pytest.approx(np.mean(pacx) - np.mean(mae))

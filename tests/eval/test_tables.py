@@ -337,9 +337,9 @@ def test_a_corrupt_results_csv_is_named_in_the_error(tmp_path, name, content, wh
 
 def test_rows_of_different_protocols_in_one_cell_are_warned_about(results_csv, tmp_path, caplog):
     """tb / pacx: seeds 0-4 trained with the flip (the protocol), plus seeds 5-6 from an ablation with the
-    plain cache (train_flip False) and pool avg. One cell pools all 7 (mean over both protocols); the load warns, naming
-    the cell and the settings, since nothing else in the table shows it. Blank settings (older rows) do not
-    count as a difference."""
+    plain cache (train_flip False) and pool avg. One cell pools all 7 (mean over both protocols); the load
+    warns, naming the cell and the settings, since nothing else in the table shows it. Blank settings (older
+    rows) do not count as a difference."""
     base = pd.read_csv(results_csv)
     base["feature_cache"], base["train_flip"], base["pool"] = True, "True", "cls"  # as read from a CSV
     base.loc[base["benchmark"] == "nih", ["train_flip", "pool"]] = [np.nan, np.nan]  # older rows
