@@ -8,6 +8,8 @@
 OUT is a file for ``safetensors`` (the default) and ``onnx`` (its name must end in ``.onnx``), and a folder
 for ``timm``: ``config.json`` + ``model.safetensors`` + a ``README.md`` model card, which
 ``timm.create_model("local-dir:OUT", pretrained=True)`` loads and ``huggingface_hub.upload_folder`` uploads.
+The folder is written as one unit (a crash leaves the previous OUT or none); an existing OUT holding a
+previous export is replaced, one holding any other file is refused.
 ``--pool`` picks the feature the timm model and the ONNX graph return (``cls``: the CLS token, the paper's
 feature; ``avg``: the mean of the patch tokens); it is not part of the weights. ONNX export needs
 ``pip install 'pacx[serve]'``; details in :mod:`pacx.share`.

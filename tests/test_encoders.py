@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,21 @@ def test_two_processes_saving_the_same_safetensors_file_never_collide(tmp_path):
     tensors, meta = load_safetensors(out)
     assert torch.equal(tensors["w"], torch.full((1024, 1024), float(meta["value"])))
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left behind
+
+
+def test_a_copied_run_directory_reads_its_own_checkpoint(tmp_path, stage1_run):
+    """run.json names its checkpoints by absolute path: a copy of the run directory (a backup, a run moved
+    to another disk) must read the checkpoint inside the copy, not the original's, whose weights may have
+    changed since (a resumed or rerun run)."""
+    from pacx.weights.checkpoint import safe_torch_load
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stage1_run, copy)
+    ckpt = safe_torch_load(copy / "checkpoints" / "last.ckpt")
+    ckpt["state_dict"] = {k: v + 1 if k.endswith("cls_token") else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, copy / "checkpoints" / "last.ckpt")  # the copy's weights now differ from the original
+    weights = read_encoder_weights(copy)
+    assert Path(weights.source) == copy / "checkpoints" / "last.ckpt"
+    torch.testing.assert_close(weights.state["cls_token"], ckpt["state_dict"]["model.cls_token"])
+    original = read_encoder_weights(stage1_run).state["cls_token"]
+    assert (weights.state["cls_token"] - original).abs().max().item() == 1.0

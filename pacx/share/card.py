@@ -62,21 +62,43 @@ def portable_settings(block: Mapping) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def run_provenance(src: str | Path) -> dict:
-    """What the run behind ``src`` recorded: its config's hash, training commit, steps, data settings."""
-    run_dir = find_run_dir(src)
+def run_provenance(source: str | Path, meta: Mapping[str, str]) -> dict:
+    """What the run that made the weights recorded: its name, config's hash and data settings, training
+    commit, world size and status; the step and epoch are the weights' own (``meta``, the export metadata).
+
+    ``source`` is the file the weights were read from. A run's record is used only when that run made them:
+    a pacx checkpoint (``source_format``) in a run directory of its stage, or a pacx export whose first file
+    (``origin_*``) is a checkpoint in the run directory the export lies in, with the recorded hash. A file
+    that merely lies in some run's directory (a third-party file, an export of another run) gets none."""
+    out = {k: int(meta[k]) for k in ("global_step", "epoch") if meta.get(k)}
+    run_dir = _weights_run_dir(Path(source), meta)
     if run_dir is None:
-        return {}
+        return out
     record = read_run_record(run_dir)
-    out = {"run": run_dir.name, "training_git_sha": record.get("git_sha"),
-           "global_step": record.get("global_step"),
-           "epoch": record.get("epoch"), "world_size": record.get("world_size"),
-           "status": record.get("status")}
+    out.update({"run": run_dir.name, "training_git_sha": record.get("git_sha"),
+                "world_size": record.get("world_size"), "status": record.get("status")})
     config = run_dir / "config.yaml"
     if config.is_file():
         out["config_sha256"] = file_sha256(config)
         out["data_settings"] = portable_settings((yaml.safe_load(config.read_text()) or {}).get("data") or {})
     return out
+
+
+def _weights_run_dir(source: Path, meta: Mapping[str, str]) -> Path | None:
+    """The run directory that made the weights read from ``source`` (:func:`run_provenance`), or None."""
+    run_dir = find_run_dir(source)
+    if run_dir is None:
+        return None
+    fmt = meta.get("source_format")
+    if fmt == "pacx_checkpoint":
+        stage = read_run_record(run_dir).get("stage")
+        return run_dir if stage in (None, meta.get("stage")) else None  # not a checkpoint copied in
+    if fmt == "pacx_export" and meta.get("origin_source_format") == "pacx_checkpoint":
+        ckpt = run_dir / meta.get("origin_source", "")
+        if (meta.get("origin_source_run") == run_dir.name and ckpt.is_file()
+                and file_sha256(ckpt) == meta.get("origin_source_sha256")):
+            return run_dir
+    return None
 
 
 # ---- model card --------------------------------------------------------------------------------------------
@@ -115,8 +137,13 @@ def model_card(meta: Mapping[str, str], provenance: Mapping, config: Mapping, pa
               f"| source | `{meta.get('source')}`"
               + (f" of run `{meta['source_run']}`" if meta.get("source_run") else "")
               + f" (format `{meta.get('source_format')}`) |",
-              f"| source SHA-256 | `{meta.get('source_sha256')}` |",
-              f"| exported by pacx commit | `{meta.get('git_sha')}` |"]
+              f"| source SHA-256 | `{meta.get('source_sha256')}` |"]
+    if meta.get("origin_source"):  # the source is itself an export
+        lines.append(f"| exported from | `{meta['origin_source']}`"
+                     + (f" of run `{meta['origin_source_run']}`" if meta.get("origin_source_run") else "")
+                     + f" (format `{meta.get('origin_source_format')}`, SHA-256 "
+                       f"`{meta.get('origin_source_sha256')}`) |")
+    lines.append(f"| exported by pacx commit | `{meta.get('git_sha')}` |")
     if provenance.get("training_git_sha"):
         lines.append(f"| trained by pacx commit | `{provenance['training_git_sha']}` |")
     if provenance.get("config_sha256"):

@@ -175,8 +175,9 @@ def _arch_hint(module: nn.Module) -> str:
 
 
 def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool | None = None) -> Path:
-    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses); a debug
-    run is refused unless allowed (:func:`pacx.debug.check_not_debug`)."""
+    """The checkpoint a run directory's ``run.json`` names (``last`` by default, as Stage 3 uses), inside
+    ``run_dir`` when it was inside the run (a copied or moved run reads its own); a debug run is refused
+    unless allowed (:func:`pacx.debug.check_not_debug`)."""
     run_dir = Path(run_dir)
     info_path = run_dir / RUN_JSON
     if not info_path.is_file():
@@ -188,6 +189,11 @@ def resolve_run_checkpoint(run_dir: Path, which: str = "last", allow_debug: bool
     if not ckpt:
         raise CheckpointError(f"{info_path}: names no {which!r} checkpoint (status {info.get('status')!r})")
     path = Path(ckpt)
+    recorded_dir = Path(info.get("run_dir") or run_dir)  # where the run was when it wrote run.json
+    if path.is_absolute() and path.is_relative_to(recorded_dir):
+        # a checkpoint inside the run, named by absolute path: read it in this directory, which may be a
+        # copy or a move of that one (the original may since hold other weights, or be gone)
+        path = path.relative_to(recorded_dir)
     if not path.is_absolute():
         path = run_dir / path
     return path

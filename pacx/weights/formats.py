@@ -51,6 +51,9 @@ class EncoderWeights:
     stage: str = "unknown"
     dropped: list[str] = field(default_factory=list)
     debug: dict = field(default_factory=dict)  # debug flags of the run that made it (pacx.debug)
+    global_step: int | None = None  # the training step and epoch of the checkpoint the tensors are from
+    epoch: int | None = None
+    origin: dict[str, str] = field(default_factory=dict)  # a pacx export: the checkpoint it was made from
 
 
 # ---- per-stage extraction from our own Lightning checkpoints ------------------------------------
@@ -99,7 +102,8 @@ def _from_pacx_checkpoint(obj: dict, source: str) -> EncoderWeights:
                               "extract")
     state = STAGE_ENCODER_EXTRACTORS[stage](obj["state_dict"], meta)
     return EncoderWeights(state, ViTConfig(**meta["vit_config"]), "pacx_checkpoint", source, stage,
-                          debug=dict(meta.get("debug") or {}))
+                          debug=dict(meta.get("debug") or {}), global_step=obj.get("global_step"),
+                          epoch=obj.get("epoch"))
 
 
 def _from_authors_stage1(obj: dict, source: str) -> EncoderWeights:
@@ -187,7 +191,9 @@ def read_encoder_weights(path: str | Path, which: str = "last",
     if "pacx_vit_config" in meta:
         weights = EncoderWeights(obj, ViTConfig(**json.loads(meta["pacx_vit_config"])), "pacx_export",
                                  source, meta.get("stage", "unknown"),
-                                 debug=json.loads(meta.get("debug") or "{}"))
+                                 debug=json.loads(meta.get("debug") or "{}"), origin=export_origin(meta),
+                                 global_step=_int_or_none(meta.get("global_step")),
+                                 epoch=_int_or_none(meta.get("epoch")))
         check_not_debug(weights.debug, f"encoder export {path}", allow_debug)
         return weights
     for name, detect, extract in CHECKPOINT_FORMATS:
@@ -223,6 +229,20 @@ def read_mae_state(path: str | Path, which: str = "last") -> tuple[dict[str, tor
 
 # ---- the export format ------------------------------------------------------------------------------
 
+ORIGIN_FIELDS = ("source", "source_run", "source_sha256", "source_format")  # saved as origin_<field>
+
+
+def export_origin(meta: Mapping[str, str]) -> dict[str, str]:
+    """The first file of a chain of exports (the checkpoint), from the metadata of one of them: its own
+    ``origin_*`` fields, else its ``source*`` fields (an export made from the file it names)."""
+    if any(f"origin_{k}" in meta for k in ORIGIN_FIELDS):
+        return {k: meta[f"origin_{k}"] for k in ORIGIN_FIELDS if f"origin_{k}" in meta}
+    return {k: meta[k] for k in ORIGIN_FIELDS if k in meta}
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
 
 def export_metadata(weights: EncoderWeights, cfg: ViTConfig) -> dict[str, str]:
     """The safetensors metadata of a pacx export of ``weights`` with architecture ``cfg``.
@@ -230,7 +250,9 @@ def export_metadata(weights: EncoderWeights, cfg: ViTConfig) -> dict[str, str]:
     ``timm_model`` + ``timm_kwargs`` rebuild it in timm (strict keys), ``pacx_vit_config`` in pacx. The source
     is named without absolute paths: ``source`` is the checkpoint's path inside its run directory (e.g.
     ``checkpoints/last.ckpt``) or its file name, with ``source_sha256`` and ``source_run`` (the run
-    directory's name, when there is one). A debug run's export carries its ``debug`` flags.
+    directory's name, when there is one). ``global_step`` and ``epoch`` are the checkpoint's. An export made
+    from an export keeps the checkpoint it came from as ``origin_source``, ``origin_source_run``,
+    ``origin_source_sha256`` and ``origin_source_format``. A debug run's export carries its ``debug`` flags.
     """
     meta = {
         "format": "pacx-encoder",
@@ -248,6 +270,10 @@ def export_metadata(weights: EncoderWeights, cfg: ViTConfig) -> dict[str, str]:
     meta["timm_model"] = cfg.timm_model
     meta["timm_kwargs"] = json.dumps(cfg.timm_kwargs())
     meta["norm_eps"] = repr(cfg.norm_eps)
+    for key in ("global_step", "epoch"):  # of the checkpoint, not of its run's end (--which best)
+        if getattr(weights, key) is not None:
+            meta[key] = str(getattr(weights, key))
+    meta.update({f"origin_{k}": v for k, v in weights.origin.items()})
     if weights.debug:
         meta["debug"] = json.dumps(weights.debug, sort_keys=True)
     return meta
