@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
@@ -185,9 +186,12 @@ class PacxCLI(LightningCLI):
             return
         ckpt = self.config[sub].get("ckpt_path")
         root = self.config[sub].get("trainer", {}).get("default_root_dir")
-        if ckpt is None and sub == "fit" and root and slurm_restart_count() > 0 \
+        if ckpt != "last" and sub == "fit" and root and slurm_restart_count() > 0 \
                 and (Path(root) / "checkpoints" / "last.ckpt").is_file():
-            log.info("requeued SLURM job (restart %d): resuming from last.ckpt", slurm_restart_count())
+            # the requeued job reruns the first job's command line: a --ckpt_path there (another run's
+            # checkpoint this run started from) would throw away this run's steps
+            log.info("requeued SLURM job (restart %d): resuming from last.ckpt%s", slurm_restart_count(),
+                     f" (not --ckpt_path {ckpt}, where the first job started)" if ckpt else "")
             ckpt = "last"
         if ckpt:
             if ckpt == "last":
@@ -201,7 +205,17 @@ class PacxCLI(LightningCLI):
             check_checkpoint_stage(safe_torch_load(path), self._expected_stage(sub), str(path))
             self.config[sub]["ckpt_path"] = str(path)
             log.info("%s from checkpoint %s", sub, path)
-        super()._parse_ckpt_path()
+        given = model_arguments(self.config[sub].get("model"))
+        super()._parse_ckpt_path()  # Lightning: the model's hyperparameters come from the checkpoint
+        if ckpt:
+            used = model_arguments(self.config[sub].get("model"))
+            replaced = [f"model.{k}: given {given[k]!r}, checkpoint {used[k]!r}"
+                        for k in sorted(given.keys() & used.keys()) if given[k] != used[k]]
+            if replaced:
+                warnings.warn(f"{sub} --ckpt_path {self.config[sub]['ckpt_path']}: the model is built with "
+                              "the checkpoint's hyperparameters, not the given ones (" + "; ".join(replaced)
+                              + "); to change them, start a new run (init_from / init_encoder)", UserWarning,
+                              stacklevel=2)
 
     def _prepare_subcommand(self, subcommand: str) -> None:
         cfg = self.config_init[subcommand]
@@ -209,15 +223,54 @@ class PacxCLI(LightningCLI):
             raise ValueError("pacx checkpoints never need weights_only=False; it stays True")
         cfg["weights_only"] = True
         ckpt_dir = self.run_dir / "checkpoints"
-        if (subcommand == "fit" and cfg.get("ckpt_path") is None and ckpt_dir.is_dir()
-                and any(ckpt_dir.glob("*.ckpt"))):
-            raise FileExistsError(
-                f"{ckpt_dir} already holds checkpoints: pass --ckpt_path last to resume, or set another "
-                "trainer.default_root_dir"
-            )
+        if subcommand == "fit" and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+            ckpt = cfg.get("ckpt_path")
+            if ckpt is None:
+                raise FileExistsError(
+                    f"{ckpt_dir} already holds checkpoints: pass --ckpt_path last to resume, or set "
+                    "another trainer.default_root_dir"
+                )
+            if Path(ckpt).resolve().parent != ckpt_dir.resolve():
+                raise FileExistsError(
+                    f"{ckpt_dir} already holds checkpoints of its own run, and --ckpt_path {ckpt} is not one "
+                    "of them: resuming from it would overwrite that run. Set another "
+                    "trainer.default_root_dir to continue from it, or pass --ckpt_path last to resume this "
+                    "run"
+                )
+
+    #: data arguments that place the data rather than choose it: free to change when a run resumes
+    PLACEMENT_ARGUMENTS = frozenset({"root", "num_workers", "pin_memory", "train_cache", "val_cache"})
+
+    def _check_resumed_config(self) -> None:
+        """Warn when a resumed ``fit`` changes the seed or the data arguments of the config the run was
+        started with (``<run_dir>/config.yaml``, about to be overwritten): a resume is exact only with the
+        same ones."""
+        saved_path = self.run_dir / "config.yaml"
+        if not self.config["fit"].get("ckpt_path") or not saved_path.is_file():
+            return
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except yaml.YAMLError:
+            return
+        now = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+
+        def chosen(cfg: dict) -> dict:
+            data = {f"data.{k}": v for k, v in model_arguments(cfg.get("data") or {}).items()
+                    if k.rpartition(".")[2] not in self.PLACEMENT_ARGUMENTS}
+            return {"seed_everything": cfg.get("seed_everything"), **data}
+
+        before, after = chosen(saved), chosen(now)
+        changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+                   if before.get(k) != after.get(k)]
+        if changed:
+            warnings.warn(f"resuming {self.run_dir} with another seed or data than it was started with "
+                          f"({saved_path}): " + "; ".join(changed) + ". The resumed steps differ from an "
+                          "uninterrupted run's; config.yaml now records the new values", UserWarning,
+                          stacklevel=2)
 
     def before_fit(self) -> None:
         self._prepare_subcommand("fit")
+        self._check_resumed_config()
 
     def before_validate(self) -> None:
         self._prepare_subcommand("validate")
@@ -299,6 +352,28 @@ class EvalCLI(PacxCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunRecord):
                 cb.write(self.trainer, "completed")
+
+
+def model_arguments(model) -> dict:
+    """A parsed ``model`` config as flat ``{"dotted.key": value}``: a subclass config's ``init_args`` and
+    ``dict_kwargs`` (where Lightning puts a checkpoint's hyperparameters) merged, tuples as lists."""
+    if model is None:
+        return {}
+    tree = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+    if "class_path" in tree:
+        tree = {"class_path": tree["class_path"], **(tree.get("init_args") or {}),
+                **(tree.get("dict_kwargs") or {})}
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = list(value) if isinstance(value, tuple) else value
+
+    walk("", tree)
+    return flat
 
 
 @contextlib.contextmanager

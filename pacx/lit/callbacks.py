@@ -109,6 +109,8 @@ class RunRecord(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, RunRequeued):
             status = "requeued"
+        elif isinstance(exception, KeyboardInterrupt):  # Ctrl-C: Lightning shuts down, then exits 1
+            status = "interrupted"
         elif isinstance(exception, SIGTERMException):
             status = "killed: SIGTERM"
         else:
