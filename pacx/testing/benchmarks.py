@@ -8,6 +8,7 @@ physiology phantom). Details: docs/design.md#test-releases.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30,
                      content: Iterable[dict] | None = None) -> Path:
     """``metadata.csv`` (all release columns) and ``images/<cxr_filename>`` (the renamed ``cxrs/``).
 
+    As in the release, ``patient_id`` is a 32-hex-digit string and ``cxr_filename`` is
+    ``<patient_id>_<8 hex digits>.jpg`` (both derived from ``seed``, not drawn from the rng).
     ``content``: per CXR a dict of release columns and ``image``; ``cxr_filename`` / ``cxr_path`` are set
     here.
     """
@@ -85,8 +88,9 @@ def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30,
     patient_y = _balanced(rng, n_patients, 0.4)
     rows = []
     for p in range(n_patients):
+        patient = hashlib.md5(f"chexchonet-{seed}-{p}".encode()).hexdigest()
         for k in range(int(rng.integers(1, 4))):
-            name = f"{len(rows) + 1:06d}.jpg"
+            name = f"{patient}_{hashlib.md5(f'{patient}-{k}'.encode()).hexdigest()[:8]}.jpg"
             positive = patient_y[p] and k == 0
             slvh, dlv = (int(rng.random() < 0.7), int(rng.random() < 0.7)) if positive else (0, 0)
             if patient_y[p] and k == 0 and not (slvh or dlv):
@@ -94,7 +98,7 @@ def write_chexchonet(out: Path, seed: int = 0, n_patients: int = 30,
             if patient_y[p] and k > 0:
                 slvh, dlv = int(rng.random() < 0.5), int(rng.random() < 0.5)
             rows.append({
-                "patient_id": 1000 + p, "cxr_filename": name, "cxr_time_offset": int(rng.integers(-300, 300)),
+                "patient_id": patient, "cxr_filename": name, "cxr_time_offset": int(rng.integers(-300, 300)),
                 "cxr_year": int(rng.integers(2013, 2019)), "cxr_path": f"./cxrs/{name}",
                 "cxr_pixel_spacing_x": 0.139, "cxr_pixel_spacing_y": 0.139, "age": int(rng.integers(20, 90)),
                 "sex": rng.choice(["M", "F"]), "ivsd": round(float(rng.uniform(0.6, 1.6)), 2),

@@ -354,3 +354,134 @@ def test_medmod_from_pipeline_outputs(tmp_path):
     CONVERTERS["medmod_mort"].fn(raw, tmp_path / "out2", exclude_hadm=str(tmp_path / "hadm_id_train.npy"))
     assert len(pd.read_csv(tmp_path / "out2/medmod_final.csv")) == 36
     assert summary["leakage"] == {"allow_overlap": True}
+
+
+# ---------------------------------------------------------------- malformed releases
+
+
+def _copy_metadata(src, raw):
+    """The release's CSV / TXT files (not its images) copied to ``raw``."""
+    import shutil
+
+    for f in src.rglob("*"):
+        if f.is_file() and f.suffix in {".csv", ".txt"}:
+            (raw / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, raw / f.relative_to(src))
+    return raw
+
+
+BLANK = [
+    ("tb", "shenzhen_metadata.csv", "findings", 3),
+    ("chexchonet", "metadata.csv", "composite_slvh_dlv", 5),
+    ("chexchonet_echo", "metadata.csv", "patient_id", 4),
+    ("nih", "Data_Entry_2017.csv", "Finding Labels", 2),
+    ("vindr", "annotations/image_labels_train.csv", "Cardiomegaly", 7),
+    ("vindr", "annotations/image_labels_test.csv", "Pleural effusion", 1),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("name", "rel", "column", "row"), BLANK)
+def test_blank_release_cell_names_file_row_and_column(name, rel, column, row, releases, tmp_path):
+    """Blank cell in a release column a converter reads (TB findings, a CheXchoNet label or patient id, NIH
+    Finding Labels, a VinDr label) → ManifestError naming the file, the row with its line, and the column
+    (never a blank read as TB-positive, a row dropped from the patient split, or a bare TypeError)."""
+    raw = _copy_metadata(releases(name), tmp_path / "raw")
+    df = pd.read_csv(raw / rel)
+    df.loc[row, column] = None
+    df.to_csv(raw / rel, index=False)
+    with pytest.raises(ManifestError, match=rf"{rel.split('/')[-1]}: 1 blank cell\(s\).*row {row} "
+                                            rf"\(line {row + 2}\): \[.{column}.\]"):
+        CONVERTERS[name].fn(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.csv"))
+
+
+@pytest.mark.bad_input
+def test_pneumonia_missing_class_folder_is_named(releases, tmp_path):
+    """Pediatric pneumonia release without one of its class folders (val/PNEUMONIA) → FileNotFoundError
+    naming the folder (its images are not silently left out of the pooled split)."""
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(releases("pneumonia"), raw)
+    folder = raw / "chest_xray/chest_xray/val/PNEUMONIA"
+    shutil.rmtree(folder)
+    with pytest.raises(FileNotFoundError, match=rf"pneumonia: missing folder {folder}"):
+        CONVERTERS["pneumonia"].fn(raw, tmp_path / "out")
+
+
+@pytest.mark.bad_input
+def test_nih_unknown_finding_names_rows(releases, tmp_path):
+    """NIH Finding Labels with a name outside the 14 labels and "No Finding" (e.g. "Pleural Thickening")
+    → ManifestError naming Data_Entry_2017.csv, the name and the row (not a silent all-zero row)."""
+    raw = _copy_metadata(releases("nih"), tmp_path / "raw")
+    entry = pd.read_csv(raw / "Data_Entry_2017.csv")
+    entry.loc[6, "Finding Labels"] = "Effusion|Pleural Thickening"
+    entry.to_csv(raw / "Data_Entry_2017.csv", index=False)
+    with pytest.raises(ManifestError, match=r"Data_Entry_2017\.csv: 1 row\(s\) with finding\(s\) outside .*"
+                                            r"\['Pleural Thickening'\].*row 6 \(line 8\)"):
+        CONVERTERS["nih"].fn(raw, tmp_path / "out")
+
+
+@pytest.mark.bad_input
+def test_nih_lists_sharing_an_image_is_an_error(releases, tmp_path):
+    """An image in both train_val_list.txt and test_list.txt → ManifestError naming both lists and the
+    image (it would be trained and tested on)."""
+    raw = _copy_metadata(releases("nih"), tmp_path / "raw")
+    shared = (raw / "test_list.txt").read_text().split()[0]
+    with open(raw / "train_val_list.txt", "a") as f:
+        f.write(shared + "\n")
+    with pytest.raises(ManifestError, match=rf"train_val_list\.txt and .*test_list\.txt share 1 image\(s\).*"
+                                            rf"{shared}"):
+        CONVERTERS["nih"].fn(raw, tmp_path / "out")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("n_fields", [2, 5])
+def test_covidx_malformed_line_names_file_and_line(n_fields, releases, tmp_path):
+    """COVIDx list line without exactly 4 space-separated fields → ManifestError naming the file and the
+    line (not a bare pandas ParserError, nor a row with a blank label read as negative)."""
+    raw = _copy_metadata(releases("covidx"), tmp_path / "raw")
+    lines = (raw / "val.txt").read_text().splitlines()
+    fields = lines[2].split()
+    lines[2] = " ".join((fields + ["extra"])[:n_fields])
+    (raw / "val.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=rf"val\.txt: line 3: expected 4 space-separated fields.*"
+                                            rf"found {n_fields}"):
+        CONVERTERS["covidx"].fn(raw, tmp_path / "out")
+
+
+def test_covidx_parsing_matches_the_lists(releases, converted):
+    """Every official line becomes one row: patient id, file, 1 for "positive", source."""
+    _, frames, _ = converted("covidx")
+    rows = pd.concat(frames.values()).astype({"Patient ID": str}).set_index("Path")
+    raw = releases("covidx")
+    lines = [line.split() for f in ("train.txt", "val.txt", "test.txt")
+             for line in (raw / f).read_text().splitlines() if line.strip()]
+    assert len(rows) == len(lines)
+    for pid, path, label, source in lines:
+        assert (rows.at[path, "Patient ID"], rows.at[path, "Label"], rows.at[path, "Data Source"]) == (
+            pid, int(label == "positive"), source)
+
+
+def test_chexchonet_splits_match_an_independent_recipe(releases, converted):
+    """Variant A: images split test 20 %, then val 10 % of the rest, stratified; ECHO: patients (string ids,
+    as in the release; label = max composite) split 80/20, the 20 % halved into val then test; seed 42."""
+    from sklearn.model_selection import train_test_split
+
+    meta = pd.read_csv(releases("chexchonet") / "metadata.csv")
+    assert meta["patient_id"].map(type).eq(str).all()
+    rest, test = train_test_split(meta, test_size=0.2, random_state=42, stratify=meta["composite_slvh_dlv"])
+    train, val = train_test_split(rest, test_size=0.1, random_state=42, stratify=rest["composite_slvh_dlv"])
+    _, frames, _ = converted("chexchonet")
+    for split, df in {"train": train, "val": val, "test": test}.items():
+        assert frames[split]["cxr_filename"].tolist() == df["cxr_filename"].tolist()
+    patients = meta.groupby("patient_id")["composite_slvh_dlv"].max()
+    tr, tmp, _, y_tmp = train_test_split(patients.index.to_numpy(), patients.to_numpy(), test_size=0.2,
+                                         stratify=patients.to_numpy(), random_state=42)
+    va, te = train_test_split(tmp, test_size=0.5, stratify=y_tmp, random_state=42)
+    _, echo, _ = converted("chexchonet_echo")
+    for split, ids in {"train": tr, "val": va, "test": te}.items():
+        assert set(echo[split]["patient_id"]) == set(ids)
+        assert echo[split]["cxr_filename"].tolist() == meta.loc[meta["patient_id"].isin(ids),
+                                                                 "cxr_filename"].tolist()

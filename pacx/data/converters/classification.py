@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from pacx.data.converters.base import Converter, ConverterOption, converter
 from pacx.data.images import IMAGE_SUFFIXES
-from pacx.data.manifest import ManifestError, read_manifest
+from pacx.data.manifest import ManifestError, read_manifest, row_ref
 from pacx.data.registry import INDEX_COLUMN, SPLITS, BenchmarkSpec, get_benchmark
 from pacx.progress import progress
 
@@ -87,6 +87,18 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], source: Path | str
                             f"{list(df.columns)}")
 
 
+def require_filled(df: pd.DataFrame, columns: Sequence[str], source: Path | str) -> None:
+    """A blank cell in a column the converter reads is an error naming ``source``, the count and the first
+    rows (with their lines in the file) and columns; never a row silently dropped or mislabelled."""
+    blank = df[list(columns)].isna()
+    rows = blank.any(axis=1)
+    if rows.any():
+        first = "; ".join(f"{row_ref(r)}: {[c for c in columns if blank.at[r, c]]}"
+                          for r in rows[rows].index[:5])
+        raise ManifestError(f"{source}: {int(blank.to_numpy().sum())} blank cell(s) in {int(rows.sum())} "
+                            f"row(s) (first: {first})")
+
+
 SEED_HELP = "split seed (default 42, the reference's)"
 _SEED = ConverterOption("--seed", SEED_HELP, is_flag=False, default=42)
 
@@ -118,6 +130,7 @@ def prepare_chexchonet(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("chexchonet")
     path = find_file(raw, [CHEXCHONET_METADATA])
     df = read_manifest(path, [spec.path_column, *spec.labels])[[spec.path_column, *spec.labels]]
+    require_filled(df, [spec.path_column, *spec.labels], path)
     frames = split_two_step(df, 0.2, 0.1, int(seed), stratify=CHEXCHONET_TARGET)
     return write_manifests(spec, frames, out)
 
@@ -129,6 +142,7 @@ def prepare_chexchonet_echo(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("chexchonet_echo")
     path = find_file(raw, [CHEXCHONET_METADATA])
     df = read_manifest(path, ["patient_id", spec.path_column, CHEXCHONET_TARGET, *spec.labels])
+    require_filled(df, ["patient_id", spec.path_column, CHEXCHONET_TARGET, *spec.labels], path)
     patients = df.groupby("patient_id", sort=True)[CHEXCHONET_TARGET].max().rename("y").reset_index()
     train_p, rest_p = split_rest(patients, 0.2, int(seed), "y")
     val_p, test_p = split_rest(rest_p, 0.5, int(seed), "y")
@@ -160,6 +174,7 @@ def prepare_vindr(raw: Path, out: Path, seed: int = 42, min_positives: int = 50)
     train_path, test_path = find_file(raw, VINDR_TRAIN), find_file(raw, VINDR_TEST)
     train_raw = read_manifest(train_path, ["image_id", "rad_id", *labels])
     voted_cols = [c for c in train_raw.columns if c not in ("image_id", "rad_id", "No finding")]
+    require_filled(train_raw, ["image_id", *voted_cols], train_path)
     voted = vindr_majority_vote(train_raw, voted_cols)
     counts = voted[voted_cols].sum()
     kept = set(counts[counts >= int(min_positives)].index)
@@ -170,6 +185,7 @@ def prepare_vindr(raw: Path, out: Path, seed: int = 42, min_positives: int = 50)
     train, val = split_rest(voted, 0.1, int(seed))
     test = pd.read_csv(test_path).rename(columns={"Other disease": "Other diseases"})
     require_columns(test, ["image_id", *labels], test_path)
+    require_filled(test, ["image_id", *labels], test_path)
     test = test.assign(image_id=test["image_id"].astype(str) + ".png")[["image_id", *labels]]
     return write_manifests(spec, {"train": train, "val": val, "test": test}, out)
 
@@ -216,6 +232,7 @@ def prepare_tb(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("tb")
     path = find_file(raw, [TB_METADATA])
     meta = read_manifest(path, ["study_id", "findings"])
+    require_filled(meta, ["study_id", "findings"], path)  # a blank finding is not "TB"
     df = pd.DataFrame({spec.path_column: meta["study_id"],
                        "Label": (meta["findings"] != "normal").astype(int)})
     return write_manifests(spec, split_two_step(df, 0.2, 0.15, int(seed), stratify="Label"), out)
@@ -258,6 +275,7 @@ def prepare_chestx6(raw: Path, out: Path, seed: int = 42) -> dict:
 NIH_ENTRY = "Data_Entry_2017.csv"
 NIH_TRAIN_VAL = "train_val_list.txt"
 NIH_TEST = "test_list.txt"
+NIH_NO_FINDING = "No Finding"
 
 
 def _read_list(path: Path) -> list[str]:
@@ -270,11 +288,24 @@ def prepare_nih(raw: Path, out: Path, seed: int = 42) -> dict:
     spec = get_benchmark("nih")
     entry_path = find_file(raw, [NIH_ENTRY])
     entry = read_manifest(entry_path, [spec.path_column, "Finding Labels", "Patient ID"])
+    require_filled(entry, [spec.path_column, "Finding Labels", "Patient ID"], entry_path)
     findings = entry["Finding Labels"].astype(str).str.split("|")
+    known = {*spec.labels, NIH_NO_FINDING}
+    odd = findings.map(lambda f: sorted(set(f) - known))
+    bad = odd.map(bool)
+    if bad.any():
+        names = sorted({name for names in odd[bad] for name in names})
+        first = "; ".join(f"{row_ref(r)}: {odd[r]}" for r in bad[bad].index[:5])
+        raise ManifestError(f"{entry_path}: {int(bad.sum())} row(s) with finding(s) outside the 14 labels "
+                            f"and {NIH_NO_FINDING!r}: {names} (first: {first})")
     hot = pd.DataFrame({label: findings.map(lambda f, lab=label: int(lab in f)) for label in spec.labels})
     df = pd.concat([entry[[spec.path_column, "Finding Labels", "Patient ID"]], hot], axis=1)
-    train_val = set(_read_list(find_file(raw, [NIH_TRAIN_VAL])))
-    test_ids = set(_read_list(find_file(raw, [NIH_TEST])))
+    train_val_path, test_path = find_file(raw, [NIH_TRAIN_VAL]), find_file(raw, [NIH_TEST])
+    train_val, test_ids = set(_read_list(train_val_path)), set(_read_list(test_path))
+    shared = train_val & test_ids
+    if shared:
+        raise ManifestError(f"{train_val_path} and {test_path} share {len(shared)} image(s), e.g. "
+                            f"{sorted(shared)[:3]}; the official lists are disjoint")
     unknown = (train_val | test_ids) - set(df[spec.path_column])
     if unknown:
         raise ManifestError(f"{entry_path}: {len(unknown)} listed image(s) missing, e.g. "
@@ -298,12 +329,21 @@ def prepare_covidx(raw: Path, out: Path, seed: int = 42) -> dict:
     parts = []
     for name in COVIDX_FILES:
         path = find_file(raw, [name])
-        part = pd.read_csv(path, sep=r"\s+", header=None, dtype=str)
-        if part.shape[1] != len(COVIDX_COLUMNS):
-            raise ManifestError(f"{path}: expected {len(COVIDX_COLUMNS)} space-separated columns "
-                                f"{COVIDX_COLUMNS}, found {part.shape[1]}")
-        parts.append(part.set_axis(COVIDX_COLUMNS, axis=1))
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != len(COVIDX_COLUMNS):
+                raise ManifestError(f"{path}: line {number}: expected {len(COVIDX_COLUMNS)} space-separated "
+                                    f"fields {COVIDX_COLUMNS}, found {len(fields)}: {line.strip()!r}")
+            rows.append(fields)
+        parts.append(pd.DataFrame(rows, columns=COVIDX_COLUMNS, dtype=str))
     df = pd.concat(parts, ignore_index=True)
+    other = sorted(set(df["Label"]) - {"positive", "negative"})
+    if other:  # the reference reads every label but "positive" as 0; say so rather than silently
+        log.warning("COVIDx: %d row(s) with a label other than positive/negative read as 0: %s",
+                    int(df["Label"].isin(other).sum()), other[:5])
     df["Label"] = (df["Label"] == "positive").astype(int)
     return write_manifests(spec, split_two_step(df, 0.2, 0.1, int(seed), stratify="Label"), out,
                            patient_column="Patient ID")
@@ -325,7 +365,10 @@ def prepare_pneumonia(raw: Path, out: Path, seed: int = 42) -> dict:
     rows: dict[str, int] = {}
     for split in progress(SPLITS, desc="pneumonia", unit="split"):
         for cls, label in PNE_CLASSES.items():
-            for f in sorted((base / split / cls).glob("*.jpeg")):
+            folder = base / split / cls
+            if not folder.is_dir():
+                raise FileNotFoundError(f"pneumonia: missing folder {folder}")
+            for f in sorted(folder.glob("*.jpeg")):
                 rows.pop(f.name, None)
                 rows[f.name] = label
     df = pd.DataFrame(list(rows.items()), columns=[spec.path_column, spec.labels[0]])
