@@ -13,7 +13,8 @@ A raw release CSV works too (``--strip-components 1`` drops its ``CheXpert-v1.0-
 
 Rerunning the same command resumes an interrupted build; a finished cache is left as it is. The cache's
 keys are the manifest's path values verbatim, so a DataModule looks rows up with the same CSV column.
-Error messages give the manifest row (0-based, header excluded) of a missing or unreadable image.
+Error messages give the manifest row (0-based, header excluded) of a blank path or a missing or unreadable
+image.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 from pacx.data.cache import ImageCache, build_image_cache
-from pacx.data.manifest import read_manifest
+from pacx.data.manifest import read_manifest, require_paths
 from pacx.progress import NO_PROGRESS_HELP, set_progress
 
 log = logging.getLogger("build_image_cache")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.no_progress:
         set_progress(False)
     df = read_manifest(args.manifest, required_columns=[args.path_column])
+    require_paths(df, args.path_column, str(args.manifest))
     start = time.perf_counter()
     out = build_image_cache(df[args.path_column].astype(str).tolist(), args.image_root, args.out, args.size,
                             channels=args.channels, workers=args.workers, chunk=args.chunk,

@@ -38,11 +38,12 @@ class CacheError(ValueError):
 # ----------------------------------------------------------------------------------------------- building
 
 
-def _strip(rel: str, components: int) -> str:
+def _strip(rel: str, components: int, row: int | None = None) -> str:
     """Drop leading path components (raw CheXpert CSVs start with the release folder)."""
     parts = Path(rel).parts
     if components >= len(parts):
-        raise CacheError(f"cannot strip {components} component(s) from path {rel!r}")
+        where = "" if row is None else f"row {row}: "
+        raise CacheError(f"{where}cannot strip {components} component(s) from path {rel!r}")
     return str(Path(*parts[components:]))
 
 
@@ -91,7 +92,7 @@ def _build_chunk(items: list[tuple[int, str]]) -> tuple[list[int], list[tuple[in
     images, size = _WORKER["images"], _WORKER["size"]
     rows, sizes = [], []
     for row, rel in items:
-        path = _WORKER["root"] / _strip(rel, _WORKER["strip"])
+        path = _WORKER["root"] / _strip(rel, _WORKER["strip"], row)
         try:
             img = open_image(path, _WORKER["mode"])
             sizes.append(img.size)
@@ -145,7 +146,7 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
     _write_state(out_dir, {**want, "complete": False})
     # slow on network file systems
     checked = progress_bar(todo, desc="check files", unit="img", enabled=progress)
-    missing = [i for i in checked if not (image_root / _strip(paths[i], strip_components)).is_file()]
+    missing = [i for i in checked if not (image_root / _strip(paths[i], strip_components, i)).is_file()]
     if missing:
         first = "; ".join(f"row {i}: {image_root / _strip(paths[i], strip_components)}" for i in missing[:5])
         raise CacheError(f"{len(missing)} image(s) not found under {image_root} (first: {first})")

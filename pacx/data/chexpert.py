@@ -19,10 +19,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from pacx.data.batched import BatchedCropFlip, BatchedResize, normalize_batch
-from pacx.data.cache import CachedImageDataset, ImageCache
+from pacx.data.cache import CachedImageDataset, CacheError, ImageCache
 from pacx.data.common import eval_loader, per_device_batch_size
 from pacx.data.converters.base import Converter, ConverterOption, converter
-from pacx.data.manifest import ImageManifestDataset, ManifestError, read_manifest, require_rows, row_ref
+from pacx.data.manifest import (
+    ImageManifestDataset,
+    ManifestError,
+    read_manifest,
+    require_paths,
+    require_rows,
+    row_ref,
+)
 from pacx.data.resumable import train_loader
 from pacx.data.transforms import mae_train, resize_eval
 
@@ -56,6 +63,7 @@ def find_release_root(root: str | Path) -> Path:
 def convert_split(csv_path: Path, frontal_only: bool = False) -> pd.DataFrame:
     """One release CSV -> manifest DataFrame (path rewrite, column order, optional frontal filter)."""
     df = read_manifest(csv_path, META_COLUMNS + LABELS)
+    require_paths(df, "Path", str(csv_path))
     parts = df["Path"].astype(str).str.split("/")
     short = parts.map(len) < 3
     if short.any():
@@ -137,8 +145,9 @@ class CheXpertDataModule(pl.LightningDataModule):
         img_size / crop_scale / hflip: the MAE train transform (RandomResizedCrop, flip, ImageNet norm).
         skip_unreadable: drop missing / corrupt images up front (logged) instead of failing.
         train_cache / val_cache: image caches of ``scripts/build_image_cache.py`` (keys = manifest
-            ``Path`` values). With a cache, crops/flips run per batch in uint8 in the workers and batches
-            are normalised after the transfer to the device (``on_after_batch_transfer``).
+            ``Path`` values; the val cache at ``img_size``, else a CacheError). With a cache, crops/flips run
+            per batch in uint8 in the workers and batches are normalised after the transfer to the device
+            (``on_after_batch_transfer``).
     """
 
     def __init__(
@@ -198,8 +207,13 @@ class CheXpertDataModule(pl.LightningDataModule):
             require_rows(len(df), source if split != "train" or h.fraction == 1.0
                          else f"{source} (fraction {h.fraction})")
             if caches[split]:
-                self.datasets[split] = CachedImageDataset(ImageCache(caches[split]),
-                                                          df["Path"].astype(str).tolist())
+                require_paths(df, "Path", source)
+                cache = ImageCache(caches[split])
+                if split == "val" and cache.size != h.img_size:
+                    raise CacheError(f"{cache.directory}: {cache.size} px images, but img_size {h.img_size}: "
+                                     "a validation cache must be built at img_size (its pixels are then the "
+                                     "uncached evaluation resize's; docs/design.md#image-cache)")
+                self.datasets[split] = CachedImageDataset(cache, df["Path"].astype(str).tolist())
                 self.collate_fns[split] = batched[split]
                 source = f"{source} via cache {caches[split]}"
             else:

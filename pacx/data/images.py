@@ -56,8 +56,8 @@ def to_8bit(img: Image.Image, mode: OutputMode = "RGB", source: str | Path = "<i
 def open_image(path: str | Path, mode: OutputMode = "RGB") -> Image.Image:
     """Decode ``path`` (PNG, JPEG, TIFF, … any bit depth above) into an 8-bit ``L`` or ``RGB`` image.
 
-    A missing, unreadable or unsupported file raises (``FileNotFoundError``, :class:`ImageDecodeError`,
-    both naming the file)."""
+    A missing, unreadable, unsupported or oversized (PIL's decompression-bomb limit) file raises
+    (``FileNotFoundError``, :class:`ImageDecodeError`, both naming the file)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -65,7 +65,7 @@ def open_image(path: str | Path, mode: OutputMode = "RGB") -> Image.Image:
             return to_8bit(img, mode, path)
     except (FileNotFoundError, ImageDecodeError):
         raise
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"{path}: cannot decode image: {err}") from err
 
 

@@ -2,8 +2,8 @@
 
 A manifest is a CSV with a path column (relative to an image root) and optional label columns; images decode
 through :func:`pacx.data.images.open_image` into RGB. A missing column, an empty manifest, a missing or
-unreadable image, or a blank label is an error naming the CSV (and the row, its line and the path), unless
-``skip_unreadable`` or a ``label_fill`` policy says otherwise (docs/datasets.md#labels).
+unreadable image, a blank path or a blank label is an error naming the CSV (and the row, its line and the
+path), unless ``skip_unreadable`` or a ``label_fill`` policy says otherwise (docs/datasets.md#labels).
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ def read_manifest(csv_path: str | Path, required_columns: Sequence[str] = ()) ->
 def row_ref(row: int) -> str:
     """A manifest row for error messages: the 0-based data row and its line in the CSV (header = line 1)."""
     return f"row {row} (line {int(row) + 2})"
+
+
+def blank_paths(paths: pd.Series) -> pd.Series:
+    """True where a path cell is blank: NaN / None (an empty CSV cell) or whitespace only. (``astype(str)``
+    alone does not catch them: pandas 3 keeps NaN through it.)"""
+    return paths.isna() | (paths.astype(str).str.strip() == "")
+
+
+def require_paths(df: pd.DataFrame, column: str, source: str) -> None:
+    """A blank path cell is an error naming the file and the first 5 rows (``df``'s index = the CSV row)."""
+    blank = blank_paths(df[column]).to_numpy()
+    if blank.any():
+        first = ", ".join(row_ref(r) for r in df.index[blank][:5])
+        raise ManifestError(f"{source}: {int(blank.sum())} row(s) with a blank {column} (first: {first}); "
+                            "fix the manifest, or set skip_unreadable to drop them")
 
 
 def require_rows(n: int, source: str, what: str = "rows") -> None:
@@ -112,12 +127,15 @@ class ImageManifestDataset(Dataset):
         self.label_columns = list(label_columns)
         self.transform = transform
         require_rows(len(df), source)
-        df = df.reset_index(drop=False).rename(columns={"index": "_row"})
+        # the original row, whatever the columns are called (reset_index would take a column named "index")
+        df = df.assign(_row=df.index.to_numpy()).reset_index(drop=True)
         if skip_unreadable:
             df = self._drop_unreadable(df)
             require_rows(len(df), source, "readable images (skip_unreadable dropped every row)")
-        elif check_files:
-            self._check_exist(df)
+        else:
+            require_paths(df.set_index("_row"), path_column, source)
+            if check_files:
+                self._check_exist(df)
         self.df = df.reset_index(drop=True)
         self.rows = self.df["_row"].to_numpy()
         self.paths = self.df[path_column].astype(str).tolist()
@@ -139,7 +157,11 @@ class ImageManifestDataset(Dataset):
     def _drop_unreadable(self, df: pd.DataFrame) -> pd.DataFrame:
         keep = []
         dropped = []
+        blank = blank_paths(df[self.path_column]).to_numpy()
         for i, rel in enumerate(df[self.path_column].astype(str)):
+            if blank[i]:
+                dropped.append(f"{row_ref(df['_row'].iat[i])}: blank {self.path_column}")
+                continue
             path = self.image_root / rel
             try:
                 open_image(path)

@@ -332,3 +332,30 @@ def test_build_script_resumes(release, tmp_path):
     out = script.main(argv)
     assert ImageCache(out).count == len(pd.read_csv(root / "train.csv"))
     assert script.main(argv) == out  # already complete: a no-op
+
+
+@pytest.mark.bad_input
+def test_build_script_names_the_manifest_row_of_a_blank_path(release, tmp_path):
+    """Manifest row with a blank path given to scripts/build_image_cache.py → ManifestError naming the
+    manifest, the row and its line (not a lookup of the file "nan")."""
+    from pacx.data.manifest import ManifestError
+
+    root, _ = release
+    df = pd.read_csv(root / "train.csv")
+    df.loc[2, "Path"] = None
+    df.to_csv(tmp_path / "m.csv", index=False)
+    argv = ["--manifest", str(tmp_path / "m.csv"), "--image-root", str(root), "--strip-components", "1",
+            "--size", "32", "--out", str(tmp_path / "c"), "--workers", "0", "--no-progress"]
+    with pytest.raises(ManifestError, match=r"m\.csv: 1 row\(s\) with a blank Path .*row 2 \(line 4\)"):
+        load_script("build_image_cache").main(argv)
+
+
+@pytest.mark.bad_input
+def test_path_too_short_to_strip_names_the_row(release, tmp_path):
+    """Cache path with fewer components than ``strip_components`` → CacheError naming the row and path."""
+    root, df = release
+    paths = df["Path"].tolist()
+    paths[4] = "view1_frontal.jpg"
+    with pytest.raises(CacheError,
+                       match=r"row 4: cannot strip 1 component\(s\) from path 'view1_frontal\.jpg'"):
+        build_image_cache(paths, root, tmp_path / "c", SIZE, workers=0, strip_components=1, progress=False)

@@ -219,3 +219,63 @@ def test_cached_datamodule_matches_pil_path(tmp_path, chexpert_release):
     assert ((x_cache - x_pil) * std * 255).abs().max() <= 1.0
     train, _ = cached.on_after_batch_transfer(next(iter(cached.train_dataloader())), 0)
     assert train.shape == (16, 3, 32, 32) and train.dtype == torch.float32
+
+
+@pytest.mark.bad_input
+def test_blank_path_in_release_csv_names_row(tmp_path, chexpert_release):
+    """Release CSV row with a blank Path → ManifestError naming the CSV, the row and its line."""
+    df = pd.read_csv(chexpert_release / "train.csv")
+    df.loc[3, "Path"] = None
+    df.to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(ManifestError, match=r"train\.csv: 1 row\(s\) with a blank Path .*row 3 \(line 5\)"):
+        convert_split(tmp_path / "train.csv")
+
+
+@pytest.fixture()
+def small_caches(tmp_path, chexpert_release):
+    """Manifests in a folder, a train cache at 48 px and a val cache at 32 px."""
+    from pacx.data.cache import build_image_cache
+    from pacx.data.chexpert import MANIFESTS
+
+    frames = convert_release(chexpert_release)
+    for split, df in frames.items():
+        df.to_csv(tmp_path / MANIFESTS[split], index=False)
+    for split, folder, size in (("train", "train", 48), ("val", "valid", 32)):
+        build_image_cache(frames[split]["Path"], chexpert_release / folder, tmp_path / f"cache_{split}", size,
+                          workers=0, progress=False)
+    return tmp_path
+
+
+@pytest.mark.bad_input
+def test_blank_path_with_a_cache_names_manifest_and_row(small_caches, chexpert_release):
+    """Cached CheXpert manifest row with a blank Path → ManifestError naming the manifest, the row and its
+    line (not a cache lookup of the path "nan")."""
+    from pacx.data.chexpert import MANIFESTS
+
+    csv = small_caches / MANIFESTS["train"]
+    df = pd.read_csv(csv)
+    df.loc[4, "Path"] = None
+    df.to_csv(csv, index=False)
+    dm = CheXpertDataModule(str(chexpert_release), manifest_dir=str(small_caches), num_workers=0, img_size=32,
+                            train_cache=str(small_caches / "cache_train"),
+                            val_cache=str(small_caches / "cache_val"))
+    with pytest.raises(ManifestError, match=rf"{re.escape(str(csv))}: 1 row\(s\) with a blank Path .*"
+                                            r"row 4 \(line 6\)"):
+        dm.setup("fit")
+
+
+@pytest.mark.bad_input
+def test_val_cache_of_another_size_is_refused(small_caches, chexpert_release):
+    """Validation image cache at another size than img_size → CacheError naming the cache and both sizes
+    (its pixels would not be the uncached evaluation resize's)."""
+    from pacx.data.cache import CacheError
+
+    dm = CheXpertDataModule(str(chexpert_release), manifest_dir=str(small_caches), num_workers=0, img_size=24,
+                            train_cache=str(small_caches / "cache_train"),
+                            val_cache=str(small_caches / "cache_val"))
+    with pytest.raises(CacheError, match=rf"{re.escape(str(small_caches / 'cache_val'))}: 32 px images, .*"
+                                         r"img_size 24"):
+        dm.setup("fit")
+    CheXpertDataModule(str(chexpert_release), manifest_dir=str(small_caches), num_workers=0, img_size=32,
+                       train_cache=str(small_caches / "cache_train"),
+                       val_cache=str(small_caches / "cache_val")).setup("fit")

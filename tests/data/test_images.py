@@ -147,3 +147,17 @@ def test_manifest_with_unsupported_mode_names_row_line_and_path(tmp_path):
     ds = ImageManifestDataset(df, tmp_path, "Path", source="list.csv")
     with pytest.raises(ManifestError, match=r"list\.csv: row 1 \(line 3\): cannot read image .*bad\.png"):
         ds[1]
+
+
+@pytest.mark.bad_input
+def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
+    """Image with more pixels than PIL's decompression-bomb limit → ImageDecodeError naming the file (and
+    ``skip_unreadable`` drops it), not PIL's bare DecompressionBombError."""
+    Image.fromarray(_gray8()).save(tmp_path / "big.png")
+    Image.fromarray(_gray8()[:4, :4]).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)  # big.png has 4x the limit, small.png less
+    with pytest.raises(ImageDecodeError, match=r"big\.png: cannot decode image: .*decompression bomb"):
+        open_image(tmp_path / "big.png")
+    df = pd.DataFrame({"Path": ["small.png", "big.png"]})
+    kept = ImageManifestDataset(df, tmp_path, "Path", source="m.csv", skip_unreadable=True)
+    assert kept.paths == ["small.png"]

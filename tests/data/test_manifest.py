@@ -180,3 +180,33 @@ def test_low_data_onehot_error_names_the_manifest_row(tmp_path):
     assert "13.png" in dm.manifest_table("train")[0]["Path"].tolist()
     with pytest.raises(ManifestError, match=r"chestx6_train_split\.csv: row 13 \(line 15\): one-hot"):
         dm.build_dataset("train")
+
+
+@pytest.mark.bad_input
+def test_blank_image_path_names_the_rows(tmp_path, caplog):
+    """Manifest row with a blank / NaN image path → ManifestError naming the CSV, the rows and their lines
+    (with ``skip_unreadable``: the rows are dropped and logged)."""
+    paths = _images(tmp_path, 3)
+    (tmp_path / "m.csv").write_text("Path,y\n" + f"{paths[0]},0\n,1\n{paths[2]},0\n")
+    df = pd.read_csv(tmp_path / "m.csv")
+    assert df["Path"].isna().iat[1]
+    for check_files in (True, False):
+        with pytest.raises(ManifestError, match=r"m\.csv: 1 row\(s\) with a blank Path .*row 1 \(line 3\)"):
+            ImageManifestDataset(df, tmp_path, "Path", ["y"], source="m.csv", check_files=check_files)
+    with caplog.at_level(logging.WARNING):
+        ds = ImageManifestDataset(df, tmp_path, "Path", ["y"], source="m.csv", skip_unreadable=True)
+    assert ds.paths == [paths[0], paths[2]] and ds.rows.tolist() == [0, 2]
+    assert ds.labels.tolist() == [[0], [0]]
+    assert "dropped 1 of 3 rows" in caplog.text and "row 1 (line 3)" in caplog.text
+
+
+@pytest.mark.bad_input
+def test_manifest_with_an_index_column_names_its_own_rows(tmp_path):
+    """Manifest that has a column named ``index`` and a missing image → ManifestError naming the row by its
+    position in the CSV, not by the value of that column."""
+    paths = _images(tmp_path, 3)
+    df = pd.DataFrame({"index": [10, 20, 30], "Path": [paths[0], "missing.png", paths[2]], "y": [0, 1, 0]})
+    with pytest.raises(ManifestError, match=r"m\.csv: 1 image\(s\) not found .*row 1 \(line 3\): .*missing"):
+        ImageManifestDataset(df, tmp_path, "Path", ["y"], source="m.csv")
+    ds = ImageManifestDataset(df.assign(Path=paths), tmp_path, "Path", ["y"], source="m.csv")
+    assert ds.rows.tolist() == [0, 1, 2] and ds.labels.tolist() == [[0], [1], [0]]
