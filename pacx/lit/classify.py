@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics import classification as tmc
 
 from pacx.data.feature_cache import (
@@ -85,6 +85,34 @@ METRICS: dict[str, Callable[[int], dict]] = {
 }
 
 
+class ClassCounts(Metric):
+    """Rows and positives per class over an epoch (summed over devices): which classes of a split have no
+    positive or no negative row, whose AUROC torchmetrics scores 0 (docs/datasets.md#metrics)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("positives", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("rows", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """``labels`` as PREDICTIONS gives them: [B] (binary 0/1, multiclass indices) or [B, C]
+        (multilabel)."""
+        if labels.ndim == 2:
+            positives = (labels == 1).sum(0)
+        elif probs.ndim == 2:  # multiclass: class indices
+            positives = torch.bincount(labels, minlength=self.num_classes)
+        else:
+            positives = (labels == 1).sum().reshape(1)
+        self.positives += positives.to(self.positives)
+        self.rows += labels.shape[0]
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.positives, self.rows
+
+
 def metric_key(spec, split: str, metric: str | None = None) -> str:
     """The logged name of ``metric`` (default: the spec's paper metric) on ``split``, e.g. ``test/f1_macro``
     (:meth:`pacx.data.registry.BenchmarkSpec.metric_column`)."""
@@ -113,7 +141,11 @@ class ClassificationModule(BenchmarkEvalModule):
         lr: head lr (docs/datasets.md#stage-3-settings, per benchmark in the configs); backbone at
             ``backbone_lr_scale`` × lr.
         weight_decay, betas: AdamW (no decay on biases, norms, tokens).
-        warmup_epochs: linear warmup length; cosine to 0 afterwards, stepped per optimizer step.
+        warmup_epochs: linear warmup length; cosine to 0 afterwards.
+        lr_interval: ``epoch`` holds each epoch's value of the warmup + cosine curve for all of its steps, as
+            the authors' per-epoch scheduler did (the Stage 3 configs, docs/datasets.md#stage-3-settings);
+            ``step`` (default) evaluates the curve per optimizer step
+            (:func:`pacx.optim.warmup_cosine_scheduler`).
         feature_cache: in ``linear_probe`` mode, compute each split's frozen features once (deterministic
             evaluation transform) and train the head on them (:mod:`pacx.data.feature_cache`): ``flip``
             (default; ``true`` means the same) also caches the flipped train images and draws the train flip
@@ -141,6 +173,7 @@ class ClassificationModule(BenchmarkEvalModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 0.0,
         backbone_lr_scale: float = 0.1,
+        lr_interval: Literal["step", "epoch"] = "step",
         feature_cache: Literal["flip", "plain"] | bool = "flip",
         feature_cache_dir: str | None = None,
         feature_batch_size: int = 256,
@@ -173,6 +206,9 @@ class ClassificationModule(BenchmarkEvalModule):
         metrics = MetricCollection(METRICS[task](self.spec.num_outputs))
         for split in ("train", "val", "test"):  # one clone per split, e.g. self.val_metrics
             setattr(self, f"{split}_metrics", metrics.clone(prefix=f"{split}/"))
+        for split in ("val", "test"):  # e.g. self.val_label_counts (classes lacking positives are named)
+            setattr(self, f"{split}_label_counts", ClassCounts(self.spec.num_outputs))
+        self._warned_single_class: set[str] = set()
 
     @property
     def eval_mode(self) -> str:
@@ -237,6 +273,8 @@ class ClassificationModule(BenchmarkEvalModule):
         self.log_stage(stage, {"loss": loss}, inputs.shape[0])
         probs, labels = self.predict_fn(logits.detach().float(), target)
         getattr(self, f"{stage}_metrics").update(probs, labels)
+        if stage != "train":
+            getattr(self, f"{stage}_label_counts").update(probs, labels)
         return loss
 
     def _log_epoch_metrics(self, stage: str) -> None:
@@ -246,6 +284,31 @@ class ClassificationModule(BenchmarkEvalModule):
         metrics = getattr(self, f"{stage}_metrics")
         self.log_dict(metrics.compute())
         metrics.reset()
+        if stage != "train":
+            self._warn_single_class(stage)
+
+    def _warn_single_class(self, stage: str) -> None:
+        """Warn (once per split) about the classes of ``stage`` that have no positive or no negative row:
+        their AUROC is undefined, torchmetrics scores it 0, and the macro average keeps that 0, as the
+        reference's did (docs/datasets.md#metrics)."""
+        counts = getattr(self, f"{stage}_label_counts")
+        if not counts.update_called:
+            return
+        positives, rows = counts.compute()  # every rank: a collective under DDP
+        positives = positives.reshape(-1)  # torchmetrics squeezes a one-class count to 0-d
+        counts.reset()
+        sanity = self._trainer is not None and self._trainer.sanity_checking  # a few batches, not the split
+        if sanity or self.global_rank != 0 or stage in self._warned_single_class or int(rows) == 0:
+            return
+        names = self.spec.labels if len(self.spec.labels) == len(positives) else self.spec.label_columns
+        one_class = [f"{name!r} ({'no positive' if int(p) == 0 else 'no negative'})"
+                     for name, p in zip(names, positives.tolist(), strict=True) if int(p) in (0, int(rows))]
+        if one_class:
+            self._warned_single_class.add(stage)
+            log.warning("%s %s: %d of %d classes lack positive or negative rows among the split's %d, so "
+                        "have no AUROC: torchmetrics scores them 0 and %s averages that 0 in: %s",
+                        self.hparams.benchmark, stage, len(one_class), len(positives), int(rows),
+                        metric_key(self.spec, stage, "auroc"), ", ".join(one_class))
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")

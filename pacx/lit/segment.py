@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -91,8 +92,9 @@ class SegmentationModule(BenchmarkEvalModule):
         bce_weight, dice_weight: loss weights (1.0 and 1.0 in docs/datasets.md#stage-3-settings).
         lr, weight_decay, betas: AdamW over the decoder (docs/datasets.md#stage-3-settings: 1e-4, 1e-4, (0.9,
             0.999)).
-        warmup_epochs: linear warmup length (5 in docs/datasets.md#stage-3-settings); cosine to 0 afterwards,
-            stepped per optimizer step.
+        warmup_epochs: linear warmup length (5 in docs/datasets.md#stage-3-settings); cosine to 0 afterwards.
+        lr_interval: ``epoch`` holds each epoch's value of the curve for all of its steps, as the authors'
+            per-epoch scheduler did (the Stage 3 config); ``step`` (default) evaluates it per optimizer step.
         results_csv: CSV that ``test`` appends a row to (default ``<default_root_dir>/results.csv``).
     """
 
@@ -109,6 +111,7 @@ class SegmentationModule(BenchmarkEvalModule):
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5.0,
+        lr_interval: Literal["step", "epoch"] = "step",
         results_csv: str | None = None,
     ) -> None:
         super().__init__()

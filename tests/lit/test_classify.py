@@ -323,3 +323,116 @@ def test_defaults_are_the_stage3_settings():
                                      "backbone_lr_scale", "head_norm", "feature_cache")} == {
         "mode": "linear_probe", "lr": 3e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_epochs": 0.0,
         "backbone_lr_scale": 0.1, "head_norm": False, "feature_cache": "flip"}
+
+
+def _lrs_per_step(module, steps_per_epoch: int, epochs: int) -> list[float]:
+    """The head's lr at every optimizer step of ``module.configure_optimizers()`` under a stand-in trainer."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=steps_per_epoch * epochs, num_training_batches=steps_per_epoch,
+        accumulate_grad_batches=1, world_size=1, train_dataloader=SimpleNamespace(batch_size=8))
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(steps_per_epoch * epochs):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_stage3_configs_hold_the_reference_per_epoch_cosine():
+    """docs/datasets.md#stage-3-settings: the linear-probe configs step the authors' schedule per epoch, a
+    half cosine over the 40 epochs held within each epoch (epoch e: lr · ½(1 + cos(π e / 40)), never exactly
+    0); ``lr_interval: step`` evaluates the same curve per optimizer step."""
+    import math
+
+    import yaml
+
+    config = Path(__file__).resolve().parents[2] / "configs/stage3/linear_probe.yaml"
+    base = yaml.safe_load(config.read_text())
+    assert base["model"]["init_args"]["lr_interval"] == "epoch"
+    spe, epochs, lr = 3, 40, 3e-3
+    module = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32), lr=lr,
+                                  lr_interval="epoch")
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * (s // spe) / epochs)) for s in range(spe * epochs)]
+    assert _lrs_per_step(module, spe, epochs) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    per_step = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32), lr=lr,
+                                    lr_interval="step")
+    curve = [lr * 0.5 * (1 + math.cos(math.pi * s / (spe * epochs))) for s in range(spe * epochs)]
+    assert _lrs_per_step(per_step, spe, epochs) == pytest.approx(curve, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_a_class_without_positives_counts_as_zero_auroc_and_is_named(task, caplog):
+    """docs/datasets.md#metrics: a class with no positive (or no negative) rows in an evaluation split has no
+    AUROC; torchmetrics scores it 0 and the macro mean keeps it (as the reference), and a warning names it."""
+    name = "vindr" if task == "multilabel" else "chestx6"
+    module = ClassificationModule(name, BackboneConfig("random", None, "vit_test", 32))
+    labels = module.spec.labels
+    c = len(labels)
+    g = torch.Generator().manual_seed(3)
+    if task == "multilabel":
+        y = (torch.rand(40, c, generator=g) < 0.4).float()
+        y[:2], y[2:4] = 1.0, 0.0
+        y[:, 4] = 0.0  # no positive in this split
+        y[:, 7] = 1.0  # no negative
+        absent = [4, 7]
+    else:
+        y = torch.arange(40) % (c - 1)  # the last class never occurs
+        absent = [c - 1]
+    logits = torch.randn(40, c, generator=g)
+    module.val_metrics.update(*PREDICTIONS[task](logits, y))
+    module.val_label_counts.update(*PREDICTIONS[task](logits, y))
+    logged: list[dict] = []
+    module.log_dict = lambda values: logged.append({k: float(v) for k, v in values.items()})
+    with caplog.at_level(logging.WARNING, logger="pacx.lit.classify"):
+        module.on_validation_epoch_end()
+    lg, t = logits.double().numpy(), y.numpy()
+    if task == "multilabel":
+        p, onehot = 1 / (1 + np.exp(-lg)), t
+    else:
+        e = np.exp(lg - lg.max(1, keepdims=True))
+        p, onehot = e / e.sum(1, keepdims=True), np.eye(c)[t]
+    per_class = [0.0 if j in absent else skm.roc_auc_score(onehot[:, j], p[:, j]) for j in range(c)]
+    assert logged[-1]["val/auroc_macro"] == pytest.approx(np.mean(per_class), abs=1e-6)
+    warned = [r.getMessage() for r in caplog.records if "AUROC" in r.getMessage()]
+    assert len(warned) == 1 and "val" in warned[0]
+    assert all(repr(labels[j]) in warned[0] for j in absent)
+    assert not any(repr(labels[j]) in warned[0] for j in range(c) if j not in absent)
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_hard_predictions_are_probabilities_above_one_half(task):
+    """docs/datasets.md#metrics: a row is predicted positive when its probability is above 0.5, torchmetrics'
+    rule (the authors' code): a logit of exactly 0 (probability 0.5) is a negative prediction."""
+    c = 1 if task == "binary" else 3
+    logits = torch.tensor([[0.0] * c, [0.0] * c, [1e-3] * c, [-1e-3] * c])
+    y = torch.tensor([[1.0] * c, [0.0] * c, [1.0] * c, [1.0] * c])
+    metrics = MetricCollection(METRICS[task](c))
+    metrics.update(*PREDICTIONS[task](logits, y))
+    got = {k.split("_")[0]: float(v) for k, v in metrics.compute().items()}
+    pred = (1 / (1 + np.exp(-logits.double().numpy())) > 0.5)[:, 0]  # every column alike
+    t = y.numpy()[:, 0]
+    assert got["acc"] == pytest.approx(skm.accuracy_score(t, pred)) == pytest.approx(0.5)
+    assert got["recall"] == pytest.approx(skm.recall_score(t, pred)) == pytest.approx(1 / 3)
+
+
+def test_a_binary_split_with_one_class_is_named():
+    """A binary validation split without positives: AUROC 0 (torchmetrics); the warning names the label."""
+    module = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32))
+    logits, y = torch.randn(6, 1), torch.zeros(6, 1)
+    module.val_metrics.update(*PREDICTIONS["binary"](logits, y))
+    module.val_label_counts.update(*PREDICTIONS["binary"](logits, y))
+    logged: list[dict] = []
+    module.log_dict = lambda values: logged.append({k: float(v) for k, v in values.items()})
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("pacx.lit.classify").addHandler(handler)
+    try:
+        module.on_validation_epoch_end()
+    finally:
+        logging.getLogger("pacx.lit.classify").removeHandler(handler)
+    assert logged[-1]["val/auroc"] == 0.0
+    assert len(records) == 1 and "'Label' (no positive)" in records[0] and "val/auroc" in records[0]
