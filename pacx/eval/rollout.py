@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from pacx.data.images import IMAGE_SUFFIXES, open_image
+from pacx.data.manifest import require_paths
 from pacx.data.transforms import resize_eval
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,8 @@ def collect_image_paths(
     """Expand files, directories (their images by :data:`pacx.data.images.IMAGE_SUFFIXES`, sorted; not
     recursive) and CSV manifests into image paths.
 
-    Relative CSV paths resolve against ``image_root`` if given, else the CSV's folder.
+    Relative CSV paths resolve against ``image_root`` if given, else the CSV's folder. A blank path cell is an
+    error naming the CSV and its row.
     """
     paths: list[Path] = []
     for src in map(Path, sources):
@@ -289,6 +291,7 @@ def collect_image_paths(
             frame = pd.read_csv(src)
             if path_column not in frame.columns:
                 raise KeyError(f"{src}: no column {path_column!r} (columns: {list(frame.columns)})")
+            require_paths(frame, path_column, str(src))  # a blank cell is not the path "nan"
             root = Path(image_root) if image_root is not None else src.parent
             paths += [p if p.is_absolute() else root / p for p in map(Path, frame[path_column].astype(str))]
         elif src.exists():

@@ -289,3 +289,16 @@ def test_script_csv_manifest_and_errors(stage1_run, tmp_path, capsys):
         script.main(["--backbones", f"mae={stage1_run}", "--img-size", "64", "--images", str(csv), "--out",
                      str(out)])
     assert "all backbones must share one image size" in capsys.readouterr().err
+
+
+@pytest.mark.bad_input
+def test_a_blank_path_in_an_image_manifest_names_the_row(tmp_path):
+    """An attention-rollout manifest CSV with a blank path cell → ManifestError naming the CSV and the row (it
+    was read as the image "nan", or a TypeError without a file)."""
+    from pacx.data.manifest import ManifestError
+    from pacx.eval.rollout import collect_image_paths
+
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("Path,label\na.png,0\n,1\n")
+    with pytest.raises(ManifestError, match=r"manifest\.csv: 1 row\(s\) with a blank Path.*row 1 \(line 3\)"):
+        collect_image_paths([csv])
