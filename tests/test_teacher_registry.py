@@ -128,6 +128,15 @@ def test_release_teachers_are_registered():
         TeacherSpec("cxr", 8, (VITALS_FILE,), load_vitals_net, preprocess_vitals, lambda net, x: net(x))
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("given", ["ecg", "labs"])
+def test_teachers_given_as_one_string_are_refused(given):
+    """Teachers given as a bare string (``teachers="labs"``) instead of a list → ValueError that says to pass
+    a list, not "unknown teacher 'l'" (a string iterates by characters)."""
+    with pytest.raises(ValueError, match=rf"teachers must be a list of names, e\.g\. \['{given}'\]"):
+        resolve_teachers(given)
+
+
 def test_register_once(vitals):
     assert TEACHERS["vitals"] is vitals and resolve_teachers(TEACHERS3) == TEACHERS3
     with pytest.raises(KeyError, match="registered twice"):

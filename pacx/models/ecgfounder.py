@@ -285,6 +285,11 @@ def _load_pickle(path: Path, trust_pickle: bool) -> object:
 def _unwrap_state_dict(obj: object, path: Path) -> Mapping[str, torch.Tensor]:
     """The official ``{'state_dict': ..., ...}`` layout, or a bare state dict."""
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if isinstance(state, Mapping) and state is not obj:  # under 'state_dict': name an entry that is no tensor
+        odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        if odd is not None:
+            kind = type(state[odd]).__name__
+            raise CheckpointError(f"{path}: 'state_dict' entry {str(odd)!r} is a {kind}, not a tensor")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         top = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(f"{path}: expected the weights under 'state_dict' (official ECGFounder "

@@ -155,6 +155,9 @@ def resolve_teachers(teachers: Iterable[str] | None = None, ablate: str | None =
     the teachers (``teachers: [labs]`` with the defaults), so an old ablation config still works stacked on a
     config that names the teachers.
     """
+    if isinstance(teachers, str):  # a bare string would iterate by characters ("unknown teacher 'l'")
+        raise ValueError(f"teachers must be a list of names, e.g. [{teachers!r}], got the string "
+                         f"{teachers!r}")
     names = tuple(DEFAULT_TEACHERS if teachers is None else teachers)
     if ablate is not None:
         if ablate not in DEFAULT_TEACHERS:

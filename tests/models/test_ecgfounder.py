@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -515,3 +516,84 @@ def test_other_sample_counts_and_lead_subsets():
     model = create_ecgfounder("1_lead", head=False).eval()
     with torch.no_grad():
         assert model(torch.from_numpy(one)).shape == (2, 1024)
+
+
+@pytest.mark.bad_input
+def test_a_non_tensor_entry_under_state_dict_is_named(tmp_path):
+    """An ECGFounder checkpoint whose 'state_dict' holds a non-tensor entry → CheckpointError naming the file
+    and that key (not "found ['state_dict']", which reads as if 'state_dict' were missing)."""
+    state: dict = fake_release_state("demo_small")
+    state["stage_list.1.block_list.0.se_fc1.bias"] = [0.0] * 16  # a plain list: weights_only loads it
+    path = tmp_path / "odd_entry.pth"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    named = re.escape(str(path)) + r".*'stage_list\.1\.block_list\.0\.se_fc1\.bias'.*list"
+    with pytest.raises(CheckpointError, match=named):
+        load_ecgfounder(path, config="demo_small")
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole network against an independent forward (docs/ecgfounder.md#blocks, #configuration)
+
+
+def functional_net1d(state: dict[str, torch.Tensor], x: torch.Tensor, filters: tuple[int, ...],
+                     blocks: tuple[int, ...], group_width: int = 16) -> torch.Tensor:
+    """The description of docs/ecgfounder.md written with functional ops over the state dict alone (no
+    module of pacx): stem, 7 stages, time mean -> [B, filters[-1]]."""
+    def conv(h: torch.Tensor, prefix: str, stride: int = 1, groups: int = 1) -> torch.Tensor:
+        w, b = state[prefix + ".conv.weight"], state[prefix + ".conv.bias"]
+        length, k = h.shape[-1], w.shape[-1]
+        total = max(0, (-(-length // stride) - 1) * stride + k - length)
+        return F.conv1d(F.pad(h, (total // 2, total - total // 2)), w, b, stride=stride, groups=groups)
+
+    def swish(h: torch.Tensor) -> torch.Tensor:
+        return h * torch.sigmoid(h)
+
+    h = swish(conv(x, "first_conv", stride=2))
+    for s, (c, m) in enumerate(zip(filters, blocks)):
+        for b in range(m):
+            p = f"stage_list.{s}.block_list.{b}."
+            cin = h.shape[1]
+            out = conv(h if s == b == 0 else swish(h), p + "conv1")
+            out = conv(swish(out), p + "conv2", stride=2 if b == 0 else 1, groups=c // group_width)
+            out = conv(swish(out), p + "conv3")
+            se = swish(out.mean(-1) @ state[p + "se_fc1.weight"].T + state[p + "se_fc1.bias"])
+            out = out * torch.sigmoid(se @ state[p + "se_fc2.weight"].T + state[p + "se_fc2.bias"])[..., None]
+            short = h
+            if b == 0:  # pad one zero column on the right, then max over pairs
+                short = F.pad(short, (0, short.shape[-1] % 2))
+                short = short.reshape(*short.shape[:2], -1, 2).amax(-1)
+            short = torch.cat([short.new_zeros(short.shape[0], (c - cin) // 2, short.shape[-1]), short,
+                               short.new_zeros(short.shape[0], c - cin - (c - cin) // 2, short.shape[-1])], 1)
+            h = out + short
+    return h.mean(-1)
+
+
+@pytest.mark.parametrize("length", [5000, 1203])  # 1203: odd lengths at the stem and in most stages
+def test_whole_network_equals_an_independent_forward(tmp_path, length):
+    state = {k: v * 4 for k, v in fake_release_state("demo_small", seed=3).items()}  # non-trivial activations
+    torch.save({"state_dict": state}, tmp_path / "release.pth")
+    model = load_ecgfounder(tmp_path / "release.pth", config="demo_small").double()
+    x = torch.randn(3, 12, length, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    arch = REFERENCE_ARCHS["demo_small"]
+    with torch.no_grad():
+        ours = model(x)
+        ref = functional_net1d({k: v.double() for k, v in state.items()}, x, arch["filters"], arch["blocks"])
+    assert ours.shape == (3, 128) and ref.std() > 0.1
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_features_do_not_depend_on_the_batch_or_on_train_mode(tmp_path):
+    """BatchNorm and dropout are never called: a row's feature is the same alone, in any batch, and with
+    the module in training mode."""
+    torch.save({"state_dict": fake_release_state("demo_small")}, tmp_path / "release.pth")
+    model = load_ecgfounder(tmp_path / "release.pth", config="demo_small")
+    x = torch.from_numpy(preprocess_ecg(synthetic_ecg(4, seed=2)))
+    with torch.no_grad():
+        batch = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        reordered = model(x.flip(0)).flip(0)
+        trained = model.train()(x)
+    model.eval()
+    torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reordered, batch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained, batch, rtol=0, atol=0)
