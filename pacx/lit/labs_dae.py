@@ -17,7 +17,8 @@ STAGE_LABS_DAE = "labs_dae"
 
 
 class LabsDAEModule(TeacherModule):
-    """Args: widths of the DAE; ``drop_prob`` of the corruption; AdamW ``lr``, ``weight_decay``, ``betas``;
+    """Args: widths of the DAE; ``drop_prob`` of the corruption; AdamW ``lr``, ``weight_decay`` (on every
+    parameter, as the reference), ``betas``;
     ``warmup_steps`` of linear warmup, then cosine to 0 per optimizer step."""
 
     stage = STAGE_LABS_DAE
@@ -38,6 +39,12 @@ class LabsDAEModule(TeacherModule):
         self.save_hyperparameters()
         self.model = LabsDAE(LabsDAEConfig(n_labs, hidden_dim, latent_dim))
 
+    def param_groups(self) -> list[dict]:
+        """One group, every trainable parameter decayed, biases and the LayerNorm included: the reference
+        optimizer is ``AdamW(self.parameters(), weight_decay=...)``, not the shared decay / no-decay split."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": self.hparams.weight_decay}]
+
     def pacx_metadata(self) -> dict:
         return {"labs_dae_config": labs_dae_config_dict(self.model)}
 
@@ -51,7 +58,9 @@ class LabsDAEModule(TeacherModule):
         recon, z = self.model(x, m)
         loss = masked_mse(recon, values, observed > 0.5)
         with torch.no_grad():
-            clean, _ = self.model(values * observed, observed)
+            # uncorrupted raw input, mean placeholders kept: what extraction encodes (and the reference's
+            # clean reconstruction)
+            clean, _ = self.model(values, observed)
             terms = {
                 "loss": loss,
                 "denoise_mse": loss.detach(),

@@ -1,6 +1,7 @@
 """The Labs DAE through ``python -m pacx.teachers``: a short fit logs every
 metric; its run loads as the teacher."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -49,3 +50,72 @@ def test_resuming_a_labs_run_from_a_stage1_checkpoint_is_refused(tmp_path, repo,
     with pytest.raises(CheckpointError, match="'stage1_mae' checkpoint, but this run is 'labs_dae'"):
         main(_args(repo, tmp_path / "dae", symile_root, "--ckpt_path",
                    str(stage1_run / "checkpoints/last.ckpt")))
+
+
+def test_weight_decay_applies_to_every_parameter_as_the_reference():
+    """The reference DAE's optimizer is ``AdamW(self.parameters(), lr=3e-4, weight_decay=1e-2)``: biases and
+    the LayerNorm decay too. With zero gradients one AdamW step scales every parameter by (1 - lr * wd)."""
+    from pacx.lit.labs_dae import LabsDAEModule
+
+    lr, wd = 0.5, 0.4  # large, so that the decay shows at float32 tolerance
+    module = LabsDAEModule(lr=lr, weight_decay=wd)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)  # biases start at 0, where decay would not show
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    optimizer = torch.optim.AdamW(module.param_groups(), lr=lr)
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(before) == 10
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] * (1 - lr * wd), msg=name)
+
+
+def _numpy_dae(module, x, m):
+    """The DAE forward in float64 numpy from the module's weights: (reconstruction, z)."""
+    from scipy.special import erf
+
+    w = {k: v.detach().double().numpy() for k, v in module.model.state_dict().items()}
+    gelu = lambda a: 0.5 * a * (1 + erf(a / np.sqrt(2)))  # noqa: E731
+    h = np.concatenate([x, m], 1) @ w["encoder.0.weight"].T + w["encoder.0.bias"]
+    h = (h - h.mean(1, keepdims=True)) / np.sqrt(h.var(1, keepdims=True) + 1e-5)
+    z = gelu(h * w["encoder.1.weight"] + w["encoder.1.bias"]) @ w["encoder.3.weight"].T + w["encoder.3.bias"]
+    out = gelu(z @ w["decoder.0.weight"].T + w["decoder.0.bias"])
+    out = out @ w["decoder.2.weight"].T + w["decoder.2.bias"]
+    return 1 / (1 + np.exp(-out)), z
+
+
+def test_step_metrics_match_an_independent_numpy_computation():
+    """loss / denoise_mse: MSE over the originally observed entries (one sum over the batch / one count; rows
+    with nothing observed add nothing) given the corrupted input; clean_mse: the same given the uncorrupted
+    raw input (mean placeholders kept, as extraction and the reference's ``self(x, m)``); impute_mse: over the
+    hidden entries."""
+    from pacx.lit.labs_dae import LabsDAEModule
+    from pacx.models.labs_dae import corrupt
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    values = rng.random((40, 50)).astype(np.float32)
+    observed = (rng.random((40, 50)) < 0.7).astype(np.float32)
+    observed[[3, 17]] = 0  # admissions with no observed lab
+    values[observed == 0] = 0.5  # the mean-imputed placeholders, as stored
+    module = LabsDAEModule().eval()
+    logged = {}
+    module.log_stage = lambda stage, terms, batch_size: logged.update(terms)
+    loss = module._shared_step((torch.from_numpy(values), torch.from_numpy(observed)), "val", 7)
+    # the validation corruption is seeded by the batch index
+    x, m, hidden = (t.double().numpy() for t in corrupt(torch.from_numpy(values), torch.from_numpy(observed),
+                                                         0.15, torch.Generator().manual_seed(7)))
+    np.testing.assert_array_equal(x, values * m)
+    np.testing.assert_array_equal(m, observed * (1 - hidden))
+
+    def mse(pred, mask):
+        return ((pred - values) ** 2 * mask).sum() / mask.sum()
+
+    recon, _ = _numpy_dae(module, x, m)
+    clean, _ = _numpy_dae(module, values.astype(np.float64), observed.astype(np.float64))
+    assert loss.item() == pytest.approx(mse(recon, observed), rel=1e-5)
+    assert logged["denoise_mse"].item() == pytest.approx(mse(recon, observed), rel=1e-5)
+    assert logged["impute_mse"].item() == pytest.approx(mse(recon, hidden), rel=1e-5)
+    assert logged["clean_mse"].item() == pytest.approx(mse(clean, observed), rel=1e-5)

@@ -110,3 +110,20 @@ def test_a_debug_run_checkpoint_is_refused_as_a_teacher(tmp_path, monkeypatch):
     loaded = load_labs_dae(ckpt)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_features_do_not_depend_on_batch_composition_or_train_mode():
+    """A row's embedding is the same encoded alone, in batches of 7 or 64, or with the module in train mode
+    (no dropout or batch norm); a row with no observed lab still encodes to finite numbers."""
+    torch.manual_seed(0)
+    model = LabsDAE().eval()
+    values, observed = _batch(150, seed=3)
+    observed[5] = 0
+    with torch.no_grad():
+        full = model.encode(values, observed)
+        for size in (1, 7, 64):
+            parts = torch.cat([model.encode(values[i:i + size], observed[i:i + size])
+                               for i in range(0, len(values), size)])
+            torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.train().encode(values, observed), full)
+    assert torch.isfinite(full[5]).all()
