@@ -58,7 +58,9 @@ class TeacherNorm(nn.Module):
         self.proj.copy_(proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) @ self.proj.to(x.dtype)  # [B, K]
+        # autocast off: the output is also the regression target, which bf16-mixed would round to bf16
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return (x - self.mean.to(x.dtype)) @ self.proj.to(x.dtype)  # [B, K], in x's dtype
 
 
 def _center(xc: torch.Tensor, k: int) -> torch.Tensor:

@@ -107,3 +107,28 @@ def test_stage2_options_reach_checkpoint_zero_shot_and_health(tmp_path, symile_r
     clip = metrics["val/clip_labs"].dropna().iloc[-1]  # 16 val rows = two full batches of 8
     assert frac == pytest.approx(clip / np.log(8), rel=1e-4)
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode", ["raw", "whiten"])
+def test_regression_targets_keep_float32_under_bf16_autocast(mode):
+    """The regression target is the teacher embedding (after ``teacher_norm``) in float32 under
+    ``bf16-mixed``: ``raw`` gives the features bit for bit, ``whiten`` the float32 map; autocast used to
+    round them to bf16 (up to ~0.4 % per entry) through TeacherNorm's matmul."""
+    kw = {"teacher_norm": "whiten", "teacher_components": 4} if mode == "whiten" else {}
+    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16,
+                        teacher_dims={"ecg": 12, "labs": 8}, **kw).eval()
+    gen = torch.Generator().manual_seed(0)
+    feats = {"ecg": torch.randn(5, 12, generator=gen) * 3 + 1, "labs": torch.randn(5, 8, generator=gen)}
+    if mode == "whiten":
+        for t, x in feats.items():
+            module.teacher_norms[t].fit(torch.randn(64, x.shape[1], generator=gen) * 2 + 1, "whiten")
+    batch = {"cxr": torch.randn(5, 3, 32, 32, generator=gen), "teachers": feats}
+    with torch.no_grad():
+        exact = {t: module.teacher_norms[t](x) for t, x in feats.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module.embed(batch)
+    for t, x in feats.items():
+        assert out["target"][t].dtype == torch.float32
+        torch.testing.assert_close(out["target"][t], exact[t], rtol=0, atol=0)
+        if mode == "raw":
+            assert torch.equal(out["target"][t], x)
