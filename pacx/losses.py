@@ -19,6 +19,9 @@ from pacx.dist import gather_with_grad, rank_offset_targets
 
 LOGIT_SCALE_MIN = 1.0
 LOGIT_SCALE_MAX = 100.0
+PAIR_TEACHERS = ("ecg", "labs")  # the seven-tensor call's teachers, and what ablate may name
+DICT_ARGS = ("teacher_shared", "cxr_to_teacher", "teacher_target")
+PAIR_ARGS = ("ecg_shared", "labs_shared", "cxr_to_ecg", "cxr_to_labs", "ecg_target", "labs_target")
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -75,8 +78,11 @@ class DistillationLoss(nn.Module):
         regression_weight: weight of the mean regression term.
         temperature: initial temperature; the parameter starts at ``log(1/temperature)``.
         label_smoothing: of the InfoNCE cross-entropies.
+        ablate: ``ecg`` | ``labs`` | ``None``: a teacher whose terms are left out (both of them).
 
-    The teachers are the keys of the dicts given to :meth:`forward`, in their order.
+    The teachers are the keys of the dicts given to :meth:`forward`, in their order. :meth:`forward` also
+    takes the paper's two teachers as seven tensors, ``(cxr_shared, ecg_shared, labs_shared, cxr_to_ecg,
+    cxr_to_labs, ecg_target, labs_target)``, positional or by name (an ablated teacher's may be ``None``).
     """
 
     def __init__(
@@ -85,8 +91,11 @@ class DistillationLoss(nn.Module):
         regression_weight: float = 1.0,
         temperature: float = 0.07,
         label_smoothing: float = 0.02,
+        ablate: str | None = None,
     ) -> None:
         super().__init__()
+        if ablate not in (None, *PAIR_TEACHERS):
+            raise ValueError(f"ablate must be one of {PAIR_TEACHERS} or None, got {ablate!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -94,22 +103,42 @@ class DistillationLoss(nn.Module):
         self.clip_weight = clip_weight
         self.regression_weight = regression_weight
         self.label_smoothing = label_smoothing
+        self.ablate = ablate
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
     def scale(self) -> torch.Tensor:
         """The scale used in the logits: ``exp(logit_scale)`` clamped to [1, 100] (differentiable inside)."""
         return _upcast(self.logit_scale).exp().clamp(LOGIT_SCALE_MIN, LOGIT_SCALE_MAX)
 
-    def forward(
-        self,
-        cxr_shared: torch.Tensor,
-        teacher_shared: Mapping[str, torch.Tensor],
-        cxr_to_teacher: Mapping[str, torch.Tensor],
-        teacher_target: Mapping[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
+    def _teacher_dicts(self, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+        """The three per-teacher dicts from either call form, without the ablated teacher."""
+        dict_form = set(kwargs) <= set(DICT_ARGS) and (not args or isinstance(args[0], Mapping))
+        names = DICT_ARGS if dict_form else PAIR_ARGS
+        if len(args) > len(names) or set(kwargs) & set(names[: len(args)]) or set(kwargs) - set(names):
+            raise TypeError(f"DistillationLoss.forward takes cxr_shared and {names} (the per-teacher "
+                            "dicts, or the paper's two teachers as tensors), got "
+                            f"{len(args)} more positional and {sorted(kwargs)} by name")
+        bound = {**dict(zip(names, args)), **kwargs}
+        if dict_form:
+            if set(bound) != set(DICT_ARGS):
+                raise TypeError(f"DistillationLoss.forward needs {DICT_ARGS}, got {sorted(bound)}")
+            dicts = tuple(dict(bound[k]) for k in DICT_ARGS)
+        else:
+            dicts = tuple({t: bound.get(f"{pre}{t}{post}") for t in PAIR_TEACHERS}
+                          for pre, post in (("", "_shared"), ("cxr_to_", ""), ("", "_target")))
+        dicts = tuple({t: v for t, v in d.items() if t != self.ablate} for d in dicts)
+        missing = [t for d in dicts for t, v in d.items() if v is None]
+        if missing:
+            raise ValueError(f"DistillationLoss got no tensors of teacher {missing[0]!r} "
+                             f"(ablate: {self.ablate})")
+        return dicts
+
+    def forward(self, cxr_shared: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
         """cxr_shared: [n, S] CXR projection; per teacher ``t``: ``teacher_shared[t]`` [n, S] its projection,
         ``cxr_to_teacher[t]`` [n, D_t] the CXR regression prediction, ``teacher_target[t]`` [n, D_t] its
-        embedding. Returns ``clip_<t>``, ``reg_<t>`` per teacher, ``loss`` and ``logit_scale``."""
+        embedding (or the seven-tensor form, see the class). Returns ``clip_<t>``, ``reg_<t>`` per teacher,
+        ``loss`` and ``logit_scale``."""
+        teacher_shared, cxr_to_teacher, teacher_target = self._teacher_dicts(args, kwargs)
         teachers = list(teacher_shared)
         if not teachers or set(cxr_to_teacher) != set(teachers) or set(teacher_target) != set(teachers):
             raise ValueError("DistillationLoss needs the same teachers (at least one) in teacher_shared, "

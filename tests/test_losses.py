@@ -406,3 +406,27 @@ def test_ddp_real_stage2_model_matches_one_process(tmp_path, monkeypatch):
 
 def _grads_or_none(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {name: None if p.grad is None else p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_the_documented_seven_tensor_call_and_ablate():
+    """The interface scripts and users call: ``DistillationLoss(clip_weight, regression_weight, temperature,
+    label_smoothing, ablate)`` and ``forward(cxr_shared, ecg_shared, labs_shared, cxr_to_ecg, cxr_to_labs,
+    ecg_target, labs_target)`` (positional or by name), equal to the per-teacher dict form; ``ablate`` drops
+    one teacher's terms (its tensors may be None)."""
+    x = _inputs()
+    flat = [x[k] for k in ("cxr_shared", "ecg_shared", "labs_shared", "cxr_to_ecg", "cxr_to_labs",
+                           "ecg_target", "labs_target")]
+    ref = _call(DistillationLoss(), x)
+    for out in (DistillationLoss(0.5, 1.0, 0.07, 0.02, None)(*flat), DistillationLoss()(**x)):
+        assert set(out) == ALL_KEYS
+        for k in ALL_KEYS:
+            torch.testing.assert_close(out[k], ref[k], msg=k)
+    for dropped, kept in (("ecg", "labs"), ("labs", "ecg")):
+        loss = DistillationLoss(ablate=dropped)
+        given = {**x, f"{dropped}_shared": None, f"cxr_to_{dropped}": None, f"{dropped}_target": None}
+        out = loss(**given)
+        assert set(out) == {"loss", f"clip_{kept}", f"reg_{kept}", "logit_scale"}
+        torch.testing.assert_close(out["loss"], _call(DistillationLoss(), x, (kept,))["loss"])
+        torch.testing.assert_close(loss(*flat)["loss"], out["loss"])  # given but ablated: ignored
+    with pytest.raises(ValueError, match="ablate"):
+        DistillationLoss(ablate="vitals")

@@ -271,3 +271,48 @@ def test_validation_diagnostics_of_a_one_row_batch_are_finite():
     assert not {"cxr_std", "ecg_std", "labs_std", "neg_cos_ecg", "neg_cos_labs"} & set(logged)
     assert float(logged["pos_cos_labs"]) == pytest.approx(
         torch.nn.functional.cosine_similarity(one["cxr_shared"], one["shared"]["labs"]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_paper_schedule_and_decay_groups_from_configure_optimizers(interval):
+    """The paper's Stage 2 optimiser through the module's own configure_optimizers, against the closed form
+    written here: 10,000 pairs at global batch 128 (drop_last) = 78 steps per epoch, 50 epochs, 5 warmup
+    epochs (390 steps) rising as (s + 1) / 390 (the authors' (e + 1) / 5 per epoch), then
+    0.01 + 0.99 · ½(1 + cos) to the end; weight decay 0.05 on the ≥ 2-D weights only (LoRA matrices and
+    head weights), none on the encoder's LayerNorms, head biases and LayerNorms, or the logit scale."""
+    import math
+    from types import SimpleNamespace
+
+    module = _module(lr_interval=interval)
+    per_epoch, epochs = 10_000 // 128, 50
+    module._trainer = SimpleNamespace(estimated_stepping_batches=per_epoch * epochs,
+                                      num_training_batches=per_epoch, accumulate_grad_batches=1, world_size=1,
+                                      train_dataloader=SimpleNamespace(batch_size=128))
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert cfg["lr_scheduler"]["interval"] == "step"
+
+    def expected(s: int) -> float:
+        u, warm, total = ((s, 5 * per_epoch, epochs * per_epoch) if interval == "step"
+                          else (s // per_epoch, 5, epochs))
+        if u < warm:
+            return 1e-4 * (u + 1) / warm
+        return 1e-4 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (u - warm) / (total - warm))))
+
+    lrs = []
+    for _ in range(per_epoch * epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradients: no update, only the order Lightning keeps
+        sched.step()
+    assert lrs == pytest.approx([expected(s) for s in range(per_epoch * epochs)], rel=1e-9, abs=0)
+    assert lrs[0] == pytest.approx(1e-4 / (390 if interval == "step" else 5))  # never 0
+    assert min(lrs[390:]) >= 0.01 * 1e-4 * (1 - 1e-9)
+
+    names = {id(p): n for n, p in module.named_parameters()}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert decay | no_decay == trainable and not decay & no_decay
+    assert decay == {n for n in trainable if "lora_" in n or (n.split(".")[0] in ("proj", "reg")
+                                                               and n.endswith(".1.weight"))}
+    assert "loss_fn.logit_scale" in no_decay
