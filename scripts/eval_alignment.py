@@ -12,6 +12,9 @@ anything ``pacx.load_encoder`` accepts; ``random:<arch>`` is a freshly initialis
 ``--seed``). Probes fit on ``train`` (the rows a shuffled drop-last loader of ``--drop-last-batch``
 would yield) and score on ``test_uni``; zero-shot retrieval uses ``test``. A Markdown table goes to
 stdout; ``--json`` writes ``{backbone: {"ecg": {...}, "labs": {...}, "zero_shot": {...}}}``.
+``--cv-alpha`` also fits each probe with the penalty chosen by leave-one-out on the fit rows (a pacx
+addition for small fit sets, where the paper's alpha 10 loses its R² to variance); its numbers go under
+``"cv"`` in each target's entry, with the ``alpha`` chosen.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pacx.eval.alignment import FIT_BATCH, RECALL_KS, load_split, probe_encoder
+from pacx.eval.alignment import FIT_BATCH, PAPER_ALPHA, RECALL_KS, load_split, probe_encoder
 from pacx.eval.zero_shot import load_stage2_heads, stage2_pool, zero_shot_retrieval
 from pacx.models.backbones import BackboneConfig, build_backbone
 from pacx.models.vit import POOLS
@@ -126,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=224, help="CXR side after the resize (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--alpha", type=float, default=10.0,
+    parser.add_argument("--alpha", type=float, default=PAPER_ALPHA,
                         help="ridge penalty (docs/datasets.md#alignment: 10)")
+    parser.add_argument("--cv-alpha", action="store_true",
+                        help="also fit each probe with its penalty chosen by leave-one-out on the fit rows "
+                             "(JSON: 'cv' in each target's entry)")
     parser.add_argument("--drop-last-batch", type=int, default=FIT_BATCH,
                         help="fit on (N // B) * B random train rows as the reference's drop-last loader "
                         "(default 256: 9,984 of 10,000); 0 = all rows")
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         encoder = build_backbone(spec.config(args.img_size, pools[spec.name])).eval()
         results[spec.name] = probe_encoder(encoder, fit, test, args.img_size, args.batch_size, args.device,
-                                           args.alpha, args.drop_last_batch or None, args.seed)
+                                           args.alpha, args.drop_last_batch or None, args.seed,
+                                           args.cv_alpha)
         if args.zero_shot:
             results[spec.name]["zero_shot"] = zero_shot_retrieval(encoder, heads[spec.name], retrieval,
                                                                   args.img_size, args.batch_size, args.device)

@@ -67,6 +67,15 @@ def test_story_reads_the_run_outputs(tmp_path):
                                          "cxr_ecg_acc": 0.1}} for u, a in enumerate((0.2, 0.3))}
     text = "\n".join(alignment_lines(alignment, zero))
     assert "mae labs -0.100 / ECG -0.200" in text and "pacx labs 0.200 ± 0.141" in text
+    assert "leave-one-out" not in text  # probes without the cv entries: no line for them
+    for res, r2, alpha in ((alignment["mae"], -0.01, 1e6), (alignment["pacx_u0"], 0.02, 1e4),
+                           (alignment["pacx_u1"], 0.01, 1e4)):
+        res["labs"]["cv"] = {"r2": r2, "alpha": alpha}
+        res["ecg"]["cv"] = {"r2": 0.0, "alpha": 3162.2776601683795}
+    cv_line = alignment_lines(alignment, zero)[1]
+    assert cv_line.startswith("alignment ridge R², alpha by leave-one-out on the fit rows: ")
+    assert ("mae labs -0.010 / ECG 0.000 (alpha 1e+06 / 3162.28)" in cv_line
+            and "pacx labs 0.015 ± 0.007 / ECG 0.000 ± 0.000 (alpha 10000 / 3162.28)" in cv_line)
     assert "1-of-10 on 100 queries per Stage 2 seed (chance 0.10): CXR→labs 0.25 ± 0.07" in text
     (tmp_path / "ceiling.json").write_text(json.dumps({"img_size": 64, "benchmark": "chexchonet", "pca": 50,
                                                       "auroc": 0.9097}))

@@ -56,6 +56,12 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
     return mean if len(finite) == 1 else f"{mean} ± {np.std(finite, ddof=1):.{digits}f}"
 
 
+def _alphas(results: Sequence[dict]) -> str:
+    """The leave-one-out penalties of a backbone's probes (labs / ECG), each value once."""
+    values = [r[t]["cv"]["alpha"] for t in ("labs", "ecg") for r in results]
+    return " / ".join(f"{a:g}" for a in dict.fromkeys(values))
+
+
 def alignment_lines(alignment: dict, zero_shot: dict, pacx_prefix: str = "pacx") -> list[str]:
     """Ridge R² (labs, ECG) per backbone, PaCX-MAE pooled over its upstream seeds; zero-shot top-1 vs
     chance."""
@@ -64,8 +70,13 @@ def alignment_lines(alignment: dict, zero_shot: dict, pacx_prefix: str = "pacx")
         groups.setdefault(pacx_prefix if name.startswith(pacx_prefix) else name, []).append(res)
     parts = [f"{name} labs {_fmt([r['labs']['r2'] for r in rs])} / ECG {_fmt([r['ecg']['r2'] for r in rs])}"
              for name, rs in groups.items()]
-    lines = ["alignment ridge R² (CXR feature → teacher embedding; 0 = predicting the mean): "
-             + "; ".join(parts)]
+    lines = ["alignment ridge R² (CXR feature → teacher embedding; 0 = predicting the mean), the paper's "
+             "alpha 10: " + "; ".join(parts)]
+    if all("cv" in r["labs"] for rs in groups.values() for r in rs):
+        cv = [f"{name} labs {_fmt([r['labs']['cv']['r2'] for r in rs])} / ECG "
+              f"{_fmt([r['ecg']['cv']['r2'] for r in rs])} (alpha {_alphas(rs)})"
+              for name, rs in groups.items()]
+        lines.append("alignment ridge R², alpha by leave-one-out on the fit rows: " + "; ".join(cv))
     if zero_shot:
         shots = [z["zero_shot"] for z in zero_shot.values()]
         lines.append(f"zero-shot 1-of-{shots[0]['group_size']} on {shots[0]['n_queries']} queries "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import Ridge, RidgeCV
 from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 EVAL_ITEM = "cxr"  # the item kind whose files (CXR, ids, labels) the evaluation reads, beside the teachers'
 RECALL_KS = (1, 5, 10)
 FIT_BATCH = 256  # the reference's probe loader batch (shuffle=True, drop_last=True)
+PAPER_ALPHA = 10.0  # the reference's ridge penalty
+# ``alpha="cv"``: the penalty chosen by efficient leave-one-out on the fit rows, over half decades 0.1 .. 1e6
+CV_ALPHAS = tuple(10.0 ** (k / 2) for k in range(-2, 13))
 
 # ------------------------------------------------------------------------------------------ data + features
 
@@ -147,25 +150,37 @@ def ridge_probe(
     train_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    alpha: float = 10.0,
+    alpha: float | str = PAPER_ALPHA,
     drop_last_batch: int | None = FIT_BATCH,
     seed: int = 0,
 ) -> ProbeResult:
     """Fit ``StandardScaler → Ridge(alpha, solver="svd")`` from X [N, D] to Y [N, T], score on test.
 
     X is standardised with the fit rows' mean and std; Y is not standardised. The fit rows are
-    :func:`fit_indices` ``(len(train_x), drop_last_batch, seed)``.
+    :func:`fit_indices` ``(len(train_x), drop_last_batch, seed)``. ``alpha="cv"`` chooses one penalty for
+    all targets from :data:`CV_ALPHAS` by efficient leave-one-out on the fit rows (``RidgeCV``: the mean
+    squared error over the targets); the metrics name the penalty used as ``alpha``.
     """
     _check_pair(train_x, train_y, "train")
     _check_pair(test_x, test_y, "test")
     if train_x.shape[1] != test_x.shape[1] or train_y.shape[1] != test_y.shape[1]:
         raise ValueError(f"train and test widths differ: X {train_x.shape[1]} vs {test_x.shape[1]}, "
                          f"Y {train_y.shape[1]} vs {test_y.shape[1]}")
+    if alpha == "cv":
+        ridge = RidgeCV(alphas=CV_ALPHAS)
+    elif isinstance(alpha, (int, float)) and alpha > 0:
+        ridge = Ridge(alpha=float(alpha), solver="svd")
+    else:
+        raise ValueError(f"alpha must be a positive number or 'cv', got {alpha!r}")
     rows = fit_indices(len(train_x), drop_last_batch, seed)
-    probe = make_pipeline(StandardScaler(), Ridge(alpha=alpha, solver="svd"))
+    probe = make_pipeline(StandardScaler(), ridge)
     probe.fit(train_x[rows], train_y[rows])
+    chosen = float(ridge.alpha_ if alpha == "cv" else alpha)
+    if alpha == "cv" and chosen in (CV_ALPHAS[0], CV_ALPHAS[-1]):
+        log.warning("leave-one-out chose alpha %g, at the end of the grid %g .. %g", chosen, CV_ALPHAS[0],
+                    CV_ALPHAS[-1])
     pred = np.asarray(probe.predict(test_x))
-    return ProbeResult(pred, alignment_metrics(pred, test_y), len(rows))
+    return ProbeResult(pred, {**alignment_metrics(pred, test_y), "alpha": chosen}, len(rows))
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -242,15 +257,17 @@ def probe_encoder(
     img_size: int = 224,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-    alpha: float = 10.0,
+    alpha: float | str = PAPER_ALPHA,
     drop_last_batch: int | None = FIT_BATCH,
     seed: int = 0,
+    cv_alpha: bool = False,
 ) -> dict[str, dict[str, float]]:
     """docs/datasets.md#alignment for one encoder: features of both splits once, then one ridge probe per
     target.
 
     Returns ``{target: metrics + n_fit}`` for every teacher of the splits (``fit.targets`` =
-    ``test.targets``).
+    ``test.targets``); with ``cv_alpha``, each target's metrics also hold ``cv``: those of a second probe
+    whose penalty leave-one-out chose (:func:`ridge_probe` ``alpha="cv"``) on the same features.
     """
     if fit.targets != test.targets:
         raise ValueError(f"the fit and test splits hold different teachers: {list(fit.targets)} vs "
@@ -259,9 +276,15 @@ def probe_encoder(
                                           source=str(s.paths["cxr"])) for s in (fit, test)}
     results = {}
     for target, key in fit.targets.items():
-        res = ridge_probe(feats[fit.name], np.asarray(fit.arrays[key], np.float32), feats[test.name],
-                          np.asarray(test.arrays[key], np.float32), alpha, drop_last_batch, seed)
+        data = (feats[fit.name], np.asarray(fit.arrays[key], np.float32), feats[test.name],
+                np.asarray(test.arrays[key], np.float32))
+        res = ridge_probe(*data, alpha, drop_last_batch, seed)
         results[target] = {**res.metrics, "n_fit": res.n_fit}
+        if cv_alpha:
+            cv = ridge_probe(*data, "cv", drop_last_batch, seed)
+            results[target]["cv"] = cv.metrics
+            log.info("%s probe, alpha %g by leave-one-out: R² %.4f", target, cv.metrics["alpha"],
+                     cv.metrics["r2"])
         log.info("%s probe: R² %.4f, cos %.4f, centred cos %.4f, R@1 %.2f%%", target, res.metrics["r2"],
                  res.metrics["cos"], res.metrics["cos_centred"], res.metrics["recall@1"])
     return results

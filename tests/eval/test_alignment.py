@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pacx.data.symile_files import SymileFileError
 from pacx.eval.alignment import (
+    CV_ALPHAS,
     alignment_metrics,
     centred_cosine,
     cosine_rows,
@@ -143,9 +144,45 @@ def test_ridge_probe_matches_closed_form_on_the_fit_rows():
     expected = (x_test - mu) / sd @ coef + yf.mean(0)
     assert res.n_fit == 32
     np.testing.assert_allclose(res.pred, expected, rtol=1e-6, atol=1e-8)
-    assert res.metrics == pytest.approx(alignment_metrics(expected, y_test))
+    assert res.metrics == pytest.approx({**alignment_metrics(expected, y_test), "alpha": 10.0})
     with pytest.raises(ValueError, match=r"\[40, 6\] and \[39, 3\]"):
         ridge_probe(x, y[:39], x_test, y_test, drop_last_batch=None)
+
+
+def test_cv_alpha_is_the_leave_one_out_minimum_over_the_grid():
+    """``alpha="cv"``: the penalty of CV_ALPHAS with the least leave-one-out squared error on the fit rows
+    (brute force: each row predicted by the ridge, intercept unpenalised, fitted on the other rows, X
+    standardised with all fit rows' statistics as in the pipeline), then the probe at that penalty; a weak
+    signal in many features picks a larger penalty than the paper's 10."""
+    x, x_test = RNG.normal(size=(30, 12)), RNG.normal(size=(9, 12))
+    w = np.zeros((12, 3))
+    w[0] = [0.3, -0.2, 0.1]  # one feature carries a little of the targets, the other 11 nothing
+    y, y_test = x @ w + RNG.normal(size=(30, 3)), x_test @ w + RNG.normal(size=(9, 3))
+    xs = (x - x.mean(0)) / x.std(0)
+
+    def fit(xa, ya, alpha):
+        xc, yc = xa - xa.mean(0), ya - ya.mean(0)
+        coef = np.linalg.solve(xc.T @ xc + alpha * np.eye(xa.shape[1]), xc.T @ yc)
+        return coef, ya.mean(0) - xa.mean(0) @ coef
+
+    def loo_error(alpha):
+        errors = []
+        for i in range(len(xs)):
+            keep = np.arange(len(xs)) != i
+            coef, b = fit(xs[keep], y[keep], alpha)
+            errors.append(((xs[i] @ coef + b - y[i]) ** 2).mean())
+        return np.mean(errors)
+
+    best = min(CV_ALPHAS, key=loo_error)
+    assert best > 10.0
+    res = ridge_probe(x, y, x_test, y_test, alpha="cv", drop_last_batch=None)
+    assert res.metrics["alpha"] == best
+    coef, b = fit(xs, y, best)
+    expected = (x_test - x.mean(0)) / x.std(0) @ coef + b
+    np.testing.assert_allclose(res.pred, expected, rtol=1e-6, atol=1e-8)
+    assert res.metrics == pytest.approx({**alignment_metrics(expected, y_test), "alpha": best})
+    with pytest.raises(ValueError, match="positive number or 'cv'"):
+        ridge_probe(x, y, x_test, y_test, alpha="loo", drop_last_batch=None)
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -305,15 +342,17 @@ def test_script_random_and_stage1_backbones(tmp_path, release, stage1_run, capsy
     assert load_script("eval_alignment").main(["--data-root", str(release), "--backbone",
                                                "random=random:vit_test",
                            "--backbone", str(stage1_run), "--img-size", "32", "--batch-size", "7",
-                           "--drop-last-batch", "8", "--device", "cpu", "--json", str(out)]) == 0
+                           "--drop-last-batch", "8", "--device", "cpu", "--cv-alpha", "--json",
+                           str(out)]) == 0
     results = json.loads(out.read_text())
     assert set(results) == {"random", "stage1"}
     for res in results.values():
         assert set(res) == {"ecg", "labs"} and _finite(res)
         for m in res.values():
-            assert m["n_fit"] == 24 and m["n_test"] == 10 and -1 <= m["cos"] <= 1
+            assert m["n_fit"] == 24 and m["n_test"] == 10 and -1 <= m["cos"] <= 1 and m["alpha"] == 10.0
             assert {"r2", "cos_centred", "recall@1", "recall@5", "recall@10", "baseline_cos",
                     "baseline_cos_centred", "duplicate_rows"} <= set(m)
+            assert m["cv"]["alpha"] in CV_ALPHAS and set(m) - {"cv", "n_fit"} == set(m["cv"])
     table = capsys.readouterr().out
     assert "| random | ECG |" in table and "| stage1 | labs |" in table and "baseline (permutation" in table
     assert results["random"]["ecg"] != results["stage1"]["ecg"]
