@@ -77,3 +77,20 @@ def run_ranks(worker: str, world: int = 2, timeout: float = 120.0,
     if any(p.returncode != 0 for p in procs):
         pytest.fail("DDP ranks failed:\n" + "\n".join(
             f"--- rank {r} (exit {p.returncode}) ---\n{log}" for r, (p, log) in enumerate(zip(procs, logs))))
+
+
+def lrs_per_step(module, steps_per_epoch: int, epochs: int, batch_size: int = 8) -> list[float]:
+    """The first group's lr at every optimizer step of ``module.configure_optimizers()``, under a stand-in
+    trainer of one device (no gradients: the optimizer steps only keep the order Lightning keeps)."""
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=steps_per_epoch * epochs, num_training_batches=steps_per_epoch,
+        accumulate_grad_batches=1, world_size=1, train_dataloader=SimpleNamespace(batch_size=batch_size))
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(steps_per_epoch * epochs):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return lrs

@@ -24,6 +24,7 @@ from pacx.lit.classify import LOSSES, METRICS, PREDICTIONS, ClassificationModule
 from pacx.models.backbones import BackboneConfig, build_backbone
 from pacx.testing.benchmarks import RELEASE_WRITERS
 from pacx.weights.checkpoint import CheckpointError
+from tests.helpers import lrs_per_step
 
 CLASSIFICATION = sorted(n for n, s in BENCHMARKS.items() if s.task != "segmentation" and n in RELEASE_WRITERS)
 MULTICLASS = sorted(n for n in CLASSIFICATION if BENCHMARKS[n].task == "multiclass")
@@ -325,22 +326,6 @@ def test_defaults_are_the_stage3_settings():
         "backbone_lr_scale": 0.1, "head_norm": False, "feature_cache": "flip"}
 
 
-def _lrs_per_step(module, steps_per_epoch: int, epochs: int) -> list[float]:
-    """The head's lr at every optimizer step of ``module.configure_optimizers()`` under a stand-in trainer."""
-    from types import SimpleNamespace
-
-    module._trainer = SimpleNamespace(
-        estimated_stepping_batches=steps_per_epoch * epochs, num_training_batches=steps_per_epoch,
-        accumulate_grad_batches=1, world_size=1, train_dataloader=SimpleNamespace(batch_size=8))
-    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
-    lrs = []
-    for _ in range(steps_per_epoch * epochs):
-        lrs.append(scheduler.get_last_lr()[0])
-        scheduler.optimizer.step()
-        scheduler.step()
-    return lrs
-
-
 def test_stage3_configs_hold_the_reference_per_epoch_cosine():
     """docs/datasets.md#stage-3-settings: the linear-probe configs step the authors' schedule per epoch, a
     half cosine over the 40 epochs held within each epoch (epoch e: lr · ½(1 + cos(π e / 40)), never exactly
@@ -356,11 +341,11 @@ def test_stage3_configs_hold_the_reference_per_epoch_cosine():
     module = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32), lr=lr,
                                   lr_interval="epoch")
     expected = [lr * 0.5 * (1 + math.cos(math.pi * (s // spe) / epochs)) for s in range(spe * epochs)]
-    assert _lrs_per_step(module, spe, epochs) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert lrs_per_step(module, spe, epochs) == pytest.approx(expected, rel=1e-12, abs=1e-15)
     per_step = ClassificationModule("tb", BackboneConfig("random", None, "vit_test", 32), lr=lr,
                                     lr_interval="step")
     curve = [lr * 0.5 * (1 + math.cos(math.pi * s / (spe * epochs))) for s in range(spe * epochs)]
-    assert _lrs_per_step(per_step, spe, epochs) == pytest.approx(curve, rel=1e-12, abs=1e-15)
+    assert lrs_per_step(per_step, spe, epochs) == pytest.approx(curve, rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])

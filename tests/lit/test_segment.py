@@ -476,9 +476,10 @@ def test_segmentation_config_holds_the_reference_per_epoch_warmup_and_cosine():
     """docs/datasets.md#stage-3-settings: the segmentation config steps the authors' schedule per epoch:
     (e + 1) / 5 for the 5 warmup epochs, then a cosine over the remaining 45, each held for its epoch."""
     import math
-    from types import SimpleNamespace
 
     import yaml
+
+    from tests.helpers import lrs_per_step
 
     config = Path(__file__).resolve().parents[2] / "configs/stage3/segmentation.yaml"
     base = yaml.safe_load(config.read_text())
@@ -486,15 +487,7 @@ def test_segmentation_config_holds_the_reference_per_epoch_warmup_and_cosine():
     spe, epochs, lr = 2, 50, 1e-4
     module = SegmentationModule("cxlseg", BackboneConfig("random", None, "vit_test", 32), decoder_width=16,
                                 lr=lr, lr_interval="epoch")
-    module._trainer = SimpleNamespace(
-        estimated_stepping_batches=spe * epochs, num_training_batches=spe, accumulate_grad_batches=1,
-        world_size=1, train_dataloader=SimpleNamespace(batch_size=8))
-    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
-    got = []
-    for _ in range(spe * epochs):
-        got.append(scheduler.get_last_lr()[0])
-        scheduler.optimizer.step()
-        scheduler.step()
+    got = lrs_per_step(module, spe, epochs)
 
     def reference(e: int) -> float:
         return (e + 1) / 5 if e < 5 else 0.5 * (1 + math.cos(math.pi * (e - 5) / 45))
