@@ -246,6 +246,12 @@ def small_caches(tmp_path, chexpert_release):
     return tmp_path
 
 
+def _cached_datamodule(caches, release, img_size: int) -> CheXpertDataModule:
+    """The CheXpert data module on the manifests and the train / val caches of ``caches``."""
+    return CheXpertDataModule(str(release), manifest_dir=str(caches), num_workers=0, img_size=img_size,
+                              train_cache=str(caches / "cache_train"), val_cache=str(caches / "cache_val"))
+
+
 @pytest.mark.bad_input
 def test_blank_path_with_a_cache_names_manifest_and_row(small_caches, chexpert_release):
     """Cached CheXpert manifest row with a blank Path → ManifestError naming the manifest, the row and its
@@ -256,9 +262,7 @@ def test_blank_path_with_a_cache_names_manifest_and_row(small_caches, chexpert_r
     df = pd.read_csv(csv)
     df.loc[4, "Path"] = None
     df.to_csv(csv, index=False)
-    dm = CheXpertDataModule(str(chexpert_release), manifest_dir=str(small_caches), num_workers=0, img_size=32,
-                            train_cache=str(small_caches / "cache_train"),
-                            val_cache=str(small_caches / "cache_val"))
+    dm = _cached_datamodule(small_caches, chexpert_release, 32)
     with pytest.raises(ManifestError, match=rf"{re.escape(str(csv))}: 1 row\(s\) with a blank Path .*"
                                             r"row 4 \(line 6\)"):
         dm.setup("fit")
@@ -270,12 +274,8 @@ def test_val_cache_of_another_size_is_refused(small_caches, chexpert_release):
     (its pixels would not be the uncached evaluation resize's)."""
     from pacx.data.cache import CacheError
 
-    dm = CheXpertDataModule(str(chexpert_release), manifest_dir=str(small_caches), num_workers=0, img_size=24,
-                            train_cache=str(small_caches / "cache_train"),
-                            val_cache=str(small_caches / "cache_val"))
+    dm = _cached_datamodule(small_caches, chexpert_release, 24)
     with pytest.raises(CacheError, match=rf"{re.escape(str(small_caches / 'cache_val'))}: 32 px images, .*"
                                          r"img_size 24"):
         dm.setup("fit")
-    CheXpertDataModule(str(chexpert_release), manifest_dir=str(small_caches), num_workers=0, img_size=32,
-                       train_cache=str(small_caches / "cache_train"),
-                       val_cache=str(small_caches / "cache_val")).setup("fit")
+    _cached_datamodule(small_caches, chexpert_release, 32).setup("fit")
