@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 
@@ -59,8 +59,26 @@ QUIET_WARNINGS = (
 )
 
 
+class RunConfig(SaveConfigCallback):
+    """Saves the resolved config where the run's CSV history goes, whatever the loggers:
+    ``<run_dir>/config.yaml`` for ``fit`` (what a resume compares against),
+    ``<run_dir>/<subcommand>/config.yaml`` for ``validate`` / ``test`` / ``predict``. (Lightning's own
+    callback writes to the trainer's log_dir, which without a logger is the run directory: a ``validate``
+    then overwrote the fit's config.)"""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank zero only (Lightning's setup)
+        folder = Path(trainer.default_root_dir) / log_location(trainer.state.fn.value)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True,
+                         multifile=self.multifile)
+
+
 class PacxCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)

@@ -112,3 +112,17 @@ def test_a_resume_with_another_seed_or_batch_size_is_reported(tmp_path, chexpert
     assert "data.batch_size: 8 -> 4" in message and "seed_everything: 7 -> 0" in message
     assert "num_workers" not in message and "max_steps" not in message
     assert "batch_size: 4" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("logger", ["true", "false"])
+def test_validate_keeps_the_fit_config_with_or_without_a_logger(tmp_path, chexpert_release, logger):
+    """``validate`` saves its resolved config under ``<run>/validate/``, never over the fit's
+    ``<run>/config.yaml`` (which a resume compares against). With ``--trainer.logger false`` it was written to
+    the trainer's log_dir, the run directory itself."""
+    run = tmp_path / "run"
+    main(_args(run, chexpert_release, 1))
+    fit_config = (run / "config.yaml").read_text()
+    args = _args(run, chexpert_release, 1, "--trainer.logger", logger, "--ckpt_path", "last")
+    main(["validate", *args[1:]])
+    assert (run / "config.yaml").read_text() == fit_config
+    assert f"ckpt_path: {run / 'checkpoints' / 'last.ckpt'}" in (run / "validate" / "config.yaml").read_text()
