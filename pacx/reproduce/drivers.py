@@ -258,7 +258,7 @@ def _run_subprocess(cmd: list[str], env: Mapping[str, str]) -> int:
 
 class PointPool:
     """Runs the points of a ``local_parallel`` node ``jobs`` at a time, each with ``cores // jobs`` CPU
-    threads (``--jobs N``): in worker processes started once for the whole plan (``in_process``: each
+    threads, at least one (``--jobs N``, or the node's ``local_parallel: k``): in worker processes started once for the whole plan (``in_process``: each
     imports torch and Lightning once, as the demo's single process does), or as subprocesses with
     ``OMP_NUM_THREADS`` set.
 
@@ -321,8 +321,9 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
               in_process: bool = False, only: list[str] | None = None, jobs: int = 1) -> dict[str, Outcome]:
     """Every unfinished point in order, each as ``python -m pacx.reproduce exec`` (``in_process``: in this
     process, as ``python -m pacx.demo`` runs the demo); ``only``: just these nodes (the others are not
-    looked at); ``jobs`` > 1: the points of ``local_parallel`` nodes run that many at a time
-    (:class:`PointPool`)."""
+    looked at); ``jobs`` > 1: the points of ``local_parallel`` nodes run that many at a time, or the node's own
+    number for ``local_parallel: k`` (:class:`PointPool`: the pool of ``jobs`` workers serves the whole plan,
+    a pool of another width only its node)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
@@ -335,7 +336,7 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
         write_specs(plan)
     selected = plan if not only else dataclasses.replace(
         plan, nodes={n: v for n, v in plan.nodes.items() if n in only})
-    pool = PointPool(jobs, in_process, env) if jobs > 1 and not dry_run else None
+    pools: dict[int, PointPool] = {}  # width -> pool
     try:
         for node, todo, outcome in _unfinished(selected, outcomes, lines):
             blocked = [p for p in node.after if p in outcomes and outcomes[p].status in ("failed", "blocked")]
@@ -345,8 +346,13 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
                 continue
             start = time.perf_counter()
             spec = node_spec(plan, node) if in_process else None
-            if pool is not None and node.local_parallel and len(todo) > 1:
-                codes = pool.run(plan, node, spec, todo)
+            width = node.local_width(jobs)
+            if width > 1 and len(todo) > 1 and not dry_run:
+                if width not in pools:
+                    pools[width] = PointPool(width, in_process, env)
+                codes = pools[width].run(plan, node, spec, todo)
+                if width != jobs:  # a node's own width: its workers are not needed after it
+                    pools.pop(width).close()
             else:
                 codes = {}
                 for index in todo:
@@ -365,7 +371,7 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
             outcome.seconds = None if dry_run else round(time.perf_counter() - start, 1)
             outcome.status = "would run" if dry_run else "failed" if outcome.failed else "completed"
     finally:
-        if pool is not None:
+        for pool in pools.values():
             pool.close()
     if dry_run:
         sys.stdout.write("\n".join(lines) + "\n")

@@ -81,11 +81,20 @@ class Node:
     resources: Resources
     sbatch_args: tuple[str, ...] = ()
     max_parallel: int | None = None
-    local_parallel: bool = False  # its points may run side by side under --local --jobs N
+    # its points may run side by side under --local --jobs N (N > 1): True, N at a time; an integer k, k at
+    # a time (each with cores // k threads, at least 1)
+    local_parallel: bool | int = False
 
     @property
     def is_grid(self) -> bool:
         return bool(self.axes)
+
+    def local_width(self, jobs: int) -> int:
+        """How many of its points the local driver runs at once under ``--jobs jobs``: 1 without the flag or
+        with ``jobs`` 1; ``jobs`` for ``local_parallel: true``; the node's own k for ``local_parallel: k``."""
+        if jobs <= 1 or self.local_parallel is False:
+            return 1
+        return jobs if self.local_parallel is True else self.local_parallel
 
 
 @dataclass(frozen=True)
@@ -341,9 +350,10 @@ def _build_node(ctx: _PlanContext, i: int, raw) -> Node:
         raise PlanError(f"{where}: max_parallel must be a positive integer on a grid node, "
                         f"got {max_parallel!r}")
     local_parallel = raw.get("local_parallel", False)
-    if not isinstance(local_parallel, bool) or (local_parallel and not axes):
-        raise PlanError(f"{where}: local_parallel must be true or false, and true only on a grid node, "
-                        f"got {local_parallel!r}")
+    counted = isinstance(local_parallel, int) and not isinstance(local_parallel, bool) and local_parallel >= 2
+    if not (isinstance(local_parallel, bool) or counted) or (local_parallel and not axes):
+        raise PlanError(f"{where}: local_parallel must be true, false or a number of points at once (>= 2), "
+                        f"and set only on a grid node, got {local_parallel!r}")
     sbatch_args = tuple(substitute(a, {**ctx.values, "node": name}, where)
                         for a in _str_list(where, raw.get("sbatch_args"), "sbatch_args"))
     return Node(name, kind, target, after, tuple(points), tuple(a for a, _ in axes),

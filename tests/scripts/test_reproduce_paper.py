@@ -614,7 +614,8 @@ WHO = ("import os, sys, time, torch; t0 = time.time(); time.sleep(1.5); "
 def test_local_jobs_run_parallel_nodes_side_by_side(tmp_path, mode, monkeypatch):
     """``--jobs 2``: the points of a ``local_parallel`` node run two at a time in other processes with
     cores // 2 torch threads each (in process: two workers started once for the plan); a failing point
-    fails only itself; a node without the flag still runs in order in this process."""
+    fails only itself; a node without the flag still runs in order in this process; a node with
+    ``local_parallel: 3`` runs its three points at once with cores // 3 threads each (its own workers)."""
     from pacx.reproduce import drivers
 
     monkeypatch.setattr(drivers, "cores", lambda: 4)
@@ -628,11 +629,13 @@ def test_local_jobs_run_parallel_nodes_side_by_side(tmp_path, mode, monkeypatch)
           - {{name: again, after: [mk], local_parallel: true, grid: {{n: [6, 7]}},
               script: [-c, "{WHO}", "{{out}}/who", "{{n}}"]}}
           - {{name: seq, after: [mk], grid: {{n: [8, 9]}}, script: [-c, "{WHO}", "{{out}}/who", "{{n}}"]}}
+          - {{name: three, after: [mk], local_parallel: 3, grid: {{n: [10, 11, 12]}},
+              script: [-c, "{WHO}", "{{out}}/who", "{{n}}"]}}
     """)
     assert main([str(plan_path), *LOCAL_MODES[mode], "--jobs", "2", "--out", str(out),
                  "--json", str(tmp_path / "s.json")]) == 1
     who = {int(f.name): f.read_text().split() for f in (out / "who").iterdir()}
-    assert sorted(who) == list(range(1, 10))
+    assert sorted(who) == list(range(1, 13))
     pids = {n: int(w[0]) for n, w in who.items()}
     threads = {n: int(w[1]) for n, w in who.items()}
     spans = {n: (float(w[2]), float(w[3])) for n, w in who.items()}
@@ -645,19 +648,40 @@ def test_local_jobs_run_parallel_nodes_side_by_side(tmp_path, mode, monkeypatch)
         assert len({pids[n] for n in parallel}) == 7 and pids[8] != pids[9]
     assert spans[1][0] < spans[2][1] and spans[2][0] < spans[1][1]  # 1 and 2 overlapped
     assert spans[8][1] <= spans[9][0]  # the node without the flag ran one point after the other
+    three = (10, 11, 12)
+    assert {threads[n] for n in three} == {1} and len({pids[n] for n in three}) == 3
+    assert not {pids[n] for n in three} & ({pids[n] for n in parallel} | {os.getpid()})
+    assert max(spans[n][0] for n in three) < min(spans[n][1] for n in three)  # all three overlapped
     nodes = json.loads((tmp_path / "s.json").read_text())["nodes"]
     assert nodes["par"]["status"] == "failed" and nodes["par"]["failed"] == [2]  # n=3 is index 2
-    assert nodes["again"]["status"] == nodes["seq"]["status"] == "completed"
+    assert nodes["again"]["status"] == nodes["seq"]["status"] == nodes["three"]["status"] == "completed"
     assert json.loads((out / "runs/par/n=3/run.json").read_text())["status"] == "failed: exit code 3"
 
 
 def test_local_parallel_is_a_grid_flag(tmp_path):
-    for bad in ("local_parallel: yes-please, grid: {n: [1, 2]}", "local_parallel: true"):
+    for bad in ("local_parallel: yes-please, grid: {n: [1, 2]}", "local_parallel: true",
+                "local_parallel: 1, grid: {n: [1, 2]}", "local_parallel: 2.5, grid: {n: [1, 2]}",
+                "local_parallel: 3"):
         path = write_plan(tmp_path, f"nodes: [{{name: a, script: [-c, pass], {bad}}}]\n")
-        with pytest.raises(PlanError, match="local_parallel must be true or false, and true only on a grid"):
+        with pytest.raises(PlanError, match=r"local_parallel must be true, false or a number of points at "
+                                            r"once \(>= 2\), and set only on a grid node"):
             load_plan(path, out=tmp_path / "out")
     with pytest.raises(SystemExit):
         main([str(path), "--jobs", "2"])  # --jobs goes with --local
+
+
+def test_local_width_follows_jobs_and_the_nodes_own_number(tmp_path):
+    """How many points run at once: one point at a time with --jobs 1 whatever the flag; --jobs N for
+    ``local_parallel: true``; the node's own k for ``local_parallel: k`` under any --jobs above 1."""
+    path = write_plan(tmp_path, """\
+        nodes:
+          - {name: flag, local_parallel: true, grid: {n: [1, 2, 3]}, script: [-c, pass]}
+          - {name: own, local_parallel: 3, grid: {n: [1, 2, 3]}, script: [-c, pass]}
+          - {name: plain, grid: {n: [1, 2, 3]}, script: [-c, pass]}
+    """)
+    nodes = load_plan(path, out=tmp_path / "out").nodes
+    widths = {name: [nodes[name].local_width(jobs) for jobs in (1, 2, 4)] for name in nodes}
+    assert widths == {"flag": [1, 2, 4], "own": [1, 3, 3], "plain": [1, 1, 1]}
 
 
 def test_script_node_records_sigterm_and_ignores_usr1(tmp_path):
