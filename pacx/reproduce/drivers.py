@@ -258,9 +258,9 @@ def _run_subprocess(cmd: list[str], env: Mapping[str, str]) -> int:
 
 class PointPool:
     """Runs the points of a ``local_parallel`` node ``jobs`` at a time, each with ``cores // jobs`` CPU
-    threads, at least one (``--jobs N``, or the node's ``local_parallel: k``): in worker processes started once for the whole plan (``in_process``: each
-    imports torch and Lightning once, as the demo's single process does), or as subprocesses with
-    ``OMP_NUM_THREADS`` set.
+    threads, at least one (``--jobs N``, or the node's ``local_parallel: k``): in worker processes started
+    once for the whole plan (``in_process``: each imports torch and Lightning once, as the demo's single
+    process does), or as subprocesses with ``OMP_NUM_THREADS`` set.
 
     The thread count changes the order of floating-point sums, so a point's numbers may differ in the last
     digits from a run with other ``--jobs``.
@@ -321,9 +321,9 @@ def run_local(plan: Plan, dry_run: bool = False, env: Mapping[str, str] | None =
               in_process: bool = False, only: list[str] | None = None, jobs: int = 1) -> dict[str, Outcome]:
     """Every unfinished point in order, each as ``python -m pacx.reproduce exec`` (``in_process``: in this
     process, as ``python -m pacx.demo`` runs the demo); ``only``: just these nodes (the others are not
-    looked at); ``jobs`` > 1: the points of ``local_parallel`` nodes run that many at a time, or the node's own
-    number for ``local_parallel: k`` (:class:`PointPool`: the pool of ``jobs`` workers serves the whole plan,
-    a pool of another width only its node)."""
+    looked at); ``jobs`` > 1: the points of ``local_parallel`` nodes run that many at a time, or the node's
+    own number for ``local_parallel: k`` (:class:`PointPool`: the pool of ``jobs`` workers serves the whole
+    plan, a pool of another width only its node)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     env = {**(env if env is not None else os.environ), "PACX_PYTHON": plan.python}
