@@ -59,8 +59,9 @@ def run_demo(out: str | Path, quick: bool = False, wandb: str = "offline", only:
              plan: str | Path = PLAN, jobs: int = 1) -> dict:
     """Run the demo plan into ``out``; returns the summary (``nodes``: status, points and seconds per node,
     ``outputs``: the main files). A node that finished in an earlier call keeps its recorded seconds.
-    ``jobs``: how many points of a ``local_parallel`` node (the Stage 3 runs) run at once
-    (:class:`pacx.reproduce.drivers.PointPool`)."""
+    ``jobs``: how many points of a ``local_parallel`` node (the Stage 3 runs) run at once; above 1, the
+    Stage 2 seeds also run side by side (their node's ``local_parallel: 3``;
+    :class:`pacx.reproduce.drivers.PointPool`)."""
     loaded = load_plan(plan, out=out, overrides={"wandb": wandb}, profile="quick" if quick else "full")
     claim_out_dir(loaded)
     summary_path = loaded.out / SUMMARY
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", default=str(PLAN), help="the demo plan (default plans/demo.yaml)")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="Stage 3 runs at once, each with cores / jobs threads (default: 2 on two or "
-                             "more cores, else 1; the numbers may differ in the last digits between values)")
+                             "more cores, else 1; above 1, the Stage 2 seeds also run side by side, each "
+                             "with cores / seeds threads; the numbers may differ between values)")
     parser.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     args = parser.parse_args(argv)
     if args.jobs < 1:
