@@ -42,7 +42,7 @@ def test_ctrl_c_is_recorded_as_interrupted(tmp_path, chexpert_release, repo):
                 "--trainer.callbacks.step", "3", "--trainer.callbacks.signum", str(int(signal.SIGINT)))],
         cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
         # as a process in a terminal's foreground gets Ctrl-C: a test run started in the background by a
-        # non-interactive shell has SIGINT ignored, which its children would inherit (and never see the signal)
+        # non-interactive shell has SIGINT ignored, which its children inherit (and never see the signal)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Detected KeyboardInterrupt" in done.stdout + done.stderr
