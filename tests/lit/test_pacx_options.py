@@ -89,7 +89,7 @@ def test_stage2_options_reach_checkpoint_zero_shot_and_health(tmp_path, symile_r
     assert state["reg.labs.1.weight"].shape[0] == 4 and "feat_norm.running_mean" in state
 
     # zero-shot rebuilds the same embeddings: heads with their norms, the run's pool
-    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="full",
+    module = PaCXModule(encoder_arch="vit_test", img_size=32, shared_dim=16, tuning="lora",
                         teacher_norm="whiten", teacher_components=4, head_norm=True, pool="avg").eval()
     module.load_state_dict(state, strict=True)
     heads, x = load_stage2_heads(run), torch.from_numpy(labs[:5]).float()
