@@ -78,6 +78,20 @@ def _read_meta(directory: Path) -> dict:
         raise CacheError(f"{directory}/meta.json: cannot parse: {err}") from err
 
 
+def _check_source(out_dir: Path, meta: dict, source: dict) -> None:
+    """A resumed build reads the image root and strip count that the cache's done rows were decoded from."""
+    recorded = {k: meta[k] for k in source if k in meta}
+    if not recorded:  # built before the cache recorded its source
+        log.warning("%s: the cache does not record the image root its rows were decoded from (built by an "
+                    "earlier pacx); resuming from %s, strip_components %d, without checking that it is the "
+                    "same", out_dir, source["image_root"], source["strip_components"])
+        return
+    if recorded != source:
+        raise CacheError(f"{out_dir}: its rows were decoded from {recorded}, but this build reads {source}; a "
+                         "resumed cache must read the same files: give the same image root and "
+                         "strip_components, or use another output directory")
+
+
 _WORKER: dict = {}
 
 
@@ -128,21 +142,26 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     want = {"version": CACHE_VERSION, "decoder": DECODER_VERSION, "size": size, "channels": channels,
             "count": n}
+    # where the rows were read from: a resume must decode the same files (a manifest's relative paths are the
+    # same in CheXpert-v1.0-small and the full-resolution release, so the keys alone do not tell)
+    source = {"image_root": str(image_root.resolve()), "strip_components": strip_components}
     if (out_dir / "meta.json").is_file():  # resume
         meta = _read_meta(out_dir)
         old_paths = pd.read_csv(out_dir / "index.csv", keep_default_na=False, dtype={"path": str})["path"]
         if {k: meta.get(k) for k in want} != want or old_paths.tolist() != paths:
             raise CacheError(f"{out_dir}: holds a different cache ({ {k: meta.get(k) for k in want} }); "
                              "use another output directory or delete this one")
+        _check_source(out_dir, meta, source)
     else:  # fresh build; meta.json is written last so a half-initialised directory reads as absent
         np.lib.format.open_memmap(out_dir / "images.npy", "w+", np.uint8, (n, channels, size, size)).flush()
-        meta = {**want, "complete": False}
+        meta = {**want, **source, "complete": False}
         _write_state(out_dir, meta, paths, np.full((n, 2), -1, np.int32), np.zeros(n, bool))
     done, sizes = np.load(out_dir / "done.npy"), np.load(out_dir / "sizes.npy")
     todo = np.flatnonzero(~done)
     if todo.size == 0 and meta.get("complete"):
         log.info("%s: cache already complete (%d images at %d px)", out_dir, n, size)
         return out_dir
+    want = {**want, **source}  # recorded from here on (a cache built before pacx recorded them gains them)
     _write_state(out_dir, {**want, "complete": False})
     # slow on network file systems
     checked = progress_bar(todo, desc="check files", unit="img", enabled=progress)
@@ -207,6 +226,9 @@ class ImageCache:
             raise CacheError(f"{self.directory}: cache is incomplete (interrupted build?); rerun "
                              "scripts/build_image_cache.py with the same arguments to finish it")
         self.size, self.channels, self.count = int(meta["size"]), int(meta["channels"]), int(meta["count"])
+        # where its images were decoded from (None in caches built before pacx recorded it)
+        self.image_root: str | None = meta.get("image_root")
+        self.strip_components: int | None = meta.get("strip_components")
         index = pd.read_csv(self.directory / "index.csv", keep_default_na=False, dtype={"path": str})
         if len(index) != self.count:
             raise CacheError(f"{self.directory}/index.csv: {len(index)} rows, meta.json says {self.count}")

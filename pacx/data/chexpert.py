@@ -215,7 +215,8 @@ class CheXpertDataModule(pl.LightningDataModule):
                                      "uncached evaluation resize's; docs/design.md#image-cache)")
                 self.datasets[split] = CachedImageDataset(cache, df["Path"].astype(str).tolist())
                 self.collate_fns[split] = batched[split]
-                source = f"{source} via cache {caches[split]}"
+                source = (f"{source} via cache {caches[split]}, decoded from "
+                          f"{cache.image_root or 'an image root it does not record'}")
             else:
                 self.datasets[split] = ImageManifestDataset(
                     df, release / IMAGE_DIRS[split], "Path", (), transforms[split], source=source,

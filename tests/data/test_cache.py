@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_cache_files_and_item_access(release, cache_dir):
     root, df = release
     meta = json.loads((cache_dir / "meta.json").read_text())
     assert meta == {"version": 2, "decoder": DECODER_VERSION, "size": SIZE, "channels": 1, "count": len(df),
-                    "complete": True}
+                    "image_root": str(root.resolve()), "strip_components": 1, "complete": True}
     index = pd.read_csv(cache_dir / "index.csv")
     assert list(index.columns) == ["path", "orig_width", "orig_height"]
     assert index["path"].tolist() == df["Path"].tolist()
@@ -359,3 +360,59 @@ def test_path_too_short_to_strip_names_the_row(release, tmp_path):
     with pytest.raises(CacheError,
                        match=r"row 4: cannot strip 1 component\(s\) from path 'view1_frontal\.jpg'"):
         build_image_cache(paths, root, tmp_path / "c", SIZE, workers=0, strip_components=1, progress=False)
+
+
+# ------------------------------------------------------------------------------- (vi) the cache's source
+
+
+def test_the_cache_names_the_image_root_it_was_decoded_from(release, cache_dir):
+    root, _ = release
+    cache = ImageCache(cache_dir)
+    assert (cache.image_root, cache.strip_components) == (str(root.resolve()), 1)
+
+
+def _half_built(release, out: Path) -> None:
+    """A cache of the release with every other row not yet decoded (an interrupted build)."""
+    root, df = release
+    build_image_cache(df["Path"], root, out, SIZE, workers=0, strip_components=1, progress=False)
+    done = np.load(out / "done.npy")
+    done[::2] = False
+    np.save(out / "done.npy", done)
+
+
+@pytest.mark.bad_input
+def test_resume_from_another_image_root_is_refused(release, tmp_path):
+    """Resuming an image cache with another image root → CacheError "its rows were decoded from {...}, but
+    this build reads {...}".
+
+    CheXpert-v1.0-small and the full-resolution release share the manifest's relative paths, so a resume
+    that read the other copy would mix two releases' pixels in one cache."""
+    root, df = release
+    out = tmp_path / "c"
+    _half_built(release, out)
+    other = tmp_path / "copy"
+    shutil.copytree(root, other)
+    with pytest.raises(CacheError, match=rf"{out}: its rows were decoded from .*{root.name}.*, but this build "
+                                         rf"reads .*'{other}'"):
+        build_image_cache(df["Path"], other, out, SIZE, workers=0, strip_components=1, progress=False)
+    with pytest.raises(CacheError, match="'strip_components': 1}, but this build reads .*'strip_components': 0"):
+        build_image_cache(df["Path"], root, out, SIZE, workers=0, strip_components=0, progress=False)
+    # a link to the same release is the same files
+    (tmp_path / "link").symlink_to(root)
+    build_image_cache(df["Path"], tmp_path / "link", out, SIZE, workers=0, strip_components=1, progress=False)
+    assert ImageCache(out).count == len(df)
+
+
+def test_a_cache_without_a_recorded_source_resumes_with_a_warning(release, tmp_path, caplog):
+    root, df = release
+    out = tmp_path / "c"
+    _half_built(release, out)
+    meta = json.loads((out / "meta.json").read_text())
+    for key in ("image_root", "strip_components"):
+        del meta[key]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="pacx.data.cache"):
+        build_image_cache(df["Path"], root, out, SIZE, workers=0, strip_components=1, progress=False)
+    assert "does not record the image root" in caplog.text
+    assert json.loads((out / "meta.json").read_text())["image_root"] == str(root.resolve())
+    assert ImageCache(out).count == len(df)
