@@ -87,8 +87,8 @@ def _check_source(out_dir: Path, meta: dict, source: dict) -> None:
                     "same", out_dir, source["image_root"], source["strip_components"])
         return
     if recorded != source:
-        raise CacheError(f"{out_dir}: its rows were decoded from {recorded}, but this build reads {source}; a "
-                         "resumed cache must read the same files: give the same image root and "
+        raise CacheError(f"{out_dir}: its rows were decoded from {recorded}, but this build reads {source}; "
+                         "a resumed cache must read the same files: give the same image root and "
                          "strip_components, or use another output directory")
 
 

@@ -392,10 +392,10 @@ def test_resume_from_another_image_root_is_refused(release, tmp_path):
     _half_built(release, out)
     other = tmp_path / "copy"
     shutil.copytree(root, other)
-    with pytest.raises(CacheError, match=rf"{out}: its rows were decoded from .*{root.name}.*, but this build "
-                                         rf"reads .*'{other}'"):
+    decoded_from = rf"{out}: its rows were decoded from .*{root.name}.*, but this build reads .*'{other}'"
+    with pytest.raises(CacheError, match=decoded_from):
         build_image_cache(df["Path"], other, out, SIZE, workers=0, strip_components=1, progress=False)
-    with pytest.raises(CacheError, match="'strip_components': 1}, but this build reads .*'strip_components': 0"):
+    with pytest.raises(CacheError, match="'strip_components': 1}, but .*'strip_components': 0"):
         build_image_cache(df["Path"], root, out, SIZE, workers=0, strip_components=0, progress=False)
     # a link to the same release is the same files
     (tmp_path / "link").symlink_to(root)
