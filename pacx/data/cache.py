@@ -161,8 +161,8 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
     if todo.size == 0 and meta.get("complete"):
         log.info("%s: cache already complete (%d images at %d px)", out_dir, n, size)
         return out_dir
-    want = {**want, **source}  # recorded from here on (a cache built before pacx recorded them gains them)
-    _write_state(out_dir, {**want, "complete": False})
+    recorded = {**want, **source}  # a cache built before pacx recorded its source gains it here
+    _write_state(out_dir, {**recorded, "complete": False})
     # slow on network file systems
     checked = progress_bar(todo, desc="check files", unit="img", enabled=progress)
     missing = [i for i in checked if not (image_root / _strip(paths[i], strip_components, i)).is_file()]
@@ -174,7 +174,7 @@ def build_image_cache(paths: Sequence[str], image_root: str | Path, out_dir: str
     init_args = (str(out_dir / "images.npy"), str(image_root), strip_components, size, channels)
     workers = (os.cpu_count() or 1) if workers is None else workers
     _run_chunks(chunks, init_args, workers, out_dir, done, sizes, progress)
-    _write_state(out_dir, {**want, "complete": True}, paths, sizes)
+    _write_state(out_dir, {**recorded, "complete": True}, paths, sizes)
     log.info("%s: cache complete (%d images)", out_dir, n)
     return out_dir
 
