@@ -23,6 +23,7 @@ from torch import nn
 
 from pacx.data.symile import resize_normalized
 from pacx.data.symile_files import SymileFileError, open_npy, validate_split
+from pacx.eval.retrieval import paired_topk
 from pacx.teachers import DEFAULT_TEACHERS, resolve_teachers, teacher_spec
 
 log = logging.getLogger(__name__)
@@ -208,26 +209,16 @@ def permutation_baseline(y: np.ndarray, seed: int = 0) -> dict[str, float]:
             "baseline_cos_centred": float(cosine_rows(yc, yc[perm]).mean())}
 
 
-def _unit(a: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), eps)
-
-
 def recall_at_k(pred: np.ndarray, y: np.ndarray, ks: tuple[int, ...] = RECALL_KS) -> dict[int, float]:
     """R@k in percent: query i hits if its own row is among the k most cosine-similar rows of ``y``.
 
-    Similarity = L2-normalised ``pred`` [N, T] times L2-normalised ``y``ᵀ, [N, N]; top-k by
-    ``argpartition`` (ties broken arbitrarily, as the reference); k is capped at N.
+    Similarity = L2-normalised ``pred`` [N, T] times L2-normalised ``y``ᵀ, [N, N]; k is capped at N. Rows
+    tied with the own row (duplicated targets, a constant prediction) count as a random order of the tied
+    rows (:func:`pacx.eval.retrieval.expected_hits`); the reference breaks them by ``argpartition`` order.
     """
-    p = np.asarray(pred, np.float64)
-    t = np.asarray(y, np.float64)
-    sim = _unit(p) @ _unit(t).T  # [N, N]
-    n = len(sim)
-    out = {}
-    for k in ks:
-        k_eff = min(k, n)
-        top = np.argpartition(-sim, k_eff - 1, axis=1)[:, :k_eff]  # [N, k]
-        out[k] = float(100.0 * (top == np.arange(n)[:, None]).any(axis=1).mean())
-    return out
+    p, t = (torch.tensor(np.asarray(a, np.float64)) for a in (pred, y))
+    hits = paired_topk(p, t, ks)
+    return {k: float(100.0 * v) for k, v in hits.items()}
 
 
 def duplicate_rows(y: np.ndarray) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from pacx.constants import STAGE_PACX
 from pacx.data.symile_files import SymileFileError
 from pacx.eval.alignment import SymileSplit, extract_cxr_features
+from pacx.eval.retrieval import expected_hits
 from pacx.models.heads import FeatureNorm, ProjectionHead, TeacherNorm, upgrade_head_keys
 from pacx.teachers import resolve_teachers
 from pacx.weights.checkpoint import (
@@ -116,11 +117,12 @@ def retrieval_groups(label: np.ndarray, label_hadm_id: np.ndarray, source: str =
 
 def zero_shot_accuracy(query: torch.Tensor, candidates: torch.Tensor) -> float:
     """Fraction of queries [Q, D] whose positive (candidate 0 of [Q, G, D]) has the highest cosine
-    among its G candidates; a tie with a negative counts for the positive (as Stage 2 validation)."""
+    among its G candidates; ties with negatives count as a random order of the tied candidates
+    (:func:`pacx.eval.retrieval.expected_hits`)."""
     q = nn.functional.normalize(query.double(), dim=-1)
     c = nn.functional.normalize(candidates.double(), dim=-1)
     sim = torch.einsum("qd,qgd->qg", q, c)  # [Q, G]
-    return float(((sim[:, 1:] > sim[:, :1]).sum(dim=1) == 0).double().mean())
+    return float(expected_hits(sim, 0, (1,))[1].mean())
 
 
 def input_width(head: nn.Module) -> int:

@@ -20,6 +20,7 @@ from torch.utils.data import DistributedSampler
 from pacx.constants import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, STAGE_PACX
 from pacx.data.leakage import record_stage2_admissions
 from pacx.dist import gather_with_grad
+from pacx.eval.retrieval import paired_topk
 from pacx.lit.common import StagedModule
 from pacx.lit.health import LearningHealth
 from pacx.losses import DistillationLoss
@@ -32,14 +33,6 @@ from pacx.weights.checkpoint import CheckpointError
 from pacx.weights.formats import read_encoder_weights
 
 log = logging.getLogger(__name__)
-
-
-def retrieval_topk(query: torch.Tensor, keys: torch.Tensor,
-                   ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
-    """Fraction of queries whose own key (same row) ranks within the top k by cosine similarity."""
-    sim = F.normalize(query.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T  # [N, N]
-    rank = (sim > sim.diagonal()[:, None]).sum(dim=1)  # keys scoring strictly higher than the positive
-    return {k: (rank < k).float().mean() for k in ks}
 
 
 def pair_cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +292,7 @@ class PaCXModule(StagedModule):
             stats["cxr_std"] = cxr.float().std(0).mean()
         for t in self.teacher_names:
             shared = gather_with_grad(e["shared"][t].detach())  # [W·n, S], rows paired with cxr's
-            for k, v in retrieval_topk(cxr, shared).items():
+            for k, v in paired_topk(cxr, shared).items():
                 stats[f"batch_top{k}_cxr_{t}"] = v
             pos, neg = pair_cosines(cxr, shared)
             stats[f"pos_cos_{t}"] = pos
@@ -324,7 +317,7 @@ class PaCXModule(StagedModule):
         self._val_outputs.clear()
         cat = {k: self._split_rows(v) for k, v in cat.items()}
         for t in self.teacher_names:
-            for k, v in retrieval_topk(cat["cxr"], cat[t]).items():
+            for k, v in paired_topk(cat["cxr"], cat[t]).items():
                 self.log(f"val/split_top{k}_cxr_{t}", v, rank_zero_only=True)
 
 

@@ -213,9 +213,11 @@ def test_retrieval_groups_and_accuracy_on_a_hand_built_layout():
     similarity = torch.nn.functional.cosine_similarity
     expected = np.mean([int(torch.argmax(similarity(query[q][None], cands[q])) == 0) for q in range(3)])
     assert zero_shot_accuracy(query, cands) == pytest.approx(expected)
-    # a tie with a negative (same direction, another length) counts for the positive
+    # a tie with a negative (same direction, another length) is half a hit: the two in a random order
     tie = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [3.0, 0.0], [1.0, 1.0]]])
-    assert zero_shot_accuracy(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), tie) == pytest.approx(0.5)
+    assert zero_shot_accuracy(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), tie) == pytest.approx(0.25)
+    # a dead (all-zero) CXR embedding ties every candidate: chance, 1 / G, not a perfect score
+    assert zero_shot_accuracy(torch.zeros(3, 4), cands) == pytest.approx(1 / 4)
 
 
 def test_zero_shot_retrieval_on_a_hand_built_split():

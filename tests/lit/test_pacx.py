@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import pacx
-from pacx.lit.pacx import PaCXModule, retrieval_topk
+from pacx.eval.retrieval import paired_topk
+from pacx.lit.pacx import PaCXModule
 from pacx.models.tuning import apply_tuning
 from pacx.models.vit import create_vit
 from pacx.share import export_encoder
@@ -220,11 +221,11 @@ def test_teacher_feature_width_mismatch_names_the_file(tmp_path, repo, symile_ro
         main(_args(repo, tmp_path / "run", root, stage1_run, "--trainer.max_steps", "1"))
 
 
-def test_retrieval_topk_against_explicit_ranking():
+def test_paired_topk_against_explicit_ranking():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
     k[:5] = q[:5] * 3  # the first five queries find their own key first
-    top = retrieval_topk(q, k, (1, 5))
+    top = paired_topk(q, k, (1, 5))
     sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).T
     order = sims.argsort(dim=1, descending=True)
     expected1 = np.mean([int(order[i, 0] == i) for i in range(20)])
