@@ -41,6 +41,7 @@ from pacx.lit.resilience import (
     slurm_managed,
     slurm_restart_count,
 )
+from pacx.run_record import fit_lock
 from pacx.weights.checkpoint import CheckpointError, safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,10 @@ class PacxCLI(LightningCLI):
             self.model.inherited_debug_flags = {FROM_DEBUG_RUN: 1}
 
     def _run_subcommand(self, subcommand: str) -> None:
-        with allow_debug_runs(self._allow_debug()) as seen:
+        # one fit per run directory at a time (rank zero holds the lock; other ranks share its run)
+        locked = subcommand == "fit" and self.trainer.global_rank == 0
+        with allow_debug_runs(self._allow_debug()) as seen, \
+                (fit_lock(self.run_dir) if locked else contextlib.nullcontext()):
             if hasattr(self.model, "debug_inputs"):  # inputs loaded in setup mark the run as well
                 self.model.debug_inputs = seen
             super()._run_subcommand(subcommand)

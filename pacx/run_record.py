@@ -8,15 +8,54 @@ A record that says ``running`` but names a process on this host that no longer e
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 RUN_JSON = "run.json"
 RUNNING = "running"
 KILLED = "killed"
+FIT_LOCK = ".fit.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training the same run directory."""
+
+
+@contextlib.contextmanager
+def fit_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``<run_dir>/.fit.lock`` while a ``fit`` trains the run: a second ``fit`` of the same directory
+    (a resume started while the first still runs, the same command sent twice) raises
+    :class:`RunLockedError` naming the holder, instead of both writing ``last.ckpt`` and the logs.
+
+    An advisory ``flock`` on the file, which the kernel drops when the holding process ends in any way
+    (``kill -9``, the out-of-memory killer, a preempted SLURM job): a crashed run never leaves a stale lock
+    behind. On a network file system without ``flock`` support the lock is not shared between hosts."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / FIT_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "an unknown process"
+            raise RunLockedError(f"{run_dir} is being trained by another fit ({holder}, lock {path}): two "
+                                 "fits of one run directory overwrite each other's checkpoints. Wait for it "
+                                 "to end, or stop it, then resume with --ckpt_path last") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # the holder is gone: an ended run's lock file is empty
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def process_alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pacx.run_record import FIT_LOCK, RunLockedError
 from Stage1_MAE import main
 from tests.conftest import stage1_args
 
@@ -69,6 +70,29 @@ def test_another_runs_checkpoint_into_a_run_with_checkpoints_is_refused(tmp_path
     assert _step(b / "checkpoints" / "last.ckpt") == 6
     main(_args(tmp_path / "c", chexpert_release, 3, "--ckpt_path", str(other)))
     assert _step(tmp_path / "c" / "checkpoints" / "last.ckpt") == 3
+
+
+@pytest.mark.bad_input
+def test_a_second_fit_of_a_run_in_training_is_refused(tmp_path, chexpert_release, repo):
+    """fit of a run directory another live process is training → RunLockedError naming that process; once
+    it dies (kill -9: the kernel drops its lock), the same fit runs."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pacx.run_record import fit_lock\n"
+         f"with fit_lock({str(run)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+        cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = rf"{run} is being trained by another fit \(pid {holder.pid} on"
+        with pytest.raises(RunLockedError, match=refused):
+            main(_args(run, chexpert_release, 2))
+        assert not (run / "checkpoints").exists() and not (run / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    main(_args(run, chexpert_release, 2))
+    assert _step(run / "checkpoints" / "last.ckpt") == 2
+    assert (run / FIT_LOCK).read_text() == ""  # an ended fit names no holder
 
 
 def test_a_requeued_job_resumes_from_its_own_last_checkpoint(tmp_path, chexpert_release, monkeypatch):
