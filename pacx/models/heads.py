@@ -14,22 +14,47 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from pacx.dist import gather_with_grad, get_world_size
+
 V = TypeVar("V")
 
 
 class FeatureNorm(nn.BatchNorm1d):
     """Non-affine ``BatchNorm1d`` over features ``[B, D]`` (MAE linear probing). A training batch of one
     sample has no batch statistics (the last batch of an epoch can be that small), so it is standardised
-    with the running statistics instead of raising."""
+    with the running statistics instead of raising.
+
+    Under DDP the training statistics are the global batch's: the rows of every rank are gathered
+    (differentiably, :func:`pacx.dist.gather_with_grad`), so W ranks of n rows normalise, update the running
+    statistics and back-propagate as one process with W·n rows does. Per-device statistics (plain BatchNorm
+    under DDP) would make the normalisation, and the trained head, depend on the number of devices."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim, affine=False, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and get_world_size() > 1:
+            full = gather_with_grad(x)  # [W·n, D]
+            if full.shape[0] > 1:
+                return self._normalise_global(x, full)
         if self.training and x.shape[0] == 1:
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False,
                                             eps=self.eps)
         return super().forward(x)
+
+    def _normalise_global(self, x: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """``x`` standardised by the statistics of ``full`` (every rank's rows); the running statistics
+        move as ``BatchNorm1d``'s would on ``full`` (unbiased variance, ``momentum``, or a cumulative mean
+        when ``momentum`` is None)."""
+        mean, var = full.mean(dim=0), full.var(dim=0, unbiased=False)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                step = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                n = full.shape[0]
+                self.running_mean.lerp_(mean.detach(), step)
+                self.running_var.lerp_(var.detach() * n / (n - 1), step)
+        return (x - mean) / torch.sqrt(var + self.eps)
 
 
 class TeacherNorm(nn.Module):
