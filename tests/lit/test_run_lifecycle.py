@@ -116,9 +116,9 @@ def test_model_arguments_replaced_by_the_checkpoints_are_reported(tmp_path, chex
     given on the command line that differs is not used. That is warned about, naming the argument and both
     values, and the saved config.yaml holds what ran."""
     run = tmp_path / "run"
-    main(_args(run, chexpert_release, 2))
-    with pytest.warns(UserWarning, match=r"model\.mask_ratio: given 0\.5, checkpoint 0\.75") as caught:
-        main(_args(run, chexpert_release, 4, "--model.mask_ratio", "0.5", "--ckpt_path", "last"))
+    main(_args(run, chexpert_release, 2, "--model.mask_ratio", "0.75"))
+    with pytest.warns(UserWarning, match=r"model\.mask_ratio: given 0\.6, checkpoint 0\.75") as caught:
+        main(_args(run, chexpert_release, 4, "--model.mask_ratio", "0.6", "--ckpt_path", "last"))
     (message,) = [str(w.message) for w in caught if "mask_ratio" in str(w.message)]
     assert "lr" not in message and "arch" not in message  # only what differs
     assert "mask_ratio: 0.75" in (run / "config.yaml").read_text()
