@@ -8,6 +8,7 @@ import types
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from pacx.data.chexpert import MANIFESTS
 from pacx.models.flops import mae_train_flops
@@ -27,7 +28,8 @@ def test_fit_benchmark_times_the_real_stage1_fit(tmp_path):
     # the steps after the warm-up, each a full batch of the per-device batch
     assert (result["timed_steps"], result["timed_batches"], result["timed_images_per_device"]) == (3, 3, 12)
     assert result["img_per_s"] == result["img_per_s_per_device"] == pytest.approx(12 / result["seconds"])
-    flops = mae_train_flops(vit_config("vit_test", 32), MAE_ARCHS["mae_vit_test"][1], 0.75, 1)  # demo ratio
+    ratio = yaml.safe_load((REPO / "configs/demo/stage1_mae.yaml").read_text())["model"]["mask_ratio"]
+    flops = mae_train_flops(vit_config("vit_test", 32), MAE_ARCHS["mae_vit_test"][1], ratio, 1)
     assert result["train_flops_per_image"] == flops
     assert result["mfu"] == pytest.approx(flops * result["img_per_s_per_device"] / 989e12)
     assert (result["device"], result["peak_memory_gib"], result["compile"], result["fused_adamw"]) == \
