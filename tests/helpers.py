@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
@@ -47,6 +49,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_rank() -> Iterator[tuple[int, int]]:
+    """Inside a rank started by :func:`run_ranks`: one CPU thread, the gloo process group of the env
+    (RANK, WORLD_SIZE, MASTER_*), yielding ``(rank, world)``; on a clean exit a barrier, so that no rank tears
+    gloo down while another still uses it (a teardown abort), then the group is destroyed."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield rank, world
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def run_ranks(worker: str, world: int = 2, timeout: float = 120.0,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import timedelta
 from pathlib import Path
 from unittest import mock
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from pacx.dist import gather_batch_sizes, gather_with_grad, get_rank, get_world_size, rank_offset_targets
 from pacx.losses import DistillationLoss, cosine_regression, info_nce, symmetric_clip_loss
-from tests.helpers import run_ranks
+from tests.helpers import gloo_rank, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_KEYS = {"loss", "clip_ecg", "clip_labs", "reg_ecg", "reg_labs", "logit_scale"}
@@ -318,11 +317,7 @@ def _local_slice_gather(x: torch.Tensor) -> torch.Tensor:
 
 def _ddp_worker() -> None:
     """One rank (torchrun-style env: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; PACX_TEST_OUT)."""
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_rank() as (rank, world):
         cxr, ecg, labs = (t.chunk(world)[rank] for t in _tiny_batch())
         result: dict[str, object] = {}
 
@@ -351,9 +346,6 @@ def _ddp_worker() -> None:
         except ValueError as err:
             result["unequal_error"] = str(err)
         torch.save(result, Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.pt")
-        dist.barrier()  # both ranks are done with gloo before either tears it down (avoids a teardown abort)
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_ranks(out_dir: Path, timeout: float = 120.0, model: str = "tiny") -> list[dict]:

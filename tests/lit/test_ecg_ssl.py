@@ -25,7 +25,7 @@ from pacx.models.ecg_ssl import (
 from pacx.models.ecgfounder import create_ecgfounder, load_ecgfounder, preprocess_ecg
 from pacx.teacher_cli import main
 from pacx.weights.checkpoint import CheckpointError, load_safetensors
-from tests.helpers import load_script
+from tests.helpers import gloo_rank, load_script
 
 CROP = 1024  # short views keep the CLI runs fast
 N_TRAIN, N_VAL, BATCH = 24, 8, 8
@@ -239,23 +239,13 @@ def _ddp_view_infonce_worker() -> None:
     """One rank of 2 (gloo, torchrun-style env; PACX_TEST_OUT): ViewInfoNCE and view_retrieval_top1 on this
     rank's half of :func:`_view_pairs`; saves the readings."""
     import os
-    from datetime import timedelta
     from pathlib import Path
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_rank() as (rank, world):
         za, zb = (z.chunk(world)[rank] for z in _view_pairs())
         out = {"loss": float(ViewInfoNCE(0.2)(za, zb)["loss"]),
                "view_top1": float(view_retrieval_top1(za, zb))}
         (Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.json").write_text(json.dumps(out))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_view_top1_under_ddp_is_read_on_the_global_batch(tmp_path):

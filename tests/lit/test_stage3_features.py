@@ -25,7 +25,7 @@ from pacx.data.feature_cache import (
 from pacx.data.registry import BENCHMARKS
 from pacx.data.transforms import resize_eval
 from pacx.weights.checkpoint import safe_torch_load
-from tests.helpers import run_ranks
+from tests.helpers import gloo_rank, run_ranks
 from tests.lit.test_classify import stage3_args
 
 
@@ -221,20 +221,17 @@ def _worker_cached_features() -> None:
     """One rank of the 2-process gloo test below (started as a subprocess)."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     seen = []
 
     def compute(indices):
         seen.extend(indices)
         return torch.tensor([[float(i), float(i) ** 2] for i in indices])
 
-    out = cached_features(FeatureCache(os.environ["CACHE_DIR"]), "k", 7, 2, compute, {"split": "train"},
-                          rank, world, dist.barrier)
-    np.save(Path(os.environ["CACHE_DIR"]) / f"out{rank}.npy", out.numpy())
-    np.save(Path(os.environ["CACHE_DIR"]) / f"seen{rank}.npy", np.array(seen))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_rank() as (rank, world):
+        out = cached_features(FeatureCache(os.environ["CACHE_DIR"]), "k", 7, 2, compute, {"split": "train"},
+                              rank, world, dist.barrier)
+        np.save(Path(os.environ["CACHE_DIR"]) / f"out{rank}.npy", out.numpy())
+        np.save(Path(os.environ["CACHE_DIR"]) / f"seen{rank}.npy", np.array(seen))
 
 
 def test_cached_features_shard_over_two_real_processes(tmp_path):

@@ -2,15 +2,13 @@
 global-batch statistics under DDP."""
 
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pacx.models.heads import LEGACY_HEADS, FeatureNorm, upgrade_head_keys
-from tests.helpers import run_ranks
+from tests.helpers import gloo_rank, run_ranks
 
 CURRENT = ["cxr_encoder.norm.weight", "proj.cxr.1.weight", "proj.ecg.1.weight", "proj.labs.2.bias",
            "reg.ecg.1.weight", "reg.labs.1.bias", "teacher_norms.ecg.mean", "teacher_norms.labs.proj",
@@ -65,15 +63,8 @@ def _feature_norm_steps(chunk: int | None = None, world: int = 1) -> dict[str, t
 
 def _feature_norm_worker() -> None:
     """One rank of the 2-process test below (torchrun-style env; PACX_TEST_OUT)."""
-    torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_rank() as (rank, world):
         torch.save(_feature_norm_steps(rank, world), Path(os.environ["PACX_TEST_OUT"]) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_feature_norm_under_ddp_normalises_by_the_global_batch(tmp_path):
