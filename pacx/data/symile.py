@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.v2 import functional as TF
 
 from pacx.data.augment import RobustTrainTransforms
-from pacx.data.common import per_device_batch_size
+from pacx.data.common import eval_loader, per_device_batch_size
 from pacx.data.resumable import train_loader
 from pacx.data.symile_files import FILES, FileSpec, ValidationCache, validate_split
 from pacx.data.teacher_features import OnTheFlyTeachers, RawRows
@@ -396,6 +396,12 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             kwargs["collate_fn"] = collate_raw_teachers
         if role == "train":  # exactly resumable order (pacx.data.resumable)
             return train_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if not getattr(module, "eval_step_collectives", True):  # each row once under DDP
+            return eval_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
+        # evaluation steps that gather across ranks (Stage 2's InfoNCE, the ECG teacher's views) need as many
+        # steps on every rank: Lightning's DistributedSampler, which repeats up to W - 1 rows (Stage 2 cuts
+        # them from its whole-split readings)
         return DataLoader(self.datasets[role], batch_size=self.per_device_batch, shuffle=False, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -51,6 +51,11 @@ class StagedModule(pl.LightningModule):
 
     stage: str = "unknown"
     monitor: tuple[str, str] = ("val/loss", "min")
+    #: Whether a validation/test step runs collectives across ranks (a gather for a contrastive loss). Such
+    #: a module needs every rank to run as many evaluation steps, so its loaders keep Lightning's padding
+    #: sampler (which repeats a few rows); a module without them gets each evaluation row exactly once
+    #: (:func:`pacx.data.common.eval_loader`), which data modules read from here.
+    eval_step_collectives: bool = True
 
     def pacx_metadata(self) -> dict:
         return {}

@@ -22,6 +22,7 @@ class LabsDAEModule(TeacherModule):
     ``warmup_steps`` of linear warmup, then cosine to 0 per optimizer step."""
 
     stage = STAGE_LABS_DAE
+    eval_step_collectives = False  # a per-row reconstruction loss: evaluation reads each row once under DDP
     monitor = ("val/loss", "min")
 
     def __init__(

@@ -25,6 +25,9 @@ from pacx.data.symile_files import (
     first_bad_row,
     validate_split,
 )
+from pacx.lit.ecg_ssl import ECGSSLModule
+from pacx.lit.labs_dae import LabsDAEModule
+from pacx.lit.pacx import PaCXModule
 from pacx.teachers import TEACHERS
 from pacx.testing.symile import ecg_beat_model, minmax_scale, write_symile_release
 
@@ -239,6 +242,24 @@ def test_per_device_batch_and_divisibility(symile_root):
     odd.trainer = SimpleNamespace(world_size=4)
     with pytest.raises(ValueError, match="global batch 10 does not divide by world size 4"):
         odd.setup("fit")
+
+
+def test_evaluation_rows_once_per_rank_unless_the_module_gathers(symile_root):
+    """Under DDP a module whose evaluation steps run no collectives (the Labs DAE) reads each validation row
+    exactly once over the ranks; modules that gather (Stage 2, the ECG teacher) keep Lightning's padding
+    sampler, which needs as many steps on every rank (the loader here is plain; Lightning adds it)."""
+    seen = []
+    for rank in range(5):  # 12 validation rows over 5 ranks: 3 + 3 + 2 + 2 + 2
+        dm = SymileMIMICDataModule(str(symile_root), "labs", batch_size=10, num_workers=0, pin_memory=False)
+        dm.trainer = SimpleNamespace(world_size=5, global_rank=rank, lightning_module=LabsDAEModule)
+        dm.setup("fit")
+        seen.append(list(dm.val_dataloader().sampler))
+    assert [len(s) for s in seen] == [3, 3, 2, 2, 2] and sorted(sum(seen, [])) == list(range(N_VAL))
+    for module in (ECGSSLModule, PaCXModule):
+        dm = SymileMIMICDataModule(str(symile_root), "labs", batch_size=10, num_workers=0, pin_memory=False)
+        dm.trainer = SimpleNamespace(world_size=5, global_rank=0, lightning_module=module)
+        dm.setup("fit")
+        assert isinstance(dm.val_dataloader().sampler, SequentialSampler), module
 
 
 def test_dataset_pickles_without_arrays(symile_root):

@@ -119,3 +119,50 @@ def test_step_metrics_match_an_independent_numpy_computation():
     assert logged["denoise_mse"].item() == pytest.approx(mse(recon, observed), rel=1e-5)
     assert logged["impute_mse"].item() == pytest.approx(mse(recon, hidden), rel=1e-5)
     assert logged["clean_mse"].item() == pytest.approx(mse(clean, observed), rel=1e-5)
+
+
+def _dae_validate(root, devices: int, batch_size: int) -> float:
+    """``validate`` of a seeded Labs DAE on the release at ``root`` over ``devices`` processes (global
+    ``batch_size``); returns ``val/clean_mse``, the uncorrupted reconstruction error (deterministic)."""
+    import pytorch_lightning as pl
+
+    from pacx.data.symile import SymileMIMICDataModule
+    from pacx.lit.labs_dae import LabsDAEModule
+
+    pl.seed_everything(0, verbose=False)
+    module = LabsDAEModule(hidden_dim=32, latent_dim=16)
+    data = SymileMIMICDataModule(str(root), "labs", batch_size=batch_size, num_workers=0, pin_memory=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.validate(module, data, verbose=False)
+    return float(trainer.callback_metrics["val/clean_mse"])
+
+
+def _ddp_dae_validate_worker() -> None:
+    """One rank of a 2-process ``validate`` (PACX_TEST_DATA: the release); rank 0 writes the value."""
+    import json
+    import os
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    value = _dae_validate(Path(os.environ["PACX_TEST_DATA"]), devices=2, batch_size=2)
+    if os.environ["RANK"] == "0":
+        (Path(os.environ["PACX_TEST_OUT"]) / "clean_mse.json").write_text(json.dumps(value))
+
+
+def test_validation_under_ddp_reads_each_row_once(tmp_path):
+    """9 validation rows on 2 DDP processes, one row per device batch: the epoch's clean reconstruction error
+    is the mean over the 9 rows, as on one process with batches of one row. Lightning's padding sampler
+    read row 0 a second time on rank 1 (10 rows)."""
+    import json
+
+    from pacx.testing.symile import write_symile_release
+    from tests.helpers import run_ranks
+
+    root = write_symile_release(tmp_path / "data_npy", n_train=8, n_val=9, n_test_queries=3,
+                                n_candidates=3, cxr_size=32)
+    single = _dae_validate(root, devices=1, batch_size=1)
+    run_ranks("tests.lit.test_labs_dae:_ddp_dae_validate_worker", timeout=300,
+              env={"PACX_TEST_OUT": str(tmp_path), "PACX_TEST_DATA": str(root)})
+    assert json.loads((tmp_path / "clean_mse.json").read_text()) == pytest.approx(single, rel=1e-6)
