@@ -396,8 +396,8 @@ class SymileMIMICDataModule(pl.LightningDataModule):
             kwargs["collate_fn"] = collate_raw_teachers
         if role == "train":  # exactly resumable order (pacx.data.resumable)
             return train_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if not getattr(module, "eval_step_collectives", True):  # each row once under DDP
+        if not getattr(getattr(self.trainer, "lightning_module", None), "eval_step_collectives", True):
+            # each row once under DDP
             return eval_loader(self.datasets[role], self.per_device_batch, self.trainer, **kwargs)
         # evaluation steps that gather across ranks (Stage 2's InfoNCE, the ECG teacher's views) need as many
         # steps on every rank: Lightning's DistributedSampler, which repeats up to W - 1 rows (Stage 2 cuts

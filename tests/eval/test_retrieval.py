@@ -54,3 +54,16 @@ def test_nan_similarities_are_refused():
     sim = torch.tensor([[1.0, 0.5], [float("nan"), 0.2]])
     with pytest.raises(ValueError, match="1 of 2 queries have NaN"):
         expected_hits(sim, 0, (1,))
+
+
+def test_paired_topk_against_explicit_ranking():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    k[:5] = q[:5] * 3  # the first five queries find their own key first
+    top = paired_topk(q, k, (1, 5))
+    sims = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).T
+    order = sims.argsort(dim=1, descending=True)
+    expected1 = np.mean([int(order[i, 0] == i) for i in range(20)])
+    expected5 = np.mean([int(i in order[i, :5].tolist()) for i in range(20)])
+    assert top[1].item() == pytest.approx(expected1) and top[5].item() == pytest.approx(expected5)
+    assert top[1] >= 0.25
